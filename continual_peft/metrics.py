@@ -1,0 +1,198 @@
+"""Continual-learning metrics as pure functions of the accuracy matrix.
+
+``R[i, j]`` is the accuracy on task ``j`` after training task ``i``. Code indexes from 0; the
+formulas in :data:`METRIC_DEFINITIONS` (copied into every report) index from 1, as in the papers.
+Entries that were not measured are NaN: everything above the diagonal, except the superdiagonal
+``R[j-1, j]``, which the engine measures just before training task ``j`` for forward transfer.
+
+Metrics that need at least two tasks return ``None`` for a single task rather than NaN or 0, so a
+report never shows a made-up number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from continual_peft.errors import ContinualPeftError
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    "R": (
+        "R[i, j] = accuracy on the test set of task j after training task i "
+        "(T tasks trained so far, indices 1-based); entries not measured are left blank."
+    ),
+    "b": (
+        "b[j] = accuracy on task j with its fresh module and untrained head, measured before "
+        "training task j (the forward-transfer baseline)."
+    ),
+    "acc": "ACC = mean_j R[T, j]: average accuracy over all tasks after the last task.",
+    "avg_incremental_acc": (
+        "Average incremental accuracy = mean_i mean_{j<=i} R[i, j]: ACC after every task, averaged."
+    ),
+    "bwt": (
+        "BWT = 1/(T-1) * sum_{j<T} (R[T, j] - R[j, j]) (Lopez-Paz & Ranzato 2017); "
+        "negative means later tasks hurt earlier ones. Undefined (blank) for T = 1."
+    ),
+    "fwt": (
+        "FWT = 1/(T-1) * sum_{j>1} (R[j-1, j] - b[j]): accuracy on task j just before training "
+        "it, relative to b[j]. Undefined (blank) for T = 1 or when an R[j-1, j] or b[j] was not "
+        "measured."
+    ),
+    "forgetting": (
+        "F = 1/(T-1) * sum_{j<T} (max_{l<T} R[l, j] - R[T, j]) (Chaudhry et al. 2018), where the "
+        "max runs over rows l = j..T-1, i.e. only after task j was trained. Undefined (blank) for "
+        "T = 1."
+    ),
+    "avalanche_forgetting": (
+        "Avalanche forgetting, per task j < T: R[j, j] - R[T, j] (= minus the per-task BWT term); "
+        "blank for the last task. Reported under this name for interoperability with Avalanche."
+    ),
+}
+
+
+def _as_matrix(R: ArrayLike) -> np.ndarray:
+    """Convert ``R`` to a float matrix (``None`` becomes NaN) and check what every metric needs."""
+    mat = np.asarray(R, dtype=float)
+    if mat.ndim != 2 or mat.shape[0] != mat.shape[1] or mat.shape[0] == 0:
+        raise ContinualPeftError(
+            f"accuracy matrix must be square T x T with T >= 1, got shape {mat.shape}; "
+            "pass R[:t, :t] for the first t tasks."
+        )
+    rows, cols = np.tril_indices(mat.shape[0])
+    missing = ~np.isfinite(mat[rows, cols])
+    if missing.any():
+        i, j = int(rows[missing][0]), int(cols[missing][0])
+        raise ContinualPeftError(
+            f"accuracy matrix entry R[{i}, {j}] (0-based) is {mat[i, j]}; every entry on or below "
+            "the diagonal must be a measured accuracy."
+        )
+    return mat
+
+
+def average_accuracy(R: ArrayLike) -> float:
+    """ACC: mean accuracy over all tasks after training the last one.
+
+    Args:
+        R: Accuracy matrix, T x T.
+
+    Returns:
+        ``mean_j R[T, j]``.
+    """
+    mat = _as_matrix(R)
+    return float(mat[-1].mean())
+
+
+def average_incremental_accuracy(R: ArrayLike) -> float:
+    """Average of the average accuracy over seen tasks, taken after every task.
+
+    Args:
+        R: Accuracy matrix, T x T.
+
+    Returns:
+        ``mean_i mean_{j<=i} R[i, j]``.
+    """
+    mat = _as_matrix(R)
+    return float(np.mean([mat[i, : i + 1].mean() for i in range(mat.shape[0])]))
+
+
+def backward_transfer(R: ArrayLike) -> float | None:
+    """BWT (Lopez-Paz & Ranzato 2017): how training later tasks changed earlier ones.
+
+    Args:
+        R: Accuracy matrix, T x T.
+
+    Returns:
+        ``1/(T-1) * sum_{j<T} (R[T, j] - R[j, j])``, or None when T = 1.
+    """
+    mat = _as_matrix(R)
+    n = mat.shape[0]
+    if n == 1:
+        return None
+    earlier = np.arange(n - 1)
+    return float(np.mean(mat[-1, earlier] - mat[earlier, earlier]))
+
+
+def forward_transfer(R: ArrayLike, b: ArrayLike | None) -> float | None:
+    """FWT: accuracy on a task just before training it, relative to its untrained baseline.
+
+    Args:
+        R: Accuracy matrix, T x T; uses the superdiagonal ``R[j-1, j]``.
+        b: Length-T accuracies ``b[j]`` of task j's fresh module and untrained head.
+
+    Returns:
+        ``1/(T-1) * sum_{j>1} (R[j-1, j] - b[j])``, or None when T = 1, ``b`` is None, or any
+        needed entry is NaN (not measured).
+    """
+    mat = _as_matrix(R)
+    n = mat.shape[0]
+    if n == 1 or b is None:
+        return None
+    base = np.asarray(b, dtype=float)
+    if base.shape != (n,):
+        raise ContinualPeftError(
+            f"initial accuracy b must have one entry per task ({n}), got shape {base.shape}."
+        )
+    later = np.arange(1, n)
+    gains = mat[later - 1, later] - base[later]
+    if not np.isfinite(gains).all():
+        return None
+    return float(gains.mean())
+
+
+def forgetting(R: ArrayLike) -> float | None:
+    """F (Chaudhry et al. 2018): drop from each task's best accuracy to its final accuracy.
+
+    The best accuracy of task j is taken over rows l = j..T-1 (1-based), i.e. only after task j
+    was trained, so the pre-training measurement ``R[j-1, j]`` never counts as a peak.
+
+    Args:
+        R: Accuracy matrix, T x T.
+
+    Returns:
+        ``1/(T-1) * sum_{j<T} (max_{l<T} R[l, j] - R[T, j])``, or None when T = 1.
+    """
+    mat = _as_matrix(R)
+    n = mat.shape[0]
+    if n == 1:
+        return None
+    drops = [mat[j : n - 1, j].max() - mat[-1, j] for j in range(n - 1)]
+    return float(np.mean(drops))
+
+
+def avalanche_forgetting(R: ArrayLike) -> list[float | None]:
+    """Avalanche's per-task forgetting: accuracy just after training a task minus final accuracy.
+
+    Args:
+        R: Accuracy matrix, T x T.
+
+    Returns:
+        ``R[j, j] - R[T, j]`` for every task j, with None for the last task (never forgotten).
+    """
+    mat = _as_matrix(R)
+    n = mat.shape[0]
+    per_task: list[float | None] = [float(mat[j, j] - mat[-1, j]) for j in range(n - 1)]
+    return [*per_task, None]
+
+
+def compute_metrics(R: ArrayLike, b: ArrayLike | None) -> dict[str, Any]:
+    """Compute every metric of :data:`METRIC_DEFINITIONS` for one accuracy matrix.
+
+    Args:
+        R: Accuracy matrix, T x T (nested lists with None for unmeasured entries are fine).
+        b: Length-T initial accuracies for FWT, or None if they were not measured.
+
+    Returns:
+        JSON-ready dict with keys ``acc``, ``avg_incremental_acc``, ``bwt``, ``fwt``,
+        ``forgetting`` (float or None) and ``avalanche_forgetting`` (list of float or None).
+    """
+    mat = _as_matrix(R)
+    return {
+        "acc": average_accuracy(mat),
+        "avg_incremental_acc": average_incremental_accuracy(mat),
+        "bwt": backward_transfer(mat),
+        "fwt": forward_transfer(mat, b),
+        "forgetting": forgetting(mat),
+        "avalanche_forgetting": avalanche_forgetting(mat),
+    }

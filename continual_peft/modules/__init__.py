@@ -1,0 +1,71 @@
+"""Module kinds: what a task's parameter-efficient module is and where it is injected.
+
+Every kind implements one interface, so the bank, router and engine never branch on kind:
+
+- `kind.inject(model, routing) -> dict[site name, site]` wraps layers of the backbone in place;
+- each site has `add_slot(generator)`, `freeze_slot()`, `load_slot(tensors)`,
+  `slot_tensors(slot)` and `trainable_parameters()`, and reads the shared `Routing` in forward.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from torch import nn
+
+from continual_peft._registry import Registry
+from continual_peft.errors import ContinualPeftError
+from continual_peft.modules._routing import Routing
+
+MODULE_KINDS: Registry = Registry("module kind")
+
+ALL_LINEAR = "all-linear"
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    if targets == [ALL_LINEAR]:
+        return "pooler" not in name  # the pooler is not on the mean-pooled path
+    return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
+
+
+def wrap_linear_layers(
+    model: nn.Module, targets: list[str], make_site: Callable[[nn.Linear], nn.Module]
+) -> dict[str, nn.Module]:
+    """Replace each `nn.Linear` whose name matches `targets` by `make_site(layer)`.
+
+    Args:
+        model: The backbone's Hugging Face model, changed in place.
+        targets: Name suffixes (`"query"` matches `encoder.layer.0.attention.self.query`), full
+            regular expressions, or `["all-linear"]`.
+        make_site: Builds the wrapper around one original layer.
+
+    Returns:
+        The new sites by the wrapped layer's name.
+    """
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _matches(name, targets)
+    ]
+    if not found:
+        suffixes = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ContinualPeftError(
+            f"no nn.Linear layer matches targets {targets}; this backbone's linear layers end in: "
+            f"{', '.join(suffixes)} (or use ['{ALL_LINEAR}'])"
+        )
+    sites = {}
+    for name, layer in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        site = make_site(layer)
+        setattr(parent, child, site)
+        sites[name] = site
+    return sites
+
+
+__all__ = ["MODULE_KINDS", "Routing", "wrap_linear_layers"]
+
+from continual_peft.modules import lora  # noqa: E402,F401  (registers "lora")

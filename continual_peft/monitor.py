@@ -1,0 +1,57 @@
+"""The forgetting monitor: the accuracy matrix R, grown one task at a time, and its metrics.
+
+`R[i, j]` is the accuracy on task j after training task i. Row i is filled by evaluating every task
+seen so far after task i; the entry just above the diagonal, `R[j-1, j]`, is task j's accuracy just
+before its own training (with its fresh module and head). `b[j]` is task j's accuracy with its
+untrained head on the bare backbone, i.e. before any training touched it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from continual_peft.metrics import compute_metrics
+
+
+class ForgettingMonitor:
+    """Accuracy matrices per routing mode ("oracle" today) and the baseline accuracies b."""
+
+    def __init__(self, modes: tuple[str, ...] = ("oracle",)) -> None:
+        self.modes = modes
+        self.rows: dict[str, list[list[float]]] = {m: [] for m in modes}
+        self.before: dict[str, list[float]] = {m: [] for m in modes}  # R[j-1, j] per task j
+        self.initial: list[float] = []  # b[j]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.initial)
+
+    def before_task(self, initial: float, before: dict[str, float]) -> None:
+        """Record task j's accuracy before its training: b[j] and R[j-1, j] per mode."""
+        self.initial.append(initial)
+        for mode in self.modes:
+            self.before[mode].append(before[mode])
+
+    def after_task(self, accuracies: dict[str, list[float]]) -> None:
+        """Record row i: accuracy on every task seen so far, per mode."""
+        for mode in self.modes:
+            assert len(accuracies[mode]) == self.num_tasks
+            self.rows[mode].append(list(accuracies[mode]))
+
+    def matrix(self, mode: str = "oracle") -> np.ndarray:
+        """R for the tasks finished so far, NaN where not measured."""
+        t = len(self.rows[mode])
+        r = np.full((t, t), np.nan)
+        for i, row in enumerate(self.rows[mode]):
+            r[i, : len(row)] = row
+        for j in range(1, t):
+            r[j - 1, j] = self.before[mode][j]
+        return r
+
+    def metrics(self, mode: str = "oracle") -> dict:
+        t = len(self.rows[mode])
+        return compute_metrics(self.matrix(mode), np.array(self.initial[:t]))
+
+    def state(self) -> dict:
+        """JSON-ready state, enough to rebuild the monitor."""
+        return {"rows": self.rows, "before": self.before, "initial": self.initial}

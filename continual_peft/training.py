@@ -1,0 +1,135 @@
+"""One task's training loop, and batched evaluation.
+
+Training sees only the trainable slot's and the new head's parameters; everything else is frozen
+or a buffer, so earlier tasks cannot move. Batches are padded to their own longest row.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from continual_peft.backbone import Backbone
+from continual_peft.config import TrainConfig
+from continual_peft.errors import ContinualPeftError
+
+
+@dataclass
+class TrainResult:
+    """What one task's training did."""
+
+    final_loss: float  # mean loss over the last epoch
+    steps: int
+    seconds: float
+
+
+def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float):
+    warm = max(1, int(steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, steps - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_task(
+    backbone: Backbone,
+    head: nn.Linear,
+    params: list[nn.Parameter],
+    input_ids: list[list[int]],
+    labels: list[int],
+    config: TrainConfig,
+    seed: int,
+    adjust_loss: Callable[[torch.Tensor], torch.Tensor],
+    description: str = "train",
+) -> TrainResult:
+    """Train `params` (the trainable slot and head) on one task with AdamW.
+
+    Args:
+        backbone: The backbone, already routed to the task's slot by the caller.
+        head: The task's head.
+        params: Everything that may change.
+        input_ids: Token ids per training example.
+        labels: Label index per example.
+        config: Epochs, batch size, learning rate, warm-up, clipping.
+        seed: Seeds shuffling and dropout, so a rerun gives the same numbers.
+        adjust_loss: The strategy's `loss` hook.
+        description: Progress-bar label.
+    """
+    torch.manual_seed(seed)
+    order_rng = np.random.default_rng(seed)
+    per_epoch = math.ceil(len(input_ids) / config.batch_size)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _schedule(optimizer, per_epoch * config.epochs, config.warmup)
+    target = torch.tensor(labels, device=backbone.device)
+    start, step, epoch_losses = time.perf_counter(), 0, []
+    backbone.train()
+    with _progress() as progress:
+        bar = progress.add_task(description, total=per_epoch * config.epochs, loss=float("nan"))
+        for _ in range(config.epochs):
+            epoch_losses = []
+            for rows in np.array_split(order_rng.permutation(len(input_ids)), per_epoch):
+                batch = backbone.collate([input_ids[i] for i in rows])
+                with backbone.autocast():
+                    logits = head(backbone.embed(batch))
+                loss = adjust_loss(nn.functional.cross_entropy(logits.float(), target[rows]))
+                if not torch.isfinite(loss):
+                    backbone.eval()
+                    raise ContinualPeftError(
+                        f"{description}: the loss became {loss.item()} at step {step}; the task "
+                        "was stopped and earlier tasks are untouched. Lower the learning rate "
+                        f"(now {config.lr})."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                epoch_losses.append(loss.item())
+                progress.update(bar, advance=1, loss=loss.item())
+    backbone.eval()
+    return TrainResult(float(np.mean(epoch_losses)), step, time.perf_counter() - start)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+
+
+@torch.no_grad()
+def predict_rows(
+    backbone: Backbone,
+    score: Callable[[dict[str, torch.Tensor], np.ndarray], torch.Tensor],
+    input_ids: list[list[int]],
+    batch_size: int,
+) -> np.ndarray:
+    """Run `score(batch, row_positions)` over inputs in length-sorted batches; argmax per row.
+
+    Sorting by length keeps padding small; results come back in the original order.
+    """
+    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+    predictions = np.empty(len(input_ids), dtype=np.int64)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = backbone.collate([input_ids[i] for i in rows])
+        with backbone.autocast():
+            logits = score(batch, rows)
+        predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()
+    return predictions

