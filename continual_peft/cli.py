@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from continual_peft.config import LearnerConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError
@@ -26,7 +27,9 @@ LISTS = ["modules", "strategies", "streams", "routers"]
 
 
 def _fail(message: str, code: int = 2) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    # escape: "[train]" in a message is a spec table, not rich markup. soft_wrap: never break a
+    # file:line path at the console width when stderr is piped.
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

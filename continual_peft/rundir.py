@@ -34,6 +34,16 @@ def new_run_path(base: str | Path = "runs", stream: str = "run") -> Path:
     return path
 
 
+def check_free(path: str | Path) -> Path:
+    """Refuse a folder that already holds a run, so one run never overwrites another."""
+    path = Path(path)
+    if (path / "report.json").exists():
+        raise ContinualPeftError(
+            f"{path} already holds a run (report.json); choose another --out folder."
+        )
+    return path
+
+
 class RunDir:
     """Writes one run's files.
 
@@ -43,11 +53,7 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if (self.path / "report.json").exists():
-            raise ContinualPeftError(
-                f"{self.path} already holds a run (report.json); choose another --out folder."
-            )
+        self.path = check_free(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:

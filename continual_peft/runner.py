@@ -15,6 +15,7 @@ from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.learner import ContinualLearner
 from continual_peft.modules import MODULE_KINDS
+from continual_peft.rundir import check_free
 from continual_peft.strategies import STRATEGIES
 from continual_peft.streams import Stream
 
@@ -46,6 +47,8 @@ def run_stream(
     MODULE_KINDS.get(config.module)
     if baseline is not None:
         STRATEGIES.get(baseline)
+    if run_dir is not None:
+        check_free(run_dir)  # before any model is loaded
     learner = _learn_all(
         stream, config, run_dir, console, make_backbone, f"strategy {config.strategy}"
     )

@@ -71,7 +71,7 @@ def load_stream(
     """
     path = Path(spec) if spec is not None else demo_spec_path()
     top = Section(read_toml(path), str(path), STREAM_KEYS)
-    name = top.get("name", str, required=True)
+    name = validate_task_name(top.get("name", str, required=True), f"{path}: name")
     root = (
         Path(data_root) if data_root is not None else path.parent / top.get("data_root", str, ".")
     )
@@ -93,8 +93,8 @@ def load_stream(
             train=root / section.get("train", str, required=True),
             test=root / section.get("test", str, required=True),
             labels=root / labels if isinstance(labels, str) else labels,
-            max_train=max_train or section.get("max_train", int, top.get("max_train", int)),
-            max_test=max_test or section.get("max_test", int, top.get("max_test", int)),
+            max_train=_limit(max_train, section, top, "max_train"),
+            max_test=_limit(max_test, section, top, "max_test"),
             seed=seed,
             description=section.get("description", str, ""),
         )
@@ -105,6 +105,11 @@ def load_stream(
         top.get("description", str, ""),
         str(path),
     )
+
+
+def _limit(override: int | None, task: Section, top: Section, key: str) -> int | None:
+    """An example limit: the command line's, else the task's, else the stream's."""
+    return override if override is not None else task.get(key, int, top.get(key, int))
 
 
 def order_tasks(by_name: dict[str, Task], order: list[str], where: str) -> list[Task]:

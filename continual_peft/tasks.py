@@ -113,9 +113,18 @@ def load_task(
     """Load a task from JSONL files, keeping a seeded random subset when limits are given."""
     validate_task_name(name)
     label_list = read_labels(labels) if isinstance(labels, Path) else [str(x) for x in labels]
+    if not label_list:
+        raise ContinualPeftError(
+            f"task {name!r}: its labels list is empty; list the task's labels."
+        )
     splits = {"train": read_jsonl(train), "test": read_jsonl(test)}
     rng = random.Random(f"{seed}-{name}")
     for split, limit in (("train", max_train), ("test", max_test)):
+        if limit is not None and limit < 1:
+            raise ContinualPeftError(
+                f"task {name!r}: max_{split} = {limit} is invalid; it must be >= 1 (or left out "
+                "to keep every example)."
+            )
         rows = splits[split]
         if limit is not None and len(rows) > limit:
             keep = sorted(rng.sample(range(len(rows)), limit))

@@ -1,7 +1,8 @@
 """Generate the demo stream shipped inside the package at ``continual_peft/data/demo/``.
 
-Every text is made here from hand-written vocabulary and sentence templates, combined with a seeded
-``random.Random``; nothing is downloaded. Re-running the script rewrites every file byte-identically.
+Every text is made here from hand-written vocabulary and sentence templates, combined with a
+seeded ``random.Random``; nothing is downloaded. Re-running the script rewrites every file
+byte-identically.
 
 Three tasks label the *same kind* of customer-support message by different attributes (product,
 intent, mood); the other two attributes in each message are random distractors. A single shared
@@ -25,9 +26,6 @@ SEED = 1729
 TRAIN_SIZE = 300  # per task, split evenly over labels
 TEST_SIZE = 100  # per task, split evenly over labels (rounded down)
 OUT_DIR = Path(__file__).resolve().parent.parent / "continual_peft" / "data" / "demo"
-# Attribute tasks are interleaved with the off-domain task so that the shared adapter keeps
-# switching which part of the same sentences it must read.
-ORDER = ["support-product", "support-intent", "news-topic", "support-mood"]
 
 Sampler = Callable[[random.Random, str], str]
 
@@ -47,7 +45,8 @@ PRODUCTS: dict[str, list[str]] = {
 
 INTENTS: dict[str, list[str]] = {
     "refund": ["I want a refund for {p}.", "please refund {p}, I am sending it back.",
-               "can I get my money back for {p}?", "I returned {p} and still have not been paid back.",
+               "can I get my money back for {p}?",
+               "I returned {p} and still have not been paid back.",
                "I expect the full price of {p} back on my card.",
                "credit my account for {p}, I do not want it anymore.",
                "how do I get reimbursed for {p}?", "I would like my money returned for {p}."],
@@ -63,7 +62,8 @@ INTENTS: dict[str, list[str]] = {
                         "I am still waiting for {p} to show up.",
                         "the courier never brought {p}, what is the status?"],
     "cancel order": ["please cancel my order for {p}.", "I changed my mind, cancel {p}.",
-                     "stop the order for {p} before it ships.", "I no longer want {p}, call it off.",
+                     "stop the order for {p} before it ships.",
+                     "I no longer want {p}, call it off.",
                      "can you cancel {p}? I ordered it by mistake.",
                      "cancel the purchase of {p} please.", "do not send {p}, I am cancelling.",
                      "I need to withdraw my order for {p}."],
@@ -79,22 +79,30 @@ MOODS: dict[str, list[str]] = {
              "I understand these things happen.", "Let me know when you can.",
              "It is not urgent.", "Take your time.", "Just wanted to check."],
     "happy": ["I love your store!", "You have always been great to me.",
-              "Otherwise I am really happy with everything.", "Great service so far :)",
+              "I am really happy with everything else.", "Great service so far :)",
               "Thanks so much, you are the best!", "I am a big fan of your shop.",
               "Your team was wonderful last time!", "Have a lovely day!",
               "Really pleased with you overall.", "Keep up the amazing work!"],
 }  # fmt: skip
 
-GREETINGS = ["", "", "Hi,", "Hello,", "Hello team,", "Dear support,", "Hey,", "Good morning,"]
+GREETINGS = ["", "", "Hi!", "Hello.", "Hello team!", "Hey there.", "Good morning.", "Hi again."]
 
 FILLERS = ["I ordered it last week.", "My order number is {n}.", "I bought it as a gift.",
            "It was a birthday present.", "I paid with my credit card.", "Order #{n}.",
            "I am a long-time customer.", "It was on sale.", "I live abroad at the moment.",
            "My account email is the same as usual.", "I got it from your website."]  # fmt: skip
 
+# Past events that name another intent, so the intent task cannot key on "refund" or "cancel".
+PAST_INTENTS: dict[str, list[str]] = {
+    "refund": ["Last time you refunded me within a day.", "I got my money back quickly before."],
+    "repair": ["You repaired my old one without any issues.", "The last fix you did held up well."],
+    "delivery status": ["My previous order was delivered fast.", "Shipping used to be quick."],
+    "cancel order": ["I have never cancelled an order before.", "I almost cancelled, but did not."],
+}  # fmt: skip
+
 # A second product mentioned in passing, so the product task cannot key on any product word.
 SIDE_MENTIONS = ["I also have {p} from you and that one is fine.",
-                 "Unlike {p}, which works great.", "I already own {p} from your shop.",
+                 "{p} from you works great, though.", "I already own {p} from your shop.",
                  "My partner bought {p} at the same time."]  # fmt: skip
 
 # ---------------------------------------------------------------- news headlines: vocabulary
@@ -119,15 +127,16 @@ HEADLINES: dict[str, tuple[list[str], list[str]]] = {
          "the voting reform", "the border treaty"],
     ),
     "science": (
-        ["NASA", "A research team", "The space agency", "A physics institute", "A team of biologists",
-         "An observatory", "A climate institute", "The lab", "The geological survey", "A university study"],
+        ["NASA", "A research team", "The space agency", "A physics institute",
+         "A team of biologists", "An observatory", "A climate institute", "The lab",
+         "The geological survey", "A university study"],
         ["a Mars probe", "the genome project", "a record fusion experiment", "the vaccine trial",
          "a quantum chip", "the telescope survey", "a new species find", "the climate model",
          "the particle collider run", "an asteroid sample"],
     ),
     "business": (
-        ["Tech giant", "The central bank", "The carmaker", "A retail chain",
-         "A major investor", "The airline", "An oil producer", "A startup", "The bank", "The shareholder group"],
+        ["Tech giant", "The central bank", "The carmaker", "A retail chain", "A major investor",
+         "The airline", "An oil producer", "A startup", "The bank", "The shareholder group"],
         ["a merger deal", "record profits", "the bond sale", "a share buyback",
          "the quarterly forecast", "an interest rate cut", "the takeover race", "a product recall",
          "the stock listing", "mass layoffs"],
@@ -135,11 +144,15 @@ HEADLINES: dict[str, tuple[list[str], list[str]]] = {
 }  # fmt: skip
 
 VERBS = ["wins", "loses", "announces", "unveils", "delays", "backs", "celebrates",
-         "faces questions over", "signs off on", "prepares for", "reacts to", "pulls out of"]  # fmt: skip
+         "faces questions over", "signs off on", "prepares for", "reacts to",
+         "pulls out of"]  # fmt: skip
 
-# Used instead of the topic's own subject some of the time, so the predicate must carry the topic.
-NEUTRAL_SUBJECTS = ["The committee", "A spokesperson", "An insider", "The organiser", "A local group",
-                    "The panel", "A new report", "The review board"]  # fmt: skip
+# Used instead of the topic's own subject some of the time, so the object must carry the topic.
+NEUTRAL_SUBJECTS = ["The committee", "A spokesperson", "An insider", "The organiser",
+                    "A local group", "The panel", "A new report", "The review board"]  # fmt: skip
+
+# A second, subordinate story from another topic: the main clause decides, the mention distracts.
+LINKERS = ["ahead of", "days after", "despite", "amid talk of", "overshadowed by", "weeks before"]
 
 PREFIXES = ["", "", "", "Breaking: ", "Analysis: ", "Live: ", "Report: ", "Update: "]
 # Tails borrow other topics' flavour on purpose: they are distractors, not topic evidence.
@@ -170,6 +183,9 @@ def support_message(rng: random.Random, product: str, intent: str, mood: str) ->
     body = [request]
     if rng.random() < 0.6:
         body.append(rng.choice(FILLERS).format(n=rng.randint(10000, 99999)))
+    if rng.random() < 0.4:
+        other = rng.choice([i for i in INTENTS if i != intent])
+        body.append(rng.choice(PAST_INTENTS[other]))
     if rng.random() < 0.4:
         other = rng.choice([p for p in PRODUCTS if p != product])
         body.append(_sentence(rng.choice(SIDE_MENTIONS).format(p=rng.choice(PRODUCTS[other]))))
@@ -206,18 +222,24 @@ def news_headline(rng: random.Random, topic: str) -> str:
     else:
         subject = rng.choice(HEADLINES[rng.choice([t for t in HEADLINES if t != topic])][0])
     core = f"{subject} {rng.choice(VERBS)} {rng.choice(objects)}"
+    if rng.random() < 0.5:
+        other = rng.choice([t for t in HEADLINES if t != topic])
+        core += f" {rng.choice(LINKERS)} {rng.choice(HEADLINES[other][1])}"
+        return f"{rng.choice(PREFIXES)}{core}"
     return f"{rng.choice(PREFIXES)}{core}{rng.choice(SUFFIXES)}"
 
 
+# Listed in training order. Two attribute tasks on the same messages come back to back, the
+# off-domain task shifts the shared adapter further, and the third attribute task comes last.
 TASKS = [
     TaskSpec("support-product", "Customer-support messages: which product is the message about.",
              list(PRODUCTS), support_sampler("product")),
     TaskSpec("support-intent", "Customer-support messages: what does the customer want.",
              list(INTENTS), support_sampler("intent")),
-    TaskSpec("support-mood", "Customer-support messages: the customer's mood.",
-             list(MOODS), support_sampler("mood")),
     TaskSpec("news-topic", "News headlines: topic of the story.",
              list(HEADLINES), news_headline),
+    TaskSpec("support-mood", "Customer-support messages: the customer's mood.",
+             list(MOODS), support_sampler("mood")),
 ]  # fmt: skip
 
 
@@ -258,7 +280,7 @@ def stream_toml(tasks: list[TaskSpec]) -> str:
         'description = "Four template-made text tasks; three label the same support messages '
         'by different attributes, so a shared adapter forgets."',
         'data_root = "."',
-        f"order = {json.dumps(ORDER)}",
+        f"order = {json.dumps([spec.name for spec in tasks])}",
     ]
     for spec in tasks:
         lines += [
@@ -275,7 +297,6 @@ def stream_toml(tasks: list[TaskSpec]) -> str:
 
 def main() -> None:
     """Regenerate every file of the demo stream."""
-    assert sorted(ORDER) == sorted(spec.name for spec in TASKS)
     for index, spec in enumerate(TASKS):
         # One generator per task, seeded by position, so editing one task leaves the others as-is.
         train, test = make_split(spec, random.Random(SEED + index))

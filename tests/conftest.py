@@ -11,6 +11,9 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from continual_peft import Backbone, Task, TrainConfig
 from continual_peft.backbone import default_model_path
 
+# Tiny models run fastest on one thread, and CI has only two cores to share.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

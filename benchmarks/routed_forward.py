@@ -1,0 +1,103 @@
+"""Cost of the routed forward against the frozen backbone alone, and against peft's mixed batch.
+
+Every row of the batch uses a different LoRA slot (slot = row mod T). Times are medians over
+repeats, measured side by side in one run, so the ratios hold on a shared, noisy machine.
+
+Run: python benchmarks/routed_forward.py [--slots 1,8,32,128] [--batch 32] [--tokens 128]
+peft's row (needs `pip install -e ".[test]"`) uses `adapter_names=`, its mixed-batch inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from continual_peft import Backbone, ModuleBank
+from continual_peft.backbone import default_model_path
+from continual_peft.modules.lora import LoRAConfig
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ours(slots: int, batch: dict, repeats: int, config: LoRAConfig) -> tuple[float, float]:
+    backbone = Backbone.from_pretrained(max_length=512)
+    bank = ModuleBank(backbone, "lora", config)
+    for s in range(slots):
+        bank.add_slot(seed=s)
+        for site in bank.sites.values():
+            torch.nn.init.normal_(site.train_B, std=0.02)  # non-zero, as after training
+        bank.freeze_slot()
+    rows = batch["input_ids"].shape[0]
+    indices = torch.arange(rows) % slots
+
+    def frozen():
+        with bank.base_only():
+            backbone(**batch)
+
+    def routed():
+        with bank.route(indices):
+            backbone(**batch)
+
+    with torch.no_grad():
+        return median_seconds(frozen, repeats), median_seconds(routed, repeats)
+
+
+def peft_mixed(slots: int, batch: dict, repeats: int, config: LoRAConfig) -> float | None:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(default_model_path())).eval()
+    peft_config = LoraConfig(
+        r=config.r, lora_alpha=config.alpha, target_modules=config.targets, init_lora_weights=False
+    )
+    model = get_peft_model(model, peft_config, adapter_name="t0")
+    for s in range(1, slots):
+        model.add_adapter(f"t{s}", peft_config)
+    rows = batch["input_ids"].shape[0]
+    names = [f"t{r % slots}" for r in range(rows)]
+    with torch.no_grad():
+        return median_seconds(lambda: model(**batch, adapter_names=names), repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slots", default="1,8,32,128")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = LoRAConfig(r=8, alpha=16, dropout=0.0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (args.batch, args.tokens)),
+        "attention_mask": torch.ones(args.batch, args.tokens, dtype=torch.long),
+    }
+    print(
+        f"all-MiniLM-L6-v2, batch {args.batch} x {args.tokens} tokens, LoRA r=8 on query/value, "
+        f"{torch.get_num_threads()} threads, {'CUDA' if torch.cuda.is_available() else 'CPU'}"
+    )
+    print(f"{'T':>5} {'frozen ms':>10} {'routed ms':>10} {'routed/frozen':>14} {'peft/frozen':>12}")
+    for slots in [int(s) for s in args.slots.split(",")]:
+        frozen, routed = ours(slots, batch, args.repeats, config)
+        peft_time = peft_mixed(slots, batch, args.repeats, config)
+        peft_ratio = f"{peft_time / frozen:12.2f}" if peft_time else f"{'n/a':>12}"
+        times = f"{frozen * 1e3:10.1f} {routed * 1e3:10.1f}"
+        print(f"{slots:>5} {times} {routed / frozen:14.2f} {peft_ratio}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The ModuleBank with LoRA: a frozen backbone, zero-initialised slots, the routed forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from continual_peft import ContinualPeftError, ModuleBank
+from continual_peft.modules.lora import LoRAConfig, LoRALinear
+
+
+def _batch(backbone, texts=("red apple car", "a dog sleeps at home today", "sad")):
+    return backbone.collate(backbone.tokenize(list(texts)).input_ids)
+
+
+def test_backbone_is_frozen(make_backbone):
+    backbone = make_backbone()
+    ModuleBank(backbone, "lora")
+    frozen = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
+    assert frozen == []
+
+
+def test_bundled_minilm_loads_offline_and_frozen(monkeypatch):
+    from continual_peft import Backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone = Backbone.from_pretrained(max_length=16, device="cpu")
+    assert backbone.hidden_size == 384
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert backbone.tokenize(["word " * 40]).truncated == 1
+
+
+def test_fresh_slot_is_bit_identical(make_backbone):
+    backbone = make_backbone()
+    bank = ModuleBank(backbone, "lora", LoRAConfig(targets=["all-linear"]))
+    batch = _batch(backbone)
+    with torch.no_grad(), bank.base_only():
+        base = backbone.embed(batch)
+    slot = bank.add_slot(seed=1)
+    with torch.no_grad(), bank.use_slot(slot):
+        fresh = backbone.embed(batch)
+    assert torch.equal(base, fresh)
+
+
+def test_targets_match_by_suffix_and_unknown_target_is_refused(make_backbone):
+    bank = ModuleBank(make_backbone(), "lora")
+    assert sorted({n.rsplit(".", 1)[-1] for n in bank.sites}) == ["query", "value"]
+    assert len(ModuleBank(make_backbone(), "lora", LoRAConfig(targets=["all-linear"])).sites) == 12
+    with pytest.raises(ContinualPeftError, match="no nn.Linear layer matches"):
+        ModuleBank(make_backbone(), "lora", LoRAConfig(targets=["nonexistent"]))
+
+
+def test_unknown_module_kind_lists_valid_names(make_backbone):
+    with pytest.raises(ContinualPeftError, match="unknown module kind 'bogus'; valid names: lora"):
+        ModuleBank(make_backbone(), "bogus")
+
+
+def test_only_the_trainable_slot_gets_gradients(make_backbone):
+    backbone = make_backbone()
+    bank = ModuleBank(backbone, "lora")
+    bank.add_slot(seed=1)
+    bank.freeze_slot()
+    slot = bank.add_slot(seed=2)
+    with bank.use_slot(slot):
+        backbone.embed(_batch(backbone)).sum().backward()
+    assert all(p.grad is None for p in backbone.model.parameters() if not p.requires_grad)
+    trainable = {id(p) for p in bank.trainable_parameters()}
+    requiring = [p for p in backbone.parameters() if p.requires_grad]
+    assert {id(p) for p in requiring} == trainable
+    # A is kaiming-initialised and B zero, so at step 0 only B has a non-zero gradient.
+    assert all(site.train_B.grad.abs().sum() > 0 for site in bank.sites.values())
+
+
+def _layer(seed: int = 0, slots: int = 3) -> LoRALinear:
+    torch.manual_seed(seed)
+    from continual_peft.modules import Routing
+
+    layer = LoRALinear(torch.nn.Linear(6, 5), Routing(), LoRAConfig(r=2, alpha=4.0, dropout=0.0))
+    for _ in range(slots):
+        layer.load_slot({"lora_A": torch.randn(2, 6), "lora_B": torch.randn(5, 2)})
+    return layer
+
+
+def _run(layer: LoRALinear, x: torch.Tensor, indices, weights=None) -> torch.Tensor:
+    routing = layer.routing
+    routing.indices = torch.tensor(indices)
+    routing.weights = (
+        torch.ones(routing.indices.shape) if weights is None else torch.tensor(weights)
+    )
+    try:
+        return layer(x)
+    finally:
+        routing.indices = routing.weights = None
+
+
+def test_gathered_lora_equals_plain_recomputation():
+    layer = _layer()
+    x = torch.randn(3, 4, 6)
+    out = _run(layer, x, [[2], [0], [1]])
+    for row, slot in enumerate([2, 0, 1]):
+        a, b = layer.A[slot], layer.B[slot]
+        expected = layer.base_layer(x[row]) + (x[row] @ a.T @ b.T) * (4.0 / 2)
+        torch.testing.assert_close(out[row], expected, atol=1e-6, rtol=0)
+
+
+def test_soft_mixing_is_the_weighted_sum_of_deltas_and_minus_one_is_no_module():
+    layer = _layer()
+    x = torch.randn(2, 4, 6)
+    base = layer.base_layer(x)
+    d0 = _run(layer, x, [[0], [0]]) - base
+    d2 = _run(layer, x, [[2], [2]]) - base
+    mixed = _run(layer, x, [[0, 2], [2, -1]], [[0.3, 0.7], [0.5, 0.5]])
+    torch.testing.assert_close(mixed[0], base[0] + 0.3 * d0[0] + 0.7 * d2[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1], base[1] + 0.5 * d2[1], atol=1e-6, rtol=0)
+    none = _run(layer, x, [[-1], [-1]])
+    assert torch.equal(none, base)
+
+
+def test_route_refuses_a_missing_slot(make_backbone):
+    bank = ModuleBank(make_backbone(), "lora")
+    bank.add_slot(seed=0)
+    with (
+        pytest.raises(ContinualPeftError, match="slot 3 does not exist"),
+        bank.route(torch.tensor([0, 3])),
+    ):
+        pass

@@ -1,0 +1,290 @@
+"""The command line: listings, bad input refused before any model loads, and a tiny full run."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import word_task
+from typer.testing import CliRunner
+
+from continual_peft import MODULE_KINDS, STRATEGIES, Task
+from continual_peft import cli as cli_module
+from continual_peft.backbone import Backbone
+from continual_peft.cli import app
+from continual_peft.config import ROUTERS
+from continual_peft.runner import run_stream
+
+runner = CliRunner()
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def write_task(root: Path, task: Task) -> None:
+    """A task's splits as JSONL files and its labels as labels.json under `root/<name>/`."""
+    folder = root / task.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        texts, labels = getattr(task, f"{split}_texts"), getattr(task, f"{split}_labels")
+        lines = [
+            json.dumps({"text": t, "label": task.labels[y]})
+            for t, y in zip(texts, labels, strict=True)
+        ]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "labels.json").write_text(json.dumps(task.labels), encoding="utf-8")
+
+
+def write_stream(root: Path, tasks: list[Task]) -> Path:
+    for task in tasks:
+        write_task(root, task)
+    blocks = [
+        f'[[tasks]]\nname = "{t.name}"\ntrain = "{t.name}/train.jsonl"\n'
+        f'test = "{t.name}/test.jsonl"\nlabels = "{t.name}/labels.json"\n'
+        for t in tasks
+    ]
+    spec = root / "stream.toml"
+    spec.write_text('name = "words"\n\n' + "\n".join(blocks), encoding="utf-8")
+    return spec
+
+
+@pytest.fixture
+def stream_spec(tmp_path: Path) -> Path:
+    """A valid two-task stream on disk (small word tasks)."""
+    tasks = [word_task(name, n_train=24, n_test=12) for name in ("colors", "animals")]
+    return write_stream(tmp_path / "stream", tasks)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if anything tries to load a pretrained backbone."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a backbone was loaded before the input was validated")
+
+    monkeypatch.setattr(Backbone, "from_pretrained", refuse)
+
+
+# ---------------------------------------------------------------- list
+
+
+@pytest.mark.parametrize(
+    ("what", "expected"),
+    [
+        ("modules", MODULE_KINDS.names()),
+        ("strategies", STRATEGIES.names()),
+        ("routers", ROUTERS),
+    ],
+)
+def test_list_shows_every_registered_name(what: str, expected: list[str]):
+    result = invoke("list", what)
+    assert result.exit_code == 0, result.output
+    listed = [n for n in expected if re.search(rf"^{re.escape(n)}(:|$)", result.stdout, re.M)]
+    assert listed == expected, result.stdout
+
+
+def test_list_names_the_built_ins():
+    assert "lora" in invoke("list", "modules").stdout
+    strategies = invoke("list", "strategies").stdout
+    assert "per_task" in strategies and "seq" in strategies
+    assert "oracle" in invoke("list", "routers").stdout
+
+
+def test_list_streams_includes_the_demo():
+    result = invoke("list", "streams")
+    assert result.exit_code == 0
+    assert "demo (embedded)" in result.stdout
+
+
+def test_list_bogus_names_the_choices():
+    result = invoke("list", "bogus")
+    assert result.exit_code == 2
+    assert "cannot list 'bogus'; choose one of: modules, strategies, streams, routers" in (
+        result.stderr
+    )
+
+
+# ---------------------------------------------------------------- run: bad input
+
+
+def _edit_line(path: Path, number: int, line: str) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[number - 1] = line
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _replace(path: Path, old: str, new: str, count: int = 1) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text
+    path.write_text(text.replace(old, new, count), encoding="utf-8")
+
+
+def _expect_refusal(spec: Path, out: Path, expected: str, *options: str) -> None:
+    result = invoke("run", spec, "--out", out, *options)
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.stderr
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_run_undeclared_test_label(stream_spec: Path, tmp_path: Path, no_model):
+    test_file = stream_spec.parent / "animals" / "test.jsonl"
+    _edit_line(test_file, 3, json.dumps({"text": "a cow moos", "label": "cow"}))
+    expected = f"{test_file}:3: label 'cow' is not one of task 'animals''s labels"
+    _expect_refusal(stream_spec, tmp_path / "out", expected)
+
+
+def test_run_missing_file(stream_spec: Path, tmp_path: Path, no_model):
+    missing = stream_spec.parent / "colors" / "train.jsonl"
+    missing.unlink()
+    _expect_refusal(stream_spec, tmp_path / "out", f"{missing}: file not found")
+
+
+def test_run_malformed_line(stream_spec: Path, tmp_path: Path, no_model):
+    train = stream_spec.parent / "colors" / "train.jsonl"
+    _edit_line(train, 5, '{"text": "red car", label: "red"}')
+    _expect_refusal(stream_spec, tmp_path / "out", f"{train}:5: malformed JSON")
+
+
+def test_run_duplicate_task_names(stream_spec: Path, tmp_path: Path, no_model):
+    _replace(stream_spec, 'name = "animals"', 'name = "colors"')
+    _expect_refusal(
+        stream_spec, tmp_path / "out", f"{stream_spec}: tasks[1].name: duplicate task name 'colors'"
+    )
+
+
+@pytest.mark.parametrize("name", ["../evil", "Upper", ""])
+def test_run_invalid_task_name(stream_spec: Path, tmp_path: Path, no_model, name: str):
+    _replace(stream_spec, 'name = "colors"', f"name = {json.dumps(name)}")
+    _expect_refusal(
+        stream_spec,
+        tmp_path / "out",
+        f"{stream_spec}: tasks[0].name: invalid task name {name!r}. Task names become folder "
+        "names: use lower-case letters",
+    )
+
+
+def test_run_unknown_spec_key(stream_spec: Path, tmp_path: Path, no_model):
+    _replace(stream_spec, 'name = "words"', 'name = "words"\nmax_tests = 3')
+    _expect_refusal(stream_spec, tmp_path / "out", "unknown key(s) ['max_tests']; valid keys:")
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--strategy", "bogus"], "unknown strategy 'bogus'; valid names: per_task, seq"),
+        (["--module", "bogus"], "unknown module kind 'bogus'; valid names: lora"),
+        (["--baseline", "bogus"], "unknown strategy 'bogus'; valid names: per_task, seq"),
+        (["--epochs", "0"], "train.epochs = 0 is invalid; it must be >= 1"),
+        (["--lr", "-1"], "train.lr = -1.0 is invalid; it must be > 0"),
+        (["--rank", "0"], "lora.r = 0 is invalid; it must be >= 1"),
+        (["--max-train", "0"], "task 'colors': max_train = 0 is invalid; it must be >= 1"),
+    ],
+    ids=["strategy", "module", "baseline", "epochs", "lr", "rank", "max-train"],
+)
+def test_run_bad_option(
+    stream_spec: Path, tmp_path: Path, no_model, options: list[str], expected: str
+):
+    _expect_refusal(stream_spec, tmp_path / "out", expected, *options)
+
+
+def test_run_bad_strategy_spec_file(stream_spec: Path, tmp_path: Path, no_model):
+    spec = tmp_path / "strategy.toml"
+    spec.write_text('strategy = "per_task"\n[train]\nepochs = 1\nepoch = 2\n', encoding="utf-8")
+    _expect_refusal(
+        stream_spec,
+        tmp_path / "out",
+        f"{spec}: [train]: unknown key(s) ['epoch']; valid keys:",
+        "--strategy",
+        str(spec),
+    )
+
+
+def test_run_missing_stream_spec(tmp_path: Path, no_model):
+    _expect_refusal(tmp_path / "nope.toml", tmp_path / "out", "nope.toml: spec file not found")
+
+
+# ---------------------------------------------------------------- a whole run, then `report`
+
+
+def _check_run_dir(run_dir: Path, names: list[str]) -> dict:
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    assert report["status"] == "finished"
+    assert report["task_names"] == names
+    for file in ("report.md", "accuracy_matrix.csv", "accuracy_matrix.png", "config.json"):
+        assert (run_dir / file).is_file(), file
+    for name in names:
+        for file in ("module.safetensors", "head.safetensors", "task.json"):
+            assert (run_dir / "tasks" / name / file).is_file(), (name, file)
+    with (run_dir / "accuracy_matrix.csv").open(newline="") as handle:
+        assert any(name in row for row in csv.reader(handle) for name in names)
+    return report
+
+
+def test_run_then_report(stream_spec: Path, tmp_path: Path, make_backbone, monkeypatch):
+    # The CLI loads a backbone by name; the function it calls gets the tiny one instead.
+    monkeypatch.setattr(
+        cli_module, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
+    )
+    run_dir = tmp_path / "run"
+    result = invoke(
+        "run", stream_spec, "--out", run_dir, "--baseline", "seq", "--epochs", "1",
+        "--batch-size", "8", "--lr", "0.01", "--rank", "2", "--max-train", "16", "--max-test", "8",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # Rich may wrap a long path at the console width: compare without whitespace.
+    assert re.sub(r"\s", "", f"run directory: {run_dir}") in re.sub(r"\s", "", result.stdout)
+
+    names = ["colors", "animals"]
+    report = _check_run_dir(run_dir, names)
+    base = _check_run_dir(run_dir / "baseline-seq", names)
+    assert report["strategy"] == "per_task" and base["strategy"] == "seq"
+    assert report["baseline"]["strategy"] == "seq"
+    assert report["baseline"]["accuracy_matrix"] == base["accuracy_matrix"]
+    assert report["baseline"]["metrics"] == base["metrics"]
+    assert len(report["accuracy_matrix"]["oracle"]) == 2
+    assert [t["train_examples"] for t in report["tasks"]] == [16, 16]
+    assert [t["test_examples"] for t in report["tasks"]] == [8, 8]
+    assert report["config"]["train"]["epochs"] == 1 and report["config"]["lora"]["r"] == 2
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["config"]
+    assert config["strategy"] == "per_task" and config["train"]["lr"] == 0.01
+
+    for target in (run_dir, run_dir / "report.json"):
+        result = invoke("report", target)
+        assert result.exit_code == 0, result.output
+        assert all(name in result.stdout for name in names)
+        assert "words / per_task: 2 task(s), finished" in result.stdout
+
+
+def test_run_refuses_a_used_run_dir(stream_spec: Path, tmp_path: Path, no_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}", encoding="utf-8")
+    result = invoke("run", stream_spec, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert f"{out} already holds a run (report.json); choose another --out folder" in (
+        result.stderr
+    )
+    assert [p.name for p in out.iterdir()] == ["report.json"]
+
+
+def test_report_on_truncated_file(tmp_path: Path):
+    path = tmp_path / "report.json"
+    text = json.dumps({"schema_version": 1, "status": "finished", "task_names": ["a"]})
+    path.write_text(text[: len(text) // 2], encoding="utf-8")
+    for target in (tmp_path, path):
+        result = invoke("report", target)
+        assert result.exit_code == 2
+        assert re.search(rf"{re.escape(str(path))} is corrupt or truncated", result.stderr)
+
+
+def test_report_without_a_run(tmp_path: Path):
+    result = invoke("report", tmp_path)
+    assert result.exit_code == 2
+    assert f"no report at {tmp_path / 'report.json'}" in result.stderr

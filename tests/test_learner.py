@@ -1,0 +1,117 @@
+"""The engine end to end on a tiny backbone: isolation, the routed forward, determinism, reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST_TRAIN, word_task
+from safetensors.torch import load_file
+
+from continual_peft import ContinualLearner, ContinualPeftError
+from continual_peft.metrics import compute_metrics
+
+
+@pytest.fixture
+def learned(make_backbone, tasks):
+    learner = ContinualLearner(make_backbone(), train=FAST_TRAIN)
+    for task in tasks:
+        learner.learn(task)
+    return learner
+
+
+def _snapshot(learner, slot, task):
+    head = {k: v.clone() for k, v in learner.heads.heads[task].state_dict().items()}
+    return {k: v.clone() for k, v in learner.bank.slot_state(slot).items()}, head
+
+
+def test_earlier_slots_and_heads_are_bit_identical_after_new_tasks(make_backbone, tasks):
+    learner = ContinualLearner(make_backbone(), train=FAST_TRAIN)
+    learner.learn(tasks[0])
+    before = _snapshot(learner, 0, tasks[0].name)
+    for task in tasks[1:]:
+        learner.learn(task)
+    after = _snapshot(learner, 0, tasks[0].name)
+    for saved, now in zip(before, after, strict=True):
+        assert saved.keys() == now.keys()
+        assert all(torch.equal(saved[k], now[k]) for k in saved)
+    assert learner.bank.num_slots == 3 and not learner.bank.has_trainable
+
+
+def test_training_changed_the_slot_and_learned_every_task(learned):
+    state = learned.bank.slot_state(0)
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in state.items())
+    final = learned.report["accuracy_matrix"]["oracle"][-1]
+    assert all(acc > 0.6 for acc in final), final  # chance is 1/3
+
+
+def test_mixed_batch_equals_each_row_alone(learned):
+    texts = ["red apple car", "dog sleeps", "sad at home now", "blue cup", "fish hides eats"]
+    tasks = ["colors", "animals", "moods", "colors", "animals"]
+    mixed = learned.logits(texts, tasks)
+    for i, (text, task) in enumerate(zip(texts, tasks, strict=True)):
+        alone = learned.logits([text], [task])
+        torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=0)
+    assert learned.predict(texts, tasks) == learned.predict(texts[:1], "colors") + [
+        learned.predict([t], k)[0] for t, k in zip(texts[1:], tasks[1:], strict=True)
+    ]
+
+
+def test_per_task_has_zero_oracle_forgetting(learned):
+    metrics = learned.report["metrics"]["oracle"]
+    assert metrics["forgetting"] == 0.0 and metrics["bwt"] == 0.0
+
+
+def test_same_seed_same_numbers(make_backbone, tasks):
+    runs = []
+    for _ in range(2):
+        learner = ContinualLearner(make_backbone(), train=FAST_TRAIN, seed=3)
+        for task in tasks[:2]:
+            learner.learn(task)
+        runs.append(learner)
+    a, b = (r.report for r in runs)
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    assert [t["final_train_loss"] for t in a["tasks"]] == [
+        t["final_train_loss"] for t in b["tasks"]
+    ]
+    for k, v in runs[0].bank.slot_state(1).items():
+        assert torch.equal(v, runs[1].bank.slot_state(1)[k])
+
+
+def test_seq_shares_one_slot(make_backbone, tasks):
+    learner = ContinualLearner(make_backbone(), strategy="seq", train=FAST_TRAIN)
+    for task in tasks:
+        learner.learn(task)
+    assert [t["slot"] for t in learner.report["tasks"]] == [0, 0, 0]
+    assert learner.bank.num_slots == 1
+
+
+def test_report_metrics_recompute_from_the_saved_matrix(make_backbone, tasks, tmp_path):
+    learner = ContinualLearner(make_backbone(), train=FAST_TRAIN, run_dir=tmp_path / "run")
+    for task in tasks:
+        learner.learn(task)
+    learner.finish()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    matrix = np.array(report["accuracy_matrix"]["oracle"], dtype=float)
+    assert report["metrics"]["oracle"] == compute_metrics(matrix, report["initial_accuracy"])
+    assert report["status"] == "finished" and report["schema_version"] == 1
+    # R[j-1, j] (before training j, fresh slot and head) equals b[j] for per-task slots.
+    assert [matrix[j - 1, j] for j in (1, 2)] == report["initial_accuracy"][1:]
+    saved = load_file(tmp_path / "run" / "tasks" / "colors" / "module.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in learner.bank.slot_state(0).items())
+
+
+def test_duplicate_task_and_unknown_task_are_refused(learned):
+    with pytest.raises(ContinualPeftError, match="already learned"):
+        learned.learn(word_task("colors"))
+    with pytest.raises(ContinualPeftError, match="unknown task 'nope'; learned tasks"):
+        learned.predict(["x"], task="nope")
+
+
+def test_unknown_strategy_lists_valid_names(make_backbone):
+    with pytest.raises(
+        ContinualPeftError, match="unknown strategy 'bogus'; valid names: per_task, seq"
+    ):
+        ContinualLearner(make_backbone(), strategy="bogus")
