@@ -82,7 +82,9 @@ class Backbone(nn.Module):
     ) -> Backbone:
         """Load an encoder by local path or model name; None loads the bundled MiniLM offline."""
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # our own progress bars are enough
         path = str(default_model_path()) if name_or_path is None else name_or_path
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)

@@ -128,8 +128,7 @@ class ContinualLearner:
         train_enc = self.backbone.tokenize(task.train_texts)
         test_enc = self.backbone.tokenize(task.test_texts)
         state = self.learned[task.name] = _Learned(task, slot, test_enc.input_ids)
-        with self.bank.base_only():
-            initial = self._accuracy(state)
+        initial = self._accuracy(state, base_only=True)
         self.monitor.before_task(initial, {"oracle": self._accuracy(state)})
         params = self.bank.trainable_parameters() + list(head.parameters())
         trainable = sum(p.numel() for p in params)

@@ -24,8 +24,9 @@ METRIC_DEFINITIONS: dict[str, str] = {
         "(T tasks trained so far, indices 1-based); entries not measured are left blank."
     ),
     "b": (
-        "b[j] = accuracy on task j with its fresh module and untrained head, measured before "
-        "training task j (the forward-transfer baseline)."
+        "b[j] = accuracy on task j with its untrained head on the bare frozen backbone (no "
+        "module; a fresh zero-initialised slot gives the same output), measured before training "
+        "task j: what no training at all would give (the forward-transfer baseline)."
     ),
     "acc": "ACC = mean_j R[T, j]: average accuracy over all tasks after the last task.",
     "avg_incremental_acc": (
@@ -119,7 +120,7 @@ def forward_transfer(R: ArrayLike, b: ArrayLike | None) -> float | None:
 
     Args:
         R: Accuracy matrix, T x T; uses the superdiagonal ``R[j-1, j]``.
-        b: Length-T accuracies ``b[j]`` of task j's fresh module and untrained head.
+        b: Length-T accuracies ``b[j]`` of task j's untrained head on the bare backbone.
 
     Returns:
         ``1/(T-1) * sum_{j>1} (R[j-1, j] - b[j])``, or None when T = 1, ``b`` is None, or any

@@ -278,8 +278,18 @@ def write_accuracy_csv(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- heatmap
 
 
-def _draw_heatmap(ax: Axes, report: dict[str, Any], mode: str) -> AxesImage:
-    data = _matrix(report, mode)
+def _panels(report: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """(title, R) per routing mode, then the baseline's, so the two strategies sit side by side."""
+    strategy = report.get("strategy", "?")
+    panels = [(f"{strategy}, routing: {mode}", _matrix(report, mode)) for mode in _modes(report)]
+    baseline = report.get("baseline") or {}
+    for mode in _modes(baseline):
+        title = f"baseline {baseline.get('strategy', '?')}, routing: {mode}"
+        panels.append((title, _matrix(baseline, mode)))
+    return panels
+
+
+def _draw_heatmap(ax: Axes, report: dict[str, Any], title: str, data: np.ndarray) -> AxesImage:
     names = _names(report, max(data.shape))
     cmap = colormaps["viridis"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0)
@@ -293,7 +303,7 @@ def _draw_heatmap(ax: Axes, report: dict[str, Any], mode: str) -> AxesImage:
     ax.set_yticks(range(data.shape[0]), labels=names[: data.shape[0]])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after training task")
-    ax.set_title(f"routing: {mode}")
+    ax.set_title(title)
     if max(data.shape) <= 20:  # beyond that the numbers no longer fit in their cells
         size = 9 if max(data.shape) <= 8 else 7 if max(data.shape) <= 15 else 6
         for (i, j), value in np.ndenumerate(data):
@@ -306,12 +316,12 @@ def _draw_heatmap(ax: Axes, report: dict[str, Any], mode: str) -> AxesImage:
 
 def _heatmap_png(report: dict[str, Any]) -> bytes:
     """Render the heatmaps to PNG bytes; a bare Figure keeps pyplot's global state untouched."""
-    modes = _modes(report)
-    size = max([max(_matrix(report, mode).shape) for mode in modes] + [1])
+    panels = _panels(report)
+    size = max([max(data.shape) for _, data in panels] + [1])
     side = max(3.6, 0.6 * size + 2.0)
-    fig = Figure(figsize=(side * max(len(modes), 1) + 1.2, side + 0.6), layout="constrained")
-    axes = fig.subplots(1, max(len(modes), 1), squeeze=False)[0]
-    images = [_draw_heatmap(ax, report, mode) for ax, mode in zip(axes, modes, strict=False)]
+    fig = Figure(figsize=(side * max(len(panels), 1) + 1.2, side + 0.6), layout="constrained")
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    images = [_draw_heatmap(ax, report, *panel) for ax, panel in zip(axes, panels, strict=False)]
     if images:
         fig.colorbar(images[-1], ax=list(axes), label="accuracy", shrink=0.8)
     else:

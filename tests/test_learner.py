@@ -80,6 +80,18 @@ def test_same_seed_same_numbers(make_backbone, tasks):
         assert torch.equal(v, runs[1].bank.slot_state(1)[k])
 
 
+def test_initial_accuracy_is_measured_on_the_bare_backbone(make_backbone, tasks):
+    # b[j] depends only on the backbone and task j's head init, not on what was trained before.
+    after_training = ContinualLearner(make_backbone(), strategy="seq", train=FAST_TRAIN)
+    for task in tasks[:2]:
+        after_training.learn(task)
+    first = ContinualLearner(make_backbone(), strategy="seq", train=FAST_TRAIN)
+    first.learn(tasks[1])
+    assert after_training.monitor.initial[1] == first.monitor.initial[0]
+    # ...while R[0, 1] is measured through the shared slot as trained on task 0.
+    assert after_training.monitor.before["oracle"][1] != after_training.monitor.initial[1]
+
+
 def test_seq_shares_one_slot(make_backbone, tasks):
     learner = ContinualLearner(make_backbone(), strategy="seq", train=FAST_TRAIN)
     for task in tasks:
