@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from torch import nn
 from continual_peft.errors import ContinualPeftError
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2 (bundled)"
+
+# (embeds (B, L, d), mask (B, L), position ids (B, L)) -> the same, longer, + number of tokens added
+InputHook = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+]
 
 
 def default_model_path() -> Path:
@@ -72,6 +78,7 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.name = name
+        self.input_hooks: list[InputHook] = []
         # The one place where the backbone is frozen.
         self.model.requires_grad_(False)
         self.to(pick_device(device))
@@ -132,10 +139,27 @@ class Backbone(nn.Module):
             "attention_mask": attention_mask.to(self.device),
         }
 
+    def add_input_hook(self, hook: InputHook) -> None:
+        """Let a module kind change the input embeddings (e.g. prepend virtual tokens)."""
+        self.input_hooks.append(hook)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states of the last layer, shape (B, L, d)."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state
+        """Hidden states of the real tokens in the last layer, shape (B, L, d).
+
+        Input hooks may prepend virtual tokens; their positions are cut from the output again.
+        """
+        if not self.input_hooks:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        embeds = self.model.get_input_embeddings()(input_ids)  # (B, L, d)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        added = 0
+        for hook in self.input_hooks:
+            embeds, attention_mask, positions, extra = hook(embeds, attention_mask, positions)
+            added += extra
+        out = self.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
+        )
+        return out.last_hidden_state[:, added:]
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled states of a collated batch, shape (B, d), in float32."""

@@ -1,7 +1,8 @@
 """The ModuleBank: every task's module on one frozen backbone, addressed by slot index.
 
-Slots are numbered in the order they were opened. At most one slot is trainable at a time (the
-newest); all others are frozen. Which slot each row uses is set with a context manager:
+Slots are numbered in the order they were opened, and each has a module kind (LoRA, adapter,
+prompt, ...); kinds can be mixed in one bank. At most one slot is trainable at a time (the newest);
+all others are frozen. Which slot each row uses is set with a context manager:
 
     with bank.route(indices, weights):   # per-row slots, (B,) or (B, k), mixed in ONE forward
         ...
@@ -9,6 +10,9 @@ newest); all others are frozen. Which slot each row uses is set with a context m
         ...
     with bank.base_only():               # the bare backbone (frozen features)
         ...
+
+Each kind keeps its own stacks and its own `Routing`; the bank translates global slot ids into
+each kind's local ids, giving -1 (no module) to rows whose slot is of another kind.
 """
 
 from __future__ import annotations
@@ -25,69 +29,103 @@ from continual_peft.modules import MODULE_KINDS, Routing
 
 
 class ModuleBank:
-    """All slots of one module kind, injected into `backbone` in place.
+    """All slots on `backbone`, injected into it in place.
 
     Args:
-        backbone: The frozen backbone; its target layers get wrapped.
-        kind: A registered module kind (see `MODULE_KINDS.names()`).
+        backbone: The frozen backbone; target layers get wrapped.
+        kind: The default module kind for new slots (see `MODULE_KINDS.names()`).
         config: That kind's config dataclass; its defaults when None.
+        configs: Configs of other kinds that slots may use (defaults for any not given).
     """
 
     def __init__(
-        self, backbone: Backbone, kind: str = "lora", config: object | None = None
+        self,
+        backbone: Backbone,
+        kind: str = "lora",
+        config: object | None = None,
+        configs: dict[str, object] | None = None,
     ) -> None:
-        kind_class = MODULE_KINDS.get(kind)
+        self.backbone = backbone
         self.kind = kind
-        self.config = config if config is not None else kind_class.config_class()
-        self.routing = Routing()
-        self.sites: dict[str, nn.Module] = kind_class(self.config).inject(
-            backbone.model, self.routing
-        )
-        self.num_frozen = 0
+        self.configs = dict(configs or {})
+        if config is not None:
+            self.configs[kind] = config
+        self.kind_sites: dict[str, dict[str, nn.Module]] = {}
+        self.routings: dict[str, Routing] = {}
+        self.slot_kinds: list[str] = []  # kind of each global slot
+        self.slot_local: list[int] = []  # index of each global slot within its kind's stacks
         self.has_trainable = False
+        self._inject(kind)
+
+    @property
+    def config(self) -> object:
+        """The default kind's config."""
+        return self.configs[self.kind]
+
+    @property
+    def sites(self) -> dict[str, nn.Module]:
+        """The default kind's injected sites, by wrapped layer name."""
+        return self.kind_sites[self.kind]
 
     @property
     def num_slots(self) -> int:
-        return self.num_frozen + int(self.has_trainable)
+        return len(self.slot_kinds)
 
-    def add_slot(self, seed: int) -> int:
-        """Open a new trainable slot (initialised from `seed`) and return its index."""
+    def _inject(self, kind: str) -> dict[str, nn.Module]:
+        if kind not in self.kind_sites:
+            kind_class = MODULE_KINDS.get(kind)
+            config = self.configs.setdefault(kind, kind_class.config_class())
+            self.routings[kind] = Routing()
+            self.kind_sites[kind] = kind_class(config).inject(self.backbone, self.routings[kind])
+        return self.kind_sites[kind]
+
+    def add_slot(self, seed: int, kind: str | None = None) -> int:
+        """Open a new trainable slot of `kind` (default kind if None); returns its index."""
         if self.has_trainable:
             raise RuntimeError("freeze the trainable slot before opening another")
+        kind = kind or self.kind
+        sites = self._inject(kind)
         generator = torch.Generator().manual_seed(seed)
-        for site in self.sites.values():
+        for site in sites.values():
             site.add_slot(generator)
+        self.slot_local.append(self.slot_kinds.count(kind))
+        self.slot_kinds.append(kind)
         self.has_trainable = True
-        return self.num_frozen
+        return self.num_slots - 1
 
     def freeze_slot(self) -> None:
         """Freeze the trainable slot; its tensors never change after this."""
-        for site in self.sites.values():
+        for site in self.kind_sites[self.slot_kinds[-1]].values():
             site.freeze_slot()
         self.has_trainable = False
-        self.num_frozen += 1
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for site in self.sites.values() for p in site.trainable_parameters()]
+        if not self.has_trainable:
+            return []
+        sites = self.kind_sites[self.slot_kinds[-1]].values()
+        return [p for site in sites for p in site.trainable_parameters()]
 
     def slot_state(self, slot: int) -> dict[str, torch.Tensor]:
         """One slot's tensors, keyed `<site>.<tensor>`, for safetensors."""
         self._check_slot(slot)
+        sites, local = self.kind_sites[self.slot_kinds[slot]], self.slot_local[slot]
         return {
             f"{name}.{key}": tensor
-            for name, site in self.sites.items()
-            for key, tensor in site.slot_tensors(slot).items()
+            for name, site in sites.items()
+            for key, tensor in site.slot_tensors(local).items()
         }
 
-    def load_slot(self, state: dict[str, torch.Tensor]) -> int:
-        """Append a frozen slot from `slot_state` output; returns its index."""
+    def load_slot(self, state: dict[str, torch.Tensor], kind: str | None = None) -> int:
+        """Append a frozen slot of `kind` from `slot_state` output; returns its index."""
         if self.has_trainable:
             raise RuntimeError("cannot load a frozen slot while one is being trained")
-        for name, site in self.sites.items():
+        kind = kind or self.kind
+        for name, site in self._inject(kind).items():
             prefix = name + "."
             site.load_slot({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-        self.num_frozen += 1
-        return self.num_frozen - 1
+        self.slot_local.append(self.slot_kinds.count(kind))
+        self.slot_kinds.append(kind)
+        return self.num_slots - 1
 
     @contextlib.contextmanager
     def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> Iterator[None]:
@@ -105,34 +143,49 @@ class ModuleBank:
             with self.use_slot(int(indices[0, 0])):
                 yield
             return
-        with self._set(Routing(indices=indices, weights=weights.to(torch.float32))):
+        with self._set(self._per_kind(indices, weights.to(torch.float32))):
             yield
 
     @contextlib.contextmanager
     def use_slot(self, slot: int) -> Iterator[None]:
         """Every row on `slot` with weight 1."""
         self._check_slot(slot)
-        with self._set(Routing(single=slot)):
+        kind = self.slot_kinds[slot]
+        with self._set({kind: Routing(single=self.slot_local[slot])}):
             yield
 
     @contextlib.contextmanager
     def base_only(self) -> Iterator[None]:
         """No module at all: the frozen backbone's own output."""
-        with self._set(Routing()):
+        with self._set({}):
             yield
 
+    def _per_kind(self, indices: torch.Tensor, weights: torch.Tensor) -> dict[str, Routing]:
+        """Translate global slot ids into each kind's local ids (-1 where another kind's)."""
+        safe = indices.clamp(min=0)
+        kinds = list(self.kind_sites)
+        kind_of = torch.tensor([kinds.index(k) for k in self.slot_kinds], device=indices.device)
+        local_of = torch.tensor(self.slot_local, device=indices.device)
+        routings = {}
+        for number, kind in enumerate(kinds):
+            mine = (indices >= 0) & (kind_of[safe] == number)
+            if bool(mine.any()):  # a kind no row uses costs nothing
+                local = torch.where(mine, local_of[safe], torch.full_like(indices, -1))
+                routings[kind] = Routing(indices=local, weights=weights)
+        return routings
+
     @contextlib.contextmanager
-    def _set(self, routing: Routing) -> Iterator[None]:
-        saved = (self.routing.indices, self.routing.weights, self.routing.single)
-        self.routing.indices, self.routing.weights, self.routing.single = (
-            routing.indices,
-            routing.weights,
-            routing.single,
-        )
+    def _set(self, routings: dict[str, Routing]) -> Iterator[None]:
+        saved = {k: (r.indices, r.weights, r.single) for k, r in self.routings.items()}
+        for kind, routing in self.routings.items():
+            new = routings.get(kind, Routing())
+            routing.indices, routing.weights, routing.single = new.indices, new.weights, new.single
         try:
             yield
         finally:
-            self.routing.indices, self.routing.weights, self.routing.single = saved
+            for kind, (indices, weights, single) in saved.items():
+                routing = self.routings[kind]
+                routing.indices, routing.weights, routing.single = indices, weights, single
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from continual_peft import ContinualPeftError, ModuleBank
-from continual_peft.modules.lora import LoRAConfig, LoRALinear
+from continual_peft.modules import Routing, lora
+from continual_peft.modules._lowrank import LowRankSite
+from continual_peft.modules.lora import LoRAConfig
 
 
 def _batch(backbone, texts=("red apple car", "a dog sleeps at home today", "sad")):
@@ -68,20 +70,20 @@ def test_only_the_trainable_slot_gets_gradients(make_backbone):
     requiring = [p for p in backbone.parameters() if p.requires_grad]
     assert {id(p) for p in requiring} == trainable
     # A is kaiming-initialised and B zero, so at step 0 only B has a non-zero gradient.
-    assert all(site.train_B.grad.abs().sum() > 0 for site in bank.sites.values())
+    assert all(s.stack.trainable["lora_B"].grad.abs().sum() > 0 for s in bank.sites.values())
 
 
-def _layer(seed: int = 0, slots: int = 3) -> LoRALinear:
+def _layer(seed: int = 0, slots: int = 3) -> LowRankSite:
     torch.manual_seed(seed)
-    from continual_peft.modules import Routing
-
-    layer = LoRALinear(torch.nn.Linear(6, 5), Routing(), LoRAConfig(r=2, alpha=4.0, dropout=0.0))
+    layer = LowRankSite(torch.nn.Linear(6, 5), Routing(), 2, lora.NAMES, init=None)
     for _ in range(slots):
-        layer.load_slot({"lora_A": torch.randn(2, 6), "lora_B": torch.randn(5, 2)})
+        layer.load_slot(
+            {"lora_A": torch.randn(2, 6), "lora_B": torch.randn(5, 2), "scale": torch.tensor(2.0)}
+        )
     return layer
 
 
-def _run(layer: LoRALinear, x: torch.Tensor, indices, weights=None) -> torch.Tensor:
+def _run(layer: LowRankSite, x: torch.Tensor, indices, weights=None) -> torch.Tensor:
     routing = layer.routing
     routing.indices = torch.tensor(indices)
     routing.weights = (
@@ -98,7 +100,7 @@ def test_gathered_lora_equals_plain_recomputation():
     x = torch.randn(3, 4, 6)
     out = _run(layer, x, [[2], [0], [1]])
     for row, slot in enumerate([2, 0, 1]):
-        a, b = layer.A[slot], layer.B[slot]
+        a, b = layer.stack.lora_A[slot], layer.stack.lora_B[slot]
         expected = layer.base_layer(x[row]) + (x[row] @ a.T @ b.T) * (4.0 / 2)
         torch.testing.assert_close(out[row], expected, atol=1e-6, rtol=0)
 

@@ -2,7 +2,8 @@
 
 Every kind implements one interface, so the bank, router and engine never branch on kind:
 
-- `kind.inject(model, routing) -> dict[site name, site]` wraps layers of the backbone in place;
+- `kind.inject(backbone, routing) -> dict[site name, site]` wraps layers of `backbone.model` in
+  place (or registers an input hook on the backbone, for prompts);
 - each site has `add_slot(generator)`, `freeze_slot()`, `load_slot(tensors)`,
   `slot_tensors(slot)` and `trainable_parameters()`, and reads the shared `Routing` in forward.
 """
@@ -16,6 +17,7 @@ from torch import nn
 
 from continual_peft._registry import Registry
 from continual_peft.errors import ContinualPeftError
+from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
 
 MODULE_KINDS: Registry = Registry("module kind")
@@ -46,7 +48,9 @@ def wrap_linear_layers(
     found = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _matches(name, targets)
+        if isinstance(module, nn.Linear | LowRankSite)
+        and not name.endswith(".base_layer")  # already wrapped: wrap the wrapper instead
+        and _matches(name, targets)
     ]
     if not found:
         suffixes = sorted(

@@ -1,0 +1,77 @@
+"""SlotStack: every slot's copy of a few named tensors, stacked on a leading slot axis.
+
+Frozen slots live in buffers `(T, *shape)`, so no optimizer can ever touch them. The slot being
+trained, if any, is a set of Parameters that `stacked()` appends at index T. Freezing a slot moves
+it onto the buffers; its values never change after that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SlotStack(nn.Module):
+    """Stacked per-slot tensors.
+
+    Args:
+        shapes: Tensor name -> per-slot shape, e.g. {"lora_A": (r, d_in), "scale": ()}.
+        like: A tensor whose dtype and device the stack takes.
+        fixed: Names that are stored per slot but never trained (e.g. a scale).
+    """
+
+    def __init__(
+        self, shapes: dict[str, tuple[int, ...]], like: torch.Tensor, fixed: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__()
+        self.names = list(shapes)
+        self.fixed = set(fixed)
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(0, *shape, dtype=like.dtype, device=like.device))
+        self.trainable = nn.ParameterDict()
+
+    @property
+    def num_frozen(self) -> int:
+        return len(getattr(self, self.names[0]))
+
+    def open(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Start a trainable slot (index `num_frozen`) from initial values."""
+        like = getattr(self, self.names[0])
+        self.trainable = nn.ParameterDict(
+            {
+                name: nn.Parameter(tensors[name].to(like), requires_grad=name not in self.fixed)
+                for name in self.names
+            }
+        )
+
+    def freeze(self) -> None:
+        """Move the trainable slot onto the frozen buffers."""
+        self.load({name: p.detach() for name, p in self.trainable.items()})
+        self.trainable = nn.ParameterDict()
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Append a frozen slot."""
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise KeyError(f"slot tensors miss {missing}")
+        for name in self.names:
+            stack = getattr(self, name)
+            setattr(self, name, torch.cat([stack, tensors[name].to(stack)[None]]))
+
+    def slot(self, index: int) -> dict[str, torch.Tensor]:
+        """One slot's tensors (the trainable ones as Parameters)."""
+        if len(self.trainable) and index == self.num_frozen:
+            return dict(self.trainable.items())
+        return {name: getattr(self, name)[index] for name in self.names}
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """Every slot, frozen and trainable, as `(T, *shape)` tensors."""
+        if not len(self.trainable):
+            return {name: getattr(self, name) for name in self.names}
+        return {
+            name: torch.cat([getattr(self, name), self.trainable[name][None]])
+            for name in self.names
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.trainable.values() if p.requires_grad]
