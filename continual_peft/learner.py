@@ -152,6 +152,7 @@ class ContinualLearner:
         record = {
             "name": task.name,
             "slot": slot,
+            "module": self.bank.slot_kinds[slot],
             "labels": task.labels,
             "train_examples": len(task.train_texts),
             "test_examples": len(task.test_texts),
