@@ -6,10 +6,12 @@ A strategy spec:
     module = "lora"              # a registered module kind
     router = "oracle"            # only "oracle" so far: the task is given
     seed = 0
+    [tasks.news-topic]           # per-task override: this task gets a prompt slot
+    module = "prompt"
     [backbone]
     name = ""                    # local folder or model name; "" = bundled all-MiniLM-L6-v2
     max_length = 128
-    [lora]                       # fields of LoRAConfig
+    [lora]                       # fields of LoRAConfig; likewise [adapter], [prompt], [prefix]
     r = 8
     [train]                      # fields of TrainConfig
     epochs = 3
@@ -22,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from continual_peft._registry import validate_task_name
 from continual_peft._spec import Section, read_toml
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules.lora import LoRAConfig
+from continual_peft.modules import MODULE_KINDS
 
 ROUTERS = ["oracle"]
 
@@ -60,23 +63,51 @@ class LearnerConfig:
     router: str = "oracle"  # how inputs reach slots
     seed: int = 0  # seeds slot/head init, shuffling and dropout
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    modules: dict[str, Any] = field(default_factory=dict)  # kind -> its config (default if absent)
+    task_modules: dict[str, str] = field(default_factory=dict)  # task -> kind, per-task override
+
+    def kind_config(self, kind: str) -> Any:
+        """The config of module kind `kind` (its defaults unless set)."""
+        if kind not in self.modules:
+            self.modules[kind] = MODULE_KINDS.get(kind).config_class()
+        return self.modules[kind]
+
+    def module_for(self, task: str) -> str:
+        """The module kind of `task`: its override, else the run's `module`."""
+        return self.task_modules.get(task, self.module)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """A nested dict in the spec file's layout (every registered kind's section included)."""
+        data = {key: getattr(self, key) for key in ("strategy", "module", "router", "seed")}
+        data["backbone"] = dataclasses.asdict(self.backbone)
+        data["train"] = dataclasses.asdict(self.train)
+        for kind in MODULE_KINDS.names():
+            data[kind] = dataclasses.asdict(self.kind_config(kind))
+        data["tasks"] = {task: {"module": kind} for task, kind in self.task_modules.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> LearnerConfig:
         """Build from a nested dict (a parsed spec), naming any bad key."""
-        nested = {"backbone": BackboneConfig, "lora": LoRAConfig, "train": TrainConfig}
-        top = Section(data, where, {f.name for f in dataclasses.fields(cls)})
+        fixed = {"strategy", "module", "router", "seed", "backbone", "train", "tasks"}
+        top = Section(data, where, fixed | set(MODULE_KINDS.names()))
         values: dict[str, Any] = {}
         for key in ("strategy", "module", "router"):
             values[key] = top.get(key, str, getattr(cls, key))
         values["seed"] = top.get("seed", int, 0)
-        for key, kind in nested.items():
-            values[key] = _fill(kind, top.get(key, dict, {}), f"{where}: [{key}]")
+        values["backbone"] = _fill(
+            BackboneConfig, top.get("backbone", dict, {}), f"{where}: [backbone]"
+        )
+        values["train"] = _fill(TrainConfig, top.get("train", dict, {}), f"{where}: [train]")
+        values["modules"] = {
+            kind: _fill(
+                MODULE_KINDS.get(kind).config_class, top.get(kind, dict), f"{where}: [{kind}]"
+            )
+            for kind in MODULE_KINDS.names()
+            if kind in data
+        }
+        values["task_modules"] = _task_modules(top.get("tasks", dict, {}), where)
         config = cls(**values)
         config.validate(where)
         return config
@@ -95,8 +126,6 @@ class LearnerConfig:
             ("train.lr", self.train.lr, self.train.lr > 0, "> 0"),
             ("train.warmup", self.train.warmup, 0 <= self.train.warmup < 1, "in [0, 1)"),
             ("train.grad_clip", self.train.grad_clip, self.train.grad_clip >= 0, ">= 0"),
-            ("lora.r", self.lora.r, self.lora.r >= 1, ">= 1"),
-            ("lora.dropout", self.lora.dropout, 0 <= self.lora.dropout < 1, "in [0, 1)"),
             (
                 "backbone.max_length",
                 self.backbone.max_length,
@@ -109,10 +138,37 @@ class LearnerConfig:
                 raise ContinualPeftError(
                     f"{where}: {key} = {value!r} is invalid; it must be {rule}"
                 )
+        kinds = [("module", self.module)]
+        kinds += [(f"tasks.{task}.module", kind) for task, kind in self.task_modules.items()]
+        for key, kind in kinds:
+            if kind not in MODULE_KINDS:
+                raise ContinualPeftError(
+                    f"{where}: {key}: unknown module kind {kind!r}; "
+                    f"valid names: {', '.join(MODULE_KINDS.names())}"
+                )
+        lora = self.kind_config("lora")
+        for key, value, ok, rule in (
+            ("lora.r", lora.r, lora.r >= 1, ">= 1"),
+            ("lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
+        ):
+            if not ok:
+                raise ContinualPeftError(
+                    f"{where}: {key} = {value!r} is invalid; it must be {rule}"
+                )
         if self.router not in ROUTERS:
             raise ContinualPeftError(
                 f"{where}: unknown router {self.router!r}; valid names: {ROUTERS}"
             )
+
+
+def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:
+    """Per-task overrides: `[tasks.<name>] module = "<kind>"`."""
+    overrides = {}
+    for name, table in tasks.items():
+        validate_task_name(name, f"{where}: [tasks.{name}]")
+        section = Section(table, f"{where}: [tasks.{name}]", {"module"})
+        overrides[name] = section.get("module", str, required=True)
+    return overrides
 
 
 def _fill(kind: type, data: dict[str, Any], where: str) -> Any:

@@ -24,7 +24,6 @@ from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.heads import Heads
 from continual_peft.metrics import METRIC_DEFINITIONS
-from continual_peft.modules.lora import LoRAConfig
 from continual_peft.monitor import ForgettingMonitor
 from continual_peft.reports import console_report
 from continual_peft.rundir import RunDir
@@ -48,9 +47,9 @@ class ContinualLearner:
 
     Args:
         backbone: A `Backbone`, a model folder/name, or None for the bundled all-MiniLM-L6-v2.
-        module: Module kind ("lora").
+        module: Module kind for every task ("lora", "adapter", "prompt", "prefix").
         strategy: Registered strategy ("per_task", "seq").
-        lora: LoRA settings.
+        module_config: That kind's config (e.g. `LoRAConfig(r=4)`); its defaults when None.
         train: Training settings.
         seed: Seeds every random choice; same seed and machine give the same numbers.
         max_length: Longest input in tokens (when `backbone` is not already built).
@@ -65,7 +64,7 @@ class ContinualLearner:
         backbone: Backbone | str | None = None,
         module: str = "lora",
         strategy: str = "per_task",
-        lora: LoRAConfig | None = None,
+        module_config: object | None = None,
         train: TrainConfig | None = None,
         seed: int = 0,
         max_length: int = 128,
@@ -79,7 +78,7 @@ class ContinualLearner:
                 strategy=strategy,
                 module=module,
                 seed=seed,
-                lora=lora or LoRAConfig(),
+                modules={module: module_config} if module_config is not None else {},
                 train=train or TrainConfig(),
                 backbone=BackboneConfig(max_length=max_length),
             )
@@ -92,7 +91,10 @@ class ContinualLearner:
             )
         self.config = config
         self.backbone = backbone
-        self.bank = ModuleBank(backbone, config.module, config.lora)
+        kinds = {config.module, *config.task_modules.values()}
+        self.bank = ModuleBank(
+            backbone, config.module, configs={k: config.kind_config(k) for k in kinds}
+        )
         self.heads = Heads(backbone.hidden_size).to(backbone.device)
         self.monitor = ForgettingMonitor()
         self.learned: dict[str, _Learned] = {}

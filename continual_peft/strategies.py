@@ -47,7 +47,8 @@ class PerTask(Strategy):
     description = "a fresh slot per task, frozen after it"
 
     def allocate(self, learner: ContinualLearner, task: Task) -> int:
-        return learner.bank.add_slot(seed=learner.task_seed(task, "slot"))
+        kind = learner.config.module_for(task.name)
+        return learner.bank.add_slot(seed=learner.task_seed(task, "slot"), kind=kind)
 
     def after_task(self, learner: ContinualLearner, task: Task) -> None:
         learner.bank.freeze_slot()

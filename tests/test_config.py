@@ -1,0 +1,48 @@
+"""Strategy specs and LearnerConfig: round trips, per-task module kinds, errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from continual_peft import ContinualPeftError, LearnerConfig, load_strategy_spec
+from continual_peft.modules import MODULE_KINDS
+
+
+def test_round_trip_through_dict():
+    config = LearnerConfig.from_dict(
+        {"module": "lora", "lora": {"r": 4, "targets": ["all-linear"]}, "train": {"lr": 0.01}}
+    )
+    again = LearnerConfig.from_dict(config.to_dict())
+    assert again == config
+    assert config.kind_config("lora").r == 4 and config.train.lr == 0.01
+    assert set(config.to_dict()) >= set(MODULE_KINDS.names())  # every kind's section is written
+
+
+def test_per_task_module_override(tmp_path):
+    spec = tmp_path / "mixed.toml"
+    spec.write_text('module = "lora"\n[tasks.news]\nmodule = "lora"\n[lora]\nr = 2\n')
+    config = load_strategy_spec(spec)
+    assert config.module_for("news") == "lora" and config.module_for("other") == "lora"
+    assert config.task_modules == {"news": "lora"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('module = "bogus"', "unknown module kind 'bogus'; valid names: "),
+        ('[tasks.news]\nmodule = "bogus"', "unknown module kind 'bogus'"),
+        ('[tasks."../x"]\nmodule = "lora"', r"\[tasks.../x\]: invalid task name"),
+        ("[tasks.news]\nkind = 1", r"\[tasks.news\]: unknown key\(s\) \['kind'\]"),
+        ("[lora]\nrank = 4", r"\[lora\]: unknown key\(s\) \['rank'\]"),
+        ("[lora]\nr = 0", "lora.r = 0 is invalid; it must be >= 1"),
+        ('[train]\nlr = "fast"', "key 'lr' must be int or float"),
+        ("[bogus]\nx = 1", r"unknown key\(s\) \['bogus'\]"),
+        ('router = "psychic"', "unknown router 'psychic'"),
+    ],
+)
+def test_bad_spec_names_file_and_key(tmp_path, text, message):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text + "\n")
+    with pytest.raises(ContinualPeftError, match=message) as err:
+        load_strategy_spec(spec)
+    assert str(spec) in str(err.value)
