@@ -1,4 +1,4 @@
-"""Strategy specs and LearnerConfig: round trips, per-task module kinds, errors that name the key."""
+"""Strategy specs and LearnerConfig: round trips, per-task kinds, errors that name the key."""
 
 from __future__ import annotations
 
