@@ -1,0 +1,115 @@
+"""Module kinds side by side on MiniLM: size, training and inference cost, and accuracy.
+
+For every registered module kind, in one run on the same machine:
+- trainable parameters per task (the slot plus a 4-way head);
+- training step time / the frozen backbone's forward+backward (gradients taken w.r.t. the input
+  embeddings, the least any method that backpropagates through the backbone must pay);
+- inference time / the frozen backbone's forward;
+- oracle ACC after learning the four shared CL benchmark tasks with a small budget (per_task).
+
+Run: python benchmarks/module_kinds.py --data-root ../shared/data/cl_benchmark
+     [--kinds lora,adapter,prompt,prefix] [--max-train 200] [--max-test 200] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from continual_peft import Backbone, ContinualLearner, LearnerConfig, ModuleBank, TrainConfig
+from continual_peft.modules import MODULE_KINDS
+from continual_peft.streams import load_stream
+
+
+def median_seconds(fn, repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def frozen_costs(backbone: Backbone, batch: dict) -> tuple[float, float]:
+    """(forward, forward+backward) of the bare backbone, backpropagating to the input embeddings."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+
+    def forward_backward():
+        embeds = backbone.model.get_input_embeddings()(ids).detach().requires_grad_()
+        backbone.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.sum().backward()
+
+    with torch.no_grad():
+        forward = median_seconds(lambda: backbone(ids, mask))
+    return forward, median_seconds(forward_backward)
+
+
+def kind_costs(kind: str, batch: dict) -> tuple[int, float, float]:
+    """(trainable parameters, train step seconds, inference seconds) for one slot of `kind`."""
+    backbone = Backbone.from_pretrained(max_length=512)
+    bank = ModuleBank(backbone, kind)
+    slot = bank.add_slot(seed=0)
+    head = torch.nn.Linear(backbone.hidden_size, 4)
+    params = bank.trainable_parameters() + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    labels = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(head(backbone.embed(batch)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    with bank.use_slot(slot):
+        train = median_seconds(step)
+        with torch.no_grad():
+            infer = median_seconds(lambda: backbone(**batch))
+    return sum(p.numel() for p in params), train, infer
+
+
+def accuracy(kind: str, args: argparse.Namespace) -> float:
+    stream = load_stream("streams/cl_benchmark.toml", args.data_root, args.max_train, args.max_test)
+    config = LearnerConfig(module=kind, train=TrainConfig(epochs=args.epochs))
+    config.backbone.max_length = args.max_length
+    learner = ContinualLearner(config=config, stream=stream.name)
+    for task in stream.tasks:
+        learner.learn(task)
+    return learner.report["metrics"]["oracle"]["acc"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kinds", default=",".join(MODULE_KINDS.names()))
+    parser.add_argument("--data-root", default="../shared/data/cl_benchmark")
+    parser.add_argument("--max-train", type=int, default=200)
+    parser.add_argument("--max-test", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (16, args.max_length)),
+        "attention_mask": torch.ones(16, args.max_length, dtype=torch.long),
+    }
+    forward, forward_backward = frozen_costs(Backbone.from_pretrained(max_length=512), batch)
+    threads = torch.get_num_threads()
+    print(f"all-MiniLM-L6-v2, batch 16 x {args.max_length} tokens, {threads} threads")
+    print(f"frozen forward {forward * 1e3:.0f} ms, forward+backward {forward_backward * 1e3:.0f} ms")
+    budget = f"{args.max_train} train / {args.max_test} test per task, {args.epochs} epochs"
+    print(f"accuracy: per_task, oracle routing, 4 CL benchmark tasks, {budget}\n")
+    print("| kind | trainable params / task | train step / frozen fwd+bwd | ", end="")
+    print("inference / frozen fwd | ACC |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for kind in args.kinds.split(","):
+        params, train, infer = kind_costs(kind, batch)
+        acc = "skipped" if args.skip_accuracy else f"{100 * accuracy(kind, args):.1f}"
+        ratios = f"{train / forward_backward:.2f} | {infer / forward:.2f}"
+        print(f"| {kind} | {params:,} | {ratios} | {acc} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
