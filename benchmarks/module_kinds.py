@@ -98,7 +98,7 @@ def main() -> None:
     forward, forward_backward = frozen_costs(Backbone.from_pretrained(max_length=512), batch)
     threads = torch.get_num_threads()
     print(f"all-MiniLM-L6-v2, batch 16 x {args.max_length} tokens, {threads} threads")
-    print(f"frozen forward {forward * 1e3:.0f} ms, forward+backward {forward_backward * 1e3:.0f} ms")
+    print(f"frozen forward {forward * 1e3:.0f} ms, fwd+bwd {forward_backward * 1e3:.0f} ms")
     budget = f"{args.max_train} train / {args.max_test} test per task, {args.epochs} epochs"
     print(f"accuracy: per_task, oracle routing, 4 CL benchmark tasks, {budget}\n")
     print("| kind | trainable params / task | train step / frozen fwd+bwd | ", end="")
