@@ -36,7 +36,9 @@ def ours(slots: int, batch: dict, repeats: int, config: LoRAConfig) -> tuple[flo
     for s in range(slots):
         bank.add_slot(seed=s)
         for site in bank.sites.values():
-            torch.nn.init.normal_(site.stack.trainable["lora_B"], std=0.02)  # non-zero, as after training
+            torch.nn.init.normal_(
+                site.stack.trainable["lora_B"], std=0.02
+            )  # non-zero, as after training
         bank.freeze_slot()
     rows = batch["input_ids"].shape[0]
     indices = torch.arange(rows) % slots

@@ -8,6 +8,7 @@ from continual_peft.backbone import Backbone
 from continual_peft.bank import ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError
+from continual_peft.export import export_task
 from continual_peft.learner import ContinualLearner
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules.lora import LoRAConfig
@@ -32,6 +33,7 @@ __all__ = [
     "Stream",
     "Task",
     "TrainConfig",
+    "export_task",
     "load_strategy_spec",
     "load_stream",
     "load_task",

@@ -82,6 +82,7 @@ class Backbone(nn.Module):
         # The one place where the backbone is frozen.
         self.model.requires_grad_(False)
         self.to(pick_device(device))
+        self.eval()  # inference until a training loop says otherwise
 
     @classmethod
     def from_pretrained(

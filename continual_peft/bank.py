@@ -76,7 +76,10 @@ class ModuleBank:
             kind_class = MODULE_KINDS.get(kind)
             config = self.configs.setdefault(kind, kind_class.config_class())
             self.routings[kind] = Routing()
-            self.kind_sites[kind] = kind_class(config).inject(self.backbone, self.routings[kind])
+            sites = kind_class(config).inject(self.backbone, self.routings[kind])
+            for site in sites.values():
+                site.train(self.backbone.training)  # a new module starts in train mode
+            self.kind_sites[kind] = sites
         return self.kind_sites[kind]
 
     def add_slot(self, seed: int, kind: str | None = None) -> int:

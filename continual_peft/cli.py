@@ -113,6 +113,29 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory or its repo
         _fail(str(err))
 
 
+@app.command()
+def export(
+    run: Path = typer.Option(..., help="The run directory."),
+    task: str = typer.Option(..., help="The task to export."),
+    format_: str = typer.Option(
+        "peft",
+        "--format",
+        help="peft (a LoRA adapter for peft.PeftModel) or merged (a standalone HF model folder).",
+    ),
+    out: Path = typer.Option(..., help="Folder to write; must not exist yet or be empty."),
+) -> None:
+    """Export one task's module (and head) for use outside continual-peft."""
+    from continual_peft.export import export_task
+
+    try:
+        path = export_task(run, task, format_, out)
+    except ContinualPeftError as err:
+        _fail(str(err))
+    console.print(
+        f"exported task {task} ({format_}) to [bold]{escape(str(path))}[/]", highlight=False
+    )
+
+
 @app.command("list")
 def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) -> None:
     """List registered module kinds, strategies, routers, or the shipped stream specs."""

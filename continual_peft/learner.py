@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from continual_peft.backbone import Backbone
+from continual_peft.backbone import DEFAULT_BACKBONE, Backbone
 from continual_peft.bank import ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig
 from continual_peft.errors import ContinualPeftError
@@ -84,6 +84,10 @@ class ContinualLearner:
             )
         config.validate()
         self.strategy = STRATEGIES.get(config.strategy)()
+        if isinstance(backbone, Backbone | str):
+            # config.json must name the backbone actually used ("" = the bundled default)
+            name = backbone if isinstance(backbone, str) else backbone.name
+            config.backbone.name = "" if name == DEFAULT_BACKBONE else name
         if not isinstance(backbone, Backbone):
             name = backbone or config.backbone.name or None
             backbone = Backbone.from_pretrained(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from continual_peft import ContinualPeftError, ModuleBank
-from continual_peft.modules import Routing, lora
+from continual_peft.modules import MODULE_KINDS, Routing, lora
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules.lora import LoRAConfig
 
@@ -53,7 +53,8 @@ def test_targets_match_by_suffix_and_unknown_target_is_refused(make_backbone):
 
 
 def test_unknown_module_kind_lists_valid_names(make_backbone):
-    with pytest.raises(ContinualPeftError, match="unknown module kind 'bogus'; valid names: lora"):
+    expected = f"unknown module kind 'bogus'; valid names: {', '.join(MODULE_KINDS.names())}"
+    with pytest.raises(ContinualPeftError, match=expected):
         ModuleBank(make_backbone(), "bogus")
 
 
@@ -126,3 +127,11 @@ def test_route_refuses_a_missing_slot(make_backbone):
         bank.route(torch.tensor([0, 3])),
     ):
         pass
+
+
+def test_site_names_do_not_depend_on_injection_order(make_backbone):
+    lora_first = ModuleBank(make_backbone(), "lora")
+    prefix_first = ModuleBank(make_backbone(), "prefix")
+    prefix_first.add_slot(seed=0, kind="lora")
+    assert sorted(prefix_first.kind_sites["lora"]) == sorted(lora_first.sites)
+    assert all(".base_layer" not in name for name in prefix_first.kind_sites["lora"])

@@ -19,6 +19,8 @@ from continual_peft.cli import app
 from continual_peft.config import ROUTERS
 from continual_peft.runner import run_stream
 
+KIND_NAMES = ", ".join(MODULE_KINDS.names())
+
 runner = CliRunner()
 
 
@@ -179,7 +181,7 @@ def test_run_unknown_spec_key(stream_spec: Path, tmp_path: Path, no_model):
     ("options", "expected"),
     [
         (["--strategy", "bogus"], "unknown strategy 'bogus'; valid names: per_task, seq"),
-        (["--module", "bogus"], "unknown module kind 'bogus'; valid names: lora"),
+        (["--module", "bogus"], f"unknown module kind 'bogus'; valid names: {KIND_NAMES}"),
         (["--baseline", "bogus"], "unknown strategy 'bogus'; valid names: per_task, seq"),
         (["--epochs", "0"], "train.epochs = 0 is invalid; it must be >= 1"),
         (["--lr", "-1"], "train.lr = -1.0 is invalid; it must be > 0"),

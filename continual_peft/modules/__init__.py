@@ -43,14 +43,16 @@ def wrap_linear_layers(
         make_site: Builds the wrapper around one original layer.
 
     Returns:
-        The new sites by the wrapped layer's name.
+        The new sites by the wrapped layer's name, as in the unwrapped model (without the
+        `.base_layer` hops that other kinds' wrappers add), so names do not depend on the order
+        in which kinds were injected.
     """
     found = [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear | LowRankSite)
         and not name.endswith(".base_layer")  # already wrapped: wrap the wrapper instead
-        and _matches(name, targets)
+        and _matches(original_name(name), targets)
     ]
     if not found:
         suffixes = sorted(
@@ -66,10 +68,16 @@ def wrap_linear_layers(
         parent = model.get_submodule(parent_name) if parent_name else model
         site = make_site(layer)
         setattr(parent, child, site)
-        sites[name] = site
+        sites[original_name(name)] = site
     return sites
+
+
+def original_name(name: str) -> str:
+    """A module's name in the unwrapped model."""
+    return name.replace(".base_layer.", ".")
 
 
 __all__ = ["MODULE_KINDS", "Routing", "wrap_linear_layers"]
 
-from continual_peft.modules import lora  # noqa: E402,F401  (registers "lora")
+# Importing a kind's module registers it.
+from continual_peft.modules import adapter, lora, prefix, prompt  # noqa: E402,F401

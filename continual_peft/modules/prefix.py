@@ -1,0 +1,207 @@
+"""Prefix tuning: per layer, trainable key and value vectors that every real token attends to.
+
+Each BERT-family self-attention module (`layer.N.attention.self`, with `query`, `key`, `value`
+linear layers) is wrapped by a `PrefixSite` that stacks every slot's prefix for that layer:
+`prefix_key: (T, N, d)` and `prefix_value: (T, N, d)`, with N virtual tokens and d the
+attention width (split into heads like the real keys). With routing on, the site computes the
+attention itself: queries from the real tokens, keys `[prefix_key; K]` and values
+`[prefix_value; V]` per row. With routing off it calls the original module unchanged.
+
+Mixing: a row's prefix is the weighted sum of its k slots' prefixes. A row with no prefix slot
+(all entries -1 or weight 0) gets its prefix columns masked, so its output is the bare backbone's.
+
+Unlike LoRA and adapters, a fresh slot is NOT bit-identical to the backbone: any prefix, even a
+small one, takes a share of every token's attention.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from continual_peft.errors import ContinualPeftError
+from continual_peft.modules import MODULE_KINDS
+from continual_peft.modules._lowrank import LowRankSite
+from continual_peft.modules._routing import Routing, gather_weights
+from continual_peft.modules._stack import SlotStack
+
+SELF_ATTENTION = re.compile(r"(.*\.)?layer\.\d+\.attention\.self")
+
+
+@dataclass
+class PrefixConfig:
+    """Prefix tuning settings."""
+
+    num_virtual_tokens: int = 10  # prefix length N, per layer
+    init_std: float = 0.02  # a fresh prefix is N(0, init_std²): keys and values near zero
+
+    def __post_init__(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise ContinualPeftError(
+                f"num_virtual_tokens must be at least 1, got {self.num_virtual_tokens}"
+            )
+
+
+class PrefixSite(nn.Module):
+    """A wrapped self-attention module plus every slot's prefix for its layer.
+
+    Args:
+        base_layer: The frozen original attention module (BertSelfAttention or alike).
+        routing: The bank's routing state for the prefix kind.
+        config: Prefix length and initialisation.
+    """
+
+    def __init__(self, base_layer: nn.Module, routing: Routing, config: PrefixConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        self.config = config
+        weight = base_layer.key.weight
+        shape = (config.num_virtual_tokens, weight.shape[0])
+        self.stack = SlotStack({"prefix_key": shape, "prefix_value": shape}, weight)
+
+    def add_slot(self, generator: torch.Generator) -> None:
+        shape = (self.config.num_virtual_tokens, self.base_layer.key.weight.shape[0])
+        self.stack.open(
+            {
+                name: torch.randn(shape, generator=generator) * self.config.init_std
+                for name in ("prefix_key", "prefix_value")
+            }
+        )
+
+    def freeze_slot(self) -> None:
+        self.stack.freeze()
+
+    def load_slot(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.stack.load(tensors)
+
+    def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.stack.slot(slot).items()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.stack.trainable_parameters()
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, None]:
+        if self.routing.off:
+            return self.base_layer(hidden_states, attention_mask=attention_mask, **kwargs)
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ContinualPeftError("prefix tuning does not support a key/value cache")
+        keys, values, keep = self._prefixes(hidden_states.shape[0])
+        return self._attend(hidden_states, attention_mask, keys, values, keep), None
+
+    def _prefixes(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's prefix keys and values (B, N, d), and whether the row has one (B,)."""
+        if self.routing.single is not None:
+            t = self.stack.slot(self.routing.single)
+            keep = torch.ones(rows, dtype=torch.bool, device=t["prefix_key"].device)
+            keys, values = t["prefix_key"], t["prefix_value"]  # (N, d) each
+            return keys.expand(rows, -1, -1), values.expand(rows, -1, -1), keep
+        t = self.stack.stacked()  # (T, N, d) each
+        ones = torch.ones(len(t["prefix_key"]), device=t["prefix_key"].device)
+        idx, w = gather_weights(self.routing.indices, self.routing.weights, ones)  # (B, k)
+        w = w.to(t["prefix_key"].dtype)
+        keys = torch.einsum("bk,bknd->bnd", w, t["prefix_key"][idx])  # (B, N, d)
+        values = torch.einsum("bk,bknd->bnd", w, t["prefix_value"][idx])  # (B, N, d)
+        return keys, values, (w != 0).any(dim=1)
+
+    def _attend(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        attn = self.base_layer
+        rows, length, _ = hidden.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, H, L, d/H)
+            return x.view(rows, x.shape[1], -1, attn.attention_head_size).transpose(1, 2)
+
+        query = heads(attn.query(hidden))  # (B, H, L, dh)
+        real_keys, real_values = attn.key(hidden), attn.value(hidden)  # (B, L, d)
+        keys = heads(torch.cat([prefix_keys.to(real_keys.dtype), real_keys], dim=1))
+        values = heads(torch.cat([prefix_values.to(real_values.dtype), real_values], dim=1))
+        bias = extend_mask(mask, keep, prefix_keys.shape[1], length, query.dtype)
+        out = F.scaled_dot_product_attention(
+            query,
+            keys,
+            values,
+            attn_mask=bias,
+            dropout_p=attn.dropout.p if attn.training else 0.0,
+            scale=attn.scaling,
+        )  # (B, H, L, dh)
+        return out.transpose(1, 2).reshape(rows, length, -1)
+
+
+def extend_mask(
+    mask: torch.Tensor | None, keep: torch.Tensor, prefix: int, length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """An additive mask (B, 1, Lq, N + L) over prefix and real keys, from what BERT passes in.
+
+    Args:
+        mask: None (attend everywhere), a bool 4D mask (True = attend, sdpa), an additive float
+            4D mask (0 or very negative, eager), or a 2D (B, L) 0/1 padding mask (flash).
+        keep: (B,) whether each row attends to its prefix at all.
+        prefix: Number of virtual tokens N.
+        length: Number of real tokens L.
+        dtype: The attention's dtype.
+    """
+    lowest = torch.finfo(dtype).min
+    if mask is None:
+        real = torch.zeros(1, 1, 1, length, dtype=dtype, device=keep.device)
+    elif mask.dtype == torch.bool or mask.dim() == 2:
+        allowed = mask.bool() if mask.dim() == 4 else mask.bool()[:, None, None, :]
+        real = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~allowed, lowest
+        )
+    else:
+        real = mask.to(dtype).clamp(min=lowest)
+    cols = torch.zeros(len(keep), 1, 1, prefix, dtype=dtype, device=keep.device)
+    cols = cols.masked_fill(~keep[:, None, None, None], lowest)  # (B, 1, 1, N)
+    rows = max(real.shape[0], len(keep))
+    real = real.expand(rows, real.shape[1], real.shape[2], length)
+    cols = cols.expand(rows, real.shape[1], real.shape[2], prefix)
+    return torch.cat([cols, real], dim=-1)
+
+
+def _is_self_attention(name: str, module: nn.Module) -> bool:
+    linear = nn.Linear | LowRankSite  # query/key/value may already carry LoRA
+    return bool(SELF_ATTENTION.fullmatch(name)) and all(
+        isinstance(getattr(module, part, None), linear) for part in ("query", "key", "value")
+    )
+
+
+@MODULE_KINDS.register("prefix")
+class Prefix:
+    """The `prefix` kind: wraps every BERT-family self-attention module."""
+
+    config_class = PrefixConfig
+
+    def __init__(self, config: PrefixConfig) -> None:
+        self.config = config
+
+    def inject(self, backbone, routing: Routing) -> dict[str, nn.Module]:
+        """Wrap each self-attention module of `backbone.model` in place; return the new sites."""
+        model = backbone.model
+        found = [(n, m) for n, m in model.named_modules() if _is_self_attention(n, m)]
+        causal = [n for n, m in found if getattr(m, "is_causal", False)]
+        if not found or causal:
+            raise ContinualPeftError(
+                "prefix tuning needs a BERT-family bidirectional self-attention "
+                "('layer.N.attention.self' with query/key/value nn.Linear layers); "
+                f"{type(model).__name__} has {'causal ones' if causal else 'none'}"
+            )
+        sites = {}
+        for name, module in found:
+            parent_name, _, child = name.rpartition(".")
+            site = PrefixSite(module, routing, self.config)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, site)
+            sites[name] = site
+        return sites
