@@ -10,7 +10,7 @@ import torch
 from conftest import FAST_TRAIN, word_task
 from safetensors.torch import load_file
 
-from continual_peft import ContinualLearner, ContinualPeftError
+from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig
 from continual_peft.metrics import compute_metrics
 
 
@@ -127,3 +127,18 @@ def test_unknown_strategy_lists_valid_names(make_backbone):
         ContinualPeftError, match="unknown strategy 'bogus'; valid names: per_task, seq"
     ):
         ContinualLearner(make_backbone(), strategy="bogus")
+
+
+def test_kinds_mixed_in_one_run_and_one_batch(make_backbone, tasks):
+    config = LearnerConfig(train=FAST_TRAIN, task_modules={"animals": "adapter", "moods": "prompt"})
+    learner = ContinualLearner(make_backbone(), config=config)
+    for task in tasks:
+        learner.learn(task)
+    assert [t["module"] for t in learner.report["tasks"]] == ["lora", "adapter", "prompt"]
+    texts = ["red apple car", "dog sleeps", "sad at home now", "fish hides eats"]
+    names = ["colors", "animals", "moods", "animals"]
+    mixed = learner.logits(texts, names)
+    for i, (text, name) in enumerate(zip(texts, names, strict=True)):
+        torch.testing.assert_close(
+            mixed[i : i + 1], learner.logits([text], [name]), atol=1e-5, rtol=0
+        )
