@@ -14,24 +14,13 @@ Run: python benchmarks/module_kinds.py --data-root ../shared/data/cl_benchmark
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_seconds
 
 from continual_peft import Backbone, ContinualLearner, LearnerConfig, ModuleBank, TrainConfig
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.streams import load_stream
-
-
-def median_seconds(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def frozen_costs(backbone: Backbone, batch: dict) -> tuple[float, float]:

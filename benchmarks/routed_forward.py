@@ -10,24 +10,13 @@ peft's row (needs `pip install -e ".[test]"`) uses `adapter_names=`, its mixed-b
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_seconds
 
 from continual_peft import Backbone, ModuleBank
 from continual_peft.backbone import default_model_path
 from continual_peft.modules.lora import LoRAConfig
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def ours(slots: int, batch: dict, repeats: int, config: LoRAConfig) -> tuple[float, float]:
@@ -36,9 +25,8 @@ def ours(slots: int, batch: dict, repeats: int, config: LoRAConfig) -> tuple[flo
     for s in range(slots):
         bank.add_slot(seed=s)
         for site in bank.sites.values():
-            torch.nn.init.normal_(
-                site.stack.trainable["lora_B"], std=0.02
-            )  # non-zero, as after training
+            # non-zero, as after training
+            torch.nn.init.normal_(site.stack.trainable["lora_B"], std=0.02)
         bank.freeze_slot()
     rows = batch["input_ids"].shape[0]
     indices = torch.arange(rows) % slots

@@ -107,6 +107,13 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, text + "\n")
 
 
+def _read_bytes(source: Path) -> bytes:
+    try:
+        return source.read_bytes()
+    except FileNotFoundError:
+        raise ContinualPeftError(f"{source} does not exist; check the path.") from None
+
+
 def load_json(path: PathLike) -> Any:
     """Read a JSON file written by :func:`atomic_write_json`.
 
@@ -121,10 +128,7 @@ def load_json(path: PathLike) -> Any:
         CorruptFileError: If the file is not valid UTF-8 JSON (e.g. truncated).
     """
     source = Path(path)
-    try:
-        raw = source.read_bytes()
-    except FileNotFoundError:
-        raise ContinualPeftError(f"{source} does not exist; check the path.") from None
+    raw = _read_bytes(source)
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -166,10 +170,7 @@ def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
         CorruptFileError: If the file is not a valid safetensors file (e.g. truncated).
     """
     source = Path(path)
-    try:
-        raw = source.read_bytes()
-    except FileNotFoundError:
-        raise ContinualPeftError(f"{source} does not exist; check the path.") from None
+    raw = _read_bytes(source)
     try:
         return _st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as err:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from continual_peft.modules._routing import Routing, gather_weights
-from continual_peft.modules._stack import SlotStack
+from continual_peft.modules._stack import SlotStack, StackedSite
 
 
-class LowRankSite(nn.Module):
+class LowRankSite(StackedSite):
     """`base_layer(x) + delta(x or base_layer(x))`, with per-row slots from `routing`.
 
     Args:
@@ -72,18 +72,6 @@ class LowRankSite(nn.Module):
 
     def add_slot(self, generator: torch.Generator) -> None:
         self.stack.open(self.init(generator, self))
-
-    def freeze_slot(self) -> None:
-        self.stack.freeze()
-
-    def load_slot(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.stack.load(tensors)
-
-    def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.stack.slot(slot).items()}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.stack.trainable_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

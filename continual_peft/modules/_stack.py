@@ -75,3 +75,28 @@ class SlotStack(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.trainable.values() if p.requires_grad]
+
+
+class StackedSite(nn.Module):
+    """The site interface every module kind implements, for sites whose slots live in `self.stack`.
+
+    A subclass sets `self.stack` (a SlotStack) and implements `add_slot(generator)` and `forward`.
+    """
+
+    stack: SlotStack
+
+    def add_slot(self, generator: torch.Generator) -> None:
+        """Open a trainable slot, initialised from `generator`."""
+        raise NotImplementedError
+
+    def freeze_slot(self) -> None:
+        self.stack.freeze()
+
+    def load_slot(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.stack.load(tensors)
+
+    def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.stack.slot(slot).items()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.stack.trainable_parameters()

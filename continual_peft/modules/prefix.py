@@ -27,7 +27,7 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing, gather_weights
-from continual_peft.modules._stack import SlotStack
+from continual_peft.modules._stack import SlotStack, StackedSite
 
 SELF_ATTENTION = re.compile(r"(.*\.)?layer\.\d+\.attention\.self")
 
@@ -46,7 +46,7 @@ class PrefixConfig:
             )
 
 
-class PrefixSite(nn.Module):
+class PrefixSite(StackedSite):
     """A wrapped self-attention module plus every slot's prefix for its layer.
 
     Args:
@@ -72,18 +72,6 @@ class PrefixSite(nn.Module):
                 for name in ("prefix_key", "prefix_value")
             }
         )
-
-    def freeze_slot(self) -> None:
-        self.stack.freeze()
-
-    def load_slot(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.stack.load(tensors)
-
-    def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.stack.slot(slot).items()}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.stack.trainable_parameters()
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs

@@ -40,7 +40,7 @@ from torch import nn
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules._routing import Routing, gather_weights
-from continual_peft.modules._stack import SlotStack
+from continual_peft.modules._stack import SlotStack, StackedSite
 
 INITS = ("vocab", "normal")
 
@@ -66,7 +66,7 @@ def _init(config: PromptConfig, vocab: nn.Embedding) -> Callable[[torch.Generato
     return init
 
 
-class PromptSite(nn.Module):
+class PromptSite(StackedSite):
     """Every prompt slot, and the backbone input hook that prepends the routed rows' prompts.
 
     Args:
@@ -93,9 +93,6 @@ class PromptSite(nn.Module):
     def add_slot(self, generator: torch.Generator) -> None:
         self.stack.open(self.init(generator))
 
-    def freeze_slot(self) -> None:
-        self.stack.freeze()
-
     def load_slot(self, tensors: dict[str, torch.Tensor]) -> None:
         expected = tuple(self.stack.embedding.shape[1:])
         got = tuple(tensors["embedding"].shape) if "embedding" in tensors else None
@@ -104,13 +101,7 @@ class PromptSite(nn.Module):
                 f"prompt slot tensor 'embedding' has shape {got}, this bank needs {expected} "
                 "(num_virtual_tokens is one setting for all prompt slots of a bank)"
             )
-        self.stack.load(tensors)
-
-    def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.stack.slot(slot).items()}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.stack.trainable_parameters()
+        super().load_slot(tensors)
 
     def forward(
         self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
