@@ -137,38 +137,27 @@ class ContinualLearner:
         initial = self._accuracy(state, base_only=True)
         self.monitor.before_task(initial, {"oracle": self._accuracy(state)})
         params = self.bank.trainable_parameters() + list(head.parameters())
-        trainable = sum(p.numel() for p in params)
         with self.bank.use_slot(slot):
             result = train_task(
-                self.backbone,
-                head,
-                params,
-                train_enc.input_ids,
-                task.train_labels,
-                self.config.train,
-                seed=self.task_seed(task, "train"),
+                self.backbone, head, params, train_enc.input_ids, task.train_labels,
+                self.config.train, seed=self.task_seed(task, "train"),
                 adjust_loss=lambda loss: self.strategy.loss(self, task, loss),
                 description=f"task {len(self.learned)} {task.name}",
-            )
+            )  # fmt: skip
         self.strategy.after_task(self, task)
         self.heads.freeze(task.name)
         start = time.perf_counter()
-        row = [self._accuracy(s) for s in self.learned.values()]
-        self.monitor.after_task({"oracle": row})
+        self.monitor.after_task({"oracle": [self._accuracy(s) for s in self.learned.values()]})
         record = {
-            "name": task.name,
-            "slot": slot,
-            "module": self.bank.slot_kinds[slot],
-            "labels": task.labels,
-            "train_examples": len(task.train_texts),
+            "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
+            "labels": task.labels, "train_examples": len(task.train_texts),
             "test_examples": len(task.test_texts),
-            "trainable_parameters": trainable,
+            "trainable_parameters": sum(p.numel() for p in params),
             "train_seconds": round(result.seconds, 3),
             "eval_seconds": round(time.perf_counter() - start, 3),
-            "train_steps": result.steps,
-            "final_train_loss": result.final_loss,
+            "train_steps": result.steps, "final_train_loss": result.final_loss,
             "truncated_inputs": train_enc.truncated + test_enc.truncated,
-        }
+        }  # fmt: skip
         self.records.append(record)
         self._checkpoint(task, slot)
         return record
@@ -180,7 +169,7 @@ class ContinualLearner:
 
     def _checkpoint(self, task: Task, slot: int) -> None:
         if self.run_dir:
-            head = {k: v for k, v in self.heads.heads[task.name].state_dict().items()}
+            head = dict(self.heads.heads[task.name].state_dict())
             self.run_dir.save_task(task.name, self.bank.slot_state(slot), head, self.records[-1])
         self._write_report()
         if self.console:
