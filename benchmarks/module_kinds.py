@@ -5,7 +5,8 @@ For every registered module kind, in one run on the same machine:
 - training step time / the frozen backbone's forward+backward (gradients taken w.r.t. the input
   embeddings, the least any method that backpropagates through the backbone must pay);
 - inference time / the frozen backbone's forward;
-- oracle ACC after learning the four shared CL benchmark tasks with a small budget (per_task).
+- oracle ACC after learning the four shared CL benchmark tasks with a small budget (per_task),
+  each kind with the settings of its `strategies/per_task_<kind>.toml` (learning rate included).
 
 Run: python benchmarks/module_kinds.py --data-root ../shared/data/cl_benchmark
      [--kinds lora,adapter,prompt,prefix] [--max-train 200] [--max-test 200] [--epochs 2]
@@ -14,11 +15,12 @@ Run: python benchmarks/module_kinds.py --data-root ../shared/data/cl_benchmark
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from _timing import median_seconds
 
-from continual_peft import Backbone, ContinualLearner, LearnerConfig, ModuleBank, TrainConfig
+from continual_peft import Backbone, ContinualLearner, LearnerConfig, ModuleBank, load_strategy_spec
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.streams import load_stream
 
@@ -38,7 +40,7 @@ def frozen_costs(backbone: Backbone, batch: dict) -> tuple[float, float]:
 
 def kind_costs(kind: str, batch: dict) -> tuple[int, float, float]:
     """(trainable parameters, train step seconds, inference seconds) for one slot of `kind`."""
-    backbone = Backbone.from_pretrained(max_length=512)
+    backbone = Backbone.from_pretrained(max_length=batch["input_ids"].shape[1])
     bank = ModuleBank(backbone, kind)
     slot = bank.add_slot(seed=0)
     head = torch.nn.Linear(backbone.hidden_size, 4)
@@ -61,7 +63,10 @@ def kind_costs(kind: str, batch: dict) -> tuple[int, float, float]:
 
 def accuracy(kind: str, args: argparse.Namespace) -> float:
     stream = load_stream("streams/cl_benchmark.toml", args.data_root, args.max_train, args.max_test)
-    config = LearnerConfig(module=kind, train=TrainConfig(epochs=args.epochs))
+    # each kind with its own spec file's settings (prompts and prefixes need larger learning rates)
+    spec = Path(f"strategies/per_task_{kind}.toml")
+    config = load_strategy_spec(spec) if spec.exists() else LearnerConfig(module=kind)
+    config.train.epochs = args.epochs
     config.backbone.max_length = args.max_length
     learner = ContinualLearner(config=config, stream=stream.name)
     for task in stream.tasks:

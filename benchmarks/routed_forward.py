@@ -57,6 +57,7 @@ def peft_mixed(slots: int, batch: dict, repeats: int, config: LoRAConfig) -> flo
     model = get_peft_model(model, peft_config, adapter_name="t0")
     for s in range(1, slots):
         model.add_adapter(f"t{s}", peft_config)
+    model.eval()  # peft refuses adapter_names in training mode
     rows = batch["input_ids"].shape[0]
     names = [f"t{r % slots}" for r in range(rows)]
     with torch.no_grad():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
@@ -110,6 +111,7 @@ def _progress() -> Progress:
         TextColumn("loss {task.fields[loss]:.4f}"),
         TimeRemainingColumn(),
         transient=True,
+        disable=not Console().is_terminal,  # a log file gets the per-task tables, not bar frames
     )
 
 
