@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from continual_peft.config import LearnerConfig, load_strategy_spec
+from continual_peft.config import ROUTERS, LearnerConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError
+from continual_peft.export import export_task
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.reports import console_report, load_report
 from continual_peft.rundir import new_run_path
@@ -89,8 +89,6 @@ def run(
             "backbone.name": backbone,
         }
         config = _config(strategy, overrides)
-        if config.module not in MODULE_KINDS:
-            MODULE_KINDS.get(config.module)
         chosen = {"auto": "seq" if stream is None else None, "none": None}.get(baseline, baseline)
         tasks = load_stream(stream, data_root=data_root, max_train=max_train, max_test=max_test)
         run_dir = out or new_run_path("runs", tasks.name)
@@ -125,8 +123,6 @@ def export(
     out: Path = typer.Option(..., help="Folder to write; must not exist yet or be empty."),
 ) -> None:
     """Export one task's module (and head) for use outside continual-peft."""
-    from continual_peft.export import export_task
-
     try:
         path = export_task(run, task, format_, out)
     except ContinualPeftError as err:
@@ -139,8 +135,6 @@ def export(
 @app.command("list")
 def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) -> None:
     """List registered module kinds, strategies, routers, or the shipped stream specs."""
-    from continual_peft.config import ROUTERS
-
     if what == "modules":
         names = MODULE_KINDS.names()
     elif what == "strategies":
@@ -153,7 +147,3 @@ def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) 
         _fail(f"cannot list {what!r}; choose one of: {', '.join(LISTS)}")
     for name in names:
         console.print(name, highlight=False)
-
-
-def main() -> None:
-    app(sys.argv[1:])
