@@ -21,6 +21,7 @@ class ForgettingMonitor:
         self.rows: dict[str, list[list[float]]] = {m: [] for m in modes}
         self.before: dict[str, list[float]] = {m: [] for m in modes}  # R[j-1, j] per task j
         self.initial: list[float] = []  # b[j]
+        self.routing_rows: list[list[float]] = []  # after task i: share of task j routed to j
 
     @property
     def num_tasks(self) -> int:
@@ -32,11 +33,24 @@ class ForgettingMonitor:
         for mode in self.modes:
             self.before[mode].append(before[mode])
 
-    def after_task(self, accuracies: dict[str, list[float]]) -> None:
-        """Record row i: accuracy on every task seen so far, per mode."""
+    def after_task(
+        self, accuracies: dict[str, list[float]], routing: list[float] | None = None
+    ) -> None:
+        """Record row i: accuracy on every task seen so far per mode, and routing accuracy."""
         for mode in self.modes:
             assert len(accuracies[mode]) == self.num_tasks
             self.rows[mode].append(list(accuracies[mode]))
+        if routing is not None:
+            self.routing_rows.append(list(routing))
+
+    def routing_matrix(self) -> np.ndarray:
+        """Routing accuracy: row i = after task i, column j = share of task j's test inputs
+        whose top-1 routed task is j; NaN for tasks not seen yet."""
+        t = len(self.routing_rows)
+        r = np.full((t, t), np.nan)
+        for i, row in enumerate(self.routing_rows):
+            r[i, : len(row)] = row
+        return r
 
     def matrix(self, mode: str = "oracle") -> np.ndarray:
         """R for the tasks finished so far, NaN where not measured."""
@@ -54,4 +68,9 @@ class ForgettingMonitor:
 
     def state(self) -> dict:
         """JSON-ready state, enough to rebuild the monitor."""
-        return {"rows": self.rows, "before": self.before, "initial": self.initial}
+        return {
+            "rows": self.rows,
+            "before": self.before,
+            "initial": self.initial,
+            "routing_rows": self.routing_rows,
+        }

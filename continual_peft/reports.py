@@ -11,26 +11,39 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.image import AxesImage
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from continual_peft._io import atomic_write_bytes, atomic_write_json, atomic_write_text, load_json
+from continual_peft._io import atomic_write_json, atomic_write_text, load_json
+from continual_peft._report_data import (
+    is_missing as _missing,
+)
+from continual_peft._report_data import (
+    matrix_of as _matrix,
+)
+from continual_peft._report_data import (
+    named_matrices,
+)
+from continual_peft._report_data import (
+    pct as _pct,
+)
+from continual_peft._report_data import (
+    report_modes as _modes,
+)
+from continual_peft._report_data import (
+    task_names as _names,
+)
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.metrics import METRIC_DEFINITIONS
+from continual_peft.plots import plot_accuracy_matrix
 
 SCHEMA_VERSION = 1
 REPORT_FILES = ("report.json", "accuracy_matrix.csv", "report.md", "accuracy_matrix.png")
-_MODE_ORDER = ("oracle", "routed")
 _REQUIRED_KEYS = ("status", "task_names", "accuracy_matrix", "metrics")
 # (key, display name, signed): transfer metrics are signed so a gain reads differently from a loss.
 _METRIC_ROWS = (
@@ -53,45 +66,6 @@ _TASK_COLUMNS = (
 )
 
 
-# ---------------------------------------------------------------- shared helpers
-
-
-def _missing(value: Any) -> bool:
-    """True for an unmeasured entry: JSON null, or NaN in a dict built in memory."""
-    return value is None or (isinstance(value, float) and not math.isfinite(value))
-
-
-def _pct(value: Any, signed: bool = False) -> str:
-    """Format a fraction as a percentage with one decimal; blank when not measured."""
-    if _missing(value):
-        return ""
-    percent = round(100 * value, 1) + 0.0  # + 0.0 turns -0.0 into 0.0, so ties never print "-0.0"
-    return f"{percent:+.1f}" if signed else f"{percent:.1f}"
-
-
-def _modes(report: dict[str, Any]) -> list[str]:
-    """Routing modes present in the report, preferred ones first, the rest in stored order."""
-    present = list(report.get("accuracy_matrix") or {})
-    preferred = [mode for mode in _MODE_ORDER if mode in present]
-    return preferred + [mode for mode in present if mode not in preferred]
-
-
-def _names(report: dict[str, Any], count: int) -> list[str]:
-    """Task names for ``count`` rows or columns, with a placeholder past the known names."""
-    known = list(report.get("task_names") or [])
-    return [known[j] if j < len(known) else f"task {j + 1}" for j in range(count)]
-
-
-def _matrix(report: dict[str, Any], mode: str) -> np.ndarray:
-    """The mode's accuracy matrix as floats, NaN where not measured, padded to a rectangle."""
-    rows = report["accuracy_matrix"][mode]
-    width = max([len(row) for row in rows] + [len(rows)])
-    data = np.full((len(rows), width), np.nan)
-    for i, row in enumerate(rows):
-        data[i, : len(row)] = [np.nan if _missing(v) else float(v) for v in row]
-    return data
-
-
 def _fmt(value: Any, pattern: str) -> str:
     return "" if _missing(value) else pattern.format(value)
 
@@ -99,10 +73,9 @@ def _fmt(value: Any, pattern: str) -> str:
 # ---------------------------------------------------------------- console
 
 
-def _console_matrix(report: dict[str, Any], mode: str) -> Table:
-    data = _matrix(report, mode)
+def _console_matrix(report: dict[str, Any], title: str, data: np.ndarray) -> Table:
     names = _names(report, max(data.shape))
-    table = Table(title=f"Accuracy (%), routing: {mode}")
+    table = Table(title=title, min_width=len(title) + 4)  # a title never wraps
     table.add_column("after \\ on", style="bold")
     for name in names[: data.shape[1]]:
         table.add_column(name, justify="right")
@@ -137,9 +110,11 @@ def console_report(report: dict[str, Any]) -> Group:
         "R rows: after training task; columns: evaluated on task.",
         style="bold",
     )
-    tables = [_console_matrix(report, mode) for mode in _modes(report)]
+    tables = [_console_matrix(report, *named) for named in named_matrices(report)]
     if report.get("metrics"):
         tables.append(_console_metrics(report))
+    if report.get("routed_over_oracle") is not None:
+        tables.append(Text(f"routed ACC / oracle ACC: {report['routed_over_oracle']:.3f}"))
     return Group(header, *tables)
 
 
@@ -165,13 +140,12 @@ def _md_tasks(report: dict[str, Any]) -> list[str]:
     return ["## Tasks", "", *_md_table(header, rows, left=2)]
 
 
-def _md_matrix(report: dict[str, Any], mode: str) -> list[str]:
-    data = _matrix(report, mode)
+def _md_matrix(report: dict[str, Any], title: str, data: np.ndarray) -> list[str]:
     names = _names(report, max(data.shape))
     rows = [[names[i], *(_pct(v) for v in row)] for i, row in enumerate(data)]
     intro = "Row: after training task; column: evaluated on task; blank: not measured."
     table = _md_table(["after \\ on", *names[: data.shape[1]]], rows)
-    return [f"## Accuracy matrix R (%), routing: {mode}", "", intro, "", *table]
+    return [f"## {title}", "", intro, "", *table]
 
 
 def _md_metrics(report: dict[str, Any]) -> list[str]:
@@ -236,9 +210,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     lines += _md_tasks(report)
-    for mode in _modes(report):
-        lines += _md_matrix(report, mode)
+    for named in named_matrices(report):
+        lines += _md_matrix(report, *named)
     lines += _md_metrics(report) + _md_baseline(report)
+    if report.get("routed_over_oracle") is not None:
+        lines += [f"Routed ACC / oracle ACC: **{report['routed_over_oracle']:.3f}**", ""]
     definitions = report.get("metric_definitions") or METRIC_DEFINITIONS
     lines += ["## Metric definitions", ""]
     lines += [f"- **{key}**: {text}" for key, text in definitions.items()]
@@ -273,79 +249,6 @@ def write_accuracy_csv(report: dict[str, Any]) -> str:
         for i, row in enumerate(data):
             writer.writerow([mode, names[i], *("" if _missing(v) else repr(float(v)) for v in row)])
     return buffer.getvalue()
-
-
-# ---------------------------------------------------------------- heatmap
-
-
-def _panels(report: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
-    """(title, R) per routing mode, then the baseline's, so the two strategies sit side by side."""
-    strategy = report.get("strategy", "?")
-    panels = [(f"{strategy}, routing: {mode}", _matrix(report, mode)) for mode in _modes(report)]
-    baseline = report.get("baseline") or {}
-    for mode in _modes(baseline):
-        title = f"baseline {baseline.get('strategy', '?')}, routing: {mode}"
-        panels.append((title, _matrix(baseline, mode)))
-    return panels
-
-
-def _draw_heatmap(ax: Axes, report: dict[str, Any], title: str, data: np.ndarray) -> AxesImage:
-    names = _names(report, max(data.shape))
-    cmap = colormaps["viridis"].with_extremes(bad="white")
-    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0)
-    long_names = max((len(name) for name in names), default=0) > 4
-    ax.set_xticks(range(data.shape[1]), labels=names[: data.shape[1]])
-    if long_names:
-        ax.tick_params(axis="x", labelrotation=45)
-        for label in ax.get_xticklabels():
-            label.set_horizontalalignment("right")
-            label.set_rotation_mode("anchor")
-    ax.set_yticks(range(data.shape[0]), labels=names[: data.shape[0]])
-    ax.set_xlabel("evaluated on task")
-    ax.set_ylabel("after training task")
-    ax.set_title(title)
-    if max(data.shape) <= 20:  # beyond that the numbers no longer fit in their cells
-        size = 9 if max(data.shape) <= 8 else 7 if max(data.shape) <= 15 else 6
-        for (i, j), value in np.ndenumerate(data):
-            if not math.isnan(value):
-                color = "white" if value < 0.55 else "black"  # viridis is dark at the low end
-                text = f"{100 * value:.1f}"
-                ax.text(j, i, text, ha="center", va="center", color=color, fontsize=size)
-    return image
-
-
-def _heatmap_png(report: dict[str, Any]) -> bytes:
-    """Render the heatmaps to PNG bytes; a bare Figure keeps pyplot's global state untouched."""
-    panels = _panels(report)
-    size = max([max(data.shape) for _, data in panels] + [1])
-    side = max(3.6, 0.6 * size + 2.0)
-    fig = Figure(figsize=(side * max(len(panels), 1) + 1.2, side + 0.6), layout="constrained")
-    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
-    images = [_draw_heatmap(ax, report, *panel) for ax, panel in zip(axes, panels, strict=False)]
-    if images:
-        fig.colorbar(images[-1], ax=list(axes), label="accuracy", shrink=0.8)
-    else:
-        axes[0].axis("off")
-        axes[0].text(0.5, 0.5, "no task evaluated yet", ha="center", va="center")
-    stream, strategy = report.get("stream", "?"), report.get("strategy", "?")
-    fig.suptitle(f"Accuracy matrix R (%): {stream} / {strategy}")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
-    return buffer.getvalue()
-
-
-def plot_accuracy_matrix(report: dict[str, Any], path: str | Path) -> None:
-    """Write a heatmap PNG of R, one panel per routing mode, cells annotated in percent.
-
-    The color scale is fixed to [0, 1] so heatmaps of different runs compare at a glance;
-    unmeasured entries stay white. Rendering uses a bare ``Figure`` with the Agg canvas instead of
-    pyplot, so it works headless and never switches the caller's matplotlib backend.
-
-    Args:
-        report: A report dict (schema version 1).
-        path: Target PNG file, written atomically.
-    """
-    atomic_write_bytes(path, _heatmap_png(report))
 
 
 # ---------------------------------------------------------------- files

@@ -1,0 +1,62 @@
+"""Reading the matrices of a report dict: shared by the text reports and the plots."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+MODE_ORDER = ("oracle", "routed")
+
+
+def is_missing(value: Any) -> bool:
+    """True for an unmeasured entry: JSON null, or NaN in a dict built in memory."""
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
+def pct(value: Any, signed: bool = False) -> str:
+    """Format a fraction as a percentage with one decimal; blank when not measured."""
+    if is_missing(value):
+        return ""
+    percent = round(100 * value, 1) + 0.0  # + 0.0 turns -0.0 into 0.0, so ties never print "-0.0"
+    return f"{percent:+.1f}" if signed else f"{percent:.1f}"
+
+
+def report_modes(report: dict[str, Any]) -> list[str]:
+    """Routing modes present in the report, preferred ones first, the rest in stored order."""
+    present = list(report.get("accuracy_matrix") or {})
+    preferred = [mode for mode in MODE_ORDER if mode in present]
+    return preferred + [mode for mode in present if mode not in preferred]
+
+
+def task_names(report: dict[str, Any], count: int) -> list[str]:
+    """Task names for ``count`` rows or columns, with a placeholder past the known names."""
+    known = list(report.get("task_names") or [])
+    return [known[j] if j < len(known) else f"task {j + 1}" for j in range(count)]
+
+
+def matrix_of(report: dict[str, Any], mode: str) -> np.ndarray:
+    """The mode's accuracy matrix as floats, NaN where not measured, padded to a rectangle."""
+    return as_array(report["accuracy_matrix"][mode])
+
+
+def as_array(rows: list[list[Any]]) -> np.ndarray:
+    """Nested lists (None = not measured) as a float matrix with NaN, padded to a rectangle."""
+    width = max([len(row) for row in rows] + [len(rows)])
+    data = np.full((len(rows), width), np.nan)
+    for i, row in enumerate(rows):
+        data[i, : len(row)] = [np.nan if is_missing(v) else float(v) for v in row]
+    return data
+
+
+def named_matrices(report: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """(title, matrix) for R under each routing mode, then the routing accuracy if present."""
+    named = [
+        (f"Accuracy matrix R (%), routing: {mode}", matrix_of(report, mode))
+        for mode in report_modes(report)
+    ]
+    if report.get("routing_accuracy"):
+        title = "Routing accuracy (%): share of task j's test inputs routed to task j"
+        named.append((title, as_array(report["routing_accuracy"])))
+    return named

@@ -1,0 +1,71 @@
+"""Inference across tasks: frozen features, and routed prediction over a whole set of inputs.
+
+Frozen features are the backbone's mean-pooled states with every module switched off. They never
+change as tasks are learned, so the engine computes them once per input and keeps them (the
+router's only input). The routed forward then sends each row to its routed slot(s) and its
+top-1 task's head in one pass per batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from continual_peft.backbone import Backbone
+from continual_peft.bank import ModuleBank
+from continual_peft.heads import Heads
+from continual_peft.training import predict_rows
+
+
+@torch.no_grad()
+def frozen_features(
+    backbone: Backbone, bank: ModuleBank, input_ids: list[list[int]], batch_size: int
+) -> torch.Tensor:
+    """(N, d) pooled features of the bare backbone, in input order, float32 on the CPU."""
+    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+    out = torch.empty(len(input_ids), backbone.hidden_size)
+    with bank.base_only():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = backbone.collate([input_ids[i] for i in rows])
+            with backbone.autocast():
+                out[torch.as_tensor(rows)] = backbone.embed(batch).float().cpu()
+    return out
+
+
+def routed_predict(
+    backbone: Backbone,
+    bank: ModuleBank,
+    heads: Heads,
+    input_ids: list[list[int]],
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    head_tasks: list[str | None],
+    batch_size: int,
+) -> list[int | None]:
+    """Label index per row through its routed slots and head; None where the row was rejected.
+
+    Args:
+        input_ids: Token ids per row.
+        slots: (N, k) slot per row and mixing entry, -1 for none.
+        weights: (N, k) mixing weights.
+        head_tasks: The head each row uses (its top-1 task), None for a rejected row.
+        batch_size: Rows per forward pass.
+    """
+    accepted = [i for i, task in enumerate(head_tasks) if task is not None]
+    result: list[int | None] = [None] * len(input_ids)
+    if not accepted:
+        return result
+    device = backbone.device
+    slots, weights = slots[accepted].to(device), weights[accepted].to(device)
+    tasks = [head_tasks[i] for i in accepted]
+
+    def score(batch: dict[str, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
+        picked = torch.as_tensor(rows, device=device)
+        with bank.route(slots[picked], weights[picked]):
+            return heads.logits(backbone.embed(batch), [tasks[i] for i in rows])
+
+    predictions = predict_rows(backbone, score, [input_ids[i] for i in accepted], batch_size)
+    for i, prediction in zip(accepted, predictions, strict=True):
+        result[i] = int(prediction)
+    return result
