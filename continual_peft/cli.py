@@ -8,11 +8,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from continual_peft.config import ROUTERS, LearnerConfig, load_strategy_spec
+from continual_peft.config import LearnerConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError
 from continual_peft.export import export_task
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.reports import console_report, load_report
+from continual_peft.routers import ROUTERS
 from continual_peft.rundir import new_run_path
 from continual_peft.runner import run_stream
 from continual_peft.strategies import STRATEGIES
@@ -71,6 +72,7 @@ def run(
     batch_size: int = typer.Option(None),
     rank: int = typer.Option(None, help="LoRA rank."),
     seed: int = typer.Option(None),
+    router: str = typer.Option(None, help="Router (see `list routers`); default oracle."),
     max_length: int = typer.Option(None, help="Longest input in tokens."),
     backbone: str = typer.Option(
         None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2."
@@ -80,6 +82,7 @@ def run(
     try:
         overrides = {
             "module": module,
+            "router": router,
             "seed": seed,
             "train.epochs": epochs,
             "train.lr": lr,
@@ -140,7 +143,7 @@ def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) 
     elif what == "strategies":
         names = [f"{n}: {STRATEGIES.get(n).description}" for n in STRATEGIES.names()]
     elif what == "routers":
-        names = ROUTERS
+        names = ROUTERS.names()
     elif what == "streams":
         names = ["demo (embedded)"] + sorted(str(p) for p in Path("streams").glob("*.toml"))
     else:

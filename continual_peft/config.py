@@ -4,7 +4,10 @@ A strategy spec:
 
     strategy = "per_task"        # a registered strategy (continual-peft list strategies)
     module = "lora"              # a registered module kind
-    router = "oracle"            # only "oracle" so far: the task is given
+    router = "oracle"            # oracle (task given), prototype, mahalanobis, gate, topk
+    [router_options]             # keyword arguments of the router, e.g. for topk:
+    base = "mahalanobis"
+    k = 2
     seed = 0
     [tasks.news-topic]           # per-task override: this task gets a prompt slot
     module = "prompt"
@@ -28,8 +31,7 @@ from continual_peft._registry import validate_task_name
 from continual_peft._spec import Section, read_toml
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
-
-ROUTERS = ["oracle"]
+from continual_peft.routers import ROUTERS
 
 
 @dataclass
@@ -66,6 +68,7 @@ class LearnerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     modules: dict[str, Any] = field(default_factory=dict)  # kind -> its config (default if absent)
     task_modules: dict[str, str] = field(default_factory=dict)  # task -> kind, per-task override
+    router_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the router
 
     def kind_config(self, kind: str) -> Any:
         """The config of module kind `kind` (its defaults unless set)."""
@@ -85,12 +88,14 @@ class LearnerConfig:
         for kind in MODULE_KINDS.names():
             data[kind] = dataclasses.asdict(self.kind_config(kind))
         data["tasks"] = {task: {"module": kind} for task, kind in self.task_modules.items()}
+        data["router_options"] = dict(self.router_options)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> LearnerConfig:
         """Build from a nested dict (a parsed spec), naming any bad key."""
         fixed = {"strategy", "module", "router", "seed", "backbone", "train", "tasks"}
+        fixed.add("router_options")
         top = Section(data, where, fixed | set(MODULE_KINDS.names()))
         values: dict[str, Any] = {}
         for key in ("strategy", "module", "router"):
@@ -108,6 +113,7 @@ class LearnerConfig:
             if kind in data
         }
         values["task_modules"] = _task_modules(top.get("tasks", dict, {}), where)
+        values["router_options"] = top.get("router_options", dict, {})
         config = cls(**values)
         config.validate(where)
         return config
@@ -156,8 +162,9 @@ class LearnerConfig:
                     f"{where}: {key} = {value!r} is invalid; it must be {rule}"
                 )
         if self.router not in ROUTERS:
+            valid = ", ".join(ROUTERS.names())
             raise ContinualPeftError(
-                f"{where}: unknown router {self.router!r}; valid names: {ROUTERS}"
+                f"{where}: unknown router {self.router!r}; valid names: {valid}"
             )
 
 

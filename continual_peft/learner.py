@@ -23,9 +23,11 @@ from continual_peft.bank import ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.heads import Heads
+from continual_peft.inference import frozen_features, routed_predict
 from continual_peft.metrics import METRIC_DEFINITIONS
 from continual_peft.monitor import ForgettingMonitor
 from continual_peft.reports import console_report
+from continual_peft.routers import ROUTERS, Router, build_router
 from continual_peft.rundir import RunDir
 from continual_peft.strategies import STRATEGIES
 from continual_peft.tasks import Task
@@ -38,8 +40,10 @@ VERSION = "0.1.0"
 @dataclass
 class _Learned:
     task: Task
+    index: int  # position in learning order: the router's name for the task
     slot: int
     test_ids: list[list[int]]
+    test_features: torch.Tensor | None = None  # frozen features, computed once (routed runs)
 
 
 class ContinualLearner:
@@ -100,7 +104,10 @@ class ContinualLearner:
             backbone, config.module, configs={k: config.kind_config(k) for k in kinds}
         )
         self.heads = Heads(backbone.hidden_size).to(backbone.device)
-        self.monitor = ForgettingMonitor()
+        self.router = self._make_router(config)
+        self.monitor = ForgettingMonitor(
+            ("oracle",) if self.router is None else ("oracle", "routed")
+        )
         self.learned: dict[str, _Learned] = {}
         self.records: list[dict] = []
         self.stream = stream
@@ -133,9 +140,11 @@ class ContinualLearner:
         head = self.heads.add(task.name, len(task.labels), seed=self.task_seed(task, "head"))
         train_enc = self.backbone.tokenize(task.train_texts)
         test_enc = self.backbone.tokenize(task.test_texts)
-        state = self.learned[task.name] = _Learned(task, slot, test_enc.input_ids)
+        state = _Learned(task, len(self.learned), slot, test_enc.input_ids)
+        self.learned[task.name] = state
         initial = self._accuracy(state, base_only=True)
-        self.monitor.before_task(initial, {"oracle": self._accuracy(state)})
+        # the router cannot know a task before it is trained: no routed "before" value
+        self.monitor.before_task(initial, {"oracle": self._accuracy(state), "routed": float("nan")})
         params = self.bank.trainable_parameters() + list(head.parameters())
         with self.bank.use_slot(slot):
             result = train_task(
@@ -147,7 +156,7 @@ class ContinualLearner:
         self.strategy.after_task(self, task)
         self.heads.freeze(task.name)
         start = time.perf_counter()
-        self.monitor.after_task({"oracle": [self._accuracy(s) for s in self.learned.values()]})
+        self._evaluate(train_enc.input_ids)
         record = {
             "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
             "labels": task.labels, "train_examples": len(task.train_texts),
@@ -179,6 +188,70 @@ class ContinualLearner:
         if self.run_dir:
             self.run_dir.save_report(self.report)
 
+    def _make_router(self, config: LearnerConfig) -> Router | None:
+        if config.router == "oracle":
+            return None  # the task is given: no router state at all
+        return build_router(config.router, **config.router_options)
+
+    def _features(self, input_ids: list[list[int]]) -> torch.Tensor:
+        batch = self.config.train.eval_batch_size
+        return frozen_features(self.backbone, self.bank, input_ids, batch)
+
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """(N, d) frozen features: the bare backbone's pooled states, all that routers see."""
+        return self._features(self.backbone.tokenize(list(texts)).input_ids)
+
+    def routed_accuracy(self, router: Router) -> tuple[list[float], list[float]]:
+        """Per learned task: accuracy and routing accuracy on its test set under `router`.
+
+        The router must already know every learned task (in learning order); this learner's own
+        router is left untouched.
+        """
+        own, self.router = self.router, router
+        try:
+            results = []
+            for state in self.learned.values():
+                if state.test_features is None:
+                    state.test_features = self._features(state.test_ids)
+                results.append(self._routed(state.test_ids, state.test_features, state))
+        finally:
+            self.router = own
+        return [r[0] for r in results], [r[1] for r in results]
+
+    def _evaluate(self, train_ids: list[list[int]]) -> None:
+        """Row i of every matrix: oracle accuracy, and with a router routed and routing accuracy."""
+        states = list(self.learned.values())
+        oracle = [self._accuracy(s) for s in states]
+        if self.router is None:
+            self.monitor.after_task({"oracle": oracle})
+            return
+        self.router.add_task(self._features(train_ids))  # statistics only; the features go
+        routed, routing = self.routed_accuracy(self.router)
+        self.monitor.after_task({"oracle": oracle, "routed": routed}, routing=routing)
+
+    def _routed(self, input_ids, features, state: _Learned | None = None):
+        """Routed predictions (label strings, None if rejected), and with `state` given: the
+        (accuracy, routing accuracy) on its test set instead. Correct = same label string."""
+        indices, weights = self.router.route(features)
+        order = list(self.learned.values())
+        slot_of = torch.tensor([s.slot for s in order])
+        slots = torch.where(indices >= 0, slot_of[indices.clamp(min=0)], -1)
+        top = indices[:, 0].tolist()
+        heads = [order[t].task.name if t >= 0 else None for t in top]
+        predictions = routed_predict(
+            self.backbone, self.bank, self.heads, input_ids, slots, weights, heads,
+            self.config.train.eval_batch_size,
+        )  # fmt: skip
+        labels = [
+            None if p is None else order[t].task.labels[p]
+            for t, p in zip(top, predictions, strict=True)
+        ]
+        if state is None:
+            return labels, indices, weights
+        truth = [state.task.labels[y] for y in state.task.test_labels]
+        accuracy = float(np.mean([a == b for a, b in zip(labels, truth, strict=True)]))
+        return accuracy, float(np.mean([t == state.index for t in top]))
+
     def _accuracy(self, state: _Learned, base_only: bool = False) -> float:
         """Oracle accuracy on a task's test set (its slot and head; no module if `base_only`)."""
         head = self.heads.heads[state.task.name]
@@ -207,20 +280,52 @@ class ContinualLearner:
         with torch.no_grad(), self.bank.route(slots), self.backbone.autocast():
             return self.heads.logits(self.backbone.embed(batch), list(tasks)).float()
 
-    def predict(self, texts: list[str], task: str | list[str]) -> list[str]:
-        """Predicted label strings; `task` names one task for all rows or one per row."""
+    def predict(self, texts: list[str], task: str | list[str] | None = None) -> list[str]:
+        """Predicted label strings, all rows in batched routed forwards.
+
+        Args:
+            texts: The inputs.
+            task: One task for all rows, one per row, or None to let the router choose per row
+                (a row it rejects is predicted as "unknown").
+        """
+        if task is None:
+            return [row["label"] for row in self.predict_details(texts)]
         tasks = [task] * len(texts) if isinstance(task, str) else list(task)
         if len(tasks) != len(texts):
             raise ContinualPeftError(f"got {len(texts)} texts but {len(tasks)} task names")
+        slots = torch.tensor([[self._learned(t).slot] for t in tasks])
+        predictions = routed_predict(
+            self.backbone, self.bank, self.heads, self.backbone.tokenize(list(texts)).input_ids,
+            slots, torch.ones(slots.shape), tasks, self.config.train.eval_batch_size,
+        )  # fmt: skip
+        return [self._learned(t).task.labels[p] for t, p in zip(tasks, predictions, strict=True)]
+
+    def predict_details(self, texts: list[str]) -> list[dict]:
+        """Router-chosen predictions: per row the task, label, router score and top-k weights."""
+        if self.router is None:
+            raise ContinualPeftError(
+                "this learner routes by oracle (router 'oracle'): pass task=..., or configure a "
+                f"router ({', '.join(n for n in ROUTERS.names() if n != 'oracle')})"
+            )
         input_ids = self.backbone.tokenize(list(texts)).input_ids
-        slots = torch.tensor([self._learned(t).slot for t in tasks], device=self.backbone.device)
-
-        def score(batch: dict[str, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
-            with self.bank.route(slots[torch.as_tensor(rows, device=slots.device)]):
-                return self.heads.logits(self.backbone.embed(batch), [tasks[i] for i in rows])
-
-        preds = predict_rows(self.backbone, score, input_ids, self.config.train.eval_batch_size)
-        return [self._learned(t).task.labels[p] for t, p in zip(tasks, preds, strict=True)]
+        features = self._features(input_ids)
+        labels, indices, weights = self._routed(input_ids, features)
+        scores = self.router.scores(features)
+        names = list(self.learned)
+        rows = []
+        for i, label in enumerate(labels):
+            top = [
+                (names[t], round(float(w), 6))
+                for t, w in zip(indices[i].tolist(), weights[i].tolist(), strict=True)
+                if t >= 0
+            ]
+            rows.append({
+                "task": top[0][0] if top else "unknown",
+                "label": "unknown" if label is None else label,
+                "score": float(scores[i].max()),
+                "topk": [{"task": t, "weight": w} for t, w in top],
+            })  # fmt: skip
+        return rows
 
     def _learned(self, task: str) -> _Learned:
         if task not in self.learned:
@@ -232,6 +337,9 @@ class ContinualLearner:
         """The report as a JSON-ready dict (schema version 1)."""
         matrices = {m: _nan_to_none(self.monitor.matrix(m)) for m in self.monitor.modes}
         metrics = {m: self.monitor.metrics(m) for m in self.monitor.modes} if self.records else {}
+        routed_ratio = None
+        if self.router is not None and self.records and metrics["oracle"]["acc"] > 0:
+            routed_ratio = metrics["routed"]["acc"] / metrics["oracle"]["acc"]
         return {
             "schema_version": SCHEMA_VERSION,
             "status": self.status,
@@ -247,6 +355,11 @@ class ContinualLearner:
             "metrics": metrics,
             "metric_definitions": METRIC_DEFINITIONS,
             "baseline": self.baseline,
+            "router": self.config.router,
+            "routing_accuracy": (
+                _nan_to_none(self.monitor.routing_matrix()) if self.router is not None else None
+            ),
+            "routed_over_oracle": routed_ratio,
         }
 
 

@@ -50,6 +50,16 @@ METRIC_DEFINITIONS: dict[str, str] = {
         "Avalanche forgetting, per task j < T: R[j, j] - R[T, j] (= minus the per-task BWT term); "
         "blank for the last task. Reported under this name for interoperability with Avalanche."
     ),
+    "routing": (
+        "R under 'oracle' gives each input its own task's slot and head; R under 'routed' lets the "
+        "router choose from the frozen features. A routed prediction is correct when its label "
+        "STRING equals the true label, so a row sent to another task with the same label wording "
+        "(e.g. Amazon vs Yelp stars) can still be right; a rejected row is wrong."
+    ),
+    "routing_accuracy": (
+        "Routing accuracy[i, j] = share of task j's test inputs whose top-1 routed task is j, "
+        "after training task i. Routed ACC / oracle ACC compares the two final ACCs."
+    ),
 }
 
 

@@ -16,7 +16,7 @@ from continual_peft import MODULE_KINDS, STRATEGIES, Task
 from continual_peft import cli as cli_module
 from continual_peft.backbone import Backbone
 from continual_peft.cli import app
-from continual_peft.config import ROUTERS
+from continual_peft.routers import ROUTERS
 from continual_peft.runner import run_stream
 
 KIND_NAMES = ", ".join(MODULE_KINDS.names())
@@ -80,7 +80,7 @@ def no_model(monkeypatch):
     [
         ("modules", MODULE_KINDS.names()),
         ("strategies", STRATEGIES.names()),
-        ("routers", ROUTERS),
+        ("routers", ROUTERS.names()),
     ],
 )
 def test_list_shows_every_registered_name(what: str, expected: list[str]):

@@ -1,0 +1,194 @@
+"""Per-task Gaussians with one shared shrunk covariance, kept as statistics only.
+
+`GaussianStats` holds, per task, the feature sum, the count and the sum of fourth powers of the
+centred rows' norms, plus the within-task scatter pooled over tasks. From these alone it
+recomputes, after every task, exactly what scikit-learn's `LedoitWolf` or `OAS` would give when
+fitted on all tasks' within-task-centred features; no raw feature is ever kept.
+
+Why the statistics suffice (X: the stacked centred rows, n of them, d features):
+- both estimators start from the empirical covariance S = XᵀX / n (the pooled scatter over n);
+- OAS needs nothing else;
+- Ledoit-Wolf also needs Σᵢⱼ (X²ᵀX²)ᵢⱼ = Σₖ ‖xₖ‖⁴, which adds up over tasks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from continual_peft.errors import ContinualPeftError
+from continual_peft.routers.base import ScoringRouter, register, take
+
+SHRINKAGES = ("ledoit_wolf", "oas")
+
+
+def ledoit_wolf(scatter: torch.Tensor, n: int, fourth: float) -> tuple[torch.Tensor, float]:
+    """scikit-learn's Ledoit-Wolf estimate from centred data's statistics.
+
+    Args:
+        scatter: (d, d) XᵀX of the centred rows.
+        n: Number of rows.
+        fourth: Σₖ ‖xₖ‖⁴ over the centred rows.
+
+    Returns:
+        The shrunk covariance and the shrinkage.
+    """
+    d = scatter.shape[0]
+    emp = scatter / n
+    if d == 1:
+        return emp, 0.0
+    mu = float(emp.trace()) / d
+    delta_ = float((emp**2).sum())  # Σ (XᵀX)² / n²
+    beta = (fourth / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * float(emp.trace()) + d * mu**2) / d
+    beta = min(beta, delta)  # never shrink past the target
+    shrinkage = 0.0 if beta == 0 else beta / delta
+    return _shrink(emp, mu, shrinkage), shrinkage
+
+
+def oas(scatter: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
+    """scikit-learn's Oracle Approximating Shrinkage estimate from centred data's statistics.
+
+    Args:
+        scatter: (d, d) XᵀX of the centred rows.
+        n: Number of rows.
+
+    Returns:
+        The shrunk covariance and the shrinkage.
+    """
+    d = scatter.shape[0]
+    emp = scatter / n
+    if d == 1:
+        return emp, 0.0
+    alpha = float((emp**2).mean())
+    mu = float(emp.trace()) / d
+    den = (n + 1) * (alpha - mu**2 / d)
+    shrinkage = 1.0 if den == 0 else min((alpha + mu**2) / den, 1.0)
+    return _shrink(emp, mu, shrinkage), shrinkage
+
+
+def _shrink(emp: torch.Tensor, mu: float, shrinkage: float) -> torch.Tensor:
+    eye = torch.eye(emp.shape[0], dtype=emp.dtype)
+    return (1.0 - shrinkage) * emp + shrinkage * mu * eye
+
+
+class GaussianStats:
+    """Sufficient statistics for per-task means and a shared shrunk covariance.
+
+    Args:
+        shrinkage: "ledoit_wolf" or "oas".
+    """
+
+    def __init__(self, shrinkage: str = "ledoit_wolf") -> None:
+        if shrinkage not in SHRINKAGES:
+            raise ContinualPeftError(
+                f"unknown shrinkage {shrinkage!r}; valid choices: {', '.join(SHRINKAGES)}"
+            )
+        self.shrinkage = shrinkage
+        self.sums = torch.zeros(0, 0, dtype=torch.float64)  # (T, d)
+        self.counts = torch.zeros(0, dtype=torch.float64)  # (T,)
+        self.fourth = torch.zeros(0, dtype=torch.float64)  # (T,) Σ ‖x − mean_t‖⁴ per task
+        self.scatter = torch.zeros(0, 0, dtype=torch.float64)  # (d, d) pooled within-task
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.counts)
+
+    @property
+    def means(self) -> torch.Tensor:
+        """(T, d) per-task means."""
+        return self.sums / self.counts[:, None]
+
+    def add(self, x: torch.Tensor) -> None:
+        """Absorb one task's (N, d) float64 features."""
+        if self.num_tasks == 0:
+            self.sums = torch.zeros(0, x.shape[1], dtype=torch.float64)
+            self.scatter = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        centred = x - x.mean(dim=0)  # (N, d)
+        self.sums = torch.cat([self.sums, x.sum(dim=0, keepdim=True)])
+        self.counts = torch.cat([self.counts, torch.tensor([float(len(x))], dtype=torch.float64)])
+        fourth = centred.pow(2).sum(dim=1).pow(2).sum()
+        self.fourth = torch.cat([self.fourth, fourth.reshape(1)])
+        self.scatter = self.scatter + centred.T @ centred
+        self._cache = None
+
+    def covariance(self) -> torch.Tensor:
+        """(d, d) the shrunk shared covariance of the within-task-centred features so far."""
+        n = int(self.counts.sum())
+        if self.shrinkage == "oas":
+            return oas(self.scatter, n)[0]
+        return ledoit_wolf(self.scatter, n, float(self.fourth.sum()))[0]
+
+    def cholesky(self) -> torch.Tensor:
+        """(d, d) lower Cholesky factor L of the shared covariance (L Lᵀ = Σ)."""
+        return self._factors()[0]
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cholesky factor and whitened task means, recomputed only after a change."""
+        if self._cache is None:
+            cov = self.covariance()
+            d = cov.shape[0]
+            # A tiny relative ridge keeps the factorisation defined when features are degenerate.
+            ridge = 1e-10 * float(cov.trace()) / d + 1e-300
+            eye = torch.eye(d, dtype=torch.float64)
+            chol = torch.linalg.cholesky(cov + ridge * eye)
+            centres = torch.linalg.solve_triangular(chol, self.means.T, upper=False).T  # (T, d)
+            self._cache = (chol, centres)
+        return self._cache
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) Mahalanobis distances of (B, d) float64 features to each task's mean."""
+        chol, centres = self._factors()
+        z = torch.linalg.solve_triangular(chol, x.T, upper=False).T  # (B, d) whitened
+        sq = z.pow(2).sum(1, keepdim=True) - 2 * z @ centres.T + centres.pow(2).sum(1)  # (B, T)
+        return sq.clamp_min(0).sqrt()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "sums": self.sums.clone(),
+            "counts": self.counts.clone(),
+            "fourth_moments": self.fourth.clone(),
+            "scatter": self.scatter.clone(),
+        }
+
+    def load(self, tensors: dict[str, torch.Tensor], num_tasks: int, dim: int | None) -> None:
+        d = dim or 0
+        self.sums = take(tensors, "sums", (num_tasks, d))
+        self.counts = take(tensors, "counts", (num_tasks,))
+        self.fourth = take(tensors, "fourth_moments", (num_tasks,))
+        self.scatter = take(tensors, "scatter", (d, d))
+        self._cache = None
+
+
+@register
+class MahalanobisRouter(ScoringRouter):
+    """Nearest task Gaussian: score = −Mahalanobis distance under one shared shrunk covariance.
+
+    Sharing one covariance across tasks (as in linear discriminant analysis) lets later tasks
+    sharpen the estimate for all, and shrinkage keeps it well conditioned when the feature
+    dimension rivals the number of examples. The covariance is recomputed from the pooled
+    statistics after every task.
+
+    Args:
+        shrinkage: "ledoit_wolf" or "oas" (scikit-learn's estimators, recomputed from statistics).
+        reject_rate: See `ScoringRouter`.
+    """
+
+    name = "mahalanobis"
+
+    def __init__(self, shrinkage: str = "ledoit_wolf", reject_rate: float = 0.0) -> None:
+        super().__init__(reject_rate)
+        self.stats = GaussianStats(shrinkage)
+        self.options = {"shrinkage": shrinkage, "reject_rate": self.reject_rate}
+
+    def _fit(self, x: torch.Tensor) -> None:
+        self.stats.add(x)
+
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.stats.distances(x)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return self.stats.tensors()
+
+    def _load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.stats.load(tensors, self.num_tasks, self.dim)

@@ -1,0 +1,54 @@
+"""Saving a router with a run: `router.safetensors` (statistics) + `router.json` (name, options)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from continual_peft._io import (
+    PathLike,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_json,
+    load_safetensors,
+)
+from continual_peft.errors import ContinualPeftError
+from continual_peft.routers.base import ROUTERS, Router
+
+ROUTER_FORMAT = 1
+TENSORS_FILE = "router.safetensors"
+META_FILE = "router.json"
+
+
+def save_router(router: Router, folder: PathLike) -> None:
+    """Write the router's state into `folder` (created if missing), each file atomically.
+
+    The JSON is written last, so a folder whose JSON exists always has its tensors.
+
+    Args:
+        router: Any registered router.
+        folder: Target directory.
+    """
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    tensors, meta = router.state()
+    atomic_save_safetensors(tensors, target / TENSORS_FILE)
+    atomic_write_json(target / META_FILE, {"format": ROUTER_FORMAT, "router": router.name, **meta})
+
+
+def load_router(folder: PathLike) -> Router:
+    """Rebuild the router saved in `folder`; it makes the same decisions as when saved.
+
+    Args:
+        folder: A directory written by `save_router`.
+    """
+    source = Path(folder)
+    meta = load_json(source / META_FILE)
+    if not isinstance(meta, dict) or meta.get("format") != ROUTER_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ContinualPeftError(
+            f"{source / META_FILE}: router format {found!r} is not supported "
+            f"(this version reads format {ROUTER_FORMAT})"
+        )
+    cls = ROUTERS.get(meta.pop("router"))
+    meta.pop("format")
+    return cls.from_state(load_safetensors(source / TENSORS_FILE), meta)

@@ -1,0 +1,43 @@
+"""The prototype router: nearest task mean of L2-normalised frozen features (cosine)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from continual_peft.routers.base import ScoringRouter, register, take
+
+
+@register
+class PrototypeRouter(ScoringRouter):
+    """Score = cosine between a row's normalised features and each task's mean normalised feature.
+
+    Normalising first makes the router blind to feature scale, which suits sentence embeddings
+    whose direction carries the meaning; it cannot separate tasks that differ only in scale or
+    along low-variance directions (use `mahalanobis` there).
+
+    Args:
+        reject_rate: See `ScoringRouter`.
+    """
+
+    name = "prototype"
+
+    def __init__(self, reject_rate: float = 0.0) -> None:
+        super().__init__(reject_rate)
+        self.means = torch.zeros(0, 0, dtype=torch.float64)  # (T, d) mean unit feature per task
+        self.counts = torch.zeros(0, dtype=torch.float64)  # (T,)
+
+    def _fit(self, x: torch.Tensor) -> None:
+        mean = F.normalize(x, dim=1).mean(dim=0, keepdim=True)  # (1, d)
+        self.means = torch.cat([self.means.reshape(-1, x.shape[1]), mean])
+        self.counts = torch.cat([self.counts, torch.tensor([float(len(x))], dtype=torch.float64)])
+
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.means, dim=1).T  # (B, T)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"means": self.means.clone(), "counts": self.counts.clone()}
+
+    def _load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.means = take(tensors, "means", (self.num_tasks, self.dim or 0))
+        self.counts = take(tensors, "counts", (self.num_tasks,))

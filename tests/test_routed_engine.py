@@ -1,0 +1,82 @@
+"""The engine with a task-agnostic router: routed R beside oracle R, routing accuracy, predict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FAST_TRAIN
+
+from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig
+
+
+def _learn(make_backbone, tasks, router: str, **options) -> ContinualLearner:
+    config = LearnerConfig(train=FAST_TRAIN, router=router, router_options=options)
+    learner = ContinualLearner(make_backbone(), config=config)
+    for task in tasks:
+        learner.learn(task)
+    return learner
+
+
+@pytest.fixture
+def routed(make_backbone, tasks):
+    return _learn(make_backbone, tasks, "mahalanobis")
+
+
+def test_report_has_routed_and_oracle_side_by_side(routed, tasks):
+    report = routed.report
+    assert set(report["accuracy_matrix"]) == {"oracle", "routed"}
+    routing = np.array(report["routing_accuracy"], dtype=float)
+    assert routing.shape == (3, 3) and np.isnan(routing[0, 1]) and not np.isnan(routing[2, 0])
+    oracle, routed_acc = report["metrics"]["oracle"]["acc"], report["metrics"]["routed"]["acc"]
+    assert report["routed_over_oracle"] == pytest.approx(routed_acc / oracle)
+    assert "routing" in report["metric_definitions"]
+    assert report["metrics"]["routed"]["fwt"] is None  # no routed value before a task is known
+
+
+def test_routed_matrix_recomputes_from_predict(routed, tasks):
+    final = routed.report["accuracy_matrix"]["routed"][-1]
+    for task, value in zip(tasks, final, strict=True):
+        predicted = routed.predict(task.test_texts)  # the router chooses per row
+        truth = [task.labels[y] for y in task.test_labels]
+        assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) == value
+
+
+def test_perfectly_routed_task_matches_oracle(routed):
+    report = routed.report
+    for j, share in enumerate(report["routing_accuracy"][-1]):
+        if share == 1.0:
+            assert (
+                report["accuracy_matrix"]["routed"][-1][j]
+                == report["accuracy_matrix"]["oracle"][-1][j]
+            )
+    assert max(report["routing_accuracy"][-1]) == 1.0  # the toy tasks use disjoint words
+
+
+def test_predict_details(routed):
+    rows = routed.predict_details(["red apple car", "dog sleeps"])
+    assert [r["task"] for r in rows] == ["colors", "animals"]
+    assert all(r["label"] in ("red", "blue", "green", "cat", "dog", "fish") for r in rows)
+    assert all(abs(sum(t["weight"] for t in r["topk"]) - 1) < 1e-6 for r in rows)
+
+
+def test_rejected_rows_are_unknown(make_backbone, tasks):
+    learner = _learn(make_backbone, tasks[:2], "mahalanobis", reject_rate=0.05)
+    far = "zebra quantum xylophone " * 5
+    assert learner.predict([far]) == ["unknown"]
+    assert learner.predict_details([far])[0]["topk"] == []
+
+
+def test_oracle_learner_needs_a_task(make_backbone, tasks):
+    learner = _learn(make_backbone, tasks[:1], "oracle")
+    with pytest.raises(ContinualPeftError, match="pass task="):
+        learner.predict(["red apple"])
+    assert "routed" not in learner.report["accuracy_matrix"]
+
+
+def test_unknown_router_and_bad_options(make_backbone):
+    with pytest.raises(ContinualPeftError, match="unknown router 'psychic'"):
+        ContinualLearner(make_backbone(), config=LearnerConfig(router="psychic"))
+    with pytest.raises(ContinualPeftError, match=r"invalid options \['bogus'\]"):
+        ContinualLearner(
+            make_backbone(), config=LearnerConfig(router="prototype", router_options={"bogus": 1})
+        )
