@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from continual_peft._io import atomic_write_text
 from continual_peft.config import LearnerConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError
 from continual_peft.export import export_task
+from continual_peft.loading import load_learner
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.reports import console_report, load_report
 from continual_peft.routers import ROUTERS
@@ -18,6 +22,7 @@ from continual_peft.rundir import new_run_path
 from continual_peft.runner import run_stream
 from continual_peft.strategies import STRATEGIES
 from continual_peft.streams import load_stream
+from continual_peft.tasks import read_texts
 
 app = typer.Typer(
     help="Continual learning with per-task PEFT modules on a frozen backbone.", add_completion=False
@@ -133,6 +138,26 @@ def export(
     console.print(
         f"exported task {task} ({format_}) to [bold]{escape(str(path))}[/]", highlight=False
     )
+
+
+@app.command()
+def predict(
+    run: Path = typer.Option(..., help="The run directory (trained with a router)."),
+    input_: str = typer.Option(
+        ..., "--input", help='JSONL with a "text" per line, or - for stdin.'
+    ),
+    output: Path = typer.Option(None, help="Write JSONL here instead of standard output."),
+) -> None:
+    """Predict task and label per input with the run's router, in batched routed forwards."""
+    try:
+        rows = load_learner(run).predict_details(read_texts(input_))
+    except ContinualPeftError as err:
+        _fail(str(err))
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if output is None:
+        sys.stdout.write(lines)
+    else:
+        atomic_write_text(output, lines)
 
 
 @app.command("list")

@@ -180,6 +180,8 @@ class ContinualLearner:
         if self.run_dir:
             head = dict(self.heads.heads[task.name].state_dict())
             self.run_dir.save_task(task.name, self.bank.slot_state(slot), head, self.records[-1])
+            if self.router is not None:
+                self.run_dir.save_router(self.router)
         self._write_report()
         if self.console:
             self.console.print(console_report(self.report))

@@ -66,6 +66,19 @@ class ForgettingMonitor:
         t = len(self.rows[mode])
         return compute_metrics(self.matrix(mode), np.array(self.initial[:t]))
 
+    @classmethod
+    def from_report(cls, report: dict) -> ForgettingMonitor:
+        """Rebuild the monitor from a saved report's matrices."""
+        monitor = cls(tuple(report["accuracy_matrix"]))
+        monitor.initial = list(report.get("initial_accuracy") or [])
+        for mode, rows in report["accuracy_matrix"].items():
+            monitor.rows[mode] = [row[: i + 1] for i, row in enumerate(rows)]
+            before = [rows[j - 1][j] for j in range(1, len(rows))]
+            monitor.before[mode] = [float("nan")] + [np.nan if v is None else v for v in before]
+        routing = report.get("routing_accuracy") or []
+        monitor.routing_rows = [row[: i + 1] for i, row in enumerate(routing)]
+        return monitor
+
     def state(self) -> dict:
         """JSON-ready state, enough to rebuild the monitor."""
         return {

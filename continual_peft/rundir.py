@@ -7,6 +7,7 @@ runs/<YYYYmmdd-HHMMSS>-<stream>/
     tasks/<task>/module.safetensors   the task's slot after its training
     tasks/<task>/head.safetensors     the task's head
     tasks/<task>/task.json            labels, slot index, training record
+    router/router.safetensors, router/router.json   router statistics (task-agnostic runs)
     baseline-<strategy>/        a baseline run on the same stream (same layout), if asked for
 """
 
@@ -21,6 +22,7 @@ from continual_peft._io import atomic_save_safetensors, atomic_write_json
 from continual_peft._registry import validate_task_name
 from continual_peft.errors import ContinualPeftError
 from continual_peft.reports import write_reports
+from continual_peft.routers import Router, save_router
 
 
 def new_run_path(base: str | Path = "runs", stream: str = "run") -> Path:
@@ -75,6 +77,9 @@ class RunDir:
         atomic_save_safetensors(module, folder / "module.safetensors", {"task": name})
         atomic_save_safetensors(head, folder / "head.safetensors", {"task": name})
         atomic_write_json(folder / "task.json", info)
+
+    def save_router(self, router: Router) -> None:
+        save_router(router, self.path / "router")
 
     def save_report(self, report: dict) -> None:
         write_reports(report, self.path)

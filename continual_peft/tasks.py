@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,3 +153,25 @@ def _build(name, labels, splits, sources, description) -> Task:
     return Task(
         name, labels, *encoded["train"], *encoded["test"], description=description, sources=sources
     )
+
+
+def read_texts(source: str | Path) -> list[str]:
+    """Texts to predict: a JSONL file (or "-" for standard input) with a "text" per line."""
+    name = "<stdin>" if str(source) == "-" else str(source)
+    if name != "<stdin>" and not Path(source).is_file():
+        raise ContinualPeftError(f"{name}: file not found.")
+    raw = sys.stdin.buffer.read() if name == "<stdin>" else Path(source).read_bytes()
+    texts = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ContinualPeftError(f"{name}:{number}: not a UTF-8 JSON line ({err}).") from None
+        if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
+            raise ContinualPeftError(f'{name}:{number}: expected {{"text": "..."}}.')
+        texts.append(record["text"])
+    if not texts:
+        raise ContinualPeftError(f"{name}: no texts to predict.")
+    return texts
