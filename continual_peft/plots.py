@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
 from continual_peft._io import atomic_write_bytes
+from continual_peft._report_data import as_array
 from continual_peft._report_data import matrix_of as _matrix
-from continual_peft._report_data import named_matrices
 from continual_peft._report_data import report_modes as _modes
 from continual_peft._report_data import task_names as _names
 
@@ -23,10 +23,13 @@ from continual_peft._report_data import task_names as _names
 def _panels(report: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
     """R per routing mode and the routing accuracy, then the baseline's R beside them."""
     strategy = report.get("strategy", "?")
-    panels = [(f"{strategy}: {title}", data) for title, data in named_matrices(report)]
+    panels = [(f"{strategy}: R\nrouting: {mode}", _matrix(report, mode)) for mode in _modes(report)]
+    if report.get("routing_accuracy"):
+        title = f"{strategy}: routing accuracy\n(share of task j routed to j)"
+        panels.append((title, as_array(report["routing_accuracy"])))
     baseline = report.get("baseline") or {}
     for mode in _modes(baseline):
-        title = f"baseline {baseline.get('strategy', '?')}, routing: {mode}"
+        title = f"baseline {baseline.get('strategy', '?')}: R\nrouting: {mode}"
         panels.append((title, _matrix(baseline, mode)))
     return panels
 
