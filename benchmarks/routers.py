@@ -32,6 +32,10 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=500)
     parser.add_argument("--max-test", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument(
+        "--router-train", type=int, default=0,
+        help="fit the routers on this many training inputs per task (default: the same as the slots)",
+    )  # fmt: skip
     args = parser.parse_args()
     stream = load_stream("streams/cl_benchmark.toml", args.data_root, args.max_train, args.max_test)
     config = LearnerConfig(train=TrainConfig(epochs=args.epochs))
@@ -39,7 +43,10 @@ def main() -> None:
     for task in stream.tasks:
         learner.learn(task)
     oracle = learner.report["metrics"]["oracle"]["acc"]
-    train_features = [learner.features(task.train_texts) for task in stream.tasks]
+    fit = stream
+    if args.router_train:  # frozen features are cheap next to training: routers may see more
+        fit = load_stream("streams/cl_benchmark.toml", args.data_root, args.router_train, 1)
+    train_features = [learner.features(task.train_texts) for task in fit.tasks]
     names = [t.name for t in stream.tasks]
     print(
         f"all-MiniLM-L6-v2, per_task LoRA r=8, {args.max_train}/{args.max_test} examples per "
