@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument(
         "--router-train", type=int, default=0,
-        help="fit the routers on this many training inputs per task (default: the same as the slots)",
+        help="fit routers on this many training inputs per task (default: those of the slots)",
     )  # fmt: skip
     args = parser.parse_args()
     stream = load_stream("streams/cl_benchmark.toml", args.data_root, args.max_train, args.max_test)
@@ -50,7 +50,8 @@ def main() -> None:
     names = [t.name for t in stream.tasks]
     print(
         f"all-MiniLM-L6-v2, per_task LoRA r=8, {args.max_train}/{args.max_test} examples per "
-        f"task, {args.epochs} epochs, order {' -> '.join(names)}, {torch.get_num_threads()} threads"
+        f"task, {args.epochs} epochs, routers fitted on {args.router_train or args.max_train} "
+        f"inputs per task, order {' -> '.join(names)}, {torch.get_num_threads()} threads"
     )
     print(
         "| router | routing accuracy | routed ACC | oracle ACC | routed / oracle | "
