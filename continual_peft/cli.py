@@ -72,6 +72,9 @@ def run(
     ),
     max_train: int = typer.Option(None, help="Training examples per task (seeded subset)."),
     max_test: int = typer.Option(None, help="Test examples per task (seeded subset)."),
+    router_train: int = typer.Option(
+        None, help="Training inputs per task that fit the router (default: the slot's)."
+    ),
     epochs: int = typer.Option(None),
     lr: float = typer.Option(None),
     batch_size: int = typer.Option(None),
@@ -98,7 +101,7 @@ def run(
         }
         config = _config(strategy, overrides)
         chosen = {"auto": "seq" if stream is None else None, "none": None}.get(baseline, baseline)
-        tasks = load_stream(stream, data_root=data_root, max_train=max_train, max_test=max_test)
+        tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
         run_dir = out or new_run_path("runs", tasks.name)
         run_stream(tasks, config, run_dir=run_dir, baseline=chosen, console=console)
     except ContinualPeftError as err:

@@ -156,7 +156,10 @@ class ContinualLearner:
         self.strategy.after_task(self, task)
         self.heads.freeze(task.name)
         start = time.perf_counter()
-        self._evaluate(train_enc.input_ids)
+        router_ids = train_enc.input_ids
+        if task.router_texts:
+            router_ids = self.backbone.tokenize(task.router_texts).input_ids
+        self._evaluate(router_ids)
         record = {
             "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
             "labels": task.labels, "train_examples": len(task.train_texts),
@@ -220,14 +223,14 @@ class ContinualLearner:
             self.router = own
         return [r[0] for r in results], [r[1] for r in results]
 
-    def _evaluate(self, train_ids: list[list[int]]) -> None:
+    def _evaluate(self, router_ids: list[list[int]]) -> None:
         """Row i of every matrix: oracle accuracy, and with a router routed and routing accuracy."""
         states = list(self.learned.values())
         oracle = [self._accuracy(s) for s in states]
         if self.router is None:
             self.monitor.after_task({"oracle": oracle})
             return
-        self.router.add_task(self._features(train_ids))  # statistics only; the features go
+        self.router.add_task(self._features(router_ids))  # statistics only; the features go
         routed, routing = self.routed_accuracy(self.router)
         self.monitor.after_task({"oracle": oracle, "routed": routed}, routing=routing)
 

@@ -9,6 +9,7 @@ A stream spec (see `streams/*.toml`):
     seed = 0                         # which random subset max_train/max_test keep
     max_train = 300                  # per-task limits, overridable per task
     max_test = 200
+    router_max_train = 2000          # inputs per task that fit the router (default: the slot's)
 
     [[tasks]]
     name = "dbpedia"                 # ^[a-z0-9][a-z0-9_-]*$, unique
@@ -35,9 +36,19 @@ STREAM_KEYS = {
     "seed",
     "max_train",
     "max_test",
+    "router_max_train",
     "tasks",
 }
-TASK_KEYS = {"name", "train", "test", "labels", "max_train", "max_test", "description"}
+TASK_KEYS = {
+    "name",
+    "train",
+    "test",
+    "labels",
+    "max_train",
+    "max_test",
+    "router_max_train",
+    "description",
+}
 
 
 @dataclass
@@ -60,6 +71,7 @@ def load_stream(
     data_root: str | Path | None = None,
     max_train: int | None = None,
     max_test: int | None = None,
+    router_max_train: int | None = None,
 ) -> Stream:
     """Read a stream spec and load every task, so bad data fails before any training starts.
 
@@ -68,6 +80,7 @@ def load_stream(
         data_root: Overrides the spec's `data_root`.
         max_train: Overrides every task's training-example limit.
         max_test: Overrides every task's test-example limit.
+        router_max_train: Overrides how many training inputs per task fit the router.
     """
     path = Path(spec) if spec is not None else demo_spec_path()
     top = Section(read_toml(path), str(path), STREAM_KEYS)
@@ -95,6 +108,7 @@ def load_stream(
             labels=root / labels if isinstance(labels, str) else labels,
             max_train=_limit(max_train, section, top, "max_train"),
             max_test=_limit(max_test, section, top, "max_test"),
+            router_max_train=_limit(router_max_train, section, top, "router_max_train"),
             seed=seed,
             description=section.get("description", str, ""),
         )

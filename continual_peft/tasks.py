@@ -27,6 +27,7 @@ class Task:
     test_labels: list[int]
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)  # split -> file, for messages
+    router_texts: list[str] = field(default_factory=list)  # inputs that fit the router; [] = train
 
     @classmethod
     def from_examples(
@@ -110,8 +111,13 @@ def load_task(
     max_test: int | None = None,
     seed: int = 0,
     description: str = "",
+    router_max_train: int | None = None,
 ) -> Task:
-    """Load a task from JSONL files, keeping a seeded random subset when limits are given."""
+    """Load a task from JSONL files, keeping a seeded random subset when limits are given.
+
+    `router_max_train` picks a separate seeded subset of the training file whose texts only fit
+    the router (frozen features are cheap, so a router may see more inputs than the slot).
+    """
     validate_task_name(name)
     label_list = read_labels(labels) if isinstance(labels, Path) else [str(x) for x in labels]
     if not label_list:
@@ -119,6 +125,17 @@ def load_task(
             f"task {name!r}: its labels list is empty; list the task's labels."
         )
     splits = {"train": read_jsonl(train), "test": read_jsonl(test)}
+    rows = splits["train"]
+    router_rows = rows
+    if router_max_train is not None and router_max_train < 1:
+        raise ContinualPeftError(
+            f"task {name!r}: router_max_train = {router_max_train} is invalid; it must be >= 1."
+        )
+    if router_max_train is not None and len(rows) > router_max_train:
+        keep = sorted(
+            random.Random(f"{seed}-{name}-router").sample(range(len(rows)), router_max_train)
+        )
+        router_rows = [rows[i] for i in keep]
     rng = random.Random(f"{seed}-{name}")
     for split, limit in (("train", max_train), ("test", max_test)):
         if limit is not None and limit < 1:
@@ -130,7 +147,10 @@ def load_task(
         if limit is not None and len(rows) > limit:
             keep = sorted(rng.sample(range(len(rows)), limit))
             splits[split] = [rows[i] for i in keep]
-    return _build(name, label_list, splits, {"train": str(train), "test": str(test)}, description)
+    task = _build(name, label_list, splits, {"train": str(train), "test": str(test)}, description)
+    if router_max_train is not None:
+        task.router_texts = [text for text, _, _ in router_rows]
+    return task
 
 
 def _build(name, labels, splits, sources, description) -> Task:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import FAST_TRAIN
@@ -126,3 +128,31 @@ def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
         cli.app, ["predict", "--run", str(tmp_path / "run"), "--input", str(tmp_path / "bad.jsonl")]
     )
     assert bad.exit_code == 2 and "bad.jsonl:2" in bad.output
+
+
+def test_router_can_fit_on_more_inputs_than_the_slot(make_backbone, tmp_path):
+    from continual_peft.streams import load_stream
+
+    for name, words in (("colors", ["red", "blue"]), ("animals", ["cat", "dog"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [f'{{"text": "{w} thing {i}", "label": "{w}"}}' for i in range(40) for w in words]
+        (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+        (folder / "test.jsonl").write_text("\n".join(lines[:10]) + "\n")
+    entries = "".join(
+        f'[[tasks]]\nname = "{n}"\ntrain = "{n}/train.jsonl"\ntest = "{n}/test.jsonl"\n'
+        f"labels = {json.dumps(w)}\n"
+        for n, w in (("colors", ["red", "blue"]), ("animals", ["cat", "dog"]))
+    )
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'name = "s"\nmax_train = 8\nrouter_max_train = 50\n{entries}')
+    stream = load_stream(spec)
+    assert [len(t.train_texts) for t in stream.tasks] == [8, 8]
+    assert [len(t.router_texts) for t in stream.tasks] == [50, 50]
+    config = LearnerConfig(train=FAST_TRAIN, router="mahalanobis")
+    learner = ContinualLearner(make_backbone(), config=config)
+    for task in stream.tasks:
+        learner.learn(task)
+    assert learner.router.state()[0]["counts"].tolist() == [50, 50]
+    with pytest.raises(ContinualPeftError, match="router_max_train = 0 is invalid"):
+        load_stream(spec, router_max_train=0)
