@@ -214,11 +214,7 @@ class ContinualLearner:
         """
         own, self.router = self.router, router
         try:
-            results = []
-            for state in self.learned.values():
-                if state.test_features is None:
-                    state.test_features = self._features(state.test_ids)
-                results.append(self._routed(state.test_ids, state.test_features, state))
+            results = [self._routed_scores(state) for state in self.learned.values()]
         finally:
             self.router = own
         return [r[0] for r in results], [r[1] for r in results]
@@ -234,9 +230,11 @@ class ContinualLearner:
         routed, routing = self.routed_accuracy(self.router)
         self.monitor.after_task({"oracle": oracle, "routed": routed}, routing=routing)
 
-    def _routed(self, input_ids, features, state: _Learned | None = None):
-        """Routed predictions (label strings, None if rejected), and with `state` given: the
-        (accuracy, routing accuracy) on its test set instead. Correct = same label string."""
+    def _routed(
+        self, input_ids: list[list[int]], features: torch.Tensor
+    ) -> tuple[list[str | None], torch.Tensor, torch.Tensor]:
+        """Routed predictions: label strings (None if rejected), and the router's (B, k)
+        task indices and weights."""
         indices, weights = self.router.route(features)
         order = list(self.learned.values())
         slot_of = torch.tensor([s.slot for s in order])
@@ -251,11 +249,16 @@ class ContinualLearner:
             None if p is None else order[t].task.labels[p]
             for t, p in zip(top, predictions, strict=True)
         ]
-        if state is None:
-            return labels, indices, weights
+        return labels, indices, weights
+
+    def _routed_scores(self, state: _Learned) -> tuple[float, float]:
+        """(routed accuracy, routing accuracy) on a task's test set; correct = same label string."""
+        if state.test_features is None:
+            state.test_features = self._features(state.test_ids)
+        labels, indices, _ = self._routed(state.test_ids, state.test_features)
         truth = [state.task.labels[y] for y in state.task.test_labels]
         accuracy = float(np.mean([a == b for a, b in zip(labels, truth, strict=True)]))
-        return accuracy, float(np.mean([t == state.index for t in top]))
+        return accuracy, float((indices[:, 0] == state.index).double().mean())
 
     def _accuracy(self, state: _Learned, base_only: bool = False) -> float:
         """Oracle accuracy on a task's test set (its slot and head; no module if `base_only`)."""
