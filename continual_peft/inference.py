@@ -14,7 +14,7 @@ import torch
 from continual_peft.backbone import Backbone
 from continual_peft.bank import ModuleBank
 from continual_peft.heads import Heads
-from continual_peft.training import predict_rows
+from continual_peft.training import length_sorted_batches, predict_rows
 
 
 @torch.no_grad()
@@ -22,12 +22,9 @@ def frozen_features(
     backbone: Backbone, bank: ModuleBank, input_ids: list[list[int]], batch_size: int
 ) -> torch.Tensor:
     """(N, d) pooled features of the bare backbone, in input order, float32 on the CPU."""
-    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
     out = torch.empty(len(input_ids), backbone.hidden_size)
     with bank.base_only():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = backbone.collate([input_ids[i] for i in rows])
+        for rows, batch in length_sorted_batches(backbone, input_ids, batch_size):
             with backbone.autocast():
                 out[torch.as_tensor(rows)] = backbone.embed(batch).float().cpu()
     return out

@@ -14,7 +14,6 @@ from rich.console import Console
 from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.learner import ContinualLearner
-from continual_peft.modules import MODULE_KINDS
 from continual_peft.rundir import check_free
 from continual_peft.strategies import STRATEGIES
 from continual_peft.streams import Stream
@@ -42,9 +41,8 @@ def run_stream(
     Returns:
         The learner, finished.
     """
-    config.validate()
+    config.validate()  # module kinds and router included
     STRATEGIES.get(config.strategy)
-    MODULE_KINDS.get(config.module)
     if baseline is not None:
         STRATEGIES.get(baseline)
     if run_dir is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,6 +115,16 @@ def _progress() -> Progress:
     )
 
 
+def length_sorted_batches(
+    backbone: Backbone, input_ids: list[list[int]], batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """(row positions, collated batch) over inputs sorted by length, so padding stays small."""
+    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        yield rows, backbone.collate([input_ids[i] for i in rows])
+
+
 @torch.no_grad()
 def predict_rows(
     backbone: Backbone,
@@ -124,13 +134,10 @@ def predict_rows(
 ) -> np.ndarray:
     """Run `score(batch, row_positions)` over inputs in length-sorted batches; argmax per row.
 
-    Sorting by length keeps padding small; results come back in the original order.
+    Results come back in the original order.
     """
-    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
     predictions = np.empty(len(input_ids), dtype=np.int64)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = backbone.collate([input_ids[i] for i in rows])
+    for rows, batch in length_sorted_batches(backbone, input_ids, batch_size):
         with backbone.autocast():
             logits = score(batch, rows)
         predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()
