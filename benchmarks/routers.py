@@ -46,7 +46,7 @@ def main() -> None:
     fit = stream
     if args.router_train:  # frozen features are cheap next to training: routers may see more
         fit = load_stream("streams/cl_benchmark.toml", args.data_root, args.router_train, 1)
-    train_features = [learner.features(task.train_texts) for task in fit.tasks]
+    train_features = [learner.features(task.train_inputs) for task in fit.tasks]
     names = [t.name for t in stream.tasks]
     print(
         f"all-MiniLM-L6-v2, per_task LoRA r=8, {args.max_train}/{args.max_test} examples per "

@@ -43,10 +43,14 @@ def pick_device(device: str | None = None) -> torch.device:
 
 @dataclass
 class Encoded:
-    """Token ids of a list of texts, unpadded (padding happens per batch)."""
+    """Inputs in the backbone's own form, one item per input, unbatched.
 
-    input_ids: list[list[int]]  # one list of ids per text, already cut to max_length
-    truncated: int  # how many texts were longer than max_length
+    For text, an item is a list of token ids already cut to `max_length` (padding happens per
+    batch); for images, a pixel tensor.
+    """
+
+    items: list
+    truncated: int  # how many inputs were longer than max_length
 
 
 class Backbone(nn.Module):
@@ -119,12 +123,22 @@ class Backbone(nn.Module):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def tokenize(self, texts: list[str]) -> Encoded:
+    def encode(self, texts: list[str]) -> Encoded:
         """Token ids for each text, cut to `max_length`; the number of cut texts is returned too."""
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ContinualPeftError(
+                f"input {bad} is a {type(texts[bad]).__name__}, not a text; this backbone "
+                f"({self.name}) reads texts. Use an image backbone for images."
+            )
         cut = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         full_lengths = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
         truncated = sum(len(ids) > self.max_length for ids in full_lengths)
-        return Encoded(input_ids=[list(ids) for ids in cut], truncated=truncated)
+        return Encoded(items=[list(ids) for ids in cut], truncated=truncated)
+
+    def item_length(self, item: list[int]) -> int:
+        """An encoded input's length, for batching inputs of similar length together."""
+        return len(item)
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Pad a batch of id lists to its own longest row (dynamic padding)."""

@@ -19,12 +19,12 @@ from continual_peft.training import length_sorted_batches, predict_rows
 
 @torch.no_grad()
 def frozen_features(
-    backbone: Backbone, bank: ModuleBank, input_ids: list[list[int]], batch_size: int
+    backbone: Backbone, bank: ModuleBank, items: list, batch_size: int
 ) -> torch.Tensor:
     """(N, d) pooled features of the bare backbone, in input order, float32 on the CPU."""
-    out = torch.empty(len(input_ids), backbone.hidden_size)
+    out = torch.empty(len(items), backbone.hidden_size)
     with bank.base_only():
-        for rows, batch in length_sorted_batches(backbone, input_ids, batch_size):
+        for rows, batch in length_sorted_batches(backbone, items, batch_size):
             with backbone.autocast():
                 out[torch.as_tensor(rows)] = backbone.embed(batch).float().cpu()
     return out
@@ -34,7 +34,7 @@ def routed_predict(
     backbone: Backbone,
     bank: ModuleBank,
     heads: Heads,
-    input_ids: list[list[int]],
+    items: list,
     slots: torch.Tensor,
     weights: torch.Tensor,
     head_tasks: list[str | None],
@@ -43,14 +43,14 @@ def routed_predict(
     """Label index per row through its routed slots and head; None where the row was rejected.
 
     Args:
-        input_ids: Token ids per row.
+        items: Encoded inputs (`Backbone.encode`), one per row.
         slots: (N, k) slot per row and mixing entry, -1 for none.
         weights: (N, k) mixing weights.
         head_tasks: The head each row uses (its top-1 task), None for a rejected row.
         batch_size: Rows per forward pass.
     """
     accepted = [i for i, task in enumerate(head_tasks) if task is not None]
-    result: list[int | None] = [None] * len(input_ids)
+    result: list[int | None] = [None] * len(items)
     if not accepted:
         return result
     device = backbone.device
@@ -62,7 +62,7 @@ def routed_predict(
         with bank.route(slots[picked], weights[picked]):
             return heads.logits(backbone.embed(batch), [tasks[i] for i in rows])
 
-    predictions = predict_rows(backbone, score, [input_ids[i] for i in accepted], batch_size)
+    predictions = predict_rows(backbone, score, [items[i] for i in accepted], batch_size)
     for i, prediction in zip(accepted, predictions, strict=True):
         result[i] = int(prediction)
     return result

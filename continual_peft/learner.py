@@ -42,7 +42,7 @@ class _Learned:
     task: Task
     index: int  # position in learning order: the router's name for the task
     slot: int
-    test_ids: list[list[int]]
+    test_items: list
     test_features: torch.Tensor | None = None  # frozen features, computed once (routed runs)
 
 
@@ -138,9 +138,9 @@ class ContinualLearner:
         self.strategy.before_task(self, task)
         slot = self.strategy.allocate(self, task)
         head = self.heads.add(task.name, len(task.labels), seed=self.task_seed(task, "head"))
-        train_enc = self.backbone.tokenize(task.train_texts)
-        test_enc = self.backbone.tokenize(task.test_texts)
-        state = _Learned(task, len(self.learned), slot, test_enc.input_ids)
+        train_enc = self.backbone.encode(task.train_inputs)
+        test_enc = self.backbone.encode(task.test_inputs)
+        state = _Learned(task, len(self.learned), slot, test_enc.items)
         self.learned[task.name] = state
         initial = self._accuracy(state, base_only=True)
         # the router cannot know a task before it is trained: no routed "before" value
@@ -148,7 +148,7 @@ class ContinualLearner:
         params = self.bank.trainable_parameters() + list(head.parameters())
         with self.bank.use_slot(slot):
             result = train_task(
-                self.backbone, head, params, train_enc.input_ids, task.train_labels,
+                self.backbone, head, params, train_enc.items, task.train_labels,
                 self.config.train, seed=self.task_seed(task, "train"),
                 adjust_loss=lambda loss: self.strategy.loss(self, task, loss),
                 description=f"task {len(self.learned)} {task.name}",
@@ -156,14 +156,14 @@ class ContinualLearner:
         self.strategy.after_task(self, task)
         self.heads.freeze(task.name)
         start = time.perf_counter()
-        router_ids = train_enc.input_ids
-        if task.router_texts:
-            router_ids = self.backbone.tokenize(task.router_texts).input_ids
-        self._evaluate(router_ids)
+        router_items = train_enc.items
+        if task.router_inputs:
+            router_items = self.backbone.encode(task.router_inputs).items
+        self._evaluate(router_items)
         record = {
             "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
-            "labels": task.labels, "train_examples": len(task.train_texts),
-            "test_examples": len(task.test_texts),
+            "labels": task.labels, "train_examples": len(task.train_inputs),
+            "test_examples": len(task.test_inputs),
             "trainable_parameters": sum(p.numel() for p in params),
             "train_seconds": round(result.seconds, 3),
             "eval_seconds": round(time.perf_counter() - start, 3),
@@ -198,13 +198,13 @@ class ContinualLearner:
             return None  # the task is given: no router state at all
         return build_router(config.router, **config.router_options)
 
-    def _features(self, input_ids: list[list[int]]) -> torch.Tensor:
+    def _features(self, items: list) -> torch.Tensor:
         batch = self.config.train.eval_batch_size
-        return frozen_features(self.backbone, self.bank, input_ids, batch)
+        return frozen_features(self.backbone, self.bank, items, batch)
 
-    def features(self, texts: list[str]) -> torch.Tensor:
+    def features(self, inputs: list) -> torch.Tensor:
         """(N, d) frozen features: the bare backbone's pooled states, all that routers see."""
-        return self._features(self.backbone.tokenize(list(texts)).input_ids)
+        return self._features(self.backbone.encode(list(inputs)).items)
 
     def routed_accuracy(self, router: Router) -> tuple[list[float], list[float]]:
         """Per learned task: accuracy and routing accuracy on its test set under `router`.
@@ -219,19 +219,19 @@ class ContinualLearner:
             self.router = own
         return [r[0] for r in results], [r[1] for r in results]
 
-    def _evaluate(self, router_ids: list[list[int]]) -> None:
+    def _evaluate(self, router_items: list) -> None:
         """Row i of every matrix: oracle accuracy, and with a router routed and routing accuracy."""
         states = list(self.learned.values())
         oracle = [self._accuracy(s) for s in states]
         if self.router is None:
             self.monitor.after_task({"oracle": oracle})
             return
-        self.router.add_task(self._features(router_ids))  # statistics only; the features go
+        self.router.add_task(self._features(router_items))  # statistics only; the features go
         routed, routing = self.routed_accuracy(self.router)
         self.monitor.after_task({"oracle": oracle, "routed": routed}, routing=routing)
 
     def _routed(
-        self, input_ids: list[list[int]], features: torch.Tensor
+        self, items: list, features: torch.Tensor
     ) -> tuple[list[str | None], torch.Tensor, torch.Tensor]:
         """Routed predictions: label strings (None if rejected), and the router's (B, k)
         task indices and weights."""
@@ -242,7 +242,7 @@ class ContinualLearner:
         top = indices[:, 0].tolist()
         heads = [order[t].task.name if t >= 0 else None for t in top]
         predictions = routed_predict(
-            self.backbone, self.bank, self.heads, input_ids, slots, weights, heads,
+            self.backbone, self.bank, self.heads, items, slots, weights, heads,
             self.config.train.eval_batch_size,
         )  # fmt: skip
         labels = [
@@ -254,8 +254,8 @@ class ContinualLearner:
     def _routed_scores(self, state: _Learned) -> tuple[float, float]:
         """(routed accuracy, routing accuracy) on a task's test set; correct = same label string."""
         if state.test_features is None:
-            state.test_features = self._features(state.test_ids)
-        labels, indices, _ = self._routed(state.test_ids, state.test_features)
+            state.test_features = self._features(state.test_items)
+        labels, indices, _ = self._routed(state.test_items, state.test_features)
         truth = [state.task.labels[y] for y in state.task.test_labels]
         accuracy = float(np.mean([a == b for a, b in zip(labels, truth, strict=True)]))
         return accuracy, float((indices[:, 0] == state.index).double().mean())
@@ -268,56 +268,56 @@ class ContinualLearner:
             preds = predict_rows(
                 self.backbone,
                 lambda batch, rows: head(self.backbone.embed(batch)),
-                state.test_ids,
+                state.test_items,
                 self.config.train.eval_batch_size,
             )
         return float(np.mean(preds == np.array(state.task.test_labels)))
 
-    def logits(self, texts: list[str], tasks: list[str]) -> torch.Tensor:
+    def logits(self, inputs: list, tasks: list[str]) -> torch.Tensor:
         """Logits of a batch whose rows may belong to different tasks, in ONE forward pass.
 
         Args:
-            texts: The inputs.
+            inputs: Texts, or images for an image backbone.
             tasks: The task of each row (oracle routing).
 
         Returns:
             (B, C_max) logits, -inf past each row's own label count.
         """
         slots = torch.tensor([self._learned(t).slot for t in tasks], device=self.backbone.device)
-        batch = self.backbone.collate(self.backbone.tokenize(list(texts)).input_ids)
+        batch = self.backbone.collate(self.backbone.encode(list(inputs)).items)
         with torch.no_grad(), self.bank.route(slots), self.backbone.autocast():
             return self.heads.logits(self.backbone.embed(batch), list(tasks)).float()
 
-    def predict(self, texts: list[str], task: str | list[str] | None = None) -> list[str]:
+    def predict(self, inputs: list, task: str | list[str] | None = None) -> list[str]:
         """Predicted label strings, all rows in batched routed forwards.
 
         Args:
-            texts: The inputs.
+            inputs: Texts, or images for an image backbone.
             task: One task for all rows, one per row, or None to let the router choose per row
                 (a row it rejects is predicted as "unknown").
         """
         if task is None:
-            return [row["label"] for row in self.predict_details(texts)]
-        tasks = [task] * len(texts) if isinstance(task, str) else list(task)
-        if len(tasks) != len(texts):
-            raise ContinualPeftError(f"got {len(texts)} texts but {len(tasks)} task names")
+            return [row["label"] for row in self.predict_details(inputs)]
+        tasks = [task] * len(inputs) if isinstance(task, str) else list(task)
+        if len(tasks) != len(inputs):
+            raise ContinualPeftError(f"got {len(inputs)} inputs but {len(tasks)} task names")
         slots = torch.tensor([[self._learned(t).slot] for t in tasks])
         predictions = routed_predict(
-            self.backbone, self.bank, self.heads, self.backbone.tokenize(list(texts)).input_ids,
+            self.backbone, self.bank, self.heads, self.backbone.encode(list(inputs)).items,
             slots, torch.ones(slots.shape), tasks, self.config.train.eval_batch_size,
         )  # fmt: skip
         return [self._learned(t).task.labels[p] for t, p in zip(tasks, predictions, strict=True)]
 
-    def predict_details(self, texts: list[str]) -> list[dict]:
+    def predict_details(self, inputs: list) -> list[dict]:
         """Router-chosen predictions: per row the task, label, router score and top-k weights."""
         if self.router is None:
             raise ContinualPeftError(
                 "this learner routes by oracle (router 'oracle'): pass task=..., or configure a "
                 f"router ({', '.join(n for n in ROUTERS.names() if n != 'oracle')})"
             )
-        input_ids = self.backbone.tokenize(list(texts)).input_ids
-        features = self._features(input_ids)
-        labels, indices, weights = self._routed(input_ids, features)
+        items = self.backbone.encode(list(inputs)).items
+        features = self._features(items)
+        labels, indices, weights = self._routed(items, features)
         scores = self.router.scores(features)
         names = list(self.learned)
         rows = []

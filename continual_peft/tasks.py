@@ -21,13 +21,13 @@ class Task:
 
     name: str
     labels: list[str]
-    train_texts: list[str]
+    train_inputs: list[str]
     train_labels: list[int]
-    test_texts: list[str]
+    test_inputs: list[str]
     test_labels: list[int]
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)  # split -> file, for messages
-    router_texts: list[str] = field(default_factory=list)  # inputs that fit the router; [] = train
+    router_inputs: list[str] = field(default_factory=list)  # inputs that fit the router; [] = train
 
     @classmethod
     def from_examples(
@@ -149,7 +149,7 @@ def load_task(
             splits[split] = [rows[i] for i in keep]
     task = _build(name, label_list, splits, {"train": str(train), "test": str(test)}, description)
     if router_max_train is not None:
-        task.router_texts = [text for text, _, _ in router_rows]
+        task.router_inputs = [text for text, _, _ in router_rows]
     return task
 
 

@@ -46,7 +46,7 @@ def train_task(
     backbone: Backbone,
     head: nn.Linear,
     params: list[nn.Parameter],
-    input_ids: list[list[int]],
+    items: list,
     labels: list[int],
     config: TrainConfig,
     seed: int,
@@ -59,7 +59,7 @@ def train_task(
         backbone: The backbone, already routed to the task's slot by the caller.
         head: The task's head.
         params: Everything that may change.
-        input_ids: Token ids per training example.
+        items: Encoded inputs (`Backbone.encode`), one per training example.
         labels: Label index per example.
         config: Epochs, batch size, learning rate, warm-up, clipping.
         seed: Seeds shuffling and dropout, so a rerun gives the same numbers.
@@ -68,7 +68,7 @@ def train_task(
     """
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
-    per_epoch = math.ceil(len(input_ids) / config.batch_size)
+    per_epoch = math.ceil(len(items) / config.batch_size)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _schedule(optimizer, per_epoch * config.epochs, config.warmup)
     target = torch.tensor(labels, device=backbone.device)
@@ -78,8 +78,8 @@ def train_task(
         bar = progress.add_task(description, total=per_epoch * config.epochs, loss=float("nan"))
         for _ in range(config.epochs):
             epoch_losses = []
-            for rows in np.array_split(order_rng.permutation(len(input_ids)), per_epoch):
-                batch = backbone.collate([input_ids[i] for i in rows])
+            for rows in np.array_split(order_rng.permutation(len(items)), per_epoch):
+                batch = backbone.collate([items[i] for i in rows])
                 with backbone.autocast():
                     logits = head(backbone.embed(batch))
                 loss = adjust_loss(nn.functional.cross_entropy(logits.float(), target[rows]))
@@ -116,28 +116,28 @@ def _progress() -> Progress:
 
 
 def length_sorted_batches(
-    backbone: Backbone, input_ids: list[list[int]], batch_size: int
+    backbone: Backbone, items: list, batch_size: int
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
     """(row positions, collated batch) over inputs sorted by length, so padding stays small."""
-    order = np.argsort([len(ids) for ids in input_ids], kind="stable")
+    order = np.argsort([backbone.item_length(item) for item in items], kind="stable")
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        yield rows, backbone.collate([input_ids[i] for i in rows])
+        yield rows, backbone.collate([items[i] for i in rows])
 
 
 @torch.no_grad()
 def predict_rows(
     backbone: Backbone,
     score: Callable[[dict[str, torch.Tensor], np.ndarray], torch.Tensor],
-    input_ids: list[list[int]],
+    items: list,
     batch_size: int,
 ) -> np.ndarray:
     """Run `score(batch, row_positions)` over inputs in length-sorted batches; argmax per row.
 
     Results come back in the original order.
     """
-    predictions = np.empty(len(input_ids), dtype=np.int64)
-    for rows, batch in length_sorted_batches(backbone, input_ids, batch_size):
+    predictions = np.empty(len(items), dtype=np.int64)
+    for rows, batch in length_sorted_batches(backbone, items, batch_size):
         with backbone.autocast():
             logits = score(batch, rows)
         predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()

@@ -20,7 +20,7 @@ TEXTS = ("red apple car", "a dog sleeps at home today again", "sad", "blue fish 
 
 
 def _batch(backbone, texts=TEXTS):
-    return backbone.collate(backbone.tokenize(list(texts)).input_ids)
+    return backbone.collate(backbone.encode(list(texts)).items)
 
 
 def _add_random_slot(bank: ModuleBank, seed: int, kind: str | None = None) -> int:

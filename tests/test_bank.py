@@ -12,7 +12,7 @@ from continual_peft.modules.lora import LoRAConfig
 
 
 def _batch(backbone, texts=("red apple car", "a dog sleeps at home today", "sad")):
-    return backbone.collate(backbone.tokenize(list(texts)).input_ids)
+    return backbone.collate(backbone.encode(list(texts)).items)
 
 
 def test_backbone_is_frozen(make_backbone):
@@ -29,7 +29,7 @@ def test_bundled_minilm_loads_offline_and_frozen(monkeypatch):
     backbone = Backbone.from_pretrained(max_length=16, device="cpu")
     assert backbone.hidden_size == 384
     assert not any(p.requires_grad for p in backbone.parameters())
-    assert backbone.tokenize(["word " * 40]).truncated == 1
+    assert backbone.encode(["word " * 40]).truncated == 1
 
 
 def test_fresh_slot_is_bit_identical(make_backbone):

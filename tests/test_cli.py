@@ -33,7 +33,7 @@ def write_task(root: Path, task: Task) -> None:
     folder = root / task.name
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        texts, labels = getattr(task, f"{split}_texts"), getattr(task, f"{split}_labels")
+        texts, labels = getattr(task, f"{split}_inputs"), getattr(task, f"{split}_labels")
         lines = [
             json.dumps({"text": t, "label": task.labels[y]})
             for t, y in zip(texts, labels, strict=True)

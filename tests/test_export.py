@@ -43,7 +43,7 @@ def trained(tmp_path_factory, tokenizer):
 def ours(learner: ContinualLearner, task: str = TASK) -> tuple[torch.Tensor, dict]:
     """Our last hidden state for TEXTS under the task's slot, and the batch."""
     backbone = learner.backbone
-    batch = backbone.collate(backbone.tokenize(TEXTS).input_ids)
+    batch = backbone.collate(backbone.encode(TEXTS).items)
     with torch.no_grad(), learner.bank.use_slot(learner.learned[task].slot):
         return backbone(**batch), batch
 
@@ -95,7 +95,7 @@ def test_merged_export_is_a_plain_model_with_our_outputs(trained, tmp_path):
     torch.testing.assert_close(theirs, hidden, atol=1e-5, rtol=0)
 
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok(TEXTS)["input_ids"] == learner.backbone.tokenize(TEXTS).input_ids
+    assert tok(TEXTS)["input_ids"] == learner.backbone.encode(TEXTS).items
     labels = json.loads((out / "labels.json").read_text(encoding="utf-8"))
     assert labels == learner.learned[TASK].task.labels
     head = torch.nn.Linear(theirs.shape[-1], len(labels))

@@ -36,7 +36,7 @@ def test_lora_matches_peft(tokenizer, targets):
     assert len(state) == 3 * len(bank.sites) and len(bank.sites) > 0
     slot = bank.load_slot(state)
 
-    batch = backbone.collate(backbone.tokenize(["a red apple", "the dog sleeps at home"]).input_ids)
+    batch = backbone.collate(backbone.encode(["a red apple", "the dog sleeps at home"]).items)
     with torch.no_grad(), bank.use_slot(slot):
         ours = backbone(**batch)
     with torch.no_grad():

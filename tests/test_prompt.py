@@ -18,7 +18,7 @@ TEXTS = ("red apple car", "a dog sleeps at home today", "sad", "the blue bird")
 
 
 def _batch(backbone, texts=TEXTS):
-    return backbone.collate(backbone.tokenize(list(texts)).input_ids)
+    return backbone.collate(backbone.encode(list(texts)).items)
 
 
 def _prompt_bank(backbone, slots: int = 3, seed: int = 0) -> ModuleBank:

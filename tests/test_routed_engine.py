@@ -38,7 +38,7 @@ def test_report_has_routed_and_oracle_side_by_side(routed, tasks):
 def test_routed_matrix_recomputes_from_predict(routed, tasks):
     final = routed.report["accuracy_matrix"]["routed"][-1]
     for task, value in zip(tasks, final, strict=True):
-        predicted = routed.predict(task.test_texts)  # the router chooses per row
+        predicted = routed.predict(task.test_inputs)  # the router chooses per row
         truth = [task.labels[y] for y in task.test_labels]
         assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) == value
 
@@ -94,7 +94,7 @@ def test_saved_run_reloads_to_identical_predictions(make_backbone, tasks, tmp_pa
     learner.finish()
     assert (tmp_path / "run" / "router" / "router.safetensors").is_file()
     loaded = load_learner(tmp_path / "run", backbone=make_backbone())
-    texts = [t for task in tasks for t in task.test_texts[:5]]
+    texts = [t for task in tasks for t in task.test_inputs[:5]]
     assert loaded.predict_details(texts) == learner.predict_details(texts)
     assert loaded.predict(texts[:3], task="colors") == learner.predict(texts[:3], task="colors")
     assert loaded.report["metrics"] == learner.report["metrics"]
@@ -147,8 +147,8 @@ def test_router_can_fit_on_more_inputs_than_the_slot(make_backbone, tmp_path):
     spec = tmp_path / "s.toml"
     spec.write_text(f'name = "s"\nmax_train = 8\nrouter_max_train = 50\n{entries}')
     stream = load_stream(spec)
-    assert [len(t.train_texts) for t in stream.tasks] == [8, 8]
-    assert [len(t.router_texts) for t in stream.tasks] == [50, 50]
+    assert [len(t.train_inputs) for t in stream.tasks] == [8, 8]
+    assert [len(t.router_inputs) for t in stream.tasks] == [50, 50]
     config = LearnerConfig(train=FAST_TRAIN, router="mahalanobis")
     learner = ContinualLearner(make_backbone(), config=config)
     for task in stream.tasks:

@@ -88,8 +88,8 @@ def test_valid_spec_loads_in_order(spec: Path):
     beta, alpha = stream.tasks
     assert alpha.labels == ["a", "b", "c"] and beta.labels == ["yes", "no"]
     assert alpha.description == "three labels"
-    assert len(alpha.train_texts) == 20 and len(alpha.test_texts) == 10
-    assert alpha.train_texts[:2] == ["alpha train example 0", "alpha train example 1"]
+    assert len(alpha.train_inputs) == 20 and len(alpha.test_inputs) == 10
+    assert alpha.train_inputs[:2] == ["alpha train example 0", "alpha train example 1"]
     assert alpha.train_labels[:4] == [0, 1, 2, 0]
     assert beta.test_labels[:2] == [0, 1]
     assert alpha.sources["test"].endswith("alpha/test.jsonl")
@@ -112,14 +112,14 @@ def test_limits_keep_a_seeded_subset(spec: Path):
     first = load_stream(spec, max_train=7, max_test=4)
     second = load_stream(spec, max_train=7, max_test=4)
     for a, b in zip(first.tasks, second.tasks, strict=True):
-        assert len(a.train_texts) == 7 and len(a.test_texts) == 4
-        assert (a.train_texts, a.train_labels) == (b.train_texts, b.train_labels)
-        assert (a.test_texts, a.test_labels) == (b.test_texts, b.test_labels)
+        assert len(a.train_inputs) == 7 and len(a.test_inputs) == 4
+        assert (a.train_inputs, a.train_labels) == (b.train_inputs, b.train_labels)
+        assert (a.test_inputs, a.test_labels) == (b.test_inputs, b.test_labels)
     alpha = first.tasks[1]
     everything = load_stream(spec).tasks[1]
-    assert set(alpha.train_texts) < set(everything.train_texts)
+    assert set(alpha.train_inputs) < set(everything.train_inputs)
     # Original file order is kept within the subset.
-    positions = [everything.train_texts.index(t) for t in alpha.train_texts]
+    positions = [everything.train_inputs.index(t) for t in alpha.train_inputs]
     assert positions == sorted(positions)
 
 
@@ -129,16 +129,16 @@ def test_limits_from_spec_then_task_then_override(spec: Path):
     text = text.replace('description = "three labels"', 'description = "x"\nmax_train = 9')
     spec.write_text(text)
     beta, alpha = load_stream(spec).tasks
-    assert (len(alpha.train_texts), len(alpha.test_texts)) == (9, 3)
-    assert (len(beta.train_texts), len(beta.test_texts)) == (5, 3)
+    assert (len(alpha.train_inputs), len(alpha.test_inputs)) == (9, 3)
+    assert (len(beta.train_inputs), len(beta.test_inputs)) == (5, 3)
     beta, alpha = load_stream(spec, max_train=2).tasks
-    assert len(alpha.train_texts) == len(beta.train_texts) == 2
+    assert len(alpha.train_inputs) == len(beta.train_inputs) == 2
 
 
 def test_seed_changes_the_subset(spec: Path):
-    one = load_stream(spec, max_train=5).tasks[1].train_texts
+    one = load_stream(spec, max_train=5).tasks[1].train_inputs
     spec.write_text(spec.read_text().replace('name = "tiny"', 'name = "tiny"\nseed = 7'))
-    assert load_stream(spec, max_train=5).tasks[1].train_texts != one
+    assert load_stream(spec, max_train=5).tasks[1].train_inputs != one
 
 
 @pytest.mark.parametrize("limit", [0, -1])
@@ -152,7 +152,7 @@ def test_data_root_override(spec: Path, tmp_path: Path):
     write_task(other, "alpha", ["a", "b", "c"], n_train=3, n_test=3)
     write_task(other, "beta-2", ["yes", "no"], n_train=4, n_test=2)
     stream = load_stream(spec, data_root=other)
-    assert [len(t.train_texts) for t in stream.tasks] == [4, 3]
+    assert [len(t.train_inputs) for t in stream.tasks] == [4, 3]
     assert stream.tasks[1].sources["train"] == str(other / "alpha" / "train.jsonl")
 
 
@@ -186,7 +186,7 @@ def test_shipped_stream_specs_load(path: Path, tmp_path: Path):
     stream = load_stream(path, data_root=tmp_path)
     assert stream.name == raw["name"]
     assert [t.name for t in stream.tasks] == raw.get("order", [e["name"] for e in raw["tasks"]])
-    assert all(len(t.train_texts) == 6 and len(t.labels) == 3 for t in stream.tasks)
+    assert all(len(t.train_inputs) == 6 and len(t.labels) == 3 for t in stream.tasks)
 
 
 def test_embedded_demo_stream():
@@ -199,7 +199,7 @@ def test_embedded_demo_stream():
         # Every label is seen in training; test labels are all declared (else loading fails).
         assert set(task.train_labels) == set(range(len(task.labels))), task.name
         assert set(task.test_labels) <= set(range(len(task.labels))), task.name
-        assert not set(task.train_texts) & set(task.test_texts), task.name
+        assert not set(task.train_inputs) & set(task.test_inputs), task.name
 
 
 @pytest.mark.parametrize("path", STRATEGY_SPECS, ids=lambda p: p.name)
