@@ -15,7 +15,7 @@ from continual_peft.modules.lora import LoRAConfig
 from continual_peft.runner import run_stream
 from continual_peft.strategies import STRATEGIES, Strategy
 from continual_peft.streams import Stream, load_stream
-from continual_peft.tasks import Task, load_task
+from continual_peft.tasks import Task, class_split, load_task
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,7 @@ __all__ = [
     "Stream",
     "Task",
     "TrainConfig",
+    "class_split",
     "export_task",
     "load_strategy_spec",
     "load_stream",

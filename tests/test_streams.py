@@ -343,7 +343,9 @@ def test_invalid_task_names(tmp_path: Path, name: str):
 
 def test_unknown_top_level_key(tmp_path: Path):
     spec = minimal_spec(tmp_path, 'name = "s"\nmax_trian = 5')
-    expected = r"unknown key\(s\) \['max_trian'\]; valid keys: \['data_root', 'description'"
+    expected = (
+        r"unknown key\(s\) \['max_trian'\]; valid keys: \['class_split', 'data_root', 'description'"
+    )
     with pytest.raises(ContinualPeftError, match=expected):
         load_stream(spec)
 
@@ -361,7 +363,7 @@ def test_unknown_task_key(tmp_path: Path):
         ('name = "s"\nseed = "0"', None, r"key 'seed' must be int, got '0'"),
         ('name = "s"\nmax_train = true', None, r"key 'max_train' must be int, got True"),
         ("name = 3", None, r"key 'name' must be str, got 3"),
-        ('name = "s"\norder = "a"', None, r"key 'order' must be list, got 'a'"),
+        ('name = "s"\norder = 3', None, r"key 'order' must be str or list, got 3"),
         ('name = "s"', task_block("a", labels="3"), r"tasks\[0\]: key 'labels' must be str or"),
         ('name = "s"', task_block("a", max_test=1.5), r"tasks\[0\]: key 'max_test' must be int"),
         ('name = "s"\ntasks = ["a"]', "", r"tasks\[0\]: expected a table, got str"),
@@ -373,12 +375,20 @@ def test_wrong_type(tmp_path: Path, header: str, block: str | None, expected: st
         load_stream(spec)
 
 
-@pytest.mark.parametrize("key", ["name", "train", "test", "labels"])
+@pytest.mark.parametrize("key", ["name", "train", "test"])
 def test_missing_task_key(tmp_path: Path, key: str):
     block = "\n".join(line for line in task_block("a").splitlines() if not line.startswith(key))
     spec = minimal_spec(tmp_path, 'name = "s"', block + "\n")
     with pytest.raises(ContinualPeftError, match=rf"tasks\[0\]: missing required key '{key}'"):
         load_stream(spec)
+
+
+def test_labels_default_to_the_training_labels(tmp_path: Path):
+    lines = task_block("a").splitlines()
+    block = "\n".join(line for line in lines if not line.startswith("labels"))
+    spec = minimal_spec(tmp_path, 'name = "s"', block + "\n")
+    task = load_stream(spec).tasks[0]
+    assert task.labels == sorted({task.labels[y] for y in task.train_labels})
 
 
 def test_missing_stream_name(tmp_path: Path):
@@ -409,7 +419,7 @@ def test_empty_order(tmp_path: Path):
 @pytest.mark.parametrize("tasks", ["tasks = []", None])
 def test_no_tasks(tmp_path: Path, tasks: str | None):
     path = write_spec(tmp_path / "s.toml", 'name = "s"\n' + (tasks or ""))
-    expected = "the stream has no \\[\\[tasks\\]\\]" if tasks else "missing required key 'tasks'"
+    expected = r"the stream has no tasks; add \[\[tasks\]\] or \[\[class_split\]\]"
     with pytest.raises(ContinualPeftError, match=f"{re.escape(str(path))}: {expected}"):
         load_stream(path)
 
@@ -424,3 +434,45 @@ def test_missing_spec_file(tmp_path: Path):
     path = tmp_path / "nope.toml"
     with pytest.raises(ContinualPeftError, match=f"{re.escape(str(path))}: spec file not found"):
         load_stream(path)
+
+
+# ---------------------------------------------------------------- orders
+
+
+def ordered_spec(tmp_path: Path, header: str) -> Path:
+    for name in ("a", "b", "c"):
+        write_task(tmp_path, name, ["x", "y"])
+    return write_spec(tmp_path / "stream.toml", header, *(task_block(n) for n in "abc"))
+
+
+def names(stream) -> list[str]:
+    return [task.name for task in stream.tasks]
+
+
+def test_named_orders_and_explicit_orders(tmp_path: Path):
+    spec = ordered_spec(
+        tmp_path, 'name = "s"\norder = "back"\n[orders]\nback = ["c", "b", "a"]\nshort = ["b"]'
+    )
+    stream = load_stream(spec)
+    assert names(stream) == ["c", "b", "a"]
+    assert stream.orders == {"default": ["c", "b", "a"], "back": ["c", "b", "a"], "short": ["b"]}
+    assert names(load_stream(spec, order="short")) == ["b"]
+    custom = stream.with_order(["a", "c"])
+    assert (names(custom), custom.order_name) == (["a", "c"], "custom")
+    assert stream.with_order("short").tasks[0] is stream.tasks[1]  # reordered, not reloaded
+
+
+@pytest.mark.parametrize(
+    ("header", "order", "expected"),
+    [
+        ('name = "s"\n[orders]\nx = ["a", "z"]', None, r"orders.x: unknown task\(s\) \['z'\]"),
+        ('name = "s"\n[orders]\nx = "a"', None, "orders.x: must be a list of task names"),
+        ('name = "s"\norder = "nope"', None, "order = 'nope' is not one of the named"),
+        ('name = "s"', "nope", r"no order named 'nope'; named orders: \['default'\]"),
+        ('name = "s"', ["a", "a"], "a task is listed twice"),
+    ],
+)
+def test_bad_orders(tmp_path: Path, header: str, order, expected: str):
+    spec = ordered_spec(tmp_path, header)
+    with pytest.raises(ContinualPeftError, match=expected):
+        load_stream(spec, order=order)
