@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
+from torch import nn
 
 from continual_peft.backbone import DEFAULT_BACKBONE, Backbone
 from continual_peft.bank import ModuleBank
@@ -31,7 +33,7 @@ from continual_peft.routers import ROUTERS, Router, build_router
 from continual_peft.rundir import RunDir
 from continual_peft.strategies import STRATEGIES
 from continual_peft.tasks import Task
-from continual_peft.training import predict_rows, train_task
+from continual_peft.training import TrainResult, predict_rows, train_task
 
 SCHEMA_VERSION = 1
 VERSION = "0.1.0"
@@ -44,6 +46,19 @@ class _Learned:
     slot: int
     test_items: list
     test_features: torch.Tensor | None = None  # frozen features, computed once (routed runs)
+
+
+@dataclass
+class TaskSession:
+    """A task between `begin_task` and `end_task`: what its training may change."""
+
+    task: Task
+    slot: int
+    head: nn.Linear
+    params: list[nn.Parameter]  # the trainable slot's and the head's
+    train_items: list  # encoded training inputs
+    truncated: int  # inputs cut to max_length, train and test
+    adjust_loss: Callable[[torch.Tensor], torch.Tensor]  # the strategy's `loss` hook
 
 
 class ContinualLearner:
@@ -131,6 +146,23 @@ class ContinualLearner:
         Returns:
             The task's record (slot, sizes, times, loss, accuracy row).
         """
+        session = self.begin_task(task)
+        with self.bank.use_slot(session.slot):
+            result = train_task(
+                self.backbone, session.head, session.params, session.train_items,
+                task.train_labels, self.config.train, seed=self.task_seed(task, "train"),
+                adjust_loss=session.adjust_loss,
+                description=f"task {len(self.learned)} {task.name}",
+            )  # fmt: skip
+        return self.end_task(session, result)
+
+    def begin_task(self, task: Task) -> TaskSession:
+        """The first half of `learn`: slot, head and the "before" accuracies of a new task.
+
+        For training loops other than ours (e.g. Avalanche's): train `session.params` on the
+        task under `bank.use_slot(session.slot)` with `session.adjust_loss` applied to each
+        batch's loss, then call `end_task`.
+        """
         if task.name in self.learned:
             raise ContinualPeftError(
                 f"task {task.name!r} was already learned; task names must be unique."
@@ -145,18 +177,23 @@ class ContinualLearner:
         initial = self._accuracy(state, base_only=True)
         # the router cannot know a task before it is trained: no routed "before" value
         self.monitor.before_task(initial, {"oracle": self._accuracy(state), "routed": float("nan")})
-        params = self.bank.trainable_parameters() + list(head.parameters())
-        with self.bank.use_slot(slot):
-            result = train_task(
-                self.backbone, head, params, train_enc.items, task.train_labels,
-                self.config.train, seed=self.task_seed(task, "train"),
-                adjust_loss=lambda loss: self.strategy.loss(self, task, loss),
-                description=f"task {len(self.learned)} {task.name}",
-            )  # fmt: skip
+        return TaskSession(
+            task=task,
+            slot=slot,
+            head=head,
+            params=self.bank.trainable_parameters() + list(head.parameters()),
+            train_items=train_enc.items,
+            truncated=train_enc.truncated + test_enc.truncated,
+            adjust_loss=lambda loss: self.strategy.loss(self, task, loss),
+        )
+
+    def end_task(self, session: TaskSession, result: TrainResult) -> dict:
+        """The second half of `learn`: freeze, evaluate every task, checkpoint and report."""
+        task, slot = session.task, session.slot
         self.strategy.after_task(self, task)
         self.heads.freeze(task.name)
         start = time.perf_counter()
-        router_items = train_enc.items
+        router_items = session.train_items
         if task.router_inputs:
             router_items = self.backbone.encode(task.router_inputs).items
         self._evaluate(router_items)
@@ -164,11 +201,11 @@ class ContinualLearner:
             "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
             "labels": task.labels, "train_examples": len(task.train_inputs),
             "test_examples": len(task.test_inputs),
-            "trainable_parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in session.params),
             "train_seconds": round(result.seconds, 3),
             "eval_seconds": round(time.perf_counter() - start, 3),
             "train_steps": result.steps, "final_train_loss": result.final_loss,
-            "truncated_inputs": train_enc.truncated + test_enc.truncated,
+            "truncated_inputs": session.truncated,
         }  # fmt: skip
         self.records.append(record)
         self._checkpoint(task, slot)
