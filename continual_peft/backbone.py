@@ -92,13 +92,21 @@ class Backbone(nn.Module):
     def from_pretrained(
         cls, name_or_path: str | None = None, max_length: int = 128, device: str | None = None
     ) -> Backbone:
-        """Load an encoder by local path or model name; None loads the bundled MiniLM offline."""
-        from transformers import AutoModel, AutoTokenizer
+        """Load an encoder by local path or model name; None loads the bundled MiniLM offline.
+
+        A vision model (its config has an image size and channels) loads as an `ImageBackbone`.
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress bars are enough
         path = str(default_model_path()) if name_or_path is None else name_or_path
         try:
+            if cls is Backbone and name_or_path is not None:
+                from continual_peft.vision import ImageBackbone, is_vision_config
+
+                if is_vision_config(AutoConfig.from_pretrained(path)):
+                    return ImageBackbone.from_pretrained(path, max_length, device)
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModel.from_pretrained(path)
         except OSError as err:
@@ -153,6 +161,10 @@ class Backbone(nn.Module):
             "input_ids": input_ids.to(self.device),
             "attention_mask": attention_mask.to(self.device),
         }
+
+    def token_table(self) -> torch.Tensor:
+        """(V, d) input embeddings that a fresh prompt is drawn from: the word embeddings."""
+        return self.model.get_input_embeddings().weight
 
     def add_input_hook(self, hook: InputHook) -> None:
         """Let a module kind change the input embeddings (e.g. prepend virtual tokens)."""

@@ -14,6 +14,13 @@ from continual_peft._io import atomic_write_text
 from continual_peft.config import LearnerConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError
 from continual_peft.export import export_task
+from continual_peft.grid import (
+    console_aggregate,
+    load_aggregate,
+    parse_seeds,
+    resolve_orders,
+    run_grid,
+)
 from continual_peft.loading import load_learner
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.reports import console_report, load_report
@@ -64,7 +71,9 @@ def run(
     ),
     module: str = typer.Option(None, help="Module kind (see `list modules`)."),
     data_root: Path = typer.Option(None, help="Folder the stream's task paths are relative to."),
-    out: Path = typer.Option(None, help="Run directory. Default: runs/<time>-<stream>."),
+    out: Path = typer.Option(
+        None, help="Run directory (grid folder for a grid). Default: runs/<time>-<stream>[-grid]."
+    ),
     baseline: str = typer.Option(
         "auto",
         help="Also run this strategy for comparison; 'none' to skip, "
@@ -79,15 +88,33 @@ def run(
     lr: float = typer.Option(None),
     batch_size: int = typer.Option(None),
     rank: int = typer.Option(None, help="LoRA rank."),
-    seed: int = typer.Option(None),
+    seed: int = typer.Option(None, help="Seeds slot/head init, shuffling and dropout."),
+    order: list[str] = typer.Option(
+        None,
+        help="Task order; repeat for several. A named order of the spec ('default' = its "
+        "`order`), 'all' (every order of the spec's orders table), names joined by commas "
+        "(order1,order2), or an explicit order of tasks joined by commas "
+        "(dbpedia,amazon,agnews,yelp).",
+    ),
+    seeds: str = typer.Option(
+        None,
+        help="Seeds joined by commas, e.g. 0,1,2. More than one order x seed combination runs "
+        "a grid: one run per combination in --out/<order>-seed<k>/, plus aggregate.json/.md/"
+        ".csv/.png (mean ± sample std).",
+    ),
     router: str = typer.Option(None, help="Router (see `list routers`); default oracle."),
     max_length: int = typer.Option(None, help="Longest input in tokens."),
     backbone: str = typer.Option(
         None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2."
     ),
 ) -> None:
-    """Learn every task of a stream, writing checkpoints and a forgetting report after each."""
+    """Learn every task of a stream, writing checkpoints and a forgetting report after each.
+
+    With several orders (--order) or seeds (--seeds): one run per order x seed, plus an aggregate.
+    """
     try:
+        if seeds is not None and seed is not None:
+            raise ContinualPeftError("give --seed or --seeds, not both.")
         overrides = {
             "module": module,
             "router": router,
@@ -102,22 +129,44 @@ def run(
         config = _config(strategy, overrides)
         chosen = {"auto": "seq" if stream is None else None, "none": None}.get(baseline, baseline)
         tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
-        run_dir = out or new_run_path("runs", tasks.name)
-        run_stream(tasks, config, run_dir=run_dir, baseline=chosen, console=console)
+        orders = resolve_orders(tasks, order or []) or [tasks.order_name]
+        seed_list = parse_seeds(seeds) if seeds is not None else [config.seed]
+        if len(orders) * len(seed_list) > 1:
+            run_dir = out or new_run_path("runs", f"{tasks.name}-grid")
+            run_grid(tasks, config, orders, seed_list, run_dir, baseline=chosen, console=console)
+        else:
+            config.seed = seed_list[0]
+            tasks = tasks.with_order(orders[0])
+            run_dir = out or new_run_path("runs", tasks.name)
+            run_stream(tasks, config, run_dir=run_dir, baseline=chosen, console=console)
     except ContinualPeftError as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted; the tasks finished so far are saved in the run directory.", code=130)
-    console.print(
-        f"\nrun directory: [bold]{run_dir}[/] (report.md, report.json, accuracy_matrix.png)"
-    )
+    if len(orders) * len(seed_list) > 1:
+        console.print(
+            f"\ngrid directory: [bold]{run_dir}[/] (aggregate.md, aggregate.json, aggregate.csv, "
+            "aggregate.png; one run directory per order and seed)"
+        )
+    else:
+        console.print(
+            f"\nrun directory: [bold]{run_dir}[/] (report.md, report.json, accuracy_matrix.png)"
+        )
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory or its report.json.")) -> None:
-    """Print a saved run's report."""
+def report(
+    run_dir: Path = typer.Argument(
+        ..., help="A run directory or its report.json, or a grid folder or its aggregate.json."
+    ),
+) -> None:
+    """Print a saved run's report, or a grid's aggregate (mean ± std over orders and seeds)."""
     try:
-        console.print(console_report(load_report(run_dir)))
+        grid = run_dir.name == "aggregate.json" or (run_dir / "aggregate.json").is_file()
+        if grid:
+            console.print(console_aggregate(load_aggregate(run_dir)))
+        else:
+            console.print(console_report(load_report(run_dir)))
     except ContinualPeftError as err:
         _fail(str(err))
 

@@ -9,9 +9,10 @@ learner.report            # accuracy matrix, metrics, per-task records
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,9 +175,11 @@ class ContinualLearner:
         test_enc = self.backbone.encode(task.test_inputs)
         state = _Learned(task, len(self.learned), slot, test_enc.items)
         self.learned[task.name] = state
-        initial = self._accuracy(state, base_only=True)
+        with self._evaluating():
+            initial = self._accuracy(state, base_only=True)
+            before = self._accuracy(state)
         # the router cannot know a task before it is trained: no routed "before" value
-        self.monitor.before_task(initial, {"oracle": self._accuracy(state), "routed": float("nan")})
+        self.monitor.before_task(initial, {"oracle": before, "routed": float("nan")})
         return TaskSession(
             task=task,
             slot=slot,
@@ -196,7 +199,8 @@ class ContinualLearner:
         router_items = session.train_items
         if task.router_inputs:
             router_items = self.backbone.encode(task.router_inputs).items
-        self._evaluate(router_items)
+        with self._evaluating():
+            self._evaluate(router_items)
         record = {
             "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
             "labels": task.labels, "train_examples": len(task.train_inputs),
@@ -210,6 +214,17 @@ class ContinualLearner:
         self.records.append(record)
         self._checkpoint(task, slot)
         return record
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Inference mode (no dropout) for measurements, whatever loop is training; the mode
+        the backbone was in comes back afterwards."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            yield
+        finally:
+            self.backbone.train(was_training)
 
     def finish(self, status: str = "finished") -> None:
         """Mark the run `finished` (or `failed`) and write the final report."""

@@ -25,10 +25,19 @@ MODULE_KINDS: Registry = Registry("module kind")
 ALL_LINEAR = "all-linear"
 
 
+# One attention projection, two spellings: BERT-family models name them query/key/value, the ViT
+# family in transformers 5 (and Llama-style models) q_proj/k_proj/v_proj. A plain target name
+# matches both, so the default LoRA targets ["query", "value"] work on either.
+ALIASES = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
+
+
 def _matches(name: str, targets: list[str]) -> bool:
     if targets == [ALL_LINEAR]:
         return "pooler" not in name  # the pooler is not on the mean-pooled path
-    return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
+    suffixes = [*targets, *(ALIASES[t] for t in targets if t in ALIASES)]
+    return any(name == t or name.endswith("." + t) for t in suffixes) or any(
+        re.fullmatch(t, name) for t in targets
+    )
 
 
 def wrap_linear_layers(
@@ -38,8 +47,9 @@ def wrap_linear_layers(
 
     Args:
         model: The backbone's Hugging Face model, changed in place.
-        targets: Name suffixes (`"query"` matches `encoder.layer.0.attention.self.query`), full
-            regular expressions, or `["all-linear"]`.
+        targets: Name suffixes (`"query"` matches `encoder.layer.0.attention.self.query`, and
+            ViT's `layers.0.attention.q_proj` through `ALIASES`), full regular expressions, or
+            `["all-linear"]`.
         make_site: Builds the wrapper around one original layer.
 
     Returns:

@@ -12,6 +12,10 @@ projection's output before that dropout, residual and LayerNorm, which is Houlsb
   the feed-forward output (`layer.N.output.dense`): two adapters per layer.
 - `"pfeiffer"`: after the feed-forward output only: one adapter per layer.
 
+Placement in the ViT family (transformers 5: ViT, DeiT, BEiT, DINOv2). The layers are pre-norm,
+`h + dropout(attention.o_proj(...))` and `h + dropout(mlp.fc2(...))`, so wrapping `o_proj` and
+`fc2` is the same placement: after the projection, before the skip connection.
+
 The up-projection and its bias start at zero, so a fresh slot leaves the backbone's output
 bit-identical; the down-projection starts small and random, so gradients reach the up-projection.
 """
@@ -40,8 +44,12 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 # Full-name regular expressions; `layer.N.output.dense` must not catch `attention.output.dense`.
-ATTENTION_OUTPUT = r"(.*\.)?layer\.\d+\.attention\.output\.dense"
-FFN_OUTPUT = r"(.*\.)?layer\.\d+\.output\.dense"
+# First alternative: BERT family; second: the ViT family of transformers 5 (ViT, DeiT, BEiT,
+# DINOv2), whose pre-norm layers add the residual right after `attention.o_proj` and `mlp.fc2`.
+ATTENTION_OUTPUT = (
+    r"(.*\.)?layer\.\d+\.attention\.output\.dense|(.*\.)?layers?\.\d+\.attention\.o_proj"
+)
+FFN_OUTPUT = r"(.*\.)?layer\.\d+\.output\.dense|(.*\.)?layers?\.\d+\.mlp\.fc2"
 PLACEMENTS: dict[str, list[str]] = {
     "houlsby": [ATTENTION_OUTPUT, FFN_OUTPUT],
     "pfeiffer": [FFN_OUTPUT],
@@ -127,6 +135,7 @@ class Adapter:
         except ContinualPeftError as err:
             raise ContinualPeftError(
                 f"adapter placement {placement!r} needs BERT-family layers named "
-                f"'layer.N.attention.output.dense' / 'layer.N.output.dense', which "
+                f"'layer.N.attention.output.dense' / 'layer.N.output.dense' (or ViT-family "
+                f"'layers.N.attention.o_proj' / 'layers.N.mlp.fc2'), which "
                 f"{type(backbone.model).__name__} lacks ({err})"
             ) from None

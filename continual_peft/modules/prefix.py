@@ -10,6 +10,10 @@ attention itself: queries from the real tokens, keys `[prefix_key; K]` and value
 Mixing: a row's prefix is the weighted sum of its k slots' prefixes. A row with no prefix slot
 (all entries -1 or weight 0) gets its prefix columns masked, so its output is the bare backbone's.
 
+The ViT family of transformers 5 (ViT, DeiT, BEiT, DINOv2) keeps all of attention in one module,
+`layers.N.attention` with `q_proj`, `k_proj`, `v_proj` and the output projection `o_proj`; there
+the site wraps that module and applies `o_proj` after attending (see `LAYOUTS`).
+
 Unlike LoRA and adapters, a fresh slot is NOT bit-identical to the backbone: any prefix, even a
 small one, takes a share of every token's attention.
 """
@@ -29,7 +33,26 @@ from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing, gather_weights
 from continual_peft.modules._stack import SlotStack, StackedSite
 
-SELF_ATTENTION = re.compile(r"(.*\.)?layer\.\d+\.attention\.self")
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one model family keeps its attention's parts (attribute names on the module)."""
+
+    where: re.Pattern  # full module name of a self-attention module
+    query: str
+    key: str
+    value: str
+    output: str | None  # output projection inside the module; None if outside (BERT)
+    head_size: str  # per-head width
+    dropout: str  # attention-probability dropout: an nn.Dropout or a float
+
+
+LAYOUTS = (
+    Layout(re.compile(r"(.*\.)?layer\.\d+\.attention\.self"), "query", "key", "value", None,
+           "attention_head_size", "dropout"),
+    Layout(re.compile(r"(.*\.)?layers?\.\d+\.attention"), "q_proj", "k_proj", "v_proj",
+           "o_proj", "head_dim", "attention_dropout"),
+)  # fmt: skip
 
 
 @dataclass
@@ -55,23 +78,33 @@ class PrefixSite(StackedSite):
         config: Prefix length and initialisation.
     """
 
-    def __init__(self, base_layer: nn.Module, routing: Routing, config: PrefixConfig) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        routing: Routing,
+        config: PrefixConfig,
+        layout: Layout = LAYOUTS[0],
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.routing = routing
         self.config = config
-        weight = base_layer.key.weight
+        self.layout = layout
+        weight = self._part("key").weight
         shape = (config.num_virtual_tokens, weight.shape[0])
         self.stack = SlotStack({"prefix_key": shape, "prefix_value": shape}, weight)
 
     def add_slot(self, generator: torch.Generator) -> None:
-        shape = (self.config.num_virtual_tokens, self.base_layer.key.weight.shape[0])
+        shape = (self.config.num_virtual_tokens, self._part("key").weight.shape[0])
         self.stack.open(
             {
                 name: torch.randn(shape, generator=generator) * self.config.init_std
                 for name in ("prefix_key", "prefix_value")
             }
         )
+
+    def _part(self, part: str) -> nn.Module:
+        return getattr(self.base_layer, getattr(self.layout, part))
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -106,14 +139,17 @@ class PrefixSite(StackedSite):
         prefix_values: torch.Tensor,
         keep: torch.Tensor,
     ) -> torch.Tensor:
-        attn = self.base_layer
+        attn, layout = self.base_layer, self.layout
         rows, length, _ = hidden.shape
+        head_size = getattr(attn, layout.head_size)
+        dropout = getattr(attn, layout.dropout)
+        dropout = dropout.p if isinstance(dropout, nn.Dropout) else float(dropout)
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> (B, H, L, d/H)
-            return x.view(rows, x.shape[1], -1, attn.attention_head_size).transpose(1, 2)
+            return x.view(rows, x.shape[1], -1, head_size).transpose(1, 2)
 
-        query = heads(attn.query(hidden))  # (B, H, L, dh)
-        real_keys, real_values = attn.key(hidden), attn.value(hidden)  # (B, L, d)
+        query = heads(self._part("query")(hidden))  # (B, H, L, dh)
+        real_keys, real_values = self._part("key")(hidden), self._part("value")(hidden)
         keys = heads(torch.cat([prefix_keys.to(real_keys.dtype), real_keys], dim=1))
         values = heads(torch.cat([prefix_values.to(real_values.dtype), real_values], dim=1))
         bias = extend_mask(mask, keep, prefix_keys.shape[1], length, query.dtype)
@@ -122,10 +158,11 @@ class PrefixSite(StackedSite):
             keys,
             values,
             attn_mask=bias,
-            dropout_p=attn.dropout.p if attn.training else 0.0,
+            dropout_p=dropout if attn.training else 0.0,
             scale=attn.scaling,
         )  # (B, H, L, dh)
-        return out.transpose(1, 2).reshape(rows, length, -1)
+        out = out.transpose(1, 2).reshape(rows, length, -1)  # (B, L, d)
+        return out if layout.output is None else self._part("output")(out)
 
 
 def extend_mask(
@@ -159,16 +196,21 @@ def extend_mask(
     return torch.cat([cols, real], dim=-1)
 
 
-def _is_self_attention(name: str, module: nn.Module) -> bool:
-    linear = nn.Linear | LowRankSite  # query/key/value may already carry LoRA
-    return bool(SELF_ATTENTION.fullmatch(name)) and all(
-        isinstance(getattr(module, part, None), linear) for part in ("query", "key", "value")
-    )
+def _layout(name: str, module: nn.Module) -> Layout | None:
+    """The layout of a self-attention module, None if `module` is none."""
+    linear = nn.Linear | LowRankSite  # the projections may already carry LoRA or adapters
+    for layout in LAYOUTS:
+        parts = [layout.query, layout.key, layout.value] + [layout.output] * bool(layout.output)
+        if layout.where.fullmatch(name) and all(
+            isinstance(getattr(module, part, None), linear) for part in parts
+        ):
+            return layout
+    return None
 
 
 @MODULE_KINDS.register("prefix")
 class Prefix:
-    """The `prefix` kind: wraps every BERT-family self-attention module."""
+    """The `prefix` kind: wraps every BERT- or ViT-family self-attention module."""
 
     config_class = PrefixConfig
 
@@ -178,18 +220,20 @@ class Prefix:
     def inject(self, backbone, routing: Routing) -> dict[str, nn.Module]:
         """Wrap each self-attention module of `backbone.model` in place; return the new sites."""
         model = backbone.model
-        found = [(n, m) for n, m in model.named_modules() if _is_self_attention(n, m)]
-        causal = [n for n, m in found if getattr(m, "is_causal", False)]
+        found = [(n, m, _layout(n, m)) for n, m in model.named_modules()]
+        found = [(n, m, layout) for n, m, layout in found if layout is not None]
+        causal = [n for n, m, _ in found if getattr(m, "is_causal", False)]
         if not found or causal:
             raise ContinualPeftError(
                 "prefix tuning needs a BERT-family bidirectional self-attention "
-                "('layer.N.attention.self' with query/key/value nn.Linear layers); "
+                "('layer.N.attention.self' with query/key/value nn.Linear layers) or a ViT-family "
+                "one ('layers.N.attention' with q_proj/k_proj/v_proj/o_proj); "
                 f"{type(model).__name__} has {'causal ones' if causal else 'none'}"
             )
         sites = {}
-        for name, module in found:
+        for name, module, layout in found:
             parent_name, _, child = name.rpartition(".")
-            site = PrefixSite(module, routing, self.config)
+            site = PrefixSite(module, routing, self.config, layout)
             setattr(model.get_submodule(parent_name) if parent_name else model, child, site)
             sites[name] = site
         return sites

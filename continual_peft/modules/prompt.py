@@ -23,6 +23,11 @@ word embeddings, attention mask and position ids of the whole batch before the e
 - Routing off (`base_only`) returns the inputs untouched with 0 added positions; for BERT the
   `inputs_embeds` path the backbone then takes is bit-identical to the `input_ids` path.
 
+On an image backbone (`ImageBackbone`) the hook receives the patch tokens after the leading
+CLS token(s), with their position embeddings already added, and the virtual tokens go between CLS
+and the patches (visual prompt tuning, VPT-shallow); position ids do not apply there. Init
+"vocab" draws the tokens of a blank image.
+
 Differences from peft, on purpose: peft cannot mix slots or kinds per row (the masking above is
 ours), and peft's "RANDOM" init draws N(0, 1), about 50x the scale of BERT's word embeddings,
 which swamps the position and token-type embeddings it is added to; our "normal" init uses the
@@ -53,9 +58,9 @@ class PromptConfig:
     init: str = "vocab"  # "vocab": N random tokens' embeddings; "normal": N(0, σ of the vocab)
 
 
-def _init(config: PromptConfig, vocab: nn.Embedding) -> Callable[[torch.Generator], dict]:
+def _init(config: PromptConfig, table: torch.Tensor) -> Callable[[torch.Generator], dict]:
     def init(generator: torch.Generator) -> dict[str, torch.Tensor]:
-        weight = vocab.weight.detach()  # (V, d)
+        weight = table.detach()  # (V, d)
         n = config.num_virtual_tokens
         if config.init == "vocab":  # as peft's SAMPLE_VOCAB
             ids = torch.randint(0, weight.shape[0], (n,), generator=generator)
@@ -70,7 +75,8 @@ class PromptSite(StackedSite):
     """Every prompt slot, and the backbone input hook that prepends the routed rows' prompts.
 
     Args:
-        vocab: The backbone's word embeddings (their dtype, device and width).
+        vocab: The backbone's token table (`Backbone.token_table`, (V, d)): its dtype, device
+            and width.
         routing: The bank's routing state for the prompt kind.
         num_virtual_tokens: N, the length of every slot's prompt.
         init: Builds a fresh slot's tensors from a generator.
@@ -78,7 +84,7 @@ class PromptSite(StackedSite):
 
     def __init__(
         self,
-        vocab: nn.Embedding,
+        vocab: torch.Tensor,
         routing: Routing,
         num_virtual_tokens: int,
         init: Callable[[torch.Generator], dict[str, torch.Tensor]],
@@ -87,8 +93,8 @@ class PromptSite(StackedSite):
         self.routing = routing
         self.num_virtual_tokens = num_virtual_tokens
         self.init = init
-        shape = (num_virtual_tokens, vocab.weight.shape[1])
-        self.stack = SlotStack({"embedding": shape}, vocab.weight)
+        shape = (num_virtual_tokens, vocab.shape[1])
+        self.stack = SlotStack({"embedding": shape}, vocab)
 
     def add_slot(self, generator: torch.Generator) -> None:
         self.stack.open(self.init(generator))
@@ -178,8 +184,8 @@ class Prompt:
             )
         if "prompt" in dict(backbone.named_children()):
             raise ContinualPeftError("this backbone already has a prompt kind injected")
-        vocab = backbone.model.get_input_embeddings()
-        site = PromptSite(vocab, routing, n, _init(self.config, vocab))
+        table = backbone.token_table()  # word embeddings; for images, a blank image's tokens
+        site = PromptSite(table, routing, n, _init(self.config, table))
         # A child of the backbone, like the wrapped-layer sites of other kinds: it follows
         # `backbone.to()` and its trainable slot shows in `backbone.parameters()`.
         backbone.add_module("prompt", site)
