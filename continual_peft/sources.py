@@ -244,6 +244,7 @@ def _hf_split(source: Any, split: str, data_files: dict[str, str] | None):
             "Hugging Face datasets are an optional extra: pip install 'continual-peft[hf]' "
             "(or pip install datasets)."
         ) from None
+    datasets.disable_progress_bars()  # our own progress output is enough
     if isinstance(source, datasets.Dataset):
         return source
     if isinstance(source, datasets.DatasetDict):

@@ -476,3 +476,27 @@ def test_bad_orders(tmp_path: Path, header: str, order, expected: str):
     spec = ordered_spec(tmp_path, header)
     with pytest.raises(ContinualPeftError, match=expected):
         load_stream(spec, order=order)
+
+
+# ---------------------------------------------------------------- the documented schema
+
+
+def test_docs_name_every_spec_key_and_nothing_else():
+    """docs/specs.md documents every key the loaders accept, and no key they would refuse."""
+    from dataclasses import fields
+
+    from continual_peft.config import BackboneConfig, TrainConfig
+    from continual_peft.streams import SPLIT_KEYS, STREAM_KEYS, TASK_KEYS
+
+    doc = (REPO / "docs" / "specs.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"`([a-z_]+)`", doc))
+    accepted = STREAM_KEYS | TASK_KEYS | SPLIT_KEYS | {"strategy", "module", "router", "seed"}
+    accepted |= {f.name for f in fields(TrainConfig)} | {f.name for f in fields(BackboneConfig)}
+    for kind in MODULE_KINDS.names():
+        accepted |= {f.name for f in fields(MODULE_KINDS.get(kind).config_class)}
+    assert accepted - documented == set()
+    tables = set(re.findall(r"^\| `\[?([a-z_]+)", doc, flags=re.M))  # first column of the tables
+    assert (
+        tables - accepted - set(MODULE_KINDS.names()) - {"router_options", "tasks", "backbone"}
+        == set()
+    )
