@@ -9,6 +9,7 @@ from continual_peft.bank import ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError
 from continual_peft.export import export_task
+from continual_peft.grid import run_grid
 from continual_peft.learner import ContinualLearner
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules.lora import LoRAConfig
@@ -16,6 +17,7 @@ from continual_peft.runner import run_stream
 from continual_peft.strategies import STRATEGIES, Strategy
 from continual_peft.streams import Stream, load_stream
 from continual_peft.tasks import Task, class_split, load_task
+from continual_peft.vision import ImageBackbone
 
 __version__ = "0.1.0"
 
@@ -26,6 +28,7 @@ __all__ = [
     "BackboneConfig",
     "ContinualLearner",
     "ContinualPeftError",
+    "ImageBackbone",
     "LearnerConfig",
     "LoRAConfig",
     "ModuleBank",
@@ -38,5 +41,6 @@ __all__ = [
     "load_strategy_spec",
     "load_stream",
     "load_task",
+    "run_grid",
     "run_stream",
 ]

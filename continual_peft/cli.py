@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 import typer
@@ -28,7 +29,7 @@ from continual_peft.routers import ROUTERS
 from continual_peft.rundir import new_run_path
 from continual_peft.runner import run_stream
 from continual_peft.strategies import STRATEGIES
-from continual_peft.streams import load_stream
+from continual_peft.streams import demo_spec_path, load_stream
 from continual_peft.tasks import read_texts
 
 app = typer.Typer(
@@ -216,14 +217,47 @@ def predict(
 def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) -> None:
     """List registered module kinds, strategies, routers, or the shipped stream specs."""
     if what == "modules":
-        names = MODULE_KINDS.names()
+        names = [f"{n}: {_summary(MODULE_KINDS.get(n))}" for n in MODULE_KINDS.names()]
     elif what == "strategies":
         names = [f"{n}: {STRATEGIES.get(n).description}" for n in STRATEGIES.names()]
+        names += [_strategy_line(p) for p in sorted(Path("strategies").glob("*.toml"))]
     elif what == "routers":
-        names = ROUTERS.names()
+        names = [f"{n}: {_summary(ROUTERS.get(n))}" for n in ROUTERS.names()]
     elif what == "streams":
-        names = ["demo (embedded)"] + sorted(str(p) for p in Path("streams").glob("*.toml"))
+        specs = [demo_spec_path(), *sorted(Path("streams").glob("*.toml"))]
+        names = [_stream_line(p) for p in specs]
     else:
         _fail(f"cannot list {what!r}; choose one of: {', '.join(LISTS)}")
     for name in names:
-        console.print(name, highlight=False)
+        console.print(name, highlight=False, soft_wrap=True)
+
+
+def _summary(item: object) -> str:
+    """The first line of a registered item's docstring."""
+    return (item.__doc__ or "").strip().splitlines()[0] if item.__doc__ else ""
+
+
+def _stream_line(path: Path) -> str:
+    """A shipped stream spec: its file, tasks and named orders (read without loading data)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        return f"{path}: unreadable ({err})"
+    tasks = [t.get("name", "?") for t in data.get("tasks", [])]
+    tasks += [f"{s.get('prefix', '?')}-*" for s in data.get("class_split", [])]
+    shown = "demo (embedded)" if path == demo_spec_path() else str(path)
+    orders = sorted(data.get("orders", {}))
+    named = f"; orders: {', '.join(orders)}" if orders else ""
+    return f"{shown}: {data.get('name', '?')}, tasks {', '.join(tasks)}{named}"
+
+
+def _strategy_line(path: Path) -> str:
+    """A shipped strategy spec: its file and the strategy, module kind and router it sets."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        return f"{path}: unreadable ({err})"
+    keys = ("strategy", "module", "router")
+    return f"{path}: " + ", ".join(
+        f"{k} {data.get(k, LearnerConfig.__dataclass_fields__[k].default)}" for k in keys
+    )

@@ -20,6 +20,7 @@ from continual_peft.routers import ROUTERS
 from continual_peft.runner import run_stream
 
 KIND_NAMES = ", ".join(MODULE_KINDS.names())
+REPO = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
 
@@ -97,10 +98,24 @@ def test_list_names_the_built_ins():
     assert "oracle" in invoke("list", "routers").stdout
 
 
-def test_list_streams_includes_the_demo():
+def test_list_streams_shows_each_spec_with_its_tasks_and_orders(monkeypatch):
+    monkeypatch.chdir(REPO)  # the shipped specs are listed from the checkout's streams/
     result = invoke("list", "streams")
     assert result.exit_code == 0
-    assert "demo (embedded)" in result.stdout
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("demo (embedded): demo, tasks support-product,") for line in lines)
+    benchmark = next(line for line in lines if line.startswith("streams/cl_benchmark.toml"))
+    assert "tasks agnews, amazon, yelp, dbpedia" in benchmark
+    assert "orders: mbpa1, mbpa2, mbpa3, mbpa4, order1, order2, order3" in benchmark
+
+
+def test_list_strategies_shows_the_shipped_specs(monkeypatch):
+    monkeypatch.chdir(REPO)
+    stdout = invoke("list", "strategies").stdout
+    assert (
+        "strategies/per_task_routed.toml: strategy per_task, module lora, router mahalanobis"
+        in (stdout)
+    )
 
 
 def test_list_bogus_names_the_choices():

@@ -5,12 +5,15 @@ The digits (8x8, 0..16) ship inside scikit-learn: offline. Five tasks of two dig
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
+from typer.testing import CliRunner
 
 from continual_peft import (
     Backbone,
@@ -21,6 +24,7 @@ from continual_peft import (
     Task,
     TrainConfig,
 )
+from continual_peft.cli import app
 from continual_peft.loading import load_learner
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.vision import ImageBackbone
@@ -216,7 +220,8 @@ def test_run_directory_reloads_an_image_learner(digits, tmp_path):
     assert loaded.predict(images, task="digits-2-3") == learner.predict(images, task="digits-2-3")
 
 
-def test_processor_path_takes_pil_and_numpy_images(digits, tmp_path):
+def vit_folder(tmp_path) -> str:
+    """The tiny ViT saved with an image processor: a model folder as users have them."""
     processor = ViTImageProcessor(
         do_resize=True,
         size={"height": 8, "width": 8},
@@ -228,7 +233,11 @@ def test_processor_path_takes_pil_and_numpy_images(digits, tmp_path):
     folder = tmp_path / "vit-with-processor"
     tiny_vit().save_pretrained(folder)
     processor.save_pretrained(folder)
-    backbone = Backbone.from_pretrained(str(folder), device="cpu")
+    return str(folder)
+
+
+def test_processor_path_takes_pil_and_numpy_images(digits, tmp_path):
+    backbone = Backbone.from_pretrained(vit_folder(tmp_path), device="cpu")
     assert isinstance(backbone, ImageBackbone) and backbone.processor is not None
     raw = (digits[0][:4] * 255 / 16).round().astype(np.uint8)  # (4, 8, 8)
     as_pil = [Image.fromarray(image, mode="L") for image in raw]
@@ -267,3 +276,33 @@ def test_clear_errors_for_inputs_of_the_wrong_kind(make_backbone):
         backbone.encode(["a digit"])
     with pytest.raises(ContinualPeftError, match="input 0 is a ndarray, not a text"):
         make_backbone().encode([np.zeros((8, 8), dtype=np.float32)])
+
+
+def test_image_folder_stream_through_the_command_line(digits, tmp_path):
+    """PNG files in an image folder, read by the `datasets` imagefolder loader (offline) from a
+    stream spec, cut into tasks by class, learned on a ViT folder by `continual-peft run`."""
+    images, target = digits
+    for split, rows in (("train", range(0, 400)), ("test", range(400, 600))):
+        for i in rows:
+            if target[i] < 4:
+                folder = tmp_path / "data" / "digits" / split / str(target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = (images[i] * 255 / 16).round().astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    spec = tmp_path / "digits.toml"
+    spec.write_text(
+        'name = "digits"\ndata_root = "data"\n[[class_split]]\nprefix = "digits"\n'
+        'dataset = "digits"\ntext_column = "image"\nclasses_per_task = 2\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["run", str(spec), "--backbone", vit_folder(tmp_path), "--out", str(out), "--epochs", "6",
+         "--lr", "0.01", "--batch-size", "8", "--baseline", "none"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["task_names"] == ["digits-0-1", "digits-2-3"]
+    assert [t["labels"] for t in report["tasks"]] == [["0", "1"], ["2", "3"]]
+    assert report["metrics"]["oracle"]["acc"] >= 0.8
