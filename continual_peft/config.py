@@ -5,6 +5,8 @@ A strategy spec:
     strategy = "per_task"        # a registered strategy (continual-peft list strategies)
     module = "lora"              # a registered module kind
     router = "oracle"            # oracle (task given), prototype, mahalanobis, gate, topk
+    [strategy_options]           # keyword arguments of the strategy, e.g. for replay:
+    buffer_size = 200
     [router_options]             # keyword arguments of the router, e.g. for topk:
     base = "mahalanobis"
     k = 2
@@ -32,6 +34,7 @@ from continual_peft._spec import Section, read_toml
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.routers import ROUTERS
+from continual_peft.strategies import STRATEGIES, build_strategy
 
 
 @dataclass
@@ -69,6 +72,7 @@ class LearnerConfig:
     modules: dict[str, Any] = field(default_factory=dict)  # kind -> its config (default if absent)
     task_modules: dict[str, str] = field(default_factory=dict)  # task -> kind, per-task override
     router_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the router
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # e.g. a replay buffer's size
 
     def kind_config(self, kind: str) -> Any:
         """The config of module kind `kind` (its defaults unless set)."""
@@ -89,13 +93,14 @@ class LearnerConfig:
             data[kind] = dataclasses.asdict(self.kind_config(kind))
         data["tasks"] = {task: {"module": kind} for task, kind in self.task_modules.items()}
         data["router_options"] = dict(self.router_options)
+        data["strategy_options"] = dict(self.strategy_options)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> LearnerConfig:
         """Build from a nested dict (a parsed spec), naming any bad key."""
         fixed = {"strategy", "module", "router", "seed", "backbone", "train", "tasks"}
-        fixed.add("router_options")
+        fixed |= {"router_options", "strategy_options"}
         top = Section(data, where, fixed | set(MODULE_KINDS.names()))
         values: dict[str, Any] = {}
         for key in ("strategy", "module", "router"):
@@ -114,6 +119,7 @@ class LearnerConfig:
         }
         values["task_modules"] = _task_modules(top.get("tasks", dict, {}), where)
         values["router_options"] = top.get("router_options", dict, {})
+        values["strategy_options"] = top.get("strategy_options", dict, {})
         config = cls(**values)
         config.validate(where)
         return config
@@ -161,6 +167,12 @@ class LearnerConfig:
                 raise ContinualPeftError(
                     f"{where}: {key} = {value!r} is invalid; it must be {rule}"
                 )
+        if self.strategy not in STRATEGIES:
+            raise ContinualPeftError(
+                f"{where}: unknown strategy {self.strategy!r}; valid names: "
+                f"{', '.join(STRATEGIES.names())}"
+            )
+        build_strategy(self.strategy, self.strategy_options)  # unknown options fail here
         if self.router not in ROUTERS:
             valid = ", ".join(ROUTERS.names())
             raise ContinualPeftError(

@@ -32,7 +32,7 @@ from continual_peft.monitor import ForgettingMonitor
 from continual_peft.reports import console_report
 from continual_peft.routers import ROUTERS, Router, build_router
 from continual_peft.rundir import RunDir
-from continual_peft.strategies import STRATEGIES
+from continual_peft.strategies import build_strategy
 from continual_peft.tasks import Task
 from continual_peft.training import TrainResult, predict_rows, train_task
 
@@ -103,7 +103,7 @@ class ContinualLearner:
                 backbone=BackboneConfig(max_length=max_length),
             )
         config.validate()
-        self.strategy = STRATEGIES.get(config.strategy)()
+        self.strategy = build_strategy(config.strategy, config.strategy_options)
         if isinstance(backbone, Backbone | str):
             # config.json must name the backbone actually used ("" = the bundled default)
             name = backbone if isinstance(backbone, str) else backbone.name
@@ -237,6 +237,7 @@ class ContinualLearner:
             self.run_dir.save_task(task.name, self.bank.slot_state(slot), head, self.records[-1])
             if self.router is not None:
                 self.run_dir.save_router(self.router)
+            self.run_dir.save_strategy(*self.strategy.state())
         self._write_report()
         if self.console:
             self.console.print(console_report(self.report))

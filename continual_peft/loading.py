@@ -51,4 +51,9 @@ def load_learner(run_dir: str | Path, backbone: Backbone | None = None) -> Conti
         learner.records.append(record)
     if learner.router is not None:
         learner.router = load_router(run / "router")
+    if (run / "strategy" / "strategy.json").is_file():
+        learner.strategy.load_state(
+            load_safetensors(run / "strategy" / "strategy.safetensors"),
+            load_json(run / "strategy" / "strategy.json"),
+        )
     return learner

@@ -8,6 +8,8 @@ runs/<YYYYmmdd-HHMMSS>-<stream>/
     tasks/<task>/head.safetensors     the task's head
     tasks/<task>/task.json            labels, slot index, training record
     router/router.safetensors, router/router.json   router statistics (task-agnostic runs)
+    strategy/strategy.safetensors, strategy/strategy.json   the strategy's state (e.g. a replay
+                                buffer, EWC's Fisher), if it keeps any
     baseline-<strategy>/        a baseline run on the same stream (same layout), if asked for
 """
 
@@ -80,6 +82,16 @@ class RunDir:
 
     def save_router(self, router: Router) -> None:
         save_router(router, self.path / "router")
+
+    def save_strategy(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """The strategy's state after a task; nothing for strategies that keep none. The JSON
+        is written last, so a folder whose JSON exists always has its tensors."""
+        if not tensors and not meta:
+            return
+        folder = self.path / "strategy"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(tensors, folder / "strategy.safetensors")
+        atomic_write_json(folder / "strategy.json", meta)
 
     def save_report(self, report: dict) -> None:
         write_reports(report, self.path)

@@ -3,15 +3,22 @@
 A strategy chooses the slot for each task (`allocate`) and may act at three points, all no-ops by
 default: `before_task`, `loss` (adjust each batch's loss) and `after_task`. None of them forks the
 engine's loop. Each task always gets its own head, frozen after its task.
+
+A strategy's options (`[strategy_options]` in a strategy spec, e.g. a replay buffer's size) are
+its constructor's keyword arguments; `build_strategy` refuses unknown ones by name. State that
+must outlive the process (a replay buffer, EWC's Fisher) goes through `state` / `load_state` and
+is saved with every checkpoint as `strategy/strategy.safetensors` + `strategy/strategy.json`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import inspect
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from continual_peft._registry import Registry
+from continual_peft.errors import ContinualPeftError
 
 if TYPE_CHECKING:
     from continual_peft.learner import ContinualLearner
@@ -38,6 +45,32 @@ class Strategy:
 
     def after_task(self, learner: ContinualLearner, task: Task) -> None:
         """Called after training, before evaluation."""
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON-ready data to save with each checkpoint; nothing by default."""
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what `state` returned (when a run is loaded to continue or predict)."""
+
+
+def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
+    """The strategy registered as `name`, built with `options`; unknown options are refused."""
+    cls = STRATEGIES.get(name)
+    options = dict(options or {})
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    accepted = [p.name for p in parameters if p.name != "self" and p.kind in kinds]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ContinualPeftError(
+            f"strategy {name!r} has no option(s) {unknown}; its options: "
+            f"{', '.join(accepted) or 'none'} ([strategy_options] in a strategy spec)"
+        )
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as err:
+        raise ContinualPeftError(f"strategy {name!r}: bad options {options}: {err}") from None
 
 
 @STRATEGIES.register("per_task")
