@@ -12,7 +12,9 @@ is saved with every checkpoint as `strategy/strategy.safetensors` + `strategy/st
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -97,3 +99,12 @@ class Sequential(Strategy):
         if learner.bank.num_slots == 0:
             return learner.bank.add_slot(seed=learner.task_seed(task, "slot"))
         return 0
+
+
+def _register_all() -> None:
+    """Import every strategy module of this package, so each registers itself."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()
