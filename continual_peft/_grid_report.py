@@ -18,8 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from continual_peft._io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from continual_peft._report_data import is_missing, pct
+from continual_peft._report_data import is_missing, md_table, pct
 from continual_peft.metrics import METRIC_DEFINITIONS
+from continual_peft.plots import figure_png
 
 AGGREGATE_FILES = ("aggregate.json", "aggregate.md", "aggregate.csv", "aggregate.png")
 # (key, display name, signed, definition key); transfer metrics are signed as in report.md.
@@ -94,12 +95,6 @@ def console_aggregate(aggregate: dict[str, Any]) -> Group:
 # ---------------------------------------------------------------- markdown
 
 
-def _md_table(header: list[str], rows: list[list[str]], left: int) -> list[str]:
-    rule = "|" + " --- |" * left + " ---: |" * (len(header) - left)
-    body = ["| " + " | ".join(row) + " |" for row in rows]
-    return ["| " + " | ".join(header) + " |", rule, *body, ""]
-
-
 def render_aggregate_markdown(aggregate: dict[str, Any]) -> str:
     """The contents of aggregate.md: the summary table, every run, and the definitions."""
     shown = _shown(aggregate)
@@ -113,14 +108,14 @@ def render_aggregate_markdown(aggregate: dict[str, Any]) -> str:
         "",
         "## Mean ± std (%)",
         "",
-        *_md_table(["order", "tasks", "runs", *labels], _summary_rows(aggregate), left=2),
+        *md_table(["order", "tasks", "runs", *labels], _summary_rows(aggregate), left=2),
     ]
     rows = [
         [run["order"], str(run["seed"]), f"`{run['run_dir']}`"]
         + [pct(run.get(key), signed) or "n/a" for key, _, signed, _ in shown]
         for run in aggregate.get("runs") or []
     ]
-    lines += ["## Runs (%)", "", *_md_table(["order", "seed", "run directory", *labels], rows, 3)]
+    lines += ["## Runs (%)", "", *md_table(["order", "seed", "run directory", *labels], rows, 3)]
     failed = aggregate.get("failed")
     if failed:
         lines += [
@@ -196,9 +191,7 @@ def _aggregate_png(aggregate: dict[str, Any]) -> bytes:
         ax.set_title(label)
         ax.set_ylabel("%")
     fig.suptitle(f"{_title(aggregate)}\nbars: mean ± sample std; dots: single runs")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def write_aggregate(aggregate: dict[str, Any], out_dir: str | Path) -> None:

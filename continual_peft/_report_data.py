@@ -60,3 +60,11 @@ def named_matrices(report: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
         title = "Routing accuracy (%): share of task j's test inputs routed to task j"
         named.append((title, as_array(report["routing_accuracy"])))
     return named
+
+
+def md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """Markdown table lines; the first ``left`` columns are left-aligned, numbers right-aligned."""
+    rule = "|" + " --- |" * left + " ---: |" * (len(header) - left)
+    lines = ["| " + " | ".join(header) + " |", rule]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]

@@ -155,7 +155,7 @@ class ContinualPeftModel(nn.Module):
         if self.training and self.session is not None:
             learner, session = self.learner, self.session
             batch = learner.backbone.collate(learner.backbone.encode(inputs).items)
-            with learner.bank.use_slot(session.slot), learner.backbone.autocast():
+            with learner.use_task(session.task.name), learner.backbone.autocast():
                 local = session.head(learner.backbone.embed(batch)).float()
             return self._spread(local, [session.task] * len(inputs))
         return self._predicted(inputs)

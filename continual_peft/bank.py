@@ -8,6 +8,8 @@ all others are frozen. Which slot each row uses is set with a context manager:
         ...
     with bank.use_slot(3):               # every row on slot 3
         ...
+    with bank.use_slots([0, 1, 3]):      # every row on slots 0, 1 and 3 (weights 1: summed)
+        ...
     with bank.base_only():               # the bare backbone (frozen features)
         ...
 
@@ -155,6 +157,32 @@ class ModuleBank:
         self._check_slot(slot)
         kind = self.slot_kinds[slot]
         with self._set({kind: Routing(single=self.slot_local[slot])}):
+            yield
+
+    @contextlib.contextmanager
+    def use_slots(self, slots: list[int], weights: list[float] | None = None) -> Iterator[None]:
+        """Every row on the same mix of `slots` with `weights` (1 each when None).
+
+        One slot at weight 1 is exactly `use_slot`; otherwise the (1, k) routing is shared by
+        every row of whatever batch runs inside, so the batch size need not be known.
+        """
+        if weights is None:
+            weights = [1.0] * len(slots)
+        if not slots or len(weights) != len(slots):
+            raise ContinualPeftError(
+                f"use_slots needs one weight per slot and at least one slot; got slots {slots} "
+                f"and weights {weights}"
+            )
+        for slot in slots:
+            self._check_slot(slot)
+        if len(slots) == 1 and weights[0] == 1:
+            with self.use_slot(slots[0]):
+                yield
+            return
+        device = self.backbone.device
+        indices = torch.tensor([slots], dtype=torch.long, device=device)  # (1, k)
+        mix = torch.tensor([weights], dtype=torch.float32, device=device)  # (1, k)
+        with self._set(self._per_kind(indices, mix)):
             yield
 
     @contextlib.contextmanager

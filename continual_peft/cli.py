@@ -11,7 +11,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from continual_peft._compare_entries import override, resolve_entries
 from continual_peft._io import atomic_write_text
+from continual_peft._leaderboard_report import console_leaderboard
+from continual_peft.compare import compare, load_leaderboard
 from continual_peft.config import LearnerConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError
 from continual_peft.export import export_task
@@ -50,16 +53,11 @@ def _fail(message: str, code: int = 2) -> None:
 def _config(strategy: str, overrides: dict) -> LearnerConfig:
     """A strategy name or spec file, with command-line overrides applied on top."""
     if strategy.endswith(".toml"):
-        data = load_strategy_spec(strategy).to_dict()
+        config = load_strategy_spec(strategy)
     else:
         STRATEGIES.get(strategy)
-        data = LearnerConfig(strategy=strategy).to_dict()
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        section, _, field = key.rpartition(".")
-        (data[section] if section else data)[field] = value
-    return LearnerConfig.from_dict(data, "command line")
+        config = LearnerConfig(strategy=strategy)
+    return override(config, overrides, "command line")
 
 
 @app.command()
@@ -155,16 +153,89 @@ def run(
         )
 
 
+@app.command("compare")
+def compare_(
+    stream: Path = typer.Option(None, help="Stream spec (TOML). Default: the embedded demo."),
+    strategies: str = typer.Option(
+        None,
+        help="Entries joined by commas: registered strategy names (each with its single shipped "
+        "spec strategies/<name>[_*].toml if there is one, else the default LoRA config) or "
+        "strategy spec files (.toml). Default: every registered strategy.",
+    ),
+    sweep: str = typer.Option(
+        None,
+        help="KEY=V1,V2,...: every entry once per value, e.g. lora.r=1,2,4,8,16, "
+        "prompt.num_virtual_tokens=5,10, train.lr=1e-3,1e-2; adds sweep.png.",
+    ),
+    seeds: str = typer.Option(
+        None, help="Seeds joined by commas (each entry runs as an order x seed grid)."
+    ),
+    order: list[str] = typer.Option(
+        None, "--order", "--orders", help="Task order(s), as for `run --order`; repeatable."
+    ),
+    out: Path = typer.Option(None, help="Output folder. Default: runs/<time>-<stream>-compare."),
+    data_root: Path = typer.Option(None, help="Folder the stream's task paths are relative to."),
+    max_train: int = typer.Option(None, help="Training examples per task (seeded subset)."),
+    max_test: int = typer.Option(None, help="Test examples per task (seeded subset)."),
+    epochs: int = typer.Option(None, help="For every entry (else they must agree)."),
+    batch_size: int = typer.Option(None, help="For every entry (else they must agree)."),
+    lr: float = typer.Option(
+        None, help="For every entry, replacing each spec's own lr (leave unset to keep them)."
+    ),
+    router: str = typer.Option(None, help="Router for every entry (default: each entry's)."),
+    max_length: int = typer.Option(None, help="Longest input in tokens, for every entry."),
+    backbone: str = typer.Option(None, help="Model folder or name, for every entry."),
+) -> None:
+    """Run several strategies on the same stream and budget; write a leaderboard.
+
+    Writes one run (or grid) folder per entry, leaderboard.json/.md/.csv, acc_vs_params.png and
+    task_curves.png (and sweep.png with --sweep). A failed entry is recorded with its error and
+    the others still run; the command then exits with status 1.
+    """
+    try:
+        overrides = {
+            "router": router,
+            "train.epochs": epochs,
+            "train.lr": lr,
+            "train.batch_size": batch_size,
+            "backbone.max_length": max_length,
+            "backbone.name": backbone,
+        }
+        names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
+        entries = resolve_entries(names or STRATEGIES.names(), overrides, sweep)
+        tasks = load_stream(stream, data_root, max_train, max_test)
+        orders = resolve_orders(tasks, order or []) or None
+        seed_list = parse_seeds(seeds) if seeds is not None else None
+        folder = out or new_run_path("runs", f"{tasks.name}-compare")
+        board = compare(tasks, entries, folder, seed_list, orders, console=console)
+    except ContinualPeftError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted; finished entries are in the leaderboard.", code=130)
+    console.print(console_leaderboard(board))
+    console.print(
+        f"\ncomparison folder: [bold]{folder}[/] (leaderboard.md, leaderboard.json, "
+        "leaderboard.csv, acc_vs_params.png, task_curves.png; one folder per entry)"
+    )
+    failed = [e["label"] for e in board["entries"] if e["status"] != "finished"]
+    if failed:
+        total = len(board["entries"])
+        _fail(f"{len(failed)} of {total} entries failed: {', '.join(failed)} (leaderboard.md)", 1)
+
+
 @app.command()
 def report(
     run_dir: Path = typer.Argument(
-        ..., help="A run directory or its report.json, or a grid folder or its aggregate.json."
+        ...,
+        help="A run directory or its report.json, a grid folder or its aggregate.json, or a "
+        "comparison folder or its leaderboard.json.",
     ),
 ) -> None:
-    """Print a saved run's report, or a grid's aggregate (mean ± std over orders and seeds)."""
+    """Print a saved run's report, a grid's aggregate, or a comparison's leaderboard."""
     try:
-        grid = run_dir.name == "aggregate.json" or (run_dir / "aggregate.json").is_file()
-        if grid:
+        if run_dir.name == "leaderboard.json" or (run_dir / "leaderboard.json").is_file():
+            console.print(console_leaderboard(load_leaderboard(run_dir)))
+        elif run_dir.name == "aggregate.json" or (run_dir / "aggregate.json").is_file():
             console.print(console_aggregate(load_aggregate(run_dir)))
         else:
             console.print(console_report(load_report(run_dir)))

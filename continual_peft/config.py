@@ -172,12 +172,13 @@ class LearnerConfig:
                 f"{where}: unknown strategy {self.strategy!r}; valid names: "
                 f"{', '.join(STRATEGIES.names())}"
             )
-        build_strategy(self.strategy, self.strategy_options)  # unknown options fail here
+        strategy = build_strategy(self.strategy, self.strategy_options)  # unknown options fail
         if self.router not in ROUTERS:
             valid = ", ".join(ROUTERS.names())
             raise ContinualPeftError(
                 f"{where}: unknown router {self.router!r}; valid names: {valid}"
             )
+        strategy.check(self, where)  # e.g. a strategy that works with one module kind only
 
 
 def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:

@@ -218,7 +218,8 @@ def run_record(order: str, seed: int, run_dir: str, report: dict[str, Any]) -> d
     return record
 
 
-def _stats(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
+def metric_stats(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
+    """{key: {mean, std (sample, ddof=1; None for n < 2), n}} over the runs that measured key."""
     stats = {}
     for key in keys:
         values = np.array([r[key] for r in runs if not is_missing(r.get(key))], dtype=float)
@@ -245,9 +246,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     orders = list(dict.fromkeys(run["order"] for run in runs))
     return {
         "std": STD_NOTE,
-        "overall": _stats(runs, keys),
+        "overall": metric_stats(runs, keys),
         "by_order": {
-            name: _stats([r for r in runs if r["order"] == name], keys) for name in orders
+            name: metric_stats([r for r in runs if r["order"] == name], keys) for name in orders
         },
     }
 

@@ -148,7 +148,7 @@ class ContinualLearner:
             The task's record (slot, sizes, times, loss, accuracy row).
         """
         session = self.begin_task(task)
-        with self.bank.use_slot(session.slot):
+        with self.use_task(task.name):
             result = train_task(
                 self.backbone, session.head, session.params, session.train_items,
                 task.train_labels, self.config.train, seed=self.task_seed(task, "train"),
@@ -161,8 +161,8 @@ class ContinualLearner:
         """The first half of `learn`: slot, head and the "before" accuracies of a new task.
 
         For training loops other than ours (e.g. Avalanche's): train `session.params` on the
-        task under `bank.use_slot(session.slot)` with `session.adjust_loss` applied to each
-        batch's loss, then call `end_task`.
+        task under `use_task(task.name)` with `session.adjust_loss` applied to each batch's
+        loss, then call `end_task`.
         """
         if task.name in self.learned:
             raise ContinualPeftError(
@@ -193,7 +193,7 @@ class ContinualLearner:
     def end_task(self, session: TaskSession, result: TrainResult) -> dict:
         """The second half of `learn`: freeze, evaluate every task, checkpoint and report."""
         task, slot = session.task, session.slot
-        self.strategy.after_task(self, task)
+        strategy_facts = self.strategy.after_task(self, task)
         self.heads.freeze(task.name)
         start = time.perf_counter()
         router_items = session.train_items
@@ -211,9 +211,36 @@ class ContinualLearner:
             "train_steps": result.steps, "final_train_loss": result.final_loss,
             "truncated_inputs": session.truncated,
         }  # fmt: skip
+        if strategy_facts:
+            record["strategy"] = strategy_facts
         self.records.append(record)
         self._checkpoint(task, slot)
         return record
+
+    def use_task(self, task: str) -> contextlib.AbstractContextManager[None]:
+        """Every row through `task`'s slots and weights (the strategy's `routing`): how a
+        task's rows are trained and evaluated."""
+        slots, weights = self.strategy.routing(self, task)
+        return self.bank.use_slots(slots, weights)
+
+    def _routing_table(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each task's routing as one row of (len(tasks), m) slots and weights, padded with
+        slot -1 at weight 0 (m: the most slots any of them uses)."""
+        routes = [self.strategy.routing(self, task) for task in tasks]
+        width = max((len(slots) for slots, _ in routes), default=1)
+        slots = torch.full((len(tasks), width), -1, dtype=torch.long)
+        weights = torch.zeros(len(tasks), width)
+        for row, (task_slots, task_weights) in enumerate(routes):
+            slots[row, : len(task_slots)] = torch.tensor(task_slots, dtype=torch.long)
+            weights[row, : len(task_weights)] = torch.tensor(task_weights)
+        return slots, weights
+
+    def _rows_routing(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, m) slots and weights for rows whose tasks are given (oracle routing)."""
+        names = [self._learned(t).task.name for t in dict.fromkeys(tasks)]  # unknown: refused
+        slots, weights = self._routing_table(names)
+        rows = torch.tensor([names.index(t) for t in tasks], dtype=torch.long)
+        return slots[rows], weights[rows]
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -290,12 +317,15 @@ class ContinualLearner:
         task indices and weights."""
         indices, weights = self.router.route(features)
         order = list(self.learned.values())
-        slot_of = torch.tensor([s.slot for s in order])
-        slots = torch.where(indices >= 0, slot_of[indices.clamp(min=0)], -1)
+        # each of a row's k tasks brings its own routing (m slots): k·m entries per row
+        table_slots, table_weights = self._routing_table([s.task.name for s in order])
+        safe, chosen = indices.clamp(min=0), (indices >= 0)[:, :, None]
+        slots = torch.where(chosen, table_slots[safe], -1).flatten(1)  # (B, k·m)
+        mixed = (weights[:, :, None] * table_weights[safe]).flatten(1)  # (B, k·m)
         top = indices[:, 0].tolist()
         heads = [order[t].task.name if t >= 0 else None for t in top]
         predictions = routed_predict(
-            self.backbone, self.bank, self.heads, items, slots, weights, heads,
+            self.backbone, self.bank, self.heads, items, slots, mixed, heads,
             self.config.train.eval_batch_size,
         )  # fmt: skip
         labels = [
@@ -314,9 +344,9 @@ class ContinualLearner:
         return accuracy, float((indices[:, 0] == state.index).double().mean())
 
     def _accuracy(self, state: _Learned, base_only: bool = False) -> float:
-        """Oracle accuracy on a task's test set (its slot and head; no module if `base_only`)."""
+        """Oracle accuracy on a task's test set (its routing and head; no module if `base_only`)."""
         head = self.heads.heads[state.task.name]
-        routing = self.bank.base_only() if base_only else self.bank.use_slot(state.slot)
+        routing = self.bank.base_only() if base_only else self.use_task(state.task.name)
         with routing:
             preds = predict_rows(
                 self.backbone,
@@ -336,9 +366,11 @@ class ContinualLearner:
         Returns:
             (B, C_max) logits, -inf past each row's own label count.
         """
-        slots = torch.tensor([self._learned(t).slot for t in tasks], device=self.backbone.device)
+        slots, weights = self._rows_routing(list(tasks))
+        device = self.backbone.device
         batch = self.backbone.collate(self.backbone.encode(list(inputs)).items)
-        with torch.no_grad(), self.bank.route(slots), self.backbone.autocast():
+        routing = self.bank.route(slots.to(device), weights.to(device))
+        with torch.no_grad(), routing, self.backbone.autocast():
             return self.heads.logits(self.backbone.embed(batch), list(tasks)).float()
 
     def predict(self, inputs: list, task: str | list[str] | None = None) -> list[str]:
@@ -354,10 +386,10 @@ class ContinualLearner:
         tasks = [task] * len(inputs) if isinstance(task, str) else list(task)
         if len(tasks) != len(inputs):
             raise ContinualPeftError(f"got {len(inputs)} inputs but {len(tasks)} task names")
-        slots = torch.tensor([[self._learned(t).slot] for t in tasks])
+        slots, weights = self._rows_routing(tasks)
         predictions = routed_predict(
             self.backbone, self.bank, self.heads, self.backbone.encode(list(inputs)).items,
-            slots, torch.ones(slots.shape), tasks, self.config.train.eval_batch_size,
+            slots, weights, tasks, self.config.train.eval_batch_size,
         )  # fmt: skip
         return [self._learned(t).task.labels[p] for t, p in zip(tasks, predictions, strict=True)]
 

@@ -74,8 +74,13 @@ def _heatmap_png(report: dict[str, Any]) -> bytes:
         axes[0].text(0.5, 0.5, "no task evaluated yet", ha="center", va="center")
     stream, strategy = report.get("stream", "?"), report.get("strategy", "?")
     fig.suptitle(f"Accuracy matrix R (%): {stream} / {strategy}")
+    return figure_png(fig, dpi=150)
+
+
+def figure_png(fig: Figure, dpi: int = 120) -> bytes:
+    """A bare Figure rendered to PNG bytes (Agg canvas; pyplot's global state stays untouched)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
+    fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
 
 

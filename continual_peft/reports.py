@@ -27,6 +27,7 @@ from continual_peft._report_data import (
     matrix_of as _matrix,
 )
 from continual_peft._report_data import (
+    md_table,
     named_matrices,
 )
 from continual_peft._report_data import (
@@ -121,14 +122,6 @@ def console_report(report: dict[str, Any]) -> Group:
 # ---------------------------------------------------------------- markdown
 
 
-def _md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
-    """Markdown table lines; the first ``left`` columns are left-aligned, numbers right-aligned."""
-    rule = "|" + " --- |" * left + " ---: |" * (len(header) - left)
-    lines = ["| " + " | ".join(header) + " |", rule]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines + [""]
-
-
 def _md_tasks(report: dict[str, Any]) -> list[str]:
     header = ["#", "task", "labels", *(title for _, title, _ in _TASK_COLUMNS)]
     rows = []
@@ -137,14 +130,14 @@ def _md_tasks(report: dict[str, Any]) -> list[str]:
         rows.append([str(number), task.get("name", ""), str(len(task.get("labels") or [])), *cells])
     if not rows:
         return []
-    return ["## Tasks", "", *_md_table(header, rows, left=2)]
+    return ["## Tasks", "", *md_table(header, rows, left=2)]
 
 
 def _md_matrix(report: dict[str, Any], title: str, data: np.ndarray) -> list[str]:
     names = _names(report, max(data.shape))
     rows = [[names[i], *(_pct(v) for v in row)] for i, row in enumerate(data)]
     intro = "Row: after training task; column: evaluated on task; blank: not measured."
-    table = _md_table(["after \\ on", *names[: data.shape[1]]], rows)
+    table = md_table(["after \\ on", *names[: data.shape[1]]], rows)
     return [f"## {title}", "", intro, "", *table]
 
 
@@ -161,7 +154,7 @@ def _md_metrics(report: dict[str, Any]) -> list[str]:
         values = [(metrics[mode].get("avalanche_forgetting") or []) for mode in modes]
         cells = [_pct(v[j], True) if j < len(v) else "" for v in values]
         rows.append([f"Avalanche forgetting, {name}", *(cell or "n/a" for cell in cells)])
-    lines = ["## Metrics (%)", "", *_md_table(["metric", *modes], rows)]
+    lines = ["## Metrics (%)", "", *md_table(["metric", *modes], rows)]
     initial = report.get("initial_accuracy")
     if initial:
         pairs = zip(_names(report, len(initial)), initial, strict=True)
@@ -188,7 +181,7 @@ def _md_baseline(report: dict[str, Any]) -> list[str]:
             cells = [_pct(a, signed), _pct(b, signed), _pct(diff, True)]
             rows.append([f"{label} ({mode})", *(cell or "n/a" for cell in cells)])
     header = ["metric", str(ours), str(theirs), "difference"]
-    return [f"## Comparison with baseline `{theirs}` (%)", "", *_md_table(header, rows)]
+    return [f"## Comparison with baseline `{theirs}` (%)", "", *md_table(header, rows)]
 
 
 def render_markdown(report: dict[str, Any]) -> str:

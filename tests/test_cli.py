@@ -195,9 +195,15 @@ def test_run_unknown_spec_key(stream_spec: Path, tmp_path: Path, no_model):
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        (["--strategy", "bogus"], "unknown strategy 'bogus'; valid names: per_task, seq"),
+        (
+            ["--strategy", "bogus"],
+            f"unknown strategy 'bogus'; valid names: {', '.join(STRATEGIES.names())}",
+        ),
         (["--module", "bogus"], f"unknown module kind 'bogus'; valid names: {KIND_NAMES}"),
-        (["--baseline", "bogus"], "unknown strategy 'bogus'; valid names: per_task, seq"),
+        (
+            ["--baseline", "bogus"],
+            f"unknown strategy 'bogus'; valid names: {', '.join(STRATEGIES.names())}",
+        ),
         (["--epochs", "0"], "train.epochs = 0 is invalid; it must be >= 1"),
         (["--lr", "-1"], "train.lr = -1.0 is invalid; it must be > 0"),
         (["--rank", "0"], "lora.r = 0 is invalid; it must be >= 1"),

@@ -10,7 +10,7 @@ import torch
 from conftest import FAST_TRAIN, word_task
 from safetensors.torch import load_file
 
-from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig
+from continual_peft import STRATEGIES, ContinualLearner, ContinualPeftError, LearnerConfig
 from continual_peft.metrics import compute_metrics
 
 
@@ -123,9 +123,8 @@ def test_duplicate_task_and_unknown_task_are_refused(learned):
 
 
 def test_unknown_strategy_lists_valid_names(make_backbone):
-    with pytest.raises(
-        ContinualPeftError, match="unknown strategy 'bogus'; valid names: per_task, seq"
-    ):
+    names = ", ".join(STRATEGIES.names())
+    with pytest.raises(ContinualPeftError, match=f"unknown strategy 'bogus'; valid names: {names}"):
         ContinualLearner(make_backbone(), strategy="bogus")
 
 

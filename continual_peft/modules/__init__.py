@@ -90,4 +90,4 @@ def original_name(name: str) -> str:
 __all__ = ["MODULE_KINDS", "Routing", "wrap_linear_layers"]
 
 # Importing a kind's module registers it.
-from continual_peft.modules import adapter, lora, prefix, prompt  # noqa: E402,F401
+from continual_peft.modules import adapter, lora, prefix, prompt, prompt_pool  # noqa: E402,F401

@@ -8,7 +8,8 @@ LoRA is `D = A`, `U = B`, identity act, no biases; a bottleneck adapter is a dow
 nonlinearity and an up-projection, added to the layer's output (the residual connection).
 A mixed batch gathers each row's slots; since `act` works per hidden unit, mixing k slots with
 weights w is one delta of width k·r with `[D_1; …; D_k]` and `[w_1 U_1, …, w_k U_k]`, so every
-row of the batch is served by two batched matmuls whatever the number of slots.
+row of the batch is served by two batched matmuls whatever the number of slots. When every row
+shares one mix (`bank.use_slots`), the same width-k·r delta needs no per-row gather at all.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class LowRankSite(StackedSite):
         h = self.dropout(out if self.on_output else x)
         if self.routing.single is not None:
             delta = self._single(h, self.stack.slot(self.routing.single))
+        elif self.routing.shared:
+            delta = self._shared(h, self.stack.stacked())
         else:
             delta = self._mixed(h, self.stack.stacked())
         return out + delta.to(out.dtype)
@@ -93,6 +96,21 @@ class LowRankSite(StackedSite):
         if up_bias:
             delta = delta + t[up_bias].to(h.dtype)
         return delta * t["scale"].to(h.dtype)
+
+    def _shared(self, h: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every row on the same k slots: one delta of width k·r, no per-row gather."""
+        down, up, down_bias, up_bias = self.names
+        shared = self.routing.indices[0], self.routing.weights[0]  # (k,) each
+        idx, w = gather_weights(*shared, t["scale"])
+        w = w.to(h.dtype)
+        z = h @ t[down][idx].reshape(-1, h.shape[-1]).T.to(h.dtype)  # (..., k·r)
+        if down_bias:
+            z = z + t[down_bias][idx].reshape(-1).to(h.dtype)
+        u = (t[up][idx].to(h.dtype) * w[:, None, None]).permute(1, 0, 2)  # (d_out, k, r)
+        delta = self.activation(z) @ u.reshape(u.shape[0], -1).T  # (..., d_out)
+        if up_bias:
+            delta = delta + w @ t[up_bias][idx].to(h.dtype)
+        return delta
 
     def _mixed(self, h: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         down, up, down_bias, up_bias = self.names

@@ -14,13 +14,22 @@ class Routing:
     With `indices is None and single is None` every site adds nothing (the bare backbone).
     """
 
-    indices: torch.Tensor | None = None  # (B, k) slot ids, -1 = no module for that entry
-    weights: torch.Tensor | None = None  # (B, k) mixing weights
+    indices: torch.Tensor | None = None  # (B, k) slot ids, -1 = no module; (1, k): every row
+    weights: torch.Tensor | None = None  # (B, k) mixing weights, (1, k) like `indices`
     single: int | None = None  # every row on this one slot with weight 1: a faster path
 
     @property
     def off(self) -> bool:
         return self.indices is None and self.single is None
+
+    @property
+    def shared(self) -> bool:
+        """One row of slots and weights that every row of the batch uses (`bank.use_slots`)."""
+        return self.indices is not None and self.indices.shape[0] == 1
+
+    def for_rows(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, k) indices and weights; a shared (1, k) routing is repeated for every row."""
+        return self.indices.expand(rows, -1), self.weights.expand(rows, -1)
 
 
 def gather_weights(

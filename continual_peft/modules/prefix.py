@@ -125,7 +125,7 @@ class PrefixSite(StackedSite):
             return keys.expand(rows, -1, -1), values.expand(rows, -1, -1), keep
         t = self.stack.stacked()  # (T, N, d) each
         ones = torch.ones(len(t["prefix_key"]), device=t["prefix_key"].device)
-        idx, w = gather_weights(self.routing.indices, self.routing.weights, ones)  # (B, k)
+        idx, w = gather_weights(*self.routing.for_rows(rows), ones)  # (B, k)
         w = w.to(t["prefix_key"].dtype)
         keys = torch.einsum("bk,bknd->bnd", w, t["prefix_key"][idx])  # (B, N, d)
         values = torch.einsum("bk,bknd->bnd", w, t["prefix_value"][idx])  # (B, N, d)

@@ -58,7 +58,9 @@ class PromptConfig:
     init: str = "vocab"  # "vocab": N random tokens' embeddings; "normal": N(0, σ of the vocab)
 
 
-def _init(config: PromptConfig, table: torch.Tensor) -> Callable[[torch.Generator], dict]:
+def prompt_init(config: PromptConfig, table: torch.Tensor) -> Callable[[torch.Generator], dict]:
+    """A slot initialiser: `config.init` applied to the token table `table` (V, d)."""
+
     def init(generator: torch.Generator) -> dict[str, torch.Tensor]:
         weight = table.detach()  # (V, d)
         n = config.num_virtual_tokens
@@ -69,6 +71,40 @@ def _init(config: PromptConfig, table: torch.Tensor) -> Callable[[torch.Generato
         return {"embedding": noise * weight.float().std().cpu()}
 
     return init
+
+
+def prepend_virtual_tokens(
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    prompts: torch.Tensor,
+    present: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Prepend `prompts` (B, N, d) to a batch, as the input hook returns it (module docstring).
+
+    Rows where `present` (B,) is False get mask 0 on the N virtual tokens and keep their real
+    tokens' position ids, so their output equals a run without prompts.
+    """
+    rows, n = prompts.shape[:2]
+    virtual_mask = present[:, None].expand(rows, n).to(mask.dtype)  # (B, N); 0 = no prompt
+    virtual_positions = torch.arange(n, device=positions.device).expand(rows, n)  # (B, N)
+    shifted = positions + n * present[:, None].to(positions.dtype)  # rows w/o prompt: as-is
+    return (
+        torch.cat([prompts, embeds], dim=1),  # (B, N + L, d)
+        torch.cat([virtual_mask, mask], dim=1),  # (B, N + L)
+        torch.cat([virtual_positions, shifted], dim=1),  # (B, N + L)
+        n,
+    )
+
+
+def check_position_room(backbone, n: int, setting: str) -> None:
+    """Refuse `n` virtual tokens that would push a text backbone past its position embeddings."""
+    limit = getattr(backbone.model.config, "max_position_embeddings", None)
+    if limit is not None and backbone.max_length + n > limit:
+        raise ContinualPeftError(
+            f"{n} virtual tokens + max_length {backbone.max_length} exceed the backbone's "
+            f"{limit} positions; lower {setting} or max_length"
+        )
 
 
 class PromptSite(StackedSite):
@@ -121,39 +157,19 @@ class PromptSite(StackedSite):
             prompts = prompt.expand(rows, *prompt.shape)  # (B, N, d)
             present = torch.ones(rows, dtype=torch.bool, device=embeds.device)
         else:
-            prompts, present = self._mixed(embeds.dtype)
-        return self._prepend(embeds, mask, positions, prompts, present)
+            prompts, present = self._mixed(embeds.dtype, rows)
+        return prepend_virtual_tokens(embeds, mask, positions, prompts, present)
 
-    def _mixed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed(self, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's weight-normalised prompt (B, N, d) and whether it has one (B,)."""
         stacked = self.stack.stacked()["embedding"]  # (T, N, d)
         ones = torch.ones(len(stacked), device=stacked.device)
-        idx, w = gather_weights(self.routing.indices, self.routing.weights, ones)  # (B, k)
+        idx, w = gather_weights(*self.routing.for_rows(rows), ones)  # (B, k)
         total = w.sum(dim=1)  # (B,)
         present = total > 0
         w = w / torch.where(present, total, torch.ones_like(total))[:, None]
         prompts = torch.einsum("bk,bknd->bnd", w.to(dtype), stacked[idx].to(dtype))
         return prompts, present
-
-    def _prepend(
-        self,
-        embeds: torch.Tensor,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        prompts: torch.Tensor,
-        present: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        n = self.num_virtual_tokens
-        rows = embeds.shape[0]
-        virtual_mask = present[:, None].expand(rows, n).to(mask.dtype)  # (B, N); 0 = no prompt
-        virtual_positions = torch.arange(n, device=positions.device).expand(rows, n)  # (B, N)
-        shifted = positions + n * present[:, None].to(positions.dtype)  # rows w/o prompt: as-is
-        return (
-            torch.cat([prompts, embeds], dim=1),  # (B, N + L, d)
-            torch.cat([virtual_mask, mask], dim=1),  # (B, N + L)
-            torch.cat([virtual_positions, shifted], dim=1),  # (B, N + L)
-            n,
-        )
 
 
 @MODULE_KINDS.register("prompt")
@@ -176,16 +192,11 @@ class Prompt:
     def inject(self, backbone, routing: Routing) -> dict[str, nn.Module]:
         """Register the prompt hook on `backbone` and return `{"prompt": site}`."""
         n = self.config.num_virtual_tokens
-        limit = getattr(backbone.model.config, "max_position_embeddings", None)
-        if limit is not None and backbone.max_length + n > limit:
-            raise ContinualPeftError(
-                f"{n} virtual tokens + max_length {backbone.max_length} exceed the backbone's "
-                f"{limit} positions; lower num_virtual_tokens or max_length"
-            )
+        check_position_room(backbone, n, "num_virtual_tokens")
         if "prompt" in dict(backbone.named_children()):
             raise ContinualPeftError("this backbone already has a prompt kind injected")
         table = backbone.token_table()  # word embeddings; for images, a blank image's tokens
-        site = PromptSite(table, routing, n, _init(self.config, table))
+        site = PromptSite(table, routing, n, prompt_init(self.config, table))
         # A child of the backbone, like the wrapped-layer sites of other kinds: it follows
         # `backbone.to()` and its trainable slot shows in `backbone.parameters()`.
         backbone.add_module("prompt", site)

@@ -1,8 +1,13 @@
 """Strategies: how a task gets its slot, and three hooks around its training.
 
 A strategy chooses the slot for each task (`allocate`) and may act at three points, all no-ops by
-default: `before_task`, `loss` (adjust each batch's loss) and `after_task`. None of them forks the
-engine's loop. Each task always gets its own head, frozen after its task.
+default: `before_task`, `loss` (adjust each batch's loss) and `after_task` (which may return facts
+for the task's record). None of them forks the engine's loop. Each task always gets its own head,
+frozen after its task.
+
+`routing` says which slots a task's rows go through, with which weights, in training and at
+inference alike: by default its own slot at weight 1; O-LoRA sums every slot. `check` refuses a
+configuration the strategy cannot work with, when the config is validated.
 
 A strategy's options (`[strategy_options]` in a strategy spec, e.g. a replay buffer's size) are
 its constructor's keyword arguments; `build_strategy` refuses unknown ones by name. State that
@@ -23,6 +28,7 @@ from continual_peft._registry import Registry
 from continual_peft.errors import ContinualPeftError
 
 if TYPE_CHECKING:
+    from continual_peft.config import LearnerConfig
     from continual_peft.learner import ContinualLearner
     from continual_peft.tasks import Task
 
@@ -38,6 +44,14 @@ class Strategy:
         """The slot that `task` trains and is routed to."""
         raise NotImplementedError
 
+    def routing(self, learner: ContinualLearner, task: str) -> tuple[list[int], list[float]]:
+        """The slots every row of `task` goes through and their weights, for training and
+        inference alike (the bank sums the slots' deltas); the task's own slot by default."""
+        return [learner.learned[task].slot], [1.0]
+
+    def check(self, config: LearnerConfig, where: str = "config") -> None:
+        """Refuse a configuration this strategy cannot work with; anything goes by default."""
+
     def before_task(self, learner: ContinualLearner, task: Task) -> None:
         """Called before the task's slot is chosen."""
 
@@ -45,8 +59,9 @@ class Strategy:
         """The loss to minimise for one batch, given the task's own loss."""
         return loss
 
-    def after_task(self, learner: ContinualLearner, task: Task) -> None:
-        """Called after training, before evaluation."""
+    def after_task(self, learner: ContinualLearner, task: Task) -> dict[str, Any] | None:
+        """Called after training, before evaluation; JSON-ready facts it returns go into the
+        task's record (and report.json) under `strategy`."""
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and JSON-ready data to save with each checkpoint; nothing by default."""

@@ -1,0 +1,216 @@
+"""`compare`: a consistent leaderboard on a tiny backbone, a sweep, and bad input refused."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from pathlib import Path
+
+import pytest
+from conftest import word_task
+from test_cli import write_stream
+from typer.testing import CliRunner
+
+from continual_peft import STRATEGIES, Backbone, LearnerConfig, ModuleBank
+from continual_peft import cli as cli_module
+from continual_peft._compare_entries import entry_from, resolve_entries
+from continual_peft.compare import compare, load_leaderboard, total_trainable_parameters
+from continual_peft.errors import ContinualPeftError
+from continual_peft.reports import load_report
+
+runner = CliRunner()
+NAMES = ("colors", "animals")
+BUDGET = ("--epochs", "1", "--batch-size", "8", "--max-train", "12", "--max-test", "6")
+# Every registered strategy: per_task and seq, and each one other engineers add (replay, ewc,
+# ...) through its shipped spec or the default config.
+STRATEGY_NAMES = STRATEGIES.names()
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(cli_module.app, [str(a) for a in args])
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    tasks = [word_task(name, n_train=24, n_test=12) for name in NAMES]
+    return write_stream(tmp_path / "stream", tasks)
+
+
+@pytest.fixture
+def tiny(monkeypatch, make_backbone):
+    """The CLI's `compare` builds tiny backbones instead of loading the default one."""
+    monkeypatch.setattr(
+        cli_module, "compare", functools.partial(compare, make_backbone=make_backbone)
+    )
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a backbone was loaded before the input was validated")
+
+    monkeypatch.setattr(Backbone, "from_pretrained", refuse)
+
+
+def _plain_count(make_backbone, config: LearnerConfig, labels: int) -> tuple[int, int]:
+    """(one slot, one head) trainable parameters, counted from a fresh bank and a linear head."""
+    backbone = make_backbone()
+    bank = ModuleBank(backbone, config.module, config.kind_config(config.module))
+    bank.add_slot(seed=0)
+    slot = sum(p.numel() for p in bank.trainable_parameters())
+    return slot, (backbone.hidden_size + 1) * labels
+
+
+def test_compare_writes_a_consistent_leaderboard(spec: Path, tmp_path: Path, tiny, make_backbone):
+    out = tmp_path / "cmp"
+    names = ",".join(STRATEGY_NAMES)
+    result = invoke("compare", "--stream", spec, "--strategies", names, "--out", out, *BUDGET)
+    assert result.exit_code == 0, result.output
+    for number, name in enumerate(STRATEGY_NAMES, start=1):
+        assert f"strategy {number}/{len(STRATEGY_NAMES)}: {name}" in result.stdout
+    for name in ("leaderboard.json", "leaderboard.md", "leaderboard.csv", "acc_vs_params.png",
+                 "task_curves.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    board = load_leaderboard(out)
+    assert board["status"] == "finished" and board["tasks"] == list(NAMES)
+    entries = {e["label"]: e for e in board["entries"]}
+    assert sorted(entries) == STRATEGY_NAMES
+    accs = [e["acc"]["mean"] for e in board["entries"]]
+    assert accs == sorted(accs, reverse=True)
+    assert [e["rank"] for e in board["entries"]] == list(range(1, len(entries) + 1))
+
+    for label, entry in entries.items():
+        report = load_report(out / label)
+        assert entry["status"] == "finished" and entry["error"] is None, entry["error"]
+        for key in ("acc", "bwt", "forgetting"):
+            assert entry[key] == {"mean": report["metrics"]["oracle"][key], "std": None, "n": 1}
+        assert entry["routed_acc"]["n"] == 0  # oracle routing: no routed ACC
+        # the rule, recomputed from a fresh bank: each distinct slot once, plus every head
+        config = LearnerConfig.from_dict(
+            {k: v for k, v in report["config"].items() if k != "backbone_fingerprint"}
+        )
+        slot, head = _plain_count(make_backbone, config, labels=3)
+        slots = len({task["slot"] for task in report["tasks"]})
+        assert entry["trainable_parameters"]["mean"] == slots * slot + len(NAMES) * head, label
+        if label in ("per_task", "seq"):
+            assert slots == {"per_task": len(NAMES), "seq": 1}[label]
+        assert entry["train_seconds"]["mean"] == pytest.approx(
+            sum(t["train_seconds"] for t in report["tasks"])
+        )
+        # the budget is shared, each entry's own lr is kept
+        assert report["config"]["train"]["epochs"] == 1
+        assert report["config"]["train"]["lr"] == entry["lr"]
+        assert len(entry["curves"]["seen_acc"]) == len(NAMES)
+
+    with (out / "leaderboard.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["label"] for r in rows] == [e["label"] for e in board["entries"]]
+    assert float(rows[0]["acc_mean"]) == board["entries"][0]["acc"]["mean"]
+    markdown = (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert "trainable parameters = every parameter trained" in markdown
+
+    shown = invoke("report", out)
+    assert shown.exit_code == 0, shown.output
+    assert "Leaderboard" in shown.stdout and "per_task" in shown.stdout
+
+
+def test_sweep_maps_parameters(spec: Path, tmp_path: Path, tiny):
+    out = tmp_path / "sweep"
+    result = invoke("compare", "--stream", spec, "--strategies", "per_task", "--sweep",
+                    "lora.r=1,2", "--out", out, "--lr", "0.01", *BUDGET)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (out / "sweep.png").is_file()
+    board = json.loads((out / "leaderboard.json").read_text(encoding="utf-8"))
+    assert board["sweep"] == {"key": "lora.r"}
+    points = sorted(
+        (e["sweep"]["value"], e["trainable_parameters"]["mean"]) for e in board["entries"]
+    )
+    assert [value for value, _ in points] == [1, 2]
+    assert points[0][1] < points[1][1]
+    config = load_report(out / "per_task-lora.r-2")["config"]
+    assert config["lora"]["r"] == 2 and config["train"]["lr"] == 0.01
+
+
+def test_a_failing_entry_is_recorded_and_the_rest_run(
+    spec: Path, tmp_path: Path, make_backbone, monkeypatch
+):
+    calls = []
+
+    def flaky() -> Backbone:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return make_backbone()
+
+    monkeypatch.setattr(cli_module, "compare", functools.partial(compare, make_backbone=flaky))
+    out = tmp_path / "c"
+    result = invoke("compare", "--stream", spec, "--strategies", "per_task,seq", "--out", out,
+                    *BUDGET)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "1 of 2 entries failed: per_task (leaderboard.md)" in result.stderr
+    board = load_leaderboard(out)
+    assert [e["label"] for e in board["entries"]] == ["seq", "per_task"]
+    failed = board["entries"][1]
+    assert failed["status"] == "failed" and "RuntimeError: out of memory" in failed["error"]
+    assert board["entries"][0]["status"] == "finished" and board["status"] == "finished"
+    assert "RuntimeError: out of memory" in (out / "leaderboard.md").read_text(encoding="utf-8")
+
+
+def test_parameter_rule_counts_a_shared_slot_once():
+    report = {
+        "tasks": [
+            {"name": "a", "slot": 0, "trainable_parameters": 110},
+            {"name": "b", "slot": 0, "trainable_parameters": 120},
+            {"name": "c", "slot": 1, "trainable_parameters": 105},
+        ]
+    }
+    heads = {"a": 10, "b": 20, "c": 5}
+    assert total_trainable_parameters(report, heads) == 100 + 100 + 10 + 20 + 5
+
+
+def test_names_resolve_to_their_single_shipped_spec(tmp_path: Path):
+    (tmp_path / "seq_lora.toml").write_text('strategy = "seq"\n[train]\nlr = 0.05\n')
+    (tmp_path / "per_task_a.toml").write_text('strategy = "per_task"\n')
+    (tmp_path / "per_task_b.toml").write_text('strategy = "per_task"\n')
+    seq = entry_from("seq", tmp_path)
+    assert seq.spec == str(tmp_path / "seq_lora.toml") and seq.config.train.lr == 0.05
+    per_task = entry_from("per_task", tmp_path)  # two candidates: the default config
+    assert per_task.spec is None and per_task.config == LearnerConfig(strategy="per_task")
+
+
+def test_entries_must_share_the_budget(tmp_path: Path):
+    spec = tmp_path / "long.toml"
+    spec.write_text('strategy = "seq"\n[train]\nepochs = 5\n')
+    entries = resolve_entries(["per_task", str(spec)])
+    with pytest.raises(ContinualPeftError, match="disagree on train.epochs.*--epochs"):
+        compare(None, entries, tmp_path / "out")  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--strategies", "per_task,bogus"], "unknown strategy 'bogus'; valid names: "),
+        (["--sweep", "lora.rank=1,2"], "--sweep 'lora.rank' is not a setting"),
+        (["--sweep", "lora.r=1,two"], "--sweep lora.r: 'two' is not an integer"),
+        (["--sweep", "lora.r=0,1"], "--sweep lora.r=0: lora.r = 0 is invalid; it must be >= 1"),
+        (["--sweep", "lora.r"], "--sweep 'lora.r': write KEY=V1,V2,..."),
+        (["--sweep", "train.epochs=1,2"], "--sweep train.epochs and a command-line option"),
+        (["--sweep", "prompt.num_virtual_tokens=2,4"], "so prompt.num_virtual_tokens would"),
+    ],
+    ids=["strategy", "key", "value", "range", "syntax", "conflict", "kind"],
+)
+def test_bad_input_exits_2(spec: Path, tmp_path: Path, no_model, options, expected):
+    out = tmp_path / "out"
+    result = invoke("compare", "--stream", spec, "--out", out, *BUDGET, *options)
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_every_registered_strategy_is_a_valid_entry():
+    for name in STRATEGIES.names():
+        entry = entry_from(name)
+        assert entry.config.strategy == name
