@@ -31,7 +31,7 @@ from continual_peft.reports import console_report, load_report
 from continual_peft.routers import ROUTERS
 from continual_peft.rundir import new_run_path
 from continual_peft.runner import run_stream
-from continual_peft.strategies import STRATEGIES
+from continual_peft.strategies import STRATEGIES, strategy_options
 from continual_peft.streams import demo_spec_path, load_stream
 from continual_peft.tasks import read_texts
 
@@ -290,7 +290,7 @@ def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) 
     if what == "modules":
         names = [f"{n}: {_summary(MODULE_KINDS.get(n))}" for n in MODULE_KINDS.names()]
     elif what == "strategies":
-        names = [f"{n}: {STRATEGIES.get(n).description}" for n in STRATEGIES.names()]
+        names = [_strategy_summary(n) for n in STRATEGIES.names()]
         names += [_strategy_line(p) for p in sorted(Path("strategies").glob("*.toml"))]
     elif what == "routers":
         names = [f"{n}: {_summary(ROUTERS.get(n))}" for n in ROUTERS.names()]
@@ -306,6 +306,14 @@ def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) 
 def _summary(item: object) -> str:
     """The first line of a registered item's docstring."""
     return (item.__doc__ or "").strip().splitlines()[0] if item.__doc__ else ""
+
+
+def _strategy_summary(name: str) -> str:
+    """A registered strategy: its description and its options with their defaults."""
+    options = ", ".join(f"{k}={v}" for k, v in strategy_options(name).items())
+    return f"{name}: {STRATEGIES.get(name).description}" + (
+        f"; options: {options}" if options else ""
+    )
 
 
 def _stream_line(path: Path) -> str:

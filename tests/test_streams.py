@@ -486,15 +486,18 @@ def test_docs_name_every_spec_key_and_nothing_else():
     from dataclasses import fields
 
     from continual_peft.config import BackboneConfig, TrainConfig
+    from continual_peft.strategies import strategy_options
     from continual_peft.streams import SPLIT_KEYS, STREAM_KEYS, TASK_KEYS
 
     doc = (REPO / "docs" / "specs.md").read_text(encoding="utf-8")
-    documented = set(re.findall(r"`([a-z_]+)`", doc))
+    documented = set(re.findall(r"`([a-z0-9_]+)`", doc))
     accepted = STREAM_KEYS | TASK_KEYS | SPLIT_KEYS | {"strategy", "module", "router", "seed"}
     accepted |= {f.name for f in fields(TrainConfig)} | {f.name for f in fields(BackboneConfig)}
     for kind in MODULE_KINDS.names():
         accepted |= {f.name for f in fields(MODULE_KINDS.get(kind).config_class)}
+    for strategy in STRATEGIES.names():
+        accepted |= {strategy, *strategy_options(strategy)}
     assert accepted - documented == set()
-    tables = set(re.findall(r"^\| `\[?([a-z_]+)", doc, flags=re.M))  # first column of the tables
+    tables = set(re.findall(r"^\| `\[?([a-z0-9_]+)", doc, flags=re.M))  # first column of the tables
     tables -= set(MODULE_KINDS.names()) | {"router_options", "strategy_options", "tasks"}
     assert tables - accepted - {"backbone"} == set()

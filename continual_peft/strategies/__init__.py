@@ -71,13 +71,17 @@ class Strategy:
         """Restore what `state` returned (when a run is loaded to continue or predict)."""
 
 
+def strategy_options(name: str) -> dict[str, Any]:
+    """The options of the strategy registered as `name`, with their defaults."""
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    parameters = inspect.signature(STRATEGIES.get(name).__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.name != "self" and p.kind in kinds}
+
+
 def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
     """The strategy registered as `name`, built with `options`; unknown options are refused."""
-    cls = STRATEGIES.get(name)
     options = dict(options or {})
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    parameters = inspect.signature(cls.__init__).parameters.values()
-    accepted = [p.name for p in parameters if p.name != "self" and p.kind in kinds]
+    accepted = strategy_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ContinualPeftError(
@@ -85,7 +89,7 @@ def build_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy
             f"{', '.join(accepted) or 'none'} ([strategy_options] in a strategy spec)"
         )
     try:
-        return cls(**options)
+        return STRATEGIES.get(name)(**options)
     except (TypeError, ValueError) as err:
         raise ContinualPeftError(f"strategy {name!r}: bad options {options}: {err}") from None
 
