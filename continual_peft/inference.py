@@ -30,6 +30,20 @@ def frozen_features(
     return out
 
 
+def routing_table(
+    routes: list[tuple[list[int], list[float]]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, weights) lists, one per task, as (T, m) tensors padded with slot -1 at weight 0
+    (m: the most slots any of them uses)."""
+    width = max((len(slots) for slots, _ in routes), default=1)
+    slots = torch.full((len(routes), width), -1, dtype=torch.long)
+    weights = torch.zeros(len(routes), width)
+    for row, (task_slots, task_weights) in enumerate(routes):
+        slots[row, : len(task_slots)] = torch.tensor(task_slots, dtype=torch.long)
+        weights[row, : len(task_weights)] = torch.tensor(task_weights)
+    return slots, weights
+
+
 def routed_predict(
     backbone: Backbone,
     bank: ModuleBank,

@@ -21,13 +21,13 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from continual_peft._learner_report import learner_report
 from continual_peft.backbone import DEFAULT_BACKBONE, Backbone
 from continual_peft.bank import ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.heads import Heads
-from continual_peft.inference import frozen_features, routed_predict
-from continual_peft.metrics import METRIC_DEFINITIONS
+from continual_peft.inference import frozen_features, routed_predict, routing_table
 from continual_peft.monitor import ForgettingMonitor
 from continual_peft.reports import console_report
 from continual_peft.routers import ROUTERS, Router, build_router
@@ -35,9 +35,6 @@ from continual_peft.rundir import RunDir
 from continual_peft.strategies import build_strategy
 from continual_peft.tasks import Task
 from continual_peft.training import TrainResult, predict_rows, train_task
-
-SCHEMA_VERSION = 1
-VERSION = "0.1.0"
 
 
 @dataclass
@@ -224,16 +221,8 @@ class ContinualLearner:
         return self.bank.use_slots(slots, weights)
 
     def _routing_table(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each task's routing as one row of (len(tasks), m) slots and weights, padded with
-        slot -1 at weight 0 (m: the most slots any of them uses)."""
-        routes = [self.strategy.routing(self, task) for task in tasks]
-        width = max((len(slots) for slots, _ in routes), default=1)
-        slots = torch.full((len(tasks), width), -1, dtype=torch.long)
-        weights = torch.zeros(len(tasks), width)
-        for row, (task_slots, task_weights) in enumerate(routes):
-            slots[row, : len(task_slots)] = torch.tensor(task_slots, dtype=torch.long)
-            weights[row, : len(task_weights)] = torch.tensor(task_weights)
-        return slots, weights
+        """Each task's routing (the strategy's) as one padded row; see `routing_table`."""
+        return routing_table([self.strategy.routing(self, task) for task in tasks])
 
     def _rows_routing(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, m) slots and weights for rows whose tasks are given (oracle routing)."""
@@ -428,33 +417,4 @@ class ContinualLearner:
     @property
     def report(self) -> dict:
         """The report as a JSON-ready dict (schema version 1)."""
-        matrices = {m: _nan_to_none(self.monitor.matrix(m)) for m in self.monitor.modes}
-        metrics = {m: self.monitor.metrics(m) for m in self.monitor.modes} if self.records else {}
-        routed_ratio = None
-        if self.router is not None and self.records and metrics["oracle"]["acc"] > 0:
-            routed_ratio = metrics["routed"]["acc"] / metrics["oracle"]["acc"]
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "status": self.status,
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "tool": {"name": "continual-peft", "version": VERSION},
-            "stream": self.stream,
-            "strategy": self.config.strategy,
-            "config": {**self.config.to_dict(), "backbone_fingerprint": self.fingerprint()},
-            "task_names": [r["name"] for r in self.records],
-            "tasks": self.records,
-            "accuracy_matrix": matrices,
-            "initial_accuracy": self.monitor.initial[: len(self.records)],
-            "metrics": metrics,
-            "metric_definitions": METRIC_DEFINITIONS,
-            "baseline": self.baseline,
-            "router": self.config.router,
-            "routing_accuracy": (
-                _nan_to_none(self.monitor.routing_matrix()) if self.router is not None else None
-            ),
-            "routed_over_oracle": routed_ratio,
-        }
-
-
-def _nan_to_none(matrix: np.ndarray) -> list[list[float | None]]:
-    return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
+        return learner_report(self)
