@@ -48,8 +48,8 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
     The bytes go to a temporary file in the same directory (a rename is only atomic within one
     file system), which is flushed and fsynced and then moved onto ``path`` with ``os.replace``.
-    On any failure the temporary file is removed, the previous ``path`` is left untouched and the
-    exception propagates.
+    On any failure the temporary file is removed and the previous ``path`` is left untouched; an
+    OS error (a full disk) becomes a ContinualPeftError that says so, others propagate.
 
     Args:
         path: Target file; its parent directory must exist.
@@ -64,9 +64,15 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o666 & ~_UMASK)
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(err, OSError):  # a full disk, a read-only folder: say what is kept
+            raise ContinualPeftError(
+                f"cannot write {target}: {err.strerror or err}. The previous version of the file "
+                "is kept; free space (or fix the permissions) and continue a run with "
+                "`continual-peft run ... --resume RUN`."
+            ) from err
         raise
     _fsync_dir(target.parent)
 

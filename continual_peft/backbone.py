@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from torch import nn
 from continual_peft.errors import ContinualPeftError
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2 (bundled)"
+# config keys that say where and with what a model was loaded, not what it is
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version")
 
 # (embeds (B, L, d), mask (B, L), position ids (B, L)) -> the same, longer, + number of tokens added
 InputHook = Callable[
@@ -199,8 +202,15 @@ class Backbone(nn.Module):
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
     def fingerprint(self) -> dict[str, str]:
-        """Model class, a hash of its config and a hash of a few weight tensors."""
-        config_json = self.model.config.to_json_string(use_diff=False)
+        """Model class, a hash of its config and a hash of a few weight tensors.
+
+        The config hash leaves out where the model was loaded from and which transformers
+        version wrote it: the same model in another folder is the same backbone.
+        """
+        config = self.model.config.to_dict()
+        for key in VOLATILE_CONFIG_KEYS:
+            config.pop(key, None)
+        config_json = json.dumps(config, sort_keys=True, default=str)
         weights = hashlib.sha256()
         for _, tensor in list(self.model.state_dict().items())[:4]:
             weights.update(tensor.detach().float().cpu().numpy().tobytes())

@@ -120,14 +120,20 @@ class ModuleBank:
             for key, tensor in site.slot_tensors(local).items()
         }
 
-    def load_slot(self, state: dict[str, torch.Tensor], kind: str | None = None) -> int:
-        """Append a frozen slot of `kind` from `slot_state` output; returns its index."""
+    def load_slot(
+        self, state: dict[str, torch.Tensor], kind: str | None = None, trainable: bool = False
+    ) -> int:
+        """Append a slot of `kind` from `slot_state` output, frozen unless `trainable` (a shared
+        slot that later tasks keep training); returns its index."""
         if self.has_trainable:
-            raise RuntimeError("cannot load a frozen slot while one is being trained")
+            raise RuntimeError("cannot load a slot while one is being trained")
         kind = kind or self.kind
         for name, site in self._inject(kind).items():
             prefix = name + "."
             site.load_slot({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            if trainable:
+                site.reopen_slot()
+        self.has_trainable = trainable
         self.slot_local.append(self.slot_kinds.count(kind))
         self.slot_kinds.append(kind)
         return self.num_slots - 1

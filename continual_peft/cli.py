@@ -25,7 +25,7 @@ from continual_peft.grid import (
     resolve_orders,
     run_grid,
 )
-from continual_peft.loading import load_learner
+from continual_peft.loading import load_learner, run_finished, saved_config
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.reports import console_report, load_report
 from continual_peft.routers import ROUTERS
@@ -50,13 +50,22 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _config(strategy: str, overrides: dict) -> LearnerConfig:
-    """A strategy name or spec file, with command-line overrides applied on top."""
-    if strategy.endswith(".toml"):
+def _config(strategy: str | None, overrides: dict, resume: Path | None = None) -> LearnerConfig:
+    """A strategy name or spec file, with command-line overrides applied on top.
+
+    With `resume`, the run's own configuration is the base: a strategy name only replaces its
+    strategy, a spec file everything but the backbone (and the run refuses what differs).
+    """
+    saved = saved_config(resume) if resume is not None else None
+    if strategy is not None and strategy.endswith(".toml"):
         config = load_strategy_spec(strategy)
+        if saved is not None:
+            config.backbone = saved.backbone
+    elif saved is not None:
+        config = override(saved, {"strategy": strategy}, "command line")
     else:
-        STRATEGIES.get(strategy)
-        config = LearnerConfig(strategy=strategy)
+        STRATEGIES.get(strategy or "per_task")
+        config = LearnerConfig(strategy=strategy or "per_task")
     return override(config, overrides, "command line")
 
 
@@ -66,7 +75,7 @@ def run(
         None, help="Stream spec (TOML). Default: the embedded demo stream."
     ),
     strategy: str = typer.Option(
-        "per_task", help="Strategy name (see `list strategies`) or spec file."
+        None, help="Strategy name (see `list strategies`) or spec file. Default: per_task."
     ),
     module: str = typer.Option(None, help="Module kind (see `list modules`)."),
     data_root: Path = typer.Option(None, help="Folder the stream's task paths are relative to."),
@@ -106,6 +115,12 @@ def run(
     backbone: str = typer.Option(
         None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2."
     ),
+    resume: Path = typer.Option(
+        None,
+        help="Continue this run directory from its last finished task (after a crash, kill or "
+        "Ctrl-C), with the same stream arguments; the configuration is the run's own, and "
+        "options that contradict it are refused. A finished run: nothing to do.",
+    ),
 ) -> None:
     """Learn every task of a stream, writing checkpoints and a forgetting report after each.
 
@@ -114,6 +129,11 @@ def run(
     try:
         if seeds is not None and seed is not None:
             raise ContinualPeftError("give --seed or --seeds, not both.")
+        if resume is not None and out is not None and out != resume:
+            raise ContinualPeftError("give --out or --resume, not both.")
+        if resume is not None and run_finished(resume):
+            console.print(f"{resume} is finished: nothing to do.", highlight=False, soft_wrap=True)
+            return
         overrides = {
             "module": module,
             "router": router,
@@ -125,23 +145,35 @@ def run(
             "backbone.max_length": max_length,
             "backbone.name": backbone,
         }
-        config = _config(strategy, overrides)
+        config = _config(strategy, overrides, resume)
         chosen = {"auto": "seq" if stream is None else None, "none": None}.get(baseline, baseline)
         tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
         orders = resolve_orders(tasks, order or []) or [tasks.order_name]
         seed_list = parse_seeds(seeds) if seeds is not None else [config.seed]
+        if len(orders) * len(seed_list) > 1 and resume is not None:
+            raise ContinualPeftError(
+                "--resume continues one run; a grid (several --order or --seeds) is not "
+                "resumed: rerun the missing order x seed runs one by one with --resume."
+            )
         if len(orders) * len(seed_list) > 1:
             run_dir = out or new_run_path("runs", f"{tasks.name}-grid")
             run_grid(tasks, config, orders, seed_list, run_dir, baseline=chosen, console=console)
         else:
             config.seed = seed_list[0]
             tasks = tasks.with_order(orders[0])
-            run_dir = out or new_run_path("runs", tasks.name)
-            run_stream(tasks, config, run_dir=run_dir, baseline=chosen, console=console)
+            run_dir = resume or out or new_run_path("runs", tasks.name)
+            run_stream(
+                tasks, config, run_dir=run_dir, baseline=chosen, console=console,
+                resume=resume is not None,
+            )  # fmt: skip
     except ContinualPeftError as err:
         _fail(str(err))
     except KeyboardInterrupt:
-        _fail("interrupted; the tasks finished so far are saved in the run directory.", code=130)
+        _fail(
+            "interrupted; the tasks finished so far are saved in the run directory: continue "
+            "with --resume.",
+            code=130,
+        )
     if len(orders) * len(seed_list) > 1:
         console.print(
             f"\ngrid directory: [bold]{run_dir}[/] (aggregate.md, aggregate.json, aggregate.csv, "

@@ -47,6 +47,7 @@ from continual_peft._io import (
 )
 from continual_peft.backbone import DEFAULT_BACKBONE, Backbone, default_model_path
 from continual_peft.errors import ContinualPeftError, CorruptFileError
+from continual_peft.fingerprint import check_fingerprint
 
 FORMATS = ("peft", "merged")
 EXPORTABLE_KINDS = ("lora",)  # module kinds these formats can express
@@ -241,12 +242,7 @@ def _auto_mapping(model_class: str) -> dict | None:
 def _write_merged(source: _Source, out: Path) -> None:
     """The run's backbone with each LoRA delta added to its Linear weight, plus its tokenizer."""
     backbone = Backbone.from_pretrained(source.backbone_path, device="cpu")
-    recorded, now = source.fingerprint.get("weights_sha256"), backbone.fingerprint()
-    if recorded and recorded != now["weights_sha256"]:
-        raise ContinualPeftError(
-            f"the backbone at {source.backbone_path} is not the one run {source.run_dir} used "
-            f"(weights fingerprint {now['weights_sha256']} != recorded {recorded})"
-        )
+    check_fingerprint(source.fingerprint, backbone, f"run {source.run_dir}")
     model = backbone.model
     with torch.no_grad():
         for layer, parts in source.sites.items():

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from continual_peft._checkpoint import save_learner, set_status, task_digest, write_checkpoint
 from continual_peft._learner_report import learner_report
 from continual_peft.backbone import DEFAULT_BACKBONE, Backbone
 from continual_peft.bank import ModuleBank
@@ -44,6 +45,7 @@ class _Learned:
     slot: int
     test_items: list
     test_features: torch.Tensor | None = None  # frozen features, computed once (routed runs)
+    has_data: bool = True  # False when loaded without the task's data: it cannot be evaluated
 
 
 @dataclass
@@ -72,6 +74,7 @@ class ContinualLearner:
         max_length: Longest input in tokens (when `backbone` is not already built).
         config: A full `LearnerConfig`; overrides the arguments above.
         run_dir: Folder to write checkpoints and reports to after every task; none when None.
+            A `RunDir` already opened (e.g. to resume a run) is used as it is.
         stream: Stream name, for reports.
         console: Where tables and progress go; None prints nothing.
     """
@@ -86,7 +89,7 @@ class ContinualLearner:
         seed: int = 0,
         max_length: int = 128,
         config: LearnerConfig | None = None,
-        run_dir: str | Path | None = None,
+        run_dir: str | Path | RunDir | None = None,
         stream: str = "custom",
         console: Console | None = None,
     ) -> None:
@@ -127,8 +130,12 @@ class ContinualLearner:
         self.status = "running"
         self.baseline: dict | None = None
         self.console = console
-        self.run_dir = RunDir(run_dir) if run_dir is not None else None
-        if self.run_dir:
+        self.stream_plan: dict | None = None  # the whole stream's names and data hashes, if known
+        self.saved_files: dict[str, str] = {}  # what the last checkpoint names: path -> sha256
+        self._digests: dict[str, str] = {}  # task name -> data hash
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) or run_dir is None else None
+        if run_dir is not None and self.run_dir is None:
+            self.run_dir = RunDir(run_dir)
             self.run_dir.save_config({"config": config.to_dict(), "backbone": self.fingerprint()})
 
     def task_seed(self, task: Task, purpose: str) -> int:
@@ -137,6 +144,48 @@ class ContinualLearner:
 
     def fingerprint(self) -> dict[str, str]:
         return {"name": self.backbone.name, **self.backbone.fingerprint()}
+
+    def task_digest(self, task: str) -> str:
+        """A hash of a learned task's data (names the data in checkpoints; checked on resume)."""
+        if task not in self._digests:
+            self._digests[task] = task_digest(self.learned[task].task)
+        return self._digests[task]
+
+    def save(self, path: str | Path) -> Path:
+        """Write every learned task into a new folder, as a run directory's checkpoint.
+
+        `ContinualLearner.load(path)` gives back a learner with the same predictions, which can
+        keep learning. Task data is not copied: only slots, heads, router and strategy state.
+
+        Args:
+            path: A folder that does not hold a run yet; created if missing.
+        """
+        if len(self.records) != len(self.learned):
+            raise ContinualPeftError("cannot save while a task is being learned.")
+        return save_learner(self, RunDir(path))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        backbone: Backbone | None = None,
+        tasks: list[Task] | None = None,
+        console: Console | None = None,
+    ) -> ContinualLearner:
+        """A learner from a folder written by `save` or a run directory (its last checkpoint).
+
+        Args:
+            path: The folder.
+            backbone: Use this backbone instead of loading the one the folder names; it must
+                be the same model (its fingerprint is checked).
+            tasks: The learned tasks with their data (any extra are ignored), to keep learning:
+                a new task re-evaluates every earlier one on its test set. Without them the
+                learner predicts, but `learn` refuses.
+            console: Where tables and progress go.
+        """
+        from continual_peft.loading import load_learner  # loading builds on this module
+
+        return load_learner(path, backbone, tasks=tasks, console=console)
 
     def learn(self, task: Task) -> dict:
         """Allocate a slot, train it and a new head, freeze, evaluate every task, report.
@@ -164,6 +213,12 @@ class ContinualLearner:
         if task.name in self.learned:
             raise ContinualPeftError(
                 f"task {task.name!r} was already learned; task names must be unique."
+            )
+        missing = [name for name, state in self.learned.items() if not state.has_data]
+        if missing:
+            raise ContinualPeftError(
+                f"this learner was loaded without the data of task(s) {missing}, which a new "
+                "task must re-evaluate: pass them as ContinualLearner.load(..., tasks=[...])."
             )
         self.strategy.before_task(self, task)
         slot = self.strategy.allocate(self, task)
@@ -243,17 +298,22 @@ class ContinualLearner:
             self.backbone.train(was_training)
 
     def finish(self, status: str = "finished") -> None:
-        """Mark the run `finished` (or `failed`) and write the final report."""
+        """Mark the run `finished` (or `failed`, `interrupted`), write the final report and
+        release the run directory; an unfinished run can be resumed from its last task."""
         self.status = status
         self._write_report()
+        if self.run_dir:
+            set_status(self.run_dir.path, status)
+            self.close()
+
+    def close(self) -> None:
+        """Stop writing the run directory and release its lock (also done at exit)."""
+        if self.run_dir:
+            self.run_dir.close()
 
     def _checkpoint(self, task: Task, slot: int) -> None:
         if self.run_dir:
-            head = dict(self.heads.heads[task.name].state_dict())
-            self.run_dir.save_task(task.name, self.bank.slot_state(slot), head, self.records[-1])
-            if self.router is not None:
-                self.run_dir.save_router(self.router)
-            self.run_dir.save_strategy(*self.strategy.state())
+            write_checkpoint(self.run_dir, self, [task.name])
         self._write_report()
         if self.console:
             self.console.print(console_report(self.report))

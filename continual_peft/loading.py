@@ -1,59 +1,183 @@
-"""Rebuild a learner from a run directory, for prediction: slots, heads and router, no raw data.
+"""Rebuild a learner from a run directory (or a `learner.save` folder): to predict, or to resume.
 
-Slots are restored in slot order from `tasks/<task>/module.safetensors`; a slot shared by several
-tasks (the `seq` strategy) takes the state saved after the last of them. The backbone is the one
-named in `config.json` unless one is passed in.
+Everything comes from the last `checkpoint.json` (see `continual_peft._checkpoint`), whose files
+are checked against their sha256 first: slots in slot order (a shared slot from the folder of the
+last task that trained it, still trainable if it was), heads, router statistics, strategy state
+(replay buffer, EWC Fisher, joint's kept examples, ...), accuracy matrices and task records.
+Task data is not in a run directory: to keep learning, pass the tasks again (`tasks=`); their
+data hashes must match the ones recorded. The backbone is the one named in `config.json` unless
+one is passed in, and must have the recorded fingerprint.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+
+from continual_peft._checkpoint import (
+    CHECKPOINT_FILE,
+    check_stream,
+    config_differences,
+    read_checkpoint,
+    restore_rng,
+    stream_plan,
+    task_digest,
+)
 from continual_peft._io import load_json, load_safetensors
 from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
+from continual_peft.fingerprint import check_fingerprint
 from continual_peft.learner import ContinualLearner, _Learned
 from continual_peft.monitor import ForgettingMonitor
-from continual_peft.reports import load_report
 from continual_peft.routers import load_router
+from continual_peft.rundir import RunDir
+from continual_peft.streams import Stream
 from continual_peft.tasks import Task
 
 
-def load_learner(run_dir: str | Path, backbone: Backbone | None = None) -> ContinualLearner:
-    """A learner holding every finished task of a run, ready for `predict`.
+def load_learner(
+    run_dir: str | Path,
+    backbone: Backbone | None = None,
+    tasks: list[Task] | None = None,
+    console: Console | None = None,
+) -> ContinualLearner:
+    """A learner holding every finished task of a run, ready for `predict` (and, given the
+    tasks' data, for `learn`). Nothing is written and no lock is taken.
 
     Args:
-        run_dir: The run directory.
+        run_dir: A run directory or a folder written by `ContinualLearner.save`.
         backbone: Use this backbone instead of loading the one the run names.
+        tasks: The learned tasks with their data, to keep learning (see the module docstring).
+        console: Where tables and progress go.
     """
     run = Path(run_dir)
+    saved = _saved_config(run)
+    checkpoint = read_checkpoint(run)
+    config = LearnerConfig.from_dict(saved["config"], str(run / "config.json"))
+    learner = ContinualLearner(
+        backbone, config=config, stream=checkpoint["stream"], console=console
+    )
+    _check_backbone(saved, learner, run)
+    _restore(learner, run, checkpoint, {task.name: task for task in tasks or []})
+    return learner
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether a run directory holds a finished run (read without the lock)."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    return path.is_file() and load_json(path).get("status") == "finished"
+
+
+def open_run(
+    run_dir: str | Path,
+    stream: Stream,
+    config: LearnerConfig,
+    backbone: Backbone | None = None,
+    console: Console | None = None,
+    resume: bool = False,
+) -> ContinualLearner:
+    """A learner writing `run_dir` for `stream`: a new run, or with `resume` the run already
+    there continued from its last finished task (a folder without any is started afresh).
+
+    Resuming refuses a configuration or a stream that differs from the run's, naming the
+    difference; it takes the run's lock first, so a live writer is refused before anything
+    is read.
+    """
+    run = Path(run_dir)
+    if not resume:
+        learner = ContinualLearner(
+            backbone, config=config, run_dir=run, stream=stream.name, console=console
+        )
+        learner.stream_plan = stream_plan(stream)
+        return learner
+    writer = RunDir(run, resume=True)
+    try:
+        learner = ContinualLearner(backbone, config=config, stream=stream.name, console=console)
+        if (run / "config.json").is_file():
+            saved = _saved_config(run)
+            _check_config(run, saved["config"], learner.config.to_dict())
+            _check_backbone(saved, learner, run)
+        else:
+            fingerprint = learner.fingerprint()
+            writer.save_config({"config": learner.config.to_dict(), "backbone": fingerprint})
+        if (run / CHECKPOINT_FILE).is_file():
+            checkpoint = read_checkpoint(run)
+            check_stream(run, checkpoint["stream_plan"], stream, checkpoint["tasks"])
+            _restore(learner, run, checkpoint, {task.name: task for task in stream.tasks})
+            restore_rng(checkpoint["rng"])
+        learner.stream_plan = stream_plan(stream)
+        learner.run_dir = writer
+        learner.status = "running"
+    except BaseException:
+        writer.close()
+        raise
+    return learner
+
+
+def saved_config(run_dir: str | Path) -> LearnerConfig:
+    """The configuration a run directory was started with."""
+    run = Path(run_dir)
+    return LearnerConfig.from_dict(_saved_config(run)["config"], str(run / "config.json"))
+
+
+def _saved_config(run: Path) -> dict:
     if not (run / "config.json").is_file():
         raise ContinualPeftError(f"{run}: not a run directory (no config.json).")
-    saved = load_json(run / "config.json")
-    config = LearnerConfig.from_dict(saved["config"], str(run / "config.json"))
-    report = load_report(run)
-    learner = ContinualLearner(backbone, config=config, stream=report.get("stream", "?"))
-    learner.monitor = ForgettingMonitor.from_report(report)
-    records = report.get("tasks") or []
-    last_for_slot = {record["slot"]: record for record in records}
-    for slot in sorted(last_for_slot):
-        record = last_for_slot[slot]
-        state = load_safetensors(run / "tasks" / record["name"] / "module.safetensors")
-        if learner.bank.load_slot(state, kind=record["module"]) != slot:
-            raise ContinualPeftError(f"{run}: slots are not numbered 0..n-1; the run is damaged.")
-    for index, record in enumerate(records):
-        head = learner.heads.add(record["name"], len(record["labels"]), seed=0)
-        head.load_state_dict(load_safetensors(run / "tasks" / record["name"] / "head.safetensors"))
-        learner.heads.freeze(record["name"])
-        task = Task(record["name"], list(record["labels"]), [], [], [], [])
-        learner.learned[record["name"]] = _Learned(task, index, record["slot"], [])
-        learner.records.append(record)
-    if learner.router is not None:
-        learner.router = load_router(run / "router")
-    if (run / "strategy" / "strategy.json").is_file():
-        learner.strategy.load_state(
-            load_safetensors(run / "strategy" / "strategy.safetensors"),
-            load_json(run / "strategy" / "strategy.json"),
+    return load_json(run / "config.json")
+
+
+def _check_config(run: Path, saved: dict, given: dict) -> None:
+    differences = config_differences(saved, given)
+    if differences:
+        raise ContinualPeftError(
+            f"{run} was started with another configuration ({'; '.join(differences)}). A run "
+            "resumes with its own configuration: leave out the options that differ, or start a "
+            "new run."
         )
-    return learner
+
+
+def _check_backbone(saved: dict, learner: ContinualLearner, run: Path) -> None:
+    # The one place a saved run's backbone is checked, for load and resume alike.
+    check_fingerprint(saved.get("backbone") or {}, learner.backbone, f"run {run}")
+
+
+def _restore(
+    learner: ContinualLearner, run: Path, checkpoint: dict, tasks: dict[str, Task]
+) -> None:
+    """Put a checkpoint's state into a fresh learner built with the run's configuration."""
+    for slot, entry in enumerate(checkpoint["slots"]):
+        state = load_safetensors(run / entry["file"])
+        if learner.bank.load_slot(state, entry["kind"], trainable=entry["trainable"]) != slot:
+            raise ContinualPeftError(f"{run}: slots are not numbered 0..n-1; the run is damaged.")
+    learner.records = list(checkpoint["records"])
+    for index, entry in enumerate(checkpoint["tasks"]):
+        name, record = entry["name"], learner.records[index]
+        head = learner.heads.add(name, len(record["labels"]), seed=0)
+        head.load_state_dict(load_safetensors(run / "tasks" / name / "head.safetensors"))
+        learner.heads.freeze(name)
+        task = tasks.get(name)
+        if task is not None and task_digest(task) != entry["data_sha256"]:
+            raise ContinualPeftError(
+                f"{run}: the task {name!r} given has other data than the one the run learned "
+                "(its data hash differs); pass the same task."
+            )
+        if task is None:
+            state = _Learned(Task(name, list(record["labels"]), [], [], [], []), index,
+                             entry["slot"], [], has_data=False)  # fmt: skip
+        else:
+            items = learner.backbone.encode(task.test_inputs).items
+            state = _Learned(task, index, entry["slot"], items)
+        learner.learned[name] = state
+        learner._digests[name] = entry["data_sha256"]
+    learner.monitor = ForgettingMonitor.from_state(checkpoint["monitor"])
+    if checkpoint["router"]:
+        learner.router = load_router(run / Path(checkpoint["router"][0]).parent)
+    if checkpoint["strategy"]:
+        tensors_file, meta_file = checkpoint["strategy"]
+        tensors = load_safetensors(run / tensors_file)
+        learner.strategy.load_state(tensors, load_json(run / meta_file))
+    learner.saved_files = dict(checkpoint["files"])
+    learner.status = checkpoint["status"]
+    learner.stream_plan = checkpoint.get("stream_plan")

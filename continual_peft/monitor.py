@@ -79,6 +79,16 @@ class ForgettingMonitor:
         monitor.routing_rows = [row[: i + 1] for i, row in enumerate(routing)]
         return monitor
 
+    @classmethod
+    def from_state(cls, state: dict) -> ForgettingMonitor:
+        """Rebuild the monitor from `state()` as read back from JSON (null = NaN)."""
+        monitor = cls(tuple(state["rows"]))
+        monitor.rows = {m: [_floats(row) for row in rows] for m, rows in state["rows"].items()}
+        monitor.before = {m: _floats(values) for m, values in state["before"].items()}
+        monitor.initial = _floats(state["initial"])
+        monitor.routing_rows = [_floats(row) for row in state["routing_rows"]]
+        return monitor
+
     def state(self) -> dict:
         """JSON-ready state, enough to rebuild the monitor."""
         return {
@@ -87,3 +97,7 @@ class ForgettingMonitor:
             "initial": self.initial,
             "routing_rows": self.routing_rows,
         }
+
+
+def _floats(values: list) -> list[float]:
+    return [float("nan") if v is None else float(v) for v in values]

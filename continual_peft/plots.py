@@ -19,6 +19,9 @@ from continual_peft._report_data import matrix_of as _matrix
 from continual_peft._report_data import report_modes as _modes
 from continual_peft._report_data import task_names as _names
 
+MAX_SIDE = 8.0  # inches of cells per panel: reached at 14 tasks, kept for longer streams
+MAX_TICKS = 25  # task names per axis at most
+
 
 def _panels(report: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
     """R per routing mode and the routing accuracy, then the baseline's R beside them."""
@@ -39,13 +42,14 @@ def _draw_heatmap(ax: Axes, report: dict[str, Any], title: str, data: np.ndarray
     cmap = colormaps["viridis"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0)
     long_names = max((len(name) for name in names), default=0) > 4
-    ax.set_xticks(range(data.shape[1]), labels=names[: data.shape[1]])
+    step = math.ceil(max(data.shape) / MAX_TICKS)  # long streams: every step-th task is named
+    ax.set_xticks(range(0, data.shape[1], step), labels=names[: data.shape[1] : step])
     if long_names:
         ax.tick_params(axis="x", labelrotation=45)
         for label in ax.get_xticklabels():
             label.set_horizontalalignment("right")
             label.set_rotation_mode("anchor")
-    ax.set_yticks(range(data.shape[0]), labels=names[: data.shape[0]])
+    ax.set_yticks(range(0, data.shape[0], step), labels=names[: data.shape[0] : step])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after training task")
     ax.set_title(title)
@@ -63,7 +67,8 @@ def _heatmap_png(report: dict[str, Any]) -> bytes:
     """Render the heatmaps to PNG bytes; a bare Figure keeps pyplot's global state untouched."""
     panels = _panels(report)
     size = max([max(data.shape) for _, data in panels] + [1])
-    side = max(3.6, 0.6 * size + 2.0)
+    # cells shrink past MAX_SIDE, so a long stream's figure (and its memory) stays bounded
+    side = max(3.6, min(0.6 * size, MAX_SIDE) + 2.0)
     fig = Figure(figsize=(side * max(len(panels), 1) + 1.2, side + 0.6), layout="constrained")
     axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
     images = [_draw_heatmap(ax, report, *panel) for ax, panel in zip(axes, panels, strict=False)]
@@ -74,7 +79,7 @@ def _heatmap_png(report: dict[str, Any]) -> bytes:
         axes[0].text(0.5, 0.5, "no task evaluated yet", ha="center", va="center")
     stream, strategy = report.get("stream", "?"), report.get("strategy", "?")
     fig.suptitle(f"Accuracy matrix R (%): {stream} / {strategy}")
-    return figure_png(fig, dpi=150)
+    return figure_png(fig, dpi=150 if size <= 8 else 100)
 
 
 def figure_png(fig: Figure, dpi: int = 120) -> bytes:

@@ -1,11 +1,14 @@
 """Run a whole stream: validate everything, then learn task after task, reporting after each.
 
 The data and the configuration are checked before the run directory is created, so a bad input
-leaves no run behind; a run that fails midway is marked `"status": "failed"` in its report.
+leaves no run behind; a run that fails midway is marked `"status": "failed"` in its report (and
+`"interrupted"` after Ctrl-C). Either way, and after a `kill -9`, `resume=True` continues it
+from its last finished task, with the baseline run (if any) resumed the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +16,9 @@ from rich.console import Console
 
 from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig
+from continual_peft.errors import ContinualPeftError
 from continual_peft.learner import ContinualLearner
+from continual_peft.loading import load_learner, open_run, run_finished
 from continual_peft.rundir import check_free
 from continual_peft.strategies import STRATEGIES
 from continual_peft.streams import Stream
@@ -26,6 +31,7 @@ def run_stream(
     baseline: str | None = None,
     console: Console | None = None,
     make_backbone: Callable[[], Backbone] | None = None,
+    resume: bool = False,
 ) -> ContinualLearner:
     """Learn every task of `stream` in order; optionally run a baseline strategy beside it.
 
@@ -37,6 +43,9 @@ def run_stream(
             `run_dir/baseline-<name>/`; its matrix and metrics go into the main report.
         console: Where tables and progress go.
         make_backbone: Builds a fresh backbone (each learner wraps its own); from `config` if None.
+        resume: Continue the run in `run_dir` from its last finished task, with the same stream
+            and configuration (a difference is refused, naming it); a finished run is loaded and
+            returned as it is, nothing written.
 
     Returns:
         The learner, finished.
@@ -45,37 +54,73 @@ def run_stream(
     STRATEGIES.get(config.strategy)
     if baseline is not None:
         STRATEGIES.get(baseline)
-    if run_dir is not None:
+    if resume and (run_dir is None or not Path(run_dir).is_dir()):
+        raise ContinualPeftError(f"cannot resume {run_dir}: there is no such run directory.")
+    if resume and run_finished(run_dir):
+        if console:
+            console.print(f"{run_dir} is finished: nothing to do.")
+        return load_learner(run_dir, make_backbone() if make_backbone else None)
+    if run_dir is not None and not resume:
         check_free(run_dir)  # before any model is loaded
+    if resume:
+        _check_baseline(Path(run_dir), baseline)
     learner = _learn_all(
-        stream, config, run_dir, console, make_backbone, f"strategy {config.strategy}"
+        stream, config, run_dir, console, make_backbone, f"strategy {config.strategy}", resume
     )
-    if baseline is not None:
-        other = LearnerConfig.from_dict({**config.to_dict(), "strategy": baseline})
-        sub = Path(run_dir) / f"baseline-{baseline}" if run_dir is not None else None
-        base = _learn_all(stream, other, sub, console, make_backbone, f"baseline {baseline}")
-        base.finish()
-        report = base.report
-        learner.baseline = {
-            "strategy": baseline,
-            "accuracy_matrix": report["accuracy_matrix"],
-            "metrics": report["metrics"],
-        }
+    try:
+        if baseline is not None:
+            other = LearnerConfig.from_dict({**config.to_dict(), "strategy": baseline})
+            sub = Path(run_dir) / f"baseline-{baseline}" if run_dir is not None else None
+            title = f"baseline {baseline}"
+            base = _learn_all(stream, other, sub, console, make_backbone, title, resume)
+            base.finish()
+            report = base.report
+            learner.baseline = {
+                "strategy": baseline,
+                "accuracy_matrix": report["accuracy_matrix"],
+                "metrics": report["metrics"],
+            }
+    except BaseException as err:
+        _mark_stopped(learner, err)
+        raise
     learner.finish()
     return learner
 
 
-def _learn_all(stream, config, run_dir, console, make_backbone, title) -> ContinualLearner:
+def _learn_all(
+    stream, config, run_dir, console, make_backbone, title, resume=False
+) -> ContinualLearner:
     backbone = make_backbone() if make_backbone else None
-    learner = ContinualLearner(
-        backbone, config=config, run_dir=run_dir, stream=stream.name, console=console
-    )
+    if run_dir is None:
+        learner = ContinualLearner(backbone, config=config, stream=stream.name, console=console)
+    else:
+        learner = open_run(run_dir, stream, config, backbone, console, resume)
+    done = len(learner.learned)
     if console:
-        console.rule(f"{stream.name}: {title}, {len(stream.tasks)} tasks")
+        start = f", resuming after task {done}" if done else ""
+        console.rule(f"{stream.name}: {title}, {len(stream.tasks)} tasks{start}")
     try:
-        for task in stream.tasks:
+        for task in stream.tasks[done:]:
             learner.learn(task)
-    except BaseException:
-        learner.finish(status="failed")
+    except BaseException as err:
+        _mark_stopped(learner, err)
         raise
     return learner
+
+
+def _check_baseline(run: Path, baseline: str | None) -> None:
+    """Refuse resuming with another baseline than the run was started with."""
+    found = sorted(p.name for p in run.glob("baseline-*") if p.is_dir())
+    wanted = [f"baseline-{baseline}"] if baseline else []
+    if any(name not in wanted for name in found):
+        raise ContinualPeftError(
+            f"{run} has a baseline run {found[0]}/, but this resume asks for "
+            f"{baseline or 'no baseline'}: give the same baseline as the run was started with."
+        )
+
+
+def _mark_stopped(learner: ContinualLearner, err: BaseException) -> None:
+    """Record why the run stopped; if even that cannot be written (the disk that failed is still
+    full), the original error is the one worth reporting, so this one is dropped."""
+    with contextlib.suppress(OSError, ContinualPeftError):
+        learner.finish(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed")

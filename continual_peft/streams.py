@@ -82,6 +82,12 @@ class Stream:
     orders: dict[str, list[str]] = field(default_factory=dict)  # name -> task names
     order_name: str = "default"  # which order `tasks` follows; "custom" for an explicit list
 
+    def __post_init__(self) -> None:
+        if not self.tasks:  # refused here, before any run directory exists
+            raise ContinualPeftError(
+                f"stream {self.name!r} has no tasks; give it at least one task to learn."
+            )
+
     def with_order(self, order: str | list[str]) -> Stream:
         """The same tasks in another order: a name from `orders`, or a list of task names.
 

@@ -177,7 +177,7 @@ def test_merged_refuses_a_different_backbone(trained, tmp_path):
     run = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     run["backbone"]["weights_sha256"] = "0123456789abcdef"
     (run_dir / "config.json").write_text(json.dumps(run), encoding="utf-8")
-    with pytest.raises(ContinualPeftError, match="not the one run .* used"):
+    with pytest.raises(ContinualPeftError, match="was trained on backbone .*mismatch: weights"):
         export_task(run_dir, TASK, "merged", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -191,7 +191,7 @@ def test_failed_write_keeps_old_file_and_no_temp(
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ContinualPeftError, match="report.md: disk full. The previous"):
         atomic_write_text(target, "new")
     assert target.read_text(encoding="utf-8") == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]

@@ -92,7 +92,7 @@ def test_saved_run_reloads_to_identical_predictions(make_backbone, tasks, tmp_pa
     for task in tasks:
         learner.learn(task)
     learner.finish()
-    assert (tmp_path / "run" / "router" / "router.safetensors").is_file()
+    assert (tmp_path / "run" / "tasks" / tasks[-1].name / "router.safetensors").is_file()
     loaded = load_learner(tmp_path / "run", backbone=make_backbone())
     texts = [t for task in tasks for t in task.test_inputs[:5]]
     assert loaded.predict_details(texts) == learner.predict_details(texts)

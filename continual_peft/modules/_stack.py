@@ -58,6 +58,13 @@ class SlotStack(nn.Module):
             stack = getattr(self, name)
             setattr(self, name, torch.cat([stack, tensors[name].to(stack)[None]]))
 
+    def reopen(self) -> None:
+        """Make the newest frozen slot trainable again (a shared slot restored from disk)."""
+        last = {name: getattr(self, name)[-1].clone() for name in self.names}
+        for name in self.names:
+            setattr(self, name, getattr(self, name)[:-1].clone())
+        self.open(last)
+
     def slot(self, index: int) -> dict[str, torch.Tensor]:
         """One slot's tensors (the trainable ones as Parameters)."""
         if len(self.trainable) and index == self.num_frozen:
@@ -94,6 +101,10 @@ class StackedSite(nn.Module):
 
     def load_slot(self, tensors: dict[str, torch.Tensor]) -> None:
         self.stack.load(tensors)
+
+    def reopen_slot(self) -> None:
+        """Make the newest loaded slot trainable again."""
+        self.stack.reopen()
 
     def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.stack.slot(slot).items()}

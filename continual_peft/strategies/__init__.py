@@ -12,7 +12,7 @@ configuration the strategy cannot work with, when the config is validated.
 A strategy's options (`[strategy_options]` in a strategy spec, e.g. a replay buffer's size) are
 its constructor's keyword arguments; `build_strategy` refuses unknown ones by name. State that
 must outlive the process (a replay buffer, EWC's Fisher) goes through `state` / `load_state` and
-is saved with every checkpoint as `strategy/strategy.safetensors` + `strategy/strategy.json`.
+is saved with every checkpoint as `tasks/<task>/strategy.safetensors` + `strategy.json`.
 """
 
 from __future__ import annotations

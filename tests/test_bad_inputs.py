@@ -1,0 +1,481 @@
+"""Bad input, and what happens: one test per row of the README's table.
+
+Every test checks three things: the message names the problem and the fix; the command line
+exits non-zero (2 for bad input, 130 for Ctrl-C); and nothing already saved is lost (the files of
+earlier tasks are byte-identical before and after, and the report still loads).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import tiny_bert, word_task
+from typer.testing import CliRunner
+
+from continual_peft import (
+    MODULE_KINDS,
+    STRATEGIES,
+    Backbone,
+    ContinualPeftError,
+    LearnerConfig,
+    Stream,
+    Task,
+    TrainConfig,
+    _io,
+)
+from continual_peft import cli as cli_module
+from continual_peft.cli import app
+from continual_peft.config import BackboneConfig
+from continual_peft.errors import CorruptFileError
+from continual_peft.loading import load_learner
+from continual_peft.reports import load_report
+from continual_peft.routers import ROUTERS
+from continual_peft.runner import run_stream
+from continual_peft.strategies import Strategy
+
+runner = CliRunner()
+NAMES = ("colors", "animals")
+ONE_EPOCH = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0)
+TINY = ("--max-train", "12", "--max-test", "6", "--epochs", "1", "--baseline", "none")
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` by relative path, but temporary ones and the writer's lock
+    (released when a run stops): a snapshot to compare."""
+    paths = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix != ".tmp" and p.name != ".lock"
+    ]
+    return {str(p.relative_to(folder)): p.read_bytes() for p in paths}
+
+
+def assert_kept(before: dict[str, bytes], folder: Path) -> None:
+    """Every file of the snapshot is still there, byte-identical; no temporary file is left."""
+    after = files(folder)
+    for name, data in before.items():
+        assert after.get(name) == data, f"{name} changed or vanished"
+    assert not list(folder.rglob("*.tmp"))
+
+
+def refused(result, *expected: str, code: int = 2) -> None:
+    """A clean refusal: the exit code, an error line holding every `expected`, no traceback."""
+    assert result.exit_code == code, result.output
+    assert "error:" in result.stderr, result.output
+    for text in expected:
+        assert text in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+def write_stream(root: Path, tasks: list[Task], labels_files: bool = True) -> Path:
+    """Tasks as JSONL files (+ labels.json) under `root/<task>/` and a spec `root/stream.toml`."""
+    blocks = []
+    for task in tasks:
+        folder = root / task.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "test"):
+            texts, ys = getattr(task, f"{split}_inputs"), getattr(task, f"{split}_labels")
+            lines = [
+                json.dumps({"text": t, "label": task.labels[y]})
+                for t, y in zip(texts, ys, strict=True)
+            ]
+            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        block = f'[[tasks]]\nname = "{task.name}"\ntrain = "{task.name}/train.jsonl"\n'
+        block += f'test = "{task.name}/test.jsonl"\n'
+        if labels_files:
+            (folder / "labels.json").write_text(json.dumps(task.labels), encoding="utf-8")
+            block += f'labels = "{task.name}/labels.json"\n'
+        blocks.append(block)
+    spec = root / "stream.toml"
+    spec.write_text('name = "words"\n\n' + "\n".join(blocks), encoding="utf-8")
+    return spec
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    return write_stream(tmp_path / "data", [word_task(n, n_train=12, n_test=6) for n in NAMES])
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, make_backbone):
+    """`continual-peft run` trains on the tiny backbone instead of loading one by name."""
+    monkeypatch.setattr(
+        cli_module, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """A finished two-task run with a router, on a tiny BERT saved to a folder (so `predict`
+    can load it by name): (run directory, backbone folder). Tests work on copies."""
+    root = tmp_path_factory.mktemp("saved")
+    base = root / "base"
+    tiny_bert(tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    backbone = Backbone.from_pretrained(str(base), max_length=32, device="cpu")
+    config = LearnerConfig(
+        router="prototype", train=ONE_EPOCH, backbone=BackboneConfig(max_length=32)
+    )
+    stream = Stream("words", [word_task(n, n_train=12, n_test=6) for n in NAMES])
+    run_stream(stream, config, run_dir=root / "run", make_backbone=lambda: backbone)
+    return root / "run", base
+
+
+@pytest.fixture
+def run(saved, tmp_path: Path) -> Path:
+    """A copy of the saved run, free to damage."""
+    return Path(shutil.copytree(saved[0], tmp_path / "run"))
+
+
+def fail_in_second_task(monkeypatch, error: BaseException, snapshot: dict) -> None:
+    """Raise `error` from the loss of the second task's first batch (`Strategy.loss` is every
+    strategy's hook), after taking a snapshot of the run directory as the first task left it."""
+    original = Strategy.loss
+
+    def loss(self, learner, task, value):
+        if task.name == NAMES[1]:
+            snapshot.update(files(learner.run_dir.path))
+            if isinstance(error, ValueError):  # stands for a diverged loss
+                return value * float("nan")
+            raise error
+        return original(self, learner, task, value)
+
+    monkeypatch.setattr(Strategy, "loss", loss)
+
+
+def assert_first_task_kept(run_dir: Path, snapshot: dict, status: set[str]) -> None:
+    """The first task's files are as it left them; the report loads and holds only it."""
+    assert snapshot, "the second task never started"
+    assert_kept({k: v for k, v in snapshot.items() if k.startswith("tasks/")}, run_dir)
+    assert not (run_dir / "tasks" / NAMES[1] / "module.safetensors").exists()
+    report = load_report(run_dir)
+    assert report["status"] in status
+    assert report["task_names"] == [NAMES[0]]
+
+
+# ---------------------------------------------------------------- 1. corrupt safetensors
+
+
+@pytest.mark.parametrize(
+    ("file", "damage"),
+    [("module", lambda b: b[:100]), ("head", lambda b: b[:20]), ("module", lambda b: b"\x00" * 64)],
+    ids=["truncated-module", "truncated-head", "garbage-module"],
+)
+def test_corrupt_or_truncated_safetensors(run: Path, file: str, damage):
+    path = run / "tasks" / NAMES[1] / f"{file}.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    before = files(run)
+    with pytest.raises(CorruptFileError, match="corrupt or truncated .*delete it and re-create it"):
+        load_learner(run)
+    inputs = run.parent / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    refused(invoke("predict", "--run", run, "--input", inputs), f"{path} is corrupt or truncated")
+    assert_kept(before, run)
+
+
+# ---------------------------------------------------------------- 2. truncated report.json
+
+
+def test_truncated_report_json(run: Path):
+    report = run / "report.json"
+    report.write_bytes(report.read_bytes()[:200])
+    before = files(run)
+    refused(invoke("report", run), f"{report} is corrupt or truncated", "re-create it")
+    inputs = run.parent / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    # the tasks are intact: predict reads the checkpoint, not the report
+    result = invoke("predict", "--run", run, "--input", inputs)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["task"] in NAMES
+    assert_kept(before, run)
+
+
+# ---------------------------------------------------------------- 3. missing labels.json
+
+
+def test_missing_labels_json(spec: Path, tmp_path: Path):
+    missing = spec.parent / NAMES[1] / "labels.json"
+    missing.unlink()
+    result = invoke("run", spec, "--out", tmp_path / "out", *TINY)
+    refused(result, f"{missing}: labels file not found", "leave `labels` out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 4. train and test labels disagree
+
+
+def test_train_and_test_label_sets_disagree(tmp_path: Path):
+    # no declared labels: the training labels are the task's labels, and the test set has another
+    tasks = [word_task(n, n_train=12, n_test=6) for n in NAMES]
+    spec = write_stream(tmp_path / "data", tasks, labels_files=False)
+    test_file = spec.parent / NAMES[0] / "test.jsonl"
+    lines = test_file.read_text(encoding="utf-8").splitlines()
+    lines[2] = json.dumps({"text": "a purple cup", "label": "purple"})
+    test_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = invoke("run", spec, "--out", tmp_path / "out", *TINY)
+    refused(
+        result,
+        f"{test_file}:3: label 'purple' is not one of task 'colors''s labels",
+        "declare it in the task's labels or fix the example",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 5. NaN or exploding loss
+
+
+def test_nan_loss_stops_the_task_and_keeps_earlier_ones(spec, tmp_path, monkeypatch, tiny_cli):
+    snapshot: dict[str, bytes] = {}
+    fail_in_second_task(monkeypatch, ValueError("nan"), snapshot)
+    out = tmp_path / "out"
+    result = invoke("run", spec, "--out", out, "--lr", "0.01", *TINY)
+    refused(
+        result,
+        f"task 2 {NAMES[1]}: the loss became nan at step 0",
+        "earlier tasks are untouched",
+        "Lower the learning rate (now 0.01)",
+    )
+    assert_first_task_kept(out, snapshot, {"failed"})
+
+
+# ---------------------------------------------------------------- 6. a write fails (disk full)
+
+
+def _disk_full_from_second_task(monkeypatch, snapshot: dict, run_dir: Path) -> None:
+    """Every write fails with ENOSPC from the first write of the second task's checkpoint on."""
+    real_replace = os.replace
+    full = []
+
+    def replace(src, dst):
+        if Path(dst).parent.name == NAMES[1] and not full:
+            full.append(True)
+            snapshot.update(files(run_dir))
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(_io.os, "replace", replace)
+
+
+def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, make_backbone):
+    run_dir, snapshot = tmp_path / "run", {}
+    _disk_full_from_second_task(monkeypatch, snapshot, run_dir)
+    stream = Stream("words", [word_task(n, n_train=12, n_test=6) for n in NAMES])
+    config = LearnerConfig(train=ONE_EPOCH)
+    with pytest.raises((OSError, ContinualPeftError), match="No space left on device"):
+        run_stream(stream, config, run_dir=run_dir, make_backbone=make_backbone)
+    monkeypatch.undo()
+    assert_kept(snapshot, run_dir)  # report.json too: the failed rewrite left the old one
+    assert not (run_dir / "tasks" / NAMES[1] / "module.safetensors").exists()
+    report = load_report(run_dir)
+    assert report["task_names"] == [NAMES[0]]
+
+
+def test_write_failure_is_a_clear_cli_error(spec, tmp_path, monkeypatch, tiny_cli):
+    out, snapshot = tmp_path / "out", {}
+    _disk_full_from_second_task(monkeypatch, snapshot, out)
+    result = invoke("run", spec, "--out", out, *TINY)
+    refused(result, "No space left on device. The previous version of the file is kept")
+    assert "--resume RUN" in result.stderr
+    monkeypatch.undo()
+    assert_kept(snapshot, out)
+
+
+# ---------------------------------------------------------------- 7. unknown names
+
+
+@pytest.mark.parametrize(
+    ("option", "registry"),
+    [("--module", MODULE_KINDS), ("--router", ROUTERS), ("--strategy", STRATEGIES)],
+    ids=["module", "router", "strategy"],
+)
+def test_unknown_module_router_or_strategy(spec, tmp_path, monkeypatch, option, registry):
+    monkeypatch.setattr(Backbone, "from_pretrained", pytest.fail)  # refused before any model
+    result = invoke("run", spec, "--out", tmp_path / "out", option, "bogus", *TINY)
+    refused(result, f"{registry.kind} 'bogus'; valid names: {', '.join(registry.names())}")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 8. path traversal in task names
+
+
+def test_path_traversal_in_task_names(spec: Path, run: Path, tmp_path: Path):
+    text = spec.read_text(encoding="utf-8")
+    spec.write_text(text.replace(f'name = "{NAMES[0]}"', 'name = "../../evil"'), encoding="utf-8")
+    refused(
+        invoke("run", spec, "--out", tmp_path / "out", *TINY),
+        "invalid task name '../../evil'. Task names become folder names",
+    )
+    with pytest.raises(ContinualPeftError, match="invalid task name '../x'"):
+        Task.from_examples("../x", train=[("a", "a")], test=[("a", "a")])
+    before = files(run)
+    refused(
+        invoke("export", "--run", run, "--task", f"../{NAMES[0]}", "--out", tmp_path / "x"),
+        f"unknown task '../{NAMES[0]}'",
+    )
+    assert_kept(before, run)
+    assert not list(tmp_path.rglob("*evil*")) and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- 9. the wrong backbone
+
+
+def test_wrong_backbone_for_a_saved_run(saved, run: Path, tokenizer, tmp_path: Path):
+    base = saved[1]
+    other = tmp_path / "other"
+    tiny_bert(tokenizer, seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    before = files(run)
+    with pytest.raises(ContinualPeftError) as info:
+        load_learner(run, backbone=Backbone.from_pretrained(str(other), device="cpu"))
+    message = str(info.value)
+    assert f"was trained on backbone '{base}'" in message and f"is '{other}'" in message
+    assert "mismatch: weights" in message and "--backbone" in message
+    # the model the run names was replaced in its folder: `predict` refuses it too
+    shutil.rmtree(base)
+    shutil.copytree(other, base)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    try:
+        refused(invoke("predict", "--run", run, "--input", inputs), "mismatch: weights")
+    finally:
+        shutil.rmtree(base)  # put the run's own model back for the other tests
+        tiny_bert(tokenizer).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+    assert_kept(before, run)
+
+
+# ---------------------------------------------------------------- 10. an empty stream
+
+
+def test_empty_stream(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Backbone, "from_pretrained", pytest.fail)
+    spec = tmp_path / "stream.toml"
+    spec.write_text('name = "empty"\n', encoding="utf-8")
+    refused(invoke("run", spec, "--out", tmp_path / "out"), "the stream has no tasks")
+    with pytest.raises(ContinualPeftError, match="stream 'empty' has no tasks"):
+        run_stream(Stream("empty", []), LearnerConfig(), run_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 11. non-UTF-8 input
+
+
+def test_non_utf8_input(spec: Path, run: Path, tmp_path: Path):
+    train = spec.parent / NAMES[0] / "train.jsonl"
+    lines = train.read_bytes().split(b"\n")
+    lines[3] = '{"text": "caf\u00e9 red", "label": "red"}'.encode("latin-1")
+    train.write_bytes(b"\n".join(lines))
+    refused(invoke("run", spec, "--out", tmp_path / "out", *TINY), f"{train}:4: not UTF-8")
+    assert not (tmp_path / "out").exists()
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(b'{"text": "a red car"}\n{"text": "caf\xe9"}\n')
+    before = files(run)
+    refused(
+        invoke("predict", "--run", run, "--input", inputs),
+        f"{inputs}:2: not a UTF-8 JSON line",
+    )
+    assert_kept(before, run)
+
+
+# ---------------------------------------------------------------- 12. inputs longer than max_length
+
+
+def test_long_inputs_are_truncated_and_counted(tmp_path: Path, make_backbone, tokenizer):
+    long, short = "red " + "and so on " * 10, "blue cup"
+    train = [(long, "red"), (short, "blue")] * 4
+    test = [(long, "red"), (short, "blue"), (long, "red")]
+    task = Task.from_examples("long", train=train, test=test)
+    config = LearnerConfig(train=ONE_EPOCH, backbone=BackboneConfig(max_length=8))
+    learner = run_stream(
+        Stream("long", [task]), config, run_dir=tmp_path / "run",
+        make_backbone=lambda: make_backbone(max_length=8),
+    )  # fmt: skip
+    expected = sum(len(tokenizer(t)["input_ids"]) > 8 for t, _ in train + test)
+    assert expected == 4 + 2
+    report = load_report(tmp_path / "run")
+    assert report["tasks"][0]["truncated_inputs"] == expected
+    assert "truncated inputs" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert learner.predict([long * 3], task="long") in (["red"], ["blue"])  # cut, not refused
+
+
+# ---------------------------------------------------------------- 13. a label never trained
+
+
+def test_predict_with_labels_never_seen_in_training(run: Path, tmp_path: Path):
+    inputs = tmp_path / "in.jsonl"
+    rows = [
+        {"text": "a purple violin plays jazz", "label": "purple"},  # a label no task knows
+        {"text": "quantum chromodynamics lecture notes"},  # no task at all
+        {"text": "the dog sleeps at home"},
+    ]
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    before = files(run)
+    result = invoke("predict", "--run", run, "--input", inputs)
+    assert result.exit_code == 0, result.output
+    known = {"unknown"} | {label for n in NAMES for label in word_task(n).labels}
+    predictions = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(predictions) == 3
+    for row in predictions:  # always a known task and label, or "unknown": never a made-up one
+        assert row["task"] in {*NAMES, "unknown"} and row["label"] in known
+    with pytest.raises(ContinualPeftError, match=r"unknown task 'weather'; learned tasks: \["):
+        load_learner(run).predict(["sunny"], task="weather")
+    assert_kept(before, run)
+
+
+# ---------------------------------------------------------------- 14. Ctrl-C
+
+
+def test_ctrl_c_stops_cleanly_with_earlier_tasks_saved(spec, tmp_path, monkeypatch, tiny_cli):
+    snapshot: dict[str, bytes] = {}
+    fail_in_second_task(monkeypatch, KeyboardInterrupt(), snapshot)
+    out = tmp_path / "out"
+    result = invoke("run", spec, "--out", out, *TINY)
+    refused(result, "interrupted; the tasks finished so far are saved", code=130)
+    assert_first_task_kept(out, snapshot, {"interrupted", "failed"})
+
+
+# ---------------------------------------------------------------- 15. --resume of a finished run
+
+
+def test_resume_of_a_finished_run_does_nothing(spec, tmp_path, tiny_cli):
+    out = tmp_path / "out"
+    assert invoke("run", spec, "--out", out, *TINY).exit_code == 0
+    before = files(out)
+    result = invoke("run", spec, "--resume", out, *TINY)
+    assert result.exit_code == 0, result.output
+    assert "nothing to do" in result.output
+    assert files(out) == before
+
+
+# ---------------------------------------------------------------- 16-17. never overwrite
+
+
+def test_a_used_run_folder_is_refused(spec: Path, run: Path, monkeypatch):
+    monkeypatch.setattr(Backbone, "from_pretrained", pytest.fail)
+    before = files(run)
+    refused(invoke("run", spec, "--out", run, *TINY), f"{run} already holds a run")
+    assert_kept(before, run)
+    assert files(run) == before
+
+
+def test_a_non_empty_export_folder_is_refused(run: Path, tmp_path: Path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me", encoding="utf-8")
+    refused(
+        invoke("export", "--run", run, "--task", NAMES[0], "--out", out),
+        "already exists and is not empty",
+        "nothing was overwritten",
+    )
+    assert files(out) == {"mine.txt": b"keep me"}

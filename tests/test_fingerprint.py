@@ -1,0 +1,90 @@
+"""The backbone fingerprint: a run is only loaded on the backbone it was trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_bert, word_task
+from transformers import BertConfig, BertModel
+
+from continual_peft import Backbone, ContinualLearner, ContinualPeftError, TrainConfig
+from continual_peft.fingerprint import _legacy_config_sha256, check_fingerprint
+from continual_peft.loading import load_learner
+
+
+def backbone(tokenizer, model=None, name: str = "tiny-bert") -> Backbone:
+    model = model if model is not None else tiny_bert(tokenizer)
+    return Backbone(model, tokenizer, max_length=32, name=name, device="cpu")
+
+
+def other_config(tokenizer) -> BertModel:
+    """The tiny BERT with another dropout: the same weights (same seed and shapes), other config."""
+    model = tiny_bert(tokenizer)
+    config = BertConfig(**{**model.config.to_dict(), "hidden_dropout_prob": 0.2})
+    other = BertModel(config, add_pooling_layer=False).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def saved(b: Backbone) -> dict:
+    return {"name": b.name, **b.fingerprint()}
+
+
+def test_the_same_model_from_another_folder_is_accepted(tokenizer, tmp_path: Path):
+    ours = backbone(tokenizer)
+    ours.model.save_pretrained(tmp_path / "a")
+    tokenizer.save_pretrained(tmp_path / "a")
+    loaded = Backbone.from_pretrained(str(tmp_path / "a"), device="cpu")
+    assert loaded.fingerprint() == ours.fingerprint()  # the folder is not part of the config hash
+    check_fingerprint(saved(ours), loaded, "run x")
+
+
+@pytest.mark.parametrize(
+    ("make", "differs"),
+    [
+        (lambda tok: tiny_bert(tok, seed=1), "weights"),
+        (other_config, "config"),
+    ],
+    ids=["other-seed", "other-config"],
+)
+def test_another_backbone_is_refused_naming_both(tokenizer, make, differs: str):
+    ours, theirs = backbone(tokenizer), backbone(tokenizer, make(tokenizer), name="other-bert")
+    with pytest.raises(ContinualPeftError) as info:
+        check_fingerprint(saved(ours), theirs, "run runs/x")
+    message = str(info.value)
+    assert message.startswith("run runs/x was trained on backbone 'tiny-bert' (model class Bert")
+    assert "but the backbone given is 'other-bert' (model class BertModel" in message
+    for fingerprint in (ours.fingerprint(), theirs.fingerprint()):
+        key = f"{differs}_sha256" if differs == "weights" else "config_sha256"
+        assert fingerprint[key] in message
+    assert f"(mismatch: {differs})" in message
+    assert "use 'tiny-bert' (pass it as backbone=... or --backbone)" in message
+
+
+def test_another_model_class_is_refused(tokenizer):
+    recorded = {**saved(backbone(tokenizer)), "model_class": "GPT2Model"}
+    with pytest.raises(ContinualPeftError, match=r"mismatch: model class\)"):
+        check_fingerprint(recorded, backbone(tokenizer), "run x")
+
+
+def test_old_runs_and_missing_keys_still_load(tokenizer):
+    ours = backbone(tokenizer)
+    legacy = {**saved(ours), "config_sha256": _legacy_config_sha256(ours)}
+    check_fingerprint(legacy, ours, "run x")  # hashed with the folder, as before
+    check_fingerprint({}, ours, "run x")  # nothing recorded: nothing to check
+    check_fingerprint({**saved(ours), "name": "moved/elsewhere"}, ours, "run x")  # only a name
+
+
+def test_load_learner_refuses_another_backbone(tokenizer, tmp_path: Path):
+    learner = ContinualLearner(
+        backbone(tokenizer), train=TrainConfig(epochs=1, batch_size=8), run_dir=tmp_path / "run"
+    )
+    learner.learn(word_task("colors", n_train=8, n_test=4))
+    learner.finish()
+    assert load_learner(tmp_path / "run", backbone=backbone(tokenizer)).predict(
+        ["a red cup"], task="colors"
+    )  # the same model built again is accepted
+    other = backbone(tokenizer, other_config(tokenizer), name="other-bert")
+    with pytest.raises(ContinualPeftError, match=r"trained on backbone 'tiny-bert'.*'other-bert'"):
+        load_learner(tmp_path / "run", backbone=other)

@@ -1,0 +1,363 @@
+"""Nothing lost: `run --resume` after a kill -9 at any moment ends exactly where an uninterrupted
+run ends; one writer per run directory; Ctrl-C leaves a resumable run.
+
+A killed run is a real subprocess (`continual-peft run` on the tiny backbone, see DRIVER) that
+sends itself SIGKILL at a chosen point: mid-training, mid-evaluation, between the files of a
+checkpoint, halfway through an atomic write; one more is killed from outside at a moment picked
+by watching the run directory. The driver patches the library from outside; the library itself
+has no fault-injection hook. Resumes run in-process through the CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_bert, word_task
+from typer.testing import CliRunner
+
+from continual_peft import Backbone, reports
+from continual_peft import cli as cli_module
+from continual_peft._io import load_safetensors
+from continual_peft._lock import RunLock
+from continual_peft.cli import app
+from continual_peft.errors import ContinualPeftError
+from continual_peft.loading import saved_config
+from continual_peft.runner import run_stream
+from continual_peft.streams import load_stream
+
+TESTS = Path(__file__).resolve().parent
+NAMES = ["colors", "animals", "moods"]
+OPTIONS = [
+    "--strategy", "replay", "--router", "mahalanobis", "--baseline", "seq", "--epochs", "2",
+    "--batch-size", "8", "--lr", "0.01", "--rank", "2", "--max-length", "16",
+]  # fmt: skip
+
+# Runs `continual-peft run` on the conftest tiny backbone and kills itself (SIGKILL) where
+# KILL_AT says: "train:<task>:<step>", "evaluate:<task>", "wrote:<path>" (after that file's
+# atomic write) or "tmp:<path>" (halfway through writing it); "#<n>" = the n-th time.
+DRIVER = r"""
+import functools, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_bert
+from transformers import AutoTokenizer
+import continual_peft._io as io
+import continual_peft.reports as reports
+import continual_peft.learner as learner_module
+from continual_peft import Backbone, cli
+from continual_peft.backbone import default_model_path
+from continual_peft.runner import run_stream
+
+tok = AutoTokenizer.from_pretrained(str(default_model_path()))
+make = lambda: Backbone(tiny_bert(tok), tok, max_length=16, name="tiny-bert", device="cpu")
+cli.run_stream = functools.partial(run_stream, make_backbone=make)
+reports.plot_accuracy_matrix = lambda report, path: None  # PNGs take most of a tiny run's time
+event, _, rest = os.environ["KILL_AT"].partition(":")
+rest, _, nth = rest.partition("#")
+nth, seen = int(nth or 1), [0]
+run = os.path.abspath(sys.argv[sys.argv.index("--out") + 1])
+
+def hit():
+    seen[0] += 1
+    return seen[0] == nth
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if event == "train":
+    task, step = rest.rsplit(":", 1)
+    train_task = learner_module.train_task
+    def patched(*args, description="", adjust_loss=None, **kwargs):
+        count = [0]
+        armed = description.endswith(" " + task) and hit()
+        def adjust(loss):
+            count[0] += 1
+            if armed and count[0] == int(step):
+                die()
+            return adjust_loss(loss)
+        return train_task(*args, description=description, adjust_loss=adjust, **kwargs)
+    learner_module.train_task = patched
+elif event == "evaluate":
+    evaluate = learner_module.ContinualLearner._evaluate
+    def patched(self, items):
+        if list(self.learned)[-1] == rest and hit():
+            self._accuracy(next(iter(self.learned.values())))
+            die()
+        return evaluate(self, items)
+    learner_module.ContinualLearner._evaluate = patched
+else:
+    write = io.atomic_write_bytes
+    def patched(path, data):
+        matches = os.path.abspath(path) == os.path.join(run, rest) and hit()
+        if matches and event == "tmp":
+            tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".x.tmp")
+            with open(tmp, "wb") as handle:
+                handle.write(data[: len(data) // 2])
+            die()
+        write(path, data)
+        if matches:
+            die()
+    io.atomic_write_bytes = patched
+sys.argv = ["continual-peft", *sys.argv[2:]]
+cli.app()
+"""
+
+runner = CliRunner()
+
+
+def write_stream(root: Path) -> Path:
+    blocks = []
+    for name in NAMES:
+        task = word_task(name, n_train=24, n_test=12)
+        folder = root / name
+        folder.mkdir(parents=True)
+        for split in ("train", "test"):
+            pairs = zip(
+                getattr(task, f"{split}_inputs"), getattr(task, f"{split}_labels"), strict=True
+            )
+            lines = [json.dumps({"text": t, "label": task.labels[y]}) for t, y in pairs]
+            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        blocks.append(
+            f'[[tasks]]\nname = "{name}"\ntrain = "{name}/train.jsonl"\ntest = "{name}/test.jsonl"'
+        )
+    spec = root / "stream.toml"
+    spec.write_text('name = "words"\n\n' + "\n\n".join(blocks) + "\n", encoding="utf-8")
+    return spec
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory) -> Path:
+    return write_stream(tmp_path_factory.mktemp("stream"))
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """Each report's PNG costs more than a tiny task's training; the JSON is what is compared."""
+    monkeypatch.setattr(reports, "plot_accuracy_matrix", lambda report, path: None)
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, make_backbone):
+    monkeypatch.setattr(
+        cli_module,
+        "run_stream",
+        functools.partial(run_stream, make_backbone=lambda: make_backbone(16)),
+    )
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def outcome(run: Path) -> dict:
+    """Everything a resumed run must reproduce exactly: matrices, metrics, per-task facts."""
+    result = {}
+    for name in ("", "baseline-seq"):
+        report = json.loads((run / name / "report.json").read_text(encoding="utf-8"))
+        tasks = [
+            {k: v for k, v in t.items() if not k.endswith("_seconds")} for t in report["tasks"]
+        ]
+        keys = ("status", "task_names", "accuracy_matrix", "initial_accuracy", "metrics")
+        result[name] = {**{k: report[k] for k in keys}, "tasks": tasks}
+        result[name]["routing"] = report["routing_accuracy"]
+        result[name]["baseline"] = report["baseline"] and report["baseline"]["accuracy_matrix"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(spec, tmp_path_factory, make_backbone_module) -> dict:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reports, "plot_accuracy_matrix", lambda report, path: None)
+        patch.setattr(
+            cli_module,
+            "run_stream",
+            functools.partial(run_stream, make_backbone=make_backbone_module),
+        )
+        result = invoke("run", spec, "--out", run, *OPTIONS)
+    assert result.exit_code == 0, result.output
+    return outcome(run)
+
+
+@pytest.fixture(scope="module")
+def make_backbone_module(tokenizer):
+    return lambda: Backbone(tiny_bert(tokenizer), tokenizer, 16, name="tiny-bert", device="cpu")
+
+
+def killed_run(spec: Path, run: Path, kill_at: str) -> subprocess.CompletedProcess:
+    driver = run.parent / "driver.py"
+    driver.write_text(DRIVER, encoding="utf-8")
+    env = {**os.environ, "KILL_AT": kill_at, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
+    done = subprocess.run(command + OPTIONS, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stdout, done.stderr)
+    return done
+
+
+def checkpoint(run: Path) -> dict | None:
+    path = run / "checkpoint.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def resume(run: Path, spec: Path, *extra) -> None:
+    with pytest.warns(UserWarning, match="taking over a stale lock left by process"):
+        result = invoke("run", spec, "--resume", run, *OPTIONS, *extra)
+    assert result.exit_code == 0, result.output
+    assert not (run / ".lock").exists()
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "done_before"),
+    [
+        ("train:animals:3", 1),  # mid-training of task 2
+        ("evaluate:animals", 1),  # mid-evaluation of task 2
+        ("wrote:tasks/animals/head.safetensors", 1),  # mid-checkpoint: slot and head written
+        ("tmp:checkpoint.json#2", 1),  # halfway through writing task 2's checkpoint.json
+        ("train:moods:2#2", None),  # mid-training of the baseline's task 3
+    ],
+)
+def test_kill_then_resume_ends_as_an_uninterrupted_run(spec, tmp_path, reference, tiny_cli,
+                                                       kill_at, done_before):  # fmt: skip
+    run = tmp_path / "run"
+    killed_run(spec, run, kill_at)
+    assert (run / ".lock").exists()  # left behind by the killed process
+    if done_before is not None:
+        assert checkpoint(run)["tasks_done"] == done_before
+    if kill_at.startswith("wrote:tasks/animals"):
+        # a file the checkpoint does not name is ignored, even truncated, and written again
+        module = run / "tasks" / "animals" / "module.safetensors"
+        module.write_bytes(module.read_bytes()[:100])
+    resume(run, spec)
+    assert outcome(run) == reference
+    assert not list(run.rglob("*.tmp"))
+    load_safetensors(run / "tasks" / "animals" / "module.safetensors")  # rewritten whole
+
+
+def test_kill_from_outside_then_resume(spec, tmp_path, reference, tiny_cli):
+    run = tmp_path / "run"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER, encoding="utf-8")
+    env = {**os.environ, "KILL_AT": "none:", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
+    process = subprocess.Popen(command + OPTIONS, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while checkpoint(run) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)  # right after the first checkpoint appears
+    process.wait()
+    resume(run, spec)
+    assert outcome(run) == reference
+
+
+def test_resume_of_a_finished_run_does_nothing(spec, tmp_path, make_backbone, tiny_cli):
+    run = tmp_path / "run"
+    options = ["--epochs", "1", "--max-train", "8", "--max-test", "4", "--baseline", "none"]
+    assert invoke("run", spec, "--out", run, *options).exit_code == 0
+
+    def snapshot():
+        return {p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+                for p in run.rglob("*") if p.is_file()}  # fmt: skip
+
+    before = snapshot()
+    result = invoke("run", spec, "--resume", run, *options)
+    assert result.exit_code == 0, result.output
+    assert "is finished: nothing to do" in result.stdout
+    assert snapshot() == before
+    # the library says the same, and returns the finished learner
+    config, stream = saved_config(run), load_stream(spec, max_train=8, max_test=4)
+    learner = run_stream(stream, config, run, resume=True, make_backbone=make_backbone)
+    assert learner.status == "finished" and list(learner.learned) == NAMES
+    assert snapshot() == before
+
+
+def test_ctrl_c_leaves_a_resumable_run_that_resumes_only_as_it_was(
+    spec, tmp_path, reference, tiny_cli, monkeypatch
+):
+    import continual_peft.learner as learner_module
+
+    train_task = learner_module.train_task
+
+    def interrupted(*args, description="", **kwargs):
+        if description.endswith(" moods"):
+            raise KeyboardInterrupt
+        return train_task(*args, description=description, **kwargs)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(learner_module, "train_task", interrupted)
+        result = invoke("run", spec, "--out", run, *OPTIONS)
+    assert result.exit_code == 130, result.output
+    assert "continue with --resume" in result.stderr
+    report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    assert report["status"] == "interrupted" and report["task_names"] == NAMES[:2]
+    assert checkpoint(run)["tasks_done"] == 2 and not (run / ".lock").exists()
+
+    result = invoke("run", spec, "--resume", run, *OPTIONS, "--epochs", "3")
+    assert result.exit_code == 2
+    assert "train.epochs: 2 in the run, 3 here" in result.stderr
+    result = invoke("run", spec, "--resume", run, *OPTIONS, "--max-test", "5")
+    assert result.exit_code == 2
+    assert "task 'colors' has other data than when the run learned it" in result.stderr
+    result = invoke("run", spec, "--resume", tmp_path / "nowhere", *OPTIONS)
+    assert result.exit_code == 2 and "not a run directory" in result.stderr
+    assert not (run / ".lock").exists() and checkpoint(run)["status"] == "interrupted"
+
+    result = invoke("run", spec, "--resume", run, *OPTIONS)
+    assert result.exit_code == 0, result.output
+    assert outcome(run) == reference
+
+
+# ---------------------------------------------------------------- the lock
+
+
+def test_a_live_writer_is_refused(spec, tmp_path, tiny_cli):
+    run = tmp_path / "run"
+    run.mkdir()
+    held = RunLock(run)  # this process, alive: as if another process were writing the run
+    host = socket.gethostname()
+    config = {"config": saved_config_dict(), "backbone": {}}
+    for args in (["--out", run], ["--resume", run]):  # a new run there, or resuming it
+        result = invoke("run", spec, *args, *OPTIONS)
+        assert result.exit_code == 2, result.output
+        assert f"is being written by process {os.getpid()} on {host} since" in result.stderr
+        assert "wait for it to finish" in result.stderr
+        (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    held.release()
+    assert not (run / ".lock").exists()
+    held.release()  # idempotent
+
+
+def saved_config_dict() -> dict:
+    from continual_peft import LearnerConfig
+
+    return LearnerConfig().to_dict()
+
+
+def test_lock_of_another_host_names_the_file_to_delete(tmp_path):
+    info = {"pid": 1, "host": "elsewhere", "started": "then", "token": "x"}
+    (tmp_path / ".lock").write_text(json.dumps(info), encoding="utf-8")
+    with pytest.raises(ContinualPeftError, match=r"on elsewhere since then.*delete .*\.lock"):
+        RunLock(tmp_path)
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    info = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "t", "token": "x"}
+    (tmp_path / ".lock").write_text(json.dumps(info), encoding="utf-8")
+    with pytest.warns(UserWarning, match=f"stale lock left by process {info['pid']}"):
+        lock = RunLock(tmp_path)
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    with pytest.raises(ContinualPeftError, match="is being written by process"):
+        RunLock(tmp_path)
+    lock.release()
