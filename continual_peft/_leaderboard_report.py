@@ -207,6 +207,16 @@ def acc_vs_params_png(board: dict[str, Any]) -> bytes:
     return figure_png(fig)
 
 
+def _in_sweep_order(values) -> list[str]:
+    """Distinct swept values, numerically sorted when they are numbers (the leaderboard itself is
+    sorted by ACC, which would draw the curve out of order)."""
+    distinct = list(dict.fromkeys(values))
+    try:
+        return sorted(distinct, key=float)
+    except ValueError:
+        return distinct
+
+
 def sweep_png(board: dict[str, Any]) -> bytes:
     """ACC against parameters (points labelled by value), and against the swept value."""
     key = (board.get("sweep") or {}).get("key", "?")
@@ -214,7 +224,7 @@ def sweep_png(board: dict[str, Any]) -> bytes:
     left, right = fig.subplots(1, 2)
     entries = _measured(board)
     bases = list(dict.fromkeys(e["base"] for e in board.get("entries") or []))
-    values = list(dict.fromkeys(_sweep_value(e) for e in board.get("entries") or []))
+    values = _in_sweep_order(_sweep_value(e) for e in board.get("entries") or [])
     for number, base in enumerate(bases):
         color = f"C{number % 10}"
         mine = [e for e in entries if e["base"] == base]

@@ -214,3 +214,10 @@ def test_every_registered_strategy_is_a_valid_entry():
     for name in STRATEGIES.names():
         entry = entry_from(name)
         assert entry.config.strategy == name
+
+
+def test_sweep_plot_follows_the_swept_values_not_the_ranking():
+    from continual_peft._leaderboard_report import _in_sweep_order
+
+    assert _in_sweep_order(["16", "1", "4", "1"]) == ["1", "4", "16"]
+    assert _in_sweep_order(["lora", "adapter"]) == ["lora", "adapter"]  # not numbers: as given
