@@ -181,3 +181,28 @@ def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
         return _st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CorruptFileError(source, f"invalid safetensors data: {err}") from err
+
+
+def load_versioned_json(path: PathLike, kind: str, version: int, hint: str) -> dict[str, Any]:
+    """Read `<kind>.json` (pass its folder or the file), checking its `kind` and schema version.
+
+    Args:
+        path: The folder holding `<kind>.json`, or the file itself.
+        kind: "aggregate", "leaderboard", ...: the file's name and its `kind` field.
+        version: The schema version this code reads.
+        hint: What to pass instead, for the message when the file is missing.
+    """
+    source = Path(path)
+    if source.is_dir():
+        source = source / f"{kind}.json"
+    if not source.is_file():
+        raise ContinualPeftError(f"no {kind} at {source}; {hint}")
+    data = load_json(source)
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        raise ContinualPeftError(f"{source} is not a continual-peft {kind} (no kind: {kind}).")
+    if data.get("schema_version") != version:
+        raise ContinualPeftError(
+            f"{source} has schema_version {data.get('schema_version')!r}; this version reads "
+            f"{version}."
+        )
+    return data

@@ -30,7 +30,7 @@ from continual_peft._compare_entries import (
     entry_from,
     override,
 )
-from continual_peft._io import load_json, load_safetensors
+from continual_peft._io import load_safetensors, load_versioned_json
 from continual_peft._leaderboard_report import console_leaderboard, write_leaderboard
 from continual_peft._report_data import is_missing, matrix_of
 from continual_peft.backbone import Backbone
@@ -312,17 +312,6 @@ def _sort_key(entry: dict[str, Any]) -> tuple:
 
 def load_leaderboard(path: str | Path) -> dict[str, Any]:
     """Read a comparison's leaderboard.json (pass the comparison folder or the file)."""
-    source = Path(path)
-    if source.is_dir():
-        source = source / "leaderboard.json"
-    if not source.is_file():
-        raise ContinualPeftError(f"no leaderboard at {source}; pass a folder from `compare`.")
-    data = load_json(source)
-    if not isinstance(data, dict) or data.get("kind") != "leaderboard":
-        raise ContinualPeftError(f"{source} is not a continual-peft leaderboard.")
-    if data.get("schema_version") != LEADERBOARD_SCHEMA_VERSION:
-        raise ContinualPeftError(
-            f"{source} has schema_version {data.get('schema_version')!r}; this version reads "
-            f"{LEADERBOARD_SCHEMA_VERSION}."
-        )
-    return data
+    return load_versioned_json(
+        path, "leaderboard", LEADERBOARD_SCHEMA_VERSION, "pass a folder from `compare`."
+    )

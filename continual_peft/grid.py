@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 
 from continual_peft._grid_report import console_aggregate, write_aggregate
-from continual_peft._io import load_json
+from continual_peft._io import load_versioned_json
 from continual_peft._report_data import is_missing
 from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig
@@ -271,21 +271,6 @@ def _aggregate(
 
 def load_aggregate(path: str | Path) -> dict[str, Any]:
     """Read a grid's aggregate.json (pass the grid folder or the file)."""
-    source = Path(path)
-    if source.is_dir():
-        source = source / "aggregate.json"
-    if not source.is_file():
-        raise ContinualPeftError(
-            f"no aggregate at {source}; pass a grid folder from --seeds/--order."
-        )
-    data = load_json(source)
-    if not isinstance(data, dict) or data.get("kind") != "aggregate":
-        raise ContinualPeftError(
-            f"{source} is not a continual-peft aggregate (no kind: aggregate)."
-        )
-    if data.get("schema_version") != AGGREGATE_SCHEMA_VERSION:
-        raise ContinualPeftError(
-            f"{source} has schema_version {data.get('schema_version')!r}; this version reads "
-            f"{AGGREGATE_SCHEMA_VERSION}."
-        )
-    return data
+    return load_versioned_json(
+        path, "aggregate", AGGREGATE_SCHEMA_VERSION, "pass a grid folder from --seeds/--order."
+    )
