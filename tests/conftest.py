@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
 
 from continual_peft import Backbone, Task, TrainConfig
 from continual_peft.backbone import default_model_path
@@ -32,6 +32,21 @@ def tiny_bert(tokenizer, seed: int = 0) -> BertModel:
         max_position_embeddings=64,
     )
     return BertModel(config, add_pooling_layer=False).eval()
+
+
+def tiny_vit(seed: int = 0, hidden_size: int = 64) -> ViTModel:
+    """A tiny ViT for 8x8 one-channel images (scikit-learn's digits), built from a config."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+    )
+    return ViTModel(config, add_pooling_layer=False).eval()
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_vit
 from PIL import Image
 from sklearn.datasets import load_digits
-from transformers import ViTConfig, ViTImageProcessor, ViTModel
+from transformers import ViTImageProcessor
 from typer.testing import CliRunner
 
 from continual_peft import (
@@ -31,20 +32,6 @@ from continual_peft.vision import ImageBackbone
 
 TRAIN = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup=0.0)
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
-
-
-def tiny_vit(seed: int = 0) -> ViTModel:
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-    )
-    return ViTModel(config, add_pooling_layer=False).eval()
 
 
 def make_vit(processor=None) -> ImageBackbone:

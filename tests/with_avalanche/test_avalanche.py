@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_vit
 from sklearn.datasets import load_digits
-from transformers import ViTConfig, ViTModel
 
 if os.environ.get("CONTINUAL_PEFT_REQUIRE_AVALANCHE") != "1":
     pytest.importorskip("avalanche")
@@ -41,13 +41,8 @@ PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
 TRAIN = TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup=0.0, eval_batch_size=64)
 
 
-def tiny_vit() -> ImageBackbone:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64,
-    )  # fmt: skip
-    return ImageBackbone(ViTModel(config, add_pooling_layer=False).eval(), None, name="tiny-vit")
+def tiny_vit_backbone() -> ImageBackbone:
+    return ImageBackbone(tiny_vit(hidden_size=32), None, name="tiny-vit")
 
 
 def digit_benchmark(task_labels: bool, single_test: bool = False, per_class: int = 30):
@@ -91,7 +86,7 @@ def run_in_avalanche(strategy_name: str, router: str, task_labels: bool):
     each training experience, as Avalanche's forgetting metrics require."""
     benchmark = digit_benchmark(task_labels)
     config = LearnerConfig(strategy=strategy_name, router=router, train=TRAIN)
-    learner = ContinualLearner(tiny_vit(), config=config)
+    learner = ContinualLearner(tiny_vit_backbone(), config=config)
     plugin_evaluator = evaluator()
     strategy = avalanche_strategy(learner, benchmark, evaluator=plugin_evaluator)
     for i, experience in enumerate(benchmark.train_stream):
@@ -164,6 +159,6 @@ def test_avalanche_metrics_equal_our_monitor(strategy_name, router, task_labels,
 
 def test_plugin_needs_task_labels_or_a_router():
     benchmark = digit_benchmark(task_labels=False)
-    learner = ContinualLearner(tiny_vit(), config=LearnerConfig(train=TRAIN))
+    learner = ContinualLearner(tiny_vit_backbone(), config=LearnerConfig(train=TRAIN))
     with pytest.raises(Exception, match="give the learner a router"):
         avalanche_strategy(learner, benchmark)
