@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +93,28 @@ def tasks() -> list[Task]:
 
 
 FAST_TRAIN = TrainConfig(epochs=4, batch_size=8, lr=1e-2, warmup=0.0)
+
+
+def write_stream(root: Path, tasks: list[Task], labels_files: bool = True) -> Path:
+    """Tasks as JSONL files under `root/<task>/` (with labels.json if `labels_files`) and a
+    stream spec `root/stream.toml` named "words" that lists them."""
+    blocks = []
+    for task in tasks:
+        folder = root / task.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "test"):
+            texts, ys = getattr(task, f"{split}_inputs"), getattr(task, f"{split}_labels")
+            lines = [
+                json.dumps({"text": t, "label": task.labels[y]})
+                for t, y in zip(texts, ys, strict=True)
+            ]
+            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        block = f'[[tasks]]\nname = "{task.name}"\ntrain = "{task.name}/train.jsonl"\n'
+        block += f'test = "{task.name}/test.jsonl"\n'
+        if labels_files:
+            (folder / "labels.json").write_text(json.dumps(task.labels), encoding="utf-8")
+            block += f'labels = "{task.name}/labels.json"\n'
+        blocks.append(block)
+    spec = root / "stream.toml"
+    spec.write_text('name = "words"\n\n' + "\n".join(blocks), encoding="utf-8")
+    return spec

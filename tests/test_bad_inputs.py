@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_bert, word_task
+from conftest import tiny_bert, word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import (
@@ -75,30 +75,6 @@ def refused(result, *expected: str, code: int = 2) -> None:
     for text in expected:
         assert text in result.stderr, result.stderr
     assert "Traceback" not in result.output
-
-
-def write_stream(root: Path, tasks: list[Task], labels_files: bool = True) -> Path:
-    """Tasks as JSONL files (+ labels.json) under `root/<task>/` and a spec `root/stream.toml`."""
-    blocks = []
-    for task in tasks:
-        folder = root / task.name
-        folder.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "test"):
-            texts, ys = getattr(task, f"{split}_inputs"), getattr(task, f"{split}_labels")
-            lines = [
-                json.dumps({"text": t, "label": task.labels[y]})
-                for t, y in zip(texts, ys, strict=True)
-            ]
-            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        block = f'[[tasks]]\nname = "{task.name}"\ntrain = "{task.name}/train.jsonl"\n'
-        block += f'test = "{task.name}/test.jsonl"\n'
-        if labels_files:
-            (folder / "labels.json").write_text(json.dumps(task.labels), encoding="utf-8")
-            block += f'labels = "{task.name}/labels.json"\n'
-        blocks.append(block)
-    spec = root / "stream.toml"
-    spec.write_text('name = "words"\n\n' + "\n".join(blocks), encoding="utf-8")
-    return spec
 
 
 @pytest.fixture

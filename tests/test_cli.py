@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import word_task
+from conftest import word_task, write_stream
 from typer.testing import CliRunner
 
-from continual_peft import MODULE_KINDS, STRATEGIES, Task
+from continual_peft import MODULE_KINDS, STRATEGIES
 from continual_peft import cli as cli_module
 from continual_peft.backbone import Backbone
 from continual_peft.cli import app
@@ -27,33 +27,6 @@ runner = CliRunner()
 
 def invoke(*args: str | Path):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def write_task(root: Path, task: Task) -> None:
-    """A task's splits as JSONL files and its labels as labels.json under `root/<name>/`."""
-    folder = root / task.name
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
-        texts, labels = getattr(task, f"{split}_inputs"), getattr(task, f"{split}_labels")
-        lines = [
-            json.dumps({"text": t, "label": task.labels[y]})
-            for t, y in zip(texts, labels, strict=True)
-        ]
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (folder / "labels.json").write_text(json.dumps(task.labels), encoding="utf-8")
-
-
-def write_stream(root: Path, tasks: list[Task]) -> Path:
-    for task in tasks:
-        write_task(root, task)
-    blocks = [
-        f'[[tasks]]\nname = "{t.name}"\ntrain = "{t.name}/train.jsonl"\n'
-        f'test = "{t.name}/test.jsonl"\nlabels = "{t.name}/labels.json"\n'
-        for t in tasks
-    ]
-    spec = root / "stream.toml"
-    spec.write_text('name = "words"\n\n' + "\n".join(blocks), encoding="utf-8")
-    return spec
 
 
 @pytest.fixture

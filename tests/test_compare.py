@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import word_task
-from test_cli import write_stream
+from conftest import word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import STRATEGIES, Backbone, LearnerConfig, ModuleBank

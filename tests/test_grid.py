@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import word_task
-from test_cli import write_stream
+from conftest import word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import Backbone, LearnerConfig, Stream

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_bert, word_task
+from conftest import tiny_bert, word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import Backbone, reports
@@ -114,29 +114,10 @@ cli.app()
 runner = CliRunner()
 
 
-def write_stream(root: Path) -> Path:
-    blocks = []
-    for name in NAMES:
-        task = word_task(name, n_train=24, n_test=12)
-        folder = root / name
-        folder.mkdir(parents=True)
-        for split in ("train", "test"):
-            pairs = zip(
-                getattr(task, f"{split}_inputs"), getattr(task, f"{split}_labels"), strict=True
-            )
-            lines = [json.dumps({"text": t, "label": task.labels[y]}) for t, y in pairs]
-            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        blocks.append(
-            f'[[tasks]]\nname = "{name}"\ntrain = "{name}/train.jsonl"\ntest = "{name}/test.jsonl"'
-        )
-    spec = root / "stream.toml"
-    spec.write_text('name = "words"\n\n' + "\n\n".join(blocks) + "\n", encoding="utf-8")
-    return spec
-
-
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> Path:
-    return write_stream(tmp_path_factory.mktemp("stream"))
+    tasks = [word_task(name, n_train=24, n_test=12) for name in NAMES]
+    return write_stream(tmp_path_factory.mktemp("stream"), tasks, labels_files=False)
 
 
 @pytest.fixture(autouse=True)
