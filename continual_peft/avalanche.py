@@ -155,7 +155,7 @@ class ContinualPeftModel(nn.Module):
         if self.training and self.session is not None:
             learner, session = self.learner, self.session
             batch = learner.backbone.collate(learner.backbone.encode(inputs).items)
-            with learner.use_task(session.task.name), learner.backbone.autocast():
+            with learner.use_task(session.task.name):
                 local = session.head(learner.backbone.embed(batch)).float()
             return self._spread(local, [session.task] * len(inputs))
         return self._predicted(inputs)
@@ -179,11 +179,11 @@ class ContinualPeftModel(nn.Module):
                 return torch.zeros(len(inputs), self.num_classes, device=learner.backbone.device)
             tasks = [self.task_of_label[int(t)] for t in self.task_ids]
         labels = learner.predict(inputs, task=tasks)
-        out = torch.full((len(inputs), self.num_classes), float("-inf"))
+        out = torch.full((len(inputs), self.num_classes), float("-inf"), device="cpu")
         for i, label in enumerate(labels):
             if label != "unknown":
                 out[i, int(label)] = 0.0
-        return out.to(learner.backbone.device)
+        return learner.backbone.placement.put(out)  # filled on the CPU, one copy
 
 
 class ContinualPeftPlugin(SupervisedPlugin):
@@ -303,7 +303,8 @@ def avalanche_strategy(
     strategy_options.setdefault("train_epochs", learner.config.train.epochs)
     strategy_options.setdefault("eval_mb_size", learner.config.train.eval_batch_size)
     strategy_options.setdefault("device", str(learner.backbone.device))
-    placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)  # replaced per task
+    zero = nn.Parameter(torch.zeros(1, device=learner.backbone.device))
+    placeholder = torch.optim.SGD([zero], lr=0.0)  # replaced per task
     return ContinualPeftStrategy(
         model=model,
         optimizer=placeholder,

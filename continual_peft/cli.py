@@ -41,6 +41,11 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 LISTS = ["modules", "strategies", "streams", "routers"]
+DTYPE_HELP = (
+    "Frozen weights' dtype: auto (bfloat16 on a CUDA device that supports it, float32 on the CPU), "
+    "bfloat16, float16 or float32. Trainable slot and head stay float32 (README: Precision)."
+)
+DEVICE_HELP = "Device, e.g. cpu, cuda, cuda:1. Default: CUDA when present, else CPU."
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -115,6 +120,8 @@ def run(
     backbone: str = typer.Option(
         None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2."
     ),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
     resume: Path = typer.Option(
         None,
         help="Continue this run directory from its last finished task (after a crash, kill or "
@@ -144,6 +151,8 @@ def run(
             "lora.r": rank,
             "backbone.max_length": max_length,
             "backbone.name": backbone,
+            "backbone.dtype": dtype,
+            "backbone.device": device,
         }
         config = _config(strategy, overrides, resume)
         chosen = {"auto": "seq" if stream is None else None, "none": None}.get(baseline, baseline)
@@ -217,6 +226,8 @@ def compare_(
     router: str = typer.Option(None, help="Router for every entry (default: each entry's)."),
     max_length: int = typer.Option(None, help="Longest input in tokens, for every entry."),
     backbone: str = typer.Option(None, help="Model folder or name, for every entry."),
+    dtype: str = typer.Option(None, help=DTYPE_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Run several strategies on the same stream and budget; write a leaderboard.
 
@@ -232,6 +243,8 @@ def compare_(
             "train.batch_size": batch_size,
             "backbone.max_length": max_length,
             "backbone.name": backbone,
+            "backbone.dtype": dtype,
+            "backbone.device": device,
         }
         names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
         entries = resolve_entries(names or STRATEGIES.names(), overrides, sweep)

@@ -33,6 +33,7 @@ from continual_peft._registry import validate_task_name
 from continual_peft._spec import Section, read_toml
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
+from continual_peft.placement import DTYPES
 from continual_peft.routers import ROUTERS
 from continual_peft.strategies import STRATEGIES, build_strategy
 
@@ -57,6 +58,7 @@ class BackboneConfig:
     name: str = ""  # local folder or model name; "" = the bundled all-MiniLM-L6-v2
     max_length: int = 128  # longer inputs are truncated (and counted in the report)
     device: str = ""  # "" = CUDA when present, else CPU
+    dtype: str = "auto"  # frozen weights: auto (bf16 on CUDA with bf16, else fp32), or a dtype
 
 
 @dataclass
@@ -150,6 +152,12 @@ class LearnerConfig:
                 raise ContinualPeftError(
                     f"{where}: {key} = {value!r} is invalid; it must be {rule}"
                 )
+        if self.backbone.dtype not in DTYPES:
+            raise ContinualPeftError(
+                f"{where}: backbone.dtype = {self.backbone.dtype!r} is invalid; valid choices: "
+                f"{', '.join(DTYPES)} (auto = bfloat16 on a CUDA device that supports it, "
+                "float32 elsewhere)"
+            )
         kinds = [("module", self.module)]
         kinds += [(f"tasks.{task}.module", kind) for task, kind in self.task_modules.items()]
         for key, kind in kinds:

@@ -10,28 +10,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from continual_peft.placement import CPU, MASTER_DTYPE, Placement
+
 
 class Heads(nn.Module):
     """One linear classifier per task.
 
     Args:
         hidden_size: Width of the pooled vector.
+        placement: Where heads live (the backbone's device); their weights stay float32.
     """
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, placement: Placement) -> None:
         super().__init__()
         self.hidden_size = hidden_size
+        self.placement = placement
         self.heads = nn.ModuleDict()
 
     def add(self, task: str, num_labels: int, seed: int) -> nn.Linear:
-        """A fresh trainable head for `task`, initialised from `seed`."""
-        head = nn.Linear(self.hidden_size, num_labels)
-        generator = torch.Generator().manual_seed(seed)
+        """A fresh trainable head for `task`, initialised from `seed` on the CPU, then placed."""
+        head = nn.Linear(self.hidden_size, num_labels, device=CPU, dtype=MASTER_DTYPE)
         with torch.no_grad():
-            nn.init.normal_(head.weight, std=0.02, generator=generator)
+            nn.init.normal_(head.weight, std=0.02, generator=self.placement.generator(seed))
             head.bias.zero_()
-        device = next(self.parameters(), head.weight).device
-        self.heads[task] = head.to(device)
+        self.heads[task] = self.placement.module(head)
         return self.heads[task]
 
     def freeze(self, task: str) -> None:
@@ -50,7 +52,7 @@ class Heads(nn.Module):
         width = max(self.heads[t].out_features for t in set(tasks))
         out = pooled.new_full((len(tasks), width), float("-inf"))
         for task in dict.fromkeys(tasks):
-            rows = torch.tensor([i for i, t in enumerate(tasks) if t == task], device=pooled.device)
+            rows = self.placement.tensor([i for i, t in enumerate(tasks) if t == task])
             head = self.heads[task]
             out[rows, : head.out_features] = head(pooled[rows])
         return out

@@ -21,12 +21,12 @@ from continual_peft.training import length_sorted_batches, predict_rows
 def frozen_features(
     backbone: Backbone, bank: ModuleBank, items: list, batch_size: int
 ) -> torch.Tensor:
-    """(N, d) pooled features of the bare backbone, in input order, float32 on the CPU."""
-    out = torch.empty(len(items), backbone.hidden_size)
+    """(N, d) pooled features of the bare backbone, in input order, float32 on its device."""
+    placement = backbone.placement
+    out = placement.zeros(len(items), backbone.hidden_size)
     with bank.base_only():
         for rows, batch in length_sorted_batches(backbone, items, batch_size):
-            with backbone.autocast():
-                out[torch.as_tensor(rows)] = backbone.embed(batch).float().cpu()
+            out[placement.tensor(rows, dtype=torch.long)] = backbone.embed(batch).float()
     return out
 
 
@@ -36,11 +36,12 @@ def routing_table(
     """(slots, weights) lists, one per task, as (T, m) tensors padded with slot -1 at weight 0
     (m: the most slots any of them uses)."""
     width = max((len(slots) for slots, _ in routes), default=1)
-    slots = torch.full((len(routes), width), -1, dtype=torch.long)
-    weights = torch.zeros(len(routes), width)
+    # on the CPU by design: the bank reads routing there (see `ModuleBank.route`)
+    slots = torch.full((len(routes), width), -1, dtype=torch.long, device="cpu")
+    weights = torch.zeros(len(routes), width, device="cpu")
     for row, (task_slots, task_weights) in enumerate(routes):
-        slots[row, : len(task_slots)] = torch.tensor(task_slots, dtype=torch.long)
-        weights[row, : len(task_weights)] = torch.tensor(task_weights)
+        slots[row, : len(task_slots)] = torch.tensor(task_slots, dtype=torch.long, device="cpu")
+        weights[row, : len(task_weights)] = torch.tensor(task_weights, device="cpu")
     return slots, weights
 
 
@@ -67,12 +68,12 @@ def routed_predict(
     result: list[int | None] = [None] * len(items)
     if not accepted:
         return result
-    device = backbone.device
-    slots, weights = slots[accepted].to(device), weights[accepted].to(device)
+    # routing stays on the CPU, where the bank resolves it once per batch before the forward
+    slots, weights = slots[accepted].cpu(), weights[accepted].cpu()
     tasks = [head_tasks[i] for i in accepted]
 
     def score(batch: dict[str, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
-        picked = torch.as_tensor(rows, device=device)
+        picked = torch.as_tensor(rows, device="cpu")
         with bank.route(slots[picked], weights[picked]):
             return heads.logits(backbone.embed(batch), [tasks[i] for i in rows])
 

@@ -111,15 +111,16 @@ class ContinualLearner:
         if not isinstance(backbone, Backbone):
             name = backbone or config.backbone.name or None
             backbone = Backbone.from_pretrained(
-                name, config.backbone.max_length, config.backbone.device or None
-            )
+                name, config.backbone.max_length, config.backbone.device or None,
+                config.backbone.dtype,
+            )  # fmt: skip
         self.config = config
         self.backbone = backbone
         kinds = {config.module, *config.task_modules.values()}
         self.bank = ModuleBank(
             backbone, config.module, configs={k: config.kind_config(k) for k in kinds}
         )
-        self.heads = Heads(backbone.hidden_size).to(backbone.device)
+        self.heads = Heads(backbone.hidden_size, backbone.placement)
         self.router = self._make_router(config)
         self.monitor = ForgettingMonitor(
             ("oracle",) if self.router is None else ("oracle", "routed")
@@ -283,7 +284,7 @@ class ContinualLearner:
         """(B, m) slots and weights for rows whose tasks are given (oracle routing)."""
         names = [self._learned(t).task.name for t in dict.fromkeys(tasks)]  # unknown: refused
         slots, weights = self._routing_table(names)
-        rows = torch.tensor([names.index(t) for t in tasks], dtype=torch.long)
+        rows = torch.tensor([names.index(t) for t in tasks], dtype=torch.long, device="cpu")
         return slots[rows], weights[rows]
 
     @contextlib.contextmanager
@@ -325,7 +326,7 @@ class ContinualLearner:
     def _make_router(self, config: LearnerConfig) -> Router | None:
         if config.router == "oracle":
             return None  # the task is given: no router state at all
-        return build_router(config.router, **config.router_options)
+        return build_router(config.router, **config.router_options).to(self.backbone.device)
 
     def _features(self, items: list) -> torch.Tensor:
         batch = self.config.train.eval_batch_size
@@ -364,7 +365,7 @@ class ContinualLearner:
     ) -> tuple[list[str | None], torch.Tensor, torch.Tensor]:
         """Routed predictions: label strings (None if rejected), and the router's (B, k)
         task indices and weights."""
-        indices, weights = self.router.route(features)
+        indices, weights = (t.cpu() for t in self.router.route(features))  # one copy per set
         order = list(self.learned.values())
         # each of a row's k tasks brings its own routing (m slots): k·m entries per row
         table_slots, table_weights = self._routing_table([s.task.name for s in order])
@@ -416,10 +417,8 @@ class ContinualLearner:
             (B, C_max) logits, -inf past each row's own label count.
         """
         slots, weights = self._rows_routing(list(tasks))
-        device = self.backbone.device
         batch = self.backbone.collate(self.backbone.encode(list(inputs)).items)
-        routing = self.bank.route(slots.to(device), weights.to(device))
-        with torch.no_grad(), routing, self.backbone.autocast():
+        with torch.no_grad(), self.bank.route(slots, weights):
             return self.heads.logits(self.backbone.embed(batch), list(tasks)).float()
 
     def predict(self, inputs: list, task: str | list[str] | None = None) -> list[str]:
@@ -452,7 +451,7 @@ class ContinualLearner:
         items = self.backbone.encode(list(inputs)).items
         features = self._features(items)
         labels, indices, weights = self._routed(items, features)
-        scores = self.router.scores(features)
+        scores = self.router.scores(features).cpu()
         names = list(self.learned)
         rows = []
         for i, label in enumerate(labels):

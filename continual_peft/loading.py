@@ -24,7 +24,7 @@ from continual_peft._checkpoint import (
     stream_plan,
     task_digest,
 )
-from continual_peft._io import load_json, load_safetensors
+from continual_peft._io import load_json
 from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
@@ -129,6 +129,11 @@ def _saved_config(run: Path) -> dict:
 
 
 def _check_config(run: Path, saved: dict, given: dict) -> None:
+    # read through the config class, so keys added since the run was written take their defaults
+    saved = LearnerConfig.from_dict(saved, str(run / "config.json")).to_dict()
+    # where a run computes is not what it is: a run may resume on another device
+    saved["backbone"].pop("device", None)
+    given = {**given, "backbone": {k: v for k, v in given["backbone"].items() if k != "device"}}
     differences = config_differences(saved, given)
     if differences:
         raise ContinualPeftError(
@@ -147,15 +152,16 @@ def _restore(
     learner: ContinualLearner, run: Path, checkpoint: dict, tasks: dict[str, Task]
 ) -> None:
     """Put a checkpoint's state into a fresh learner built with the run's configuration."""
+    placement = learner.backbone.placement  # every tensor read back goes where the backbone is
     for slot, entry in enumerate(checkpoint["slots"]):
-        state = load_safetensors(run / entry["file"])
+        state = placement.load(run / entry["file"])
         if learner.bank.load_slot(state, entry["kind"], trainable=entry["trainable"]) != slot:
             raise ContinualPeftError(f"{run}: slots are not numbered 0..n-1; the run is damaged.")
     learner.records = list(checkpoint["records"])
     for index, entry in enumerate(checkpoint["tasks"]):
         name, record = entry["name"], learner.records[index]
         head = learner.heads.add(name, len(record["labels"]), seed=0)
-        head.load_state_dict(load_safetensors(run / "tasks" / name / "head.safetensors"))
+        head.load_state_dict(placement.load(run / "tasks" / name / "head.safetensors"))
         learner.heads.freeze(name)
         task = tasks.get(name)
         if task is not None and task_digest(task) != entry["data_sha256"]:
@@ -173,10 +179,11 @@ def _restore(
         learner._digests[name] = entry["data_sha256"]
     learner.monitor = ForgettingMonitor.from_state(checkpoint["monitor"])
     if checkpoint["router"]:
-        learner.router = load_router(run / Path(checkpoint["router"][0]).parent)
+        folder = run / Path(checkpoint["router"][0]).parent
+        learner.router = load_router(folder, learner.backbone.device)
     if checkpoint["strategy"]:
         tensors_file, meta_file = checkpoint["strategy"]
-        tensors = load_safetensors(run / tensors_file)
+        tensors = placement.load(run / tensors_file)
         learner.strategy.load_state(tensors, load_json(run / meta_file))
     learner.saved_files = dict(checkpoint["files"])
     learner.status = checkpoint["status"]

@@ -71,7 +71,10 @@ def train_task(
     per_epoch = math.ceil(len(items) / config.batch_size)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _schedule(optimizer, per_epoch * config.epochs, config.warmup)
-    target = torch.tensor(labels, device=backbone.device)
+    target = backbone.placement.tensor(labels, dtype=torch.long)
+    # float16 weights: gradients through them can underflow, so the loss is scaled (bfloat16
+    # has float32's range and needs none; disabled, the scaler passes everything through)
+    scaler = torch.amp.GradScaler(backbone.device.type, enabled=backbone.dtype == torch.float16)
     start, step, epoch_losses = time.perf_counter(), 0, []
     backbone.train()
     with _progress() as progress:
@@ -80,25 +83,27 @@ def train_task(
             epoch_losses = []
             for rows in np.array_split(order_rng.permutation(len(items)), per_epoch):
                 batch = backbone.collate([items[i] for i in rows])
-                with backbone.autocast():
-                    logits = head(backbone.embed(batch))
+                logits = head(backbone.embed(batch))  # float32: pooled states and head are
                 loss = adjust_loss(nn.functional.cross_entropy(logits.float(), target[rows]))
-                if not torch.isfinite(loss):
+                value = loss.item()  # the step's one host synchronisation
+                if not math.isfinite(value):
                     backbone.eval()
                     raise ContinualPeftError(
-                        f"{description}: the loss became {loss.item()} at step {step}; the task "
+                        f"{description}: the loss became {value} at step {step}; the task "
                         "was stopped and earlier tasks are untouched. Lower the learning rate "
                         f"(now {config.lr})."
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if config.grad_clip > 0:
+                    scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 step += 1
-                epoch_losses.append(loss.item())
-                progress.update(bar, advance=1, loss=loss.item())
+                epoch_losses.append(value)
+                progress.update(bar, advance=1, loss=value)
     backbone.eval()
     return TrainResult(float(np.mean(epoch_losses)), step, time.perf_counter() - start)
 
@@ -138,7 +143,6 @@ def predict_rows(
     """
     predictions = np.empty(len(items), dtype=np.int64)
     for rows, batch in length_sorted_batches(backbone, items, batch_size):
-        with backbone.autocast():
-            logits = score(batch, rows)
+        logits = score(batch, rows)
         predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()
     return predictions

@@ -53,6 +53,7 @@ class ImageBackbone(Backbone):
         max_length: Unused for images (kept so both backbones load alike).
         name: How the model was named, for reports and fingerprints.
         device: Where to run; automatic when None.
+        dtype: Compute dtype of the frozen weights (see `Backbone`).
     """
 
     kind = "image"
@@ -64,8 +65,9 @@ class ImageBackbone(Backbone):
         max_length: int = 128,
         name: str = "custom",
         device: str | None = None,
+        dtype: str = "auto",
     ) -> None:
-        super().__init__(model, None, max_length=max_length, name=name, device=device)
+        super().__init__(model, None, max_length=max_length, name=name, device=device, dtype=dtype)
         self.processor = processor
         config = model.config
         size = config.image_size
@@ -75,7 +77,11 @@ class ImageBackbone(Backbone):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | None = None, max_length: int = 128, device: str | None = None
+        cls,
+        name_or_path: str | None = None,
+        max_length: int = 128,
+        device: str | None = None,
+        dtype: str = "auto",
     ) -> ImageBackbone:
         """Load `AutoModel` (and `AutoImageProcessor`, when the folder has one) offline."""
         from transformers import AutoImageProcessor, AutoModel
@@ -95,7 +101,9 @@ class ImageBackbone(Backbone):
                 f"cannot load image backbone {path!r}: {err}. Give a local model folder or a "
                 "model name that is already in the Hugging Face cache (this tool never downloads)."
             ) from err
-        return cls(model, processor, max_length=max_length, name=name_or_path, device=device)
+        return cls(
+            model, processor, max_length=max_length, name=name_or_path, device=device, dtype=dtype
+        )
 
     def encode(self, images: list) -> Encoded:
         """One float tensor (C, H, W) per image; nothing is truncated."""
@@ -153,11 +161,12 @@ class ImageBackbone(Backbone):
         return 1
 
     def collate(self, rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.stack(rows).to(self.device)}  # (B, C, H, W)
+        pixels = torch.stack(rows)  # (B, C, H, W) float32 on the CPU
+        return {"pixel_values": self.placement.put(pixels, self.dtype)}
 
     def token_table(self) -> torch.Tensor:
         """The tokens of a blank (all-zero) image, (S + P, d): what a fresh prompt is drawn from."""
-        blank = torch.zeros(1, *self.image_shape, device=self.device)
+        blank = torch.zeros(1, *self.image_shape, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             return self.model.embeddings(blank)[0].detach()  # (S + P, d)
 

@@ -1,20 +1,81 @@
-"""Shared fixtures: a tiny BERT built from a config (no download) and small synthetic tasks."""
+"""Shared fixtures: a tiny BERT built from a config (no download) and small synthetic tasks.
+
+The device switch: `CONTINUAL_PEFT_TEST_DEVICE=cuda` runs the whole suite on CUDA (CI runs it on
+the CPU, the default). `CONTINUAL_PEFT_TEST_DTYPE=bfloat16` (or float16/float32) makes the
+library's `dtype = "auto"` mean that dtype on any device, so the GPU's default precision can be
+tried on a CPU. Tests that compare numbers take their tolerances from `tolerance()`, which
+follows the dtype in force.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
+DEVICE = os.environ.get("CONTINUAL_PEFT_TEST_DEVICE", "cpu")
+TEST_DTYPE = os.environ.get("CONTINUAL_PEFT_TEST_DTYPE", "")
+if DEVICE == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # nothing may pick a GPU behind the suite's back
 
-from continual_peft import Backbone, Task, TrainConfig
-from continual_peft.backbone import default_model_path
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel  # noqa: E402
+
+from continual_peft import Backbone, Task, TrainConfig  # noqa: E402
+from continual_peft import placement as _placement  # noqa: E402
+from continual_peft.backbone import default_model_path  # noqa: E402
+
+_resolve_dtype = _placement.resolve_dtype
+
+
+def _test_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto" and TEST_DTYPE:
+        return _placement.DTYPES[TEST_DTYPE]
+    return _resolve_dtype(name, device)
+
+
+_placement.resolve_dtype = _test_dtype  # the suite's "auto" (see the module docstring)
+
+
+def compute_dtype() -> torch.dtype:
+    """The dtype a backbone built with dtype "auto" computes in, in this test session."""
+    return _test_dtype("auto", torch.device(DEVICE))
+
+
+def tolerance(dtype: torch.dtype | None = None) -> dict[str, float]:
+    """`assert_close` tolerances that hold for `dtype` (default: the session's compute dtype).
+
+    float32: relative 1e-5 (a few ulps after a matmul's reordering) and absolute 1e-5. bfloat16
+    keeps 8 bits of mantissa (relative step 2^-8 = 0.4 %); a few roundings in a row stay
+    within 3 %. float16 has 11 bits: 0.5 %.
+    """
+    dtype = dtype or compute_dtype()
+    if dtype == torch.bfloat16:
+        return {"rtol": 3e-2, "atol": 3e-2}
+    if dtype == torch.float16:
+        return {"rtol": 5e-3, "atol": 5e-3}
+    return {"rtol": 1e-5, "atol": 1e-5}
+
 
 # Tiny models run fastest on one thread, and CI has only two cores to share.
 torch.set_num_threads(1)
+
+
+def run_routed(site, x: torch.Tensor, indices, weights=None) -> torch.Tensor:
+    """A low-rank site's output with rows routed as the bank resolves `indices` (B, k; -1 =
+    none) and `weights` (B, k; 1 when None): scales folded in, once, before the forward."""
+    from continual_peft.modules import Routing
+
+    raw = torch.tensor(indices)
+    raw_weights = torch.ones(raw.shape) if weights is None else torch.tensor(weights)
+    resolved = Routing.rows(raw, raw_weights, site.stack.scale[raw.clamp(min=0)])
+    site.routing.indices, site.routing.weights = resolved.indices, resolved.weights
+    try:
+        return site(x)
+    finally:
+        site.routing.indices = site.routing.weights = None
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +118,7 @@ def make_backbone(tokenizer):
 
     def make(max_length: int = 32) -> Backbone:
         return Backbone(
-            tiny_bert(tokenizer), tokenizer, max_length=max_length, name="tiny-bert", device="cpu"
+            tiny_bert(tokenizer), tokenizer, max_length=max_length, name="tiny-bert", device=DEVICE
         )
 
     return make

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE, run_routed
 from transformers import DistilBertConfig, DistilBertModel, GPT2Config, GPT2Model
 
 from continual_peft import Backbone, ContinualPeftError, ModuleBank
@@ -103,30 +104,21 @@ def _adapter_site(activation: torch.nn.Module) -> LowRankSite:
     return site
 
 
-def _run(site: LowRankSite, x: torch.Tensor, indices, weights=None) -> torch.Tensor:
-    site.routing.indices = torch.tensor(indices)
-    site.routing.weights = torch.ones(len(indices), 1) if weights is None else torch.tensor(weights)
-    try:
-        return site(x)
-    finally:
-        site.routing.indices = site.routing.weights = None
-
-
 @pytest.mark.parametrize("activation", [torch.nn.ReLU(), torch.nn.GELU(), torch.nn.Tanh()])
 @torch.no_grad()
 def test_adapter_soft_mixing_is_the_weighted_sum_of_deltas(activation):
     site = _adapter_site(activation)
     x = torch.randn(2, 4, 6)
     base = site.base_layer(x)
-    d0 = _run(site, x, [[0], [0]]) - base
-    d2 = _run(site, x, [[2], [2]]) - base
+    d0 = run_routed(site, x, [[0], [0]]) - base
+    d2 = run_routed(site, x, [[2], [2]]) - base
     t = site.stack.slot(2)
     by_hand = activation(base @ t["adapter_down"].T + t["adapter_down_bias"]) @ t["adapter_up"].T
     torch.testing.assert_close(d2, (by_hand + t["adapter_up_bias"]) * t["scale"])
-    mixed = _run(site, x, [[0, 2], [2, -1]], [[0.3, 0.7], [0.5, 0.5]])
+    mixed = run_routed(site, x, [[0, 2], [2, -1]], [[0.3, 0.7], [0.5, 0.5]])
     torch.testing.assert_close(mixed[0], base[0] + 0.3 * d0[0] + 0.7 * d2[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(mixed[1], base[1] + 0.5 * d2[1], atol=1e-6, rtol=0)
-    assert torch.equal(_run(site, x, [[-1], [-1]]), base)
+    assert torch.equal(run_routed(site, x, [[-1], [-1]]), base)
 
 
 def test_adapter_gradients_reach_only_the_trainable_slot(make_backbone):
@@ -231,7 +223,7 @@ def test_fresh_prefix_changes_the_output(make_backbone):
 
 def _gpt2_backbone(tokenizer) -> Backbone:
     config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2)
-    return Backbone(GPT2Model(config), tokenizer, device="cpu")
+    return Backbone(GPT2Model(config), tokenizer, device=DEVICE)
 
 
 def test_prefix_refuses_a_non_bert_attention(tokenizer):
@@ -240,7 +232,7 @@ def test_prefix_refuses_a_non_bert_attention(tokenizer):
     ):
         ModuleBank(_gpt2_backbone(tokenizer), "prefix")
     config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2)
-    distil = Backbone(DistilBertModel(config), tokenizer, device="cpu")  # q_lin/k_lin/v_lin
+    distil = Backbone(DistilBertModel(config), tokenizer, device=DEVICE)  # q_lin/k_lin/v_lin
     with pytest.raises(ContinualPeftError, match="DistilBertModel has none"):
         ModuleBank(distil, "prefix")
 

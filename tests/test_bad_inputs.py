@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_bert, word_task, write_stream
+from conftest import DEVICE, tiny_bert, word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import (
@@ -98,7 +98,7 @@ def saved(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     base = root / "base"
     tiny_bert(tokenizer).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    backbone = Backbone.from_pretrained(str(base), max_length=32, device="cpu")
+    backbone = Backbone.from_pretrained(str(base), max_length=32, device=DEVICE)
     config = LearnerConfig(
         router="prototype", train=ONE_EPOCH, backbone=BackboneConfig(max_length=32)
     )
@@ -313,7 +313,7 @@ def test_wrong_backbone_for_a_saved_run(saved, run: Path, tokenizer, tmp_path: P
     tokenizer.save_pretrained(other)
     before = files(run)
     with pytest.raises(ContinualPeftError) as info:
-        load_learner(run, backbone=Backbone.from_pretrained(str(other), device="cpu"))
+        load_learner(run, backbone=Backbone.from_pretrained(str(other), device=DEVICE))
     message = str(info.value)
     assert f"was trained on backbone '{base}'" in message and f"is '{other}'" in message
     assert "mismatch: weights" in message and "--backbone" in message

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_TRAIN, tiny_bert, word_task
+from conftest import DEVICE, FAST_TRAIN, tiny_bert, word_task
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
@@ -32,7 +32,7 @@ def trained(tmp_path_factory, tokenizer):
     base_dir = root / "base"
     tiny_bert(tokenizer).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    backbone = Backbone.from_pretrained(str(base_dir), max_length=32, device="cpu")
+    backbone = Backbone.from_pretrained(str(base_dir), max_length=32, device=DEVICE)
     learner = ContinualLearner(backbone=backbone, train=FAST_TRAIN, run_dir=root / "run")
     for name in ("colors", TASK):
         learner.learn(word_task(name, n_train=24, n_test=6))
@@ -121,7 +121,7 @@ def test_first_task_exports_its_own_slot(trained, tmp_path):
 def test_all_linear_exports_full_layer_names(trained, tmp_path):
     """all-linear skips the pooler here but not in peft, so the layers are named in full."""
     base_dir = trained[2]
-    backbone = Backbone.from_pretrained(str(base_dir), max_length=32, device="cpu")
+    backbone = Backbone.from_pretrained(str(base_dir), max_length=32, device=DEVICE)
     lora = LoRAConfig(r=4, alpha=12.0, targets=["all-linear"])
     train = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0)
     learner = ContinualLearner(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import tiny_bert, word_task
+from conftest import DEVICE, tiny_bert, word_task
 from transformers import BertConfig, BertModel
 
 from continual_peft import Backbone, ContinualLearner, ContinualPeftError, TrainConfig
@@ -15,7 +15,7 @@ from continual_peft.loading import load_learner
 
 def backbone(tokenizer, model=None, name: str = "tiny-bert") -> Backbone:
     model = model if model is not None else tiny_bert(tokenizer)
-    return Backbone(model, tokenizer, max_length=32, name=name, device="cpu")
+    return Backbone(model, tokenizer, max_length=32, name=name, device=DEVICE)
 
 
 def other_config(tokenizer) -> BertModel:
@@ -35,7 +35,7 @@ def test_the_same_model_from_another_folder_is_accepted(tokenizer, tmp_path: Pat
     ours = backbone(tokenizer)
     ours.model.save_pretrained(tmp_path / "a")
     tokenizer.save_pretrained(tmp_path / "a")
-    loaded = Backbone.from_pretrained(str(tmp_path / "a"), device="cpu")
+    loaded = Backbone.from_pretrained(str(tmp_path / "a"), device=DEVICE)
     assert loaded.fingerprint() == ours.fingerprint()  # the folder is not part of the config hash
     check_fingerprint(saved(ours), loaded, "run x")
 

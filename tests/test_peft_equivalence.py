@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import DEVICE, tiny_bert
 
 from continual_peft import Backbone, ModuleBank
 from continual_peft.modules.lora import LoRAConfig
@@ -25,7 +25,7 @@ def test_lora_matches_peft(tokenizer, targets):
     torch.manual_seed(1)
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft_config).eval()
 
-    backbone = Backbone(base, tokenizer, max_length=32, device="cpu")
+    backbone = Backbone(base, tokenizer, max_length=32, device=DEVICE)
     bank = ModuleBank(backbone, "lora", config)
     state = {}
     for name in bank.sites:

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import DEVICE, tiny_bert
 
 from continual_peft import Backbone, ContinualPeftError, ModuleBank
 from continual_peft.modules.lora import LoRAConfig
@@ -132,7 +132,7 @@ def test_prompt_matches_peft_prompt_tuning(tokenizer):
     with torch.no_grad():
         weight.mul_(0.05)  # peft's RANDOM init is N(0, 1); bring it to the embeddings' scale
 
-    backbone = Backbone(base, tokenizer, max_length=32, device="cpu")
+    backbone = Backbone(base, tokenizer, max_length=32, device=DEVICE)
     bank = ModuleBank(backbone, "prompt", PromptConfig(num_virtual_tokens=N))
     slot = bank.load_slot({"prompt.embedding": weight})
     batch = _batch(backbone, TEXTS[:2])

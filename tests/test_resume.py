@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_bert, word_task, write_stream
+from conftest import DEVICE, tiny_bert, word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import Backbone, reports
@@ -48,7 +48,7 @@ OPTIONS = [
 DRIVER = r"""
 import functools, os, signal, sys
 sys.path.insert(0, sys.argv[1])
-from conftest import tiny_bert
+from conftest import DEVICE, tiny_bert
 from transformers import AutoTokenizer
 import continual_peft._io as io
 import continual_peft.reports as reports
@@ -58,7 +58,7 @@ from continual_peft.backbone import default_model_path
 from continual_peft.runner import run_stream
 
 tok = AutoTokenizer.from_pretrained(str(default_model_path()))
-make = lambda: Backbone(tiny_bert(tok), tok, max_length=16, name="tiny-bert", device="cpu")
+make = lambda: Backbone(tiny_bert(tok), tok, max_length=16, name="tiny-bert", device=DEVICE)
 cli.run_stream = functools.partial(run_stream, make_backbone=make)
 reports.plot_accuracy_matrix = lambda report, path: None  # PNGs take most of a tiny run's time
 event, _, rest = os.environ["KILL_AT"].partition(":")
@@ -171,7 +171,7 @@ def reference(spec, tmp_path_factory, make_backbone_module) -> dict:
 
 @pytest.fixture(scope="module")
 def make_backbone_module(tokenizer):
-    return lambda: Backbone(tiny_bert(tokenizer), tokenizer, 16, name="tiny-bert", device="cpu")
+    return lambda: Backbone(tiny_bert(tokenizer), tokenizer, 16, name="tiny-bert", device=DEVICE)
 
 
 def killed_run(spec: Path, run: Path, kill_at: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import DEVICE, tiny_vit
 from PIL import Image
 from sklearn.datasets import load_digits
 from transformers import ViTImageProcessor
@@ -35,7 +35,7 @@ PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
 
 
 def make_vit(processor=None) -> ImageBackbone:
-    return ImageBackbone(tiny_vit(), processor, name="tiny-vit", device="cpu")
+    return ImageBackbone(tiny_vit(), processor, name="tiny-vit", device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def vit_folder(tmp_path) -> str:
 
 
 def test_processor_path_takes_pil_and_numpy_images(digits, tmp_path):
-    backbone = Backbone.from_pretrained(vit_folder(tmp_path), device="cpu")
+    backbone = Backbone.from_pretrained(vit_folder(tmp_path), device=DEVICE)
     assert isinstance(backbone, ImageBackbone) and backbone.processor is not None
     raw = (digits[0][:4] * 255 / 16).round().astype(np.uint8)  # (4, 8, 8)
     as_pil = [Image.fromarray(image, mode="L") for image in raw]

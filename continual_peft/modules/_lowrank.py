@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from continual_peft.modules._routing import Routing, gather_weights
+from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
 
 
@@ -76,55 +76,61 @@ class LowRankSite(StackedSite):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.routing.off:
+        routing = self.routing
+        if routing.off:
             return out
         h = self.dropout(out if self.on_output else x)
-        if self.routing.single is not None:
-            delta = self._single(h, self.stack.slot(self.routing.single))
-        elif self.routing.shared:
-            delta = self._shared(h, self.stack.stacked())
-        else:
-            delta = self._mixed(h, self.stack.stacked())
-        return out + delta.to(out.dtype)
+        if routing.single is not None:
+            return self._single(out, h, self.stack.slot(routing.single))
+        if routing.shared:
+            return self._shared(out, h, self.stack.stacked())
+        return self._mixed(out, h, self.stack.stacked())
 
-    def _single(self, h: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    # Each path scales the r-wide intermediate (never the d_out-wide delta) and adds the delta
+    # into the base output inside the up-projection's matmul (addmm / baddbmm with beta 1): one
+    # pass over the (B, L, d_out) output instead of three.
+
+    def _single(self, out: torch.Tensor, h: torch.Tensor, t: dict) -> torch.Tensor:
         down, up, down_bias, up_bias = self.names
-        z = h @ t[down].T.to(h.dtype)  # (..., r)
+        z = h @ t[down].to(h.dtype).T  # (..., r)
         if down_bias:
             z = z + t[down_bias].to(h.dtype)
-        delta = self.activation(z) @ t[up].T.to(h.dtype)  # (..., d_out)
+        z = self.activation(z) * t["scale"].to(h.dtype)
+        flat = out.reshape(-1, out.shape[-1])  # (N, d_out)
+        result = torch.addmm(flat, z.reshape(-1, z.shape[-1]), t[up].to(h.dtype).T)
         if up_bias:
-            delta = delta + t[up_bias].to(h.dtype)
-        return delta * t["scale"].to(h.dtype)
+            result = result + (t[up_bias] * t["scale"]).to(h.dtype)
+        return result.reshape(out.shape)
 
-    def _shared(self, h: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _shared(self, out: torch.Tensor, h: torch.Tensor, t: dict) -> torch.Tensor:
         """Every row on the same k slots: one delta of width k·r, no per-row gather."""
         down, up, down_bias, up_bias = self.names
-        shared = self.routing.indices[0], self.routing.weights[0]  # (k,) each
-        idx, w = gather_weights(*shared, t["scale"])
-        w = w.to(h.dtype)
-        z = h @ t[down][idx].reshape(-1, h.shape[-1]).T.to(h.dtype)  # (..., k·r)
+        idx, w = self.routing.indices[0], self.routing.weights[0]  # (k,) each
+        rank, d_out = t[down].shape[1], out.shape[-1]
+        z = h @ t[down][idx].reshape(-1, h.shape[-1]).to(h.dtype).T  # (..., k·r)
         if down_bias:
             z = z + t[down_bias][idx].reshape(-1).to(h.dtype)
-        u = (t[up][idx].to(h.dtype) * w[:, None, None]).permute(1, 0, 2)  # (d_out, k, r)
-        delta = self.activation(z) @ u.reshape(u.shape[0], -1).T  # (..., d_out)
+        z = self.activation(z) * w.repeat_interleave(rank).to(h.dtype)
+        u = t[up].transpose(1, 2)[idx].reshape(-1, d_out).to(h.dtype)  # (k·r, d_out)
+        result = torch.addmm(out.reshape(-1, d_out), z.reshape(-1, z.shape[-1]), u)
         if up_bias:
-            delta = delta + w @ t[up_bias][idx].to(h.dtype)
-        return delta
+            result = result + (w @ t[up_bias][idx].float()).to(h.dtype)
+        return result.reshape(out.shape)
 
-    def _mixed(self, h: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _mixed(self, out: torch.Tensor, h: torch.Tensor, t: dict) -> torch.Tensor:
+        """Per-row slots: gather each row's k slots, two batched matmuls for the whole batch."""
         down, up, down_bias, up_bias = self.names
-        rows, k = self.routing.indices.shape
-        idx, w = gather_weights(self.routing.indices, self.routing.weights, t["scale"])  # (B, k)
-        w = w.to(h.dtype)
+        idx, w = self.routing.indices, self.routing.weights  # (B, k) each, resolved by the bank
+        (rows, k), rank, d_out = idx.shape, t[down].shape[1], out.shape[-1]
         flat = h.reshape(rows, -1, h.shape[-1])  # (B, L, width)
-        d_rows = t[down][idx].reshape(rows, -1, flat.shape[-1]).to(h.dtype)  # (B, k·r, width)
+        d_rows = t[down][idx].reshape(rows, k * rank, -1).to(h.dtype)  # (B, k·r, width)
         z = torch.bmm(flat, d_rows.transpose(1, 2))  # (B, L, k·r)
         if down_bias:
             z = z + t[down_bias][idx].reshape(rows, 1, -1).to(h.dtype)
-        u_rows = (t[up][idx].to(h.dtype) * w[:, :, None, None]).permute(0, 2, 1, 3)
-        u_rows = u_rows.reshape(rows, u_rows.shape[1], -1)  # (B, d_out, k·r)
-        delta = torch.bmm(self.activation(z), u_rows.transpose(1, 2))  # (B, L, d_out)
+        z = self.activation(z) * w.repeat_interleave(rank, dim=1)[:, None].to(h.dtype)
+        u_rows = t[up].transpose(1, 2)[idx].reshape(rows, k * rank, d_out).to(h.dtype)
+        result = torch.baddbmm(out.reshape(rows, -1, d_out), z, u_rows)  # (B, L, d_out)
         if up_bias:
-            delta = delta + torch.einsum("bk,bkd->bd", w, t[up_bias][idx].to(h.dtype))[:, None]
-        return delta.reshape(*h.shape[:-1], -1)
+            bias = torch.einsum("bk,bkd->bd", w, t[up_bias][idx].float())  # (B, d_out)
+            result = result + bias.to(h.dtype)[:, None]
+        return result.reshape(out.shape)

@@ -1,4 +1,10 @@
-"""Which slot each row of the current batch uses; shared by every injected site of one bank."""
+"""Which slot each row of the current batch uses; shared by every injected site of one bank.
+
+The bank resolves a batch's routing ONCE per forward (`Routing.rows`): 'no module' entries (-1)
+are clamped to slot 0 with weight 0 and each slot's scale is folded into its weight, so the
+sites (one per wrapped layer, 154 in a 22-layer Llama) only read two small tensors and never
+recompute them or synchronise with the host.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,21 @@ class Routing:
     With `indices is None and single is None` every site adds nothing (the bare backbone).
     """
 
-    indices: torch.Tensor | None = None  # (B, k) slot ids, -1 = no module; (1, k): every row
-    weights: torch.Tensor | None = None  # (B, k) mixing weights, (1, k) like `indices`
+    indices: torch.Tensor | None = None  # (B, k) slot ids >= 0; (1, k): every row
+    weights: torch.Tensor | None = None  # (B, k) float32 weights, scale folded in, 0 = unused
     single: int | None = None  # every row on this one slot with weight 1: a faster path
+
+    @classmethod
+    def rows(
+        cls, indices: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> Routing:
+        """Resolve raw routing: `indices` (B, k) with -1 for none, `weights` (B, k), and
+        `scale` (B, k) the fixed scale of each entry's slot (1 when None)."""
+        valid = indices >= 0
+        if scale is not None:
+            weights = weights * scale
+        effective = torch.where(valid, weights.to(torch.float32), 0.0)
+        return cls(indices=indices.clamp(min=0), weights=effective)
 
     @property
     def off(self) -> bool:
@@ -30,17 +48,3 @@ class Routing:
     def for_rows(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, k) indices and weights; a shared (1, k) routing is repeated for every row."""
         return self.indices.expand(rows, -1), self.weights.expand(rows, -1)
-
-
-def gather_weights(
-    indices: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clamp 'no module' entries (-1) to slot 0 and give them weight 0; fold in per-slot scale.
-
-    Returns:
-        (safe indices (B, k), effective weights (B, k)).
-    """
-    valid = indices >= 0
-    safe = indices.clamp(min=0)
-    effective = torch.where(valid, weights * scale[safe], torch.zeros_like(weights))
-    return safe, effective

@@ -1,8 +1,10 @@
 """SlotStack: every slot's copy of a few named tensors, stacked on a leading slot axis.
 
-Frozen slots live in buffers `(T, *shape)`, so no optimizer can ever touch them. The slot being
-trained, if any, is a set of Parameters that `stacked()` appends at index T. Freezing a slot moves
-it onto the buffers; its values never change after that.
+Frozen slots live in buffers `(T, *shape)` in the backbone's compute dtype (bfloat16 on a GPU by
+default), so no optimizer can ever touch them. The slot being trained, if any, is a set of float32
+Parameters (master weights) that `stacked()` appends at index T, cast to the compute dtype.
+Freezing a slot casts it onto the buffers; its values never change after that. Every tensor lives
+on the device of the layer the stack belongs to.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from continual_peft.placement import MASTER_DTYPE
+
 
 class SlotStack(nn.Module):
     """Stacked per-slot tensors.
 
     Args:
         shapes: Tensor name -> per-slot shape, e.g. {"lora_A": (r, d_in), "scale": ()}.
-        like: A tensor whose dtype and device the stack takes.
+        like: A tensor whose dtype (for frozen slots) and device the stack takes.
         fixed: Names that are stored per slot but never trained (e.g. a scale).
     """
 
@@ -35,11 +39,14 @@ class SlotStack(nn.Module):
         return len(getattr(self, self.names[0]))
 
     def open(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Start a trainable slot (index `num_frozen`) from initial values."""
-        like = getattr(self, self.names[0])
+        """Start a trainable slot (index `num_frozen`) from initial values, in float32."""
+        device = getattr(self, self.names[0]).device
         self.trainable = nn.ParameterDict(
             {
-                name: nn.Parameter(tensors[name].to(like), requires_grad=name not in self.fixed)
+                name: nn.Parameter(
+                    tensors[name].detach().to(device, MASTER_DTYPE).clone(),
+                    requires_grad=name not in self.fixed,
+                )
                 for name in self.names
             }
         )
@@ -58,13 +65,6 @@ class SlotStack(nn.Module):
             stack = getattr(self, name)
             setattr(self, name, torch.cat([stack, tensors[name].to(stack)[None]]))
 
-    def reopen(self) -> None:
-        """Make the newest frozen slot trainable again (a shared slot restored from disk)."""
-        last = {name: getattr(self, name)[-1].clone() for name in self.names}
-        for name in self.names:
-            setattr(self, name, getattr(self, name)[:-1].clone())
-        self.open(last)
-
     def slot(self, index: int) -> dict[str, torch.Tensor]:
         """One slot's tensors (the trainable ones as Parameters)."""
         if len(self.trainable) and index == self.num_frozen:
@@ -76,8 +76,9 @@ class SlotStack(nn.Module):
         if not len(self.trainable):
             return {name: getattr(self, name) for name in self.names}
         return {
-            name: torch.cat([getattr(self, name), self.trainable[name][None]])
+            name: torch.cat([frozen, self.trainable[name][None].to(frozen.dtype)])
             for name in self.names
+            for frozen in [getattr(self, name)]
         }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -99,12 +100,13 @@ class StackedSite(nn.Module):
     def freeze_slot(self) -> None:
         self.stack.freeze()
 
-    def load_slot(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.stack.load(tensors)
-
-    def reopen_slot(self) -> None:
-        """Make the newest loaded slot trainable again."""
-        self.stack.reopen()
+    def load_slot(self, tensors: dict[str, torch.Tensor], trainable: bool = False) -> None:
+        """Append a slot from `slot_tensors` output: frozen, or the trainable one (a shared slot
+        that later tasks keep training, restored at full precision)."""
+        if trainable:
+            self.stack.open(tensors)
+        else:
+            self.stack.load(tensors)
 
     def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.stack.slot(slot).items()}

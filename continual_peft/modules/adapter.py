@@ -31,6 +31,7 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS, wrap_linear_layers
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
+from continual_peft.placement import CPU
 
 NAMES = ("adapter_down", "adapter_up", "adapter_down_bias", "adapter_up_bias")
 INIT_STD = 1e-2  # Houlsby et al.: near-identity initialisation
@@ -93,11 +94,11 @@ def _init(rank: int) -> callable:
     def init(generator: torch.Generator, site: LowRankSite) -> dict[str, torch.Tensor]:
         d_out = site.base_layer.weight.shape[0]
         return {
-            "adapter_down": torch.randn(rank, d_out, generator=generator) * INIT_STD,
-            "adapter_up": torch.zeros(d_out, rank),
-            "adapter_down_bias": torch.zeros(rank),
-            "adapter_up_bias": torch.zeros(d_out),
-            "scale": torch.tensor(1.0),
+            "adapter_down": torch.randn(rank, d_out, generator=generator, device=CPU) * INIT_STD,
+            "adapter_up": torch.zeros(d_out, rank, device=CPU),
+            "adapter_down_bias": torch.zeros(rank, device=CPU),
+            "adapter_up_bias": torch.zeros(d_out, device=CPU),
+            "scale": torch.tensor(1.0, device=CPU),
         }
 
     return init

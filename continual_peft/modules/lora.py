@@ -16,6 +16,7 @@ from torch import nn
 from continual_peft.modules import MODULE_KINDS, wrap_linear_layers
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
+from continual_peft.placement import CPU
 
 NAMES = ("lora_A", "lora_B", None, None)
 
@@ -33,12 +34,12 @@ class LoRAConfig:
 def _init(config: LoRAConfig) -> callable:
     def init(generator: torch.Generator, site: LowRankSite) -> dict[str, torch.Tensor]:
         d_out, d_in = site.base_layer.weight.shape
-        a = torch.empty(config.r, d_in)
+        a = torch.empty(config.r, d_in, device=CPU)  # drawn on the CPU; the stack moves it
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         return {
             "lora_A": a,
-            "lora_B": torch.zeros(d_out, config.r),
-            "scale": torch.tensor(config.alpha / config.r),
+            "lora_B": torch.zeros(d_out, config.r, device=CPU),
+            "scale": torch.tensor(config.alpha / config.r, device=CPU),
         }
 
     return init

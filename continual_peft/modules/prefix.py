@@ -30,8 +30,9 @@ from torch.nn import functional as F
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules._lowrank import LowRankSite
-from continual_peft.modules._routing import Routing, gather_weights
+from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
+from continual_peft.placement import CPU
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class PrefixSite(StackedSite):
         shape = (self.config.num_virtual_tokens, self._part("key").weight.shape[0])
         self.stack.open(
             {
-                name: torch.randn(shape, generator=generator) * self.config.init_std
+                name: torch.randn(shape, generator=generator, device=CPU) * self.config.init_std
                 for name in ("prefix_key", "prefix_value")
             }
         )
@@ -124,8 +125,7 @@ class PrefixSite(StackedSite):
             keys, values = t["prefix_key"], t["prefix_value"]  # (N, d) each
             return keys.expand(rows, -1, -1), values.expand(rows, -1, -1), keep
         t = self.stack.stacked()  # (T, N, d) each
-        ones = torch.ones(len(t["prefix_key"]), device=t["prefix_key"].device)
-        idx, w = gather_weights(*self.routing.for_rows(rows), ones)  # (B, k)
+        idx, w = self.routing.for_rows(rows)  # (B, k), resolved by the bank
         w = w.to(t["prefix_key"].dtype)
         keys = torch.einsum("bk,bknd->bnd", w, t["prefix_key"][idx])  # (B, N, d)
         values = torch.einsum("bk,bknd->bnd", w, t["prefix_value"][idx])  # (B, N, d)

@@ -44,8 +44,9 @@ from torch import nn
 
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
-from continual_peft.modules._routing import Routing, gather_weights
+from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
+from continual_peft.placement import CPU
 
 INITS = ("vocab", "normal")
 
@@ -65,9 +66,9 @@ def prompt_init(config: PromptConfig, table: torch.Tensor) -> Callable[[torch.Ge
         weight = table.detach()  # (V, d)
         n = config.num_virtual_tokens
         if config.init == "vocab":  # as peft's SAMPLE_VOCAB
-            ids = torch.randint(0, weight.shape[0], (n,), generator=generator)
+            ids = torch.randint(0, weight.shape[0], (n,), generator=generator, device=CPU)
             return {"embedding": weight[ids.to(weight.device)].float().clone()}
-        noise = torch.randn(n, weight.shape[1], generator=generator)
+        noise = torch.randn(n, weight.shape[1], generator=generator, device=CPU)
         return {"embedding": noise * weight.float().std().cpu()}
 
     return init
@@ -135,7 +136,7 @@ class PromptSite(StackedSite):
     def add_slot(self, generator: torch.Generator) -> None:
         self.stack.open(self.init(generator))
 
-    def load_slot(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_slot(self, tensors: dict[str, torch.Tensor], trainable: bool = False) -> None:
         expected = tuple(self.stack.embedding.shape[1:])
         got = tuple(tensors["embedding"].shape) if "embedding" in tensors else None
         if got != expected:
@@ -143,7 +144,7 @@ class PromptSite(StackedSite):
                 f"prompt slot tensor 'embedding' has shape {got}, this bank needs {expected} "
                 "(num_virtual_tokens is one setting for all prompt slots of a bank)"
             )
-        super().load_slot(tensors)
+        super().load_slot(tensors, trainable)
 
     def forward(
         self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
@@ -163,8 +164,7 @@ class PromptSite(StackedSite):
     def _mixed(self, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's weight-normalised prompt (B, N, d) and whether it has one (B,)."""
         stacked = self.stack.stacked()["embedding"]  # (T, N, d)
-        ones = torch.ones(len(stacked), device=stacked.device)
-        idx, w = gather_weights(*self.routing.for_rows(rows), ones)  # (B, k)
+        idx, w = self.routing.for_rows(rows)  # (B, k), resolved by the bank
         total = w.sum(dim=1)  # (B,)
         present = total > 0
         w = w / torch.where(present, total, torch.ones_like(total))[:, None]

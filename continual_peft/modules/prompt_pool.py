@@ -44,7 +44,7 @@ from torch import nn
 
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
-from continual_peft.modules._routing import Routing, gather_weights
+from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
 from continual_peft.modules.prompt import (
     INITS,
@@ -53,6 +53,7 @@ from continual_peft.modules.prompt import (
     prepend_virtual_tokens,
     prompt_init,
 )
+from continual_peft.placement import CPU
 
 # (embeds, mask, position ids) -> (B, d) frozen pooled features of those rows
 FrozenFeatures = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -106,7 +107,7 @@ def _pool_init(config: PromptPoolConfig, table: torch.Tensor) -> Callable[[torch
 
     def init(generator: torch.Generator) -> dict[str, torch.Tensor]:
         prompts = tokens(generator)["embedding"].reshape(m, length, -1)  # (M, L, d)
-        keys = torch.randn(m, table.shape[1], generator=generator) * scale  # (M, d)
+        keys = torch.randn(m, table.shape[1], generator=generator, device=CPU) * scale  # (M, d)
         return {"prompts": prompts, "prompt_keys": keys}
 
     return init
@@ -141,7 +142,7 @@ class PromptPoolSite(StackedSite):
     def add_slot(self, generator: torch.Generator) -> None:
         self.stack.open(self.init(generator))
 
-    def load_slot(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_slot(self, tensors: dict[str, torch.Tensor], trainable: bool = False) -> None:
         for name in self.stack.names:
             expected = tuple(getattr(self.stack, name).shape[1:])
             got = tuple(tensors[name].shape) if name in tensors else None
@@ -150,7 +151,7 @@ class PromptPoolSite(StackedSite):
                     f"prompt_pool slot tensor {name!r} has shape {got}, this bank needs "
                     f"{expected} (pool_size and prompt_length are one setting for all pools)"
                 )
-        super().load_slot(tensors)
+        super().load_slot(tensors, trainable)
 
     def choose(self, query: torch.Tensor, slot: int) -> torch.Tensor:
         """(B, N) prompt ids that pool `slot` (local index) picks for frozen features `query`."""
@@ -182,8 +183,7 @@ class PromptPoolSite(StackedSite):
         if self.routing.single is not None:
             pool = torch.full((rows,), self.routing.single, dtype=torch.long, device=device)
             return pool, torch.ones(rows, dtype=torch.bool, device=device)
-        ones = torch.ones(slots, device=device)
-        idx, w = gather_weights(*self.routing.for_rows(rows), ones)  # (B, k)
+        idx, w = self.routing.for_rows(rows)  # (B, k), resolved by the bank
         best = w.argmax(dim=1, keepdim=True)  # (B, 1): the highest-weight pool entry
         return idx.gather(1, best)[:, 0], w.max(dim=1).values > 0
 

@@ -6,8 +6,10 @@ router's decisions depend only on the statistics it keeps. Those statistics (nev
 are its whole state: `state()` returns them as tensors plus JSON-able metadata, and
 `from_state()` rebuilds a router that makes identical decisions.
 
-Every computation runs in float64 on the CPU, whatever the features' device and dtype, so that a
-reloaded router decides exactly as the original did; results come back on the input's device.
+Every computation runs in float64 on the router's `device` (the backbone's: the learner moves
+its router there with `to`), whatever the features' device and dtype, so that a router reloaded
+on the same device decides exactly as the original did; results come back on the input's device.
+Every tensor a router makes is made on its device.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from continual_peft._registry import Registry
 from continual_peft.errors import ContinualPeftError
+from continual_peft.placement import CPU
 
 ROUTERS: Registry[type[Router]] = Registry("router")
 
@@ -48,13 +51,16 @@ def build_router(name: str, **options: Any) -> Router:
     return cls(**options)
 
 
-def check_features(features: object, dim: int | None, where: str) -> torch.Tensor:
-    """Validate an (N, d) float feature tensor and return it as float64 on the CPU.
+def check_features(
+    features: object, dim: int | None, where: str, device: torch.device = CPU
+) -> torch.Tensor:
+    """Validate an (N, d) float feature tensor and return it as float64 on `device`.
 
     Args:
         features: The candidate features.
         dim: The feature dimension the router was fitted on; None before its first task.
         where: What was called, for messages.
+        device: The router's device.
     """
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)
@@ -68,7 +74,7 @@ def check_features(features: object, dim: int | None, where: str) -> torch.Tenso
             f"{where}: features have dimension {features.shape[1]}, but this router was fitted on "
             f"dimension {dim}; use features of the same backbone"
         )
-    x = features.detach().to("cpu", torch.float64)
+    x = features.detach().to(device, torch.float64)
     if not torch.isfinite(x).all():
         raise ContinualPeftError(f"{where}: features contain NaN or infinite values")
     return x
@@ -106,6 +112,17 @@ class Router(abc.ABC):
     name: ClassVar[str] = ""
     options: dict[str, Any]
     num_tasks: int
+    device: torch.device = CPU  # where the statistics live and are computed
+
+    def to(self, device: str | torch.device) -> Router:
+        """Move the statistics to `device` (and compute there from now on); returns self."""
+        self.device = torch.device(device)
+        tensors, meta = self.state()
+        self._restore({key: value.to(self.device) for key, value in tensors.items()}, meta)
+        return self
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:  # noqa: B027
+        """Take back `state()`'s output (already on `self.device`); nothing to do by default."""
 
     @abc.abstractmethod
     def add_task(self, features: torch.Tensor) -> None:
@@ -164,7 +181,7 @@ class ScoringRouter(Router):
         self.options = {"reject_rate": self.reject_rate}
         self.num_tasks = 0
         self.dim: int | None = None
-        self.thresholds = torch.empty(0, dtype=torch.float64)  # (T,)
+        self.thresholds = torch.empty(0, dtype=torch.float64, device=self.device)  # (T,)
 
     @abc.abstractmethod
     def _fit(self, x: torch.Tensor) -> None:
@@ -187,13 +204,13 @@ class ScoringRouter(Router):
         return self._scores(x)
 
     def add_task(self, features: torch.Tensor) -> None:
-        x = check_features(features, self.dim, f"{self.name}.add_task")
+        x = check_features(features, self.dim, f"{self.name}.add_task", self.device)
         if len(x) == 0:
             raise ContinualPeftError(f"{self.name}.add_task: a task needs at least one feature row")
         self.dim = x.shape[1]
         self._fit(x)
         self.num_tasks += 1
-        threshold = torch.tensor([-torch.inf], dtype=torch.float64)
+        threshold = torch.tensor([-torch.inf], dtype=torch.float64, device=self.device)
         if self.reject_rate > 0:
             own = self._familiarity(x)[:, -1]  # (N,)
             threshold = torch.quantile(own, self.reject_rate).reshape(1)
@@ -202,7 +219,7 @@ class ScoringRouter(Router):
     def _features(self, features: torch.Tensor, where: str) -> torch.Tensor:
         if self.num_tasks == 0:
             raise ContinualPeftError(f"{self.name}.{where}: the router has no tasks yet")
-        return check_features(features, self.dim, f"{self.name}.{where}")
+        return check_features(features, self.dim, f"{self.name}.{where}", self.device)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         x = self._features(features, "scores")
@@ -211,11 +228,11 @@ class ScoringRouter(Router):
     def _rejected(self, x: torch.Tensor) -> torch.Tensor:
         """(B,) bool: float64 features below every task's threshold."""
         if self.reject_rate == 0:
-            return torch.zeros(len(x), dtype=torch.bool)
+            return torch.zeros(len(x), dtype=torch.bool, device=self.device)
         return (self._familiarity(x) - self.thresholds).amax(dim=1) < 0
 
     def rank(self, features: torch.Tensor, k: int) -> Ranking:
-        """The k best tasks per row, on the CPU; see `Ranking`."""
+        """The k best tasks per row, on the router's device; see `Ranking`."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ContinualPeftError(f"{self.name}.route: k must be a positive integer, got {k!r}")
         x = self._features(features, "route")
@@ -231,7 +248,7 @@ class ScoringRouter(Router):
         self, features: torch.Tensor, k: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ranking = self.rank(features, 1 if k is None else k)
-        weights = torch.zeros(ranking.indices.shape, dtype=torch.float32)
+        weights = torch.zeros(ranking.indices.shape, dtype=torch.float32, device=self.device)
         weights[:, 0] = (~ranking.rejected).float()  # hard routing: runners-up get weight 0
         return ranking.indices.to(features.device), weights.to(features.device)
 
@@ -246,9 +263,12 @@ class ScoringRouter(Router):
         assert isinstance(router, ScoringRouter)
         router.num_tasks = int(meta["num_tasks"])
         router.dim = None if meta["dim"] is None else int(meta["dim"])
-        router.thresholds = take(tensors, "thresholds", (router.num_tasks,))
-        router._load(tensors)
+        router._restore(tensors, meta)
         return router
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.thresholds = take(tensors, "thresholds", (self.num_tasks,))
+        self._load(tensors)
 
 
 def scoring_router_names() -> list[str]:

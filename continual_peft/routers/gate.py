@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from continual_peft.errors import ContinualPeftError
+from continual_peft.placement import CPU, Placement
 from continual_peft.routers.base import ScoringRouter, register, take
 from continual_peft.routers.gaussian import GaussianStats
 
@@ -65,7 +66,7 @@ class GateRouter(ScoringRouter):
         self.steps = _positive_int("steps", steps)
         self.seed = _positive_int("seed", seed, minimum=0)
         self.lr, self.weight_decay = float(lr), float(weight_decay)
-        self.stats = GaussianStats(shrinkage)
+        self.stats = GaussianStats(shrinkage, self.device)
         self.params: dict[str, torch.Tensor] = {}  # the gate, see `_shapes`
         self.options = {
             "hidden": hidden,
@@ -93,19 +94,21 @@ class GateRouter(ScoringRouter):
 
     def _pseudo_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(T·n, d) samples from every task's Gaussian and their (T·n,) task labels."""
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = Placement.generator(self.seed)  # drawn on the CPU: the same on every device
         chol, means = self.stats.cholesky(), self.stats.means  # (d, d), (T, d)
         n, (num_tasks, dim) = self.samples_per_task, means.shape
-        noise = torch.randn(num_tasks, n, dim, generator=generator, dtype=torch.float64)
-        samples = means[:, None, :] + noise @ chol.T  # (T, n, d)
-        labels = torch.arange(num_tasks).repeat_interleave(n)
+        noise = torch.randn(num_tasks, n, dim, generator=generator, dtype=torch.float64, device=CPU)
+        samples = means[:, None, :] + noise.to(self.device) @ chol.T  # (T, n, d)
+        labels = torch.arange(num_tasks, device=self.device).repeat_interleave(n)
         return samples.reshape(-1, dim), labels
 
     def _init_params(self, num_tasks: int, dim: int) -> dict[str, torch.Tensor]:
-        params = {key: torch.zeros(shape) for key, shape in self._shapes(num_tasks, dim).items()}
+        shapes = self._shapes(num_tasks, dim)
+        params = {key: torch.zeros(shape, device=self.device) for key, shape in shapes.items()}
         if self.hidden:
-            generator = torch.Generator().manual_seed(self.seed + 1)
-            params["w1"] = torch.randn(self.hidden, dim, generator=generator) / dim**0.5
+            generator = Placement.generator(self.seed + 1)
+            w1 = torch.randn(self.hidden, dim, generator=generator, device=CPU) / dim**0.5
+            params["w1"] = w1.to(self.device)
         return params
 
     def _fit(self, x: torch.Tensor) -> None:

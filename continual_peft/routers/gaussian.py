@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from continual_peft.errors import ContinualPeftError
+from continual_peft.placement import CPU
 from continual_peft.routers.base import ScoringRouter, register, take
 
 SHRINKAGES = ("ledoit_wolf", "oas")
@@ -67,7 +68,7 @@ def oas(scatter: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
 
 
 def _shrink(emp: torch.Tensor, mu: float, shrinkage: float) -> torch.Tensor:
-    eye = torch.eye(emp.shape[0], dtype=emp.dtype)
+    eye = torch.eye(emp.shape[0], dtype=emp.dtype, device=emp.device)
     return (1.0 - shrinkage) * emp + shrinkage * mu * eye
 
 
@@ -78,16 +79,18 @@ class GaussianStats:
         shrinkage: "ledoit_wolf" or "oas".
     """
 
-    def __init__(self, shrinkage: str = "ledoit_wolf") -> None:
+    def __init__(self, shrinkage: str = "ledoit_wolf", device: torch.device = CPU) -> None:
         if shrinkage not in SHRINKAGES:
             raise ContinualPeftError(
                 f"unknown shrinkage {shrinkage!r}; valid choices: {', '.join(SHRINKAGES)}"
             )
         self.shrinkage = shrinkage
-        self.sums = torch.zeros(0, 0, dtype=torch.float64)  # (T, d)
-        self.counts = torch.zeros(0, dtype=torch.float64)  # (T,)
-        self.fourth = torch.zeros(0, dtype=torch.float64)  # (T,) Σ ‖x − mean_t‖⁴ per task
-        self.scatter = torch.zeros(0, 0, dtype=torch.float64)  # (d, d) pooled within-task
+        self.device = device  # where the statistics live (the router's)
+        f64 = {"dtype": torch.float64, "device": device}
+        self.sums = torch.zeros(0, 0, **f64)  # (T, d)
+        self.counts = torch.zeros(0, **f64)  # (T,)
+        self.fourth = torch.zeros(0, **f64)  # (T,) Σ ‖x − mean_t‖⁴ per task
+        self.scatter = torch.zeros(0, 0, **f64)  # (d, d) pooled within-task
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -101,12 +104,13 @@ class GaussianStats:
 
     def add(self, x: torch.Tensor) -> None:
         """Absorb one task's (N, d) float64 features."""
+        f64 = {"dtype": torch.float64, "device": self.device}
         if self.num_tasks == 0:
-            self.sums = torch.zeros(0, x.shape[1], dtype=torch.float64)
-            self.scatter = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.sums = torch.zeros(0, x.shape[1], **f64)
+            self.scatter = torch.zeros(x.shape[1], x.shape[1], **f64)
         centred = x - x.mean(dim=0)  # (N, d)
         self.sums = torch.cat([self.sums, x.sum(dim=0, keepdim=True)])
-        self.counts = torch.cat([self.counts, torch.tensor([float(len(x))], dtype=torch.float64)])
+        self.counts = torch.cat([self.counts, torch.tensor([float(len(x))], **f64)])
         fourth = centred.pow(2).sum(dim=1).pow(2).sum()
         self.fourth = torch.cat([self.fourth, fourth.reshape(1)])
         self.scatter = self.scatter + centred.T @ centred
@@ -130,7 +134,7 @@ class GaussianStats:
             d = cov.shape[0]
             # A tiny relative ridge keeps the factorisation defined when features are degenerate.
             ridge = 1e-10 * float(cov.trace()) / d + 1e-300
-            eye = torch.eye(d, dtype=torch.float64)
+            eye = torch.eye(d, dtype=torch.float64, device=self.device)
             chol = torch.linalg.cholesky(cov + ridge * eye)
             centres = torch.linalg.solve_triangular(chol, self.means.T, upper=False).T  # (T, d)
             self._cache = (chol, centres)
@@ -152,7 +156,9 @@ class GaussianStats:
         }
 
     def load(self, tensors: dict[str, torch.Tensor], num_tasks: int, dim: int | None) -> None:
+        """Take back `tensors()`'s output; the statistics live where those tensors are."""
         d = dim or 0
+        self.device = tensors["sums"].device if "sums" in tensors else self.device
         self.sums = take(tensors, "sums", (num_tasks, d))
         self.counts = take(tensors, "counts", (num_tasks,))
         self.fourth = take(tensors, "fourth_moments", (num_tasks,))
@@ -178,7 +184,7 @@ class MahalanobisRouter(ScoringRouter):
 
     def __init__(self, shrinkage: str = "ledoit_wolf", reject_rate: float = 0.0) -> None:
         super().__init__(reject_rate)
-        self.stats = GaussianStats(shrinkage)
+        self.stats = GaussianStats(shrinkage, self.device)
         self.options = {"shrinkage": shrinkage, "reject_rate": self.reject_rate}
 
     def _fit(self, x: torch.Tensor) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from continual_peft._io import (
     PathLike,
     atomic_save_safetensors,
@@ -35,11 +37,12 @@ def save_router(router: Router, folder: PathLike) -> None:
     atomic_write_json(target / META_FILE, {"format": ROUTER_FORMAT, "router": router.name, **meta})
 
 
-def load_router(folder: PathLike) -> Router:
+def load_router(folder: PathLike, device: str | torch.device = "cpu") -> Router:
     """Rebuild the router saved in `folder`; it makes the same decisions as when saved.
 
     Args:
         folder: A directory written by `save_router`.
+        device: Where its statistics go (the backbone's device).
     """
     source = Path(folder)
     meta = load_json(source / META_FILE)
@@ -51,4 +54,4 @@ def load_router(folder: PathLike) -> Router:
         )
     cls = ROUTERS.get(meta.pop("router"))
     meta.pop("format")
-    return cls.from_state(load_safetensors(source / TENSORS_FILE), meta)
+    return cls.from_state(load_safetensors(source / TENSORS_FILE), meta).to(device)

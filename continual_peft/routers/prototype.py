@@ -24,13 +24,15 @@ class PrototypeRouter(ScoringRouter):
 
     def __init__(self, reject_rate: float = 0.0) -> None:
         super().__init__(reject_rate)
-        self.means = torch.zeros(0, 0, dtype=torch.float64)  # (T, d) mean unit feature per task
-        self.counts = torch.zeros(0, dtype=torch.float64)  # (T,)
+        f64 = {"dtype": torch.float64, "device": self.device}
+        self.means = torch.zeros(0, 0, **f64)  # (T, d) mean unit feature per task
+        self.counts = torch.zeros(0, **f64)  # (T,)
 
     def _fit(self, x: torch.Tensor) -> None:
         mean = F.normalize(x, dim=1).mean(dim=0, keepdim=True)  # (1, d)
         self.means = torch.cat([self.means.reshape(-1, x.shape[1]), mean])
-        self.counts = torch.cat([self.counts, torch.tensor([float(len(x))], dtype=torch.float64)])
+        count = torch.tensor([float(len(x))], dtype=torch.float64, device=self.device)
+        self.counts = torch.cat([self.counts, count])
 
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=1) @ F.normalize(self.means, dim=1).T  # (B, T)

@@ -55,6 +55,11 @@ class TopKRouter(Router):
     def num_tasks(self) -> int:  # type: ignore[override]
         return self.base.num_tasks
 
+    def to(self, device: str | torch.device) -> Router:
+        self.device = torch.device(device)
+        self.base.to(device)
+        return self
+
     def add_task(self, features: torch.Tensor) -> None:
         self.base.add_task(features)
 

@@ -56,19 +56,20 @@ class Examples:
         if not self.items:
             return {}, {"size": 0, "task_names": [], "kind": "empty"}
         names = list(dict.fromkeys(self.tasks))
+        cpu = {"dtype": torch.int64, "device": "cpu"}  # for the file: stored inputs stay on the CPU
         tensors = {
-            f"{prefix}labels": torch.tensor(self.labels, dtype=torch.int64),
-            f"{prefix}task_index": torch.tensor([names.index(t) for t in self.tasks]),
+            f"{prefix}labels": torch.tensor(self.labels, **cpu),
+            f"{prefix}task_index": torch.tensor([names.index(t) for t in self.tasks], **cpu),
         }
         if isinstance(self.items[0], torch.Tensor):
             kind = "pixels"
             tensors[f"{prefix}pixels"] = torch.stack([x.detach().float().cpu() for x in self.items])
         else:
             kind = "token_ids"
-            lengths = torch.tensor([len(ids) for ids in self.items], dtype=torch.int64)
-            ids = torch.zeros(len(self.items), int(lengths.max()), dtype=torch.int64)  # (N, L)
+            lengths = torch.tensor([len(ids) for ids in self.items], **cpu)
+            ids = torch.zeros(len(self.items), int(lengths.max()), **cpu)  # (N, L)
             for row, item in enumerate(self.items):
-                ids[row, : len(item)] = torch.tensor(item, dtype=torch.int64)
+                ids[row, : len(item)] = torch.tensor(item, **cpu)
             tensors[f"{prefix}ids"], tensors[f"{prefix}lengths"] = ids, lengths
         return tensors, {"size": len(self.items), "task_names": names, "kind": kind}
 
@@ -78,7 +79,7 @@ class Examples:
         if meta["size"] == 0:
             return cls()
         if meta["kind"] == "pixels":
-            items = list(tensors[f"{prefix}pixels"].float())
+            items = list(tensors[f"{prefix}pixels"].float().cpu())  # inputs wait on the CPU
         elif meta["kind"] == "token_ids":
             ids, lengths = tensors[f"{prefix}ids"], tensors[f"{prefix}lengths"].tolist()
             items = [ids[row, :n].tolist() for row, n in enumerate(lengths)]
@@ -103,9 +104,8 @@ def examples_loss(learner: ContinualLearner, examples: Examples) -> torch.Tensor
     """
     backbone = learner.backbone
     batch = backbone.collate(examples.items)
-    with backbone.autocast():
-        logits = learner.heads.logits(backbone.embed(batch), examples.tasks)  # (B, C_max)
-    target = torch.tensor(examples.labels, device=logits.device)
+    logits = learner.heads.logits(backbone.embed(batch), examples.tasks)  # (B, C_max)
+    target = backbone.placement.tensor(examples.labels, dtype=torch.long)
     return nn.functional.cross_entropy(logits.float(), target)
 
 

@@ -98,8 +98,7 @@ class EWC(Sequential):
             with learner.bank.use_slot(slot):
                 for row in rows.tolist():
                     batch = backbone.collate([items[row]])
-                    with backbone.autocast():
-                        logits = learner.heads.logits(backbone.embed(batch), [task.name])
+                    logits = learner.heads.logits(backbone.embed(batch), [task.name])
                     log_p = nn.functional.log_softmax(logits.float(), dim=-1)  # (1, C)
                     log_p = log_p[0, task.train_labels[row]]  # of the true label
                     grads = torch.autograd.grad(log_p, params, allow_unused=True)

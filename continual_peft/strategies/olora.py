@@ -45,11 +45,12 @@ def lora_a_stacks(bank: ModuleBank) -> dict[str, torch.Tensor]:
 
 def orthogonality_penalty(bank: ModuleBank) -> torch.Tensor:
     """L_orth = Σ_sites Σ_{j<t} ||A_j A_t^T||_F² between the newest slot t and every earlier j."""
-    total = torch.zeros(())
+    terms = []
     for stack in lora_a_stacks(bank).values():
+        stack = stack.float()  # a loss term: float32 whatever the slots' storage dtype
         products = torch.einsum("jrd,sd->jrs", stack[:-1], stack[-1])  # (t-1, r, r)
-        total = total.to(products) + products.pow(2).sum()
-    return total
+        terms.append(products.pow(2).sum())
+    return torch.stack(terms).sum()
 
 
 def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:

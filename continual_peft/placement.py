@@ -1,0 +1,143 @@
+"""Placement: the one place that decides where (device) and in what precision (dtype) tensors live.
+
+The backbone owns a `Placement`; every other part (heads, slots, routers, strategy state, files
+read back from a run) creates and loads its tensors through it, so nothing can end up on a device
+the backbone is not on. The policy (`dtype = "auto"`):
+
+- frozen backbone weights and frozen slots are stored in the compute dtype: bfloat16 on a CUDA
+  device that supports it, float32 elsewhere;
+- the trainable slot and the task's head keep float32 master weights (AdamW updates float32) and
+  are cast to the compute dtype in the forward;
+- losses, logits for metrics, router statistics (float64) and metrics stay in full precision.
+
+Seeded initialisation draws on the CPU (a CPU generator gives the same numbers on every machine)
+and then moves: `Placement.generator` and `Placement.put`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from continual_peft.errors import ContinualPeftError
+
+DTYPES = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+MASTER_DTYPE = torch.float32  # trainable slot and head: what the optimizer updates
+CPU = torch.device("cpu")
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when present, else CPU, unless `device` says otherwise.
+
+    Raises:
+        ContinualPeftError: For a device name torch does not know, or CUDA on a machine without.
+    """
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ContinualPeftError(
+            f"unknown device {device!r} ({err}); use cpu, cuda, cuda:N, or leave it empty for "
+            "CUDA when present"
+        ) from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ContinualPeftError(
+            f"device {device!r} was asked for, but torch sees no CUDA device here "
+            f"(torch {torch.__version__}); use cpu, or leave the device empty"
+        )
+    return chosen
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype that `name` means on `device`.
+
+    Args:
+        name: "auto", "bfloat16", "float16" or "float32". "auto" is bfloat16 on a CUDA device
+            with bfloat16 support and float32 everywhere else (on the CPU float32 is both exact
+            and the fastest).
+
+    Raises:
+        ContinualPeftError: For any other name.
+    """
+    if name not in DTYPES:
+        raise ContinualPeftError(
+            f"unknown dtype {name!r}; valid choices: {', '.join(DTYPES)} (auto = bfloat16 on a "
+            "CUDA device that supports it, float32 elsewhere)"
+        )
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16, and so on (the names `resolve_dtype` reads)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a learner's tensors live and in which dtype its frozen weights compute.
+
+    Attributes:
+        device: The backbone's device; everything else follows it.
+        dtype: Compute dtype of the frozen weights and frozen slots.
+    """
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, device: str | torch.device | None = None, dtype: str = "auto") -> Placement:
+        """The placement for a device name (automatic when empty) and a dtype name."""
+        chosen = pick_device(device)
+        return cls(chosen, resolve_dtype(dtype, chosen))
+
+    @staticmethod
+    def generator(seed: int) -> torch.Generator:
+        """A seeded CPU generator: initial values are drawn on the CPU, then `put` moves them."""
+        return torch.Generator(device=CPU).manual_seed(int(seed))
+
+    def tensor(self, data: object, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`torch.tensor(data)` on this device."""
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def zeros(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def put(self, value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor moved here (and cast to `dtype` if given)."""
+        return value.to(device=self.device, dtype=dtype)
+
+    def frozen(self, value: torch.Tensor) -> torch.Tensor:
+        """A frozen floating tensor in the compute dtype, here; other tensors only moved."""
+        return value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
+
+    def master(self, value: torch.Tensor) -> torch.Tensor:
+        """A trainable floating tensor in float32, here (AdamW updates float32 weights)."""
+        dtype = MASTER_DTYPE if value.is_floating_point() else value.dtype
+        return value.to(self.device, dtype)
+
+    def module(self, module: nn.Module) -> nn.Module:
+        """A small trainable module (a head) moved here, keeping float32 weights."""
+        return module.to(device=self.device, dtype=MASTER_DTYPE)
+
+    def load(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """Every tensor of a safetensors file, here (dtypes as stored)."""
+        from continual_peft._io import load_safetensors
+
+        return {name: value.to(self.device) for name, value in load_safetensors(path).items()}
+
+    def describe(self) -> str:
+        """E.g. "cuda:0, bfloat16 weights" for logs and reports."""
+        return f"{self.device}, {dtype_name(self.dtype)} weights"
