@@ -63,6 +63,20 @@ def tolerance(dtype: torch.dtype | None = None) -> dict[str, float]:
 torch.set_num_threads(1)
 
 
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None) -> None:
+    """`torch.testing.assert_close` in float32 on the CPU, with `tolerance(dtype)`: for
+    comparisons of two computations of the same numbers (ours vs peft, a mixed batch vs each
+    row alone) that run in the session's compute dtype."""
+    torch.testing.assert_close(
+        actual.detach().float().cpu(), expected.detach().float().cpu(), **tolerance(dtype)
+    )
+
+
+def library_resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The library's own `resolve_dtype`, whatever CONTINUAL_PEFT_TEST_DTYPE says."""
+    return _resolve_dtype(name, device)
+
+
 def run_routed(site, x: torch.Tensor, indices, weights=None) -> torch.Tensor:
     """A low-rank site's output with rows routed as the bank resolves `indices` (B, k; -1 =
     none) and `weights` (B, k; 1 when None): scales folded in, once, before the forward."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, run_routed
+from conftest import DEVICE, assert_close, run_routed
 from transformers import DistilBertConfig, DistilBertModel, GPT2Config, GPT2Model
 
 from continual_peft import Backbone, ContinualPeftError, ModuleBank
@@ -88,7 +88,7 @@ def test_adapter_mixed_batch_equals_each_row_alone(make_backbone, placement):
     first, second = _add_random_slot(bank, 1), _add_random_slot(bank, 2)
     slots = [second, -1, first, second]
     mixed = _routed(bank, slots)
-    torch.testing.assert_close(mixed, _each_row_alone(bank, slots), atol=1e-5, rtol=0)
+    assert_close(mixed, _each_row_alone(bank, slots))
     with bank.base_only():
         base = bank.backbone.embed(_batch(bank.backbone))
     assert not torch.allclose(mixed[0], base[0], atol=1e-3)  # the slots really do something
@@ -176,14 +176,14 @@ def test_prefix_mixed_batch_equals_each_row_alone_and_minus_one_is_the_base(
     bank = _prefix_bank(make_backbone, attention=attention)
     slots = [1, -1, 0, 1]
     mixed = _routed(bank, slots)
-    torch.testing.assert_close(mixed, _each_row_alone(bank, slots), atol=1e-5, rtol=0)
+    assert_close(mixed, _each_row_alone(bank, slots))
     with bank.base_only():
         base = bank.backbone.embed(_batch(bank.backbone))
-    torch.testing.assert_close(mixed[1], base[1], atol=1e-5, rtol=0)
+    assert_close(mixed[1], base[1])
     assert not torch.allclose(mixed[0], base[0], atol=1e-3)
     # weight 0 means no prefix, like -1
     zero = _routed(bank, [[0], [0], [0], [0]], [[1.0], [0.0], [1.0], [1.0]])
-    torch.testing.assert_close(zero[1], base[1], atol=1e-5, rtol=0)
+    assert_close(zero[1], base[1])
 
 
 def test_every_mask_format_extends_to_the_same_mask():
@@ -208,7 +208,7 @@ def test_prefix_soft_mixing_equals_the_average_prefix(make_backbone):
     mixed = _routed(bank, [[0, 1]] * len(TEXTS), [[0.5, 0.5]] * len(TEXTS))
     with bank.use_slot(average):
         expected = bank.backbone.embed(_batch(bank.backbone))
-    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+    assert_close(mixed, expected)
 
 
 @torch.no_grad()
@@ -280,8 +280,8 @@ def test_lora_adapter_and_prefix_rows_in_one_forward(make_backbone):
     slots += [_add_random_slot(bank, 3, "prefix"), -1]
     assert bank.slot_kinds == ["lora", "adapter", "prefix"]
     mixed = _routed(bank, slots)
-    torch.testing.assert_close(mixed, _each_row_alone(bank, slots), atol=1e-5, rtol=0)
+    assert_close(mixed, _each_row_alone(bank, slots))
     with bank.base_only():
         base = bank.backbone.embed(_batch(bank.backbone))
-    torch.testing.assert_close(mixed[3], base[3], atol=1e-5, rtol=0)
+    assert_close(mixed[3], base[3])
     assert all(not torch.allclose(mixed[i], base[i], atol=1e-3) for i in range(3))

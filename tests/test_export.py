@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, FAST_TRAIN, tiny_bert, word_task
+from conftest import DEVICE, FAST_TRAIN, assert_close, tiny_bert, word_task
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
@@ -63,7 +63,7 @@ def test_peft_export_loads_in_peft_and_matches(trained, tmp_path):
         theirs = model(**batch).last_hidden_state
         with learner.bank.base_only():
             bare = learner.backbone(**batch)
-    torch.testing.assert_close(theirs, hidden, atol=1e-5, rtol=0)
+    assert_close(theirs, hidden)
     assert not torch.allclose(hidden, bare, atol=1e-3)  # the LoRA is not a no-op
 
     # peft re-saving what it loaded writes the same tensors and the same value for every field
@@ -92,7 +92,7 @@ def test_merged_export_is_a_plain_model_with_our_outputs(trained, tmp_path):
     hidden, batch = ours(learner)
     with torch.no_grad():
         theirs = model(**batch).last_hidden_state
-    torch.testing.assert_close(theirs, hidden, atol=1e-5, rtol=0)
+    assert_close(theirs, hidden)
 
     tok = AutoTokenizer.from_pretrained(out)
     assert tok(TEXTS)["input_ids"] == learner.backbone.encode(TEXTS).items
@@ -101,9 +101,9 @@ def test_merged_export_is_a_plain_model_with_our_outputs(trained, tmp_path):
     head = torch.nn.Linear(theirs.shape[-1], len(labels))
     head.load_state_dict(load_file(out / "head.safetensors"))
     with torch.no_grad():
-        logits = head(learner.backbone.pool(theirs, batch["attention_mask"]))
+        logits = head(learner.backbone.pool(theirs.float(), batch["attention_mask"]))
     expected = learner.logits(TEXTS, [TASK] * len(TEXTS))[:, : len(labels)]
-    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert_close(logits, expected)
     info = json.loads((out / "continual_peft.json").read_text(encoding="utf-8"))
     assert info["task"] == TASK and info["source_run"] == str(run_dir.resolve())
     assert info["backbone"]["weights_sha256"] == learner.fingerprint()["weights_sha256"]
@@ -115,7 +115,7 @@ def test_first_task_exports_its_own_slot(trained, tmp_path):
     model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), out).eval()
     hidden, batch = ours(learner, "colors")
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).last_hidden_state, hidden, atol=1e-5, rtol=0)
+        assert_close(model(**batch).last_hidden_state, hidden)
 
 
 def test_all_linear_exports_full_layer_names(trained, tmp_path):
@@ -136,7 +136,7 @@ def test_all_linear_exports_full_layer_names(trained, tmp_path):
     assert wrapped == set(learner.bank.sites)  # the pooler is left alone
     hidden, batch = ours(learner, "moods")
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).last_hidden_state, hidden, atol=1e-5, rtol=0)
+        assert_close(model(**batch).last_hidden_state, hidden)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST_TRAIN, word_task
+from conftest import FAST_TRAIN, assert_close, word_task
 
 from continual_peft import ContinualLearner, ContinualPeftError, ModuleBank
 from continual_peft.config import LearnerConfig
@@ -43,8 +43,8 @@ def _pool_bank(backbone, slots: int = 2) -> ModuleBank:
 
 def _expected_choice(features: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Plain recomputation: cosine of every feature with every key, N largest first."""
-    f = features / features.norm(dim=1, keepdim=True)
-    k = keys / keys.norm(dim=1, keepdim=True)
+    f = features.float() / features.float().norm(dim=1, keepdim=True)
+    k = keys.float() / keys.float().norm(dim=1, keepdim=True)
     return torch.argsort(f @ k.T, dim=1, descending=True)[:, :N]
 
 
@@ -58,7 +58,7 @@ def test_selection_is_the_top_n_cosine_keys_of_the_frozen_feature(make_backbone)
         backbone(**_batch(backbone))
     assert backbone.model.training and backbone.model.encoder.layer[0].training  # modes restored
     backbone.eval()
-    torch.testing.assert_close(site.last.query, features, atol=1e-5, rtol=0)
+    assert_close(site.last.query, features)
     expected = _expected_choice(features, site.stack.prompt_keys[1])
     assert torch.equal(site.last.indices, expected)
     assert torch.equal(site.choose(features, 1), expected)
@@ -70,7 +70,7 @@ def test_selection_is_the_top_n_cosine_keys_of_the_frozen_feature(make_backbone)
 
 def _by_hand(backbone, bank, text: str, slot: int) -> torch.Tensor:
     """One text's last hidden states with its selected prompts prepended by hand, (len, d)."""
-    ids = torch.tensor([backbone.encode([text]).items[0]])
+    ids = torch.tensor([backbone.encode([text]).items[0]], device=backbone.device)
     embeds = backbone.model.get_input_embeddings()(ids)  # (1, len, d)
     feature = _features(backbone, bank, [text])
     pick = _expected_choice(feature, bank.sites["prompt_pool"].stack.prompt_keys[slot])[0]
@@ -100,7 +100,7 @@ def test_mixed_routed_batch_equals_prompts_prepended_by_hand(make_backbone):
                 alone = backbone.model(**_batch(backbone, [TEXTS[row]])).last_hidden_state[0]
         else:
             alone = _by_hand(backbone, bank, TEXTS[row], slot)
-        torch.testing.assert_close(out[row, :length], alone, atol=1e-5, rtol=0)
+        assert_close(out[row, :length], alone)
     with torch.no_grad():
         bare = backbone.model(**_batch(backbone, [TEXTS[0]])).last_hidden_state[0]
     assert not torch.allclose(out[0, : len(bare)], bare, atol=1e-3)  # the prompts did act
@@ -124,7 +124,7 @@ def test_key_pull_loss_is_its_formula_and_trains_the_keys(make_backbone):
     expected = 0.5 * (1 - cos).sum(dim=1).mean()
     learner = SimpleNamespace(bank=bank)
     loss = L2P(pull_weight=0.5).loss(learner, None, torch.tensor(0.0))
-    torch.testing.assert_close(loss, expected)
+    assert_close(loss, expected)
     loss.backward()
     grad_norms = keys.grad.norm(dim=1)  # (M,)
     picked = torch.zeros(M, dtype=torch.bool)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN, word_task
+from conftest import FAST_TRAIN, assert_close, word_task
 from safetensors.torch import load_file
 
 from continual_peft import STRATEGIES, ContinualLearner, ContinualPeftError, LearnerConfig
@@ -53,7 +53,7 @@ def test_mixed_batch_equals_each_row_alone(learned):
     mixed = learned.logits(texts, tasks)
     for i, (text, task) in enumerate(zip(texts, tasks, strict=True)):
         alone = learned.logits([text], [task])
-        torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=0)
+        assert_close(mixed[i : i + 1], alone)
     assert learned.predict(texts, tasks) == learned.predict(texts[:1], "colors") + [
         learned.predict([t], k)[0] for t, k in zip(texts[1:], tasks[1:], strict=True)
     ]
@@ -138,6 +138,4 @@ def test_kinds_mixed_in_one_run_and_one_batch(make_backbone, tasks):
     names = ["colors", "animals", "moods", "animals"]
     mixed = learner.logits(texts, names)
     for i, (text, name) in enumerate(zip(texts, names, strict=True)):
-        torch.testing.assert_close(
-            mixed[i : i + 1], learner.logits([text], [name]), atol=1e-5, rtol=0
-        )
+        assert_close(mixed[i : i + 1], learner.logits([text], [name]))

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, tiny_bert
+from conftest import DEVICE, assert_close, tiny_bert
 
 from continual_peft import Backbone, ModuleBank
 from continual_peft.modules.lora import LoRAConfig
@@ -41,5 +41,5 @@ def test_lora_matches_peft(tokenizer, targets):
         ours = backbone(**batch)
     with torch.no_grad():
         theirs = peft_model(**batch).last_hidden_state
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert_close(ours, theirs)
     assert not torch.allclose(ours, base(**batch).last_hidden_state, atol=1e-3)  # LoRA did act

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, FAST_TRAIN, tiny_bert, tolerance, word_task
+from conftest import DEVICE, FAST_TRAIN, library_resolve_dtype, tiny_bert, tolerance, word_task
 
 from continual_peft import Backbone, ContinualLearner, ContinualPeftError, ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig
 from continual_peft.loading import load_learner
-from continual_peft.placement import Placement, resolve_dtype
+from continual_peft.placement import Placement
 
 
 def _backbone(tokenizer, dtype: str) -> Backbone:
@@ -18,8 +18,8 @@ def _backbone(tokenizer, dtype: str) -> Backbone:
 
 
 def test_auto_is_float32_on_the_cpu_and_names_are_checked():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert library_resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert library_resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ContinualPeftError, match=r"unknown dtype 'half'; valid choices: auto"):
         Placement.of("cpu", "half")
     with pytest.raises(ContinualPeftError, match="backbone.dtype = 'fp8' is invalid"):

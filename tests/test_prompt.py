@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, tiny_bert
+from conftest import DEVICE, assert_close, tiny_bert
 
 from continual_peft import Backbone, ContinualPeftError, ModuleBank
 from continual_peft.modules.lora import LoRAConfig
@@ -41,7 +41,7 @@ def _assert_rows_equal_alone(backbone, bank, out, batch, slots) -> None:
     for row, slot in enumerate(slots):
         length = int(batch["attention_mask"][row].sum())
         alone = _alone(backbone, bank, TEXTS[row], slot)
-        torch.testing.assert_close(out[row, :length], alone, atol=1e-5, rtol=0)
+        assert_close(out[row, :length], alone)
 
 
 def test_routing_off_is_bit_identical_to_the_bare_backbone(make_backbone):
@@ -72,7 +72,7 @@ def test_one_hot_mixed_batch_equals_each_row_alone(make_backbone):
     _assert_rows_equal_alone(backbone, bank, out, batch, slots)
     with torch.no_grad():
         base = backbone.model(**_batch(backbone, [TEXTS[2]])).last_hidden_state[0]
-    torch.testing.assert_close(out[2, : len(base)], base, atol=1e-5, rtol=0)
+    assert_close(out[2, : len(base)], base)
     bare = _alone(backbone, bank, TEXTS[0], -1)
     assert not torch.allclose(out[0, : len(bare)], bare, atol=1e-3)  # the prompt did act
 
@@ -102,7 +102,7 @@ def test_lora_and_prompt_rows_share_one_forward(make_backbone):
     assert other.input_hooks == []
     with torch.no_grad(), lora_only.use_slot(0):
         expected = other(**_batch(other, [TEXTS[0]]))[0]
-    torch.testing.assert_close(out[0, : len(expected)], expected, atol=1e-5, rtol=0)
+    assert_close(out[0, : len(expected)], expected)
     for row in range(2):  # both modules did act
         bare = _alone(backbone, bank, TEXTS[row], -1)
         assert not torch.allclose(out[row, : len(bare)], bare, atol=1e-3)
@@ -141,7 +141,7 @@ def test_prompt_matches_peft_prompt_tuning(tokenizer):
     with torch.no_grad():
         theirs = peft_model(**batch).last_hidden_state
     assert theirs.shape[1] == N + batch["input_ids"].shape[1]
-    torch.testing.assert_close(ours, theirs[:, N:], atol=1e-5, rtol=0)
+    assert_close(ours, theirs[:, N:])
     assert not torch.allclose(ours, base(**batch).last_hidden_state, atol=1e-3)  # prompt acted
 
 

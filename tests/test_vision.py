@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, tiny_vit
+from conftest import DEVICE, assert_close, tiny_vit
 from PIL import Image
 from sklearn.datasets import load_digits
 from transformers import ViTImageProcessor
@@ -159,8 +159,8 @@ def test_rows_without_a_slot_equal_the_bare_vit(kind, digits):
             mixed = backbone.embed(batch)
         with bank.use_slot(slot):
             alone = backbone.embed(batch)
-    torch.testing.assert_close(mixed[1], bare[1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(mixed[[0, 2]], alone[[0, 2]], atol=1e-5, rtol=1e-5)
+    assert_close(mixed[1], bare[1])
+    assert_close(mixed[[0, 2]], alone[[0, 2]])
     assert not torch.allclose(alone, bare, atol=1e-3)
 
 
@@ -186,7 +186,7 @@ def test_one_batch_mixes_every_kind_on_vit(digits):
         for row, slot in enumerate(slots):
             one = backbone.collate([backbone.encode(images).items[row]])
             with bank.route(torch.tensor([slot])):
-                torch.testing.assert_close(mixed[row], backbone.embed(one)[0], atol=1e-5, rtol=0)
+                assert_close(mixed[row], backbone.embed(one)[0])
 
 
 def test_run_directory_reloads_an_image_learner(digits, tmp_path):
@@ -233,7 +233,7 @@ def test_processor_path_takes_pil_and_numpy_images(digits, tmp_path):
     big = backbone.encode([as_pil[0].resize((16, 16))]).items  # resized by the processor
     expected = torch.from_numpy((raw / 255.0 - 0.5) / 0.5).float()[:, None]  # (4, 1, 8, 8)
     for items in (from_numpy, from_pil):
-        torch.testing.assert_close(torch.stack(items), expected, atol=1e-5, rtol=0)
+        assert_close(torch.stack(items), expected)
     assert big[0].shape == (1, 8, 8)
     learner = ContinualLearner(backbone, config=LearnerConfig(train=TRAIN))
     task = digit_tasks(digits)[0]

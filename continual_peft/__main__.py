@@ -1,0 +1,5 @@
+"""`python -m continual_peft ...` is the `continual-peft` command (e.g. under torchrun)."""
+
+from continual_peft.cli import app
+
+app(prog_name="continual-peft")
