@@ -316,10 +316,11 @@ def predict(
         ..., "--input", help='JSONL with a "text" per line, or - for stdin.'
     ),
     output: Path = typer.Option(None, help="Write JSONL here instead of standard output."),
+    device: str = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Predict task and label per input with the run's router, in batched routed forwards."""
     try:
-        rows = load_learner(run).predict_details(read_texts(input_))
+        rows = load_learner(run, device=device).predict_details(read_texts(input_))
     except ContinualPeftError as err:
         _fail(str(err))
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

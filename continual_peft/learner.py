@@ -172,6 +172,7 @@ class ContinualLearner:
         backbone: Backbone | None = None,
         tasks: list[Task] | None = None,
         console: Console | None = None,
+        device: str | None = None,
     ) -> ContinualLearner:
         """A learner from a folder written by `save` or a run directory (its last checkpoint).
 
@@ -183,10 +184,11 @@ class ContinualLearner:
                 a new task re-evaluates every earlier one on its test set. Without them the
                 learner predicts, but `learn` refuses.
             console: Where tables and progress go.
+            device: Where to load it; None: CUDA when present, else the CPU.
         """
         from continual_peft.loading import load_learner  # loading builds on this module
 
-        return load_learner(path, backbone, tasks=tasks, console=console)
+        return load_learner(path, backbone, tasks=tasks, console=console, device=device)
 
     def learn(self, task: Task) -> dict:
         """Allocate a slot, train it and a new head, freeze, evaluate every task, report.

@@ -42,6 +42,7 @@ def load_learner(
     backbone: Backbone | None = None,
     tasks: list[Task] | None = None,
     console: Console | None = None,
+    device: str | None = None,
 ) -> ContinualLearner:
     """A learner holding every finished task of a run, ready for `predict` (and, given the
     tasks' data, for `learn`). Nothing is written and no lock is taken.
@@ -51,11 +52,14 @@ def load_learner(
         backbone: Use this backbone instead of loading the one the run names.
         tasks: The learned tasks with their data, to keep learning (see the module docstring).
         console: Where tables and progress go.
+        device: Where to load it; None: CUDA when present, else the CPU. The device the run
+            was trained on does not matter (a run made on a GPU loads on a CPU).
     """
     run = Path(run_dir)
     saved = _saved_config(run)
     checkpoint = read_checkpoint(run)
     config = LearnerConfig.from_dict(saved["config"], str(run / "config.json"))
+    config.backbone.device = device or ""
     learner = ContinualLearner(
         backbone, config=config, stream=checkpoint["stream"], console=console
     )
