@@ -1,4 +1,4 @@
-"""GPU figures in one run: routed forward vs frozen vs peft, LoRA training vs peft, an end-to-end run.
+"""GPU figures in one run: routed forward vs frozen vs peft, LoRA training vs peft, end to end.
 
 Measures what `../shared/tools/gpu/perf.py` measured for issue 11, so the figures compare:
 random-weight TinyLlama-1.1B and BERT-large shapes, batch 32 x 512 tokens, LoRA r = 16 (alpha 32)
@@ -141,7 +141,7 @@ def ours(shape: str, dtype_name: str, slot_counts: list[int], args) -> None:
             made += 1
         indices = torch.arange(args.rows, device="cpu") % slots
 
-        def routed():
+        def routed(indices=indices):
             with torch.no_grad(), bank.route(indices):
                 backbone(**batch)
 
@@ -180,13 +180,16 @@ def report_training(label, shape, seconds, flops, trainable, args) -> None:
          trainable=trainable, peak_gb=round(peak, 2))  # fmt: skip
 
 
+def peft_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
 def peft_side(shape: str, slot_counts: list[int], args) -> None:
     from peft import LoraConfig, get_peft_model
 
     device = args.device
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = peft_dtype(device)
     model = build_model(shape, device, dtype)
-    flops = flops_per_token(model, args.tokens)
     batch = make_batch(device, args.rows, args.tokens)
 
     def frozen():
@@ -205,25 +208,25 @@ def peft_side(shape: str, slot_counts: list[int], args) -> None:
             made += 1
         names = [f"t{r % slots}" for r in range(args.rows)]
 
-        def routed():
+        def routed(names=names):
             with torch.no_grad():
                 wrapped(**batch, adapter_names=names)
 
         seconds = timed(routed, device)
         emit(system=label, shape=shape, what="routed_forward", T=slots,
              ratio=round(seconds / base, 3), ms=round(seconds * 1e3, 3))  # fmt: skip
-    del wrapped, model
-    peft_training(shape, dtype, flops, args)
 
 
-def peft_training(shape: str, dtype: torch.dtype, flops: float, args) -> None:
+def peft_training(shape: str, args) -> None:
     from peft import LoraConfig, get_peft_model
 
     device = args.device
+    dtype = peft_dtype(device)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = build_model(shape, device, dtype)
+    flops = flops_per_token(model, args.tokens)
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     wrapped = get_peft_model(model, config).train()
     params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -273,6 +276,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for name, fn, fn_args in [
             ("peft", peft_side, (shape, [1, 8, 32])),
+            ("peft-training", peft_training, (shape,)),
             ("ours-auto", ours, (shape, "auto", slots)),
             ("ours-float32", ours, (shape, "float32", slots)),
         ]:
