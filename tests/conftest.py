@@ -29,6 +29,19 @@ from continual_peft.backbone import default_model_path  # noqa: E402
 
 _resolve_dtype = _placement.resolve_dtype
 
+if TEST_DTYPE and TEST_DTYPE not in set(_placement.DTYPES) - {"auto"}:
+    pytest.exit(
+        f"CONTINUAL_PEFT_TEST_DTYPE={TEST_DTYPE!r} is not a dtype; use bfloat16, float16 or "
+        "float32, or leave it unset for the library's own auto",
+        returncode=4,
+    )
+if DEVICE != "cpu" and not (DEVICE.startswith("cuda") and torch.cuda.is_available()):
+    pytest.exit(
+        f"CONTINUAL_PEFT_TEST_DEVICE={DEVICE!r}, but torch sees no CUDA device here; use cpu "
+        "(the default) or run on a machine with a GPU",
+        returncode=4,
+    )
+
 
 def _test_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto" and TEST_DTYPE:
