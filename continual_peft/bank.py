@@ -140,7 +140,7 @@ class ModuleBank:
         """Register the slot just opened or loaded in `kind`'s stacks; returns its index."""
         local = self.slot_kinds.count(kind)
         first = next(iter(self.kind_sites[kind].values()))
-        scale = first.slot_tensors(local).get("scale") if hasattr(first, "stack") else None
+        scale = first.slot_tensors(local).get("scale")  # LoRA: alpha / r; adapters: 1
         self.slot_local.append(local)
         self.slot_kinds.append(kind)
         self.slot_scale.append(1.0 if scale is None else float(scale))
