@@ -232,12 +232,14 @@ class ModuleBank:
         for kind, routing in self.routings.items():
             new = routings.get(kind, Routing())
             routing.indices, routing.weights, routing.single = new.indices, new.weights, new.single
+            routing.derived = {}
         try:
             yield
         finally:
             for kind, (indices, weights, single) in saved.items():
                 routing = self.routings[kind]
                 routing.indices, routing.weights, routing.single = indices, weights, single
+                routing.derived = {}
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

@@ -110,7 +110,7 @@ class LowRankSite(StackedSite):
         z = h @ t[down][idx].reshape(-1, h.shape[-1]).to(h.dtype).T  # (..., k·r)
         if down_bias:
             z = z + t[down_bias][idx].reshape(-1).to(h.dtype)
-        z = self.activation(z) * w.repeat_interleave(rank).to(h.dtype)
+        z = self.activation(z) * self._rank_weights(w, rank, h.dtype)
         u = t[up].transpose(1, 2)[idx].reshape(-1, d_out).to(h.dtype)  # (k·r, d_out)
         result = torch.addmm(out.reshape(-1, d_out), z.reshape(-1, z.shape[-1]), u)
         if up_bias:
@@ -127,10 +127,16 @@ class LowRankSite(StackedSite):
         z = torch.bmm(flat, d_rows.transpose(1, 2))  # (B, L, k·r)
         if down_bias:
             z = z + t[down_bias][idx].reshape(rows, 1, -1).to(h.dtype)
-        z = self.activation(z) * w.repeat_interleave(rank, dim=1)[:, None].to(h.dtype)
+        z = self.activation(z) * self._rank_weights(w, rank, h.dtype)[:, None]
         u_rows = t[up].transpose(1, 2)[idx].reshape(rows, k * rank, d_out).to(h.dtype)
         result = torch.baddbmm(out.reshape(rows, -1, d_out), z, u_rows)  # (B, L, d_out)
         if up_bias:
             bias = torch.einsum("bk,bkd->bd", w, t[up_bias][idx].float())  # (B, d_out)
             result = result + bias.to(h.dtype)[:, None]
         return result.reshape(out.shape)
+
+    def _rank_weights(self, w: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """(..., k·r) each slot's weight repeated over its r units, made once per forward."""
+        return self.routing.derive(
+            ("rank_weights", rank, dtype), lambda: w.repeat_interleave(rank, dim=-1).to(dtype)
+        )

@@ -8,7 +8,8 @@ recompute them or synchronise with the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +24,7 @@ class Routing:
     indices: torch.Tensor | None = None  # (B, k) slot ids >= 0; (1, k): every row
     weights: torch.Tensor | None = None  # (B, k) float32 weights, scale folded in, 0 = unused
     single: int | None = None  # every row on this one slot with weight 1: a faster path
+    derived: dict = field(default_factory=dict)  # per-forward tensors the sites share (`derive`)
 
     @classmethod
     def rows(
@@ -35,6 +37,17 @@ class Routing:
             weights = weights * scale
         effective = torch.where(valid, weights.to(torch.float32), 0.0)
         return cls(indices=indices.clamp(min=0), weights=effective)
+
+    def derive(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A tensor derived from this routing, made by the first site that asks and reused by
+        the others in the same forward (e.g. the weights repeated r times, in the compute
+        dtype). An entry holds for the `weights` tensor it was made from and is made again for
+        any other, so routing set by hand never meets a stale value."""
+        entry = self.derived.get(key)
+        if entry is None or entry[0] is not self.weights:
+            entry = (self.weights, make())
+            self.derived[key] = entry
+        return entry[1]
 
     @property
     def off(self) -> bool:
