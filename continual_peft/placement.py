@@ -34,26 +34,38 @@ MASTER_DTYPE = torch.float32  # trainable slot and head: what the optimizer upda
 CPU = torch.device("cpu")
 
 
+DEVICE_CHOICES = "cpu, cuda, cuda:N (N counted from 0), or empty for CUDA when present"
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """CUDA when present, else CPU, unless `device` says otherwise.
 
     Raises:
-        ContinualPeftError: For a device name torch does not know, or CUDA on a machine without.
+        ContinualPeftError: For a device that is not the CPU or a CUDA device of this machine,
+            naming the choices.
     """
-    if not device:
+    if device is None or (isinstance(device, str) and not device.strip()):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError) as err:
+        chosen = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError):
+        raise ContinualPeftError(f"unknown device {device!r}; use {DEVICE_CHOICES}") from None
+    if chosen.type not in ("cpu", "cuda"):
         raise ContinualPeftError(
-            f"unknown device {device!r} ({err}); use cpu, cuda, cuda:N, or leave it empty for "
-            "CUDA when present"
-        ) from None
+            f"device {device!r} is not supported (a {chosen.type} device); use {DEVICE_CHOICES}"
+        )
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise ContinualPeftError(
             f"device {device!r} was asked for, but torch sees no CUDA device here "
             f"(torch {torch.__version__}); use cpu, or leave the device empty"
         )
+    if chosen.type == "cuda" and chosen.index is not None:
+        count = torch.cuda.device_count()
+        if chosen.index >= count:
+            raise ContinualPeftError(
+                f"device {device!r} does not exist: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
     return chosen
 
 

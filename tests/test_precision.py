@@ -89,3 +89,24 @@ def test_bfloat16_output_is_close_to_float32(tokenizer):
         with torch.no_grad(), bank.route(torch.tensor([2, 0, 1])):
             outputs[dtype] = backbone.embed(batch).float().cpu()
     torch.testing.assert_close(outputs["bfloat16"], outputs["float32"], **tolerance(torch.bfloat16))
+
+
+@pytest.mark.parametrize("device", ["tpu", "meta", "mps", "cuda:notanumber", "cpu x"])
+def test_a_device_that_is_not_cpu_or_cuda_is_refused_with_the_choices(device):
+    with pytest.raises(ContinualPeftError, match=r"use cpu, cuda, cuda:N"):
+        Placement.of(device)
+
+
+def test_cli_refuses_a_bad_device_or_dtype_before_writing_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from continual_peft.cli import app
+
+    for option, value, message in [
+        ("--device", "tpu", "unknown device 'tpu'"),
+        ("--dtype", "fp8", "backbone.dtype = 'fp8' is invalid"),
+    ]:
+        out = tmp_path / value
+        result = CliRunner().invoke(app, ["run", option, value, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and not out.exists()
