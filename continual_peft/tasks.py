@@ -180,10 +180,14 @@ def load_task(
 
 
 def default_labels(labels: Iterable[str]) -> list[str]:
-    """Distinct labels, sorted; numerically when every label is an integer ("2" before "10")."""
+    """Distinct labels, sorted; numerically when every label is an integer ("2" before "10").
+
+    The order is total, so it never depends on a set's (hash-randomised) order: labels equal as
+    numbers ("7", "07", "007") are ordered by their text.
+    """
     distinct = set(labels)
     numeric = all(label.lstrip("-").isdigit() for label in distinct)
-    return sorted(distinct, key=int if numeric else None)
+    return sorted(distinct, key=(lambda label: (int(label), label)) if numeric else None)
 
 
 def build_task(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -113,6 +114,25 @@ def test_from_lists_integer_labels_sort_numerically():
     task = Task.from_lists("t", ["a"] * 12, list(range(12)), ["b"], [10])
     assert task.labels == [str(i) for i in range(12)]
     assert task.test_labels == [10]
+
+
+def test_label_order_is_the_same_in_every_process():
+    """Labels equal as numbers ("7", "07", "007") must not keep a set's hash-randomised order."""
+    import subprocess
+    import sys
+
+    code = (
+        "from continual_peft.tasks import default_labels;"
+        "print(default_labels(['7', '07', '12', '007', '-3', '7']))"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in range(6)
+    }  # fmt: skip
+    assert seen == {"['-3', '007', '07', '7', '12']\n"}
 
 
 def test_from_lists_length_mismatch():
