@@ -181,7 +181,7 @@ class ContinualPeftModel(nn.Module):
         labels = learner.predict(inputs, task=tasks)
         out = torch.full((len(inputs), self.num_classes), float("-inf"), device="cpu")
         for i, label in enumerate(labels):
-            if label != "unknown":
+            if label is not None:  # None: the router rejected the row
                 out[i, int(label)] = 0.0
         return learner.backbone.placement.put(out)  # filled on the CPU, one copy
 

@@ -423,13 +423,13 @@ class ContinualLearner:
         with torch.no_grad(), self.bank.route(slots, weights):
             return self.heads.logits(self.backbone.embed(batch), list(tasks)).float()
 
-    def predict(self, inputs: list, task: str | list[str] | None = None) -> list[str]:
+    def predict(self, inputs: list, task: str | list[str] | None = None) -> list[str | None]:
         """Predicted label strings, all rows in batched routed forwards.
 
         Args:
             inputs: Texts, or images for an image backbone.
             task: One task for all rows, one per row, or None to let the router choose per row
-                (a row it rejects is predicted as "unknown").
+                (a row it rejects is predicted as None: no task, no label).
         """
         if task is None:
             return [row["label"] for row in self.predict_details(inputs)]
@@ -444,7 +444,9 @@ class ContinualLearner:
         return [self._learned(t).task.labels[p] for t, p in zip(tasks, predictions, strict=True)]
 
     def predict_details(self, inputs: list) -> list[dict]:
-        """Router-chosen predictions: per row the task, label, router score and top-k weights."""
+        """Router-chosen predictions, one dict per row: `task` and `label` (both None when the
+        router rejects the row), `rejected` (bool), the router's best `score` and the `topk`
+        tasks with their weights."""
         if self.router is None:
             raise ContinualPeftError(
                 "this learner routes by oracle (router 'oracle'): pass task=..., or configure a "
@@ -463,8 +465,9 @@ class ContinualLearner:
                 if t >= 0
             ]
             rows.append({
-                "task": top[0][0] if top else "unknown",
-                "label": "unknown" if label is None else label,
+                "task": top[0][0] if top else None,
+                "label": label,
+                "rejected": label is None,
                 "score": float(scores[i].max()),
                 "topk": [{"task": t, "weight": w} for t, w in top],
             })  # fmt: skip

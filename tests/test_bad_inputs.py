@@ -399,11 +399,12 @@ def test_predict_with_labels_never_seen_in_training(run: Path, tmp_path: Path):
     before = files(run)
     result = invoke("predict", "--run", run, "--input", inputs)
     assert result.exit_code == 0, result.output
-    known = {"unknown"} | {label for n in NAMES for label in word_task(n).labels}
+    known = {None} | {label for n in NAMES for label in word_task(n).labels}
     predictions = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(predictions) == 3
-    for row in predictions:  # always a known task and label, or "unknown": never a made-up one
-        assert row["task"] in {*NAMES, "unknown"} and row["label"] in known
+    for row in predictions:  # always a known task and label, or rejected: never a made-up one
+        assert row["task"] in {*NAMES, None} and row["label"] in known
+        assert row["rejected"] is (row["label"] is None)
     with pytest.raises(ContinualPeftError, match=r"unknown task 'weather'; learned tasks: \["):
         load_learner(run).predict(["sunny"], task="weather")
     assert_kept(before, run)

@@ -64,7 +64,9 @@ def test_predict_details(routed):
 def test_rejected_rows_are_unknown(make_backbone, tasks):
     learner = _learn(make_backbone, tasks[:2], "mahalanobis", reject_rate=0.05)
     far = "zebra quantum xylophone " * 5
-    assert learner.predict([far]) == ["unknown"]
+    assert learner.predict([far]) == [None]
+    row = learner.predict_details([far])[0]
+    assert row["rejected"] is True and row["task"] is None and row["label"] is None
     assert learner.predict_details([far])[0]["topk"] == []
 
 
@@ -124,7 +126,8 @@ def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["task"] for r in rows] == ["colors", "animals"]
-    assert set(rows[0]) == {"task", "label", "score", "topk"}
+    assert set(rows[0]) == {"task", "label", "rejected", "score", "topk"}
+    assert rows[0]["rejected"] is False
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     bad = CliRunner().invoke(
         cli.app, ["predict", "--run", str(tmp_path / "run"), "--input", str(tmp_path / "bad.jsonl")]
