@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -16,7 +19,7 @@ from continual_peft._io import atomic_write_text
 from continual_peft._leaderboard_report import console_leaderboard
 from continual_peft.compare import compare, load_leaderboard
 from continual_peft.config import LearnerConfig, load_strategy_spec
-from continual_peft.errors import ContinualPeftError
+from continual_peft.errors import ContinualPeftError, Terminated
 from continual_peft.export import export_task
 from continual_peft.grid import (
     console_aggregate,
@@ -55,6 +58,33 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """While a command works, SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt), so
+    a scheduler's kill stops a run as cleanly as Ctrl-C."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            with contextlib.suppress(ValueError):  # signals work in the main thread only
+                previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted(err: KeyboardInterrupt, kept: str) -> None:
+    """Ctrl-C: exit 130; a termination signal: exit 128 + its number, the signal named."""
+    if isinstance(err, Terminated):
+        _fail(f"stopped by {err} (a termination signal); {kept}", code=128 + err.signum)
+    _fail(f"interrupted; {kept}", code=130)
+
+
 def _config(strategy: str | None, overrides: dict, resume: Path | None = None) -> LearnerConfig:
     """A strategy name or spec file, with command-line overrides applied on top.
 
@@ -75,6 +105,7 @@ def _config(strategy: str | None, overrides: dict, resume: Path | None = None) -
 
 
 @app.command()
+@_stop_signals()
 def run(
     stream: Path = typer.Argument(
         None, help="Stream spec (TOML). Default: the embedded demo stream."
@@ -177,11 +208,9 @@ def run(
             )  # fmt: skip
     except ContinualPeftError as err:
         _fail(str(err))
-    except KeyboardInterrupt:
-        _fail(
-            "interrupted; the tasks finished so far are saved in the run directory: continue "
-            "with --resume.",
-            code=130,
+    except KeyboardInterrupt as err:
+        _interrupted(
+            err, "the tasks finished so far are saved in the run directory: continue with --resume."
         )
     if len(orders) * len(seed_list) > 1:
         console.print(
@@ -195,6 +224,7 @@ def run(
 
 
 @app.command("compare")
+@_stop_signals()
 def compare_(
     stream: Path = typer.Option(None, help="Stream spec (TOML). Default: the embedded demo."),
     strategies: str = typer.Option(
@@ -255,8 +285,8 @@ def compare_(
         board = compare(tasks, entries, folder, seed_list, orders, console=console)
     except ContinualPeftError as err:
         _fail(str(err))
-    except KeyboardInterrupt:
-        _fail("interrupted; finished entries are in the leaderboard.", code=130)
+    except KeyboardInterrupt as err:
+        _interrupted(err, "finished entries are in the leaderboard.")
     console.print(console_leaderboard(board))
     console.print(
         f"\ncomparison folder: [bold]{folder}[/] (leaderboard.md, leaderboard.json, "

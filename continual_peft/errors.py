@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 
@@ -24,3 +25,17 @@ class CorruptFileError(ContinualPeftError):
             f"{self.path} is corrupt or truncated ({reason}); delete it and re-create it "
             "(for a run directory: resume or re-run the task that wrote it)."
         )
+
+
+class Terminated(KeyboardInterrupt):
+    """A termination signal (SIGTERM from a cluster scheduler, SIGHUP) arrived while a command
+    worked. It stops the work exactly as Ctrl-C does (the run is marked `interrupted`, its lock
+    released, finished tasks kept); the command then exits with 128 + the signal's number.
+
+    Attributes:
+        signum: The signal's number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)

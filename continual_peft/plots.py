@@ -24,7 +24,8 @@ MAX_TICKS = 25  # task names per axis at most
 
 
 def _panels(report: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
-    """R per routing mode and the routing accuracy, then the baseline's R beside them."""
+    """R per routing mode and the routing accuracy, then the baseline's R beside them; a matrix
+    with no finished task yet (0 x 0, a run stopped in its first task) has no panel."""
     strategy = report.get("strategy", "?")
     panels = [(f"{strategy}: R\nrouting: {mode}", _matrix(report, mode)) for mode in _modes(report)]
     if report.get("routing_accuracy"):
@@ -34,7 +35,7 @@ def _panels(report: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
     for mode in _modes(baseline):
         title = f"baseline {baseline.get('strategy', '?')}: R\nrouting: {mode}"
         panels.append((title, _matrix(baseline, mode)))
-    return panels
+    return [(title, data) for title, data in panels if data.size]
 
 
 def _draw_heatmap(ax: Axes, report: dict[str, Any], title: str, data: np.ndarray) -> AxesImage:

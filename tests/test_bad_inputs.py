@@ -113,13 +113,15 @@ def run(saved, tmp_path: Path) -> Path:
     return Path(shutil.copytree(saved[0], tmp_path / "run"))
 
 
-def fail_in_second_task(monkeypatch, error: BaseException, snapshot: dict) -> None:
+def fail_in_second_task(
+    monkeypatch, error: BaseException, snapshot: dict, task_name: str = NAMES[1]
+) -> None:
     """Raise `error` from the loss of the second task's first batch (`Strategy.loss` is every
     strategy's hook), after taking a snapshot of the run directory as the first task left it."""
     original = Strategy.loss
 
     def loss(self, learner, task, value):
-        if task.name == NAMES[1]:
+        if task.name == task_name:
             snapshot.update(files(learner.run_dir.path))
             if isinstance(error, ValueError):  # stands for a diverged loss
                 return value * float("nan")
@@ -420,6 +422,29 @@ def test_ctrl_c_stops_cleanly_with_earlier_tasks_saved(spec, tmp_path, monkeypat
     result = invoke("run", spec, "--out", out, *TINY)
     refused(result, "interrupted; the tasks finished so far are saved", code=130)
     assert_first_task_kept(out, snapshot, {"interrupted", "failed"})
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (KeyboardInterrupt(), 130, "interrupted; the tasks finished so far are saved"),
+        (ValueError(), 2, "the loss became nan at step 0"),
+    ],
+    ids=["ctrl-c", "nan-loss"],
+)
+def test_a_stop_in_the_first_task_names_its_cause_and_writes_empty_reports(
+    spec, tmp_path, monkeypatch, tiny_cli, error, code, message
+):
+    """Zero finished tasks: every report and plot writer copes, so the real cause is shown."""
+    fail_in_second_task(monkeypatch, error, {}, task_name=NAMES[0])
+    out = tmp_path / "out"
+    result = invoke("run", spec, "--out", out, *TINY)
+    refused(result, message, code=code)
+    assert "Traceback" not in result.output
+    report = load_report(out)
+    assert report["status"] in {"interrupted", "failed"} and report["task_names"] == []
+    assert (out / "report.md").is_file() and (out / "accuracy_matrix.png").is_file()
+    assert not (out / ".lock").exists()
 
 
 # ---------------------------------------------------------------- 15. --resume of a finished run

@@ -71,7 +71,7 @@ def hit():
     return seen[0] == nth
 
 def die():
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
 
 if event == "train":
     task, step = rest.rsplit(":", 1)
@@ -238,6 +238,44 @@ def test_kill_from_outside_then_resume(spec, tmp_path, reference, tiny_cli):
     process.wait()
     resume(run, spec)
     assert outcome(run) == reference
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(spec, tmp_path, reference, tiny_cli):
+    """A scheduler's SIGTERM: a message, exit 143, status interrupted, the lock released."""
+    run = tmp_path / "run"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER, encoding="utf-8")
+    env = {**os.environ, "KILL_AT": "none:", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
+    process = subprocess.Popen(command + OPTIONS, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while checkpoint(run) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert not (run / ".lock").exists()
+    assert json.loads((run / "report.json").read_text(encoding="utf-8"))["status"] == "interrupted"
+    result = invoke("run", spec, "--resume", run, *OPTIONS)  # no stale lock to take over
+    assert result.exit_code == 0, result.output
+    assert outcome(run) == reference
+
+
+def test_sigterm_in_the_first_task_leaves_a_clean_stop(spec, tmp_path, tiny_cli):
+    """Nothing finished yet: the reports of zero tasks are written, the signal is named."""
+    run = tmp_path / "run"
+    driver = run.parent / "driver.py"
+    driver.write_text(DRIVER, encoding="utf-8")
+    env = {**os.environ, "KILL_AT": f"train:{NAMES[0]}:2", "KILL_SIGNAL": "SIGTERM"}
+    command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
+    done = subprocess.run(command + OPTIONS, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr
+    assert not (run / ".lock").exists()
+    report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    assert report["status"] == "interrupted" and report["task_names"] == []
 
 
 def test_resume_of_a_finished_run_does_nothing(spec, tmp_path, make_backbone, tiny_cli):
