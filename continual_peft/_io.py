@@ -56,7 +56,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         data: The complete new contents.
     """
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as err:  # a missing or read-only folder: nothing was written
+        raise ContinualPeftError(
+            f"cannot write {target}: {err.strerror or err} (in {target.parent}); write it to a "
+            "folder that exists and is writable"
+        ) from err
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

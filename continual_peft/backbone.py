@@ -82,6 +82,8 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.name = name
+        if tokenizer is not None:
+            _check_positions(model, tokenizer, max_length, name)
         self.input_hooks: list[InputHook] = []
         self.placement = Placement.of(device, dtype)
         # hashed as loaded, so a run in bfloat16 and one in float32 name the same weights
@@ -109,19 +111,25 @@ class Backbone(nn.Module):
 
         hf_logging.disable_progress_bar()  # our own progress bars are enough
         path = str(default_model_path()) if name_or_path is None else name_or_path
+        check_model_folder(path)
         try:
             if cls is Backbone and name_or_path is not None:
                 from continual_peft.vision import ImageBackbone, is_vision_config
 
-                if is_vision_config(AutoConfig.from_pretrained(path)):
+                if is_vision_config(AutoConfig.from_pretrained(path, local_files_only=True)):
                     return ImageBackbone.from_pretrained(path, max_length, device, dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModel.from_pretrained(path)
-        except OSError as err:
+            _check_tokenizer_files(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            where = "" if Path(path).expanduser().exists() else (
+                f"there is no folder {str(Path(path).expanduser().absolute())!r} and "
+            )  # fmt: skip
             raise ContinualPeftError(
-                f"cannot load backbone {path!r}: {err}. Give a local model folder or a model name "
-                "that is already in the Hugging Face cache (this tool never downloads)."
+                f"cannot load backbone {path!r}: {where}{err}. Give a local model folder or a "
+                "model name that is already in the Hugging Face cache (this tool never downloads)."
             ) from err
+        _check_vocabulary(model, tokenizer, path)
         name = DEFAULT_BACKBONE if name_or_path is None else name_or_path
         return cls(model, tokenizer, max_length=max_length, name=name, device=device, dtype=dtype)
 
@@ -146,7 +154,15 @@ class Backbone(nn.Module):
                 f"input {bad} is a {type(texts[bad]).__name__}, not a text; this backbone "
                 f"({self.name}) reads texts. Use an image backbone for images."
             )
+        if not texts:
+            return Encoded(items=[], truncated=0)
         cut = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        empty = next((i for i, ids in enumerate(cut) if not ids), None)
+        if empty is not None:
+            raise ContinualPeftError(
+                f"input {empty} ({texts[empty][:40]!r}) has no tokens for this backbone's "
+                f"tokenizer ({self.name}); give every input some text"
+            )
         full_lengths = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
         truncated = sum(len(ids) > self.max_length for ids in full_lengths)
         return Encoded(items=[list(ids) for ids in cut], truncated=truncated)
@@ -230,3 +246,76 @@ def _weights_hash(model: nn.Module) -> str:
     for _, tensor in list(model.state_dict().items())[:4]:
         weights.update(tensor.detach().float().cpu().numpy().tobytes())
     return weights.hexdigest()[:16]
+
+
+# One of these holds a tokenizer's vocabulary (WordPiece, BPE, SentencePiece, fast tokenizers).
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model",
+)  # fmt: skip
+
+
+def check_model_folder(path: str) -> None:
+    """Refuse a model path that names a missing folder or one without a model's config.
+
+    A name that could be a Hugging Face model id ("name" or "org/name") and is no folder here
+    is left to the local cache (never downloaded).
+    """
+    folder = Path(path).expanduser()
+    looks_like_path = folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ContinualPeftError(
+                f"backbone folder {path!r} holds no model (no config.json); give the folder a "
+                "Hugging Face model was saved to (config.json, weights, tokenizer files)"
+            )
+    elif folder.exists():
+        raise ContinualPeftError(f"backbone {path!r} is a file; give the model's folder")
+    elif looks_like_path:
+        raise ContinualPeftError(
+            f"backbone folder {path!r} does not exist (absolute: {folder.absolute()}); give "
+            "the folder a Hugging Face model was saved to"
+        )
+
+
+def _check_tokenizer_files(path: str) -> None:
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ContinualPeftError(
+            f"backbone folder {path!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})"
+            "; without them every word would become an unknown token. Save the tokenizer "
+            "beside the model (tokenizer.save_pretrained(folder))."
+        )
+
+
+def _check_vocabulary(model: nn.Module, tokenizer, path: str) -> None:
+    """Refuse a tokenizer that does not fit the model's token embeddings.
+
+    More token ids than embedding rows index past the table; fewer than half the rows means
+    another model's tokenizer (models pad their tables a little, never by half).
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    size = len(tokenizer)
+    if size > rows or size < rows // 2:
+        raise ContinualPeftError(
+            f"backbone {path!r}: its tokenizer has {size} tokens but the model has {rows} token "
+            "embeddings; the tokenizer files are not this model's. Save the model's own "
+            "tokenizer beside it."
+        )
+
+
+def _check_positions(model: nn.Module, tokenizer, max_length: int, name: str) -> None:
+    """Refuse a max_length beyond what the model can embed (its position embeddings, or its
+    tokenizer's stated maximum when that is lower, as for RoBERTa's offset positions)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and stated < 1_000_000:  # an unknown maximum is a huge sentinel
+        limit = stated if limit is None else min(limit, stated)
+    if limit is not None and max_length > limit:
+        raise ContinualPeftError(
+            f"max_length {max_length} exceeds what backbone {name!r} can read ({limit} "
+            f"positions); use --max-length {limit} or less"
+        )

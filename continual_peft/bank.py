@@ -105,6 +105,16 @@ class ModuleBank:
             site.freeze_slot()
         self.has_trainable = False
 
+    def truncate(self, num_slots: int) -> None:
+        """Drop every slot from index `num_slots` on, newest first (a failed task's rollback)."""
+        while self.num_slots > num_slots:
+            for site in self.kind_sites[self.slot_kinds[-1]].values():
+                site.drop_newest_slot()  # the trainable slot, if any, is always the newest
+            self.slot_kinds.pop()
+            self.slot_local.pop()
+            self.slot_scale.pop()
+            self.has_trainable = False
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         if not self.has_trainable:
             return []

@@ -350,14 +350,19 @@ def predict(
 ) -> None:
     """Predict task and label per input with the run's router, in batched routed forwards."""
     try:
+        if output is not None and output.resolve().is_relative_to(run.resolve()):
+            raise ContinualPeftError(
+                f"--output {output} is inside the run directory {run}, whose files only the run "
+                "writes; write the predictions somewhere else"
+            )
         rows = load_learner(run, device=device).predict_details(read_texts(input_))
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        if output is None:
+            sys.stdout.write(lines)
+        else:
+            atomic_write_text(output, lines)
     except ContinualPeftError as err:
         _fail(str(err))
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if output is None:
-        sys.stdout.write(lines)
-    else:
-        atomic_write_text(output, lines)
 
 
 @app.command("list")

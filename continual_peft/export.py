@@ -241,7 +241,11 @@ def _auto_mapping(model_class: str) -> dict | None:
 
 def _write_merged(source: _Source, out: Path) -> None:
     """The run's backbone with each LoRA delta added to its Linear weight, plus its tokenizer."""
-    backbone = Backbone.from_pretrained(source.backbone_path, device="cpu")
+    # merged on the CPU in float32, with the run's own max_length (only checked, never used)
+    max_length = int(source.config.get("backbone", {}).get("max_length", 128))
+    backbone = Backbone.from_pretrained(
+        source.backbone_path, max_length, device="cpu", dtype="float32"
+    )
     check_fingerprint(source.fingerprint, backbone, f"run {source.run_dir}")
     model = backbone.model
     with torch.no_grad():

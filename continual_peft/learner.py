@@ -10,6 +10,7 @@ learner.report            # accuracy matrix, metrics, per-task records
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -46,6 +47,46 @@ class _Learned:
     test_items: list
     test_features: torch.Tensor | None = None  # frozen features, computed once (routed runs)
     has_data: bool = True  # False when loaded without the task's data: it cannot be evaluated
+
+
+@dataclass
+class _Snapshot:
+    """What learning one task changes, as it was before (see `_undone_on_failure`)."""
+
+    learned: list[str]
+    records: int
+    slots: int
+    trainable: list[torch.Tensor]  # the shared trainable slot's values, if one is open
+    strategy: object  # deep copies: strategy state (buffers, Fisher, ...), router, monitor
+    router: Router | None
+    monitor: ForgettingMonitor
+    saved_files: dict[str, str]
+
+    @classmethod
+    def take(cls, learner: ContinualLearner) -> _Snapshot:
+        return cls(
+            learned=list(learner.learned), records=len(learner.records),
+            slots=learner.bank.num_slots,
+            trainable=[p.detach().clone() for p in learner.bank.trainable_parameters()],
+            strategy=copy.deepcopy(learner.strategy), router=copy.deepcopy(learner.router),
+            monitor=copy.deepcopy(learner.monitor), saved_files=learner.saved_files,
+        )  # fmt: skip
+
+    def restore(self, learner: ContinualLearner) -> None:
+        for name in [n for n in learner.learned if n not in self.learned]:
+            del learner.learned[name]
+            learner._digests.pop(name, None)
+        for name in [n for n in learner.heads.heads if n not in self.learned]:
+            del learner.heads.heads[name]
+        learner.bank.truncate(self.slots)
+        with torch.no_grad():
+            for param, value in zip(
+                learner.bank.trainable_parameters(), self.trainable, strict=True
+            ):
+                param.copy_(value)
+        del learner.records[self.records :]
+        learner.strategy, learner.router, learner.monitor = self.strategy, self.router, self.monitor
+        learner.backbone.eval()
 
 
 @dataclass
@@ -108,6 +149,8 @@ class ContinualLearner:
             # config.json must name the backbone actually used ("" = the bundled default)
             name = backbone if isinstance(backbone, str) else backbone.name
             config.backbone.name = "" if name == DEFAULT_BACKBONE else name
+        if isinstance(backbone, Backbone):
+            config.backbone.max_length = backbone.max_length  # the one it really cuts at
         if not isinstance(backbone, Backbone):
             name = backbone or config.backbone.name or None
             backbone = Backbone.from_pretrained(
@@ -196,15 +239,29 @@ class ContinualLearner:
         Returns:
             The task's record (slot, sizes, times, loss, accuracy row).
         """
-        session = self.begin_task(task)
-        with self.use_task(task.name):
-            result = train_task(
-                self.backbone, session.head, session.params, session.train_items,
-                task.train_labels, self.config.train, seed=self.task_seed(task, "train"),
-                adjust_loss=session.adjust_loss,
-                description=f"task {len(self.learned)} {task.name}",
-            )  # fmt: skip
-        return self.end_task(session, result)
+        with self._undone_on_failure():
+            session = self.begin_task(task)
+            with self.use_task(task.name):
+                result = train_task(
+                    self.backbone, session.head, session.params, session.train_items,
+                    task.train_labels, self.config.train, seed=self.task_seed(task, "train"),
+                    adjust_loss=session.adjust_loss,
+                    description=f"task {len(self.learned)} {task.name}",
+                )  # fmt: skip
+            return self.end_task(session, result)
+
+    @contextlib.contextmanager
+    def _undone_on_failure(self) -> Iterator[None]:
+        """A task that fails before its checkpoint is written (an error, a diverged loss,
+        Ctrl-C) leaves the learner exactly as it was before the task: slots, the shared slot's
+        values, heads, router, strategy state and matrices, so it can be learned again."""
+        before = _Snapshot.take(self)
+        try:
+            yield
+        except BaseException:
+            if self.saved_files is before.saved_files:  # no new checkpoint names the task
+                before.restore(self)
+            raise
 
     def begin_task(self, task: Task) -> TaskSession:
         """The first half of `learn`: slot, head and the "before" accuracies of a new task.
@@ -431,6 +488,8 @@ class ContinualLearner:
             task: One task for all rows, one per row, or None to let the router choose per row
                 (a row it rejects is predicted as None: no task, no label).
         """
+        if not len(inputs):
+            return []
         if task is None:
             return [row["label"] for row in self.predict_details(inputs)]
         tasks = [task] * len(inputs) if isinstance(task, str) else list(task)
@@ -452,6 +511,8 @@ class ContinualLearner:
                 "this learner routes by oracle (router 'oracle'): pass task=..., or configure a "
                 f"router ({', '.join(n for n in ROUTERS.names() if n != 'oracle')})"
             )
+        if not len(inputs):
+            return []
         items = self.backbone.encode(list(inputs)).items
         features = self._features(items)
         labels, indices, weights = self._routed(items, features)

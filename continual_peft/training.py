@@ -90,8 +90,8 @@ def train_task(
                     backbone.eval()
                     raise ContinualPeftError(
                         f"{description}: the loss became {value} at step {step}; the task "
-                        "was stopped and earlier tasks are untouched. Lower the learning rate "
-                        f"(now {config.lr})."
+                        "was stopped and rolled back, earlier tasks are untouched. Lower the "
+                        f"learning rate (now {config.lr}) and learn the task again."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

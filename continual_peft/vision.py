@@ -92,10 +92,10 @@ class ImageBackbone(Backbone):
         hf_logging.disable_progress_bar()
         path = name_or_path
         try:
-            model = AutoModel.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, local_files_only=True)
             processor = None
             if not Path(path).is_dir() or (Path(path) / "preprocessor_config.json").is_file():
-                processor = AutoImageProcessor.from_pretrained(path)
+                processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         except OSError as err:
             raise ContinualPeftError(
                 f"cannot load image backbone {path!r}: {err}. Give a local model folder or a "

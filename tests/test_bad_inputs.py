@@ -178,6 +178,20 @@ def test_truncated_report_json(run: Path):
     assert_kept(before, run)
 
 
+def test_predict_output_never_lands_in_the_run_or_crashes(run: Path, tmp_path: Path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    before = files(run)
+    for inside in (run / "checkpoint.json", run / "tasks" / "new.jsonl"):
+        result = invoke("predict", "--run", run, "--input", inputs, "--output", inside)
+        refused(result, "is inside the run directory", "somewhere else")
+    missing = tmp_path / "no" / "such" / "folder" / "out.jsonl"
+    result = invoke("predict", "--run", run, "--input", inputs, "--output", missing)
+    refused(result, f"cannot write {missing}", "exists and is writable")
+    assert_kept(before, run)
+    assert files(run) == before
+
+
 # ---------------------------------------------------------------- 3. missing labels.json
 
 
@@ -221,6 +235,7 @@ def test_nan_loss_stops_the_task_and_keeps_earlier_ones(spec, tmp_path, monkeypa
         result,
         f"task 2 {NAMES[1]}: the loss became nan at step 0",
         "earlier tasks are untouched",
+        "learn the task again",
         "Lower the learning rate (now 0.01)",
     )
     assert_first_task_kept(out, snapshot, {"failed"})
@@ -315,7 +330,7 @@ def test_wrong_backbone_for_a_saved_run(saved, run: Path, tokenizer, tmp_path: P
     tokenizer.save_pretrained(other)
     before = files(run)
     with pytest.raises(ContinualPeftError) as info:
-        load_learner(run, backbone=Backbone.from_pretrained(str(other), device=DEVICE))
+        load_learner(run, backbone=Backbone.from_pretrained(str(other), 32, device=DEVICE))
     message = str(info.value)
     assert f"was trained on backbone '{base}'" in message and f"is '{other}'" in message
     assert "mismatch: weights" in message and "--backbone" in message

@@ -35,8 +35,8 @@ def test_the_same_model_from_another_folder_is_accepted(tokenizer, tmp_path: Pat
     for folder in ("a", "b"):
         tiny_bert(tokenizer).save_pretrained(tmp_path / folder)
         tokenizer.save_pretrained(tmp_path / folder)
-    ours = Backbone.from_pretrained(str(tmp_path / "a"), device=DEVICE)
-    loaded = Backbone.from_pretrained(str(tmp_path / "b"), device=DEVICE)
+    ours = Backbone.from_pretrained(str(tmp_path / "a"), 32, device=DEVICE)
+    loaded = Backbone.from_pretrained(str(tmp_path / "b"), 32, device=DEVICE)
     assert loaded.fingerprint() == ours.fingerprint()  # the folder is not part of the config hash
     check_fingerprint(saved(ours), loaded, "run x")
 

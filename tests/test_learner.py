@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,13 @@ import torch
 from conftest import FAST_TRAIN, assert_close, word_task
 from safetensors.torch import load_file
 
-from continual_peft import STRATEGIES, ContinualLearner, ContinualPeftError, LearnerConfig
+from continual_peft import (
+    STRATEGIES,
+    ContinualLearner,
+    ContinualPeftError,
+    LearnerConfig,
+    TrainConfig,
+)
 from continual_peft.metrics import compute_metrics
 
 
@@ -139,3 +147,41 @@ def test_kinds_mixed_in_one_run_and_one_batch(make_backbone, tasks):
     mixed = learner.logits(texts, names)
     for i, (text, name) in enumerate(zip(texts, names, strict=True)):
         assert_close(mixed[i : i + 1], learner.logits([text], [name]))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES.names())
+def test_a_failed_task_rolls_back_completely(strategy, make_backbone, monkeypatch):
+    """A task that fails (here: its loss diverges on the 2nd step) leaves the learner exactly
+    as before it: learning it again, then another task, ends as if it had never failed."""
+    from continual_peft.config import load_strategy_spec
+
+    tasks = [word_task("colors", n_train=24, n_test=12), word_task("animals", 24, 12)]
+    specs = sorted(Path(__file__).parents[1].glob(f"strategies/{strategy}*.toml"))
+    config = load_strategy_spec(specs[0]) if specs else LearnerConfig(strategy=strategy)
+    config.train = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup=0.0)
+
+    def fresh() -> ContinualLearner:
+        learner = ContinualLearner(make_backbone(), config=copy.deepcopy(config))
+        learner.learn(tasks[0])
+        return learner
+
+    clean, failing = fresh(), fresh()
+    clean.learn(tasks[1])
+    original = failing.strategy.loss
+    calls = [0]
+
+    def diverge(learner, task, loss):
+        calls[0] += 1
+        return loss * float("nan") if calls[0] == 2 else original(learner, task, loss)
+
+    slots = failing.bank.num_slots
+    monkeypatch.setattr(failing.strategy, "loss", diverge)
+    with pytest.raises(ContinualPeftError, match="learn the task again"):
+        failing.learn(tasks[1])
+    monkeypatch.undo()
+    assert list(failing.learned) == ["colors"] and list(failing.heads.heads) == ["colors"]
+    assert failing.bank.num_slots == slots and len(failing.records) == 1
+    failing.learn(tasks[1])  # the retry: same seeds, same data, so the same numbers
+    assert failing.report["accuracy_matrix"] == clean.report["accuracy_matrix"]
+    texts = tasks[1].test_inputs
+    assert failing.predict(texts, task="animals") == clean.predict(texts, task="animals")

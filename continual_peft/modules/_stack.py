@@ -84,6 +84,14 @@ class SlotStack(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.trainable.values() if p.requires_grad]
 
+    def drop_newest(self) -> None:
+        """Remove the newest slot: the trainable one if any, else the last frozen one."""
+        if len(self.trainable):
+            self.trainable = nn.ParameterDict()
+            return
+        for name in self.names:
+            setattr(self, name, getattr(self, name)[:-1].clone())
+
 
 class StackedSite(nn.Module):
     """The site interface every module kind implements, for sites whose slots live in `self.stack`.
@@ -113,3 +121,7 @@ class StackedSite(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.stack.trainable_parameters()
+
+    def drop_newest_slot(self) -> None:
+        """Forget the newest slot (a task that failed is rolled back)."""
+        self.stack.drop_newest()
