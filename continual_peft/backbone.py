@@ -146,12 +146,20 @@ class Backbone(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def encode(self, texts: list[str]) -> Encoded:
-        """Token ids for each text, cut to `max_length`; the number of cut texts is returned too."""
+    def encode(self, texts: list[str], where: str = "input") -> Encoded:
+        """Token ids for each text, cut to `max_length`; the number of cut texts is returned too.
+
+        Args:
+            texts: The inputs.
+            where: How messages name an input ("task 'agnews': train input" + its index).
+
+        Raises:
+            ContinualPeftError: For an input that is no text or has no tokens.
+        """
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
             raise ContinualPeftError(
-                f"input {bad} is a {type(texts[bad]).__name__}, not a text; this backbone "
+                f"{where} {bad} is a {type(texts[bad]).__name__}, not a text; this backbone "
                 f"({self.name}) reads texts. Use an image backbone for images."
             )
         if not texts:
@@ -160,7 +168,7 @@ class Backbone(nn.Module):
         empty = next((i for i, ids in enumerate(cut) if not ids), None)
         if empty is not None:
             raise ContinualPeftError(
-                f"input {empty} ({texts[empty][:40]!r}) has no tokens for this backbone's "
+                f"{where} {empty} ({texts[empty][:40]!r}) has no tokens for this backbone's "
                 f"tokenizer ({self.name}); give every input some text"
             )
         full_lengths = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]

@@ -283,8 +283,8 @@ class ContinualLearner:
         self.strategy.before_task(self, task)
         slot = self.strategy.allocate(self, task)
         head = self.heads.add(task.name, len(task.labels), seed=self.task_seed(task, "head"))
-        train_enc = self.backbone.encode(task.train_inputs)
-        test_enc = self.backbone.encode(task.test_inputs)
+        train_enc = self.backbone.encode(task.train_inputs, f"task {task.name!r}: train input")
+        test_enc = self.backbone.encode(task.test_inputs, f"task {task.name!r}: test input")
         state = _Learned(task, len(self.learned), slot, test_enc.items)
         self.learned[task.name] = state
         with self._evaluating():
@@ -310,7 +310,8 @@ class ContinualLearner:
         start = time.perf_counter()
         router_items = session.train_items
         if task.router_inputs:
-            router_items = self.backbone.encode(task.router_inputs).items
+            where = f"task {task.name!r}: router input"
+            router_items = self.backbone.encode(task.router_inputs, where).items
         with self._evaluating():
             self._evaluate(router_items)
         record = {

@@ -105,27 +105,43 @@ class ImageBackbone(Backbone):
             model, processor, max_length=max_length, name=name_or_path, device=device, dtype=dtype
         )
 
-    def encode(self, images: list) -> Encoded:
-        """One float tensor (C, H, W) per image; nothing is truncated."""
+    def encode(self, images: list, where: str = "input") -> Encoded:
+        """One float tensor (C, H, W) per image; nothing is truncated.
+
+        Args:
+            images: PIL images, arrays or tensors.
+            where: How messages name an input ("task 'digits': train input" + its index).
+
+        Raises:
+            ContinualPeftError: For a text, a wrong shape or dtype, or NaN/infinite pixels.
+        """
         bad = next((i for i, x in enumerate(images) if isinstance(x, str)), None)
         if bad is not None:
             raise ContinualPeftError(
-                f"input {bad} is a text; this backbone ({self.name}) reads images "
+                f"{where} {bad} is a text; this backbone ({self.name}) reads images "
                 "(PIL images, numpy arrays or torch tensors). Use a text backbone for texts."
             )
         if not images:
             return Encoded(items=[], truncated=0)
         if self.processor is None:
-            return Encoded(items=[self._tensor(i, x) for i, x in enumerate(images)], truncated=0)
-        pixels = self.processor(images=[_for_processor(x) for x in images], return_tensors="pt")
-        pixels = pixels["pixel_values"].float()  # (N, C, H, W)
-        if tuple(pixels.shape[1:]) != self.image_shape:
+            items = [self._tensor(i, x) for i, x in enumerate(images)]
+        else:
+            pixels = self.processor(images=[_for_processor(x) for x in images], return_tensors="pt")
+            pixels = pixels["pixel_values"].float()  # (N, C, H, W)
+            if tuple(pixels.shape[1:]) != self.image_shape:
+                raise ContinualPeftError(
+                    f"the image processor gives images of shape {tuple(pixels.shape[1:])}, the "
+                    f"model ({self.name}) needs {self.image_shape}; set the processor's size (and "
+                    "image mean/std per channel) to the model's image_size and num_channels"
+                )
+            items = list(pixels)
+        broken = [i for i, x in enumerate(items) if not bool(torch.isfinite(x).all())]
+        if broken:
             raise ContinualPeftError(
-                f"the image processor gives images of shape {tuple(pixels.shape[1:])}, the model "
-                f"({self.name}) needs {self.image_shape}; set the processor's size (and image "
-                "mean/std per channel) to the model's image_size and num_channels"
+                f"{where} {broken[0]} has NaN or infinite pixel values ({len(broken)} such "
+                f"input(s) of {len(items)}); fix or drop them: no model can learn from them"
             )
-        return Encoded(items=list(pixels), truncated=0)
+        return Encoded(items=items, truncated=0)
 
     def _tensor(self, index: int, image) -> torch.Tensor:
         """The tensor path: check and convert one already-prepared image."""

@@ -293,3 +293,19 @@ def test_image_folder_stream_through_the_command_line(digits, tmp_path):
     assert report["task_names"] == ["digits-0-1", "digits-2-3"]
     assert [t["labels"] for t in report["tasks"]] == [["0", "1"], ["2", "3"]]
     assert report["metrics"]["oracle"]["acc"] >= 0.8
+
+
+def test_nan_or_infinite_pixels_are_named_before_training(digits):
+    """Not "the loss became nan ... lower the learning rate": the input, by split and index."""
+    task = digit_tasks(digits, n_train=10, n_test=6)[0]
+    learner = ContinualLearner(make_vit(), train=TRAIN)
+    task.train_inputs[3] = np.full((8, 8), np.nan, dtype=np.float32)
+    with pytest.raises(ContinualPeftError, match=r"task 'digits-0-1': train input 3 has NaN"):
+        learner.learn(task)
+    task = digit_tasks(digits, n_train=10, n_test=6)[0]
+    task.test_inputs[5] = torch.full((1, 8, 8), float("inf"))
+    with pytest.raises(ContinualPeftError, match=r"test input 5 has NaN or infinite pixel"):
+        learner.learn(task)  # the failed first attempt left nothing behind: same name again
+    learner.learn(digit_tasks(digits, n_train=10, n_test=6)[0])
+    with pytest.raises(ContinualPeftError, match=r"input 0 has NaN or infinite pixel values"):
+        learner.predict([np.full((8, 8), np.nan, dtype=np.float32)], task="digits-0-1")
