@@ -87,9 +87,18 @@ def write_checkpoint(run: RunDir, learner: ContinualLearner, names: list[str]) -
         "stream": learner.stream,
         "stream_plan": learner.stream_plan,
         "tasks": [
-            {"name": n, "slot": learner.learned[n].slot, "data_sha256": learner.task_digest(n)}
+            {
+                "name": n,
+                "slot": learner.learned[n].slot,
+                "data_sha256": learner.task_digest(n),
+                # what the task's rows go through now (the strategy's routing): what an export
+                # must reproduce
+                "routing": dict(
+                    zip(("slots", "weights"), learner.strategy.routing(learner, n), strict=True)
+                ),
+            }
             for n in order
-        ],
+        ],  # fmt: skip
         "slots": slots,
         "router": state_files.get("router"),
         "strategy": state_files.get("strategy"),
@@ -150,9 +159,15 @@ def read_checkpoint(folder: str | Path) -> dict[str, Any]:
     for name, sha in checkpoint["files"].items():
         target = folder / name
         if not target.is_file():
-            raise CorruptFileError(target, f"missing; {CHECKPOINT_FILE} names it")
+            raise ContinualPeftError(
+                f"{target} is missing: {CHECKPOINT_FILE} names it as part of the run's last "
+                "finished task. Put the file back (from a copy of the run), or re-run the "
+                "stream into a new run directory."
+            )
         if file_sha256(target) != sha:
-            raise CorruptFileError(target, f"its sha256 differs from the one {path} records")
+            raise CorruptFileError(
+                target, f"checksum mismatch: its sha256 differs from the one {path} records"
+            )
     return checkpoint
 
 

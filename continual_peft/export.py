@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from continual_peft._checkpoint import read_checkpoint
 from continual_peft._io import (
     atomic_save_safetensors,
     atomic_write_json,
@@ -125,25 +126,63 @@ def _check_out(out: Path) -> Path:
 
 
 def _read_task(run_dir: Path, task: str) -> _Source:
+    """The task as the run's last checkpoint evaluates it, every file's sha256 checked."""
     if not run_dir.is_dir():
         raise ContinualPeftError(f"run directory {run_dir} does not exist; check the path.")
     run = load_json(run_dir / "config.json")
-    tasks_dir = run_dir / "tasks"
-    names = sorted(p.name for p in tasks_dir.glob("*") if (p / "task.json").is_file())
-    if task not in names:
-        raise ContinualPeftError(f"unknown task {task!r} in {run_dir}; its tasks: {names}")
-    folder = tasks_dir / task
-    record = load_json(folder / "task.json")
-    kind = record.get("module", "lora")
-    if kind not in EXPORTABLE_KINDS:
+    checkpoint = read_checkpoint(run_dir)
+    entries = {entry["name"]: entry for entry in checkpoint["tasks"]}
+    if task not in entries:
+        raise ContinualPeftError(f"unknown task {task!r} in {run_dir}; its tasks: {list(entries)}")
+    slots, weights = _task_routing(entries[task], run["config"], len(checkpoint["slots"]))
+    kinds = {checkpoint["slots"][slot]["kind"] for slot in slots}
+    if not kinds <= set(EXPORTABLE_KINDS):
         raise ContinualPeftError(
-            f"task {task!r} holds a {kind!r} module; formats {FORMATS} can export only "
-            f"module kinds {EXPORTABLE_KINDS}"
+            f"task {task!r} goes through {sorted(kinds)} module(s); formats {FORMATS} can "
+            f"express only module kinds {EXPORTABLE_KINDS}"
         )
-    module_file = folder / "module.safetensors"
-    sites = _lora_sites(load_safetensors(module_file), module_file)
-    head = load_safetensors(folder / "head.safetensors")
-    return _Source(run_dir, task, run["config"], run["backbone"], record, sites, head)
+    parts = []
+    for slot in slots:
+        path = run_dir / checkpoint["slots"][slot]["file"]
+        parts.append(_lora_sites(load_safetensors(path), path))
+    record = dict(checkpoint["records"][list(entries).index(task)], slots=slots, weights=weights)
+    head = load_safetensors(run_dir / "tasks" / task / "head.safetensors")
+    return _Source(run_dir, task, run["config"], run["backbone"], record, _sum(parts, weights),
+                   head)  # fmt: skip
+
+
+def _task_routing(entry: dict, config: dict, num_slots: int) -> tuple[list[int], list[float]]:
+    """The slots (and weights) the task's rows go through, as the checkpoint records them;
+    checkpoints written before that was recorded: the task's own slot, or every slot for
+    `olora` (which sums them all)."""
+    if "routing" in entry:
+        return [int(s) for s in entry["routing"]["slots"]], list(entry["routing"]["weights"])
+    if config.get("strategy") == "olora":
+        return list(range(num_slots)), [1.0] * num_slots
+    return [int(entry["slot"])], [1.0]
+
+
+def _sum(parts: list[dict[str, dict]], weights: list[float]) -> dict[str, dict]:
+    """k LoRAs summed with weights as ONE LoRA of rank Σr: A = [A_1; …; A_k] and
+    B = [w_1 (s_1/s) B_1, …, w_k (s_k/s) B_k] with s = s_1, so s·B A = Σ w_i s_i B_i A_i."""
+    if len(parts) == 1 and weights == [1.0]:
+        return parts[0]
+    layers = set(parts[0])
+    if any(set(part) != layers for part in parts):
+        raise ContinualPeftError("the task's slots wrap different layers; they cannot be summed")
+    summed = {}
+    for layer in sorted(layers):
+        scale = parts[0][layer]["scale"]
+        ups = [
+            w * (p[layer]["scale"] / scale) * p[layer]["lora_B"]
+            for p, w in zip(parts, weights, strict=True)
+        ]
+        summed[layer] = {
+            "lora_A": torch.cat([p[layer]["lora_A"] for p in parts]),  # (Σr, d_in)
+            "lora_B": torch.cat(ups, dim=1),  # (d_out, Σr)
+            "scale": scale,
+        }
+    return summed
 
 
 def _lora_sites(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict]:
@@ -214,7 +253,7 @@ def _rank_and_alpha(source: _Source) -> tuple[int, int | float]:
     r, scale = ranks.pop(), scales.pop()
     alpha = float(source.config.get("lora", {}).get("alpha", scale * r))
     if not math.isclose(alpha / r, scale, rel_tol=1e-6):
-        alpha = scale * r  # the file wins over the config
+        alpha = scale * r  # the file wins over the config (and a sum of slots has rank Σr)
     return r, int(alpha) if alpha.is_integer() else alpha
 
 
@@ -282,7 +321,8 @@ def _write_extras(source: _Source, out: Path, format: str) -> None:
             "task": source.task,
             "format": format,
             "source_run": str(source.run_dir.resolve()),
-            "slot": source.record.get("slot"),
+            "slots": source.record.get("slots"),  # summed into this one LoRA, with weights
+            "weights": source.record.get("weights"),
             "module": source.record.get("module", "lora"),
             "base_model_name_or_path": source.backbone_path,
             "backbone": source.fingerprint,

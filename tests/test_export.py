@@ -14,8 +14,17 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
 
-from continual_peft import Backbone, ContinualLearner, ContinualPeftError, LoRAConfig, TrainConfig
+from continual_peft import (
+    STRATEGIES,
+    Backbone,
+    ContinualLearner,
+    ContinualPeftError,
+    LearnerConfig,
+    LoRAConfig,
+    TrainConfig,
+)
 from continual_peft.cli import app
+from continual_peft.config import load_strategy_spec
 from continual_peft.errors import CorruptFileError
 from continual_peft.export import export_task
 
@@ -143,7 +152,7 @@ def test_all_linear_exports_full_layer_names(trained, tmp_path):
     ("task", "fmt", "expected"),
     [
         ("nope", "peft", "unknown task 'nope'"),
-        ("nope", "peft", "['animals', 'colors']"),
+        ("nope", "peft", "['colors', 'animals']"),  # in learning order
         (TASK, "onnx", "unknown export format 'onnx'"),
         (TASK, "onnx", "('peft', 'merged')"),
     ],
@@ -156,19 +165,33 @@ def test_bad_task_or_format_is_named(trained, tmp_path, task, fmt, expected):
     assert not (tmp_path / "out").exists()
 
 
-def test_non_lora_task_is_refused(trained, tmp_path):
+def test_a_hand_edited_task_file_is_refused(trained, tmp_path):
+    """Every file export reads is checked against checkpoint.json: an edit is not exported."""
     run_dir = shutil.copytree(trained[1], tmp_path / "run")
     record_file = run_dir / "tasks" / TASK / "task.json"
     record = json.loads(record_file.read_text(encoding="utf-8"))
     record_file.write_text(json.dumps({**record, "module": "prompt"}), encoding="utf-8")
-    with pytest.raises(ContinualPeftError, match="'prompt' module.*\\('lora',\\)"):
+    with pytest.raises(ContinualPeftError, match="task.json is corrupt.*checksum mismatch"):
         export_task(run_dir, TASK, "peft", tmp_path / "out")
+
+
+def test_one_flipped_byte_in_a_module_is_refused(trained, tmp_path):
+    run_dir = shutil.copytree(trained[1], tmp_path / "run")
+    module = run_dir / "tasks" / TASK / "module.safetensors"
+    data = bytearray(module.read_bytes())
+    data[-1] ^= 0x01  # a weight's last byte: still a valid safetensors file
+    module.write_bytes(bytes(data))
+    with pytest.raises(
+        ContinualPeftError, match="module.safetensors is corrupt.*checksum mismatch"
+    ):
+        export_task(run_dir, TASK, "peft", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_head_file(trained, tmp_path):
     run_dir = shutil.copytree(trained[1], tmp_path / "run")
     (run_dir / "tasks" / TASK / "head.safetensors").unlink()
-    with pytest.raises(ContinualPeftError, match="head.safetensors does not exist"):
+    with pytest.raises(ContinualPeftError, match="head.safetensors is missing: checkpoint.json"):
         export_task(run_dir, TASK, "peft", tmp_path / "out")
 
 
@@ -217,7 +240,7 @@ def test_cli_errors(trained, tmp_path):
     _, run_dir, _ = trained
     common = ("--run", run_dir, "--out", tmp_path / "out")
     cases = [
-        (("--task", "nope", *common), ["unknown task 'nope'", "'animals', 'colors'"]),
+        (("--task", "nope", *common), ["unknown task 'nope'", "'colors', 'animals'"]),
         (("--task", TASK, "--format", "gguf", *common), ["'gguf'", "'peft', 'merged'"]),
     ]
     for args, expected in cases:
@@ -258,3 +281,39 @@ def test_cli_corrupt_module_file(trained, tmp_path):
     assert "is corrupt or truncated" in result.stderr
     assert str(module_file) in result.stderr.replace("\n", "")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES.names())
+def test_every_strategy_exports_what_the_run_evaluated(strategy, tokenizer, tmp_path):
+    """The exported adapter gives each task the hidden states the run evaluated it with: its
+    own slot (per_task), the shared slot as it is now (seq, replay, ewc, joint), every slot
+    summed into one LoRA of rank Σr (olora); a prompt pool (l2p) is refused with the reason."""
+    base_dir = tmp_path / "base"
+    tiny_bert(tokenizer).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    folder = Path(__file__).parents[1] / "strategies"
+    specs = [
+        p for p in (folder / f"{strategy}_lora.toml", folder / f"{strategy}.toml") if p.is_file()
+    ]
+    config = load_strategy_spec(specs[0]) if specs else LearnerConfig(strategy=strategy)
+    config.train = TrainConfig(epochs=2, batch_size=8, lr=3e-2, warmup=0.0)
+    backbone = Backbone.from_pretrained(str(base_dir), max_length=32, device=DEVICE)
+    learner = ContinualLearner(backbone, config=config, run_dir=tmp_path / "run")
+    for name in ("colors", "animals", "moods"):
+        learner.learn(word_task(name, n_train=16, n_test=6))
+    learner.finish()
+    batch = backbone.collate(backbone.encode(TEXTS).items)
+    for task in ("colors", "moods"):
+        out = tmp_path / f"{task}-peft"
+        if strategy == "l2p":
+            with pytest.raises(ContinualPeftError, match="prompt_pool.*can express only"):
+                export_task(tmp_path / "run", task, "peft", out)
+            continue
+        export_task(tmp_path / "run", task, "peft", out)
+        model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), out).eval()
+        with torch.no_grad(), learner.use_task(task):
+            evaluated = backbone(**batch)
+        with torch.no_grad():
+            assert_close(model(**batch.copy()).last_hidden_state, evaluated)
+        provenance = json.loads((out / "continual_peft.json").read_text(encoding="utf-8"))
+        assert provenance["slots"] == learner.strategy.routing(learner, task)[0]
