@@ -156,6 +156,12 @@ def read_checkpoint(folder: str | Path) -> dict[str, Any]:
             f"{path}: checkpoint format {checkpoint.get('format')!r} is not supported (this "
             f"version reads format {CHECKPOINT_FORMAT})."
         )
+    problem = _inconsistency(checkpoint)
+    if problem:
+        raise ContinualPeftError(
+            f"{path} is inconsistent ({problem}): it was edited or damaged. Restore it from a "
+            "copy of the run, or re-run the stream into a new run directory."
+        )
     for name, sha in checkpoint["files"].items():
         target = folder / name
         if not target.is_file():
@@ -169,6 +175,34 @@ def read_checkpoint(folder: str | Path) -> dict[str, Any]:
                 target, f"checksum mismatch: its sha256 differs from the one {path} records"
             )
     return checkpoint
+
+
+def _inconsistency(checkpoint: dict) -> str | None:
+    """What makes a checkpoint disagree with itself, or None: its parts must describe the same
+    tasks, and every file a reader needs must be named with a sha256 (so none goes unchecked)."""
+    kinds = {"tasks": list, "slots": list, "files": dict, "records": list, "tasks_done": int}
+    for key, kind in kinds.items():
+        if not isinstance(checkpoint.get(key), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    tasks, slots, files = checkpoint["tasks"], checkpoint["slots"], checkpoint["files"]
+    if not len(tasks) == len(checkpoint["records"]) == checkpoint["tasks_done"]:
+        return (
+            f"tasks_done is {checkpoint['tasks_done']} but it lists {len(tasks)} task(s) and "
+            f"{len(checkpoint['records'])} record(s)"
+        )
+    needed = [slot.get("file") for slot in slots if isinstance(slot, dict)]
+    for task in tasks:
+        if not isinstance(task, dict) or not isinstance(task.get("slot"), int):
+            return f"task entry {task!r} has no slot"
+        if not 0 <= task["slot"] < len(slots):
+            return f"task {task.get('name')!r} uses slot {task['slot']} of {len(slots)}"
+        needed += [f"tasks/{task.get('name')}/{f}" for f in ("head.safetensors", "task.json")]
+    for key in ("router", "strategy"):
+        needed += list(checkpoint.get(key) or [])
+    unnamed = [path for path in needed if path not in files]
+    if unnamed:
+        return f"files it needs have no sha256 in 'files': {unnamed[:3]}"
+    return None
 
 
 def file_sha256(path: Path) -> str:

@@ -496,3 +496,27 @@ def test_a_non_empty_export_folder_is_refused(run: Path, tmp_path: Path):
         "nothing was overwritten",
     )
     assert files(out) == {"mine.txt": b"keep me"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c.update(tasks=c["tasks"][:1]), "tasks_done is 2 but it lists 1 task(s)"),
+        (lambda c: c.update(files={}), "files it needs have no sha256 in 'files'"),
+        (lambda c: c["tasks"][1].update(slot=7), "uses slot 7 of 2"),
+        (lambda c: c.pop("records"), "'records' is missing"),
+    ],
+    ids=["task-list-cut", "files-emptied", "slot-out-of-range", "records-removed"],
+)
+def test_a_hand_edited_checkpoint_is_named_not_trusted(run: Path, tmp_path: Path, edit, expected):
+    path = run / "checkpoint.json"
+    checkpoint = json.loads(path.read_text(encoding="utf-8"))
+    edit(checkpoint)
+    path.write_text(json.dumps(checkpoint), encoding="utf-8")
+    before = files(run)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    refused(invoke("predict", "--run", run, "--input", inputs), "is inconsistent", expected)
+    out = tmp_path / "export"
+    refused(invoke("export", "--run", run, "--task", NAMES[0], "--out", out), expected)
+    assert files(run) == before and not out.exists()
