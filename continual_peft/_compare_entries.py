@@ -27,6 +27,7 @@ from continual_peft.config import LearnerConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.strategies import STRATEGIES
+from continual_peft.streams import shipped_folder
 
 # dotted config key -> the command-line option that sets it for every entry
 BUDGET_KEYS: dict[str, str] = {
@@ -79,12 +80,12 @@ def shipped_spec(name: str, spec_dir: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def entry_from(text: str, spec_dir: str | Path = "strategies") -> Entry:
+def entry_from(text: str, spec_dir: str | Path | None = None) -> Entry:
     """An entry from a `--strategies` item: a spec file or a strategy name (module docstring)."""
     if text.endswith(".toml"):
         return Entry(Path(text).stem, load_strategy_spec(text), spec=str(text))
     STRATEGIES.get(text)  # an unknown name lists the valid ones
-    spec = shipped_spec(text, Path(spec_dir))
+    spec = shipped_spec(text, Path(spec_dir) if spec_dir else shipped_folder("strategies"))
     if spec is not None:
         return Entry(text, load_strategy_spec(spec), spec=str(spec))
     return Entry(text, LearnerConfig(strategy=text))
@@ -94,7 +95,7 @@ def resolve_entries(
     strategies: list[str],
     overrides: dict[str, Any] | None = None,
     sweep: str | None = None,
-    spec_dir: str | Path = "strategies",
+    spec_dir: str | Path | None = None,
 ) -> list[Entry]:
     """Entries for `--strategies` items, with overrides applied and a sweep expanded.
 
@@ -103,7 +104,8 @@ def resolve_entries(
         overrides: Dotted keys set on every entry (None values are skipped).
         sweep: "KEY=V1,V2,..." (e.g. "lora.r=1,2,4"): every entry once per value (a cross
             product when there are several strategies).
-        spec_dir: Where shipped spec files are looked up by name.
+        spec_dir: Where spec files are looked up by name; None: the shipped `strategies/`
+            folder, found from the package (not the working directory).
     """
     if not strategies:
         raise ContinualPeftError("give at least one strategy, e.g. --strategies per_task,seq")

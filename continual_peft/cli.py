@@ -35,7 +35,7 @@ from continual_peft.routers import ROUTERS
 from continual_peft.rundir import new_run_path
 from continual_peft.runner import run_stream
 from continual_peft.strategies import STRATEGIES, strategy_options
-from continual_peft.streams import demo_spec_path, load_stream
+from continual_peft.streams import demo_spec_path, load_stream, shipped_folder
 from continual_peft.tasks import read_texts
 
 app = typer.Typer(
@@ -372,11 +372,11 @@ def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) 
         names = [f"{n}: {_summary(MODULE_KINDS.get(n))}" for n in MODULE_KINDS.names()]
     elif what == "strategies":
         names = [_strategy_summary(n) for n in STRATEGIES.names()]
-        names += [_strategy_line(p) for p in sorted(Path("strategies").glob("*.toml"))]
+        names += [_strategy_line(p) for p in sorted(shipped_folder("strategies").glob("*.toml"))]
     elif what == "routers":
         names = [f"{n}: {_summary(ROUTERS.get(n))}" for n in ROUTERS.names()]
     elif what == "streams":
-        specs = [demo_spec_path(), *sorted(Path("streams").glob("*.toml"))]
+        specs = [demo_spec_path(), *sorted(shipped_folder("streams").glob("*.toml"))]
         names = [_stream_line(p) for p in specs]
     else:
         _fail(f"cannot list {what!r}; choose one of: {', '.join(LISTS)}")

@@ -107,6 +107,12 @@ class Stream:
         return replace(self, tasks=tasks, order_name=name)
 
 
+def shipped_folder(kind: str) -> Path:
+    """The project's shipped spec folder, `strategies` or `streams`, found from the package
+    (beside it in the checkout it is installed from), whatever the working directory."""
+    return Path(__file__).resolve().parents[1] / kind
+
+
 def demo_spec_path() -> Path:
     """The embedded demo stream's spec, inside the installed package."""
     return Path(__file__).parent / "data" / "demo" / "stream.toml"

@@ -284,3 +284,16 @@ def test_report_without_a_run(tmp_path: Path):
     result = invoke("report", tmp_path)
     assert result.exit_code == 2
     assert f"no report at {tmp_path / 'report.json'}" in result.stderr
+
+
+def test_shipped_specs_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    """`list` and `compare --strategies NAME` locate strategies/ and streams/ from the package."""
+    from continual_peft._compare_entries import entry_from
+
+    monkeypatch.chdir(tmp_path)
+    strategies = CliRunner().invoke(app, ["list", "strategies"])
+    streams = CliRunner().invoke(app, ["list", "streams"])
+    assert strategies.exit_code == 0 and "l2p.toml" in strategies.stdout, strategies.output
+    assert streams.exit_code == 0 and "cl_benchmark" in streams.stdout, streams.output
+    entry = entry_from("l2p")
+    assert entry.spec.endswith("strategies/l2p.toml") and entry.config.module == "prompt_pool"
