@@ -130,7 +130,7 @@ class Backbone(nn.Module):
                 "model name that is already in the Hugging Face cache (this tool never downloads)."
             ) from err
         _check_vocabulary(model, tokenizer, path)
-        name = DEFAULT_BACKBONE if name_or_path is None else name_or_path
+        name = DEFAULT_BACKBONE if name_or_path is None else model_name(name_or_path)
         return cls(model, tokenizer, max_length=max_length, name=name, device=device, dtype=dtype)
 
     @property
@@ -261,6 +261,13 @@ TOKENIZER_FILES = (
     "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
     "tokenizer.model",
 )  # fmt: skip
+
+
+def model_name(path: str) -> str:
+    """How a run records its backbone: a local folder as an absolute path (so the run works
+    from any working directory), anything else (a cached model's name) as given."""
+    folder = Path(path).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else path
 
 
 def check_model_folder(path: str) -> None:

@@ -17,6 +17,7 @@ from rich.markup import escape
 from continual_peft._compare_entries import override, resolve_entries
 from continual_peft._io import atomic_write_text
 from continual_peft._leaderboard_report import console_leaderboard
+from continual_peft.backbone import Backbone
 from continual_peft.compare import compare, load_leaderboard
 from continual_peft.config import LearnerConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError, Terminated
@@ -47,6 +48,10 @@ LISTS = ["modules", "strategies", "streams", "routers"]
 DTYPE_HELP = (
     "Frozen weights' dtype: auto (bfloat16 on a CUDA device that supports it, float32 on the CPU), "
     "bfloat16, float16 or float32. Trainable slot and head stay float32 (README: Precision)."
+)
+MOVED_BACKBONE_HELP = (
+    "The run's backbone from another folder (a moved model); it must be the same model: its "
+    "fingerprint is checked. Default: the folder the run recorded."
 )
 DEVICE_HELP = "Device, e.g. cpu, cuda, cuda:1. Default: CUDA when present, else CPU."
 
@@ -328,10 +333,11 @@ def export(
         help="peft (a LoRA adapter for peft.PeftModel) or merged (a standalone HF model folder).",
     ),
     out: Path = typer.Option(..., help="Folder to write; must not exist yet or be empty."),
+    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP),
 ) -> None:
     """Export one task's module (and head) for use outside continual-peft."""
     try:
-        path = export_task(run, task, format_, out)
+        path = export_task(run, task, format_, out, backbone=backbone)
     except ContinualPeftError as err:
         _fail(str(err))
     console.print(
@@ -347,6 +353,7 @@ def predict(
     ),
     output: Path = typer.Option(None, help="Write JSONL here instead of standard output."),
     device: str = typer.Option(None, help=DEVICE_HELP),
+    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP),
 ) -> None:
     """Predict task and label per input with the run's router, in batched routed forwards."""
     try:
@@ -355,7 +362,11 @@ def predict(
                 f"--output {output} is inside the run directory {run}, whose files only the run "
                 "writes; write the predictions somewhere else"
             )
-        rows = load_learner(run, device=device).predict_details(read_texts(input_))
+        model = None
+        if backbone is not None:  # the run's own model, moved: its fingerprint is checked
+            length = saved_config(run).backbone.max_length
+            model = Backbone.from_pretrained(backbone, length, device=device or None)
+        rows = load_learner(run, model, device=device).predict_details(read_texts(input_))
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         if output is None:
             sys.stdout.write(lines)

@@ -46,7 +46,7 @@ from continual_peft._io import (
     load_json,
     load_safetensors,
 )
-from continual_peft.backbone import DEFAULT_BACKBONE, Backbone, default_model_path
+from continual_peft.backbone import DEFAULT_BACKBONE, Backbone, default_model_path, model_name
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.fingerprint import check_fingerprint
 
@@ -67,17 +67,22 @@ class _Source:
     record: dict  # task.json
     sites: dict[str, dict[str, torch.Tensor]]  # wrapped layer name -> lora_A, lora_B, scale
     head: dict[str, torch.Tensor]  # nn.Linear state
+    moved_backbone: str | None = None  # the backbone's folder when given (a moved model)
 
     @property
     def backbone_path(self) -> str:
         """Where the run's backbone lives: an absolute folder when it is local, else its name."""
+        if self.moved_backbone:
+            return self.moved_backbone
         name = self.fingerprint.get("name") or self.config.get("backbone", {}).get("name", "")
         if not name or name == DEFAULT_BACKBONE:
             return str(default_model_path().resolve())
         return str(Path(name).resolve()) if Path(name).exists() else name
 
 
-def export_task(run_dir: str | Path, task: str, format: str, out: str | Path) -> Path:
+def export_task(
+    run_dir: str | Path, task: str, format: str, out: str | Path, backbone: str | None = None
+) -> Path:
     """Write one task of a run in `format` ("peft" or "merged") into the folder `out`.
 
     Args:
@@ -85,6 +90,8 @@ def export_task(run_dir: str | Path, task: str, format: str, out: str | Path) ->
         task: The task to export.
         format: "peft" (an adapter for peft.PeftModel) or "merged" (a standalone model).
         out: The folder to create; it must not exist yet or be empty.
+        backbone: The run's backbone from another folder (a moved model), instead of the one
+            the run recorded; `merged` checks its fingerprint.
 
     Returns:
         `out`.
@@ -98,6 +105,8 @@ def export_task(run_dir: str | Path, task: str, format: str, out: str | Path) ->
         raise ContinualPeftError(f"unknown export format {format!r}; valid formats: {FORMATS}")
     out = _check_out(Path(out))
     source = _read_task(Path(run_dir), task)
+    if backbone is not None:
+        source.moved_backbone = model_name(backbone)
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     staging.mkdir()
     try:

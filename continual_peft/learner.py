@@ -145,18 +145,16 @@ class ContinualLearner:
             )
         config.validate()
         self.strategy = build_strategy(config.strategy, config.strategy_options)
-        if isinstance(backbone, Backbone | str):
-            # config.json must name the backbone actually used ("" = the bundled default)
-            name = backbone if isinstance(backbone, str) else backbone.name
-            config.backbone.name = "" if name == DEFAULT_BACKBONE else name
-        if isinstance(backbone, Backbone):
-            config.backbone.max_length = backbone.max_length  # the one it really cuts at
         if not isinstance(backbone, Backbone):
             name = backbone or config.backbone.name or None
             backbone = Backbone.from_pretrained(
                 name, config.backbone.max_length, config.backbone.device or None,
                 config.backbone.dtype,
             )  # fmt: skip
+        # config.json names the backbone actually used ("" = the bundled default; a local
+        # folder by its absolute path) and the max_length it really cuts at
+        config.backbone.name = "" if backbone.name == DEFAULT_BACKBONE else backbone.name
+        config.backbone.max_length = backbone.max_length
         self.config = config
         self.backbone = backbone
         kinds = {config.module, *config.task_modules.values()}

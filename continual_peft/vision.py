@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual_peft.backbone import Backbone, Encoded
+from continual_peft.backbone import Backbone, Encoded, model_name
 from continual_peft.errors import ContinualPeftError
 
 
@@ -102,7 +102,12 @@ class ImageBackbone(Backbone):
                 "model name that is already in the Hugging Face cache (this tool never downloads)."
             ) from err
         return cls(
-            model, processor, max_length=max_length, name=name_or_path, device=device, dtype=dtype
+            model,
+            processor,
+            max_length=max_length,
+            name=model_name(name_or_path),
+            device=device,
+            dtype=dtype,
         )
 
     def encode(self, images: list, where: str = "input") -> Encoded:

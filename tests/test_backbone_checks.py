@@ -83,3 +83,39 @@ def _empty_text_tokenizer(tokenizer):
         return tokenizer(texts, add_special_tokens=False, **kwargs)
 
     return call
+
+
+def test_a_run_on_a_relative_folder_works_from_anywhere_and_after_a_move(
+    saved_bert, tmp_path, monkeypatch
+):
+    """The run records the folder's absolute path; a moved model is given with --backbone."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from continual_peft.cli import app
+
+    monkeypatch.chdir(saved_bert.parent)
+    learner = ContinualLearner(
+        Backbone.from_pretrained("./bert", max_length=16, device=DEVICE),
+        config=LearnerConfig(router="mahalanobis", train=FAST_TRAIN), run_dir=tmp_path / "run",
+    )  # fmt: skip
+    learner.learn(word_task("colors", n_train=12, n_test=6))
+    learner.finish()
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert recorded["config"]["backbone"]["name"] == str(saved_bert.resolve())
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # elsewhere: still found
+    run = CliRunner().invoke(app, ["predict", "--run", "run", "--input", str(inputs)])
+    assert run.exit_code == 0 and json.loads(run.stdout)["task"] == "colors", run.output
+    moved = shutil.move(saved_bert, tmp_path / "moved")
+    gone = CliRunner().invoke(app, ["predict", "--run", "run", "--input", str(inputs)])
+    assert gone.exit_code == 2 and "does not exist" in gone.stderr, gone.output
+    args = ["--run", "run", "--backbone", str(moved)]
+    again = CliRunner().invoke(app, ["predict", *args, "--input", str(inputs)])
+    assert again.exit_code == 0 and json.loads(again.stdout)["task"] == "colors", again.output
+    out = tmp_path / "merged"
+    exported = CliRunner().invoke(app, ["export", *args, "--task", "colors", "--format", "merged",
+                                        "--out", str(out)])  # fmt: skip
+    assert exported.exit_code == 0 and (out / "config.json").is_file(), exported.output
