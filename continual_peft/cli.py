@@ -34,7 +34,7 @@ from continual_peft.modules import MODULE_KINDS
 from continual_peft.reports import console_report, load_report
 from continual_peft.routers import ROUTERS
 from continual_peft.rundir import new_run_path
-from continual_peft.runner import run_stream
+from continual_peft.runner import check_task_overrides, run_stream
 from continual_peft.strategies import STRATEGIES, strategy_options
 from continual_peft.streams import demo_spec_path, load_stream, shipped_folder
 from continual_peft.tasks import read_texts
@@ -193,6 +193,7 @@ def run(
         config = _config(strategy, overrides, resume)
         chosen = {"auto": "seq" if stream is None else None, "none": None}.get(baseline, baseline)
         tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
+        check_task_overrides(config, tasks)
         orders = resolve_orders(tasks, order or []) or [tasks.order_name]
         seed_list = parse_seeds(seeds) if seeds is not None else [config.seed]
         if len(orders) * len(seed_list) > 1 and resume is not None:
@@ -284,6 +285,8 @@ def compare_(
         names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
         entries = resolve_entries(names or STRATEGIES.names(), overrides, sweep)
         tasks = load_stream(stream, data_root, max_train, max_test)
+        for entry in entries:
+            check_task_overrides(entry.config, tasks)
         orders = resolve_orders(tasks, order or []) or None
         seed_list = parse_seeds(seeds) if seeds is not None else None
         folder = out or new_run_path("runs", f"{tasks.name}-compare")

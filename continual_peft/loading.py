@@ -69,9 +69,10 @@ def load_learner(
 
 
 def run_finished(run_dir: str | Path) -> bool:
-    """Whether a run directory holds a finished run (read without the lock)."""
+    """Whether a run directory holds a finished run whose files are all there and unchanged
+    (read without the lock); a finished run that lost a file is named, never "nothing to do"."""
     path = Path(run_dir) / CHECKPOINT_FILE
-    return path.is_file() and load_json(path).get("status") == "finished"
+    return path.is_file() and read_checkpoint(run_dir).get("status") == "finished"
 
 
 def open_run(

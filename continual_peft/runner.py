@@ -124,3 +124,14 @@ def _mark_stopped(learner: ContinualLearner, err: BaseException) -> None:
     full), the original error is the one worth reporting, so this one is dropped."""
     with contextlib.suppress(OSError, ContinualPeftError):
         learner.finish(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+
+
+def check_task_overrides(config: LearnerConfig, stream: Stream) -> None:
+    """Refuse `[tasks.<name>]` overrides that name no task of the (whole) stream."""
+    unknown = sorted(set(config.task_modules) - {task.name for task in stream.tasks})
+    if unknown:
+        raise ContinualPeftError(
+            f"[tasks.<name>] overrides name task(s) {unknown} that stream {stream.name!r} does "
+            f"not have; its tasks: {[task.name for task in stream.tasks]}. Fix the names (a typo "
+            "would silently leave the task on the default module)."
+        )

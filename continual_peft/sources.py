@@ -120,6 +120,12 @@ def read_csv(
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(_decoded(path), newline=""), delimiter=delimiter)
     header = reader.fieldnames or []
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise ContinualPeftError(
+            f"{path}:1: the header names column(s) {repeated} more than once; give every "
+            "column its own name (a repeated name would silently keep only its last column)."
+        )
     missing = [c for c in (text_column, label_column) if c not in header]
     if missing:
         raise ContinualPeftError(

@@ -145,7 +145,14 @@ def read_labels(path: Path) -> list[str]:
         or not all(isinstance(x, str | int) for x in labels)
     ):
         raise ContinualPeftError(f"{path}: expected a non-empty JSON list of label strings.")
-    return [str(x) for x in labels]
+    labels = [str(x) for x in labels]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ContinualPeftError(
+            f"{path}: labels {repeated} appear more than once; each label must be listed once "
+            "(its position is its logit)."
+        )
+    return labels
 
 
 def load_task(
@@ -291,6 +298,8 @@ def read_texts(source: str | Path) -> list[str]:
     if name != "<stdin>" and not Path(source).is_file():
         raise ContinualPeftError(f"{name}: file not found.")
     raw = sys.stdin.buffer.read() if name == "<stdin>" else Path(source).read_bytes()
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as training files allow
+    shape = 'each line must be one JSON object with a "text" string, e.g. {"text": "a red car"}'
     texts = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
@@ -298,9 +307,11 @@ def read_texts(source: str | Path) -> list[str]:
         try:
             record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ContinualPeftError(f"{name}:{number}: not a UTF-8 JSON line ({err}).") from None
+            raise ContinualPeftError(
+                f"{name}:{number}: not a UTF-8 JSON line ({err}); {shape}."
+            ) from None
         if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
-            raise ContinualPeftError(f'{name}:{number}: expected {{"text": "..."}}.')
+            raise ContinualPeftError(f"{name}:{number}: {shape}.")
         texts.append(record["text"])
     if not texts:
         raise ContinualPeftError(f"{name}: no texts to predict.")

@@ -285,3 +285,15 @@ def test_lora_adapter_and_prefix_rows_in_one_forward(make_backbone):
         base = bank.backbone.embed(_batch(bank.backbone))
     assert_close(mixed[3], base[3])
     assert all(not torch.allclose(mixed[i], base[i], atol=1e-3) for i in range(3))
+
+
+@pytest.mark.parametrize("targets", [["query", "value"], ["c_attn"], ["all-linear"]])
+def test_lora_on_gpt2_names_its_conv1d_layers_and_no_fix_that_fails_alike(tokenizer, targets):
+    from continual_peft.modules.lora import LoRAConfig
+
+    with pytest.raises(ContinualPeftError) as info:
+        ModuleBank(_gpt2_backbone(tokenizer), "lora", LoRAConfig(targets=targets))
+    message = str(info.value)
+    assert (
+        "Conv1D" in message and "c_attn" in message and "all-linear" not in message.split(":")[-1]
+    )

@@ -520,3 +520,44 @@ def test_a_hand_edited_checkpoint_is_named_not_trusted(run: Path, tmp_path: Path
     out = tmp_path / "export"
     refused(invoke("export", "--run", run, "--task", NAMES[0], "--out", out), expected)
     assert files(run) == before and not out.exists()
+
+
+def test_sharper_messages_for_labels_csv_headers_and_predict_input(tmp_path: Path, run: Path):
+    from continual_peft.sources import read_csv
+    from continual_peft.tasks import read_labels
+
+    labels = tmp_path / "labels.json"
+    labels.write_text('["a", "b", "a"]', encoding="utf-8")
+    with pytest.raises(ContinualPeftError, match=r"labels\.json: labels \['a'\] appear more than"):
+        read_labels(labels)
+    table = tmp_path / "train.csv"
+    table.write_text("text,label,text\nhello,a,again\n", encoding="utf-8")
+    with pytest.raises(ContinualPeftError, match=r"train\.csv:1: the header names column\(s\) "):
+        read_csv(table, "text", "label")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a red car\n", encoding="utf-8")
+    refused(
+        invoke("predict", "--run", run, "--input", plain),
+        f"{plain}:1: not a UTF-8 JSON line",
+        'each line must be one JSON object with a "text" string',
+    )
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "a red car"}\n')
+    result = invoke("predict", "--run", run, "--input", bom)
+    assert result.exit_code == 0, result.output
+
+
+def test_task_overrides_that_name_no_task_are_refused(spec: Path, tmp_path: Path):
+    strategy = tmp_path / "mixed.toml"
+    strategy.write_text('strategy = "per_task"\n[tasks.colours]\nmodule = "prompt"\n', "utf-8")
+    out = tmp_path / "out"
+    result = invoke("run", spec, "--strategy", strategy, "--out", out, *TINY)
+    refused(result, "overrides name task(s) ['colours'] that stream 'words' does not have")
+    assert not out.exists()
+
+
+def test_resume_of_a_finished_run_that_lost_a_file_names_it(run: Path, spec: Path):
+    shutil.rmtree(run / "tasks" / NAMES[0])
+    result = invoke("run", spec, "--resume", run, *TINY)
+    refused(result, "is missing: checkpoint.json names it")
+    assert "nothing to do" not in result.output

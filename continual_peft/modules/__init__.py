@@ -68,6 +68,16 @@ def wrap_linear_layers(
         suffixes = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         )
+        conv = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+        )
+        if conv and targets == [ALL_LINEAR] or conv and not suffixes:
+            raise ContinualPeftError(
+                f"no nn.Linear layer matches targets {targets}: this backbone "
+                f"({type(model).__name__}) projects with transformers' Conv1D layers "
+                f"({', '.join(conv)}), GPT-2 style, which these module kinds cannot wrap yet; "
+                "use an encoder backbone (BERT family, ViT), or the prompt kind"
+            )
         raise ContinualPeftError(
             f"no nn.Linear layer matches targets {targets}; this backbone's linear layers end in: "
             f"{', '.join(suffixes)} (or use ['{ALL_LINEAR}'])"
