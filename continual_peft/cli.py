@@ -419,10 +419,19 @@ def _stream_line(path: Path) -> str:
         return f"{path}: unreadable ({err})"
     tasks = [t.get("name", "?") for t in data.get("tasks", [])]
     tasks += [f"{s.get('prefix', '?')}-*" for s in data.get("class_split", [])]
-    shown = "demo (embedded)" if path == demo_spec_path() else str(path)
+    shown = "demo (embedded)" if path == demo_spec_path() else _shown_path(path)
     orders = sorted(data.get("orders", {}))
     named = f"; orders: {', '.join(orders)}" if orders else ""
     return f"{shown}: {data.get('name', '?')}, tasks {', '.join(tasks)}{named}"
+
+
+def _shown_path(path: Path) -> str:
+    """A shipped spec's path as a command line here can use it: relative to the working
+    directory when it is below it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _strategy_line(path: Path) -> str:
@@ -432,6 +441,6 @@ def _strategy_line(path: Path) -> str:
     except (OSError, tomllib.TOMLDecodeError) as err:
         return f"{path}: unreadable ({err})"
     keys = ("strategy", "module", "router")
-    return f"{path}: " + ", ".join(
+    return f"{_shown_path(path)}: " + ", ".join(
         f"{k} {data.get(k, LearnerConfig.__dataclass_fields__[k].default)}" for k in keys
     )

@@ -117,7 +117,9 @@ def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
     learner.finish()
     # the run names a tiny test backbone that cannot be loaded by name: hand one in
     monkeypatch.setattr(
-        cli, "load_learner", lambda run, device=None: loading.load_learner(run, make_backbone())
+        cli,
+        "load_learner",
+        lambda run, backbone=None, device=None: loading.load_learner(run, make_backbone()),
     )
     (tmp_path / "in.jsonl").write_text('{"text": "red apple car"}\n{"text": "dog sleeps"}\n')
     result = CliRunner().invoke(
