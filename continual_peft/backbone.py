@@ -21,6 +21,8 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.placement import Placement, dtype_name
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2 (bundled)"
+# A text longer than max_length x this many characters is tokenized through such a prefix only
+PREFIX_CHARS_PER_TOKEN = 32
 # config keys that say where and with what a model was loaded, not what it is
 VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version")
 
@@ -164,15 +166,25 @@ class Backbone(nn.Module):
             )
         if not texts:
             return Encoded(items=[], truncated=0)
-        cut = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        # A very long text is read through a prefix that holds far more than max_length tokens
+        # (a 10 MB line is never tokenized whole); a prefix that does not is read whole.
+        heads = [t[: self.max_length * PREFIX_CHARS_PER_TOKEN] for t in texts]
+        cut = self.tokenizer(heads, truncation=True, max_length=self.max_length)["input_ids"]
         empty = next((i for i, ids in enumerate(cut) if not ids), None)
         if empty is not None:
             raise ContinualPeftError(
                 f"{where} {empty} ({texts[empty][:40]!r}) has no tokens for this backbone's "
                 f"tokenizer ({self.name}); give every input some text"
             )
-        full_lengths = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-        truncated = sum(len(ids) > self.max_length for ids in full_lengths)
+        lengths = [len(ids) for ids in self.tokenizer(heads, verbose=False)["input_ids"]]
+        short = [i for i, (h, t) in enumerate(zip(heads, texts, strict=True))
+                 if len(h) < len(t) and lengths[i] <= self.max_length]  # fmt: skip
+        for i in short:  # pathological: tokens longer than PREFIX_CHARS_PER_TOKEN on average
+            cut[i] = self.tokenizer(texts[i], truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
+            lengths[i] = len(self.tokenizer(texts[i], verbose=False)["input_ids"])
+        truncated = sum(length > self.max_length for length in lengths)
         return Encoded(items=[list(ids) for ids in cut], truncated=truncated)
 
     def item_length(self, item: list[int]) -> int:

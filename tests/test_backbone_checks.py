@@ -119,3 +119,15 @@ def test_a_run_on_a_relative_folder_works_from_anywhere_and_after_a_move(
     exported = CliRunner().invoke(app, ["export", *args, "--task", "colors", "--format", "merged",
                                         "--out", str(out)])  # fmt: skip
     assert exported.exit_code == 0 and (out / "config.json").is_file(), exported.output
+
+
+def test_a_huge_input_is_cut_and_counted_as_if_tokenized_whole(tokenizer):
+    """A long text is read through a prefix: the same ids and truncation count as reading it
+    whole, including a text of one endless "word" (where a prefix holds too few tokens)."""
+    backbone = Backbone(tiny_bert(tokenizer), tokenizer, max_length=16, device=DEVICE)
+    texts = ["a short one", "red car " * 5_000, "x" * 3_000, "ab" * 40 + " tail " * 3]
+    encoded = backbone.encode(texts)
+    whole = tokenizer(texts, truncation=True, max_length=16)["input_ids"]
+    assert encoded.items == [list(ids) for ids in whole]
+    lengths = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+    assert encoded.truncated == sum(n > 16 for n in lengths) >= 1
