@@ -251,6 +251,12 @@ def compare_(
         None, "--order", "--orders", help="Task order(s), as for `run --order`; repeatable."
     ),
     out: Path = typer.Option(None, help="Output folder. Default: runs/<time>-<stream>-compare."),
+    resume: Path = typer.Option(
+        None,
+        help="Continue this comparison folder (after a kill or Ctrl-C), with the same stream, "
+        "--strategies and budget options: finished entries are kept, unfinished runs continue "
+        "from their last finished task.",
+    ),
     data_root: Path = typer.Option(None, help="Folder the stream's task paths are relative to."),
     max_train: int = typer.Option(None, help="Training examples per task (seeded subset)."),
     max_test: int = typer.Option(None, help="Test examples per task (seeded subset)."),
@@ -289,8 +295,12 @@ def compare_(
             check_task_overrides(entry.config, tasks)
         orders = resolve_orders(tasks, order or []) or None
         seed_list = parse_seeds(seeds) if seeds is not None else None
-        folder = out or new_run_path("runs", f"{tasks.name}-compare")
-        board = compare(tasks, entries, folder, seed_list, orders, console=console)
+        if resume is not None and out is not None and out != resume:
+            raise ContinualPeftError("give --out or --resume, not both.")
+        folder = resume or out or new_run_path("runs", f"{tasks.name}-compare")
+        board = compare(
+            tasks, entries, folder, seed_list, orders, console=console, resume=resume is not None
+        )
     except ContinualPeftError as err:
         _fail(str(err))
     except KeyboardInterrupt as err:

@@ -14,6 +14,7 @@ Trainable parameters: see `PARAMETER_RULE`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -35,7 +36,14 @@ from continual_peft._leaderboard_report import console_leaderboard, write_leader
 from continual_peft._report_data import is_missing, matrix_of
 from continual_peft.backbone import Backbone
 from continual_peft.errors import ContinualPeftError
-from continual_peft.grid import STD_NOTE, label_orders, metric_stats, run_grid, run_record
+from continual_peft.grid import (
+    STD_NOTE,
+    label_orders,
+    load_aggregate,
+    metric_stats,
+    run_grid,
+    run_record,
+)
 from continual_peft.metrics import METRIC_DEFINITIONS
 from continual_peft.reports import load_report
 from continual_peft.rundir import check_free
@@ -65,6 +73,7 @@ def compare(
     orders: list[str | list[str]] | None = None,
     console: Console | None = None,
     make_backbone: Callable[[], Backbone] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every entry on `stream` into `out_dir/<entry>/`, then write the leaderboard.
 
@@ -79,11 +88,15 @@ def compare(
             combination runs each entry as a grid (`run_grid`): mean ± sample std.
         console: Where progress, each run's tables and the leaderboard go.
         make_backbone: Builds a fresh backbone for each learner; from each config if None.
+        resume: Continue the comparison in `out_dir` (killed, interrupted, or with failed
+            entries), given the same stream, entries and budget: finished entries are kept,
+            each unfinished run continues from its last finished task (as `run --resume`).
+            An unfinished order x seed grid entry is run again only if its folder holds no run.
 
     Returns:
         The leaderboard (the contents of leaderboard.json).
     """
-    plan = _plan(stream, entries, Path(out_dir), seeds, orders)
+    plan = _plan(stream, entries, Path(out_dir), seeds, orders, resume)
     plan.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for number, entry in enumerate(plan.entries, start=1):
@@ -121,9 +134,10 @@ class _Plan:
     seeds: list[int]
     out: Path
     head: dict[str, Any]  # comparison-wide facts for the leaderboard
+    resume: bool = False
 
 
-def _plan(stream, entries, out, seeds, orders) -> _Plan:
+def _plan(stream, entries, out, seeds, orders, resume=False) -> _Plan:
     """Check everything before the first run: entries, the shared budget, orders, folders."""
     chosen = [e if isinstance(e, Entry) else entry_from(e) for e in entries]
     if not chosen:
@@ -139,10 +153,15 @@ def _plan(stream, entries, out, seeds, orders) -> _Plan:
         stream = replace(stream, orders={**stream.orders, stream.order_name: names})
         orders = [stream.order_name]
     labelled = label_orders(stream, orders)
-    if (out / "leaderboard.json").exists():
-        raise ContinualPeftError(f"{out} already holds a comparison; choose another --out.")
+    if resume and not (out / "leaderboard.json").exists():
+        raise ContinualPeftError(f"cannot resume {out}: it holds no comparison (leaderboard.json).")
+    if not resume and (out / "leaderboard.json").exists():
+        raise ContinualPeftError(
+            f"{out} already holds a comparison; choose another --out, or continue it with --resume."
+        )
     for entry in chosen:
-        check_free(out / entry.label)
+        if not resume:
+            check_free(out / entry.label)
         entry.config.validate(entry.label)
     budget |= {"max_train": _largest(stream, "train"), "max_test": _largest(stream, "test")}
     head = {
@@ -153,7 +172,24 @@ def _plan(stream, entries, out, seeds, orders) -> _Plan:
         "budget": budget,
         "sweep": next(({"key": k} for k in swept), None),
     }
-    return _Plan(chosen, stream, orders, labelled, seeds, out, head)
+    if resume:
+        _check_same_comparison(out, head, [e.label for e in chosen])
+    return _Plan(chosen, stream, orders, labelled, seeds, out, head, resume)
+
+
+def _check_same_comparison(out: Path, head: dict[str, Any], labels: list[str]) -> None:
+    """Refuse resuming with another stream, budget, seeds, orders or entries than the run had."""
+    saved = load_leaderboard(out / "leaderboard.json")
+    keys = ("stream", "tasks", "seeds", "orders", "budget", "sweep")
+    same = json.loads(json.dumps(head))  # as it reads back from JSON (tuples become lists)
+    differ = [k for k in keys if saved.get(k) != same[k]]
+    had = [entry["label"] for entry in saved.get("entries", [])]
+    if differ or sorted(had) != sorted(labels):
+        what = ", ".join(differ) or f"entries {sorted(had)} in it, {sorted(labels)} here"
+        raise ContinualPeftError(
+            f"{out} was started as another comparison ({what} differ); resume it with the same "
+            "stream, --strategies and budget options, or start a new one with another --out."
+        )
 
 
 def _largest(stream: Stream, split: str) -> int:
@@ -167,8 +203,19 @@ def _run_entry(entry: Entry, plan: _Plan, console, make_backbone) -> list[dict]:
     if len(plan.labelled) * len(plan.seeds) == 1:
         (name, ordered), seed = plan.labelled[0], plan.seeds[0]
         config = override(entry.config, {"seed": seed}, entry.label)
-        run_stream(ordered, config, folder, console=console, make_backbone=make_backbone)
+        again = plan.resume and folder.is_dir()  # continued from its last finished task
+        run_stream(ordered, config, folder, console=console, make_backbone=make_backbone,
+                   resume=again)  # fmt: skip
         dirs = [(name, seed, folder)]
+    elif plan.resume and (folder / "aggregate.json").is_file():
+        aggregate = load_aggregate(folder)
+        if aggregate.get("status") != "finished":
+            raise ContinualPeftError(
+                f"{folder} is an unfinished order x seed grid, which is not resumed as a whole: "
+                "remove the folder to run the entry again, or resume its runs one by one with "
+                "`continual-peft run --resume`."
+            )
+        dirs = [(run["order"], run["seed"], folder / run["run_dir"]) for run in aggregate["runs"]]
     else:
         aggregate = run_grid(
             plan.stream, entry.config, plan.orders, plan.seeds, folder, console=console,

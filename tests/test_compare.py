@@ -220,3 +220,39 @@ def test_sweep_plot_follows_the_swept_values_not_the_ranking():
 
     assert _in_sweep_order(["16", "1", "4", "1"]) == ["1", "4", "16"]
     assert _in_sweep_order(["lora", "adapter"]) == ["lora", "adapter"]  # not numbers: as given
+
+
+def test_an_interrupted_comparison_resumes_to_the_uninterrupted_leaderboard(
+    spec: Path, tmp_path: Path, tiny, monkeypatch
+):
+    from continual_peft.strategies import Sequential, Strategy
+
+    args = ["compare", "--stream", spec, "--strategies", "per_task,seq", *BUDGET]
+    clean = tmp_path / "clean"
+    assert invoke(*args, "--out", clean).exit_code == 0
+    original = Strategy.loss
+
+    def stop_in_seq(self, learner, task, loss):
+        if isinstance(self, Sequential) and task.name == NAMES[1]:
+            raise KeyboardInterrupt
+        return original(self, learner, task, loss)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(Strategy, "loss", stop_in_seq)
+        assert invoke(*args, "--out", out).exit_code == 130
+    assert load_leaderboard(out)["status"] == "interrupted"
+    kept = (out / "per_task" / "checkpoint.json").read_bytes()
+    refused = invoke(*args, "--out", out)
+    assert refused.exit_code == 2 and "--resume" in refused.stderr
+    other = invoke("compare", "--stream", spec, "--strategies", "per_task", *BUDGET,
+                   "--resume", out)  # fmt: skip
+    assert other.exit_code == 2 and "was started as another comparison" in other.stderr
+    resumed = invoke(*args, "--resume", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "per_task" / "checkpoint.json").read_bytes() == kept  # not trained again
+    board, reference = load_leaderboard(out), load_leaderboard(clean)
+    assert board["status"] == "finished"
+    for ours, theirs in zip(board["entries"], reference["entries"], strict=True):
+        assert ours["label"] == theirs["label"] and ours["status"] == "finished"
+        assert ours["runs"][0]["matrix"] == theirs["runs"][0]["matrix"]
