@@ -88,6 +88,13 @@ def read_jsonl(path: Path, text_column: str = "text", label_column: str = "label
             raise ContinualPeftError(
                 f"{where}: malformed JSON ({err.msg}); each line must be one JSON object."
             ) from None
+        label = record.get(label_column) if isinstance(record, dict) else None
+        if isinstance(label, float):
+            whole = int(label) if label.is_integer() else label
+            raise ContinualPeftError(
+                f"{where}: label {label!r} is a floating-point number; labels are strings or "
+                f'integers (3.0 and 3 would be two labels): write {whole} or "{label}"'
+            )
         if not (
             isinstance(record, dict)
             and isinstance(record.get(text_column), str)

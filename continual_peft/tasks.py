@@ -10,6 +10,7 @@ import json
 import random
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +236,13 @@ def build_task(
     labels = [str(x) for x in labels]
     if not labels:
         raise ContinualPeftError(f"task {name!r}: its labels list is empty; list its labels.")
+    if len(labels) == 1:
+        warnings.warn(
+            f"task {name!r} has one class ({labels[0]!r}): its accuracy is trivially 100 % and "
+            "says nothing; give it at least two labels",
+            UserWarning,
+            stacklevel=2,
+        )
     if len(set(labels)) != len(labels):
         raise ContinualPeftError(f"task {name!r}: duplicate labels in {labels}")
     where = dict(sources or {}) or {split: _origin(rows, split) for split, rows in splits.items()}

@@ -541,6 +541,14 @@ def test_sharper_messages_for_labels_csv_headers_and_predict_input(tmp_path: Pat
         f"{plain}:1: not a UTF-8 JSON line",
         'each line must be one JSON object with a "text" string',
     )
+    floats = tmp_path / "floats.jsonl"
+    floats.write_text('{"text": "a", "label": 3}\n{"text": "b", "label": 3.0}\n', "utf-8")
+    from continual_peft.sources import read_rows
+
+    with pytest.raises(ContinualPeftError, match=r"floats\.jsonl:2: label 3\.0 is a floating"):
+        read_rows(floats, None, "text", "label")
+    with pytest.warns(UserWarning, match="has one class .*trivially 100 %"):
+        Task.from_examples("lonely", train=[("a", "x")], test=[("b", "x")])
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b'\xef\xbb\xbf{"text": "a red car"}\n')
     result = invoke("predict", "--run", run, "--input", bom)
