@@ -35,7 +35,9 @@ import time
 import torch
 
 from continual_peft import Backbone, ModuleBank
+from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.lora import LoRAConfig
+from continual_peft.placement import pick_device
 
 # dense bf16 peak (no sparsity), TFLOP/s, from the vendor data sheets
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -86,7 +88,7 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModel.from_config(shape_config(shape, device == "cpu"))
+        model = AutoModel.from_config(shape_config(shape, torch.device(device).type == "cpu"))
     return model.to(dtype).eval()
 
 
@@ -104,10 +106,10 @@ def flops_per_token(model, tokens: int) -> float:
     return 4.0 * linear + attention
 
 
-def peak_share(tflops: float) -> float | None:
-    if not torch.cuda.is_available():
+def peak_share(tflops: float, device: torch.device) -> float | None:
+    if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(0)
+    name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     return None if peak is None else round(tflops / peak, 4)
 
@@ -174,9 +176,11 @@ def train_step(label, shape, backbone, bank, batch, flops, args) -> None:
 def report_training(label, shape, seconds, flops, trainable, args) -> None:
     tokens = args.rows * args.tokens
     tflops = tokens * flops / seconds / 1e12
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
+    on_gpu = args.torch_device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(args.torch_device) / 2**30 if on_gpu else 0.0
+    share = peak_share(tflops, args.torch_device)
     emit(system=label, shape=shape, what="train_step", ms=round(seconds * 1e3, 3),
-         tok_s=round(tokens / seconds), tflops=round(tflops, 2), peak_share=peak_share(tflops),
+         tok_s=round(tokens / seconds), tflops=round(tflops, 2), peak_share=share,
          trainable=trainable, peak_gb=round(peak, 2))  # fmt: skip
 
 
@@ -267,17 +271,24 @@ def main() -> None:
     parser.add_argument("--demo-out", default="runs/gpu-benchmark")
     parser.add_argument("--demo-args", nargs="*", default=[])
     args = parser.parse_args()
-    small = args.device == "cpu"
+    try:
+        args.torch_device = pick_device(args.device)  # cpu or a CUDA device of this machine
+    except ContinualPeftError as err:
+        sys.exit(f"error: {err}")
+    args.device = str(args.torch_device)
+    small = args.torch_device.type == "cpu"  # a dry run of this script, not a measurement
     args.rows, args.tokens = (4, 16) if small else (32, 512)
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs use TF32, as peft users' would
     slots = [1, 8, 32] if args.quick else [1, 8, 32, 128]
-    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu (dry run)"
+    gpu = "cpu (dry run)" if small else torch.cuda.get_device_name(args.torch_device)
     emit(torch=torch.__version__, device=gpu, rows=args.rows, tokens=args.tokens)
+    # the default precision; on the CPU dry run bfloat16 stands in for it, so that path runs too
+    default = "bfloat16" if small else "auto"
     for shape in args.shapes.split(","):
         for name, fn, fn_args in [
             ("peft", peft_side, (shape, [1, 8, 32])),
             ("peft-training", peft_training, (shape,)),
-            ("ours-auto", ours, (shape, "auto", slots)),
+            (f"ours-{default}", ours, (shape, default, slots)),
             ("ours-float32", ours, (shape, "float32", slots)),
         ]:
             try:

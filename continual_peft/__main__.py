@@ -2,4 +2,5 @@
 
 from continual_peft.cli import app
 
-app(prog_name="continual-peft")
+if __name__ == "__main__":
+    app(prog_name="continual-peft")

@@ -366,10 +366,22 @@ def predict(
     ),
     output: Path = typer.Option(None, help="Write JSONL here instead of standard output."),
     device: str = typer.Option(None, help=DEVICE_HELP),
+    dtype: str = typer.Option(
+        None,
+        help="Frozen weights' dtype to predict in (auto, bfloat16, float16, float32). Default: "
+        "the one the run computed in (bfloat16 for a GPU run: pass float32 on a CPU).",
+    ),
     backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP),
 ) -> None:
     """Predict task and label per input with the run's router, in batched routed forwards."""
     try:
+        if saved_config(run).router == "oracle":
+            raise ContinualPeftError(
+                f"{run} was trained without a router (router 'oracle'), so nothing can pick a "
+                "task per input: train it with --router mahalanobis (or another router: "
+                "`continual-peft list routers`), or call learner.predict(texts, task=...) in "
+                "Python"
+            )
         if output is not None and output.resolve().is_relative_to(run.resolve()):
             raise ContinualPeftError(
                 f"--output {output} is inside the run directory {run}, whose files only the run "
@@ -378,8 +390,14 @@ def predict(
         model = None
         if backbone is not None:  # the run's own model, moved: its fingerprint is checked
             length = saved_config(run).backbone.max_length
-            model = Backbone.from_pretrained(backbone, length, device=device or None)
-        rows = load_learner(run, model, device=device).predict_details(read_texts(input_))
+            model = Backbone.from_pretrained(
+                backbone,
+                length,
+                device=device or None,
+                dtype=dtype or saved_config(run).backbone.dtype,
+            )
+        learner = load_learner(run, model, device=device, dtype=dtype)
+        rows = learner.predict_details(read_texts(input_))
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         if output is None:
             sys.stdout.write(lines)

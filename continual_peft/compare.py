@@ -45,6 +45,7 @@ from continual_peft.grid import (
     run_record,
 )
 from continual_peft.metrics import METRIC_DEFINITIONS
+from continual_peft.placement import pick_device
 from continual_peft.reports import load_report
 from continual_peft.rundir import check_free
 from continual_peft.runner import run_stream
@@ -163,6 +164,7 @@ def _plan(stream, entries, out, seeds, orders, resume=False) -> _Plan:
         if not resume:
             check_free(out / entry.label)
         entry.config.validate(entry.label)
+        pick_device(entry.config.backbone.device)  # a bad device: refused before any folder
     budget |= {"max_train": _largest(stream, "train"), "max_test": _largest(stream, "test")}
     head = {
         "stream": stream.name,

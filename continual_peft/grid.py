@@ -28,6 +28,7 @@ from continual_peft._report_data import is_missing
 from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
+from continual_peft.placement import pick_device
 from continual_peft.reports import load_report
 from continual_peft.rundir import check_free
 from continual_peft.runner import run_stream
@@ -161,6 +162,7 @@ def run_grid(
     if len(set(seeds)) != len(seeds):
         raise ContinualPeftError(f"seeds {seeds}: a seed is listed twice")
     config.validate()
+    pick_device(config.backbone.device)  # a bad or absent device: refused before any folder
     labelled = label_orders(stream, orders)
     out = Path(out_dir)
     if (out / "aggregate.json").exists():

@@ -31,6 +31,7 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.heads import Heads
 from continual_peft.inference import frozen_features, routed_predict, routing_table
 from continual_peft.monitor import ForgettingMonitor
+from continual_peft.placement import dtype_name
 from continual_peft.reports import console_report
 from continual_peft.routers import ROUTERS, Router, build_router
 from continual_peft.rundir import RunDir
@@ -155,6 +156,9 @@ class ContinualLearner:
         # folder by its absolute path) and the max_length it really cuts at
         config.backbone.name = "" if backbone.name == DEFAULT_BACKBONE else backbone.name
         config.backbone.max_length = backbone.max_length
+        # the dtype it really computes in ("auto" means bfloat16 on one machine, float32 on
+        # another): a resumed or reloaded run keeps it
+        config.backbone.dtype = dtype_name(backbone.dtype)
         self.config = config
         self.backbone = backbone
         kinds = {config.module, *config.task_modules.values()}
@@ -214,6 +218,7 @@ class ContinualLearner:
         tasks: list[Task] | None = None,
         console: Console | None = None,
         device: str | None = None,
+        dtype: str | None = None,
     ) -> ContinualLearner:
         """A learner from a folder written by `save` or a run directory (its last checkpoint).
 
@@ -226,10 +231,13 @@ class ContinualLearner:
                 learner predicts, but `learn` refuses.
             console: Where tables and progress go.
             device: Where to load it; None: CUDA when present, else the CPU.
+            dtype: The frozen weights' dtype; None: the one the run computed in.
         """
         from continual_peft.loading import load_learner  # loading builds on this module
 
-        return load_learner(path, backbone, tasks=tasks, console=console, device=device)
+        return load_learner(
+            path, backbone, tasks=tasks, console=console, device=device, dtype=dtype
+        )
 
     def learn(self, task: Task) -> dict:
         """Allocate a slot, train it and a new head, freeze, evaluate every task, report.

@@ -43,6 +43,7 @@ def load_learner(
     tasks: list[Task] | None = None,
     console: Console | None = None,
     device: str | None = None,
+    dtype: str | None = None,
 ) -> ContinualLearner:
     """A learner holding every finished task of a run, ready for `predict` (and, given the
     tasks' data, for `learn`). Nothing is written and no lock is taken.
@@ -54,12 +55,17 @@ def load_learner(
         console: Where tables and progress go.
         device: Where to load it; None: CUDA when present, else the CPU. The device the run
             was trained on does not matter (a run made on a GPU loads on a CPU).
+        dtype: The frozen weights' dtype to predict in; None: the one the run computed in
+            (e.g. bfloat16 for a run made on a GPU, which is slow on most CPUs: pass
+            "float32" there; predictions may then differ by bfloat16's rounding).
     """
     run = Path(run_dir)
     saved = _saved_config(run)
     checkpoint = read_checkpoint(run)
     config = LearnerConfig.from_dict(saved["config"], str(run / "config.json"))
-    config.backbone.device = device or ""
+    config.backbone.device = "" if device is None else device
+    if dtype is not None:
+        config.backbone.dtype = dtype
     learner = ContinualLearner(
         backbone, config=config, stream=checkpoint["stream"], console=console
     )
@@ -138,6 +144,8 @@ def _check_config(run: Path, saved: dict, given: dict) -> None:
     saved = LearnerConfig.from_dict(saved, str(run / "config.json")).to_dict()
     # where a run computes is not what it is: a run may resume on another device
     saved["backbone"].pop("device", None)
+    if saved["backbone"].get("dtype") == "auto":  # written before the resolved dtype was
+        saved["backbone"]["dtype"] = given["backbone"]["dtype"]
     given = {**given, "backbone": {k: v for k, v in given["backbone"].items() if k != "device"}}
     differences = config_differences(saved, given)
     if differences:

@@ -19,6 +19,7 @@ from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.learner import ContinualLearner
 from continual_peft.loading import load_learner, open_run, run_finished
+from continual_peft.placement import pick_device
 from continual_peft.rundir import check_free
 from continual_peft.strategies import STRATEGIES
 from continual_peft.streams import Stream
@@ -51,6 +52,7 @@ def run_stream(
         The learner, finished.
     """
     config.validate()  # module kinds and router included
+    pick_device(config.backbone.device)  # a bad or absent device: refused before any folder
     STRATEGIES.get(config.strategy)
     if baseline is not None:
         STRATEGIES.get(baseline)

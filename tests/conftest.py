@@ -14,9 +14,10 @@ import os
 import random
 from pathlib import Path
 
-DEVICE = os.environ.get("CONTINUAL_PEFT_TEST_DEVICE", "cpu")
+DEVICE = os.environ.get("CONTINUAL_PEFT_TEST_DEVICE", "").strip() or "cpu"
 TEST_DTYPE = os.environ.get("CONTINUAL_PEFT_TEST_DTYPE", "")
-if DEVICE == "cpu":
+if DEVICE.lower().split(":")[0] == "cpu":
+    DEVICE = "cpu"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # nothing may pick a GPU behind the suite's back
 
 import pytest  # noqa: E402
@@ -35,7 +36,13 @@ if TEST_DTYPE and TEST_DTYPE not in set(_placement.DTYPES) - {"auto"}:
         "float32, or leave it unset for the library's own auto",
         returncode=4,
     )
-if DEVICE != "cpu" and not (DEVICE.startswith("cuda") and torch.cuda.is_available()):
+if DEVICE != "cpu" and not DEVICE.startswith("cuda"):
+    pytest.exit(
+        f"CONTINUAL_PEFT_TEST_DEVICE={DEVICE!r} is not a device the suite runs on; use cpu "
+        "(the default), cuda or cuda:N",
+        returncode=4,
+    )
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
     pytest.exit(
         f"CONTINUAL_PEFT_TEST_DEVICE={DEVICE!r}, but torch sees no CUDA device here; use cpu "
         "(the default) or run on a machine with a GPU",

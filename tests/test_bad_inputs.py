@@ -569,3 +569,16 @@ def test_resume_of_a_finished_run_that_lost_a_file_names_it(run: Path, spec: Pat
     result = invoke("run", spec, "--resume", run, *TINY)
     refused(result, "is missing: checkpoint.json names it")
     assert "nothing to do" not in result.output
+
+
+def test_predict_on_a_run_without_a_router_says_what_to_do(run: Path, tmp_path: Path):
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    config["config"]["router"] = "oracle"
+    (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    refused(
+        invoke("predict", "--run", run, "--input", inputs),
+        "was trained without a router (router 'oracle')",
+        "--router mahalanobis",
+    )

@@ -110,3 +110,40 @@ def test_cli_refuses_a_bad_device_or_dtype_before_writing_anything(tmp_path):
         result = CliRunner().invoke(app, ["run", option, value, "--out", str(out)])
         assert result.exit_code == 2, result.output
         assert message in result.output and not out.exists()
+
+
+def test_a_run_records_the_dtype_it_computed_in_and_keeps_it(tokenizer, tmp_path):
+    """config.json says bfloat16 (not "auto"); reloading keeps it unless asked otherwise, and a
+    resume in another dtype is refused."""
+    import json
+
+    task = word_task("colors", n_train=12, n_test=6)
+    learner = ContinualLearner(_backbone(tokenizer, "bfloat16"), train=FAST_TRAIN, run_dir=tmp_path)
+    learner.learn(task)
+    learner.finish()
+    saved = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["config"]
+    assert saved["backbone"]["dtype"] == "bfloat16" and saved["backbone"]["max_length"] == 16
+    assert load_learner(tmp_path, backbone=_backbone(tokenizer, "bfloat16")).backbone.dtype == (
+        torch.bfloat16
+    )
+    from continual_peft.loading import _check_config
+
+    config = LearnerConfig.from_dict(saved)
+    config.backbone.dtype = "float32"
+    with pytest.raises(ContinualPeftError, match="backbone.dtype: 'bfloat16' in the run"):
+        _check_config(tmp_path, saved, config.to_dict())
+    legacy = {**saved, "backbone": {**saved["backbone"], "dtype": "auto"}}  # an older run
+    _check_config(tmp_path, legacy, LearnerConfig.from_dict(saved).to_dict())
+
+
+def test_compare_refuses_a_bad_device_before_writing_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from continual_peft.cli import app
+
+    out = tmp_path / "c"
+    result = CliRunner().invoke(
+        app, ["compare", "--strategies", "per_task,seq", "--device", "tpu", "--out", str(out)]
+    )
+    assert result.exit_code == 2 and "unknown device 'tpu'" in result.output, result.output
+    assert not out.exists()

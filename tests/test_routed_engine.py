@@ -119,7 +119,7 @@ def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
     monkeypatch.setattr(
         cli,
         "load_learner",
-        lambda run, backbone=None, device=None: loading.load_learner(run, make_backbone()),
+        lambda run, backbone=None, **options: loading.load_learner(run, make_backbone()),
     )
     (tmp_path / "in.jsonl").write_text('{"text": "red apple car"}\n{"text": "dog sleeps"}\n')
     result = CliRunner().invoke(
