@@ -10,7 +10,6 @@ learner.report            # accuracy matrix, metrics, per-task records
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from torch import nn
 
 from continual_peft._checkpoint import save_learner, set_status, task_digest, write_checkpoint
 from continual_peft._learner_report import learner_report
+from continual_peft._rollback import Snapshot
 from continual_peft.backbone import DEFAULT_BACKBONE, Backbone
 from continual_peft.bank import ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig
@@ -48,46 +48,6 @@ class _Learned:
     test_items: list
     test_features: torch.Tensor | None = None  # frozen features, computed once (routed runs)
     has_data: bool = True  # False when loaded without the task's data: it cannot be evaluated
-
-
-@dataclass
-class _Snapshot:
-    """What learning one task changes, as it was before (see `_undone_on_failure`)."""
-
-    learned: list[str]
-    records: int
-    slots: int
-    trainable: list[torch.Tensor]  # the shared trainable slot's values, if one is open
-    strategy: object  # deep copies: strategy state (buffers, Fisher, ...), router, monitor
-    router: Router | None
-    monitor: ForgettingMonitor
-    saved_files: dict[str, str]
-
-    @classmethod
-    def take(cls, learner: ContinualLearner) -> _Snapshot:
-        return cls(
-            learned=list(learner.learned), records=len(learner.records),
-            slots=learner.bank.num_slots,
-            trainable=[p.detach().clone() for p in learner.bank.trainable_parameters()],
-            strategy=copy.deepcopy(learner.strategy), router=copy.deepcopy(learner.router),
-            monitor=copy.deepcopy(learner.monitor), saved_files=learner.saved_files,
-        )  # fmt: skip
-
-    def restore(self, learner: ContinualLearner) -> None:
-        for name in [n for n in learner.learned if n not in self.learned]:
-            del learner.learned[name]
-            learner._digests.pop(name, None)
-        for name in [n for n in learner.heads.heads if n not in self.learned]:
-            del learner.heads.heads[name]
-        learner.bank.truncate(self.slots)
-        with torch.no_grad():
-            for param, value in zip(
-                learner.bank.trainable_parameters(), self.trainable, strict=True
-            ):
-                param.copy_(value)
-        del learner.records[self.records :]
-        learner.strategy, learner.router, learner.monitor = self.strategy, self.router, self.monitor
-        learner.backbone.eval()
 
 
 @dataclass
@@ -261,7 +221,7 @@ class ContinualLearner:
         """A task that fails before its checkpoint is written (an error, a diverged loss,
         Ctrl-C) leaves the learner exactly as it was before the task: slots, the shared slot's
         values, heads, router, strategy state and matrices, so it can be learned again."""
-        before = _Snapshot.take(self)
+        before = Snapshot.take(self)
         try:
             yield
         except BaseException:
