@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def write_checkpoint(run: RunDir, learner: ContinualLearner, names: list[str]) -
         "tasks_done": len(order),
         "last_task": order[-1],
         "config_sha256": config_sha256(learner.config.to_dict()),
+        "run_config_sha256": run_config_sha256(learner.config.to_dict()),
         "backbone": learner.fingerprint(),
         "stream": learner.stream,
         "stream_plan": learner.stream_plan,
@@ -151,12 +153,17 @@ def read_checkpoint(folder: str | Path) -> dict[str, Any]:
             "run directory)."
         )
     checkpoint = load_json(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(checkpoint, dict):
+        raise ContinualPeftError(
+            f"{path} is inconsistent (not a JSON object): it was edited or damaged. Restore it "
+            "from a copy of the run, or re-run the stream into a new run directory."
+        )
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ContinualPeftError(
             f"{path}: checkpoint format {checkpoint.get('format')!r} is not supported (this "
             f"version reads format {CHECKPOINT_FORMAT})."
         )
-    problem = _inconsistency(checkpoint)
+    problem = _inconsistency(checkpoint) if isinstance(checkpoint, dict) else "not an object"
     if problem:
         raise ContinualPeftError(
             f"{path} is inconsistent ({problem}): it was edited or damaged. Restore it from a "
@@ -197,12 +204,37 @@ def _inconsistency(checkpoint: dict) -> str | None:
         if not 0 <= task["slot"] < len(slots):
             return f"task {task.get('name')!r} uses slot {task['slot']} of {len(slots)}"
         needed += [f"tasks/{task.get('name')}/{f}" for f in ("head.safetensors", "task.json")]
+        problem = _routing_problem(task, len(slots))
+        if problem:
+            return problem
     for key in ("router", "strategy"):
         needed += list(checkpoint.get(key) or [])
     unnamed = [path for path in needed if path not in files]
     if unnamed:
         return f"files it needs have no sha256 in 'files': {unnamed[:3]}"
     return None
+
+
+def _routing_problem(task: dict, num_slots: int) -> str | None:
+    """A task's recorded routing must name distinct slots that exist, each with a finite weight."""
+    routing = task.get("routing")
+    if routing is None:
+        return None  # written before routings were recorded
+    routing = routing if isinstance(routing, dict) else {}
+    slots, weights, name = routing.get("slots"), routing.get("weights"), task.get("name")
+    if not isinstance(slots, list) or not isinstance(weights, list) or len(slots) != len(weights):
+        return f"task {name!r}: its routing needs as many slots as weights"
+    if not slots or len(set(map(str, slots))) != len(slots):
+        return f"task {name!r}: its routing names no slot, or a slot twice ({slots})"
+    if not all(_is_number(s, int) and 0 <= s < num_slots for s in slots):
+        return f"task {name!r}: its routing names slots {slots} of {num_slots}"
+    if not all(_is_number(w, int | float) and math.isfinite(w) for w in weights):
+        return f"task {name!r}: its routing weights {weights} are not finite numbers"
+    return None
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def file_sha256(path: Path) -> str:
@@ -214,6 +246,16 @@ def _rel(run: RunDir, path: Path) -> str:
 
 
 # ---------------------------------------------------------------- what must match on resume
+
+
+def run_config_sha256(config: dict) -> str:
+    """A hash of a run's configuration as config.json holds it, less where it computed (a run
+    may resume on another device): checkpoint.json records it, so an edited config.json is
+    named instead of silently changing what a resumed or reloaded run does."""
+    data = json.loads(json.dumps(config, default=str))
+    if isinstance(data.get("backbone"), dict):
+        data["backbone"].pop("device", None)
+    return config_sha256(data)
 
 
 def config_sha256(config: dict) -> str:

@@ -166,6 +166,14 @@ class Backbone(nn.Module):
             )
         if not texts:
             return Encoded(items=[], truncated=0)
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ContinualPeftError(
+                    f"{where} {i} is not valid Unicode text ({err.reason} at character "
+                    f"{err.start}, e.g. a lone surrogate); fix or drop it"
+                ) from None
         # A very long text is read through a prefix that holds far more than max_length tokens
         # (a 10 MB line is never tokenized whole); a prefix that does not is read whole.
         heads = [t[: self.max_length * PREFIX_CHARS_PER_TOKEN] for t in texts]

@@ -69,6 +69,8 @@ def _stop_signals() -> Iterator[None]:
     a scheduler's kill stops a run as cleanly as Ctrl-C."""
 
     def stop(signum: int, frame: object) -> None:
+        for sig in previous:  # a second signal must not cut the clean stop short
+            signal.signal(sig, signal.SIG_IGN)
         raise Terminated(signum)
 
     previous = {}
@@ -381,6 +383,10 @@ def predict(
                 "task per input: train it with --router mahalanobis (or another router: "
                 "`continual-peft list routers`), or call learner.predict(texts, task=...) in "
                 "Python"
+            )
+        if output is not None and input_ != "-" and output.resolve() == Path(input_).resolve():
+            raise ContinualPeftError(
+                f"--output {output} is the --input file; write the predictions to another file"
             )
         if output is not None and output.resolve().is_relative_to(run.resolve()):
             raise ContinualPeftError(

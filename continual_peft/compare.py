@@ -173,6 +173,7 @@ def _plan(stream, entries, out, seeds, orders, resume=False) -> _Plan:
         "orders": {name: [t.name for t in s.tasks] for name, s in labelled},
         "budget": budget,
         "sweep": next(({"key": k} for k in swept), None),
+        "planned": [e.label for e in chosen],  # every entry, run or not yet
     }
     if resume:
         _check_same_comparison(out, head, [e.label for e in chosen])
@@ -182,14 +183,21 @@ def _plan(stream, entries, out, seeds, orders, resume=False) -> _Plan:
 def _check_same_comparison(out: Path, head: dict[str, Any], labels: list[str]) -> None:
     """Refuse resuming with another stream, budget, seeds, orders or entries than the run had."""
     saved = load_leaderboard(out / "leaderboard.json")
-    keys = ("stream", "tasks", "seeds", "orders", "budget", "sweep")
+    keys = ("stream", "tasks", "seeds", "orders", "sweep")
     same = json.loads(json.dumps(head))  # as it reads back from JSON (tuples become lists)
-    differ = [k for k in keys if saved.get(k) != same[k]]
-    had = [entry["label"] for entry in saved.get("entries", [])]
-    if differ or sorted(had) != sorted(labels):
-        what = ", ".join(differ) or f"entries {sorted(had)} in it, {sorted(labels)} here"
+    differ = [f"{k}: {saved.get(k)!r} in it, {same[k]!r} here" for k in keys
+              if saved.get(k) != same[k]]  # fmt: skip
+    budget, given = saved.get("budget") or {}, same["budget"]
+    for key in sorted(set(budget) | set(given)):
+        if budget.get(key) != given.get(key):
+            differ.append(f"budget {key}: {budget.get(key)!r} in it, {given.get(key)!r} here")
+    had = saved.get("planned") or [entry["label"] for entry in saved.get("entries", [])]
+    if sorted(had) != sorted(labels):
+        differ.append(f"entries {sorted(had)} in it, {sorted(labels)} here")
+    if differ:
+        what = "; ".join(differ)
         raise ContinualPeftError(
-            f"{out} was started as another comparison ({what} differ); resume it with the same "
+            f"{out} was started as another comparison ({what}); resume it with the same "
             "stream, --strategies and budget options, or start a new one with another --out."
         )
 

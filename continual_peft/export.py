@@ -103,10 +103,19 @@ def export_task(
     """
     if format not in FORMATS:
         raise ContinualPeftError(f"unknown export format {format!r}; valid formats: {FORMATS}")
+    if Path(out).resolve().is_relative_to(Path(run_dir).resolve()):
+        raise ContinualPeftError(
+            f"export folder {out} is inside the run directory {run_dir}, whose files only the "
+            "run writes; choose a folder outside it"
+        )
     out = _check_out(Path(out))
     source = _read_task(Path(run_dir), task)
     if backbone is not None:
         source.moved_backbone = model_name(backbone)
+        if format == "peft":  # `merged` loads and checks it anyway
+            length = int(source.config.get("backbone", {}).get("max_length", 128))
+            moved = Backbone.from_pretrained(backbone, length, device="cpu", dtype="float32")
+            check_fingerprint(source.fingerprint, moved, f"run {source.run_dir}")
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     staging.mkdir()
     try:

@@ -455,6 +455,7 @@ class ContinualLearner:
             task: One task for all rows, one per row, or None to let the router choose per row
                 (a row it rejects is predicted as None: no task, no label).
         """
+        _check_inputs(inputs)
         if not len(inputs):
             return []
         if task is None:
@@ -478,6 +479,7 @@ class ContinualLearner:
                 "this learner routes by oracle (router 'oracle'): pass task=..., or configure a "
                 f"router ({', '.join(n for n in ROUTERS.names() if n != 'oracle')})"
             )
+        _check_inputs(inputs)
         if not len(inputs):
             return []
         items = self.backbone.encode(list(inputs)).items
@@ -510,3 +512,12 @@ class ContinualLearner:
     def report(self) -> dict:
         """The report as a JSON-ready dict (schema version 1)."""
         return learner_report(self)
+
+
+def _check_inputs(inputs: object) -> None:
+    """A list of inputs, not one bare text (which would be read character by character)."""
+    if isinstance(inputs, str | bytes):
+        raise ContinualPeftError(
+            f"inputs must be a list of texts (or images), got one {type(inputs).__name__}: "
+            f"wrap it in a list, e.g. predict([{inputs[:20]!r}])"
+        )

@@ -21,6 +21,7 @@ from continual_peft._checkpoint import (
     config_differences,
     read_checkpoint,
     restore_rng,
+    run_config_sha256,
     stream_plan,
     task_digest,
 )
@@ -78,7 +79,10 @@ def run_finished(run_dir: str | Path) -> bool:
     """Whether a run directory holds a finished run whose files are all there and unchanged
     (read without the lock); a finished run that lost a file is named, never "nothing to do"."""
     path = Path(run_dir) / CHECKPOINT_FILE
-    return path.is_file() and read_checkpoint(run_dir).get("status") == "finished"
+    if not path.is_file() or read_checkpoint(run_dir).get("status") != "finished":
+        return False
+    _saved_config(Path(run_dir))  # a finished run whose config.json is damaged is named too
+    return True
 
 
 def open_run(
@@ -134,9 +138,26 @@ def saved_config(run_dir: str | Path) -> LearnerConfig:
 
 
 def _saved_config(run: Path) -> dict:
-    if not (run / "config.json").is_file():
+    """config.json, checked: an object with a config, unchanged since the last checkpoint."""
+    path = run / "config.json"
+    if not path.is_file():
         raise ContinualPeftError(f"{run}: not a run directory (no config.json).")
-    return load_json(run / "config.json")
+    saved = load_json(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ContinualPeftError(
+            f"{path} is damaged (it must be an object with a 'config'); restore it from a copy "
+            "of the run."
+        )
+    checkpoint = run / CHECKPOINT_FILE
+    recorded = load_json(checkpoint) if checkpoint.is_file() else None
+    recorded = recorded.get("run_config_sha256") if isinstance(recorded, dict) else None
+    if recorded and run_config_sha256(saved["config"]) != recorded:
+        raise ContinualPeftError(
+            f"{path} was edited: its configuration differs from the one {checkpoint} records, "
+            "so the run's tasks were not made with it. Restore it from a copy of the run; to "
+            "change settings, start a new run."
+        )
+    return saved
 
 
 def _check_config(run: Path, saved: dict, given: dict) -> None:

@@ -582,3 +582,54 @@ def test_predict_on_a_run_without_a_router_says_what_to_do(run: Path, tmp_path: 
         "was trained without a router (router 'oracle')",
         "--router mahalanobis",
     )
+
+
+def test_a_hand_edited_config_or_routing_is_named(run: Path, tmp_path: Path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    config_file, checkpoint_file = run / "config.json", run / "checkpoint.json"
+    original, checkpoint = (
+        config_file.read_text(encoding="utf-8"),
+        checkpoint_file.read_text("utf-8"),
+    )
+    edited = json.loads(original)
+    edited["config"]["train"]["lr"] = 0.5
+    cases = [(json.dumps(edited), "config.json was edited"), ("{}", "config.json is damaged")]
+    for text, expected in [*cases, ("[]", "config.json is damaged")]:
+        config_file.write_text(text, encoding="utf-8")
+        refused(invoke("predict", "--run", run, "--input", inputs), expected)
+    config_file.write_text(original, encoding="utf-8")
+    for routing, expected in [
+        ({"slots": [0, 9], "weights": [1, 1]}, "names slots [0, 9] of 2"),
+        ({"slots": [0, 0], "weights": [1, 1]}, "a slot twice"),
+        ({"slots": [0], "weights": ["1"]}, "not finite numbers"),
+        ({"slots": [0], "weights": [float("nan")]}, "not finite numbers"),
+    ]:
+        data = json.loads(checkpoint)
+        data["tasks"][0]["routing"] = routing
+        checkpoint_file.write_text(json.dumps(data), encoding="utf-8")
+        out = tmp_path / "export"
+        refused(invoke("export", "--run", run, "--task", NAMES[0], "--out", out), expected)
+    checkpoint_file.write_text("[]", encoding="utf-8")
+    refused(invoke("predict", "--run", run, "--input", inputs), "not a JSON object")
+
+
+def test_more_places_that_cannot_be_written_or_read(run: Path, tmp_path: Path, saved, tokenizer):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    refused(invoke("predict", "--run", run, "--input", inputs, "--output", inputs),
+            "is the --input file")  # fmt: skip
+    refused(invoke("export", "--run", run, "--task", NAMES[0], "--out", run / "tasks" / "zz"),
+            "inside the run directory")  # fmt: skip
+    other = tmp_path / "other"
+    tiny_bert(tokenizer, seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    refused(invoke("export", "--run", run, "--task", NAMES[0], "--out", tmp_path / "x",
+                   "--backbone", other), "mismatch: weights")  # fmt: skip
+    learner = load_learner(run, backbone=Backbone.from_pretrained(str(saved[1]), 32, device=DEVICE))
+    with pytest.raises(ContinualPeftError, match="wrap it in a list"):
+        learner.predict("a red car")
+    with pytest.raises(ContinualPeftError, match=r"input 1 is not valid Unicode text"):
+        learner.predict(["fine", "bad \ud800"], task=NAMES[0])
+    with pytest.raises(ContinualPeftError, match="ONE shared slot for every task"):
+        LearnerConfig(strategy="seq", task_modules={NAMES[0]: "adapter"}).validate()

@@ -119,6 +119,14 @@ class Sequential(Strategy):
             return learner.bank.add_slot(seed=learner.task_seed(task, "slot"))
         return 0
 
+    def check(self, config: LearnerConfig, where: str = "config") -> None:
+        if config.task_modules:
+            raise ContinualPeftError(
+                f"{where}: strategy {config.strategy!r} trains ONE shared slot for every task, "
+                f"so per-task modules ([tasks.<name>] module = ...) cannot apply; got them for "
+                f"{sorted(config.task_modules)}: remove them, or use strategy per_task"
+            )
+
 
 def _register_all() -> None:
     """Import every strategy module of this package, so each registers itself."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from continual_peft.strategies import STRATEGIES, Strategy
+from continual_peft.strategies import STRATEGIES, Sequential, Strategy
 from continual_peft.strategies._examples import (
     Examples,
     check_option,
@@ -58,6 +58,8 @@ class Joint(Strategy):
         self._chunks: list[np.ndarray] = []  # this epoch's earlier rows, one chunk per step
         self._current: list[int] = []  # the current task's batch size at each step of an epoch
         self._step = 0
+
+    check = Sequential.check  # one shared slot: per-task modules cannot apply
 
     def allocate(self, learner: ContinualLearner, task: Task) -> int:
         if learner.bank.num_slots == 0:
