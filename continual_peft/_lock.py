@@ -55,7 +55,11 @@ class RunLock:
                 time.sleep(0.5)  # another writer is between creating and filling it
                 continue
             _take_over(self.path, holder)
-        raise ContinualPeftError(f"{folder}: could not take the lock {self.path}; try again.")
+        raise ContinualPeftError(
+            f"{folder}: could not take the lock {self.path}: it is unreadable or still being "
+            "written. If no other continual-peft process works on this run, delete that file "
+            "and try again."
+        )
 
     def _create(self) -> bool:
         try:
