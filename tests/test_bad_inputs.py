@@ -575,6 +575,11 @@ def test_predict_on_a_run_without_a_router_says_what_to_do(run: Path, tmp_path: 
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     config["config"]["router"] = "oracle"
     (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    from continual_peft._checkpoint import run_config_sha256  # as if it had been made so
+
+    checkpoint = json.loads((run / "checkpoint.json").read_text(encoding="utf-8"))
+    checkpoint["run_config_sha256"] = run_config_sha256(config["config"])
+    (run / "checkpoint.json").write_text(json.dumps(checkpoint), encoding="utf-8")
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
     refused(
