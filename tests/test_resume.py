@@ -174,13 +174,17 @@ def make_backbone_module(tokenizer):
     return lambda: Backbone(tiny_bert(tokenizer), tokenizer, 16, name="tiny-bert", device=DEVICE)
 
 
-def killed_run(spec: Path, run: Path, kill_at: str) -> subprocess.CompletedProcess:
+def killed_run(
+    spec: Path, run: Path, kill_at: str, sig: signal.Signals = signal.SIGKILL
+) -> subprocess.CompletedProcess:
+    """The run, sending itself `sig` at `kill_at`: SIGKILL dies at once, SIGTERM stops cleanly."""
     driver = run.parent / "driver.py"
     driver.write_text(DRIVER, encoding="utf-8")
-    env = {**os.environ, "KILL_AT": kill_at, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "KILL_AT": kill_at, "KILL_SIGNAL": sig.name, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
     done = subprocess.run(command + OPTIONS, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stdout, done.stderr)
+    expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
+    assert done.returncode == expected, (done.returncode, done.stdout, done.stderr)
     return done
 
 
@@ -223,27 +227,10 @@ def test_kill_then_resume_ends_as_an_uninterrupted_run(spec, tmp_path, reference
     load_safetensors(run / "tasks" / "animals" / "module.safetensors")  # rewritten whole
 
 
-def test_kill_from_outside_then_resume(spec, tmp_path, reference, tiny_cli):
-    run = tmp_path / "run"
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER, encoding="utf-8")
-    env = {**os.environ, "KILL_AT": "none:", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
-    process = subprocess.Popen(command + OPTIONS, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while checkpoint(run) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)  # right after the first checkpoint appears
-    process.wait()
-    resume(run, spec)
-    assert outcome(run) == reference
-
-
-def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(spec, tmp_path, reference, tiny_cli):
-    """A scheduler's SIGTERM: a message, exit 143, status interrupted, the lock released."""
-    run = tmp_path / "run"
-    driver = tmp_path / "driver.py"
+def signal_after_first_checkpoint(spec: Path, run: Path, sig: int) -> tuple[int, str]:
+    """Start `continual-peft run` in a subprocess and send it `sig` from outside right after
+    its first checkpoint appears; returns its exit code and standard error."""
+    driver = run.parent / "driver.py"
     driver.write_text(DRIVER, encoding="utf-8")
     env = {**os.environ, "KILL_AT": "none:", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
@@ -252,9 +239,23 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(spec, tmp_path, referenc
     deadline = time.monotonic() + 120
     while checkpoint(run) is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, err
+    return process.returncode, err
+
+
+def test_kill_from_outside_then_resume(spec, tmp_path, reference, tiny_cli):
+    run = tmp_path / "run"
+    signal_after_first_checkpoint(spec, run, signal.SIGKILL)
+    resume(run, spec)
+    assert outcome(run) == reference
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(spec, tmp_path, reference, tiny_cli):
+    """A scheduler's SIGTERM: a message, exit 143, status interrupted, the lock released."""
+    run = tmp_path / "run"
+    code, err = signal_after_first_checkpoint(spec, run, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     assert not (run / ".lock").exists()
     assert json.loads((run / "report.json").read_text(encoding="utf-8"))["status"] == "interrupted"
@@ -266,12 +267,7 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(spec, tmp_path, referenc
 def test_sigterm_in_the_first_task_leaves_a_clean_stop(spec, tmp_path, tiny_cli):
     """Nothing finished yet: the reports of zero tasks are written, the signal is named."""
     run = tmp_path / "run"
-    driver = run.parent / "driver.py"
-    driver.write_text(DRIVER, encoding="utf-8")
-    env = {**os.environ, "KILL_AT": f"train:{NAMES[0]}:2", "KILL_SIGNAL": "SIGTERM"}
-    command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
-    done = subprocess.run(command + OPTIONS, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    done = killed_run(spec, run, f"train:{NAMES[0]}:2", signal.SIGTERM)
     assert "stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr
     assert not (run / ".lock").exists()
     report = json.loads((run / "report.json").read_text(encoding="utf-8"))
