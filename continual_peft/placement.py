@@ -131,15 +131,6 @@ class Placement:
         """A tensor moved here (and cast to `dtype` if given)."""
         return value.to(device=self.device, dtype=dtype)
 
-    def frozen(self, value: torch.Tensor) -> torch.Tensor:
-        """A frozen floating tensor in the compute dtype, here; other tensors only moved."""
-        return value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
-
-    def master(self, value: torch.Tensor) -> torch.Tensor:
-        """A trainable floating tensor in float32, here (AdamW updates float32 weights)."""
-        dtype = MASTER_DTYPE if value.is_floating_point() else value.dtype
-        return value.to(self.device, dtype)
-
     def module(self, module: nn.Module) -> nn.Module:
         """A small trainable module (a head) moved here, keeping float32 weights."""
         return module.to(device=self.device, dtype=MASTER_DTYPE)
@@ -149,7 +140,3 @@ class Placement:
         from continual_peft._io import load_safetensors
 
         return {name: value.to(self.device) for name, value in load_safetensors(path).items()}
-
-    def describe(self) -> str:
-        """E.g. "cuda:0, bfloat16 weights" for logs and reports."""
-        return f"{self.device}, {dtype_name(self.dtype)} weights"
