@@ -7,10 +7,11 @@ every task after each one and writes a report.
 from continual_peft.backbone import Backbone
 from continual_peft.bank import ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig, load_strategy_spec
-from continual_peft.errors import ContinualPeftError
+from continual_peft.errors import ContinualPeftError, CorruptFileError, RunFileError
 from continual_peft.export import export_task
 from continual_peft.grid import run_grid
 from continual_peft.learner import ContinualLearner
+from continual_peft.loading import load_learner
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules.lora import LoRAConfig
 from continual_peft.runner import run_stream
@@ -28,16 +29,19 @@ __all__ = [
     "BackboneConfig",
     "ContinualLearner",
     "ContinualPeftError",
+    "CorruptFileError",
     "ImageBackbone",
     "LearnerConfig",
     "LoRAConfig",
     "ModuleBank",
+    "RunFileError",
     "Strategy",
     "Stream",
     "Task",
     "TrainConfig",
     "class_split",
     "export_task",
+    "load_learner",
     "load_strategy_spec",
     "load_stream",
     "load_task",

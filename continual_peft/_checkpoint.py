@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from continual_peft._io import atomic_write_json, load_json
-from continual_peft.errors import ContinualPeftError, CorruptFileError
+from continual_peft.errors import ContinualPeftError, CorruptFileError, RunFileError
 from continual_peft.routers import save_router
 
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ def write_checkpoint(run: RunDir, learner: ContinualLearner, names: list[str]) -
         "monitor": learner.monitor.state(),
         "rng": rng_state(),
     }
+    # the newest task keeps a copy: what `run --resume` rolls back to if a later file is lost
+    atomic_write_json(newest / CHECKPOINT_FILE, checkpoint)
     atomic_write_json(run.path / CHECKPOINT_FILE, checkpoint)
     learner.saved_files = files
 
@@ -143,44 +145,44 @@ def read_checkpoint(folder: str | Path) -> dict[str, Any]:
 
     Raises:
         ContinualPeftError: No checkpoint (no task finished yet), or another format.
-        CorruptFileError: A named file is missing, truncated or altered.
+        RunFileError: The checkpoint, or a file it names, is missing, damaged or altered
+            (`run --resume` repairs the run).
     """
     folder = Path(folder)
     path = folder / CHECKPOINT_FILE
+    if not path.is_file() and any(folder.glob(f"tasks/*/{CHECKPOINT_FILE}")):
+        raise RunFileError(path, folder, "is missing (finished tasks' folders hold copies of it)")
     if not path.is_file():
         raise ContinualPeftError(
             f"{folder} has no {CHECKPOINT_FILE}: no task of it has finished yet (or it is not a "
             "run directory)."
         )
-    checkpoint = load_json(path)
-    if not isinstance(checkpoint, dict):
-        raise ContinualPeftError(
-            f"{path} is inconsistent (not a JSON object): it was edited or damaged. Restore it "
-            "from a copy of the run, or re-run the stream into a new run directory."
-        )
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+    return read_checkpoint_file(folder, path)
+
+
+def read_checkpoint_file(folder: Path, path: Path) -> dict[str, Any]:
+    """The checkpoint in `path` (the run's own, or a task's copy of it) with every file it names
+    in run directory `folder` present and unchanged; errors as `read_checkpoint`'s."""
+    try:
+        checkpoint = load_json(path)
+    except CorruptFileError as err:
+        raise RunFileError(path, folder, f"is corrupt or truncated ({err.reason})") from err
+    if isinstance(checkpoint, dict) and checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ContinualPeftError(
             f"{path}: checkpoint format {checkpoint.get('format')!r} is not supported (this "
             f"version reads format {CHECKPOINT_FORMAT})."
         )
-    problem = _inconsistency(checkpoint) if isinstance(checkpoint, dict) else "not an object"
+    problem = _inconsistency(checkpoint) if isinstance(checkpoint, dict) else "not a JSON object"
     if problem:
-        raise ContinualPeftError(
-            f"{path} is inconsistent ({problem}): it was edited or damaged. Restore it from a "
-            "copy of the run, or re-run the stream into a new run directory."
-        )
+        raise RunFileError(path, folder, f"is inconsistent ({problem}): it was edited or damaged")
     for name, sha in checkpoint["files"].items():
         target = folder / name
         if not target.is_file():
-            raise ContinualPeftError(
-                f"{target} is missing: {CHECKPOINT_FILE} names it as part of the run's last "
-                "finished task. Put the file back (from a copy of the run), or re-run the "
-                "stream into a new run directory."
-            )
+            problem = f"is missing ({path.name} names it as part of the run)"
+            raise RunFileError(target, folder, problem)
         if file_sha256(target) != sha:
-            raise CorruptFileError(
-                target, f"checksum mismatch: its sha256 differs from the one {path} records"
-            )
+            problem = f"was altered (its sha256 differs from the one {path} records)"
+            raise RunFileError(target, folder, problem)
     return checkpoint
 
 

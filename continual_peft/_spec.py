@@ -6,13 +6,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from continual_peft._io import check_file
 from continual_peft.errors import ContinualPeftError
 
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file; a missing or malformed file names itself."""
-    if not path.is_file():
-        raise ContinualPeftError(f"{path}: spec file not found.")
+    check_file(path, "spec file", "give the path of a TOML spec")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import tomllib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from continual_peft.errors import ContinualPeftError, Terminated
 from continual_peft.export import export_task
 from continual_peft.grid import (
     console_aggregate,
+    grid_finished,
+    grid_settings,
     load_aggregate,
     parse_seeds,
     resolve_orders,
@@ -34,7 +37,7 @@ from continual_peft.modules import MODULE_KINDS
 from continual_peft.reports import console_report, load_report
 from continual_peft.routers import ROUTERS
 from continual_peft.rundir import new_run_path
-from continual_peft.runner import check_task_overrides, run_stream
+from continual_peft.runner import check_task_overrides, run_baseline, run_stream
 from continual_peft.strategies import STRATEGIES, strategy_options
 from continual_peft.streams import demo_spec_path, load_stream, shipped_folder
 from continual_peft.tasks import read_texts
@@ -54,6 +57,22 @@ MOVED_BACKBONE_HELP = (
     "fingerprint is checked. Default: the folder the run recorded."
 )
 DEVICE_HELP = "Device, e.g. cpu, cuda, cuda:1. Default: CUDA when present, else CPU."
+PACKAGE = Path(__file__).resolve().parent
+
+
+@app.callback()
+def _main() -> None:
+    """Continual learning with per-task PEFT modules on a frozen backbone."""
+    warnings.formatwarning = _format_warning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one `warning:` line (on stderr, as errors are: a log file reads alike);
+    another library's names its kind and place."""
+    text = str(message)
+    if not Path(filename).resolve().is_relative_to(PACKAGE) and category is not UserWarning:
+        text = f"{text} ({category.__name__}, {Path(filename).name}:{lineno})"
+    return f"warning: {text}\n"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -92,19 +111,23 @@ def _interrupted(err: KeyboardInterrupt, kept: str) -> None:
     _fail(f"interrupted; {kept}", code=130)
 
 
-def _config(strategy: str | None, overrides: dict, resume: Path | None = None) -> LearnerConfig:
+def _config(
+    strategy: str | None, overrides: dict, saved: LearnerConfig | None = None
+) -> LearnerConfig:
     """A strategy name or spec file, with command-line overrides applied on top.
 
-    With `resume`, the run's own configuration is the base: a strategy name only replaces its
-    strategy, a spec file everything but the backbone (and the run refuses what differs).
+    With `saved` (a resumed run's or grid's own configuration) as the base: a strategy name
+    only replaces its strategy, a spec file everything but the backbone (and the run refuses
+    what differs).
     """
-    saved = saved_config(resume) if resume is not None else None
     if strategy is not None and strategy.endswith(".toml"):
         config = load_strategy_spec(strategy)
         if saved is not None:
             config.backbone = saved.backbone
     elif saved is not None:
         config = override(saved, {"strategy": strategy}, "command line")
+    elif strategy is not None and (shipped_folder("strategies") / f"{strategy}.toml").is_file():
+        config = load_strategy_spec(shipped_folder("strategies") / f"{strategy}.toml")  # l2p
     else:
         STRATEGIES.get(strategy or "per_task")
         config = LearnerConfig(strategy=strategy or "per_task")
@@ -118,7 +141,9 @@ def run(
         None, help="Stream spec (TOML). Default: the embedded demo stream."
     ),
     strategy: str = typer.Option(
-        None, help="Strategy name (see `list strategies`) or spec file. Default: per_task."
+        None,
+        help="Strategy name (see `list strategies`; a name with a shipped spec of its own, "
+        "l2p, runs with that spec) or spec file. Default: per_task.",
     ),
     module: str = typer.Option(None, help="Module kind (see `list modules`)."),
     data_root: Path = typer.Option(None, help="Folder the stream's task paths are relative to."),
@@ -128,7 +153,7 @@ def run(
     baseline: str = typer.Option(
         "auto",
         help="Also run this strategy for comparison; 'none' to skip, "
-        "'auto' = seq on the demo stream, none otherwise.",
+        "'auto' = seq on the demo stream, none otherwise (with --resume: the run's own).",
     ),
     max_train: int = typer.Option(None, help="Training examples per task (seeded subset)."),
     max_test: int = typer.Option(None, help="Test examples per task (seeded subset)."),
@@ -162,9 +187,11 @@ def run(
     device: str = typer.Option(None, help=DEVICE_HELP),
     resume: Path = typer.Option(
         None,
-        help="Continue this run directory from its last finished task (after a crash, kill or "
-        "Ctrl-C), with the same stream arguments; the configuration is the run's own, and "
-        "options that contradict it are refused. A finished run: nothing to do.",
+        help="Continue this run directory (or grid folder) from its last finished task (after "
+        "a crash, kill or Ctrl-C), with the same stream arguments; the configuration is the "
+        "run's own, and options that contradict it are refused. A run that lost or damaged a "
+        "file is rolled back to the newest task whose files are intact and re-trained from "
+        "there. A finished run: nothing to do.",
     ),
 ) -> None:
     """Learn every task of a stream, writing checkpoints and a forgetting report after each.
@@ -176,7 +203,7 @@ def run(
             raise ContinualPeftError("give --seed or --seeds, not both.")
         if resume is not None and out is not None and out != resume:
             raise ContinualPeftError("give --out or --resume, not both.")
-        if resume is not None and run_finished(resume):
+        if resume is not None and (run_finished(resume) or grid_finished(resume)):
             console.print(f"{resume} is finished: nothing to do.", highlight=False, soft_wrap=True)
             return
         overrides = {
@@ -192,20 +219,28 @@ def run(
             "backbone.dtype": dtype,
             "backbone.device": device,
         }
-        config = _config(strategy, overrides, resume)
-        chosen = {"auto": "seq" if stream is None else None, "none": None}.get(baseline, baseline)
         tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
+        grid = resume is not None and (resume / "aggregate.json").is_file()
+        started = grid_settings(resume, tasks) if grid else {}
+        saved = started.get("config") or (saved_config(resume) if resume is not None else None)
+        config = _config(strategy, overrides, saved)
+        auto = run_baseline(resume) if resume is not None else "seq" if stream is None else None
+        auto = started.get("baseline", auto)
+        chosen = {"auto": auto, "none": None}.get(baseline, baseline)
         check_task_overrides(config, tasks)
-        orders = resolve_orders(tasks, order or []) or [tasks.order_name]
+        orders = resolve_orders(tasks, order or []) or started.get("orders") or [tasks.order_name]
         seed_list = parse_seeds(seeds) if seeds is not None else [config.seed]
-        if len(orders) * len(seed_list) > 1 and resume is not None:
+        seed_list = started.get("seeds", seed_list) if seeds is None and seed is None else seed_list
+        grid = grid or len(orders) * len(seed_list) > 1
+        if grid and resume is not None and not started:
             raise ContinualPeftError(
-                "--resume continues one run; a grid (several --order or --seeds) is not "
-                "resumed: rerun the missing order x seed runs one by one with --resume."
+                f"{resume} is one run, and --resume continues it as it was: leave out --order "
+                "and --seeds (several make a grid; start one with --out)."
             )
-        if len(orders) * len(seed_list) > 1:
-            run_dir = out or new_run_path("runs", f"{tasks.name}-grid")
-            run_grid(tasks, config, orders, seed_list, run_dir, baseline=chosen, console=console)
+        if grid:
+            run_dir = resume or out or new_run_path("runs", f"{tasks.name}-grid")
+            run_grid(tasks, config, orders, seed_list, run_dir, baseline=chosen, console=console,
+                     resume=bool(started))  # fmt: skip
         else:
             config.seed = seed_list[0]
             tasks = tasks.with_order(orders[0])
@@ -220,7 +255,7 @@ def run(
         _interrupted(
             err, "the tasks finished so far are saved in the run directory: continue with --resume."
         )
-    if len(orders) * len(seed_list) > 1:
+    if grid:
         console.print(
             f"\ngrid directory: [bold]{run_dir}[/] (aggregate.md, aggregate.json, aggregate.csv, "
             "aggregate.png; one run directory per order and seed)"
@@ -393,6 +428,7 @@ def predict(
                 f"--output {output} is inside the run directory {run}, whose files only the run "
                 "writes; write the predictions somewhere else"
             )
+        texts = read_texts(input_)  # a bad input is named before any model loads
         model = None
         if backbone is not None:  # the run's own model, moved: its fingerprint is checked
             length = saved_config(run).backbone.max_length
@@ -403,7 +439,7 @@ def predict(
                 dtype=dtype or saved_config(run).backbone.dtype,
             )
         learner = load_learner(run, model, device=device, dtype=dtype)
-        rows = learner.predict_details(read_texts(input_))
+        rows = learner.predict_details(texts)
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         if output is None:
             sys.stdout.write(lines)

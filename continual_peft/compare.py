@@ -39,7 +39,6 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.grid import (
     STD_NOTE,
     label_orders,
-    load_aggregate,
     metric_stats,
     run_grid,
     run_record,
@@ -217,19 +216,10 @@ def _run_entry(entry: Entry, plan: _Plan, console, make_backbone) -> list[dict]:
         run_stream(ordered, config, folder, console=console, make_backbone=make_backbone,
                    resume=again)  # fmt: skip
         dirs = [(name, seed, folder)]
-    elif plan.resume and (folder / "aggregate.json").is_file():
-        aggregate = load_aggregate(folder)
-        if aggregate.get("status") != "finished":
-            raise ContinualPeftError(
-                f"{folder} is an unfinished order x seed grid, which is not resumed as a whole: "
-                "remove the folder to run the entry again, or resume its runs one by one with "
-                "`continual-peft run --resume`."
-            )
-        dirs = [(run["order"], run["seed"], folder / run["run_dir"]) for run in aggregate["runs"]]
     else:
         aggregate = run_grid(
             plan.stream, entry.config, plan.orders, plan.seeds, folder, console=console,
-            make_backbone=make_backbone,
+            make_backbone=make_backbone, resume=plan.resume and folder.is_dir(),
         )  # fmt: skip
         dirs = [(run["order"], run["seed"], folder / run["run_dir"]) for run in aggregate["runs"]]
     return [

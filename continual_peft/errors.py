@@ -18,12 +18,34 @@ class CorruptFileError(ContinualPeftError):
         reason: What went wrong while reading it.
     """
 
-    def __init__(self, path: str | Path, reason: str) -> None:
+    def __init__(self, path: str | Path, reason: str, fix: str | None = None) -> None:
         self.path = Path(path)
         self.reason = reason
-        super().__init__(
-            f"{self.path} is corrupt or truncated ({reason}); delete it and re-create it "
-            "(for a run directory: resume or re-run the task that wrote it)."
+        fix = fix or "delete it and re-create it (for a run directory: resume the run)"
+        super().__init__(f"{self.path} is corrupt or truncated ({reason}); {fix}.")
+
+
+class RunFileError(CorruptFileError):
+    """A file of a run directory that its `checkpoint.json` needs is missing, altered (its
+    sha256 differs from the recorded one) or unreadable, or `checkpoint.json` itself is.
+
+    `run --resume` repairs such a run: it rolls back to the newest task whose own checkpoint
+    copy and files are intact and re-trains the tasks after it.
+
+    Attributes:
+        path: The offending file.
+        run: The run directory.
+        problem: What is wrong with it ("is missing (...)", "was altered (...)").
+    """
+
+    def __init__(self, path: str | Path, run: str | Path, problem: str) -> None:
+        self.path, self.run, self.problem = Path(path), Path(run), problem
+        self.reason = problem
+        ContinualPeftError.__init__(
+            self,
+            f"{self.path} {problem}. Put it back from a copy of the run, or re-train from the "
+            f"newest task whose files are intact: `continual-peft run <the run's stream "
+            f"arguments> --resume {self.run}`.",
         )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from continual_peft._checkpoint import config_differences
 from continual_peft._grid_report import console_aggregate, write_aggregate
 from continual_peft._io import load_versioned_json
 from continual_peft._report_data import is_missing
@@ -137,6 +138,7 @@ def run_grid(
     baseline: str | None = None,
     console: Console | None = None,
     make_backbone: Callable[[], Backbone] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every (order, seed) combination with `run_stream`, then write the aggregate report.
 
@@ -153,6 +155,10 @@ def run_grid(
         baseline: A second strategy run beside each run (see `run_stream`).
         console: Where progress and tables go.
         make_backbone: Builds a fresh backbone for each learner; from `config` if None.
+        resume: Continue the grid in `out_dir` (killed, interrupted or failed) with the same
+            stream, settings, orders and seeds (a difference is refused, naming it): finished
+            runs are kept, each unfinished one continues from its last finished task (as
+            `run --resume`), the others start.
 
     Returns:
         The aggregate (the contents of aggregate.json).
@@ -165,12 +171,15 @@ def run_grid(
     pick_device(config.backbone.device)  # a bad or absent device: refused before any folder
     labelled = label_orders(stream, orders)
     out = Path(out_dir)
-    if (out / "aggregate.json").exists():
-        raise ContinualPeftError(f"{out} already holds a grid (aggregate.json); choose another.")
     combos = [(name, ordered, seed) for name, ordered in labelled for seed in seeds]
-    for name, _, seed in combos:
-        check_free(out / f"{name}-seed{seed}")  # before any run starts, not hours in
-    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        if (out / "aggregate.json").exists():
+            raise ContinualPeftError(
+                f"{out} already holds a grid (aggregate.json); choose another --out, or continue "
+                "it with --resume."
+            )
+        for name, _, seed in combos:
+            check_free(out / f"{name}-seed{seed}")  # before any run starts, not hours in
     head = {
         "stream": stream.name,
         "strategy": config.strategy,
@@ -180,14 +189,19 @@ def run_grid(
         "orders": {name: [t.name for t in ordered.tasks] for name, ordered in labelled},
         "config": config.to_dict(),
     }
+    if resume:
+        _check_same_grid(out, head)
+    out.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
+    write_aggregate(_aggregate(head, runs, "running"), out)  # a killed grid can be resumed
     for number, (name, ordered, seed) in enumerate(combos, start=1):
         if console:
             console.print(f"[bold]run {number}/{len(combos)}: {name}, seed {seed}[/]")
         seeded = LearnerConfig.from_dict({**config.to_dict(), "seed": seed})
         run_dir = out / f"{name}-seed{seed}"
+        again = resume and run_dir.is_dir()
         try:
-            run_stream(ordered, seeded, run_dir, baseline, console, make_backbone)
+            run_stream(ordered, seeded, run_dir, baseline, console, make_backbone, again)
         except BaseException as err:
             failed = {"order": name, "seed": seed, "error": f"{type(err).__name__}: {err}"}
             write_aggregate(_aggregate(head, runs, "failed", failed), out)
@@ -199,6 +213,50 @@ def run_grid(
     if console:
         console.print(console_aggregate(aggregate))
     return aggregate
+
+
+def _check_same_grid(out: Path, head: dict[str, Any]) -> None:
+    """Refuse resuming a grid folder with other settings than it was started with."""
+    if not out.is_dir():
+        raise ContinualPeftError(f"cannot resume {out}: there is no such grid folder.")
+    if not (out / "aggregate.json").is_file():
+        return  # killed before its first write: each run checks its own settings
+    saved = load_aggregate(out)
+    differences = config_differences(
+        _comparable({key: saved.get(key) for key in head}), _comparable(head)
+    )
+    if differences:
+        raise ContinualPeftError(
+            f"{out} was started as another grid ({'; '.join(differences)}): resume it with the "
+            "same stream, options, orders and seeds, or start a new grid."
+        )
+
+
+def _comparable(head: dict[str, Any]) -> dict[str, Any]:
+    """A grid's head less where it computes (a grid may resume on another device)."""
+    config = dict(head.get("config") or {})
+    config["backbone"] = {k: v for k, v in (config.get("backbone") or {}).items() if k != "device"}
+    return {**head, "config": config}
+
+
+def grid_finished(out: str | Path) -> bool:
+    """Whether `out` is a grid folder whose runs all finished (its aggregate says so)."""
+    path = Path(out) / "aggregate.json"
+    return path.is_file() and load_aggregate(path).get("status") == "finished"
+
+
+def grid_settings(out: str | Path, stream: Stream) -> dict[str, Any]:
+    """What a grid folder was started with, to resume it on `stream`: its `config` (a
+    LearnerConfig), `orders` (named orders of the stream by name, others as task lists, so
+    they get the same labels), `seeds` and `baseline`."""
+    saved = load_aggregate(out)
+    config = LearnerConfig.from_dict(saved["config"], str(Path(out) / "aggregate.json"))
+    named = stream.orders
+    orders = [
+        name if named.get(name) == tasks else tasks for name, tasks in saved["orders"].items()
+    ]
+    seeds, baseline = saved["seeds"], saved["baseline"]
+    return {"config": config, "orders": orders, "seeds": seeds, "baseline": baseline}
 
 
 def run_record(order: str, seed: int, run_dir: str, report: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ one is passed in, and must have the recorded fingerprint.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -26,9 +27,10 @@ from continual_peft._checkpoint import (
     task_digest,
 )
 from continual_peft._io import load_json
+from continual_peft._repair import resume_point
 from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig
-from continual_peft.errors import ContinualPeftError
+from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.fingerprint import check_fingerprint
 from continual_peft.learner import ContinualLearner, _Learned
 from continual_peft.monitor import ForgettingMonitor
@@ -76,13 +78,17 @@ def load_learner(
 
 
 def run_finished(run_dir: str | Path) -> bool:
-    """Whether a run directory holds a finished run whose files are all there and unchanged
-    (read without the lock); a finished run that lost a file is named, never "nothing to do"."""
-    path = Path(run_dir) / CHECKPOINT_FILE
-    if not path.is_file() or read_checkpoint(run_dir).get("status") != "finished":
-        return False
-    _saved_config(Path(run_dir))  # a finished run whose config.json is damaged is named too
-    return True
+    """Whether a run directory, and each baseline run inside it, holds a finished run whose
+    files are all there and unchanged (read without the lock). A finished run that lost a file
+    is not finished: resuming it re-trains what is lost (see `continual_peft._repair`)."""
+    run = Path(run_dir)
+    try:
+        if read_checkpoint(run).get("status") != "finished":
+            return False
+    except ContinualPeftError:
+        return False  # no checkpoint yet, or a damaged run: `open_run` names or repairs it
+    _saved_config(run)  # a finished run whose config.json is damaged is named too
+    return all(run_finished(sub) for sub in run.glob("baseline-*") if sub.is_dir())
 
 
 def open_run(
@@ -117,8 +123,9 @@ def open_run(
         else:
             fingerprint = learner.fingerprint()
             writer.save_config({"config": learner.config.to_dict(), "backbone": fingerprint})
-        if (run / CHECKPOINT_FILE).is_file():
-            checkpoint = read_checkpoint(run)
+        names = [task.name for task in stream.tasks]
+        checkpoint = resume_point(run, names, _teller(console))
+        if checkpoint is not None:
             check_stream(run, checkpoint["stream_plan"], stream, checkpoint["tasks"])
             _restore(learner, run, checkpoint, {task.name: task for task in stream.tasks})
             restore_rng(checkpoint["rng"])
@@ -149,7 +156,10 @@ def _saved_config(run: Path) -> dict:
             "of the run."
         )
     checkpoint = run / CHECKPOINT_FILE
-    recorded = load_json(checkpoint) if checkpoint.is_file() else None
+    try:
+        recorded = load_json(checkpoint) if checkpoint.is_file() else None
+    except CorruptFileError:
+        recorded = None  # named by whoever reads the checkpoint; `run --resume` repairs it
     recorded = recorded.get("run_config_sha256") if isinstance(recorded, dict) else None
     if recorded and run_config_sha256(saved["config"]) != recorded:
         raise ContinualPeftError(
@@ -158,6 +168,13 @@ def _saved_config(run: Path) -> dict:
             "change settings, start a new run."
         )
     return saved
+
+
+def _teller(console: Console | None):
+    """Tells the user something: on the console (paths unbroken), else as a warning."""
+    if console is None:
+        return lambda message: warnings.warn(message, stacklevel=4)
+    return lambda message: console.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
 def _check_config(run: Path, saved: dict, given: dict) -> None:

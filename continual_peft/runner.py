@@ -110,6 +110,12 @@ def _learn_all(
     return learner
 
 
+def run_baseline(run: Path) -> str | None:
+    """The baseline strategy a run directory holds a run of, or None."""
+    found = sorted(p.name for p in Path(run).glob("baseline-*") if p.is_dir())
+    return found[0].removeprefix("baseline-") if found else None
+
+
 def _check_baseline(run: Path, baseline: str | None) -> None:
     """Refuse resuming with another baseline than the run was started with."""
     found = sorted(p.name for p in run.glob("baseline-*") if p.is_dir())

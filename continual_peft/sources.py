@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from continual_peft._io import check_file
 from continual_peft.errors import ContinualPeftError
 
 FILE_FORMATS = ("jsonl", "csv", "tsv", "hf")
@@ -38,6 +39,12 @@ def format_of(path: Path, given: str | None = None) -> str:
         return given
     suffix = path.suffix.lower()
     found = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}.get(suffix)
+    if found is None and path.is_dir():
+        check_file(
+            path,
+            "data file",
+            'give a .jsonl, .csv or .tsv file (a Hugging Face dataset: format = "hf")',
+        )
     if found is None:
         raise ContinualPeftError(
             f"{path}: cannot tell the format from the extension {suffix!r}; name the file "
@@ -61,10 +68,7 @@ def label_string(value: Any, where: str) -> str:
 
 
 def _decoded(path: Path) -> str:
-    if not path.is_file():
-        raise ContinualPeftError(
-            f"{path}: file not found. Check the path or the --data-root option."
-        )
+    check_file(path, "file", "check the path or the --data-root option")
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from continual_peft._io import check_file
 from continual_peft._registry import validate_task_name
 from continual_peft.errors import ContinualPeftError
 from continual_peft.sources import (
@@ -131,11 +132,10 @@ def _unzip(pairs: list[tuple[Any, Any]]) -> tuple[list, list]:
 
 def read_labels(path: Path) -> list[str]:
     """A task's labels from a JSON list (e.g. `labels.json`)."""
-    if not path.is_file():
-        raise ContinualPeftError(
-            f"{path}: labels file not found; it must hold a JSON list of label strings "
-            "(or leave `labels` out to take the training labels)."
-        )
+    check_file(
+        path, "labels file", "it must hold a JSON list of label strings (or leave `labels` out "
+        "to take the training labels)",
+    )  # fmt: skip
     try:
         labels = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -243,8 +243,18 @@ def build_task(
             UserWarning,
             stacklevel=2,
         )
-    if len(set(labels)) != len(labels):
-        raise ContinualPeftError(f"task {name!r}: duplicate labels in {labels}")
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ContinualPeftError(
+            f"task {name!r}: label(s) {repeated} are listed more than once in its labels "
+            f"{labels}; list each label once (the task's `labels` in the stream spec)."
+        )
+    blank = [x for x in labels if not x.strip()]
+    if blank:
+        raise ContinualPeftError(
+            f"task {name!r}: label {blank[0]!r} is empty or blank (labels {labels}); give every "
+            "label a name (check the data's label column and the task's `labels`)."
+        )
     where = dict(sources or {}) or {split: _origin(rows, split) for split, rows in splits.items()}
     for key, limit in (
         ("max_train", max_train),
@@ -303,8 +313,8 @@ def _subset(rows: list[Row], limit: int | None, rng: random.Random | str) -> lis
 def read_texts(source: str | Path) -> list[str]:
     """Texts to predict: a JSONL file (or "-" for standard input) with a "text" per line."""
     name = "<stdin>" if str(source) == "-" else str(source)
-    if name != "<stdin>" and not Path(source).is_file():
-        raise ContinualPeftError(f"{name}: file not found.")
+    if name != "<stdin>":
+        check_file(source, "JSONL file", 'give a file with a {"text": ...} object per line')
     raw = sys.stdin.buffer.read() if name == "<stdin>" else Path(source).read_bytes()
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as training files allow
     shape = 'each line must be one JSON object with a "text" string, e.g. {"text": "a red car"}'

@@ -16,8 +16,10 @@ from continual_peft import MODULE_KINDS, STRATEGIES
 from continual_peft import cli as cli_module
 from continual_peft.backbone import Backbone
 from continual_peft.cli import app
+from continual_peft.errors import ContinualPeftError
 from continual_peft.routers import ROUTERS
 from continual_peft.runner import run_stream
+from continual_peft.tasks import read_texts
 
 KIND_NAMES = ", ".join(MODULE_KINDS.names())
 REPO = Path(__file__).resolve().parents[1]
@@ -297,3 +299,61 @@ def test_shipped_specs_are_found_from_any_working_directory(tmp_path, monkeypatc
     assert streams.exit_code == 0 and "cl_benchmark" in streams.stdout, streams.output
     entry = entry_from("l2p")
     assert entry.spec.endswith("strategies/l2p.toml") and entry.config.module == "prompt_pool"
+
+
+# ---------------------------------------------------------------- sharper messages
+
+
+@pytest.mark.parametrize("where", ["spec", "train", "labels", "predict"])
+def test_a_folder_given_for_a_file_is_named_as_a_folder(stream_spec, tmp_path, no_model, where):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    if where == "predict":  # what `predict --input` reads, once the run is found
+        with pytest.raises(ContinualPeftError, match=f"{folder} is a folder, not a JSONL file"):
+            read_texts(folder)
+        return
+    if where == "spec":
+        result = invoke("run", folder, "--out", tmp_path / "out")
+    else:
+        text = stream_spec.read_text(encoding="utf-8")
+        key = "train" if where == "train" else "labels"
+        pattern = rf'(?m)^{key} = "colors/[a-z.]+"$'
+        stream_spec.write_text(re.sub(pattern, f'{key} = "{folder}"', text, count=1), "utf-8")
+        result = invoke("run", stream_spec, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert f"{folder} is a folder, not a" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [('["red", "blue", "red"]', "label(s) ['red'] are listed more than once"),
+     ('["red", " ", "blue", "green"]', "label ' ' is empty or blank")],
+)  # fmt: skip
+def test_repeated_or_blank_labels_are_named(stream_spec, tmp_path, no_model, labels, expected):
+    text = stream_spec.read_text(encoding="utf-8")
+    stream_spec.write_text(
+        re.sub(r'(?m)^labels = "colors/labels.json"$', f"labels = {labels}", text, count=1),
+        encoding="utf-8",
+    )
+    result = invoke("run", stream_spec, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "task 'colors'" in result.stderr and expected in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_strategy_with_a_shipped_spec_of_its_name_runs_with_it():
+    config = cli_module._config("l2p", {}, None)
+    assert (config.strategy, config.module) == ("l2p", "prompt_pool")
+    assert cli_module._config("per_task", {}, None).module == "lora"  # no spec of that name
+
+
+def test_warnings_are_one_line_on_stderr():
+    format_ = cli_module._format_warning
+    lines = [
+        format_(UserWarning("task 'x' has one class"), UserWarning, __file__, 1),
+        format_(FutureWarning("old API"), FutureWarning, "/lib/other.py", 7),
+    ]
+    assert "".join(lines).splitlines() == [
+        "warning: task 'x' has one class",
+        "warning: old API (FutureWarning, other.py:7)",
+    ]

@@ -222,3 +222,43 @@ def test_a_failing_combination_propagates_and_keeps_the_finished(tmp_path, make_
     assert [r["run_dir"] for r in aggregate["runs"]] == ["default-seed0"]
     assert aggregate["runs"][0]["routed_acc"] is None  # oracle routing: no routed ACC
     assert load_report(tmp_path / "grid" / "default-seed0")["status"] == "finished"
+
+
+def test_an_interrupted_grid_resumes_to_the_uninterrupted_aggregate(
+    grid_spec, tmp_path, make_backbone, monkeypatch
+):
+    from continual_peft.strategies import Strategy
+
+    monkeypatch.setattr(
+        cli_module, "run_grid", functools.partial(run_grid, make_backbone=make_backbone)
+    )
+    stream_args = ["--max-train", "8", "--max-test", "4"]
+    options = ["--order", "backward", "--seeds", "0,1", "--epochs", "1", "--batch-size", "8",
+               "--rank", "2", "--max-length", "16", *stream_args]  # fmt: skip
+    clean = tmp_path / "clean"
+    assert invoke("run", grid_spec, "--out", clean, *options).exit_code == 0
+    original = Strategy.loss
+
+    def stop_in_seed_1(self, learner, task, loss):
+        if learner.config.seed == 1 and task.name == "animals":
+            raise KeyboardInterrupt
+        return original(self, learner, task, loss)
+
+    out = tmp_path / "grid"
+    with monkeypatch.context() as patch:
+        patch.setattr(Strategy, "loss", stop_in_seed_1)
+        assert invoke("run", grid_spec, "--out", out, *options).exit_code == 130
+    assert load_aggregate(out)["status"] == "failed"
+    kept = (out / "backward-seed0" / "checkpoint.json").read_bytes()
+    again = invoke("run", grid_spec, "--out", out, *options)
+    assert again.exit_code == 2 and "--resume" in again.stderr
+    other = invoke("run", grid_spec, "--resume", out, "--seeds", "0,2", *stream_args)
+    assert other.exit_code == 2 and "was started as another grid (seeds" in other.stderr
+    resumed = invoke("run", grid_spec, "--resume", out, *stream_args)  # the rest: the grid's
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "backward-seed0" / "checkpoint.json").read_bytes() == kept  # not re-trained
+    ours, theirs = load_aggregate(out), load_aggregate(clean)
+    assert ours["status"] == "finished"
+    assert ours["runs"] == theirs["runs"] and ours["summary"] == theirs["summary"]
+    finished = invoke("run", grid_spec, "--resume", out, *stream_args)
+    assert finished.exit_code == 0 and "is finished: nothing to do" in finished.stdout

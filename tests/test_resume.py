@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,8 +31,8 @@ from continual_peft import cli as cli_module
 from continual_peft._io import load_safetensors
 from continual_peft._lock import RunLock
 from continual_peft.cli import app
-from continual_peft.errors import ContinualPeftError
-from continual_peft.loading import saved_config
+from continual_peft.errors import ContinualPeftError, CorruptFileError
+from continual_peft.loading import load_learner, saved_config
 from continual_peft.runner import run_stream
 from continual_peft.streams import load_stream
 
@@ -155,7 +156,13 @@ def outcome(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(spec, tmp_path_factory, make_backbone_module) -> dict:
+def reference(reference_run) -> dict:
+    return outcome(reference_run)
+
+
+@pytest.fixture(scope="module")
+def reference_run(spec, tmp_path_factory, make_backbone_module) -> Path:
+    """An uninterrupted, finished run (never modified: tests copy it)."""
     run = tmp_path_factory.mktemp("reference") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(reports, "plot_accuracy_matrix", lambda report, path: None)
@@ -166,7 +173,7 @@ def reference(spec, tmp_path_factory, make_backbone_module) -> dict:
         )
         result = invoke("run", spec, "--out", run, *OPTIONS)
     assert result.exit_code == 0, result.output
-    return outcome(run)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +300,50 @@ def test_resume_of_a_finished_run_does_nothing(spec, tmp_path, make_backbone, ti
     learner = run_stream(stream, config, run, resume=True, make_backbone=make_backbone)
     assert learner.status == "finished" and list(learner.learned) == NAMES
     assert snapshot() == before
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda run: (run / "tasks/animals/head.safetensors").unlink(),
+         ["tasks/animals/head.safetensors is missing", "resumes after task 1 (colors)",
+          "re-training 2 task(s): animals, moods"]),
+        # replay trains one shared slot: moods holds it now, animals' copy the one before
+        (lambda run: _flip_last_byte(run / "tasks/moods/module.safetensors"),
+         ["moods/module.safetensors was altered", "after task 2 (animals)", "1 task(s): moods"]),
+        (lambda run: shutil.rmtree(run / "tasks/colors"),
+         ["tasks/colors/head.safetensors is missing", "resumes from the start", "3 task(s)"]),
+        (lambda run: (run / "checkpoint.json").write_text("{", encoding="utf-8"),
+         ["checkpoint.json is corrupt or truncated", "after task 3 (moods)", "no task to"]),
+        (lambda run: (run / "checkpoint.json").unlink(), ["checkpoint.json is missing"]),
+        (lambda run: (run / "baseline-seq/tasks/animals/head.safetensors").unlink(),
+         ["baseline-seq/tasks/animals/head.safetensors is missing", "after task 1 (colors)"]),
+    ],
+    ids=["missing-head", "altered-shared-slot", "missing-first-task", "damaged-checkpoint",
+         "missing-checkpoint", "baseline-file"],
+)  # fmt: skip
+def test_resume_repairs_a_run_that_lost_or_damaged_a_file(
+    spec, tmp_path, reference, reference_run, tiny_cli, make_backbone, damage, said
+):
+    """Lost work is re-trained from the newest task whose files are intact, and the run ends
+    exactly as the uninterrupted one; readers meanwhile name the file and the repair."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    damage(run)
+    reader = run / "baseline-seq" if said[0].startswith("baseline") else run
+    with pytest.raises(CorruptFileError, match=f"{said[0]}.*--resume {reader}`"):
+        load_learner(reader, make_backbone(16))
+    result = invoke("run", spec, "--resume", run, *OPTIONS)
+    assert result.exit_code == 0, result.output
+    told = " ".join(result.stdout.split())
+    assert all(text in told for text in said), told
+    assert outcome(run) == reference
+    assert list(load_learner(reader, make_backbone(16)).learned) == NAMES
 
 
 def test_ctrl_c_leaves_a_resumable_run_that_resumes_only_as_it_was(

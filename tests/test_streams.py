@@ -312,7 +312,9 @@ def test_bad_labels_json(tmp_path: Path, content: str):
 
 def test_duplicate_labels(tmp_path: Path):
     spec = minimal_spec(tmp_path, 'name = "s"', task_block("a", labels='["x", "y", "x"]'))
-    with pytest.raises(ContinualPeftError, match=r"task 'a': duplicate labels"):
+    with pytest.raises(
+        ContinualPeftError, match=r"task 'a': label\(s\) \['x'\] are listed more than once"
+    ):
         load_stream(spec)
 
 

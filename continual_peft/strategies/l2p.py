@@ -30,6 +30,7 @@ import torch
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.prompt_pool import PromptPoolSite
 from continual_peft.strategies import STRATEGIES, Strategy
+from continual_peft.streams import shipped_folder
 
 if TYPE_CHECKING:
     from continual_peft.config import LearnerConfig
@@ -60,7 +61,8 @@ class L2P(Strategy):
             raise ContinualPeftError(
                 f"{where}: strategy 'l2p' trains one {KIND} slot for every task, but the config "
                 f'names module kind(s) {sorted(kinds)}; set module = "{KIND}" and no per-task '
-                "modules (see strategies/l2p.toml)"
+                "modules (on the command line: `--strategy l2p` without --module, which runs "
+                f"the shipped spec {shipped_folder('strategies') / 'l2p.toml'})"
             )
 
     def allocate(self, learner: ContinualLearner, task: Task) -> int:
