@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from continual_peft._io import atomic_write_json, load_json
+from continual_peft.config import without_place
 from continual_peft.errors import ContinualPeftError, CorruptFileError, RunFileError
 from continual_peft.routers import save_router
 
@@ -256,7 +257,7 @@ def run_config_sha256(config: dict) -> str:
     named instead of silently changing what a resumed or reloaded run does."""
     data = json.loads(json.dumps(config, default=str))
     if isinstance(data.get("backbone"), dict):
-        data["backbone"].pop("device", None)
+        data["backbone"] = without_place(data["backbone"])
     return config_sha256(data)
 
 

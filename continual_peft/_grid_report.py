@@ -162,6 +162,10 @@ def write_aggregate_csv(aggregate: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- plot
 
 
+def _percent(value: Any, missing: float) -> float:
+    return missing if is_missing(value) else 100 * value
+
+
 def _aggregate_png(aggregate: dict[str, Any]) -> bytes:
     """Per metric: each run as a dot per order, and mean ± sample std as a bar with error bars."""
     shown = _shown(aggregate) or list(_LABELS[:1])
@@ -177,8 +181,9 @@ def _aggregate_png(aggregate: dict[str, Any]) -> bytes:
     for ax in axes[len(shown) :]:
         ax.axis("off")
     for ax, (key, label, _, _) in zip(axes, shown, strict=False):
-        means = [100 * ((s.get(key) or {}).get("mean") or np.nan) for _, s in groups]
-        stds = [100 * ((s.get(key) or {}).get("std") or 0.0) for _, s in groups]
+        # percent, as the axis says; a mean of exactly 0 (per_task's BWT) is a bar, not a gap
+        means = [_percent((s.get(key) or {}).get("mean"), np.nan) for _, s in groups]
+        stds = [_percent((s.get(key) or {}).get("std"), 0.0) for _, s in groups]
         colors = ["tab:blue"] * (len(groups) - 1) + ["tab:gray"]
         ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors, alpha=0.45)
         for x, name in enumerate(names):
@@ -188,7 +193,7 @@ def _aggregate_png(aggregate: dict[str, Any]) -> bytes:
         ax.set_xticks(range(len(names)), labels=names, rotation=30, ha="right")
         ax.set_xlim(-0.6, len(names) - 0.4)
         ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_title(label)
+        ax.set_title(f"{label} (%)")
         ax.set_ylabel("%")
     fig.suptitle(f"{_title(aggregate)}\nbars: mean ± sample std; dots: single runs")
     return figure_png(fig)

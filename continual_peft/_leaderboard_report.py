@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from rich.console import Group
+from rich import box
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -88,12 +90,14 @@ def _title(board: dict[str, Any]) -> str:
     )
 
 
-def console_leaderboard(board: dict[str, Any]) -> Group:
-    """Rich renderable: the leaderboard table (percent; mean ± sample std over runs).
+_SHORT = {"trainable params": "params"}  # console headers: short, complete words
 
-    Narrower than the Markdown table: no strategy column when every label is its strategy, and
-    no routed ACC column when no entry has a router.
-    """
+
+def _console_table(board: dict[str, Any], layout: str) -> Table:
+    """The table in one of three layouts, widest first: "boxed" (rich's default box), "compact"
+    (no box, one space between columns) and "stacked" (compact, each ± std on a second line).
+    Narrower than the Markdown table: no strategy column when every label is its strategy, and no
+    routed ACC column when no entry has a router."""
     entries = board.get("entries") or []
     header, rows = _header(board), _rows(board)
     hidden = set()
@@ -102,15 +106,50 @@ def console_leaderboard(board: dict[str, Any]) -> Group:
     if not any((e.get("routed_acc") or {}).get("n") for e in entries):
         hidden.add("routed ACC")
     keep = [i for i, title in enumerate(header) if title not in hidden]
-    table = Table(title="Leaderboard (%), best ACC first; mean ± sample std over runs")
-    for i in keep:
+    shown = [[row[i] for i in keep] for row in rows]
+    if layout == "stacked":
+        shown = [[cell.replace(" ± ", "\n± ") for cell in row] for row in shown]
+    title = "Leaderboard (%), best ACC first; mean ± sample std over runs"
+    compact = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": (0, 0)}
+    table = Table(title=title, **(compact if layout != "boxed" else {}))
+    for column, i in enumerate(keep):
+        name = _SHORT.get(header[i], header[i])
         text = i in (1, 2, 3) and header[i] in ("entry", "strategy", "module")
-        table.add_column(header[i], justify="left" if text else "right", no_wrap=i == 1)
-    for row in rows:
-        table.add_row(*(row[i] for i in keep))
-    failed = [e for e in entries if e.get("error")]
+        # stacked: a number column is as wide as its longest line or header word, so only the text
+        # columns give way on a narrow terminal, and they fold (overflow="fold": never "…")
+        lines = [line for row in shown for line in row[column].split("\n")] + name.split()
+        width = None if text or layout != "stacked" else max(len(line) for line in lines)
+        table.add_column(name, justify="left" if text else "right", overflow="fold", width=width)
+    for row in shown:
+        table.add_row(*row)
+    return table
+
+
+class _FittedTable:
+    """The leaderboard table in the widest layout that fits the console (see `_console_table`)."""
+
+    def __init__(self, board: dict[str, Any]) -> None:
+        self.board = board
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for layout in ("boxed", "compact"):
+            table = _console_table(self.board, layout)
+            unbounded = options.update_width(10_000)  # Measurement.get clamps to the width given
+            if Measurement.get(console, unbounded, table).maximum <= options.max_width:
+                yield table
+                return
+        yield _console_table(self.board, "stacked")
+
+
+def console_leaderboard(board: dict[str, Any]) -> Group:
+    """Rich renderable: the leaderboard table (percent; mean ± sample std over runs).
+
+    It takes the console's width: short headers, and a narrower layout where the boxed one does
+    not fit, so that no header or number is ever cut to "…".
+    """
+    failed = [e for e in board.get("entries") or [] if e.get("error")]
     notes = [Text(f"{e['label']} failed: {e['error']}", style="red") for e in failed]
-    return Group(Text(_title(board), style="bold"), table, *notes)
+    return Group(Text(_title(board), style="bold"), _FittedTable(board), *notes)
 
 
 def render_leaderboard_markdown(board: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,38 @@ class Encoded:
 
     items: list
     truncated: int  # how many inputs were longer than max_length
+
+
+def load_model(path: str) -> torch.nn.Module:
+    """`AutoModel.from_pretrained(path)` offline, without transformers' load report for what is
+    expected: a pooler the checkpoint lacks (this package pools the hidden states itself, so it
+    is never used). Other weights the model needs and the folder lacks, or whose shapes differ,
+    are named in one warning: they start at random, so the model is not the one saved.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress output is enough
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(
+            path, local_files_only=True, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k.split(".")[0]]
+    missing += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
+    if missing:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        warnings.warn(
+            f"backbone {path}: {len(missing)} weight(s) the model needs are missing from the "
+            f"folder or have another shape ({shown}) and start at random: this is not the model "
+            "that was saved",
+            UserWarning,
+            stacklevel=3,
+        )
+    return model
 
 
 class Backbone(nn.Module):
@@ -108,10 +141,8 @@ class Backbone(nn.Module):
 
         A vision model (its config has an image size and channels) loads as an `ImageBackbone`.
         """
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoConfig, AutoTokenizer
 
-        hf_logging.disable_progress_bar()  # our own progress bars are enough
         path = str(default_model_path()) if name_or_path is None else name_or_path
         check_model_folder(path)
         try:
@@ -122,7 +153,7 @@ class Backbone(nn.Module):
                     return ImageBackbone.from_pretrained(path, max_length, device, dtype)
             _check_tokenizer_files(path)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, local_files_only=True)
+            model = load_model(path)
         except (OSError, ValueError) as err:
             where = "" if Path(path).expanduser().exists() else (
                 f"there is no folder {str(Path(path).expanduser().absolute())!r} and "

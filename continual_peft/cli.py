@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from continual_peft import __version__, progress
 from continual_peft._compare_entries import override, resolve_entries
 from continual_peft._io import atomic_write_text
 from continual_peft._leaderboard_report import console_leaderboard
@@ -22,6 +23,12 @@ from continual_peft.backbone import Backbone
 from continual_peft.compare import compare, load_leaderboard
 from continual_peft.config import LearnerConfig, load_strategy_spec
 from continual_peft.errors import ContinualPeftError, Terminated
+from continual_peft.evaluation import (
+    console_scores,
+    evaluate_records,
+    evaluate_stream,
+    predict_records,
+)
 from continual_peft.export import export_task
 from continual_peft.grid import (
     console_aggregate,
@@ -34,16 +41,23 @@ from continual_peft.grid import (
 )
 from continual_peft.loading import load_learner, run_finished, saved_config
 from continual_peft.modules import MODULE_KINDS
+from continual_peft.placement import set_threads
 from continual_peft.reports import console_report, load_report
 from continual_peft.routers import ROUTERS
 from continual_peft.rundir import new_run_path
 from continual_peft.runner import check_task_overrides, run_baseline, run_stream
 from continual_peft.strategies import STRATEGIES, strategy_options
 from continual_peft.streams import demo_spec_path, load_stream, shipped_folder
-from continual_peft.tasks import read_texts
+from continual_peft.tasks import read_records
+
+# An argument's help line names its value (STREAM, RUN) and says what it is; typer would add a
+# raw type tag ("<path>") that options do not show once they have a metavar.
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
 
 app = typer.Typer(
-    help="Continual learning with per-task PEFT modules on a frozen backbone.", add_completion=False
+    help="Continual learning with per-task PEFT modules on a frozen backbone.",
+    add_completion=False,
+    rich_markup_mode=None,
 )
 console = Console()
 errors = Console(stderr=True)
@@ -57,13 +71,44 @@ MOVED_BACKBONE_HELP = (
     "fingerprint is checked. Default: the folder the run recorded."
 )
 DEVICE_HELP = "Device, e.g. cpu, cuda, cuda:1. Default: CUDA when present, else CPU."
+THREADS_HELP = (
+    "CPU threads for torch. Default 0 = auto: torch's own count (it follows OMP_NUM_THREADS), "
+    "lowered to the CPUs this process may use (affinity, cgroup quota)."
+)
 PACKAGE = Path(__file__).resolve().parent
+DATA_ROOT = typer.Option(
+    None, help="Folder the stream's task paths are relative to.", metavar="PATH"
+)
+MAX_TRAIN = typer.Option(None, help="Training examples per task (seeded subset).", metavar="N")
+MAX_TEST = typer.Option(None, help="Test examples per task (seeded subset).", metavar="N")
+DEVICE = typer.Option(None, help=DEVICE_HELP, metavar="TEXT")
+THREADS = typer.Option(None, help=THREADS_HELP, metavar="N")
 
 
 @app.callback()
-def _main() -> None:
-    """Continual learning with per-task PEFT modules on a frozen backbone."""
+def _main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        is_eager=True,
+        callback=lambda given: _version(given),
+    ),
+) -> None:
+    """Continual learning with per-task PEFT modules on a frozen backbone.
+
+    Paths given on the command line are relative to the current directory; paths inside a
+    stream spec are relative to the spec's folder (or --data-root). Shipped strategy and stream
+    names (`list strategies`, `list streams`) are found wherever you stand.
+    """
     warnings.formatwarning = _format_warning
+    progress.configure("lines")  # a live bar on a terminal, a line every 30 s in a log file
+
+
+def _version(given: bool) -> None:
+    if given:
+        console.print(f"continual-peft {__version__}", highlight=False)
+        raise typer.Exit()
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
@@ -134,57 +179,70 @@ def _config(
     return override(config, overrides, "command line")
 
 
-@app.command()
+@app.command(short_help="Learn a stream of tasks; checkpoints and a report after each.")
 @_stop_signals()
 def run(
     stream: Path = typer.Argument(
-        None, help="Stream spec (TOML). Default: the embedded demo stream."
+        None, help="Stream spec (TOML). Default: the embedded demo stream.", metavar="STREAM"
     ),
     strategy: str = typer.Option(
         None,
         help="Strategy name (see `list strategies`; a name with a shipped spec of its own, "
         "l2p, runs with that spec) or spec file. Default: per_task.",
+        metavar="TEXT",
     ),
-    module: str = typer.Option(None, help="Module kind (see `list modules`)."),
-    data_root: Path = typer.Option(None, help="Folder the stream's task paths are relative to."),
+    module: str = typer.Option(None, help="Module kind (see `list modules`).", metavar="TEXT"),
+    data_root: Path = DATA_ROOT,
     out: Path = typer.Option(
-        None, help="Run directory (grid folder for a grid). Default: runs/<time>-<stream>[-grid]."
+        None,
+        help="Run directory (grid folder for a grid). Default: runs/<time>-<stream>[-grid].",
+        metavar="PATH",
     ),
     baseline: str = typer.Option(
         "auto",
         help="Also run this strategy for comparison; 'none' to skip, "
         "'auto' = seq on the demo stream, none otherwise (with --resume: the run's own).",
+        metavar="TEXT",
     ),
-    max_train: int = typer.Option(None, help="Training examples per task (seeded subset)."),
-    max_test: int = typer.Option(None, help="Test examples per task (seeded subset)."),
+    max_train: int = MAX_TRAIN,
+    max_test: int = MAX_TEST,
     router_train: int = typer.Option(
-        None, help="Training inputs per task that fit the router (default: the slot's)."
+        None,
+        help="Training inputs per task that fit the router (default: the slot's).",
+        metavar="N",
     ),
-    epochs: int = typer.Option(None),
-    lr: float = typer.Option(None),
-    batch_size: int = typer.Option(None),
-    rank: int = typer.Option(None, help="LoRA rank."),
-    seed: int = typer.Option(None, help="Seeds slot/head init, shuffling and dropout."),
+    epochs: int = typer.Option(None, metavar="N", help="Passes over each task's training set."),
+    lr: float = typer.Option(None, metavar="LR", help="Peak learning rate (AdamW)."),
+    batch_size: int = typer.Option(None, metavar="N", help="Training examples per step."),
+    rank: int = typer.Option(None, metavar="R", help="LoRA rank."),
+    seed: int = typer.Option(
+        None, help="Seeds slot/head init, shuffling and dropout.", metavar="N"
+    ),
     order: list[str] = typer.Option(
         None,
         help="Task order; repeat for several. A named order of the spec ('default' = its "
         "`order`), 'all' (every order of the spec's orders table), names joined by commas "
         "(order1,order2), or an explicit order of tasks joined by commas "
         "(dbpedia,amazon,agnews,yelp).",
+        metavar="TEXT",
     ),
     seeds: str = typer.Option(
         None,
         help="Seeds joined by commas, e.g. 0,1,2. More than one order x seed combination runs "
         "a grid: one run per combination in --out/<order>-seed<k>/, plus aggregate.json/.md/"
         ".csv/.png (mean ± sample std).",
+        metavar="TEXT",
     ),
-    router: str = typer.Option(None, help="Router (see `list routers`); default oracle."),
-    max_length: int = typer.Option(None, help="Longest input in tokens."),
+    router: str = typer.Option(
+        None, help="Router (see `list routers`); default oracle.", metavar="TEXT"
+    ),
+    max_length: int = typer.Option(None, help="Longest input in tokens.", metavar="N"),
     backbone: str = typer.Option(
-        None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2."
+        None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2.", metavar="TEXT"
     ),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    device: str = typer.Option(None, help=DEVICE_HELP),
+    dtype: str = typer.Option(None, help=DTYPE_HELP, metavar="TEXT"),
+    device: str = DEVICE,
+    threads: int = THREADS,
     resume: Path = typer.Option(
         None,
         help="Continue this run directory (or grid folder) from its last finished task (after "
@@ -192,6 +250,7 @@ def run(
         "run's own, and options that contradict it are refused. A run that lost or damaged a "
         "file is rolled back to the newest task whose files are intact and re-trained from "
         "there. A finished run: nothing to do.",
+        metavar="PATH",
     ),
 ) -> None:
     """Learn every task of a stream, writing checkpoints and a forgetting report after each.
@@ -218,6 +277,7 @@ def run(
             "backbone.name": backbone,
             "backbone.dtype": dtype,
             "backbone.device": device,
+            "backbone.threads": threads,
         }
         tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
         grid = resume is not None and (resume / "aggregate.json").is_file()
@@ -237,14 +297,17 @@ def run(
                 f"{resume} is one run, and --resume continues it as it was: leave out --order "
                 "and --seeds (several make a grid; start one with --out)."
             )
+        console.print(f"torch threads: {set_threads(config.backbone.threads)}", highlight=False)
         if grid:
             run_dir = resume or out or new_run_path("runs", f"{tasks.name}-grid")
+            console.print(f"grid directory: {run_dir}", highlight=False, soft_wrap=True)
             run_grid(tasks, config, orders, seed_list, run_dir, baseline=chosen, console=console,
                      resume=bool(started))  # fmt: skip
         else:
             config.seed = seed_list[0]
             tasks = tasks.with_order(orders[0])
             run_dir = resume or out or new_run_path("runs", tasks.name)
+            console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
             run_stream(
                 tasks, config, run_dir=run_dir, baseline=chosen, console=console,
                 resume=resume is not None,
@@ -262,51 +325,86 @@ def run(
         )
     else:
         console.print(
-            f"\nrun directory: [bold]{run_dir}[/] (report.md, report.json, accuracy_matrix.png)"
+            f"\nrun directory: [bold]{run_dir}[/] (report.md, report.json, accuracy_matrix.png, "
+            "loss_curves.png)"
         )
 
 
-@app.command("compare")
+@app.command("compare", short_help="Run several strategies on one stream; write a leaderboard.")
 @_stop_signals()
 def compare_(
-    stream: Path = typer.Option(None, help="Stream spec (TOML). Default: the embedded demo."),
+    stream: Path = typer.Argument(
+        None,
+        help="Stream spec (TOML), as for `run`. Default: the embedded demo stream.",
+        metavar="STREAM",
+    ),
+    stream_option: Path = typer.Option(
+        None,
+        "--stream",
+        help="The stream spec, as an option (the same as the argument).",
+        metavar="PATH",
+    ),
     strategies: str = typer.Option(
         None,
         help="Entries joined by commas: registered strategy names (each with its single shipped "
         "spec strategies/<name>[_*].toml if there is one, else the default LoRA config) or "
         "strategy spec files (.toml). Default: every registered strategy.",
+        metavar="TEXT",
     ),
     sweep: str = typer.Option(
         None,
         help="KEY=V1,V2,...: every entry once per value, e.g. lora.r=1,2,4,8,16, "
         "prompt.num_virtual_tokens=5,10, train.lr=1e-3,1e-2; adds sweep.png.",
+        metavar="TEXT",
     ),
     seeds: str = typer.Option(
-        None, help="Seeds joined by commas (each entry runs as an order x seed grid)."
+        None,
+        help="Seeds joined by commas (each entry runs as an order x seed grid).",
+        metavar="TEXT",
     ),
     order: list[str] = typer.Option(
-        None, "--order", "--orders", help="Task order(s), as for `run --order`; repeatable."
+        None,
+        "--order",
+        "--orders",
+        help="Task order(s), as for `run --order`; repeatable.",
+        metavar="TEXT",
     ),
-    out: Path = typer.Option(None, help="Output folder. Default: runs/<time>-<stream>-compare."),
+    out: Path = typer.Option(
+        None, help="Output folder. Default: runs/<time>-<stream>-compare.", metavar="PATH"
+    ),
     resume: Path = typer.Option(
         None,
         help="Continue this comparison folder (after a kill or Ctrl-C), with the same stream, "
         "--strategies and budget options: finished entries are kept, unfinished runs continue "
         "from their last finished task.",
+        metavar="PATH",
     ),
-    data_root: Path = typer.Option(None, help="Folder the stream's task paths are relative to."),
-    max_train: int = typer.Option(None, help="Training examples per task (seeded subset)."),
-    max_test: int = typer.Option(None, help="Test examples per task (seeded subset)."),
-    epochs: int = typer.Option(None, help="For every entry (else they must agree)."),
-    batch_size: int = typer.Option(None, help="For every entry (else they must agree)."),
+    data_root: Path = DATA_ROOT,
+    max_train: int = MAX_TRAIN,
+    max_test: int = MAX_TEST,
+    epochs: int = typer.Option(
+        None, metavar="N", help="Epochs for every entry (else the entries' must agree)."
+    ),
+    batch_size: int = typer.Option(
+        None, metavar="N", help="Batch size for every entry (else the entries' must agree)."
+    ),
     lr: float = typer.Option(
-        None, help="For every entry, replacing each spec's own lr (leave unset to keep them)."
+        None,
+        metavar="LR",
+        help="Learning rate for every entry, replacing each spec's own (unset: keep them).",
     ),
-    router: str = typer.Option(None, help="Router for every entry (default: each entry's)."),
-    max_length: int = typer.Option(None, help="Longest input in tokens, for every entry."),
-    backbone: str = typer.Option(None, help="Model folder or name, for every entry."),
-    dtype: str = typer.Option(None, help=DTYPE_HELP),
-    device: str = typer.Option(None, help=DEVICE_HELP),
+    router: str = typer.Option(
+        None, help="Router for every entry (default: each entry's).", metavar="TEXT"
+    ),
+    max_length: int = typer.Option(
+        None, help="Longest input in tokens, for every entry.", metavar="N"
+    ),
+    backbone: str = typer.Option(
+        None, help="Model folder or name, for every entry.", metavar="TEXT"
+    ),
+    dtype: str = typer.Option(None, help=DTYPE_HELP, metavar="TEXT"),
+    device: str = DEVICE,
+    threads: int = THREADS,
 ) -> None:
     """Run several strategies on the same stream and budget; write a leaderboard.
 
@@ -324,7 +422,11 @@ def compare_(
             "backbone.name": backbone,
             "backbone.dtype": dtype,
             "backbone.device": device,
+            "backbone.threads": threads,
         }
+        if stream is not None and stream_option is not None and stream != stream_option:
+            raise ContinualPeftError("give the stream spec once: as the argument or --stream.")
+        stream = stream or stream_option
         names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
         entries = resolve_entries(names or STRATEGIES.names(), overrides, sweep)
         tasks = load_stream(stream, data_root, max_train, max_test)
@@ -335,6 +437,8 @@ def compare_(
         if resume is not None and out is not None and out != resume:
             raise ContinualPeftError("give --out or --resume, not both.")
         folder = resume or out or new_run_path("runs", f"{tasks.name}-compare")
+        console.print(f"torch threads: {set_threads(threads or 0)}", highlight=False)
+        console.print(f"comparison folder: {folder}", highlight=False, soft_wrap=True)
         board = compare(
             tasks, entries, folder, seed_list, orders, console=console, resume=resume is not None
         )
@@ -353,12 +457,13 @@ def compare_(
         _fail(f"{len(failed)} of {total} entries failed: {', '.join(failed)} (leaderboard.md)", 1)
 
 
-@app.command()
+@app.command(short_help="Print a run's report, a grid's aggregate or a leaderboard.")
 def report(
     run_dir: Path = typer.Argument(
         ...,
         help="A run directory or its report.json, a grid folder or its aggregate.json, or a "
         "comparison folder or its leaderboard.json.",
+        metavar="RUN",
     ),
 ) -> None:
     """Print a saved run's report, a grid's aggregate, or a comparison's leaderboard."""
@@ -373,17 +478,20 @@ def report(
         _fail(str(err))
 
 
-@app.command()
+@app.command(short_help="Export one task's module and head (peft adapter or merged model).")
 def export(
-    run: Path = typer.Option(..., help="The run directory."),
-    task: str = typer.Option(..., help="The task to export."),
+    run: Path = typer.Option(..., help="The run directory.", metavar="PATH"),
+    task: str = typer.Option(..., help="The task to export.", metavar="TEXT"),
     format_: str = typer.Option(
         "peft",
         "--format",
         help="peft (a LoRA adapter for peft.PeftModel) or merged (a standalone HF model folder).",
+        metavar="TEXT",
     ),
-    out: Path = typer.Option(..., help="Folder to write; must not exist yet or be empty."),
-    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP),
+    out: Path = typer.Option(
+        ..., help="Folder to write; must not exist yet or be empty.", metavar="PATH"
+    ),
+    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="TEXT"),
 ) -> None:
     """Export one task's module (and head) for use outside continual-peft."""
     try:
@@ -395,30 +503,42 @@ def export(
     )
 
 
-@app.command()
+RUN_HELP = "The run directory."
+INPUT_HELP = (
+    'JSONL, one object per line: a "text", optionally a "task" (that task\'s module and head, '
+    'not the router) and, for eval, a "label"; or - for standard input.'
+)
+BATCH_HELP = "Inputs per forward pass. Default: the run's eval_batch_size."
+
+
+@app.command(short_help="Predict task and label per input (the router's or a given task).")
+@_stop_signals()
 def predict(
-    run: Path = typer.Option(..., help="The run directory (trained with a router)."),
-    input_: str = typer.Option(
-        ..., "--input", help='JSONL with a "text" per line, or - for stdin.'
+    run: Path = typer.Option(..., help=RUN_HELP, metavar="PATH"),
+    input_: str = typer.Option(..., "--input", help=INPUT_HELP, metavar="TEXT"),
+    task: str = typer.Option(
+        None,
+        help="Predict every input as this task (oracle routing; no router needed).",
+        metavar="TEXT",
     ),
-    output: Path = typer.Option(None, help="Write JSONL here instead of standard output."),
-    device: str = typer.Option(None, help=DEVICE_HELP),
+    output: Path = typer.Option(
+        None, help="Write JSONL here instead of standard output.", metavar="PATH"
+    ),
+    batch_size: int = typer.Option(None, metavar="N", help=BATCH_HELP),
+    device: str = DEVICE,
     dtype: str = typer.Option(
         None,
         help="Frozen weights' dtype to predict in (auto, bfloat16, float16, float32). Default: "
         "the one the run computed in (bfloat16 for a GPU run: pass float32 on a CPU).",
+        metavar="TEXT",
     ),
-    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP),
+    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="TEXT"),
+    threads: int = THREADS,
 ) -> None:
-    """Predict task and label per input with the run's router, in batched routed forwards."""
+    """Predict task and label per input: through the task a line (or --task) names, else
+    through the run's router, in batched routed forwards. Writes one JSON object per input:
+    task, label, rejected, routing ("given" or "router"), and the router's score and topk."""
     try:
-        if saved_config(run).router == "oracle":
-            raise ContinualPeftError(
-                f"{run} was trained without a router (router 'oracle'), so nothing can pick a "
-                "task per input: train it with --router mahalanobis (or another router: "
-                "`continual-peft list routers`), or call learner.predict(texts, task=...) in "
-                "Python"
-            )
         if output is not None and input_ != "-" and output.resolve() == Path(input_).resolve():
             raise ContinualPeftError(
                 f"--output {output} is the --input file; write the predictions to another file"
@@ -428,18 +548,8 @@ def predict(
                 f"--output {output} is inside the run directory {run}, whose files only the run "
                 "writes; write the predictions somewhere else"
             )
-        texts = read_texts(input_)  # a bad input is named before any model loads
-        model = None
-        if backbone is not None:  # the run's own model, moved: its fingerprint is checked
-            length = saved_config(run).backbone.max_length
-            model = Backbone.from_pretrained(
-                backbone,
-                length,
-                device=device or None,
-                dtype=dtype or saved_config(run).backbone.dtype,
-            )
-        learner = load_learner(run, model, device=device, dtype=dtype)
-        rows = learner.predict_details(texts)
+        learner, records = _open_run(run, input_, batch_size, device, dtype, backbone, threads)
+        rows = predict_records(learner, records, task)
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         if output is None:
             sys.stdout.write(lines)
@@ -447,10 +557,82 @@ def predict(
             atomic_write_text(output, lines)
     except ContinualPeftError as err:
         _fail(str(err))
+    except KeyboardInterrupt as err:
+        _interrupted(err, "nothing was written.")
 
 
-@app.command("list")
-def list_(what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.")) -> None:
+@app.command("eval", short_help="Score a trained run on labelled data, without training.")
+@_stop_signals()
+def eval_(
+    run: Path = typer.Option(..., help=RUN_HELP, metavar="PATH"),
+    stream: Path = typer.Argument(
+        None,
+        help="A stream spec (TOML) whose tasks the run learned: each task's test set is "
+        "scored. Or give --input.",
+        metavar="STREAM",
+    ),
+    input_: str = typer.Option(None, "--input", help=INPUT_HELP, metavar="TEXT"),
+    task: str = typer.Option(
+        None, help="With --input: every line is of this task.", metavar="TEXT"
+    ),
+    data_root: Path = DATA_ROOT,
+    max_test: int = MAX_TEST,
+    output: Path = typer.Option(
+        None, help="Also write the scores here as JSON (fractions).", metavar="PATH"
+    ),
+    batch_size: int = typer.Option(None, metavar="N", help=BATCH_HELP),
+    device: str = DEVICE,
+    dtype: str = typer.Option(None, help="As for predict.", metavar="TEXT"),
+    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="TEXT"),
+    threads: int = THREADS,
+) -> None:
+    """Accuracy of a trained run on labelled data, without training: per task, with the task
+    given (oracle) and, with a router, routed, plus routing accuracy."""
+    try:
+        if (stream is None) == (input_ is None):
+            raise ContinualPeftError(
+                "give what to evaluate on: a stream spec (its tasks' test sets) or --input "
+                'FILE (JSONL with "text" and "label" per line), not both'
+            )
+        learner, records = _open_run(run, input_, batch_size, device, dtype, backbone, threads)
+        if stream is not None:
+            scores = evaluate_stream(learner, load_stream(stream, data_root, max_test=max_test))
+        else:
+            scores = evaluate_records(learner, records, task)
+        console.print(console_scores(scores))
+        if output is not None:
+            atomic_write_text(output, json.dumps(scores, indent=2) + "\n")
+    except ContinualPeftError as err:
+        _fail(str(err))
+    except KeyboardInterrupt as err:
+        _interrupted(err, "nothing was written.")
+
+
+def _open_run(run, input_, batch_size, device, dtype, backbone, threads):
+    """The run's learner, ready to predict, and the records of `input_` (read first: a bad
+    input is named before any model loads)."""
+    saved = saved_config(run)
+    records = read_records(input_) if input_ is not None else []
+    saved.backbone.threads = threads or 0
+    errors.print(f"torch threads: {set_threads(saved.backbone.threads)}", highlight=False)
+    model = None
+    if backbone is not None:  # the run's own model, moved: its fingerprint is checked
+        model = Backbone.from_pretrained(
+            backbone, saved.backbone.max_length, device=device or None,
+            dtype=dtype or saved.backbone.dtype,
+        )  # fmt: skip
+    learner = load_learner(run, model, device=device, dtype=dtype)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ContinualPeftError(f"--batch-size {batch_size}: give a positive number")
+        learner.config.train.eval_batch_size = batch_size
+    return learner, records
+
+
+@app.command("list", short_help="List module kinds, strategies, routers or shipped streams.")
+def list_(
+    what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.", metavar="WHAT"),
+) -> None:
     """List registered module kinds, strategies, routers, or the shipped stream specs."""
     if what == "modules":
         names = [f"{n}: {_summary(MODULE_KINDS.get(n))}" for n in MODULE_KINDS.names()]

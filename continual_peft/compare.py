@@ -116,7 +116,7 @@ def compare(
                 console.print(f"[bold red]{entry.label} failed:[/] {err}; continuing")
         board = leaderboard(plan.head, results, "running")
         write_leaderboard(board, plan.out)
-        if console:
+        if console and number < len(plan.entries):  # the caller prints the final board
             console.print(console_leaderboard(board))
     board = leaderboard(plan.head, results, "finished")
     write_leaderboard(board, plan.out)

@@ -59,6 +59,16 @@ class BackboneConfig:
     max_length: int = 128  # longer inputs are truncated (and counted in the report)
     device: str = ""  # "" = CUDA when present, else CPU
     dtype: str = "auto"  # frozen weights: auto (bf16 on CUDA with bf16, else fp32), or a dtype
+    threads: int = 0  # torch CPU threads; 0 = auto (`placement.set_threads`)
+
+
+# where a run computes, not what it is: a run may resume or load with other values
+PLACE_KEYS = ("device", "threads")
+
+
+def without_place(backbone: dict[str, Any]) -> dict[str, Any]:
+    """A backbone config dict less `PLACE_KEYS`."""
+    return {key: value for key, value in (backbone or {}).items() if key not in PLACE_KEYS}
 
 
 @dataclass

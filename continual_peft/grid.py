@@ -27,7 +27,7 @@ from continual_peft._grid_report import console_aggregate, write_aggregate
 from continual_peft._io import load_versioned_json
 from continual_peft._report_data import is_missing
 from continual_peft.backbone import Backbone
-from continual_peft.config import LearnerConfig
+from continual_peft.config import LearnerConfig, without_place
 from continual_peft.errors import ContinualPeftError
 from continual_peft.placement import pick_device
 from continual_peft.reports import load_report
@@ -235,7 +235,7 @@ def _check_same_grid(out: Path, head: dict[str, Any]) -> None:
 def _comparable(head: dict[str, Any]) -> dict[str, Any]:
     """A grid's head less where it computes (a grid may resume on another device)."""
     config = dict(head.get("config") or {})
-    config["backbone"] = {k: v for k, v in (config.get("backbone") or {}).items() if k != "device"}
+    config["backbone"] = without_place(config.get("backbone"))
     return {**head, "config": config}
 
 

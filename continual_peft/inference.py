@@ -14,6 +14,7 @@ import torch
 from continual_peft.backbone import Backbone
 from continual_peft.bank import ModuleBank
 from continual_peft.heads import Heads
+from continual_peft.progress import tick
 from continual_peft.training import length_sorted_batches, predict_rows
 
 
@@ -27,6 +28,7 @@ def frozen_features(
     with bank.base_only():
         for rows, batch in length_sorted_batches(backbone, items, batch_size):
             out[placement.tensor(rows, dtype=torch.long)] = backbone.embed(batch).float()
+            tick(len(rows))
     return out
 
 

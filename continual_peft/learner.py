@@ -31,7 +31,8 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.heads import Heads
 from continual_peft.inference import frozen_features, routed_predict, routing_table
 from continual_peft.monitor import ForgettingMonitor
-from continual_peft.placement import dtype_name
+from continual_peft.placement import dtype_name, set_threads
+from continual_peft.progress import meter
 from continual_peft.reports import console_report
 from continual_peft.routers import ROUTERS, Router, build_router
 from continual_peft.rundir import RunDir
@@ -105,6 +106,7 @@ class ContinualLearner:
                 backbone=BackboneConfig(max_length=max_length),
             )
         config.validate()
+        self.threads = set_threads(config.backbone.threads)  # what it says: for the log
         self.strategy = build_strategy(config.strategy, config.strategy_options)
         if not isinstance(backbone, Backbone):
             name = backbone or config.backbone.name or None
@@ -253,7 +255,8 @@ class ContinualLearner:
         test_enc = self.backbone.encode(task.test_inputs, f"task {task.name!r}: test input")
         state = _Learned(task, len(self.learned), slot, test_enc.items)
         self.learned[task.name] = state
-        with self._evaluating():
+        where = f"task {len(self.learned)} {task.name}: evaluating before training"
+        with self._evaluating(), meter(where, 2 * len(state.test_items)):
             initial = self._accuracy(state, base_only=True)
             before = self._accuracy(state)
         # the router cannot know a task before it is trained: no routed "before" value
@@ -278,7 +281,8 @@ class ContinualLearner:
         if task.router_inputs:
             where = f"task {task.name!r}: router input"
             router_items = self.backbone.encode(task.router_inputs, where).items
-        with self._evaluating():
+        where = f"task {len(self.learned)} {task.name}: re-evaluating {len(self.learned)} task(s)"
+        with self._evaluating(), meter(where, self._evaluation_rows(router_items)):
             self._evaluate(router_items)
         record = {
             "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
@@ -290,6 +294,8 @@ class ContinualLearner:
             "train_steps": result.steps, "final_train_loss": result.final_loss,
             "truncated_inputs": session.truncated,
         }  # fmt: skip
+        if result.loss_curve is not None:
+            record["loss_curve"] = result.loss_curve
         if strategy_facts:
             record["strategy"] = strategy_facts
         self.records.append(record)
@@ -333,6 +339,17 @@ class ContinualLearner:
             set_status(self.run_dir.path, status)
             self.close()
 
+    def __enter__(self) -> ContinualLearner:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: object) -> None:
+        """`with ContinualLearner(...) as learner:` ends the run on leaving the block: finished,
+        or `interrupted` (Ctrl-C) or `failed` (an error, which propagates)."""
+        if kind is None:
+            self.finish()
+        else:
+            self.finish("interrupted" if issubclass(kind, KeyboardInterrupt) else "failed")
+
     def close(self) -> None:
         """Stop writing the run directory and release its lock (also done at exit)."""
         if self.run_dir:
@@ -374,6 +391,14 @@ class ContinualLearner:
         finally:
             self.router = own
         return [r[0] for r in results], [r[1] for r in results]
+
+    def _evaluation_rows(self, router_items: list) -> int:
+        """Rows `_evaluate` runs through the backbone (what its progress counts)."""
+        tests = [len(state.test_items) for state in self.learned.values()]
+        if self.router is None:
+            return sum(tests)
+        uncached = sum(len(s.test_items) for s in self.learned.values() if s.test_features is None)
+        return 2 * sum(tests) + len(router_items) + uncached
 
     def _evaluate(self, router_items: list) -> None:
         """Row i of every matrix: oracle accuracy, and with a router routed and routing accuracy."""
@@ -464,10 +489,12 @@ class ContinualLearner:
         if len(tasks) != len(inputs):
             raise ContinualPeftError(f"got {len(inputs)} inputs but {len(tasks)} task names")
         slots, weights = self._rows_routing(tasks)
-        predictions = routed_predict(
-            self.backbone, self.bank, self.heads, self.backbone.encode(list(inputs)).items,
-            slots, weights, tasks, self.config.train.eval_batch_size,
-        )  # fmt: skip
+        items = self.backbone.encode(list(inputs)).items
+        with meter(f"predicting {len(items)} input(s)", len(items)):
+            predictions = routed_predict(
+                self.backbone, self.bank, self.heads, items, slots, weights, tasks,
+                self.config.train.eval_batch_size,
+            )  # fmt: skip
         return [self._learned(t).task.labels[p] for t, p in zip(tasks, predictions, strict=True)]
 
     def predict_details(self, inputs: list) -> list[dict]:
@@ -483,8 +510,9 @@ class ContinualLearner:
         if not len(inputs):
             return []
         items = self.backbone.encode(list(inputs)).items
-        features = self._features(items)
-        labels, indices, weights = self._routed(items, features)
+        with meter(f"predicting {len(items)} input(s)", 2 * len(items)):
+            features = self._features(items)
+            labels, indices, weights = self._routed(items, features)
         scores = self.router.scores(features).cpu()
         names = list(self.learned)
         rows = []

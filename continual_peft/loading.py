@@ -29,7 +29,7 @@ from continual_peft._checkpoint import (
 from continual_peft._io import load_json
 from continual_peft._repair import resume_point
 from continual_peft.backbone import Backbone
-from continual_peft.config import LearnerConfig
+from continual_peft.config import LearnerConfig, without_place
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.fingerprint import check_fingerprint
 from continual_peft.learner import ContinualLearner, _Learned
@@ -67,6 +67,7 @@ def load_learner(
     checkpoint = read_checkpoint(run)
     config = LearnerConfig.from_dict(saved["config"], str(run / "config.json"))
     config.backbone.device = "" if device is None else device
+    config.backbone.threads = 0  # where the run trained is not where it predicts: auto here
     if dtype is not None:
         config.backbone.dtype = dtype
     learner = ContinualLearner(
@@ -181,10 +182,10 @@ def _check_config(run: Path, saved: dict, given: dict) -> None:
     # read through the config class, so keys added since the run was written take their defaults
     saved = LearnerConfig.from_dict(saved, str(run / "config.json")).to_dict()
     # where a run computes is not what it is: a run may resume on another device
-    saved["backbone"].pop("device", None)
+    saved["backbone"] = without_place(saved["backbone"])
     if saved["backbone"].get("dtype") == "auto":  # written before the resolved dtype was
         saved["backbone"]["dtype"] = given["backbone"]["dtype"]
-    given = {**given, "backbone": {k: v for k, v in given["backbone"].items() if k != "device"}}
+    given = {**given, "backbone": without_place(given["backbone"])}
     differences = config_differences(saved, given)
     if differences:
         raise ContinualPeftError(

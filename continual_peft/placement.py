@@ -16,6 +16,8 @@ and then moves: `Placement.generator` and `Placement.put`.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,55 @@ DTYPES = {
 }
 MASTER_DTYPE = torch.float32  # trainable slot and head: what the optimizer updates
 CPU = torch.device("cpu")
+
+
+def set_threads(threads: int = 0) -> str:
+    """Set torch's CPU threads and say how many and why.
+
+    Args:
+        threads: A count, or 0 for "auto": torch's own setting (which follows OMP_NUM_THREADS),
+            lowered to the CPUs this process may use (`usable_cpus`), so a shared or
+            containerised machine is not oversubscribed.
+
+    Returns:
+        What was set, e.g. "2 (auto: the CPUs this process may use)".
+
+    Raises:
+        ContinualPeftError: For a negative count.
+    """
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ContinualPeftError(
+            f"threads = {threads!r}: give a positive number of CPU threads, or 0 for auto"
+        )
+    if threads:
+        torch.set_num_threads(threads)
+        return f"{threads} (as asked)"
+    usable = usable_cpus()
+    current = torch.get_num_threads()
+    if current <= usable:
+        why = "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "torch's default"
+        return f"{current} (auto: {why}; {usable} CPU(s) usable)"
+    torch.set_num_threads(usable)
+    return f"{usable} (auto: the CPUs this process may use, not torch's default {current})"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, lowered to its cgroup's CPU quota
+    (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), at least 1."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for quota_file, period_file in (
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            quota = Path(quota_file).read_text().split()
+            period = Path(period_file).read_text().split() if period_file else quota[1:]
+        except (OSError, IndexError):
+            continue
+        if quota and quota[0] not in ("max", "-1") and period:
+            count = min(count or 1, math.ceil(int(quota[0]) / int(period[0])))
+        break
+    return max(1, count or 1)
 
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N (N counted from 0), or empty for CUDA when present"

@@ -1,9 +1,10 @@
 """Reports of a run, rendered from the plain report dict the engine builds after every task.
 
 One dict (schema version 1, see DESIGN.md) feeds every format: a rich console table, ``report.md``,
-``accuracy_matrix.csv``, an ``accuracy_matrix.png`` heatmap and ``report.json`` itself. The keys of
-``accuracy_matrix`` and ``metrics`` are routing modes ("oracle", later "routed", ...); every writer
-loops over the modes present, with "oracle" and "routed" merely shown first.
+``accuracy_matrix.csv``, an ``accuracy_matrix.png`` heatmap, a ``loss_curves.png`` plot and
+``report.json`` itself. The keys of ``accuracy_matrix`` and ``metrics`` are routing modes ("oracle",
+later "routed", ...); every writer loops over the modes present, with "oracle" and "routed" merely
+shown first. Units: fractions (0-1) in the JSON and CSV, percent on every surface read by people.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ from continual_peft._report_data import (
 )
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.metrics import METRIC_DEFINITIONS
-from continual_peft.plots import plot_accuracy_matrix
+from continual_peft.plots import loss_curves, plot_accuracy_matrix, plot_loss_curves
 
 SCHEMA_VERSION = 1
 REPORT_FILES = ("report.json", "accuracy_matrix.csv", "report.md", "accuracy_matrix.png")
+LOSS_CURVES_FILE = "loss_curves.png"  # only once a finished task has recorded a loss curve
 _REQUIRED_KEYS = ("status", "task_names", "accuracy_matrix", "metrics")
 # (key, display name, signed): transfer metrics are signed so a gain reads differently from a loss.
 _METRIC_ROWS = (
@@ -96,8 +98,33 @@ def _console_metrics(report: dict[str, Any]) -> Table:
     return table
 
 
+def console_headline(report: dict[str, Any]) -> Table | None:
+    """Rich table of the headline: ACC, BWT and Forgetting against the baseline, in percent.
+
+    Args:
+        report: A report dict (schema version 1).
+
+    Returns:
+        The table, or None when the report has no baseline (or no metric both runs measured).
+    """
+    header, rows = _baseline_rows(report)
+    if not rows:
+        return None
+    ours, theirs = _compared_names(report)
+    title = f"Headline (%): {ours} vs baseline {theirs}"
+    caption = f"difference = {ours} − {theirs}, in percentage points"
+    table = Table(title=title, caption=caption, min_width=len(caption) + 4)
+    table.add_column(header[0], style="bold")
+    for name in header[1:]:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def console_report(report: dict[str, Any]) -> Group:
-    """Rich renderable of a report: R per routing mode, then the metrics.
+    """Rich renderable of a report: R per routing mode, the metrics, then the headline comparison
+    with the baseline when there is one.
 
     Args:
         report: A report dict (schema version 1).
@@ -116,6 +143,9 @@ def console_report(report: dict[str, Any]) -> Group:
         tables.append(_console_metrics(report))
     if report.get("routed_over_oracle") is not None:
         tables.append(Text(f"routed ACC / oracle ACC: {report['routed_over_oracle']:.3f}"))
+    headline = console_headline(report)
+    if headline is not None:
+        tables.append(headline)
     return Group(header, *tables)
 
 
@@ -163,12 +193,17 @@ def _md_metrics(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _md_baseline(report: dict[str, Any]) -> list[str]:
-    baseline = report.get("baseline")
-    if not baseline:
-        return []
-    ours, theirs = report.get("strategy", "this run"), baseline.get("strategy", "baseline")
-    base_metrics = baseline.get("metrics") or {}
+def _compared_names(report: dict[str, Any]) -> tuple[str, str]:
+    baseline = report.get("baseline") or {}
+    return str(report.get("strategy", "this run")), str(baseline.get("strategy", "baseline"))
+
+
+def _baseline_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (percent) of ACC, BWT and Forgetting against the baseline, per mode both
+    runs measured; the difference is ours minus the baseline's, in percentage points."""
+    ours, theirs = _compared_names(report)
+    header = ["metric", ours, theirs, "difference"]
+    base_metrics = (report.get("baseline") or {}).get("metrics") or {}
     rows = []
     for mode in _modes(report):
         if mode not in base_metrics or mode not in (report.get("metrics") or {}):
@@ -180,8 +215,16 @@ def _md_baseline(report: dict[str, Any]) -> list[str]:
             diff = None if _missing(a) or _missing(b) else a - b
             cells = [_pct(a, signed), _pct(b, signed), _pct(diff, True)]
             rows.append([f"{label} ({mode})", *(cell or "n/a" for cell in cells)])
-    header = ["metric", str(ours), str(theirs), "difference"]
-    return [f"## Comparison with baseline `{theirs}` (%)", "", *md_table(header, rows)]
+    return header, rows
+
+
+def _md_baseline(report: dict[str, Any]) -> list[str]:
+    if not report.get("baseline"):
+        return []
+    ours, theirs = _compared_names(report)
+    header, rows = _baseline_rows(report)
+    note = f"Difference: {ours} minus {theirs}, in percentage points."
+    return [f"## Comparison with baseline `{theirs}` (%)", "", note, "", *md_table(header, rows)]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -206,6 +249,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for named in named_matrices(report):
         lines += _md_matrix(report, *named)
     lines += _md_metrics(report) + _md_baseline(report)
+    if loss_curves(report):
+        lines += [f"Training loss per task: `{LOSS_CURVES_FILE}`.", ""]
     if report.get("routed_over_oracle") is not None:
         lines += [f"Routed ACC / oracle ACC: **{report['routed_over_oracle']:.3f}**", ""]
     definitions = report.get("metric_definitions") or METRIC_DEFINITIONS
@@ -248,7 +293,8 @@ def write_accuracy_csv(report: dict[str, Any]) -> str:
 
 
 def write_reports(report: dict[str, Any], run_dir: str | Path) -> None:
-    """Write ``report.json``, ``accuracy_matrix.csv``, ``report.md`` and ``accuracy_matrix.png``.
+    """Write ``report.json``, ``accuracy_matrix.csv``, ``report.md``, ``accuracy_matrix.png`` and,
+    once a finished task has recorded its training loss, ``loss_curves.png``.
 
     Each file is replaced atomically, so a reader (or a resumed run) never sees a partial file.
     The JSON goes first: it is the record every other format can be re-rendered from.
@@ -263,6 +309,7 @@ def write_reports(report: dict[str, Any], run_dir: str | Path) -> None:
     atomic_write_text(out / "accuracy_matrix.csv", write_accuracy_csv(report))
     atomic_write_text(out / "report.md", render_markdown(report))
     plot_accuracy_matrix(report, out / "accuracy_matrix.png")
+    plot_loss_curves(report, out / LOSS_CURVES_FILE)
 
 
 def load_report(run_dir_or_file: str | Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.learner import ContinualLearner
 from continual_peft.loading import load_learner, open_run, run_finished
 from continual_peft.placement import pick_device
+from continual_peft.reports import console_headline
 from continual_peft.rundir import check_free
 from continual_peft.strategies import STRATEGIES
 from continual_peft.streams import Stream
@@ -86,6 +87,8 @@ def run_stream(
         _mark_stopped(learner, err)
         raise
     learner.finish()
+    if console is not None and learner.baseline is not None:
+        console.print(console_headline(learner.report))  # after the baseline's own tables
     return learner
 
 

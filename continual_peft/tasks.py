@@ -312,13 +312,25 @@ def _subset(rows: list[Row], limit: int | None, rng: random.Random | str) -> lis
 
 def read_texts(source: str | Path) -> list[str]:
     """Texts to predict: a JSONL file (or "-" for standard input) with a "text" per line."""
+    return [record["text"] for record in read_records(source)]
+
+
+def read_records(source: str | Path) -> list[dict[str, str]]:
+    """Records to predict or evaluate: a JSONL file (or "-" for standard input), one JSON object
+    per line with a "text" string and optionally a "task" and a "label" (strings; an integer
+    label is read as its digits). Other fields are ignored; blank lines are skipped.
+
+    Raises:
+        ContinualPeftError: A missing file, a line that is not such an object (naming the line
+            and what a line must look like), or no record at all.
+    """
     name = "<stdin>" if str(source) == "-" else str(source)
     if name != "<stdin>":
         check_file(source, "JSONL file", 'give a file with a {"text": ...} object per line')
     raw = sys.stdin.buffer.read() if name == "<stdin>" else Path(source).read_bytes()
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as training files allow
     shape = 'each line must be one JSON object with a "text" string, e.g. {"text": "a red car"}'
-    texts = []
+    records = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -330,10 +342,21 @@ def read_texts(source: str | Path) -> list[str]:
             ) from None
         if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
             raise ContinualPeftError(f"{name}:{number}: {shape}.")
-        texts.append(record["text"])
-    if not texts:
+        kept = {"text": record["text"]}
+        for key in ("task", "label"):
+            value = record.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if value is not None and not isinstance(value, str):
+                raise ContinualPeftError(
+                    f"{name}:{number}: {key!r} must be a string, got {value!r}."
+                )
+            if value is not None:
+                kept[key] = value
+        records.append(kept)
+    if not records:
         raise ContinualPeftError(f"{name}: no texts to predict.")
-    return texts
+    return records
 
 
 def split_by_class(

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from continual_peft.backbone import Backbone
 from continual_peft.config import TrainConfig
 from continual_peft.errors import ContinualPeftError
+from continual_peft.progress import meter, tick
 
 
 @dataclass
@@ -29,6 +28,12 @@ class TrainResult:
     final_loss: float  # mean loss over the last epoch
     steps: int
     seconds: float
+    # {"steps": [...], "loss": [...]}: mean loss over the steps since the previous point
+    # (1-based step numbers, at most CURVE_POINTS points); None from other training loops
+    loss_curve: dict[str, list] | None = None
+
+
+CURVE_POINTS = 200
 
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float):
@@ -76,9 +81,10 @@ def train_task(
     # has float32's range and needs none; disabled, the scaler passes everything through)
     scaler = torch.amp.GradScaler(backbone.device.type, enabled=backbone.dtype == torch.float16)
     start, step, epoch_losses = time.perf_counter(), 0, []
+    total = per_epoch * config.epochs
+    window, curve, pending = max(1, math.ceil(total / CURVE_POINTS)), {"steps": [], "loss": []}, []
     backbone.train()
-    with _progress() as progress:
-        bar = progress.add_task(description, total=per_epoch * config.epochs, loss=float("nan"))
+    with meter(f"{description}: training", total, "steps") as progress:
         for _ in range(config.epochs):
             epoch_losses = []
             for rows in np.array_split(order_rng.permutation(len(items)), per_epoch):
@@ -103,21 +109,15 @@ def train_task(
                 scheduler.step()
                 step += 1
                 epoch_losses.append(value)
-                progress.update(bar, advance=1, loss=value)
+                pending.append(value)
+                if len(pending) == window or step == total:
+                    curve["steps"].append(step)
+                    curve["loss"].append(float(np.mean(pending)))
+                    pending = []
+                progress.advance(1, loss=value)
     backbone.eval()
-    return TrainResult(float(np.mean(epoch_losses)), step, time.perf_counter() - start)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=not Console().is_terminal,  # a log file gets the per-task tables, not bar frames
-    )
+    seconds = time.perf_counter() - start
+    return TrainResult(float(np.mean(epoch_losses)), step, seconds, curve)
 
 
 def length_sorted_batches(
@@ -145,4 +145,5 @@ def predict_rows(
     for rows, batch in length_sorted_batches(backbone, items, batch_size):
         logits = score(batch, rows)
         predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()
+        tick(len(rows))
     return predictions

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual_peft.backbone import Backbone, Encoded, model_name
+from continual_peft.backbone import Backbone, Encoded, load_model, model_name
 from continual_peft.errors import ContinualPeftError
 
 
@@ -84,15 +84,13 @@ class ImageBackbone(Backbone):
         dtype: str = "auto",
     ) -> ImageBackbone:
         """Load `AutoModel` (and `AutoImageProcessor`, when the folder has one) offline."""
-        from transformers import AutoImageProcessor, AutoModel
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoImageProcessor
 
         if name_or_path is None:
             raise ContinualPeftError("an image backbone needs a model folder or name")
-        hf_logging.disable_progress_bar()
         path = name_or_path
         try:
-            model = AutoModel.from_pretrained(path, local_files_only=True)
+            model = load_model(path)
             processor = None
             if not Path(path).is_dir() or (Path(path) / "preprocessor_config.json").is_file():
                 processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)

@@ -572,14 +572,20 @@ def test_predict_on_a_run_without_a_router_says_what_to_do(run: Path, tmp_path: 
 
     checkpoint = json.loads((run / "checkpoint.json").read_text(encoding="utf-8"))
     checkpoint["run_config_sha256"] = run_config_sha256(config["config"])
+    checkpoint["router"] = None
     (run / "checkpoint.json").write_text(json.dumps(checkpoint), encoding="utf-8")
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
     refused(
         invoke("predict", "--run", run, "--input", inputs),
-        "was trained without a router (router 'oracle')",
+        "name no task, and the run has no router (router 'oracle')",
+        "give --task NAME",
         "--router mahalanobis",
     )
+    # the task given: no router needed
+    result = invoke("predict", "--run", run, "--input", inputs, "--task", NAMES[0])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["routing"] == "given"
 
 
 def test_a_hand_edited_config_or_routing_is_named(run: Path, tmp_path: Path):

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -22,8 +23,11 @@ from continual_peft._io import (
 )
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.metrics import METRIC_DEFINITIONS, compute_metrics
+from continual_peft.plots import heatmap_figure, loss_figure, plot_loss_curves
 from continual_peft.reports import (
+    LOSS_CURVES_FILE,
     REPORT_FILES,
+    console_headline,
     console_report,
     load_report,
     render_markdown,
@@ -49,6 +53,7 @@ def _task(name: str, slot: int) -> dict[str, Any]:
         "eval_seconds": 0.3,
         "final_train_loss": 0.12,
         "truncated_inputs": 0,
+        "loss_curve": {"steps": [1, 5, 10], "loss": [1.5 - slot / 10, 0.8, 0.3]},
     }
 
 
@@ -90,8 +95,9 @@ def _csv_blocks(text: str) -> dict[str, list[list[str]]]:
 
 def test_write_reports_writes_every_file(report: dict[str, Any], tmp_path: Path) -> None:
     write_reports(report, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(REPORT_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*REPORT_FILES, LOSS_CURVES_FILE])
     assert (tmp_path / "accuracy_matrix.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (tmp_path / LOSS_CURVES_FILE).read_bytes().startswith(PNG_SIGNATURE)
     assert load_report(tmp_path) == report
     assert load_report(tmp_path / "report.json") == report
 
@@ -131,6 +137,79 @@ def test_console_report_shows_every_mode(report: dict[str, Any]) -> None:
     assert "gamma" in text and "88.0" in text and "ACC" in text
 
 
+def _headline_cells(text: str, label: str) -> list[str]:
+    """The cells of the headline table's row `label`, read from the rendered console text."""
+    headline = text[text.index("Headline (%)") :]
+    line = next(line for line in headline.splitlines() if f"{label} (oracle)" in line)
+    return [cell.strip() for cell in line.split("│") if cell.strip()]
+
+
+def test_console_report_ends_with_the_baseline_headline(report: dict[str, Any]) -> None:
+    console = Console(record=True, width=120)
+    console.print(console_report(report))
+    text = console.export_text()
+    assert "Headline (%): per_task vs baseline seq" in text
+    assert "difference = per_task − seq, in percentage points" in text
+    ours, theirs = report["metrics"]["oracle"], report["baseline"]["metrics"]["oracle"]
+    for key, label, pattern in (("acc", "ACC", "{:.1f}"), ("bwt", "BWT", "{:+.1f}"),
+                                ("forgetting", "Forgetting", "{:.1f}")):  # fmt: skip
+        a, b = 100 * ours[key], 100 * theirs[key]
+        expected = [f"{label} (oracle)", pattern.format(a), pattern.format(b), f"{a - b:+.1f}"]
+        assert _headline_cells(text, label) == expected
+    # by hand: ACC per_task (0.85 + 0.79 + 0.9) / 3 = 84.7, seq (0.3 + 0.4 + 0.9) / 3 = 53.3
+    assert _headline_cells(text, "ACC") == ["ACC (oracle)", "84.7", "53.3", "+31.3"]
+    assert "routed)" not in text[text.index("Headline (%)") :]  # the baseline has no router
+
+
+def test_console_report_without_baseline_has_no_headline(report: dict[str, Any]) -> None:
+    report["baseline"] = None
+    assert console_headline(report) is None
+    console = Console(record=True, width=120)
+    console.print(console_report(report))
+    assert "Headline" not in console.export_text()
+
+
+def test_heatmap_plots_the_matrices_in_percent(report: dict[str, Any]) -> None:
+    fig = heatmap_figure(report)
+    panels = [ax for ax in fig.axes if ax.images]
+    expected = [ORACLE, ROUTED, report["baseline"]["accuracy_matrix"]["oracle"]]
+    assert len(panels) == len(expected)
+    for ax, matrix in zip(panels, expected, strict=True):
+        percent = 100 * np.array([[np.nan if v is None else v for v in row] for row in matrix])
+        image = ax.images[0]
+        np.testing.assert_allclose(image.get_array().filled(np.nan), percent)
+        assert image.get_clim() == (0.0, 100.0)
+        cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
+                 for t in ax.texts}  # fmt: skip
+        shown = {(i, j): f"{v:.1f}" for (i, j), v in np.ndenumerate(percent) if not np.isnan(v)}
+        assert cells == shown
+    assert "(%)" in fig.get_suptitle()
+    assert [ax.get_ylabel() for ax in fig.axes if not ax.images][-1] == "accuracy (%)"
+
+
+def test_loss_curves_plot_every_recorded_task(report: dict[str, Any], tmp_path: Path) -> None:
+    del report["tasks"][1]["loss_curve"]  # a task of an older run
+    report["tasks"][2]["loss_curve"] = {"steps": [], "loss": []}  # trained for 0 steps
+    lines = loss_figure(report).axes[0].lines
+    assert [line.get_label() for line in lines] == ["alpha"]
+    assert list(lines[0].get_xdata()) == [1, 5, 10]
+    assert list(lines[0].get_ydata()) == [1.5, 0.8, 0.3]
+    write_reports(report, tmp_path)
+    assert (tmp_path / LOSS_CURVES_FILE).read_bytes().startswith(PNG_SIGNATURE)
+    assert f"`{LOSS_CURVES_FILE}`" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_no_loss_curve_writes_and_removes_nothing(report: dict[str, Any], tmp_path: Path) -> None:
+    for task in report["tasks"]:
+        del task["loss_curve"]
+    (tmp_path / LOSS_CURVES_FILE).write_bytes(b"an earlier plot")
+    write_reports(report, tmp_path)
+    assert (tmp_path / LOSS_CURVES_FILE).read_bytes() == b"an earlier plot"
+    assert LOSS_CURVES_FILE not in render_markdown(report)
+    assert not plot_loss_curves(report, tmp_path / "other.png")
+    assert not (tmp_path / "other.png").exists()
+
+
 def test_nan_entries_are_blank(report: dict[str, Any]) -> None:
     report["accuracy_matrix"] = {"oracle": [[0.5, float("nan")], [0.4, 0.6]]}
     report["task_names"] = ["alpha", "beta"]
@@ -149,6 +228,7 @@ def test_report_before_first_task_still_writes(tmp_path: Path) -> None:
     }
     write_reports(empty, tmp_path)
     assert (tmp_path / "accuracy_matrix.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert not (tmp_path / LOSS_CURVES_FILE).exists()  # no finished task, no curve to draw
     assert write_accuracy_csv(empty) == ""
 
 

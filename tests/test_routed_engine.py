@@ -128,7 +128,7 @@ def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["task"] for r in rows] == ["colors", "animals"]
-    assert set(rows[0]) == {"task", "label", "rejected", "score", "topk"}
+    assert set(rows[0]) == {"task", "label", "rejected", "score", "topk", "routing"}
     assert rows[0]["rejected"] is False
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     bad = CliRunner().invoke(

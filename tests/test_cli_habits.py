@@ -1,0 +1,273 @@
+"""The command line as its users expect it: progress in a log file, threads, predict with a task,
+eval without training (checked against the run's own report), help texts, version, one way to
+name a stream, the library's `with` block, and no expected noise from transformers."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE, tiny_bert, word_task, write_stream
+from typer.testing import CliRunner
+
+from continual_peft import (
+    Backbone,
+    BackboneConfig,
+    ContinualLearner,
+    LearnerConfig,
+    TrainConfig,
+    load_learner,
+    placement,
+    progress,
+)
+from continual_peft._checkpoint import run_config_sha256
+from continual_peft.cli import app
+from continual_peft.errors import ContinualPeftError
+from continual_peft.loading import _check_config
+from continual_peft.placement import set_threads, usable_cpus
+from continual_peft.reports import load_report
+from continual_peft.runner import run_stream
+from continual_peft.streams import load_stream
+
+runner = CliRunner()
+NAMES = ["colors", "animals"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """A finished two-task run with a router, on a tiny BERT saved to a folder, and its stream."""
+    root = tmp_path_factory.mktemp("habits")
+    tiny_bert(tokenizer).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    spec = write_stream(root / "data", [word_task(n, n_train=24, n_test=10) for n in NAMES])
+    config = LearnerConfig(
+        router="prototype",
+        train=TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup=0.0),
+        backbone=BackboneConfig(name=str(root / "base"), max_length=32, device=str(DEVICE)),
+    )
+    run_stream(load_stream(spec), config, run_dir=root / "run")
+    return {"run": root / "run", "spec": spec, "base": root / "base"}
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_a_log_file_gets_a_progress_line_per_interval(made, tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "_settings", {"mode": "lines", "interval": 30.0})
+    times = iter(range(0, 10_000, 31))  # every tick 31 s later: a line each time
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(times))
+    out = tmp_path / "run"
+    result = invoke("run", made["spec"], "--out", out, "--backbone", made["base"],
+                    "--max-length", "32", "--epochs", "1", "--batch-size", "8")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.index(f"run directory: {out}") < result.stdout.index("colors")
+    lines = result.stderr.splitlines()
+    training = [line for line in lines if line.startswith("task 1 colors: training")]
+    assert training and re.search(r"\d+/3 steps \(\d+%\), loss [\d.]+, \d+ s elapsed", training[0])
+    assert any(line.startswith("task 2 animals: re-evaluating 2 task(s)") for line in lines)
+    assert any(line.startswith("torch threads: ") for line in result.stdout.splitlines())
+
+
+def test_meters_count_ticks_and_nest_into_the_outer_one(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "_settings", {"mode": "lines", "interval": 0.0})
+    progress.tick(5)  # no meter open: nothing
+    with progress.meter("outer", 10, "rows") as outer:
+        with progress.meter("inner", 99) as inner:
+            assert inner is outer
+            progress.tick(4, loss=0.5)
+        progress.tick(6)
+    assert outer.done == 10
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("outer: 4/10 rows (40%), loss 0.5") and "s left" in err[0]
+    assert err[-1].startswith("outer: 10/10 rows (100%)")
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_threads_as_asked_auto_lowered_to_the_usable_cpus_and_refused_when_negative(
+    monkeypatch,
+):
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == "1 (as asked)" and torch.get_num_threads() == 1
+        torch.set_num_threads(4)
+        monkeypatch.setattr(placement, "usable_cpus", lambda: 2)
+        assert "not torch's default 4" in set_threads(0) and torch.get_num_threads() == 2
+        assert set_threads(0).startswith("2 (auto") and torch.get_num_threads() == 2  # kept
+        with pytest.raises(ContinualPeftError, match="positive number of CPU threads"):
+            set_threads(-1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_usable_cpus_follow_the_affinity_mask():
+    import os
+
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_threads_is_where_a_run_computes_not_what_it_is(made):
+    """A run resumes and loads with other threads (as on another device)."""
+    saved = json.loads((made["run"] / "config.json").read_text(encoding="utf-8"))["config"]
+    changed = json.loads(json.dumps(saved))
+    changed["backbone"]["threads"] = 3
+    assert run_config_sha256(saved) == run_config_sha256(changed)
+    _check_config(made["run"], saved, changed)  # not refused
+    assert load_learner(made["run"]).config.backbone.threads == 0  # auto where it loads
+
+
+# ---------------------------------------------------------------- predict and eval
+
+
+def test_predict_with_a_task_per_line_or_for_all(made, tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    rows = [{"text": "a red car"}, {"text": "the cat runs", "task": "animals"}]
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    learner = load_learner(made["run"])
+    result = invoke("predict", "--run", made["run"], "--input", inputs)
+    assert result.exit_code == 0, result.output
+    routed, given = (json.loads(line) for line in result.stdout.splitlines())
+    assert routed["routing"] == "router" and routed == {
+        **learner.predict_details(["a red car"])[0],
+        "routing": "router",
+    }
+    assert given == {"task": "animals", "label": learner.predict(["the cat runs"], "animals")[0],
+                     "rejected": False, "routing": "given"}  # fmt: skip
+    every = invoke("predict", "--run", made["run"], "--input", inputs, "--task", "colors",
+                   "--batch-size", "1")  # fmt: skip
+    labels = [json.loads(line)["label"] for line in every.stdout.splitlines()]
+    assert labels == learner.predict(["a red car", "the cat runs"], task="colors")
+    unknown = invoke("predict", "--run", made["run"], "--input", inputs, "--task", "moods")
+    assert unknown.exit_code == 2 and "unknown task(s) ['moods']" in unknown.stderr
+    zero = invoke("predict", "--run", made["run"], "--input", inputs, "--batch-size", "0")
+    assert zero.exit_code == 2 and "--batch-size 0: give a positive number" in zero.stderr
+
+
+def test_eval_on_the_stream_reproduces_the_runs_last_row(made, tmp_path):
+    out = tmp_path / "scores.json"
+    result = invoke("eval", made["spec"], "--run", made["run"], "--output", out)
+    assert result.exit_code == 0, result.output
+    assert "oracle ACC" in result.stdout and "routing ACC" in result.stdout
+    scores, report = json.loads(out.read_text(encoding="utf-8")), load_report(made["run"])
+    for position, name in enumerate(NAMES):
+        task = scores["by_task"][name]
+        matrix = report["accuracy_matrix"]
+        assert task["oracle_acc"] == pytest.approx(matrix["oracle"][-1][position])
+        assert task["routed_acc"] == pytest.approx(matrix["routed"][-1][position])
+        routing = report["routing_accuracy"][-1][position]
+        assert task["routing_acc"] == pytest.approx(routing)
+    assert scores["rows"] == 20 and scores["oracle_acc"] == pytest.approx(
+        sum(scores["by_task"][n]["oracle_acc"] for n in NAMES) / 2
+    )
+
+
+def test_eval_on_a_labelled_file_and_its_refusals(made, tmp_path):
+    inputs = tmp_path / "labelled.jsonl"
+    rows = [
+        {"text": "red car", "label": "red", "task": "colors"},
+        {"text": "a dog", "label": "dog"},
+    ]
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "scores.json"
+    result = invoke("eval", "--run", made["run"], "--input", inputs, "--output", out)
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text(encoding="utf-8"))
+    learner = load_learner(made["run"])
+    routed = [r["label"] for r in learner.predict_details(["red car", "a dog"])]
+    assert scores["routed_acc"] == pytest.approx(((routed[0] == "red") + (routed[1] == "dog")) / 2)
+    assert scores["by_task"]["colors"]["rows"] == 1 and "animals" not in scores["by_task"]
+    oracle = learner.predict(["red car"], task="colors")[0] == "red"
+    assert scores["oracle_acc"] == pytest.approx(float(oracle))
+    neither = invoke("eval", "--run", made["run"])
+    assert neither.exit_code == 2 and "a stream spec" in neither.stderr
+    unlabelled = tmp_path / "u.jsonl"
+    unlabelled.write_text('{"text": "x"}\n', encoding="utf-8")
+    bad = invoke("eval", "--run", made["run"], "--input", unlabelled)
+    assert bad.exit_code == 2 and 'have no "label" string' in bad.stderr
+
+
+# ---------------------------------------------------------------- consistency
+
+
+def test_version_and_help_texts():
+    from continual_peft import __version__
+
+    assert invoke("--version").stdout.strip() == f"continual-peft {__version__}"
+    commands = ["run", "compare", "report", "export", "predict", "eval", "list"]
+    listed = invoke("--help").stdout
+    assert all(re.search(rf"^  {c} +\S", listed, re.M) for c in commands)
+    summaries = listed.split("Commands:")[1]
+    assert "..." not in summaries  # whole, not cut
+    for command in commands:
+        text = invoke(command, "--help").stdout
+        assert not re.search(r"<(bool|int|float|str|text|path)>", text), (command, text)
+        options = re.findall(r"^  (--[a-z-]+)(?: [A-Z]+)?( +\S.*)?$", text, re.M)
+        bare = [name for name, rest in options if not rest]  # an option without help text
+        assert not bare, (command, bare)
+
+
+def test_compare_takes_the_stream_as_run_does(tmp_path, monkeypatch):
+    spec = tmp_path / "missing.toml"
+    for args in (["compare", spec], ["compare", "--stream", spec]):
+        result = invoke(*args, "--out", tmp_path / "out")
+        assert result.exit_code == 2 and f"{spec}: spec file not found" in result.stderr
+    both = invoke("compare", spec, "--stream", tmp_path / "other.toml")
+    assert both.exit_code == 2 and "give the stream spec once" in both.stderr
+
+
+# ---------------------------------------------------------------- library
+
+
+def test_a_with_block_finishes_the_run_or_marks_it_failed(make_backbone, tmp_path):
+    config = LearnerConfig(train=TrainConfig(epochs=1, batch_size=8))
+    task = word_task("colors", n_train=8, n_test=4)
+    with ContinualLearner(make_backbone(), config=config, run_dir=tmp_path / "ok") as learner:
+        learner.learn(task)
+    assert load_report(tmp_path / "ok")["status"] == "finished"
+    failing = ContinualLearner(make_backbone(), config=config, run_dir=tmp_path / "no")
+    with pytest.raises(RuntimeError, match="boom"), failing as other:
+        other.learn(task)
+        raise RuntimeError("boom")
+    assert load_report(tmp_path / "no")["status"] == "failed"
+    assert not (tmp_path / "no" / ".lock").exists()
+
+
+def test_each_task_records_its_loss_curve(make_backbone):
+    config = LearnerConfig(train=TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup=0.0))
+    learner = ContinualLearner(make_backbone(), config=config)
+    record = learner.learn(word_task("colors", n_train=24, n_test=4))
+    curve = record["loss_curve"]
+    assert curve["steps"] == list(range(1, record["train_steps"] + 1))  # under 200: every step
+    assert record["final_train_loss"] == pytest.approx(sum(curve["loss"][3:]) / 3)  # epoch 2
+
+
+# ---------------------------------------------------------------- noise
+
+
+def test_a_pooler_less_checkpoint_loads_quietly_and_a_missing_weight_is_named(
+    made, tmp_path, capfd
+):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all for an unused pooler
+        Backbone.from_pretrained(str(made["base"]), 32, device=str(DEVICE))
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in made["base"].iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    weights.pop("encoder.layer.0.attention.self.query.weight")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="1 weight.*encoder.layer.0.attention.self.query.weight"):
+        Backbone.from_pretrained(str(broken), 32, device=str(DEVICE))
