@@ -89,6 +89,7 @@ def write_checkpoint(run: RunDir, learner: ContinualLearner, names: list[str]) -
         "backbone": learner.fingerprint(),
         "stream": learner.stream,
         "stream_plan": learner.stream_plan,
+        "baseline": learner.planned_baseline,  # the strategy run beside it, if any
         "tasks": [
             {
                 "name": n,
@@ -185,6 +186,21 @@ def read_checkpoint_file(folder: Path, path: Path) -> dict[str, Any]:
             problem = f"was altered (its sha256 differs from the one {path} records)"
             raise RunFileError(target, folder, problem)
     return checkpoint
+
+
+def recorded_baseline(folder: str | Path) -> str | None:
+    """The baseline strategy a run directory was started with: as its checkpoint (or a task's
+    copy of it) records it, else from a `baseline-<strategy>/` folder (older runs), else None."""
+    folder = Path(folder)
+    for path in [folder / CHECKPOINT_FILE, *sorted(folder.glob(f"tasks/*/{CHECKPOINT_FILE}"))]:
+        try:
+            data = load_json(path) if path.is_file() else None
+        except ContinualPeftError:
+            continue
+        if isinstance(data, dict) and "baseline" in data:
+            return data["baseline"] if isinstance(data["baseline"], str) else None
+    found = sorted(p.name for p in folder.glob("baseline-*") if p.is_dir())
+    return found[0].removeprefix("baseline-") if found else None
 
 
 def _inconsistency(checkpoint: dict) -> str | None:

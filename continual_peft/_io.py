@@ -76,8 +76,8 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         if isinstance(err, OSError):  # a full disk, a read-only folder: say what is kept
             raise ContinualPeftError(
                 f"cannot write {target}: {err.strerror or err}. The previous version of the file "
-                "is kept; free space (or fix the permissions) and continue a run with "
-                "`continual-peft run ... --resume RUN`."
+                "is kept; free space, or fix the path or the permissions (a run continues with "
+                "`continual-peft run ... --resume RUN`)."
             ) from err
         raise
     _fsync_dir(target.parent)

@@ -12,61 +12,81 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from continual_peft._checkpoint import CHECKPOINT_FILE, read_checkpoint, read_checkpoint_file
-from continual_peft._io import atomic_write_json
+from continual_peft._checkpoint import (
+    CHECKPOINT_FILE,
+    check_stream,
+    read_checkpoint,
+    read_checkpoint_file,
+)
+from continual_peft._io import atomic_write_json, load_json
 from continual_peft.errors import ContinualPeftError, RunFileError
 
+if TYPE_CHECKING:
+    from continual_peft.streams import Stream
 
-def resume_point(run: Path, names: list[str], say: Callable[[str], None]) -> dict | None:
+
+def resume_point(run: Path, stream: Stream, say: Callable[[str], None]) -> dict | None:
     """The checkpoint to resume `run` from, rolled back if needed; None: from the first task.
+
+    Nothing is written before the stream given is checked against the run's (the copy's plan,
+    or the damaged checkpoint's when it still reads), so a wrong stream never costs a task.
 
     Args:
         run: A run directory, its lock held by the caller.
-        names: The stream's task names in training order (a damaged checkpoint.json cannot
-            say which copies to look for).
+        stream: The stream given to resume with.
         say: Tells the user what is rolled back and what will be re-trained.
     """
     main = run / CHECKPOINT_FILE
-    if not any(path.is_file() for path in [main, *_copies(run, names)]):
+    copies = sorted(run.glob(f"tasks/*/{CHECKPOINT_FILE}"))
+    if not main.is_file() and not copies:
         return None  # no task finished yet
     try:
-        return read_checkpoint(run)
+        checkpoint = read_checkpoint(run)
     except RunFileError as err:
         damage = f"{err.path} {err.problem}"
-    except ContinualPeftError:
-        if main.is_file():
-            raise  # another format: not this version's to repair
-        damage = f"{main} is missing"
-    intact = _newest_intact(run, names)
+    else:
+        check_stream(run, checkpoint["stream_plan"], stream, checkpoint["tasks"])
+        return checkpoint
+    intact = _newest_intact(run, copies)
+    plan = intact["stream_plan"] if intact else _readable_plan(main)
+    check_stream(run, plan, stream, intact["tasks"] if intact else [])
+    names = [task.name for task in stream.tasks]
     done = intact["tasks_done"] if intact else 0
-    redo = names[done:]
     start = f"after task {done} ({names[done - 1]}), from that task's copy of the checkpoint"
+    redo = names[done:]
     redo = f"re-training {len(redo)} task(s): {', '.join(redo)}" if redo else "no task to re-train"
     say(f"{damage}. {run} resumes {start if done else 'from the start'}, {redo}.")
     if intact is None:
-        (run / CHECKPOINT_FILE).unlink(missing_ok=True)
+        main.unlink(missing_ok=True)
         return None
     intact["status"] = "interrupted"
-    atomic_write_json(run / CHECKPOINT_FILE, intact)
+    atomic_write_json(main, intact)
     return intact
 
 
-def _copies(run: Path, names: list[str]) -> list[Path]:
-    return [run / "tasks" / name / CHECKPOINT_FILE for name in names]
-
-
-def _newest_intact(run: Path, names: list[str]) -> dict | None:
-    """The newest task's checkpoint copy that describes the first tasks of `names` with every
-    file it names intact, or None."""
-    for path in reversed(_copies(run, names)):
-        if not path.is_file():
-            continue
+def _newest_intact(run: Path, copies: list[Path]) -> dict | None:
+    """The task copy of the checkpoint with the most finished tasks whose own files are all
+    intact (and that is the copy of its last task), or None."""
+    best = None
+    for path in copies:
         try:
             checkpoint = read_checkpoint_file(run, path)
         except ContinualPeftError:
             continue
-        done = [entry["name"] for entry in checkpoint["tasks"]]
-        if done == names[: len(done)] and done and path.parent.name == done[-1]:
-            return checkpoint
-    return None
+        names = [entry["name"] for entry in checkpoint["tasks"]]
+        newer = best is None or checkpoint["tasks_done"] > best["tasks_done"]
+        if names and path.parent.name == names[-1] and newer:
+            best = checkpoint
+    return best
+
+
+def _readable_plan(path: Path) -> dict | None:
+    """The stream plan of a damaged checkpoint that still parses, else None."""
+    try:
+        data = load_json(path)
+    except (ContinualPeftError, OSError):
+        return None
+    plan = data.get("stream_plan") if isinstance(data, dict) else None
+    return plan if isinstance(plan, dict) and isinstance(plan.get("tasks"), list) else None

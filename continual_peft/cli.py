@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from continual_peft import __version__, progress
 from continual_peft._compare_entries import override, resolve_entries
-from continual_peft._io import atomic_write_text
+from continual_peft._io import atomic_write_text, check_file
 from continual_peft._leaderboard_report import console_leaderboard
 from continual_peft.backbone import Backbone
 from continual_peft.compare import compare, load_leaderboard
@@ -32,14 +32,13 @@ from continual_peft.evaluation import (
 from continual_peft.export import export_task
 from continual_peft.grid import (
     console_aggregate,
-    grid_finished,
     grid_settings,
     load_aggregate,
     parse_seeds,
     resolve_orders,
     run_grid,
 )
-from continual_peft.loading import load_learner, run_finished, saved_config
+from continual_peft.loading import load_learner, saved_config
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.placement import set_threads
 from continual_peft.reports import console_report, load_report
@@ -165,6 +164,8 @@ def _config(
     only replaces its strategy, a spec file everything but the backbone (and the run refuses
     what differs).
     """
+    if strategy is not None and Path(strategy).is_dir():
+        check_file(strategy, "strategy spec file", "give a strategy name or a .toml spec")
     if strategy is not None and strategy.endswith(".toml"):
         config = load_strategy_spec(strategy)
         if saved is not None:
@@ -262,9 +263,6 @@ def run(
             raise ContinualPeftError("give --seed or --seeds, not both.")
         if resume is not None and out is not None and out != resume:
             raise ContinualPeftError("give --out or --resume, not both.")
-        if resume is not None and (run_finished(resume) or grid_finished(resume)):
-            console.print(f"{resume} is finished: nothing to do.", highlight=False, soft_wrap=True)
-            return
         overrides = {
             "module": module,
             "router": router,
@@ -288,6 +286,11 @@ def run(
         auto = started.get("baseline", auto)
         chosen = {"auto": auto, "none": None}.get(baseline, baseline)
         check_task_overrides(config, tasks)
+        if rank is not None and "lora" not in {config.module, *config.task_modules.values()}:
+            raise ContinualPeftError(
+                f"--rank {rank} sets the LoRA rank, but this run trains {config.module} slots "
+                "(no LoRA): leave --rank out, or choose --module lora."
+            )
         orders = resolve_orders(tasks, order or []) or started.get("orders") or [tasks.order_name]
         seed_list = parse_seeds(seeds) if seeds is not None else [config.seed]
         seed_list = started.get("seeds", seed_list) if seeds is None and seed is None else seed_list
@@ -300,14 +303,12 @@ def run(
         console.print(f"torch threads: {set_threads(config.backbone.threads)}", highlight=False)
         if grid:
             run_dir = resume or out or new_run_path("runs", f"{tasks.name}-grid")
-            console.print(f"grid directory: {run_dir}", highlight=False, soft_wrap=True)
             run_grid(tasks, config, orders, seed_list, run_dir, baseline=chosen, console=console,
                      resume=bool(started))  # fmt: skip
         else:
             config.seed = seed_list[0]
             tasks = tasks.with_order(orders[0])
             run_dir = resume or out or new_run_path("runs", tasks.name)
-            console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
             run_stream(
                 tasks, config, run_dir=run_dir, baseline=chosen, console=console,
                 resume=resume is not None,
@@ -548,6 +549,8 @@ def predict(
                 f"--output {output} is inside the run directory {run}, whose files only the run "
                 "writes; write the predictions somewhere else"
             )
+        if output is not None and output.is_dir():
+            raise ContinualPeftError(f"--output {output} is a folder; give a file name")
         learner, records = _open_run(run, input_, batch_size, device, dtype, backbone, threads)
         rows = predict_records(learner, records, task)
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

@@ -191,6 +191,8 @@ def run_grid(
     }
     if resume:
         _check_same_grid(out, head)
+    if console:
+        console.print(f"grid directory: {out}", highlight=False, soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
     write_aggregate(_aggregate(head, runs, "running"), out)  # a killed grid can be resumed
@@ -237,12 +239,6 @@ def _comparable(head: dict[str, Any]) -> dict[str, Any]:
     config = dict(head.get("config") or {})
     config["backbone"] = without_place(config.get("backbone"))
     return {**head, "config": config}
-
-
-def grid_finished(out: str | Path) -> bool:
-    """Whether `out` is a grid folder whose runs all finished (its aggregate says so)."""
-    path = Path(out) / "aggregate.json"
-    return path.is_file() and load_aggregate(path).get("status") == "finished"
 
 
 def grid_settings(out: str | Path, stream: Stream) -> dict[str, Any]:

@@ -137,6 +137,7 @@ class ContinualLearner:
         self.stream = stream
         self.status = "running"
         self.baseline: dict | None = None
+        self.planned_baseline: str | None = None  # the strategy a runner runs beside this one
         self.console = console
         self.stream_plan: dict | None = None  # the whole stream's names and data hashes, if known
         self.saved_files: dict[str, str] = {}  # what the last checkpoint names: path -> sha256

@@ -18,9 +18,9 @@ from rich.console import Console
 
 from continual_peft._checkpoint import (
     CHECKPOINT_FILE,
-    check_stream,
     config_differences,
     read_checkpoint,
+    recorded_baseline,
     restore_rng,
     run_config_sha256,
     stream_plan,
@@ -89,7 +89,17 @@ def run_finished(run_dir: str | Path) -> bool:
     except ContinualPeftError:
         return False  # no checkpoint yet, or a damaged run: `open_run` names or repairs it
     _saved_config(run)  # a finished run whose config.json is damaged is named too
-    return all(run_finished(sub) for sub in run.glob("baseline-*") if sub.is_dir())
+    subs = {sub for sub in run.glob("baseline-*") if sub.is_dir()}
+    recorded = recorded_baseline(run)
+    subs |= {run / f"baseline-{recorded}"} if recorded else set()
+    return all(sub.is_dir() and run_finished(sub) for sub in subs)
+
+
+def check_resume_config(run_dir: str | Path, config: LearnerConfig) -> None:
+    """Refuse resuming a run with another configuration (as a learner resolves it: the
+    backbone's recorded name, real max_length and dtype), naming each difference."""
+    run = Path(run_dir)
+    _check_config(run, _saved_config(run)["config"], config.to_dict())
 
 
 def open_run(
@@ -124,10 +134,8 @@ def open_run(
         else:
             fingerprint = learner.fingerprint()
             writer.save_config({"config": learner.config.to_dict(), "backbone": fingerprint})
-        names = [task.name for task in stream.tasks]
-        checkpoint = resume_point(run, names, _teller(console))
+        checkpoint = resume_point(run, stream, _teller(console))  # its stream checked
         if checkpoint is not None:
-            check_stream(run, checkpoint["stream_plan"], stream, checkpoint["tasks"])
             _restore(learner, run, checkpoint, {task.name: task for task in stream.tasks})
             restore_rng(checkpoint["rng"])
         learner.stream_plan = stream_plan(stream)
@@ -149,6 +157,12 @@ def _saved_config(run: Path) -> dict:
     """config.json, checked: an object with a config, unchanged since the last checkpoint."""
     path = run / "config.json"
     if not path.is_file():
+        if (run / CHECKPOINT_FILE).is_file() or (run / "tasks").is_dir():
+            raise ContinualPeftError(
+                f"{path} is missing: the run's configuration went with it (checkpoint.json keeps "
+                "only its hash). Put it back from a copy of the run, or re-run the stream into a "
+                "new run directory."
+            )
         raise ContinualPeftError(f"{run}: not a run directory (no config.json).")
     saved = load_json(path)
     if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):

@@ -347,3 +347,16 @@ def load_report(run_dir_or_file: str | Path) -> dict[str, Any]:
     if missing:
         raise CorruptFileError(source, f"missing keys {missing}")
     return report
+
+
+def reports_intact(run_dir: str | Path) -> bool:
+    """Whether a run directory's report.md is there and its report.json reads back (the PNGs
+    are pictures of these)."""
+    run = Path(run_dir)
+    if not (run / "report.md").is_file():
+        return False
+    try:
+        load_report(run)
+    except ContinualPeftError:
+        return False
+    return True

@@ -14,14 +14,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from continual_peft.backbone import Backbone
+from continual_peft._checkpoint import recorded_baseline
+from continual_peft.backbone import DEFAULT_BACKBONE, Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.learner import ContinualLearner
-from continual_peft.loading import load_learner, open_run, run_finished
-from continual_peft.placement import pick_device
-from continual_peft.reports import console_headline
-from continual_peft.rundir import check_free
+from continual_peft.loading import check_resume_config, load_learner, open_run, run_finished
+from continual_peft.placement import dtype_name, pick_device
+from continual_peft.reports import console_headline, reports_intact
+from continual_peft.rundir import RunDir, check_free
 from continual_peft.strategies import STRATEGIES
 from continual_peft.streams import Stream
 
@@ -60,22 +61,22 @@ def run_stream(
     if resume and (run_dir is None or not Path(run_dir).is_dir()):
         raise ContinualPeftError(f"cannot resume {run_dir}: there is no such run directory.")
     if resume and run_finished(run_dir):
-        if console:
-            console.print(f"{run_dir} is finished: nothing to do.")
-        return load_learner(run_dir, make_backbone() if make_backbone else None)
+        return _finished(Path(run_dir), config, baseline, console, make_backbone)
     if run_dir is not None and not resume:
         check_free(run_dir)  # before any model is loaded
     if resume:
         _check_baseline(Path(run_dir), baseline)
-    learner = _learn_all(
-        stream, config, run_dir, console, make_backbone, f"strategy {config.strategy}", resume
-    )
+    if console and run_dir is not None:
+        console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+    title = f"strategy {config.strategy}"
+    learner = _learn_all(stream, config, run_dir, console, make_backbone, title, resume, baseline)
     try:
         if baseline is not None:
             other = LearnerConfig.from_dict({**config.to_dict(), "strategy": baseline})
             sub = Path(run_dir) / f"baseline-{baseline}" if run_dir is not None else None
             title = f"baseline {baseline}"
-            base = _learn_all(stream, other, sub, console, make_backbone, title, resume)
+            again = resume and sub.is_dir()  # a lost baseline folder is run again
+            base = _learn_all(stream, other, sub, console, make_backbone, title, again)
             base.finish()
             report = base.report
             learner.baseline = {
@@ -93,13 +94,14 @@ def run_stream(
 
 
 def _learn_all(
-    stream, config, run_dir, console, make_backbone, title, resume=False
+    stream, config, run_dir, console, make_backbone, title, resume=False, baseline=None
 ) -> ContinualLearner:
     backbone = make_backbone() if make_backbone else None
     if run_dir is None:
         learner = ContinualLearner(backbone, config=config, stream=stream.name, console=console)
     else:
         learner = open_run(run_dir, stream, config, backbone, console, resume)
+    learner.planned_baseline = baseline  # recorded in each checkpoint
     done = len(learner.learned)
     if console:
         start = f", resuming after task {done}" if done else ""
@@ -114,20 +116,57 @@ def _learn_all(
 
 
 def run_baseline(run: Path) -> str | None:
-    """The baseline strategy a run directory holds a run of, or None."""
-    found = sorted(p.name for p in Path(run).glob("baseline-*") if p.is_dir())
-    return found[0].removeprefix("baseline-") if found else None
+    """The baseline strategy a run directory was started with, or None."""
+    return recorded_baseline(run)
 
 
 def _check_baseline(run: Path, baseline: str | None) -> None:
     """Refuse resuming with another baseline than the run was started with."""
-    found = sorted(p.name for p in run.glob("baseline-*") if p.is_dir())
+    found = {p.name for p in run.glob("baseline-*") if p.is_dir()}
+    recorded = recorded_baseline(run)
+    found |= {f"baseline-{recorded}"} if recorded else set()
     wanted = [f"baseline-{baseline}"] if baseline else []
     if any(name not in wanted for name in found):
         raise ContinualPeftError(
-            f"{run} has a baseline run {found[0]}/, but this resume asks for "
+            f"{run} has a baseline run {sorted(found)[0]}/, but this resume asks for "
             f"{baseline or 'no baseline'}: give the same baseline as the run was started with."
         )
+
+
+def _finished(run: Path, config, baseline, console, make_backbone) -> ContinualLearner:
+    """A finished run resumed: refused with other settings; else nothing to do, but reports
+    that were lost or damaged are written again from the checkpoint."""
+    _check_baseline(run, baseline)
+    backbone = make_backbone() if make_backbone else None
+    if backbone is None:
+        place = config.backbone
+        backbone = Backbone.from_pretrained(
+            place.name or None, place.max_length, place.device or None, place.dtype
+        )
+    resolved = LearnerConfig.from_dict(config.to_dict())
+    resolved.backbone.name = "" if backbone.name == DEFAULT_BACKBONE else backbone.name
+    resolved.backbone.max_length = backbone.max_length
+    resolved.backbone.dtype = dtype_name(backbone.dtype)
+    check_resume_config(run, resolved)  # what the run would resume with, as a learner sees it
+    learner = load_learner(run, backbone)
+    if reports_intact(run):
+        if console:
+            console.print(f"{run} is finished: nothing to do.", highlight=False, soft_wrap=True)
+        return learner
+    recorded = recorded_baseline(run)
+    if recorded:
+        sub = load_learner(run / f"baseline-{recorded}", make_backbone() if make_backbone else None)
+        learner.baseline = {"strategy": recorded, **{
+            key: sub.report[key] for key in ("accuracy_matrix", "metrics")}}  # fmt: skip
+    writer = RunDir(run, resume=True)
+    try:
+        writer.save_report(learner.report)
+    finally:
+        writer.close()
+    if console:
+        console.print(f"{run} is finished; its reports were written again from the checkpoint.",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+    return learner
 
 
 def _mark_stopped(learner: ContinualLearner, err: BaseException) -> None:

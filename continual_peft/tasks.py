@@ -342,6 +342,13 @@ def read_records(source: str | Path) -> list[dict[str, str]]:
             ) from None
         if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
             raise ContinualPeftError(f"{name}:{number}: {shape}.")
+        try:
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ContinualPeftError(
+                f"{name}:{number}: the text is not valid Unicode ({err.reason} at character "
+                f"{err.start}, e.g. a lone surrogate such as \\ud800); fix or drop the line."
+            ) from None
         kept = {"text": record["text"]}
         for key in ("task", "label"):
             value = record.get(key)

@@ -271,3 +271,35 @@ def test_a_pooler_less_checkpoint_loads_quietly_and_a_missing_weight_is_named(
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.warns(UserWarning, match="1 weight.*encoder.layer.0.attention.self.query.weight"):
         Backbone.from_pretrained(str(broken), 32, device=str(DEVICE))
+
+
+# ---------------------------------------------------------------- found by the new-user test
+
+
+def test_small_refusals_come_before_any_model_loads(made, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a backbone was loaded before the input was checked")
+
+    monkeypatch.setattr(Backbone, "from_pretrained", refuse)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "fine"}\n{"text": "\\ud800"}\n', encoding="utf-8")
+    odd = invoke("predict", "--run", made["run"], "--input", inputs)
+    assert odd.exit_code == 2 and f"{inputs}:2: the text is not valid Unicode" in odd.stderr
+    inputs.write_text('{"text": "fine"}\n', encoding="utf-8")
+    folder = invoke("predict", "--run", made["run"], "--input", inputs, "--output", tmp_path)
+    assert folder.exit_code == 2 and f"--output {tmp_path} is a folder" in folder.stderr
+    rank = invoke("run", made["spec"], "--module", "prompt", "--rank", "4", "--out", tmp_path / "x")
+    assert rank.exit_code == 2 and "--rank 4 sets the LoRA rank" in rank.stderr
+    spec_dir = invoke("run", made["spec"], "--strategy", tmp_path, "--out", tmp_path / "y")
+    assert spec_dir.exit_code == 2 and "is a folder, not a strategy spec file" in spec_dir.stderr
+
+
+def test_a_run_without_config_json_says_it_is_missing(made, tmp_path):
+    import shutil
+
+    run = Path(shutil.copytree(made["run"], tmp_path / "run"))
+    (run / "config.json").unlink()
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
+    result = invoke("predict", "--run", run, "--input", inputs)
+    assert result.exit_code == 2 and f"{run / 'config.json'} is missing" in result.stderr

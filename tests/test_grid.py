@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,9 @@ def test_an_interrupted_grid_resumes_to_the_uninterrupted_aggregate(
     assert ours["runs"] == theirs["runs"] and ours["summary"] == theirs["summary"]
     finished = invoke("run", grid_spec, "--resume", out, *stream_args)
     assert finished.exit_code == 0 and "is finished: nothing to do" in finished.stdout
+    other = invoke("run", grid_spec, "--resume", out, "--epochs", "2", *stream_args)
+    assert other.exit_code == 2 and "was started as another grid" in other.stderr
+    shutil.rmtree(out / "backward-seed1")  # a finished grid that lost a run: run again
+    repaired = invoke("run", grid_spec, "--resume", out, *stream_args)
+    assert repaired.exit_code == 0, repaired.output
+    assert load_aggregate(out)["runs"] == theirs["runs"]

@@ -297,7 +297,7 @@ def test_resume_of_a_finished_run_does_nothing(spec, tmp_path, make_backbone, ti
     assert snapshot() == before
     # the library says the same, and returns the finished learner
     config, stream = saved_config(run), load_stream(spec, max_train=8, max_test=4)
-    learner = run_stream(stream, config, run, resume=True, make_backbone=make_backbone)
+    learner = run_stream(stream, config, run, resume=True, make_backbone=lambda: make_backbone(16))
     assert learner.status == "finished" and list(learner.learned) == NAMES
     assert snapshot() == before
 
@@ -427,3 +427,47 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     with pytest.raises(ContinualPeftError, match="is being written by process"):
         RunLock(tmp_path)
     lock.release()
+
+
+def test_a_damaged_run_resumed_with_another_order_is_refused_untouched(
+    spec, tmp_path, reference_run, tiny_cli
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    (run / "checkpoint.json").unlink()
+    (run / "tasks" / "moods" / "head.safetensors").unlink()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = invoke("run", spec, "--resume", run, *OPTIONS, "--order", "moods,animals,colors")
+    assert result.exit_code == 2 and "was learning the tasks" in result.stderr, result.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda run: (run / "report.json").unlink(), "its reports were written again"),
+        (lambda run: shutil.rmtree(run / "baseline-seq"), "baseline seq, 3 tasks"),
+    ],
+    ids=["lost-report", "lost-baseline-folder"],
+)
+def test_a_finished_run_gets_back_what_it_lost(
+    spec, tmp_path, reference, reference_run, tiny_cli, damage, said
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    damage(run)
+    result = invoke("run", spec, "--resume", run, *OPTIONS)
+    assert result.exit_code == 0, result.output
+    assert said in result.stdout
+    assert outcome(run) == reference
+    again = invoke("run", spec, "--resume", run, *OPTIONS)
+    assert "is finished: nothing to do" in again.stdout
+
+
+def test_a_finished_run_resumed_with_other_options_is_refused(
+    spec, tmp_path, reference_run, tiny_cli
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    result = invoke("run", spec, "--resume", run, *OPTIONS, "--epochs", "3")  # the last counts
+    assert result.exit_code == 2 and "train.epochs: 2 in the run, 3 here" in result.stderr
