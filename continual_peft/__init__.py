@@ -4,6 +4,7 @@ Each task gets its own parameter-efficient module slot and head; a forgetting mo
 every task after each one and writes a report.
 """
 
+from continual_peft._version import __version__ as __version__
 from continual_peft.backbone import Backbone
 from continual_peft.bank import ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig, load_strategy_spec
@@ -19,8 +20,6 @@ from continual_peft.strategies import STRATEGIES, Strategy
 from continual_peft.streams import Stream, load_stream
 from continual_peft.tasks import Task, class_split, load_task
 from continual_peft.vision import ImageBackbone
-
-__version__ = "0.1.0"
 
 __all__ = [
     "MODULE_KINDS",

@@ -20,14 +20,13 @@ import hashlib
 import json
 import math
 import random
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from continual_peft._io import atomic_write_json, load_json
+from continual_peft._io import atomic_write_json, load_json, timestamp
 from continual_peft.config import without_place
 from continual_peft.errors import ContinualPeftError, CorruptFileError, RunFileError
 from continual_peft.routers import save_router
@@ -81,7 +80,7 @@ def write_checkpoint(run: RunDir, learner: ContinualLearner, names: list[str]) -
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "status": learner.status,
-        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "written": timestamp(),
         "tasks_done": len(order),
         "last_task": order[-1],
         "config_sha256": config_sha256(learner.config.to_dict()),

@@ -12,9 +12,11 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
@@ -93,15 +95,23 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _nan_to_none(obj: Any) -> Any:
-    """Recursively replace float NaN/inf by None, since strict JSON has no spelling for them."""
-    if isinstance(obj, float):
-        return None if not math.isfinite(obj) else obj
+def nan_to_none(obj: Any) -> Any:
+    """Recursively replace float NaN/inf (numpy arrays and scalars included) by None, since
+    strict JSON has no spelling for them; arrays and tuples become lists."""
+    if isinstance(obj, np.ndarray):
+        return nan_to_none(obj.tolist())
+    if isinstance(obj, float | np.floating):
+        return None if not math.isfinite(obj) else float(obj)
     if isinstance(obj, dict):
-        return {key: _nan_to_none(value) for key, value in obj.items()}
+        return {key: nan_to_none(value) for key, value in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_nan_to_none(value) for value in obj]
+        return [nan_to_none(value) for value in obj]
     return obj
+
+
+def timestamp() -> str:
+    """Local time as the files record it, e.g. 2026-11-30T07:58:01+0000."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
@@ -115,7 +125,7 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
         path: Target file; its parent directory must exist.
         obj: A JSON-ready value (dicts, lists, str, int, float, bool, None).
     """
-    text = json.dumps(_nan_to_none(obj), indent=2, allow_nan=False, ensure_ascii=False)
+    text = json.dumps(nan_to_none(obj), indent=2, allow_nan=False, ensure_ascii=False)
     atomic_write_text(path, text + "\n")
 
 

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from continual_peft._io import nan_to_none, timestamp
+from continual_peft._version import __version__
 from continual_peft.metrics import METRIC_DEFINITIONS
+from continual_peft.reports import SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from continual_peft.learner import ContinualLearner
-
-SCHEMA_VERSION = 1
-VERSION = "0.1.0"
 
 
 def learner_report(learner: ContinualLearner) -> dict:
     """The report as a JSON-ready dict (schema version 1); unmeasured entries are None."""
     monitor, records = learner.monitor, learner.records
-    matrices = {m: _nan_to_none(monitor.matrix(m)) for m in monitor.modes}
+    matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}
     metrics = {m: monitor.metrics(m) for m in monitor.modes} if records else {}
     routed_ratio = None
     if learner.router is not None and records and metrics["oracle"]["acc"] > 0:
@@ -27,8 +24,8 @@ def learner_report(learner: ContinualLearner) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "status": learner.status,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tool": {"name": "continual-peft", "version": VERSION},
+        "updated": timestamp(),
+        "tool": {"name": "continual-peft", "version": __version__},
         "stream": learner.stream,
         "strategy": learner.config.strategy,
         "config": {**learner.config.to_dict(), "backbone_fingerprint": learner.fingerprint()},
@@ -41,11 +38,7 @@ def learner_report(learner: ContinualLearner) -> dict:
         "baseline": learner.baseline,
         "router": learner.config.router,
         "routing_accuracy": (
-            _nan_to_none(monitor.routing_matrix()) if learner.router is not None else None
+            nan_to_none(monitor.routing_matrix()) if learner.router is not None else None
         ),
         "routed_over_oracle": routed_ratio,
     }
-
-
-def _nan_to_none(matrix: np.ndarray) -> list[list[float | None]]:
-    return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]

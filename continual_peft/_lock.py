@@ -23,6 +23,7 @@ import warnings
 import weakref
 from pathlib import Path
 
+from continual_peft._io import timestamp
 from continual_peft.errors import ContinualPeftError
 
 LOCK_FILE = ".lock"
@@ -41,7 +42,7 @@ class RunLock:
         self.info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "started": timestamp(),
             "token": uuid.uuid4().hex,
         }
         for _ in range(5):  # a takeover can race with another process's: try again

@@ -15,7 +15,6 @@ Trainable parameters: see `PARAMETER_RULE`.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from continual_peft._compare_entries import (
     entry_from,
     override,
 )
-from continual_peft._io import load_safetensors, load_versioned_json
+from continual_peft._io import load_safetensors, load_versioned_json, nan_to_none, timestamp
 from continual_peft._leaderboard_report import console_leaderboard, write_leaderboard
 from continual_peft._report_data import is_missing, matrix_of
 from continual_peft.backbone import Backbone
@@ -294,7 +293,7 @@ def run_row(
         "train_seconds": float(sum(r["train_seconds"] for r in records)),
         "eval_seconds": float(sum(r["eval_seconds"] for r in records)),
         "seen_acc": seen,  # mean accuracy over the tasks seen so far, after each task
-        "matrix": [[None if np.isnan(v) else float(v) for v in r] for r in matrix],
+        "matrix": nan_to_none(matrix),
     }
 
 
@@ -311,7 +310,7 @@ def _mean_curves(runs: list[dict[str, Any]]) -> dict[str, Any]:
     orders = {tuple(r["tasks"]) for r in runs}
     return {
         "seen_acc": np.mean([r["seen_acc"] for r in runs], axis=0).tolist(),
-        "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in matrix],
+        "matrix": nan_to_none(matrix),
         "tasks": list(runs[0]["tasks"]) if len(orders) == 1 else [],  # [] = positions only
     }
 
@@ -345,7 +344,7 @@ def leaderboard(
         "schema_version": LEADERBOARD_SCHEMA_VERSION,
         "kind": "leaderboard",
         "status": status,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "updated": timestamp(),
         **head,
         "definitions": definitions,
         "entries": entries,

@@ -14,7 +14,6 @@ over the n runs, shown with n; it is blank (null) for n = 1. "all" weights every
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from rich.console import Console
 
 from continual_peft._checkpoint import config_differences
 from continual_peft._grid_report import console_aggregate, write_aggregate
-from continual_peft._io import load_versioned_json
+from continual_peft._io import load_versioned_json, timestamp
 from continual_peft._report_data import is_missing
 from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig, without_place
@@ -316,7 +315,7 @@ def _aggregate(
         "schema_version": AGGREGATE_SCHEMA_VERSION,
         "kind": "aggregate",
         "status": status,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "updated": timestamp(),
         **head,
         "seed_note": SEED_NOTE,
         "runs": list(runs),
