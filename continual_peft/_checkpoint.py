@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from continual_peft._io import atomic_write_json, load_json, timestamp
+from continual_peft._io import atomic_write_json, file_sha256, load_json, timestamp
 from continual_peft.config import without_place
 from continual_peft.errors import ContinualPeftError, CorruptFileError, RunFileError
 from continual_peft.routers import save_router
@@ -253,10 +253,6 @@ def _routing_problem(task: dict, num_slots: int) -> str | None:
 
 def _is_number(value: Any, kind: type) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _rel(run: RunDir, path: Path) -> str:

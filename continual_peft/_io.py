@@ -8,6 +8,7 @@ renames it onto the target, so a reader sees either the old file or the new one,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -107,6 +108,11 @@ def nan_to_none(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [nan_to_none(value) for value in obj]
     return obj
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 of a file's bytes, as a hex string (what checkpoint.json records)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def timestamp() -> str:

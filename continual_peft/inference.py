@@ -8,6 +8,8 @@ top-1 task's head in one pass per batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
 
@@ -15,7 +17,6 @@ from continual_peft.backbone import Backbone
 from continual_peft.bank import ModuleBank
 from continual_peft.heads import Heads
 from continual_peft.progress import tick
-from continual_peft.training import length_sorted_batches, predict_rows
 
 
 @torch.no_grad()
@@ -83,3 +84,32 @@ def routed_predict(
     for i, prediction in zip(accepted, predictions, strict=True):
         result[i] = int(prediction)
     return result
+
+
+def length_sorted_batches(
+    backbone: Backbone, items: list, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """(row positions, collated batch) over inputs sorted by length, so padding stays small."""
+    order = np.argsort([backbone.item_length(item) for item in items], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        yield rows, backbone.collate([items[i] for i in rows])
+
+
+@torch.no_grad()
+def predict_rows(
+    backbone: Backbone,
+    score: Callable[[dict[str, torch.Tensor], np.ndarray], torch.Tensor],
+    items: list,
+    batch_size: int,
+) -> np.ndarray:
+    """Run `score(batch, row_positions)` over inputs in length-sorted batches; argmax per row.
+
+    Results come back in the original order.
+    """
+    predictions = np.empty(len(items), dtype=np.int64)
+    for rows, batch in length_sorted_batches(backbone, items, batch_size):
+        logits = score(batch, rows)
+        predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()
+        tick(len(rows))
+    return predictions

@@ -29,7 +29,7 @@ from continual_peft.bank import ModuleBank
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.heads import Heads
-from continual_peft.inference import frozen_features, routed_predict, routing_table
+from continual_peft.inference import frozen_features, predict_rows, routed_predict, routing_table
 from continual_peft.monitor import ForgettingMonitor
 from continual_peft.placement import dtype_name, set_threads
 from continual_peft.progress import meter
@@ -38,7 +38,7 @@ from continual_peft.routers import ROUTERS, Router, build_router
 from continual_peft.rundir import RunDir
 from continual_peft.strategies import build_strategy
 from continual_peft.tasks import Task
-from continual_peft.training import TrainResult, predict_rows, train_task
+from continual_peft.training import TrainResult, train_task
 
 
 @dataclass

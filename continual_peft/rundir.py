@@ -35,8 +35,7 @@ from pathlib import Path
 
 import torch
 
-from continual_peft._checkpoint import file_sha256
-from continual_peft._io import atomic_save_safetensors, atomic_write_json
+from continual_peft._io import atomic_save_safetensors, atomic_write_json, file_sha256
 from continual_peft._lock import RunLock
 from continual_peft._registry import validate_task_name
 from continual_peft.errors import ContinualPeftError

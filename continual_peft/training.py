@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch import nn
 from continual_peft.backbone import Backbone
 from continual_peft.config import TrainConfig
 from continual_peft.errors import ContinualPeftError
-from continual_peft.progress import meter, tick
+from continual_peft.progress import meter
 
 
 @dataclass
@@ -118,32 +118,3 @@ def train_task(
     backbone.eval()
     seconds = time.perf_counter() - start
     return TrainResult(float(np.mean(epoch_losses)), step, seconds, curve)
-
-
-def length_sorted_batches(
-    backbone: Backbone, items: list, batch_size: int
-) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-    """(row positions, collated batch) over inputs sorted by length, so padding stays small."""
-    order = np.argsort([backbone.item_length(item) for item in items], kind="stable")
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        yield rows, backbone.collate([items[i] for i in rows])
-
-
-@torch.no_grad()
-def predict_rows(
-    backbone: Backbone,
-    score: Callable[[dict[str, torch.Tensor], np.ndarray], torch.Tensor],
-    items: list,
-    batch_size: int,
-) -> np.ndarray:
-    """Run `score(batch, row_positions)` over inputs in length-sorted batches; argmax per row.
-
-    Results come back in the original order.
-    """
-    predictions = np.empty(len(items), dtype=np.int64)
-    for rows, batch in length_sorted_batches(backbone, items, batch_size):
-        logits = score(batch, rows)
-        predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()
-        tick(len(rows))
-    return predictions
