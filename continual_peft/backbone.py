@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +51,12 @@ class Encoded:
 
     items: list
     truncated: int  # how many inputs were longer than max_length
+
+
+# Backbone kinds other than text, each registered by its own module (vision.py) as (a test on a
+# transformers config, the class); `Backbone.from_pretrained` loads a match as that class. The
+# package imports every kind, and this module imports none of them.
+BACKBONE_KINDS: list[tuple[Callable[[Any], bool], type]] = []
 
 
 def load_model(path: str) -> torch.nn.Module:
@@ -139,7 +146,8 @@ class Backbone(nn.Module):
     ) -> Backbone:
         """Load an encoder by local path or model name; None loads the bundled MiniLM offline.
 
-        A vision model (its config has an image size and channels) loads as an `ImageBackbone`.
+        A model whose config another backbone kind claims (`BACKBONE_KINDS`: a vision model,
+        whose config has an image size and channels) loads as that kind (`ImageBackbone`).
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -147,10 +155,10 @@ class Backbone(nn.Module):
         check_model_folder(path)
         try:
             if cls is Backbone and name_or_path is not None:
-                from continual_peft.vision import ImageBackbone, is_vision_config
-
-                if is_vision_config(AutoConfig.from_pretrained(path, local_files_only=True)):
-                    return ImageBackbone.from_pretrained(path, max_length, device, dtype)
+                config = AutoConfig.from_pretrained(path, local_files_only=True)
+                for matches, kind in BACKBONE_KINDS:
+                    if matches(config):
+                        return kind.from_pretrained(path, max_length, device, dtype)
             _check_tokenizer_files(path)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = load_model(path)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual_peft.backbone import Backbone, Encoded, load_model, model_name
+from continual_peft.backbone import BACKBONE_KINDS, Backbone, Encoded, load_model, model_name
 from continual_peft.errors import ContinualPeftError
 
 
@@ -234,3 +234,6 @@ def _for_processor(image):
     if isinstance(image, np.ndarray) and image.ndim == 2:
         return image[:, :, None]  # (H, W) -> (H, W, 1): processors need a channel axis
     return image
+
+
+BACKBONE_KINDS.append((is_vision_config, ImageBackbone))
