@@ -40,9 +40,17 @@ from continual_peft.strategies import build_strategy
 from continual_peft.tasks import Task
 from continual_peft.training import TrainResult, train_task
 
+# The loader `ContinualLearner.load` calls: `continual_peft.loading.load_learner`, which builds on
+# this module and registers itself when imported (the package imports it), so this module does
+# not import it back.
+LOADER: list[Callable[..., ContinualLearner]] = []
+
 
 @dataclass
-class _Learned:
+class LearnedTask:
+    """A learned task as the learner keeps it: its data, place in the order, slot, and encoded
+    test inputs (with their frozen features once computed)."""
+
     task: Task
     index: int  # position in learning order: the router's name for the task
     slot: int
@@ -132,7 +140,7 @@ class ContinualLearner:
         self.monitor = ForgettingMonitor(
             ("oracle",) if self.router is None else ("oracle", "routed")
         )
-        self.learned: dict[str, _Learned] = {}
+        self.learned: dict[str, LearnedTask] = {}
         self.records: list[dict] = []
         self.stream = stream
         self.status = "running"
@@ -196,11 +204,7 @@ class ContinualLearner:
             device: Where to load it; None: CUDA when present, else the CPU.
             dtype: The frozen weights' dtype; None: the one the run computed in.
         """
-        from continual_peft.loading import load_learner  # loading builds on this module
-
-        return load_learner(
-            path, backbone, tasks=tasks, console=console, device=device, dtype=dtype
-        )
+        return LOADER[0](path, backbone, tasks=tasks, console=console, device=device, dtype=dtype)
 
     def learn(self, task: Task) -> dict:
         """Allocate a slot, train it and a new head, freeze, evaluate every task, report.
@@ -254,7 +258,7 @@ class ContinualLearner:
         head = self.heads.add(task.name, len(task.labels), seed=self.task_seed(task, "head"))
         train_enc = self.backbone.encode(task.train_inputs, f"task {task.name!r}: train input")
         test_enc = self.backbone.encode(task.test_inputs, f"task {task.name!r}: test input")
-        state = _Learned(task, len(self.learned), slot, test_enc.items)
+        state = LearnedTask(task, len(self.learned), slot, test_enc.items)
         self.learned[task.name] = state
         where = f"task {len(self.learned)} {task.name}: evaluating before training"
         with self._evaluating(), meter(where, 2 * len(state.test_items)):
@@ -436,7 +440,7 @@ class ContinualLearner:
         ]
         return labels, indices, weights
 
-    def _routed_scores(self, state: _Learned) -> tuple[float, float]:
+    def _routed_scores(self, state: LearnedTask) -> tuple[float, float]:
         """(routed accuracy, routing accuracy) on a task's test set; correct = same label string."""
         if state.test_features is None:
             state.test_features = self._features(state.test_items)
@@ -445,7 +449,7 @@ class ContinualLearner:
         accuracy = float(np.mean([a == b for a, b in zip(labels, truth, strict=True)]))
         return accuracy, float((indices[:, 0] == state.index).double().mean())
 
-    def _accuracy(self, state: _Learned, base_only: bool = False) -> float:
+    def _accuracy(self, state: LearnedTask, base_only: bool = False) -> float:
         """Oracle accuracy on a task's test set (its routing and head; no module if `base_only`)."""
         head = self.heads.heads[state.task.name]
         routing = self.bank.base_only() if base_only else self.use_task(state.task.name)
@@ -532,7 +536,7 @@ class ContinualLearner:
             })  # fmt: skip
         return rows
 
-    def _learned(self, task: str) -> _Learned:
+    def _learned(self, task: str) -> LearnedTask:
         if task not in self.learned:
             raise ContinualPeftError(f"unknown task {task!r}; learned tasks: {list(self.learned)}")
         return self.learned[task]

@@ -32,7 +32,7 @@ from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig, without_place
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.fingerprint import check_fingerprint
-from continual_peft.learner import ContinualLearner, _Learned
+from continual_peft.learner import LOADER, ContinualLearner, LearnedTask
 from continual_peft.monitor import ForgettingMonitor
 from continual_peft.routers import load_router
 from continual_peft.rundir import RunDir
@@ -76,6 +76,9 @@ def load_learner(
     _check_backbone(saved, learner, run)
     _restore(learner, run, checkpoint, {task.name: task for task in tasks or []})
     return learner
+
+
+LOADER.append(load_learner)  # what ContinualLearner.load calls
 
 
 def run_finished(run_dir: str | Path) -> bool:
@@ -236,11 +239,11 @@ def _restore(
                 "(its data hash differs); pass the same task."
             )
         if task is None:
-            state = _Learned(Task(name, list(record["labels"]), [], [], [], []), index,
+            state = LearnedTask(Task(name, list(record["labels"]), [], [], [], []), index,
                              entry["slot"], [], has_data=False)  # fmt: skip
         else:
             items = learner.backbone.encode(task.test_inputs).items
-            state = _Learned(task, index, entry["slot"], items)
+            state = LearnedTask(task, index, entry["slot"], items)
         learner.learned[name] = state
         learner._digests[name] = entry["data_sha256"]
     learner.monitor = ForgettingMonitor.from_state(checkpoint["monitor"])
