@@ -55,10 +55,19 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     OS error (a full disk) becomes a ContinualPeftError that says so, others propagate.
 
     Args:
-        path: Target file; its parent directory must exist.
+        path: Target file; its parent directory must exist. A symbolic link is written through
+            (its target is replaced, the link stays); a target that is not a regular file (a
+            device such as /dev/stdout, a pipe) is refused.
         data: The complete new contents.
     """
     target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()
+    if target.exists() and not target.is_file():
+        raise ContinualPeftError(
+            f"cannot write {path}: it is not a regular file (a folder, device or pipe); give a "
+            "file name (for standard output, where a command offers it: -)"
+        )
     try:
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as err:  # a missing or read-only folder: nothing was written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import tomllib
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from continual_peft import __version__, progress
+from continual_peft._checkpoint import task_digest
 from continual_peft._compare_entries import override, resolve_entries
 from continual_peft._io import atomic_write_text, check_file
 from continual_peft._leaderboard_report import console_leaderboard
@@ -58,8 +60,48 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
-console = Console()
 errors = Console(stderr=True)
+
+
+class _Stdout:
+    """Standard output that outlives its reader (a `| head`, a `tee` or logger that died): the
+    first write that finds the pipe closed says so once on stderr, and the work goes on (a run
+    keeps training and writing its run directory) with its tables going nowhere."""
+
+    broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.broken = True
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                errors.print(
+                    "warning: standard output was closed (its reader exited); the command goes "
+                    "on, and its files are written as usual",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.write("")
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+
+STDOUT = _Stdout()
+console = Console(file=STDOUT)
 LISTS = ["modules", "strategies", "streams", "routers"]
 DTYPE_HELP = (
     "Frozen weights' dtype: auto (bfloat16 on a CUDA device that supports it, float32 on the CPU), "
@@ -80,7 +122,7 @@ DATA_ROOT = typer.Option(
 )
 MAX_TRAIN = typer.Option(None, help="Training examples per task (seeded subset).", metavar="N")
 MAX_TEST = typer.Option(None, help="Test examples per task (seeded subset).", metavar="N")
-DEVICE = typer.Option(None, help=DEVICE_HELP, metavar="TEXT")
+DEVICE = typer.Option(None, help=DEVICE_HELP, metavar="DEVICE")
 THREADS = typer.Option(None, help=THREADS_HELP, metavar="N")
 
 
@@ -190,9 +232,9 @@ def run(
         None,
         help="Strategy name (see `list strategies`; a name with a shipped spec of its own, "
         "l2p, runs with that spec) or spec file. Default: per_task.",
-        metavar="TEXT",
+        metavar="NAME|FILE",
     ),
-    module: str = typer.Option(None, help="Module kind (see `list modules`).", metavar="TEXT"),
+    module: str = typer.Option(None, help="Module kind (see `list modules`).", metavar="KIND"),
     data_root: Path = DATA_ROOT,
     out: Path = typer.Option(
         None,
@@ -235,13 +277,13 @@ def run(
         metavar="TEXT",
     ),
     router: str = typer.Option(
-        None, help="Router (see `list routers`); default oracle.", metavar="TEXT"
+        None, help="Router (see `list routers`); default oracle.", metavar="NAME"
     ),
     max_length: int = typer.Option(None, help="Longest input in tokens.", metavar="N"),
     backbone: str = typer.Option(
-        None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2.", metavar="TEXT"
+        None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2.", metavar="PATH"
     ),
-    dtype: str = typer.Option(None, help=DTYPE_HELP, metavar="TEXT"),
+    dtype: str = typer.Option(None, help=DTYPE_HELP, metavar="DTYPE"),
     device: str = DEVICE,
     threads: int = THREADS,
     resume: Path = typer.Option(
@@ -300,7 +342,7 @@ def run(
                 f"{resume} is one run, and --resume continues it as it was: leave out --order "
                 "and --seeds (several make a grid; start one with --out)."
             )
-        console.print(f"torch threads: {set_threads(config.backbone.threads)}", highlight=False)
+        errors.print(f"torch threads: {set_threads(config.backbone.threads)}", highlight=False)
         if grid:
             run_dir = resume or out or new_run_path("runs", f"{tasks.name}-grid")
             run_grid(tasks, config, orders, seed_list, run_dir, baseline=chosen, console=console,
@@ -395,15 +437,15 @@ def compare_(
         help="Learning rate for every entry, replacing each spec's own (unset: keep them).",
     ),
     router: str = typer.Option(
-        None, help="Router for every entry (default: each entry's).", metavar="TEXT"
+        None, help="Router for every entry (default: each entry's).", metavar="NAME"
     ),
     max_length: int = typer.Option(
         None, help="Longest input in tokens, for every entry.", metavar="N"
     ),
     backbone: str = typer.Option(
-        None, help="Model folder or name, for every entry.", metavar="TEXT"
+        None, help="Model folder or name, for every entry.", metavar="PATH"
     ),
-    dtype: str = typer.Option(None, help=DTYPE_HELP, metavar="TEXT"),
+    dtype: str = typer.Option(None, help=DTYPE_HELP, metavar="DTYPE"),
     device: str = DEVICE,
     threads: int = THREADS,
 ) -> None:
@@ -438,7 +480,7 @@ def compare_(
         if resume is not None and out is not None and out != resume:
             raise ContinualPeftError("give --out or --resume, not both.")
         folder = resume or out or new_run_path("runs", f"{tasks.name}-compare")
-        console.print(f"torch threads: {set_threads(threads or 0)}", highlight=False)
+        errors.print(f"torch threads: {set_threads(threads or 0)}", highlight=False)
         console.print(f"comparison folder: {folder}", highlight=False, soft_wrap=True)
         board = compare(
             tasks, entries, folder, seed_list, orders, console=console, resume=resume is not None
@@ -482,7 +524,7 @@ def report(
 @app.command(short_help="Export one task's module and head (peft adapter or merged model).")
 def export(
     run: Path = typer.Option(..., help="The run directory.", metavar="PATH"),
-    task: str = typer.Option(..., help="The task to export.", metavar="TEXT"),
+    task: str = typer.Option(..., help="The task to export.", metavar="NAME"),
     format_: str = typer.Option(
         "peft",
         "--format",
@@ -492,7 +534,7 @@ def export(
     out: Path = typer.Option(
         ..., help="Folder to write; must not exist yet or be empty.", metavar="PATH"
     ),
-    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="TEXT"),
+    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="PATH"),
 ) -> None:
     """Export one task's module (and head) for use outside continual-peft."""
     try:
@@ -507,7 +549,7 @@ def export(
 RUN_HELP = "The run directory."
 INPUT_HELP = (
     'JSONL, one object per line: a "text", optionally a "task" (that task\'s module and head, '
-    'not the router) and, for eval, a "label"; or - for standard input.'
+    'not the router), and for eval a "label"; or - for standard input.'
 )
 BATCH_HELP = "Inputs per forward pass. Default: the run's eval_batch_size."
 
@@ -516,7 +558,7 @@ BATCH_HELP = "Inputs per forward pass. Default: the run's eval_batch_size."
 @_stop_signals()
 def predict(
     run: Path = typer.Option(..., help=RUN_HELP, metavar="PATH"),
-    input_: str = typer.Option(..., "--input", help=INPUT_HELP, metavar="TEXT"),
+    input_: str = typer.Option(..., "--input", help=INPUT_HELP, metavar="FILE"),
     task: str = typer.Option(
         None,
         help="Predict every input as this task (oracle routing; no router needed).",
@@ -533,29 +575,19 @@ def predict(
         "the one the run computed in (bfloat16 for a GPU run: pass float32 on a CPU).",
         metavar="TEXT",
     ),
-    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="TEXT"),
+    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="PATH"),
     threads: int = THREADS,
 ) -> None:
     """Predict task and label per input: through the task a line (or --task) names, else
     through the run's router, in batched routed forwards. Writes one JSON object per input:
     task, label, rejected, routing ("given" or "router"), and the router's score and topk."""
     try:
-        if output is not None and input_ != "-" and output.resolve() == Path(input_).resolve():
-            raise ContinualPeftError(
-                f"--output {output} is the --input file; write the predictions to another file"
-            )
-        if output is not None and output.resolve().is_relative_to(run.resolve()):
-            raise ContinualPeftError(
-                f"--output {output} is inside the run directory {run}, whose files only the run "
-                "writes; write the predictions somewhere else"
-            )
-        if output is not None and output.is_dir():
-            raise ContinualPeftError(f"--output {output} is a folder; give a file name")
+        _check_output(output, run, input_)
         learner, records = _open_run(run, input_, batch_size, device, dtype, backbone, threads)
         rows = predict_records(learner, records, task)
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        if output is None:
-            sys.stdout.write(lines)
+        if output is None or str(output) == "-":
+            STDOUT.write(lines)
         else:
             atomic_write_text(output, lines)
     except ContinualPeftError as err:
@@ -574,34 +606,56 @@ def eval_(
         "scored. Or give --input.",
         metavar="STREAM",
     ),
-    input_: str = typer.Option(None, "--input", help=INPUT_HELP, metavar="TEXT"),
+    input_: str = typer.Option(None, "--input", help=INPUT_HELP, metavar="FILE"),
     task: str = typer.Option(
-        None, help="With --input: every line is of this task.", metavar="TEXT"
+        None, help="With --input: every line is of this task.", metavar="NAME"
     ),
     data_root: Path = DATA_ROOT,
+    max_train: int = typer.Option(
+        None,
+        help="As the run was given it: the test subset --max-test keeps depends on it too.",
+        metavar="N",
+    ),
     max_test: int = MAX_TEST,
     output: Path = typer.Option(
-        None, help="Also write the scores here as JSON (fractions).", metavar="PATH"
+        None,
+        help="Also write the scores here as JSON (fractions); - writes only the JSON, to "
+        "standard output.",
+        metavar="PATH",
     ),
     batch_size: int = typer.Option(None, metavar="N", help=BATCH_HELP),
     device: str = DEVICE,
-    dtype: str = typer.Option(None, help="As for predict.", metavar="TEXT"),
-    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="TEXT"),
+    dtype: str = typer.Option(
+        None,
+        help="Frozen weights' dtype to evaluate in (auto, bfloat16, float16, float32). Default: "
+        "the one the run computed in.",
+        metavar="DTYPE",
+    ),
+    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="PATH"),
     threads: int = THREADS,
 ) -> None:
     """Accuracy of a trained run on labelled data, without training: per task, with the task
     given (oracle) and, with a router, routed, plus routing accuracy."""
     try:
         if (stream is None) == (input_ is None):
+            which = "both" if stream is not None else "neither"
             raise ContinualPeftError(
-                "give what to evaluate on: a stream spec (its tasks' test sets) or --input "
-                'FILE (JSONL with "text" and "label" per line), not both'
+                f"got {which}: give what to evaluate on, a stream spec (its tasks' test sets) or "
+                '--input FILE (JSONL with "text" and "label" per line)'
             )
+        if task is not None and stream is not None:
+            raise ContinualPeftError("--task goes with --input; a stream spec names its tasks")
+        _check_output(output, run, input_)
         learner, records = _open_run(run, input_, batch_size, device, dtype, backbone, threads)
         if stream is not None:
-            scores = evaluate_stream(learner, load_stream(stream, data_root, max_test=max_test))
+            given = load_stream(stream, data_root, max_train=max_train, max_test=max_test)
+            _warn_other_data(learner, given)
+            scores = evaluate_stream(learner, given)
         else:
             scores = evaluate_records(learner, records, task)
+        if output is not None and str(output) == "-":
+            STDOUT.write(json.dumps(scores, indent=2) + "\n")
+            return
         console.print(console_scores(scores))
         if output is not None:
             atomic_write_text(output, json.dumps(scores, indent=2) + "\n")
@@ -609,6 +663,45 @@ def eval_(
         _fail(str(err))
     except KeyboardInterrupt as err:
         _interrupted(err, "nothing was written.")
+
+
+def _check_output(output: Path | None, run: Path, input_: str | None) -> None:
+    """Refuse an --output that cannot or must not be written, before any model loads."""
+    if output is None or str(output) == "-":
+        return
+    if input_ not in (None, "-") and output.resolve() == Path(input_).resolve():
+        raise ContinualPeftError(f"--output {output} is the --input file; write to another file")
+    if output.resolve().is_relative_to(run.resolve()):
+        raise ContinualPeftError(
+            f"--output {output} is inside the run directory {run}, whose files only the run "
+            "writes; write somewhere else"
+        )
+    if output.is_dir():
+        raise ContinualPeftError(f"--output {output} is a folder; give a file name")
+    if output.exists() and not output.resolve().is_file():
+        raise ContinualPeftError(
+            f"--output {output} is not a regular file (a device or pipe); for standard output "
+            "give --output - (or leave --output out)"
+        )
+    if not output.resolve().parent.is_dir():
+        raise ContinualPeftError(
+            f"--output {output}: the folder {output.resolve().parent} does not exist"
+        )
+
+
+def _warn_other_data(learner, stream) -> None:
+    """Say which of a stream's tasks are not the data the run learned (other subsets or files):
+    their scores are on the data given, not on the run's test sets."""
+    differ = [t.name for t in stream.tasks if t.name in learner._digests
+              and task_digest(t) != learner._digests[t.name]]  # fmt: skip
+    if differ:
+        warnings.warn(
+            f"task(s) {differ}: the data given is not what the run learned (another file, or "
+            "other --max-train / --max-test / --data-root), so the scores are not on the run's "
+            "test sets; give the run's own stream arguments to reproduce its report",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _open_run(run, input_, batch_size, device, dtype, backbone, threads):

@@ -8,6 +8,7 @@ task that the router sends to that task (top-1), as in the forgetting report.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,11 +40,24 @@ def predict_records(
         ContinualPeftError: An unknown task, or records without a task on a learner without a
             router (naming the first few lines).
     """
-    given = [task if task is not None else record.get("task") for record in records]
-    unknown = sorted({t for t in given if t is not None and t not in learner.learned})
-    if unknown:
+    clash = [i + 1 for i, r in enumerate(records) if task and r.get("task") not in (None, task)]
+    if clash:
         raise ContinualPeftError(
-            f"unknown task(s) {unknown}; this run learned {list(learner.learned)}"
+            f"record(s) {clash[:5]} name another task than --task {task!r}; leave --task out to "
+            "use each line's own, or drop the lines' task fields"
+        )
+    if task is not None and task not in learner.learned:
+        raise ContinualPeftError(
+            f"unknown task {task!r} (--task); this run learned {list(learner.learned)}"
+        )
+    given = [task if task is not None else record.get("task") for record in records]
+    unknown = [
+        (i + 1, t) for i, t in enumerate(given) if t is not None and t not in learner.learned
+    ]
+    if unknown:
+        where = ", ".join(f"record {i}: {t!r}" for i, t in unknown[:3])
+        raise ContinualPeftError(
+            f"unknown task ({where}); this run learned {list(learner.learned)}"
         )
     inputs = [record.get("text", record.get("image")) for record in records]
     routed = [i for i, t in enumerate(given) if t is None]
@@ -121,6 +135,16 @@ def evaluate_records(
         )
     known = [task if task is not None else r.get("task") for r in records]
     truth = [r["label"] for r in records]
+    unseen = sorted({
+        f"{t}:{y}" for t, y in zip(known, truth, strict=True)
+        if t in learner.learned and y not in learner.learned[t].task.labels
+    })  # fmt: skip
+    if unseen:
+        warnings.warn(
+            f"label(s) the run's tasks never had are scored as wrong: {unseen[:5]} (task:label)",
+            UserWarning,
+            stacklevel=2,
+        )
     rows = {"oracle": [None] * len(records), "routed": [None] * len(records)}
     given = [i for i, t in enumerate(known) if t is not None]
     oracle = predict_records(learner, [records[i] for i in given], task) if given else []
@@ -133,7 +157,15 @@ def evaluate_records(
         if name is not None:
             groups.setdefault(name, []).append(i)
     summary = {name: _scores(rows, truth, known, members) for name, members in groups.items()}
-    return {**summary.pop("all"), "by_task": summary}
+    overall = summary.pop("all")
+    keys = ("oracle_acc", "routed_acc", "routing_acc")
+    task_mean = {
+        k: float(np.mean(v))
+        if (v := [e[k] for e in summary.values() if e[k] is not None])
+        else None
+        for k in keys
+    }  # the report's ACC: each task counts once, whatever its size
+    return {**overall, "task_mean": task_mean, "by_task": summary}
 
 
 def _scores(rows: dict[str, list], truth: list[str], known: list, members: list[int]) -> dict:
@@ -158,12 +190,18 @@ def _scores(rows: dict[str, list], truth: list[str], known: list, members: list[
 
 
 def console_scores(scores: dict[str, Any]) -> Table:
-    """`evaluate_records` / `evaluate_stream` scores as a table, in percent."""
+    """`evaluate_records` / `evaluate_stream` scores as a table, in percent: each task, the mean
+    over tasks (as the report's ACC), and all rows pooled."""
     table = Table(title="Accuracy (%) without training", title_justify="left")
     for name in ("task", "rows", "oracle ACC", "routed ACC", "routing ACC"):
         table.add_column(name, justify="left" if name == "task" else "right")
     keys = ("oracle_acc", "routed_acc", "routing_acc")
-    for name, entry in [*scores["by_task"].items(), ("all", scores)]:
+    rows = [*scores["by_task"].items()]
+    if scores["by_task"]:
+        rows.append(("mean of tasks", {**scores["task_mean"], "rows": len(scores["by_task"])}))
+    rows.append(("all rows", scores))
+    for name, entry in rows:
         cells = ["" if entry[k] is None else f"{100 * entry[k]:.1f}" for k in keys]
-        table.add_row(name, str(entry["rows"]), *cells, end_section=name == "all")
+        count = f"{entry['rows']} tasks" if name == "mean of tasks" else str(entry["rows"])
+        table.add_row(name, count, *cells)
     return table

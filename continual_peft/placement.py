@@ -55,12 +55,21 @@ def set_threads(threads: int = 0) -> str:
             f"threads = {threads!r}: give a positive number of CPU threads, or 0 for auto"
         )
     if threads:
+        usable = usable_cpus()
+        if threads > 4 * usable:
+            raise ContinualPeftError(
+                f"threads = {threads} is far more than the {usable} CPU(s) this process may use; "
+                f"give at most {usable} (or 0 for auto)"
+            )
         torch.set_num_threads(threads)
+        if threads > usable:
+            return f"{threads} (as asked; more than the {usable} usable CPU(s): oversubscribed)"
         return f"{threads} (as asked)"
     usable = usable_cpus()
     current = torch.get_num_threads()
     if current <= usable:
-        why = "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "torch's default"
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        why = "OMP_NUM_THREADS" if omp.isdigit() and int(omp) > 0 else "torch's default"
         return f"{current} (auto: {why}; {usable} CPU(s) usable)"
     torch.set_num_threads(usable)
     return f"{usable} (auto: the CPUs this process may use, not torch's default {current})"

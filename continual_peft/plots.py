@@ -13,6 +13,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from matplotlib.ticker import MaxNLocator
 
 from continual_peft._io import atomic_write_bytes
 from continual_peft._report_data import as_array, is_missing
@@ -141,6 +142,7 @@ def loss_figure(report: dict[str, Any]) -> Figure:
         marker = "o" if len(steps) < 30 else None  # a short curve still shows its points
         ax.plot(steps, losses, marker=marker, markersize=3, linewidth=1.2, color=color, label=name)
     ax.set_xlabel("training step within the task")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel("mean training loss")
     ax.grid(True, alpha=0.3)
     if curves:

@@ -187,7 +187,7 @@ def test_predict_output_never_lands_in_the_run_or_crashes(run: Path, tmp_path: P
         refused(result, "is inside the run directory", "somewhere else")
     missing = tmp_path / "no" / "such" / "folder" / "out.jsonl"
     result = invoke("predict", "--run", run, "--input", inputs, "--output", missing)
-    refused(result, f"cannot write {missing}", "exists and is writable")
+    refused(result, f"--output {missing}: the folder {missing.parent} does not exist")
     assert_kept(before, run)
     assert files(run) == before
 

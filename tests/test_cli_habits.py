@@ -73,7 +73,7 @@ def test_a_log_file_gets_a_progress_line_per_interval(made, tmp_path, monkeypatc
     training = [line for line in lines if line.startswith("task 1 colors: training")]
     assert training and re.search(r"\d+/3 steps \(\d+%\), loss [\d.]+, \d+ s elapsed", training[0])
     assert any(line.startswith("task 2 animals: re-evaluating 2 task(s)") for line in lines)
-    assert any(line.startswith("torch threads: ") for line in result.stdout.splitlines())
+    assert any(line.startswith("torch threads: ") for line in result.stderr.splitlines())
 
 
 def test_meters_count_ticks_and_nest_into_the_outer_one(monkeypatch, capsys):
@@ -142,12 +142,14 @@ def test_predict_with_a_task_per_line_or_for_all(made, tmp_path):
     }
     assert given == {"task": "animals", "label": learner.predict(["the cat runs"], "animals")[0],
                      "rejected": False, "routing": "given"}  # fmt: skip
-    every = invoke("predict", "--run", made["run"], "--input", inputs, "--task", "colors",
+    untasked = tmp_path / "untasked.jsonl"
+    untasked.write_text('{"text": "a red car"}\n{"text": "the cat runs"}\n', encoding="utf-8")
+    every = invoke("predict", "--run", made["run"], "--input", untasked, "--task", "colors",
                    "--batch-size", "1")  # fmt: skip
     labels = [json.loads(line)["label"] for line in every.stdout.splitlines()]
     assert labels == learner.predict(["a red car", "the cat runs"], task="colors")
-    unknown = invoke("predict", "--run", made["run"], "--input", inputs, "--task", "moods")
-    assert unknown.exit_code == 2 and "unknown task(s) ['moods']" in unknown.stderr
+    unknown = invoke("predict", "--run", made["run"], "--input", untasked, "--task", "moods")
+    assert unknown.exit_code == 2 and "unknown task 'moods' (--task)" in unknown.stderr
     zero = invoke("predict", "--run", made["run"], "--input", inputs, "--batch-size", "0")
     assert zero.exit_code == 2 and "--batch-size 0: give a positive number" in zero.stderr
 
@@ -303,3 +305,99 @@ def test_a_run_without_config_json_says_it_is_missing(made, tmp_path):
     inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
     result = invoke("predict", "--run", run, "--input", inputs)
     assert result.exit_code == 2 and f"{run / 'config.json'} is missing" in result.stderr
+
+
+# ---------------------------------------------------------------- found by the second new-user test
+
+
+def test_output_goes_through_links_never_onto_devices_and_dash_is_stdout(made, tmp_path):
+    import os
+
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "a red car", "task": "colors"}\n', encoding="utf-8")
+    target, link = tmp_path / "target.jsonl", tmp_path / "link.jsonl"
+    target.write_text("old\n", encoding="utf-8")
+    link.symlink_to(target)
+    assert (
+        invoke("predict", "--run", made["run"], "--input", inputs, "--output", link).exit_code == 0
+    )
+    assert link.is_symlink() and json.loads(target.read_text(encoding="utf-8"))["task"] == "colors"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for command in (["predict", "--input", inputs], ["eval", made["spec"]]):
+        refused = invoke(*command, "--run", made["run"], "--output", fifo)
+        assert refused.exit_code == 2 and "not a regular file" in refused.stderr
+    dash = invoke("predict", "--run", made["run"], "--input", inputs, "--output", "-")
+    assert dash.exit_code == 0 and json.loads(dash.stdout)["task"] == "colors"
+    assert not (Path.cwd() / "-").exists()
+    scores = invoke("eval", made["spec"], "--run", made["run"], "--output", "-")
+    assert scores.exit_code == 0 and json.loads(scores.stdout)["rows"] == 20
+
+
+def test_eval_output_has_predicts_guards(made, tmp_path):
+    labelled = tmp_path / "l.jsonl"
+    labelled.write_text('{"text": "a red car", "label": "red"}\n', encoding="utf-8")
+    cases = [
+        (["--input", labelled, "--output", labelled], "is the --input file"),
+        (["--input", labelled, "--output", made["run"] / "report.json"], "inside the run"),
+        (["--input", labelled, "--output", tmp_path], "is a folder"),
+        (["--input", labelled, "--output", tmp_path / "no" / "x.json"], "does not exist"),
+        ([made["spec"], "--task", "colors"], "--task goes with --input"),
+        ([], "got neither"),
+    ]
+    for args, expected in cases:
+        result = invoke("eval", "--run", made["run"], *args)
+        assert result.exit_code == 2 and expected in result.stderr, (args, result.output)
+
+
+def test_eval_names_other_data_unseen_labels_and_shows_the_task_mean(made, tmp_path):
+    with pytest.warns(UserWarning, match=r"task\(s\) \['colors', 'animals'\]: the data given"):
+        fewer = invoke("eval", made["spec"], "--run", made["run"], "--max-test", "3")
+    assert fewer.exit_code == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run's own data: no warning
+        same = invoke("eval", made["spec"], "--run", made["run"])
+    assert same.exit_code == 0 and "mean of tasks" in same.stdout
+    labelled = tmp_path / "l.jsonl"
+    labelled.write_text('{"text": "a red car", "label": "purple", "task": "colors"}\n', "utf-8")
+    with pytest.warns(UserWarning, match=r"never had are scored as wrong: \['colors:purple'\]"):
+        odd = invoke("eval", "--run", made["run"], "--input", labelled)
+    assert odd.exit_code == 0
+
+
+def test_predict_refuses_a_task_that_contradicts_a_line_and_names_unknown_lines(made, tmp_path):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "x"}\n{"text": "y", "task": "animals"}\n', encoding="utf-8")
+    clash = invoke("predict", "--run", made["run"], "--input", inputs, "--task", "colors")
+    assert clash.exit_code == 2 and "record(s) [2] name another task than --task" in clash.stderr
+    inputs.write_text('{"text": "x"}\n{"text": "y", "task": "moods"}\n', encoding="utf-8")
+    unknown = invoke("predict", "--run", made["run"], "--input", inputs)
+    assert unknown.exit_code == 2 and "record 2: 'moods'" in unknown.stderr
+
+
+def test_threads_far_above_the_cpus_are_refused_and_above_them_said(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(placement, "usable_cpus", lambda: 2)
+    try:
+        with pytest.raises(ContinualPeftError, match="far more than the 2 CPU"):
+            set_threads(99999)
+        assert "oversubscribed" in set_threads(3)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_closed_stdout_is_said_once_and_the_work_goes_on(monkeypatch, capsys):
+    import io
+    import os
+    import sys
+
+    from continual_peft import cli
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone
+    pipe = io.TextIOWrapper(io.FileIO(write, "w"))
+    monkeypatch.setattr(sys, "stdout", pipe)
+    out = cli._Stdout()
+    assert out.write("table\n") == 6 and out.broken
+    assert out.write("more\n") == 5  # nothing raised
+    assert capsys.readouterr().err.count("standard output was closed") == 1
