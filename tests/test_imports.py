@@ -77,3 +77,15 @@ def test_no_module_imports_itself_round_a_circle():
 def test_the_checker_finds_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_strategies_type_against_their_protocol_not_the_learner():
+    """Strategies see the learner through `strategies.Learner` (a Protocol of what they use):
+    no strategy imports the engine, not even for type hints."""
+    engine = {"continual_peft.learner", "continual_peft.loading", "continual_peft.runner"}
+    for path in sorted((PACKAGE / "strategies").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {
+            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        }  # fmt: skip
+        assert not imported & engine, (path.name, imported & engine)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -28,11 +28,28 @@ from continual_peft._registry import Registry
 from continual_peft.errors import ContinualPeftError
 
 if TYPE_CHECKING:
+    from continual_peft.backbone import Backbone
+    from continual_peft.bank import ModuleBank
     from continual_peft.config import LearnerConfig
-    from continual_peft.learner import ContinualLearner
+    from continual_peft.heads import Heads
     from continual_peft.tasks import Task
 
 STRATEGIES: Registry = Registry("strategy")
+
+
+class Learner(Protocol):
+    """What a strategy's hooks may use of the learner they serve (the engine's
+    `Learner` is one); strategies type against this, not against the engine."""
+
+    bank: ModuleBank
+    backbone: Backbone
+    config: LearnerConfig
+    heads: Heads
+    learned: dict[str, Any]  # task name -> its learned state (`.task`, `.index`, `.slot`)
+
+    def task_seed(self, task: Task, purpose: str) -> int: ...
+
+    def features(self, inputs: list) -> torch.Tensor: ...
 
 
 class Strategy:
@@ -40,11 +57,11 @@ class Strategy:
 
     description = ""
 
-    def allocate(self, learner: ContinualLearner, task: Task) -> int:
+    def allocate(self, learner: Learner, task: Task) -> int:
         """The slot that `task` trains and is routed to."""
         raise NotImplementedError
 
-    def routing(self, learner: ContinualLearner, task: str) -> tuple[list[int], list[float]]:
+    def routing(self, learner: Learner, task: str) -> tuple[list[int], list[float]]:
         """The slots every row of `task` goes through and their weights, for training and
         inference alike (the bank sums the slots' deltas); the task's own slot by default."""
         return [learner.learned[task].slot], [1.0]
@@ -52,14 +69,14 @@ class Strategy:
     def check(self, config: LearnerConfig, where: str = "config") -> None:
         """Refuse a configuration this strategy cannot work with; anything goes by default."""
 
-    def before_task(self, learner: ContinualLearner, task: Task) -> None:
+    def before_task(self, learner: Learner, task: Task) -> None:
         """Called before the task's slot is chosen."""
 
-    def loss(self, learner: ContinualLearner, task: Task, loss: torch.Tensor) -> torch.Tensor:
+    def loss(self, learner: Learner, task: Task, loss: torch.Tensor) -> torch.Tensor:
         """The loss to minimise for one batch, given the task's own loss."""
         return loss
 
-    def after_task(self, learner: ContinualLearner, task: Task) -> dict[str, Any] | None:
+    def after_task(self, learner: Learner, task: Task) -> dict[str, Any] | None:
         """Called after training, before evaluation; JSON-ready facts it returns go into the
         task's record (and report.json) under `strategy`."""
 
@@ -100,11 +117,11 @@ class PerTask(Strategy):
 
     description = "a fresh slot per task, frozen after it"
 
-    def allocate(self, learner: ContinualLearner, task: Task) -> int:
+    def allocate(self, learner: Learner, task: Task) -> int:
         kind = learner.config.module_for(task.name)
         return learner.bank.add_slot(seed=learner.task_seed(task, "slot"), kind=kind)
 
-    def after_task(self, learner: ContinualLearner, task: Task) -> None:
+    def after_task(self, learner: Learner, task: Task) -> None:
         learner.bank.freeze_slot()
 
 
@@ -114,7 +131,7 @@ class Sequential(Strategy):
 
     description = "one shared slot trained on each task in turn (forgetting baseline)"
 
-    def allocate(self, learner: ContinualLearner, task: Task) -> int:
+    def allocate(self, learner: Learner, task: Task) -> int:
         if learner.bank.num_slots == 0:
             return learner.bank.add_slot(seed=learner.task_seed(task, "slot"))
         return 0

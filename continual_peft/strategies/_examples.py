@@ -18,7 +18,7 @@ from torch import nn
 from continual_peft.errors import ContinualPeftError
 
 if TYPE_CHECKING:
-    from continual_peft.learner import ContinualLearner
+    from continual_peft.strategies import Learner
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Examples:
         return examples
 
 
-def examples_loss(learner: ContinualLearner, examples: Examples) -> torch.Tensor:
+def examples_loss(learner: Learner, examples: Examples) -> torch.Tensor:
     """Mean cross-entropy of `examples`, each row through its own task's head.
 
     The backbone runs as the bank is routed now (during training: the trainable slot), so the
@@ -109,7 +109,7 @@ def examples_loss(learner: ContinualLearner, examples: Examples) -> torch.Tensor
     return nn.functional.cross_entropy(logits.float(), target)
 
 
-def encoded_examples(learner: ContinualLearner, task_name: str, inputs: list, labels: list[int]):
+def encoded_examples(learner: Learner, task_name: str, inputs: list, labels: list[int]):
     """A task's training inputs, encoded by the learner's backbone, as a store."""
     items = learner.backbone.encode(list(inputs)).items
     return Examples(items, list(labels), [task_name] * len(items))

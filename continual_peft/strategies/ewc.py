@@ -27,7 +27,7 @@ from continual_peft.strategies import STRATEGIES, Sequential
 from continual_peft.strategies._examples import check_option, is_int, is_number
 
 if TYPE_CHECKING:
-    from continual_peft.learner import ContinualLearner
+    from continual_peft.strategies import Learner
     from continual_peft.tasks import Task
 
 
@@ -55,7 +55,7 @@ class EWC(Sequential):
         self.fisher: list[torch.Tensor] = []  # per trainable slot parameter; [] = no task yet
         self.anchor: list[torch.Tensor] = []  # θ* after the latest task
 
-    def penalty(self, learner: ContinualLearner) -> torch.Tensor:
+    def penalty(self, learner: Learner) -> torch.Tensor:
         """λ/2 · Σ F (θ − θ*)² over the shared slot's trainable parameters; 0 before any task."""
         params = learner.bank.trainable_parameters()
         if not self.fisher:
@@ -70,19 +70,19 @@ class EWC(Sequential):
         total = sum((f.to(p.device) * (p - a.to(p.device)).pow(2)).sum() for p, f, a in pairs)
         return self.lam / 2 * total
 
-    def loss(self, learner: ContinualLearner, task: Task, loss: torch.Tensor) -> torch.Tensor:
+    def loss(self, learner: Learner, task: Task, loss: torch.Tensor) -> torch.Tensor:
         if not self.fisher or self.lam == 0:
             return loss
         return loss + self.penalty(learner)
 
-    def after_task(self, learner: ContinualLearner, task: Task) -> None:
+    def after_task(self, learner: Learner, task: Task) -> None:
         fisher = self.estimate_fisher(learner, task)
         if self.fisher:
             fisher = [self.decay * old + new for old, new in zip(self.fisher, fisher, strict=True)]
         self.fisher = fisher
         self.anchor = [p.detach().clone() for p in learner.bank.trainable_parameters()]
 
-    def estimate_fisher(self, learner: ContinualLearner, task: Task) -> list[torch.Tensor]:
+    def estimate_fisher(self, learner: Learner, task: Task) -> list[torch.Tensor]:
         """Diagonal empirical Fisher of the trainable slot on `task`: mean over examples of the
         squared gradient of log p(true label | x), one example at a time."""
         params = learner.bank.trainable_parameters()

@@ -33,7 +33,7 @@ from continual_peft.strategies._examples import (
 )
 
 if TYPE_CHECKING:
-    from continual_peft.learner import ContinualLearner
+    from continual_peft.strategies import Learner
     from continual_peft.tasks import Task
 
 
@@ -61,7 +61,7 @@ class Joint(Strategy):
 
     check = Sequential.check  # one shared slot: per-task modules cannot apply
 
-    def allocate(self, learner: ContinualLearner, task: Task) -> int:
+    def allocate(self, learner: Learner, task: Task) -> int:
         if learner.bank.num_slots == 0:
             slot = learner.bank.add_slot(seed=learner.task_seed(task, "slot"))
             self.initial = [p.detach().clone() for p in learner.bank.trainable_parameters()]
@@ -74,14 +74,14 @@ class Joint(Strategy):
                     param.copy_(start)
         return 0
 
-    def before_task(self, learner: ContinualLearner, task: Task) -> None:
+    def before_task(self, learner: Learner, task: Task) -> None:
         self._rng = np.random.default_rng(learner.task_seed(task, "joint-draw"))
         # the engine's epoch: ceil(N / batch_size) steps over array_split batches
         steps = max(1, math.ceil(len(task.train_inputs) / learner.config.train.batch_size))
         self._current = [len(c) for c in np.array_split(np.arange(len(task.train_inputs)), steps)]
         self._chunks, self._step = [], 0
 
-    def loss(self, learner: ContinualLearner, task: Task, loss: torch.Tensor) -> torch.Tensor:
+    def loss(self, learner: Learner, task: Task, loss: torch.Tensor) -> torch.Tensor:
         if not len(self.kept):
             return loss
         position = self._step % len(self._current)
@@ -97,7 +97,7 @@ class Joint(Strategy):
         # the mean over the combined batch: both parts weighted by their number of examples
         return (current * loss + len(rows) * earlier) / (current + len(rows))
 
-    def after_task(self, learner: ContinualLearner, task: Task) -> None:
+    def after_task(self, learner: Learner, task: Task) -> None:
         new = encoded_examples(learner, task.name, task.train_inputs, task.train_labels)
         for item, label, name in zip(new.items, new.labels, new.tasks, strict=True):
             self.kept.append(item, label, name)

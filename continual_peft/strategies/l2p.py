@@ -34,7 +34,7 @@ from continual_peft.streams import shipped_folder
 
 if TYPE_CHECKING:
     from continual_peft.config import LearnerConfig
-    from continual_peft.learner import ContinualLearner
+    from continual_peft.strategies import Learner
     from continual_peft.tasks import Task
 
 KIND = "prompt_pool"
@@ -65,18 +65,18 @@ class L2P(Strategy):
                 f"the shipped spec {shipped_folder('strategies') / 'l2p.toml'})"
             )
 
-    def allocate(self, learner: ContinualLearner, task: Task) -> int:
+    def allocate(self, learner: Learner, task: Task) -> int:
         if learner.bank.num_slots == 0:
             return learner.bank.add_slot(seed=learner.task_seed(task, "slot"), kind=KIND)
         return 0
 
-    def loss(self, learner: ContinualLearner, task: Task, loss: torch.Tensor) -> torch.Tensor:
+    def loss(self, learner: Learner, task: Task, loss: torch.Tensor) -> torch.Tensor:
         selection = _site(learner).last
         if selection is None or self.pull_weight == 0:
             return loss
         return loss + self.pull_weight * selection.pull()
 
-    def after_task(self, learner: ContinualLearner, task: Task) -> dict[str, Any]:
+    def after_task(self, learner: Learner, task: Task) -> dict[str, Any]:
         """The task's prompt-selection histogram on its test set, for its record."""
         site = _site(learner)
         query = learner.features(task.test_inputs)  # (n, d) frozen features
@@ -85,5 +85,5 @@ class L2P(Strategy):
         return {"prompt_counts": counts.tolist()}
 
 
-def _site(learner: ContinualLearner) -> PromptPoolSite:
+def _site(learner: Learner) -> PromptPoolSite:
     return learner.bank.kind_sites[KIND][KIND]

@@ -33,7 +33,7 @@ from continual_peft.strategies import STRATEGIES, Strategy
 if TYPE_CHECKING:
     from continual_peft.bank import ModuleBank
     from continual_peft.config import LearnerConfig
-    from continual_peft.learner import ContinualLearner
+    from continual_peft.strategies import Learner
     from continual_peft.tasks import Task
 
 
@@ -94,14 +94,14 @@ class OLoRA(Strategy):
                 f'{config.router!r}: use router = "oracle"'
             )
 
-    def allocate(self, learner: ContinualLearner, task: Task) -> int:
+    def allocate(self, learner: Learner, task: Task) -> int:
         return learner.bank.add_slot(seed=learner.task_seed(task, "slot"), kind="lora")
 
-    def routing(self, learner: ContinualLearner, task: str) -> tuple[list[int], list[float]]:
+    def routing(self, learner: Learner, task: str) -> tuple[list[int], list[float]]:
         slots = list(range(learner.bank.num_slots))
         return slots, [1.0] * len(slots)
 
-    def loss(self, learner: ContinualLearner, task: Task, loss: torch.Tensor) -> torch.Tensor:
+    def loss(self, learner: Learner, task: Task, loss: torch.Tensor) -> torch.Tensor:
         if self.lam_orth > 0 and learner.bank.num_slots > 1:
             loss = loss + self.lam_orth * orthogonality_penalty(learner.bank).to(loss)
         if self.lam_l2 > 0:
@@ -109,7 +109,7 @@ class OLoRA(Strategy):
             loss = loss + self.lam_l2 * torch.stack(norms).sum().to(loss)
         return loss
 
-    def after_task(self, learner: ContinualLearner, task: Task) -> dict[str, Any]:
+    def after_task(self, learner: Learner, task: Task) -> dict[str, Any]:
         learner.bank.freeze_slot()
         stacks = lora_a_stacks(learner.bank)
         earlier = [s for s in learner.learned.values() if s.task.name != task.name]

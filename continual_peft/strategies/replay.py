@@ -31,7 +31,7 @@ from continual_peft.strategies._examples import (
 )
 
 if TYPE_CHECKING:
-    from continual_peft.learner import ContinualLearner
+    from continual_peft.strategies import Learner
     from continual_peft.tasks import Task
 
 
@@ -65,10 +65,10 @@ class Replay(Sequential):
         self.seen = 0  # training examples offered to the reservoir so far, all tasks
         self._draws = np.random.default_rng(0)
 
-    def before_task(self, learner: ContinualLearner, task: Task) -> None:
+    def before_task(self, learner: Learner, task: Task) -> None:
         self._draws = np.random.default_rng(learner.task_seed(task, "replay-draw"))
 
-    def loss(self, learner: ContinualLearner, task: Task, loss: torch.Tensor) -> torch.Tensor:
+    def loss(self, learner: Learner, task: Task, loss: torch.Tensor) -> torch.Tensor:
         if not len(self.buffer) or self.ratio == 0:
             return loss
         size = min(self.replay_batch_size or learner.config.train.batch_size, len(self.buffer))
@@ -76,7 +76,7 @@ class Replay(Sequential):
         replayed = examples_loss(learner, self.buffer.select(rows.tolist()))
         return (1 - self.ratio) * loss + self.ratio * replayed
 
-    def after_task(self, learner: ContinualLearner, task: Task) -> None:
+    def after_task(self, learner: Learner, task: Task) -> None:
         """Offer every training example of the task to the reservoir."""
         examples = encoded_examples(learner, task.name, task.train_inputs, task.train_labels)
         rng = np.random.default_rng(learner.task_seed(task, "replay-reservoir"))
