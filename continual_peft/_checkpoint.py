@@ -202,6 +202,16 @@ def recorded_baseline(folder: str | Path) -> str | None:
     return found[0].removeprefix("baseline-") if found else None
 
 
+def baseline_folders(folder: str | Path) -> list[Path]:
+    """The baseline runs a run directory holds or must hold: every `baseline-*/` folder, and
+    the recorded baseline's even if its folder is gone."""
+    folder = Path(folder)
+    found = {sub for sub in folder.glob("baseline-*") if sub.is_dir()}
+    recorded = recorded_baseline(folder)
+    found |= {folder / f"baseline-{recorded}"} if recorded else set()
+    return sorted(found)
+
+
 def _inconsistency(checkpoint: dict) -> str | None:
     """What makes a checkpoint disagree with itself, or None: its parts must describe the same
     tasks, and every file a reader needs must be named with a sha256 (so none goes unchecked)."""

@@ -124,6 +124,17 @@ MAX_TRAIN = typer.Option(None, help="Training examples per task (seeded subset).
 MAX_TEST = typer.Option(None, help="Test examples per task (seeded subset).", metavar="N")
 DEVICE = typer.Option(None, help=DEVICE_HELP, metavar="DEVICE")
 THREADS = typer.Option(None, help=THREADS_HELP, metavar="N")
+# options predict and eval share
+BATCH_SIZE = typer.Option(
+    None, help="Inputs per forward pass. Default: the run's eval_batch_size.", metavar="N"
+)
+INFER_DTYPE = typer.Option(
+    None,
+    help="Frozen weights' dtype to compute in (auto, bfloat16, float16, float32). Default: the "
+    "one the run computed in (bfloat16 for a GPU run: pass float32 on a CPU).",
+    metavar="DTYPE",
+)
+MOVED_BACKBONE = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="PATH")
 
 
 @app.callback()
@@ -534,7 +545,7 @@ def export(
     out: Path = typer.Option(
         ..., help="Folder to write; must not exist yet or be empty.", metavar="PATH"
     ),
-    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="PATH"),
+    backbone: str = MOVED_BACKBONE,
 ) -> None:
     """Export one task's module (and head) for use outside continual-peft."""
     try:
@@ -551,7 +562,6 @@ INPUT_HELP = (
     'JSONL, one object per line: a "text", optionally a "task" (that task\'s module and head, '
     'not the router), and for eval a "label"; or - for standard input.'
 )
-BATCH_HELP = "Inputs per forward pass. Default: the run's eval_batch_size."
 
 
 @app.command(short_help="Predict task and label per input (the router's or a given task).")
@@ -567,15 +577,10 @@ def predict(
     output: Path = typer.Option(
         None, help="Write JSONL here instead of standard output.", metavar="PATH"
     ),
-    batch_size: int = typer.Option(None, metavar="N", help=BATCH_HELP),
+    batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
-    dtype: str = typer.Option(
-        None,
-        help="Frozen weights' dtype to predict in (auto, bfloat16, float16, float32). Default: "
-        "the one the run computed in (bfloat16 for a GPU run: pass float32 on a CPU).",
-        metavar="TEXT",
-    ),
-    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="PATH"),
+    dtype: str = INFER_DTYPE,
+    backbone: str = MOVED_BACKBONE,
     threads: int = THREADS,
 ) -> None:
     """Predict task and label per input: through the task a line (or --task) names, else
@@ -623,15 +628,10 @@ def eval_(
         "standard output.",
         metavar="PATH",
     ),
-    batch_size: int = typer.Option(None, metavar="N", help=BATCH_HELP),
+    batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
-    dtype: str = typer.Option(
-        None,
-        help="Frozen weights' dtype to evaluate in (auto, bfloat16, float16, float32). Default: "
-        "the one the run computed in.",
-        metavar="DTYPE",
-    ),
-    backbone: str = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="PATH"),
+    dtype: str = INFER_DTYPE,
+    backbone: str = MOVED_BACKBONE,
     threads: int = THREADS,
 ) -> None:
     """Accuracy of a trained run on labelled data, without training: per task, with the task
@@ -692,8 +692,8 @@ def _check_output(output: Path | None, run: Path, input_: str | None) -> None:
 def _warn_other_data(learner, stream) -> None:
     """Say which of a stream's tasks are not the data the run learned (other subsets or files):
     their scores are on the data given, not on the run's test sets."""
-    differ = [t.name for t in stream.tasks if t.name in learner._digests
-              and task_digest(t) != learner._digests[t.name]]  # fmt: skip
+    differ = [t.name for t in stream.tasks if t.name in learner.learned
+              and task_digest(t) != learner.task_digest(t.name)]  # fmt: skip
     if differ:
         warnings.warn(
             f"task(s) {differ}: the data given is not what the run learned (another file, or "

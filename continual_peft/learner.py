@@ -40,6 +40,17 @@ from continual_peft.strategies import build_strategy
 from continual_peft.tasks import Task
 from continual_peft.training import TrainResult, train_task
 
+
+def record_backbone(config: LearnerConfig, backbone: Backbone) -> None:
+    """Set `config.backbone` to what `backbone` really is, as config.json records it: its name
+    ("" = the bundled default; a local folder by its absolute path), the max_length it really
+    cuts at, and the dtype it really computes in ("auto" means bfloat16 on one machine, float32
+    on another: a resumed or reloaded run keeps it)."""
+    config.backbone.name = "" if backbone.name == DEFAULT_BACKBONE else backbone.name
+    config.backbone.max_length = backbone.max_length
+    config.backbone.dtype = dtype_name(backbone.dtype)
+
+
 # The loader `ContinualLearner.load` calls: `continual_peft.loading.load_learner`, which builds on
 # this module and registers itself when imported (the package imports it), so this module does
 # not import it back.
@@ -122,13 +133,7 @@ class ContinualLearner:
                 name, config.backbone.max_length, config.backbone.device or None,
                 config.backbone.dtype,
             )  # fmt: skip
-        # config.json names the backbone actually used ("" = the bundled default; a local
-        # folder by its absolute path) and the max_length it really cuts at
-        config.backbone.name = "" if backbone.name == DEFAULT_BACKBONE else backbone.name
-        config.backbone.max_length = backbone.max_length
-        # the dtype it really computes in ("auto" means bfloat16 on one machine, float32 on
-        # another): a resumed or reloaded run keeps it
-        config.backbone.dtype = dtype_name(backbone.dtype)
+        record_backbone(config, backbone)
         self.config = config
         self.backbone = backbone
         kinds = {config.module, *config.task_modules.values()}

@@ -18,9 +18,9 @@ from rich.console import Console
 
 from continual_peft._checkpoint import (
     CHECKPOINT_FILE,
+    baseline_folders,
     config_differences,
     read_checkpoint,
-    recorded_baseline,
     restore_rng,
     run_config_sha256,
     stream_plan,
@@ -92,10 +92,7 @@ def run_finished(run_dir: str | Path) -> bool:
     except ContinualPeftError:
         return False  # no checkpoint yet, or a damaged run: `open_run` names or repairs it
     _saved_config(run)  # a finished run whose config.json is damaged is named too
-    subs = {sub for sub in run.glob("baseline-*") if sub.is_dir()}
-    recorded = recorded_baseline(run)
-    subs |= {run / f"baseline-{recorded}"} if recorded else set()
-    return all(sub.is_dir() and run_finished(sub) for sub in subs)
+    return all(sub.is_dir() and run_finished(sub) for sub in baseline_folders(run))
 
 
 def check_resume_config(run_dir: str | Path, config: LearnerConfig) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from continual_peft._checkpoint import recorded_baseline
-from continual_peft.backbone import DEFAULT_BACKBONE, Backbone
+from continual_peft._checkpoint import baseline_folders, recorded_baseline
+from continual_peft.backbone import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
-from continual_peft.learner import ContinualLearner
+from continual_peft.learner import ContinualLearner, record_backbone
 from continual_peft.loading import check_resume_config, load_learner, open_run, run_finished
-from continual_peft.placement import dtype_name, pick_device
+from continual_peft.placement import pick_device
 from continual_peft.reports import console_headline, reports_intact
 from continual_peft.rundir import RunDir, check_free
 from continual_peft.strategies import STRATEGIES
@@ -122,13 +122,11 @@ def run_baseline(run: Path) -> str | None:
 
 def _check_baseline(run: Path, baseline: str | None) -> None:
     """Refuse resuming with another baseline than the run was started with."""
-    found = {p.name for p in run.glob("baseline-*") if p.is_dir()}
-    recorded = recorded_baseline(run)
-    found |= {f"baseline-{recorded}"} if recorded else set()
+    found = [sub.name for sub in baseline_folders(run)]
     wanted = [f"baseline-{baseline}"] if baseline else []
     if any(name not in wanted for name in found):
         raise ContinualPeftError(
-            f"{run} has a baseline run {sorted(found)[0]}/, but this resume asks for "
+            f"{run} has a baseline run {found[0]}/, but this resume asks for "
             f"{baseline or 'no baseline'}: give the same baseline as the run was started with."
         )
 
@@ -144,9 +142,7 @@ def _finished(run: Path, config, baseline, console, make_backbone) -> ContinualL
             place.name or None, place.max_length, place.device or None, place.dtype
         )
     resolved = LearnerConfig.from_dict(config.to_dict())
-    resolved.backbone.name = "" if backbone.name == DEFAULT_BACKBONE else backbone.name
-    resolved.backbone.max_length = backbone.max_length
-    resolved.backbone.dtype = dtype_name(backbone.dtype)
+    record_backbone(resolved, backbone)
     check_resume_config(run, resolved)  # what the run would resume with, as a learner sees it
     learner = load_learner(run, backbone)
     if reports_intact(run):
