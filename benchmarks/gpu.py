@@ -35,9 +35,9 @@ import time
 import torch
 
 from continual_peft import Backbone, ModuleBank
+from continual_peft.backbones.placement import pick_device
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.lora import LoRAConfig
-from continual_peft.placement import pick_device
 
 # dense bf16 peak (no sparsity), TFLOP/s, from the vendor data sheets
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}

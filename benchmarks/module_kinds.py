@@ -22,7 +22,7 @@ from _timing import paired_ratio
 
 from continual_peft import Backbone, ContinualLearner, LearnerConfig, ModuleBank, load_strategy_spec
 from continual_peft.modules import MODULE_KINDS
-from continual_peft.streams import load_stream
+from continual_peft.tasks.streams import load_stream
 
 
 def kind_costs(kind: str, batch: dict) -> tuple[int, float, float]:

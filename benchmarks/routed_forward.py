@@ -16,7 +16,7 @@ import torch
 from _timing import median_seconds, paired_ratio
 
 from continual_peft import Backbone, ModuleBank
-from continual_peft.backbone import default_model_path
+from continual_peft.backbones.text import default_model_path
 from continual_peft.modules.lora import LoRAConfig
 
 

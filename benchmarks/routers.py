@@ -16,7 +16,7 @@ import torch
 
 from continual_peft import ContinualLearner, LearnerConfig, TrainConfig
 from continual_peft.routers import ROUTERS
-from continual_peft.streams import load_stream
+from continual_peft.tasks.streams import load_stream
 
 ROUTER_OPTIONS = {
     "prototype": {},

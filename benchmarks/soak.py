@@ -21,7 +21,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from continual_peft import Backbone, ContinualLearner, LearnerConfig, LoRAConfig, Task, TrainConfig
-from continual_peft.backbone import default_model_path
+from continual_peft.backbones.text import default_model_path
 from continual_peft.config import BackboneConfig
 
 WORDS = ["red", "blue", "cat", "dog", "sun", "rain", "tea", "milk", "car", "bus", "oak", "elm"]

@@ -5,21 +5,21 @@ every task after each one and writes a report.
 """
 
 from continual_peft._version import __version__ as __version__
-from continual_peft.backbone import Backbone
-from continual_peft.bank import ModuleBank
+from continual_peft.backbones.image import ImageBackbone
+from continual_peft.backbones.text import Backbone
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig, load_strategy_spec
+from continual_peft.engine.bank import ModuleBank
+from continual_peft.engine.learner import ContinualLearner
+from continual_peft.engine.loading import load_learner
 from continual_peft.errors import ContinualPeftError, CorruptFileError, RunFileError
-from continual_peft.export import export_task
-from continual_peft.grid import run_grid
-from continual_peft.learner import ContinualLearner
-from continual_peft.loading import load_learner
+from continual_peft.experiments.grid import run_grid
+from continual_peft.experiments.runner import run_stream
+from continual_peft.integrations.peft_export import export_task
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules.lora import LoRAConfig
-from continual_peft.runner import run_stream
 from continual_peft.strategies import STRATEGIES, Strategy
-from continual_peft.streams import Stream, load_stream
-from continual_peft.tasks import Task, class_split, load_task
-from continual_peft.vision import ImageBackbone
+from continual_peft.tasks.streams import Stream, load_stream
+from continual_peft.tasks.task import Task, class_split, load_task
 
 __all__ = [
     "MODULE_KINDS",

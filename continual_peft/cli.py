@@ -16,23 +16,22 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from continual_peft import __version__, progress
-from continual_peft._checkpoint import task_digest
-from continual_peft._compare_entries import override, resolve_entries
-from continual_peft._io import atomic_write_text, check_file
-from continual_peft._leaderboard_report import console_leaderboard
-from continual_peft.backbone import Backbone
-from continual_peft.compare import compare, load_leaderboard
+from continual_peft import __version__
+from continual_peft.backbones.placement import set_threads
+from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig, load_strategy_spec
-from continual_peft.errors import ContinualPeftError, Terminated
-from continual_peft.evaluation import (
+from continual_peft.engine import progress
+from continual_peft.engine.evaluation import (
     console_scores,
     evaluate_records,
     evaluate_stream,
     predict_records,
 )
-from continual_peft.export import export_task
-from continual_peft.grid import (
+from continual_peft.engine.loading import load_learner, saved_config
+from continual_peft.errors import ContinualPeftError, Terminated
+from continual_peft.experiments.compare import compare, load_leaderboard
+from continual_peft.experiments.entries import override, resolve_entries
+from continual_peft.experiments.grid import (
     console_aggregate,
     grid_settings,
     load_aggregate,
@@ -40,16 +39,18 @@ from continual_peft.grid import (
     resolve_orders,
     run_grid,
 )
-from continual_peft.loading import load_learner, saved_config
+from continual_peft.experiments.runner import check_task_overrides, run_baseline, run_stream
+from continual_peft.integrations.peft_export import export_task
 from continual_peft.modules import MODULE_KINDS
-from continual_peft.placement import set_threads
-from continual_peft.reports import console_report, load_report
+from continual_peft.reports.leaderboard import console_leaderboard
+from continual_peft.reports.run import console_report, load_report
 from continual_peft.routers import ROUTERS
-from continual_peft.rundir import new_run_path
-from continual_peft.runner import check_task_overrides, run_baseline, run_stream
+from continual_peft.store.checkpoint import task_digest
+from continual_peft.store.io import atomic_write_text, check_file
+from continual_peft.store.rundir import new_run_path
 from continual_peft.strategies import STRATEGIES, strategy_options
-from continual_peft.streams import demo_spec_path, load_stream, shipped_folder
-from continual_peft.tasks import read_records
+from continual_peft.tasks.streams import demo_spec_path, load_stream, shipped_folder
+from continual_peft.tasks.task import read_records
 
 # An argument's help line names its value (STREAM, RUN) and says what it is; typer would add a
 # raw type tag ("<path>") that options do not show once they have a metavar.

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from continual_peft._registry import validate_task_name
-from continual_peft._spec import Section, read_toml
+from continual_peft.backbones.placement import DTYPES
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
-from continual_peft.placement import DTYPES
+from continual_peft.registry import validate_task_name
 from continual_peft.routers import ROUTERS
+from continual_peft.spec import Section, read_toml
 from continual_peft.strategies import STRATEGIES, build_strategy
 
 

@@ -23,7 +23,7 @@ from sklearn.model_selection import train_test_split
 from transformers import ViTConfig, ViTModel
 
 from continual_peft import LearnerConfig, Stream, TrainConfig, class_split, run_stream
-from continual_peft.vision import ImageBackbone
+from continual_peft.backbones.image import ImageBackbone
 
 
 def small_vit(seed: int = 0) -> ImageBackbone:

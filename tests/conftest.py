@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel  # noqa: E402
 
 from continual_peft import Backbone, Task, TrainConfig  # noqa: E402
-from continual_peft import placement as _placement  # noqa: E402
-from continual_peft.backbone import default_model_path  # noqa: E402
+from continual_peft.backbones import placement as _placement  # noqa: E402
+from continual_peft.backbones.text import default_model_path  # noqa: E402
 
 _resolve_dtype = _placement.resolve_dtype
 

@@ -27,16 +27,16 @@ from continual_peft import (
     Stream,
     Task,
     TrainConfig,
-    _io,
 )
 from continual_peft import cli as cli_module
 from continual_peft.cli import app
 from continual_peft.config import BackboneConfig
+from continual_peft.engine.loading import load_learner
 from continual_peft.errors import CorruptFileError
-from continual_peft.loading import load_learner
-from continual_peft.reports import load_report
+from continual_peft.experiments.runner import run_stream
+from continual_peft.reports.run import load_report
 from continual_peft.routers import ROUTERS
-from continual_peft.runner import run_stream
+from continual_peft.store import io as _io
 from continual_peft.strategies import Strategy
 
 runner = CliRunner()
@@ -523,8 +523,8 @@ def test_a_hand_edited_checkpoint_is_named_not_trusted(run: Path, tmp_path: Path
 
 
 def test_sharper_messages_for_labels_csv_headers_and_predict_input(tmp_path: Path, run: Path):
-    from continual_peft.sources import read_csv
-    from continual_peft.tasks import read_labels
+    from continual_peft.tasks.sources import read_csv
+    from continual_peft.tasks.task import read_labels
 
     labels = tmp_path / "labels.json"
     labels.write_text('["a", "b", "a"]', encoding="utf-8")
@@ -543,7 +543,7 @@ def test_sharper_messages_for_labels_csv_headers_and_predict_input(tmp_path: Pat
     )
     floats = tmp_path / "floats.jsonl"
     floats.write_text('{"text": "a", "label": 3}\n{"text": "b", "label": 3.0}\n', "utf-8")
-    from continual_peft.sources import read_rows
+    from continual_peft.tasks.sources import read_rows
 
     with pytest.raises(ContinualPeftError, match=r"floats\.jsonl:2: label 3\.0 is a floating"):
         read_rows(floats, None, "text", "label")
@@ -568,7 +568,7 @@ def test_predict_on_a_run_without_a_router_says_what_to_do(run: Path, tmp_path: 
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     config["config"]["router"] = "oracle"
     (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    from continual_peft._checkpoint import run_config_sha256  # as if it had been made so
+    from continual_peft.store.checkpoint import run_config_sha256  # as if it had been made so
 
     checkpoint = json.loads((run / "checkpoint.json").read_text(encoding="utf-8"))
     checkpoint["run_config_sha256"] = run_config_sha256(config["config"])

@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 
 from continual_peft import MODULE_KINDS, STRATEGIES
 from continual_peft import cli as cli_module
-from continual_peft.backbone import Backbone
+from continual_peft.backbones.text import Backbone
 from continual_peft.cli import app
 from continual_peft.errors import ContinualPeftError
+from continual_peft.experiments.runner import run_stream
 from continual_peft.routers import ROUTERS
-from continual_peft.runner import run_stream
-from continual_peft.tasks import read_texts
+from continual_peft.tasks.task import read_texts
 
 KIND_NAMES = ", ".join(MODULE_KINDS.names())
 REPO = Path(__file__).resolve().parents[1]
@@ -290,7 +290,7 @@ def test_report_without_a_run(tmp_path: Path):
 
 def test_shipped_specs_are_found_from_any_working_directory(tmp_path, monkeypatch):
     """`list` and `compare --strategies NAME` locate strategies/ and streams/ from the package."""
-    from continual_peft._compare_entries import entry_from
+    from continual_peft.experiments.entries import entry_from
 
     monkeypatch.chdir(tmp_path)
     strategies = CliRunner().invoke(app, ["list", "strategies"])

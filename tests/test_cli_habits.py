@@ -21,17 +21,17 @@ from continual_peft import (
     LearnerConfig,
     TrainConfig,
     load_learner,
-    placement,
-    progress,
 )
-from continual_peft._checkpoint import run_config_sha256
+from continual_peft.backbones import placement
+from continual_peft.backbones.placement import set_threads, usable_cpus
 from continual_peft.cli import app
+from continual_peft.engine import progress
+from continual_peft.engine.loading import _check_config
 from continual_peft.errors import ContinualPeftError
-from continual_peft.loading import _check_config
-from continual_peft.placement import set_threads, usable_cpus
-from continual_peft.reports import load_report
-from continual_peft.runner import run_stream
-from continual_peft.streams import load_stream
+from continual_peft.experiments.runner import run_stream
+from continual_peft.reports.run import load_report
+from continual_peft.store.checkpoint import run_config_sha256
+from continual_peft.tasks.streams import load_stream
 
 runner = CliRunner()
 NAMES = ["colors", "animals"]

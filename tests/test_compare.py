@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from continual_peft import STRATEGIES, Backbone, LearnerConfig, ModuleBank
 from continual_peft import cli as cli_module
-from continual_peft._compare_entries import entry_from, resolve_entries
-from continual_peft.compare import compare, load_leaderboard, total_trainable_parameters
 from continual_peft.errors import ContinualPeftError
-from continual_peft.reports import load_report
+from continual_peft.experiments.compare import compare, load_leaderboard, total_trainable_parameters
+from continual_peft.experiments.entries import entry_from, resolve_entries
+from continual_peft.reports.run import load_report
 
 runner = CliRunner()
 NAMES = ("colors", "animals")
@@ -216,7 +216,7 @@ def test_every_registered_strategy_is_a_valid_entry():
 
 
 def test_sweep_plot_follows_the_swept_values_not_the_ranking():
-    from continual_peft._leaderboard_report import _in_sweep_order
+    from continual_peft.reports.leaderboard import _in_sweep_order
 
     assert _in_sweep_order(["16", "1", "4", "1"]) == ["1", "4", "16"]
     assert _in_sweep_order(["lora", "adapter"]) == ["lora", "adapter"]  # not numbers: as given

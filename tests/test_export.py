@@ -26,7 +26,7 @@ from continual_peft import (
 from continual_peft.cli import app
 from continual_peft.config import load_strategy_spec
 from continual_peft.errors import CorruptFileError
-from continual_peft.export import export_task
+from continual_peft.integrations.peft_export import export_task
 
 peft = pytest.importorskip("peft")
 

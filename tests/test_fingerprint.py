@@ -9,8 +9,8 @@ from conftest import DEVICE, tiny_bert, word_task
 from transformers import BertConfig, BertModel
 
 from continual_peft import Backbone, ContinualLearner, ContinualPeftError, TrainConfig
-from continual_peft.fingerprint import _legacy_config_sha256, check_fingerprint
-from continual_peft.loading import load_learner
+from continual_peft.backbones.fingerprint import _legacy_config_sha256, check_fingerprint
+from continual_peft.engine.loading import load_learner
 
 
 def backbone(tokenizer, model=None, name: str = "tiny-bert") -> Backbone:

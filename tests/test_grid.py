@@ -16,15 +16,15 @@ from typer.testing import CliRunner
 from continual_peft import Backbone, LearnerConfig, Stream
 from continual_peft import cli as cli_module
 from continual_peft.errors import ContinualPeftError
-from continual_peft.grid import (
+from continual_peft.experiments.grid import (
     load_aggregate,
     parse_seeds,
     resolve_orders,
     run_grid,
     summarise,
 )
-from continual_peft.reports import load_report
-from continual_peft.runner import run_stream
+from continual_peft.experiments.runner import run_stream
+from continual_peft.reports.run import load_report
 
 runner = CliRunner()
 NAMES = ("colors", "animals", "moods")

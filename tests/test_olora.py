@@ -10,7 +10,7 @@ import torch
 from conftest import FAST_TRAIN, assert_close, tolerance
 
 from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig, ModuleBank
-from continual_peft.loading import load_learner
+from continual_peft.engine.loading import load_learner
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.strategies import build_strategy
 from continual_peft.strategies.olora import orthogonality_penalty

@@ -9,10 +9,10 @@ import pytest
 from conftest import word_task
 
 from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig, TrainConfig
-from continual_peft._checkpoint import CHECKPOINT_FILE
+from continual_peft.engine.loading import load_learner
 from continual_peft.errors import CorruptFileError
-from continual_peft.loading import load_learner
 from continual_peft.modules.prompt_pool import PromptPoolConfig
+from continual_peft.store.checkpoint import CHECKPOINT_FILE
 
 TRAIN = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup=0.0)
 NAMES = ["colors", "animals", "moods"]

@@ -8,9 +8,9 @@ import torch
 from conftest import DEVICE, FAST_TRAIN, library_resolve_dtype, tiny_bert, tolerance, word_task
 
 from continual_peft import Backbone, ContinualLearner, ContinualPeftError, ModuleBank
+from continual_peft.backbones.placement import Placement
 from continual_peft.config import BackboneConfig, LearnerConfig
-from continual_peft.loading import load_learner
-from continual_peft.placement import Placement
+from continual_peft.engine.loading import load_learner
 
 
 def _backbone(tokenizer, dtype: str) -> Backbone:
@@ -126,7 +126,7 @@ def test_a_run_records_the_dtype_it_computed_in_and_keeps_it(tokenizer, tmp_path
     assert load_learner(tmp_path, backbone=_backbone(tokenizer, "bfloat16")).backbone.dtype == (
         torch.bfloat16
     )
-    from continual_peft.loading import _check_config
+    from continual_peft.engine.loading import _check_config
 
     config = LearnerConfig.from_dict(saved)
     config.backbone.dtype = "float32"

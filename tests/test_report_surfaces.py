@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from continual_peft._leaderboard_report import console_leaderboard
+from continual_peft.reports.leaderboard import console_leaderboard
 
 HEADERS = ("#", "entry", "strategy", "module", "ACC", "BWT", "Forgetting", "routed", "params")
 

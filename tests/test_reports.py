@@ -14,17 +14,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from continual_peft._io import (
-    atomic_save_safetensors,
-    atomic_write_json,
-    atomic_write_text,
-    load_json,
-    load_safetensors,
-)
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.metrics import METRIC_DEFINITIONS, compute_metrics
-from continual_peft.plots import heatmap_figure, loss_figure, plot_loss_curves
-from continual_peft.reports import (
+from continual_peft.reports.plots import heatmap_figure, loss_figure, plot_loss_curves
+from continual_peft.reports.run import (
     LOSS_CURVES_FILE,
     REPORT_FILES,
     console_headline,
@@ -33,6 +26,13 @@ from continual_peft.reports import (
     render_markdown,
     write_accuracy_csv,
     write_reports,
+)
+from continual_peft.store.io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    load_json,
+    load_safetensors,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -26,15 +26,16 @@ import pytest
 from conftest import DEVICE, tiny_bert, word_task, write_stream
 from typer.testing import CliRunner
 
-from continual_peft import Backbone, reports
+from continual_peft import Backbone
 from continual_peft import cli as cli_module
-from continual_peft._io import load_safetensors
-from continual_peft._lock import RunLock
 from continual_peft.cli import app
+from continual_peft.engine.loading import load_learner, saved_config
 from continual_peft.errors import ContinualPeftError, CorruptFileError
-from continual_peft.loading import load_learner, saved_config
-from continual_peft.runner import run_stream
-from continual_peft.streams import load_stream
+from continual_peft.experiments.runner import run_stream
+from continual_peft.reports import run as reports
+from continual_peft.store.io import load_safetensors
+from continual_peft.store.lock import RunLock
+from continual_peft.tasks.streams import load_stream
 
 TESTS = Path(__file__).resolve().parent
 NAMES = ["colors", "animals", "moods"]
@@ -51,12 +52,12 @@ import functools, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 from conftest import DEVICE, tiny_bert
 from transformers import AutoTokenizer
-import continual_peft._io as io
-import continual_peft.reports as reports
-import continual_peft.learner as learner_module
+import continual_peft.store.io as io
+import continual_peft.reports.run as reports
+import continual_peft.engine.learner as learner_module
 from continual_peft import Backbone, cli
-from continual_peft.backbone import default_model_path
-from continual_peft.runner import run_stream
+from continual_peft.backbones.text import default_model_path
+from continual_peft.experiments.runner import run_stream
 
 tok = AutoTokenizer.from_pretrained(str(default_model_path()))
 make = lambda: Backbone(tiny_bert(tok), tok, max_length=16, name="tiny-bert", device=DEVICE)
@@ -349,7 +350,7 @@ def test_resume_repairs_a_run_that_lost_or_damaged_a_file(
 def test_ctrl_c_leaves_a_resumable_run_that_resumes_only_as_it_was(
     spec, tmp_path, reference, tiny_cli, monkeypatch
 ):
-    import continual_peft.learner as learner_module
+    import continual_peft.engine.learner as learner_module
 
     train_task = learner_module.train_task
 

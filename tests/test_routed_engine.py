@@ -87,7 +87,7 @@ def test_unknown_router_and_bad_options(make_backbone):
 
 
 def test_saved_run_reloads_to_identical_predictions(make_backbone, tasks, tmp_path):
-    from continual_peft.loading import load_learner
+    from continual_peft.engine.loading import load_learner
 
     config = LearnerConfig(train=FAST_TRAIN, router="mahalanobis")
     learner = ContinualLearner(make_backbone(), config=config, run_dir=tmp_path / "run")
@@ -108,7 +108,8 @@ def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from continual_peft import cli, loading
+    from continual_peft import cli
+    from continual_peft.engine import loading
 
     config = LearnerConfig(train=FAST_TRAIN, router="mahalanobis")
     learner = ContinualLearner(make_backbone(), config=config, run_dir=tmp_path / "run")
@@ -138,7 +139,7 @@ def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
 
 
 def test_router_can_fit_on_more_inputs_than_the_slot(make_backbone, tmp_path):
-    from continual_peft.streams import load_stream
+    from continual_peft.tasks.streams import load_stream
 
     for name, words in (("colors", ["red", "blue"]), ("animals", ["cat", "dog"])):
         folder = tmp_path / name

@@ -19,9 +19,10 @@ import numpy as np
 import psutil
 import pytest
 
-from continual_peft import ContinualLearner, LearnerConfig, LoRAConfig, Task, TrainConfig, reports
+from continual_peft import ContinualLearner, LearnerConfig, LoRAConfig, Task, TrainConfig
 from continual_peft.config import BackboneConfig
-from continual_peft.plots import _heatmap_png
+from continual_peft.reports import run as reports
+from continual_peft.reports.plots import _heatmap_png
 
 N_TASKS = 50
 WORDS = ["red", "blue", "cat", "dog", "sun", "rain", "tea", "milk", "car", "bus", "oak", "elm"]

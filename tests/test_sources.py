@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from continual_peft import ContinualPeftError, Task
-from continual_peft.streams import load_stream
-from continual_peft.tasks import class_split, load_task
+from continual_peft.tasks.streams import load_stream
+from continual_peft.tasks.task import class_split, load_task
 
 TRAIN = [(f"train text {i}", ["pos", "neg", "neutral"][i % 3]) for i in range(12)]
 TEST = [(f"test text {i}", ["pos", "neg", "neutral"][i % 3]) for i in range(6)]
@@ -122,7 +122,7 @@ def test_label_order_is_the_same_in_every_process():
     import sys
 
     code = (
-        "from continual_peft.tasks import default_labels;"
+        "from continual_peft.tasks.task import default_labels;"
         "print(default_labels(['7', '07', '12', '007', '-3', '7']))"
     )
     seen = {

@@ -11,8 +11,8 @@ import pytest
 
 from continual_peft import MODULE_KINDS, STRATEGIES, ContinualPeftError, load_strategy_spec
 from continual_peft.config import ROUTERS
-from continual_peft.streams import load_stream
-from continual_peft.tasks import load_task
+from continual_peft.tasks.streams import load_stream
+from continual_peft.tasks.task import load_task
 
 REPO = Path(__file__).resolve().parents[1]
 STREAM_SPECS = sorted((REPO / "streams").glob("*.toml"))
@@ -489,7 +489,7 @@ def test_docs_name_every_spec_key_and_nothing_else():
 
     from continual_peft.config import BackboneConfig, TrainConfig
     from continual_peft.strategies import strategy_options
-    from continual_peft.streams import SPLIT_KEYS, STREAM_KEYS, TASK_KEYS
+    from continual_peft.tasks.streams import SPLIT_KEYS, STREAM_KEYS, TASK_KEYS
 
     doc = (REPO / "docs" / "specs.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"`([a-z0-9_]+)`", doc))

@@ -25,10 +25,10 @@ from continual_peft import (
     Task,
     TrainConfig,
 )
+from continual_peft.backbones.image import ImageBackbone
 from continual_peft.cli import app
-from continual_peft.loading import load_learner
+from continual_peft.engine.loading import load_learner
 from continual_peft.modules._lowrank import LowRankSite
-from continual_peft.vision import ImageBackbone
 
 TRAIN = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup=0.0)
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 from torch import nn
 
-from continual_peft._registry import Registry
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
+from continual_peft.registry import Registry
 
 MODULE_KINDS: Registry = Registry("module kind")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from continual_peft.placement import MASTER_DTYPE
+from continual_peft.backbones.placement import MASTER_DTYPE
 
 
 class SlotStack(nn.Module):

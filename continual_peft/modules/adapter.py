@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS, wrap_linear_layers
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
-from continual_peft.placement import CPU
 
 NAMES = ("adapter_down", "adapter_up", "adapter_down_bias", "adapter_up_bias")
 INIT_STD = 1e-2  # Houlsby et al.: near-identity initialisation

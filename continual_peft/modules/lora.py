@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from continual_peft.backbones.placement import CPU
 from continual_peft.modules import MODULE_KINDS, wrap_linear_layers
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
-from continual_peft.placement import CPU
 
 NAMES = ("lora_A", "lora_B", None, None)
 

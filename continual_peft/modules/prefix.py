@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
-from continual_peft.placement import CPU
 
 
 @dataclass(frozen=True)

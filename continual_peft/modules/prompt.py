@@ -42,11 +42,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
-from continual_peft.placement import CPU
 
 INITS = ("vocab", "normal")
 

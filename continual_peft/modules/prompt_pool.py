@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules._routing import Routing
@@ -53,7 +54,6 @@ from continual_peft.modules.prompt import (
     prepend_virtual_tokens,
     prompt_init,
 )
-from continual_peft.placement import CPU
 
 # (embeds, mask, position ids) -> (B, d) frozen pooled features of those rows
 FrozenFeatures = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

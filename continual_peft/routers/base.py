@@ -21,9 +21,9 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from continual_peft._registry import Registry
+from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.placement import CPU
+from continual_peft.registry import Registry
 
 ROUTERS: Registry[type[Router]] = Registry("router")
 

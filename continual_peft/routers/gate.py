@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from continual_peft.backbones.placement import CPU, Placement
 from continual_peft.errors import ContinualPeftError
-from continual_peft.placement import CPU, Placement
 from continual_peft.routers.base import ScoringRouter, register, take
 from continual_peft.routers.gaussian import GaussianStats
 

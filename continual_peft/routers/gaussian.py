@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.placement import CPU
 from continual_peft.routers.base import ScoringRouter, register, take
 
 SHRINKAGES = ("ledoit_wolf", "oas")

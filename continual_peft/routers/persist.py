@@ -6,15 +6,15 @@ from pathlib import Path
 
 import torch
 
-from continual_peft._io import (
+from continual_peft.errors import ContinualPeftError
+from continual_peft.routers.base import ROUTERS, Router
+from continual_peft.store.io import (
     PathLike,
     atomic_save_safetensors,
     atomic_write_json,
     load_json,
     load_safetensors,
 )
-from continual_peft.errors import ContinualPeftError
-from continual_peft.routers.base import ROUTERS, Router
 
 ROUTER_FORMAT = 1
 TENSORS_FILE = "router.safetensors"

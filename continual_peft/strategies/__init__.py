@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from continual_peft._registry import Registry
 from continual_peft.errors import ContinualPeftError
+from continual_peft.registry import Registry
 
 if TYPE_CHECKING:
-    from continual_peft.backbone import Backbone
-    from continual_peft.bank import ModuleBank
+    from continual_peft.backbones.text import Backbone
     from continual_peft.config import LearnerConfig
-    from continual_peft.heads import Heads
-    from continual_peft.tasks import Task
+    from continual_peft.engine.bank import ModuleBank
+    from continual_peft.engine.heads import Heads
+    from continual_peft.tasks.task import Task
 
 STRATEGIES: Registry = Registry("strategy")
 

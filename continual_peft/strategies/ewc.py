@@ -28,7 +28,7 @@ from continual_peft.strategies._examples import check_option, is_int, is_number
 
 if TYPE_CHECKING:
     from continual_peft.strategies import Learner
-    from continual_peft.tasks import Task
+    from continual_peft.tasks.task import Task
 
 
 @STRATEGIES.register("ewc")

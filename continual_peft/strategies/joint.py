@@ -34,7 +34,7 @@ from continual_peft.strategies._examples import (
 
 if TYPE_CHECKING:
     from continual_peft.strategies import Learner
-    from continual_peft.tasks import Task
+    from continual_peft.tasks.task import Task
 
 
 @STRATEGIES.register("joint")

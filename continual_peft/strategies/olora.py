@@ -31,10 +31,10 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.strategies import STRATEGIES, Strategy
 
 if TYPE_CHECKING:
-    from continual_peft.bank import ModuleBank
     from continual_peft.config import LearnerConfig
+    from continual_peft.engine.bank import ModuleBank
     from continual_peft.strategies import Learner
-    from continual_peft.tasks import Task
+    from continual_peft.tasks.task import Task
 
 
 def lora_a_stacks(bank: ModuleBank) -> dict[str, torch.Tensor]:

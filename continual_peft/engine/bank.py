@@ -1,0 +1,266 @@
+"""The ModuleBank: every task's module on one frozen backbone, addressed by slot index.
+
+Slots are numbered in the order they were opened, and each has a module kind (LoRA, adapter,
+prompt, ...); kinds can be mixed in one bank. At most one slot is trainable at a time (the newest);
+all others are frozen. Which slot each row uses is set with a context manager:
+
+    with bank.route(indices, weights):   # per-row slots, (B,) or (B, k), mixed in ONE forward
+        ...
+    with bank.use_slot(3):               # every row on slot 3
+        ...
+    with bank.use_slots([0, 1, 3]):      # every row on slots 0, 1 and 3 (weights 1: summed)
+        ...
+    with bank.base_only():               # the bare backbone (frozen features)
+        ...
+
+Each kind keeps its own stacks and its own `Routing`; the bank translates global slot ids into
+each kind's local ids, giving -1 (no module) to rows whose slot is of another kind. It does so
+once per forward, on the CPU, and sends the result to the device in one copy per kind: the
+sites inside the forward never synchronise with the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from continual_peft.backbones.text import Backbone
+from continual_peft.errors import ContinualPeftError
+from continual_peft.modules import MODULE_KINDS, Routing
+
+
+class ModuleBank:
+    """All slots on `backbone`, injected into it in place.
+
+    Args:
+        backbone: The frozen backbone; target layers get wrapped.
+        kind: The default module kind for new slots (see `MODULE_KINDS.names()`).
+        config: That kind's config dataclass; its defaults when None.
+        configs: Configs of other kinds that slots may use (defaults for any not given).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        kind: str = "lora",
+        config: object | None = None,
+        configs: dict[str, object] | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.kind = kind
+        self.configs = dict(configs or {})
+        if config is not None:
+            self.configs[kind] = config
+        self.kind_sites: dict[str, dict[str, nn.Module]] = {}
+        self.routings: dict[str, Routing] = {}
+        self.slot_kinds: list[str] = []  # kind of each global slot
+        self.slot_local: list[int] = []  # index of each global slot within its kind's stacks
+        self.slot_scale: list[float] = []  # each slot's fixed scale (1 for kinds without one)
+        self.has_trainable = False
+        self._inject(kind)
+
+    @property
+    def config(self) -> object:
+        """The default kind's config."""
+        return self.configs[self.kind]
+
+    @property
+    def sites(self) -> dict[str, nn.Module]:
+        """The default kind's injected sites, by wrapped layer name."""
+        return self.kind_sites[self.kind]
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slot_kinds)
+
+    def _inject(self, kind: str) -> dict[str, nn.Module]:
+        if kind not in self.kind_sites:
+            kind_class = MODULE_KINDS.get(kind)
+            config = self.configs.setdefault(kind, kind_class.config_class())
+            self.routings[kind] = Routing()
+            sites = kind_class(config).inject(self.backbone, self.routings[kind])
+            for site in sites.values():
+                site.train(self.backbone.training)  # a new module starts in train mode
+            self.kind_sites[kind] = sites
+        return self.kind_sites[kind]
+
+    def add_slot(self, seed: int, kind: str | None = None) -> int:
+        """Open a new trainable slot of `kind` (default kind if None); returns its index."""
+        if self.has_trainable:
+            raise RuntimeError("freeze the trainable slot before opening another")
+        kind = kind or self.kind
+        sites = self._inject(kind)
+        generator = self.backbone.placement.generator(seed)  # drawn on the CPU, then moved
+        for site in sites.values():
+            site.add_slot(generator)
+        self.has_trainable = True
+        return self._append(kind)
+
+    def freeze_slot(self) -> None:
+        """Freeze the trainable slot; its tensors never change after this."""
+        for site in self.kind_sites[self.slot_kinds[-1]].values():
+            site.freeze_slot()
+        self.has_trainable = False
+
+    def truncate(self, num_slots: int) -> None:
+        """Drop every slot from index `num_slots` on, newest first (a failed task's rollback)."""
+        while self.num_slots > num_slots:
+            for site in self.kind_sites[self.slot_kinds[-1]].values():
+                site.drop_newest_slot()  # the trainable slot, if any, is always the newest
+            self.slot_kinds.pop()
+            self.slot_local.pop()
+            self.slot_scale.pop()
+            self.has_trainable = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if not self.has_trainable:
+            return []
+        sites = self.kind_sites[self.slot_kinds[-1]].values()
+        return [p for site in sites for p in site.trainable_parameters()]
+
+    def slot_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """One slot's tensors, keyed `<site>.<tensor>`, for safetensors."""
+        self._check_slot(slot)
+        sites, local = self.kind_sites[self.slot_kinds[slot]], self.slot_local[slot]
+        return {
+            f"{name}.{key}": tensor
+            for name, site in sites.items()
+            for key, tensor in site.slot_tensors(local).items()
+        }
+
+    def load_slot(
+        self, state: dict[str, torch.Tensor], kind: str | None = None, trainable: bool = False
+    ) -> int:
+        """Append a slot of `kind` from `slot_state` output, frozen unless `trainable` (a shared
+        slot that later tasks keep training); returns its index."""
+        if self.has_trainable:
+            raise RuntimeError("cannot load a slot while one is being trained")
+        kind = kind or self.kind
+        for name, site in self._inject(kind).items():
+            prefix = name + "."
+            tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            site.load_slot(tensors, trainable=trainable)
+        self.has_trainable = trainable
+        return self._append(kind)
+
+    def _append(self, kind: str) -> int:
+        """Register the slot just opened or loaded in `kind`'s stacks; returns its index."""
+        local = self.slot_kinds.count(kind)
+        first = next(iter(self.kind_sites[kind].values()))
+        scale = first.slot_tensors(local).get("scale")  # LoRA: alpha / r; adapters: 1
+        self.slot_local.append(local)
+        self.slot_kinds.append(kind)
+        self.slot_scale.append(1.0 if scale is None else float(scale))
+        return self.num_slots - 1
+
+    @contextlib.contextmanager
+    def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> Iterator[None]:
+        """Rows use per-row slots: `indices` (B,) or (B, k), -1 for none; `weights` like it."""
+        # resolved on the CPU (free when the caller's tensors are there already), then sent
+        indices = indices.to("cpu", torch.long)
+        if indices.dim() == 1:
+            indices = indices[:, None]
+        if weights is None:
+            weights = torch.ones(indices.shape, dtype=torch.float32, device="cpu")
+        weights = weights.to("cpu", torch.float32).reshape(indices.shape)
+        if indices.numel() and int(indices.max()) >= self.num_slots:
+            raise ContinualPeftError(
+                f"slot {int(indices.max())} does not exist ({self.num_slots} slots)"
+            )
+        if _one_slot(indices, weights):
+            # every row on one slot at weight 1: the cheaper unbatched path gives the same result
+            with self.use_slot(int(indices[0, 0])):
+                yield
+            return
+        with self._set(self._per_kind(indices, weights)):
+            yield
+
+    @contextlib.contextmanager
+    def use_slot(self, slot: int) -> Iterator[None]:
+        """Every row on `slot` with weight 1."""
+        self._check_slot(slot)
+        kind = self.slot_kinds[slot]
+        with self._set({kind: Routing(single=self.slot_local[slot])}):
+            yield
+
+    @contextlib.contextmanager
+    def use_slots(self, slots: list[int], weights: list[float] | None = None) -> Iterator[None]:
+        """Every row on the same mix of `slots` with `weights` (1 each when None).
+
+        One slot at weight 1 is exactly `use_slot`; otherwise the (1, k) routing is shared by
+        every row of whatever batch runs inside, so the batch size need not be known.
+        """
+        if weights is None:
+            weights = [1.0] * len(slots)
+        if not slots or len(weights) != len(slots):
+            raise ContinualPeftError(
+                f"use_slots needs one weight per slot and at least one slot; got slots {slots} "
+                f"and weights {weights}"
+            )
+        for slot in slots:
+            self._check_slot(slot)
+        if len(slots) == 1 and weights[0] == 1:
+            with self.use_slot(slots[0]):
+                yield
+            return
+        indices = torch.tensor([slots], dtype=torch.long, device="cpu")  # (1, k)
+        mix = torch.tensor([weights], dtype=torch.float32, device="cpu")  # (1, k)
+        with self._set(self._per_kind(indices, mix)):
+            yield
+
+    @contextlib.contextmanager
+    def base_only(self) -> Iterator[None]:
+        """No module at all: the frozen backbone's own output."""
+        with self._set({}):
+            yield
+
+    def _per_kind(self, indices: torch.Tensor, weights: torch.Tensor) -> dict[str, Routing]:
+        """Each kind's resolved `Routing` of CPU `indices`/`weights` (B, k): global slot ids
+        become the kind's local ids (-1 where another kind's), scales are folded into the
+        weights, and the result goes to the backbone's device in one copy per tensor."""
+        safe = indices.clamp(min=0)
+        kinds = list(self.kind_sites)
+        kind_of = torch.tensor([kinds.index(k) for k in self.slot_kinds], device="cpu")
+        local_of = torch.tensor(self.slot_local, dtype=torch.long, device="cpu")
+        scale_of = torch.tensor(self.slot_scale, dtype=torch.float32, device="cpu")
+        put = self.backbone.placement.put
+        routings = {}
+        for number, kind in enumerate(kinds):
+            mine = (indices >= 0) & (kind_of[safe] == number)
+            if bool(mine.any()):  # a kind no row uses costs nothing
+                local = torch.where(mine, local_of[safe], torch.full_like(indices, -1))
+                resolved = Routing.rows(local, torch.where(mine, weights, 0.0), scale_of[safe])
+                routings[kind] = Routing(put(resolved.indices), put(resolved.weights))
+        return routings
+
+    @contextlib.contextmanager
+    def _set(self, routings: dict[str, Routing]) -> Iterator[None]:
+        saved = {k: (r.indices, r.weights, r.single) for k, r in self.routings.items()}
+        for kind, routing in self.routings.items():
+            new = routings.get(kind, Routing())
+            routing.indices, routing.weights, routing.single = new.indices, new.weights, new.single
+            routing.derived = {}
+        try:
+            yield
+        finally:
+            for kind, (indices, weights, single) in saved.items():
+                routing = self.routings[kind]
+                routing.indices, routing.weights, routing.single = indices, weights, single
+                routing.derived = {}
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ContinualPeftError(f"slot {slot} does not exist ({self.num_slots} slots)")
+
+
+def _one_slot(indices: torch.Tensor, weights: torch.Tensor) -> bool:
+    return (
+        indices.numel() > 0
+        and indices.shape[1] == 1
+        and int(indices[0, 0]) >= 0
+        and bool((indices == indices[0, 0]).all())
+        and bool((weights == 1).all())
+    )

@@ -1,0 +1,115 @@
+"""Inference across tasks: frozen features, and routed prediction over a whole set of inputs.
+
+Frozen features are the backbone's mean-pooled states with every module switched off. They never
+change as tasks are learned, so the engine computes them once per input and keeps them (the
+router's only input). The routed forward then sends each row to its routed slot(s) and its
+top-1 task's head in one pass per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from continual_peft.backbones.text import Backbone
+from continual_peft.engine.bank import ModuleBank
+from continual_peft.engine.heads import Heads
+from continual_peft.engine.progress import tick
+
+
+@torch.no_grad()
+def frozen_features(
+    backbone: Backbone, bank: ModuleBank, items: list, batch_size: int
+) -> torch.Tensor:
+    """(N, d) pooled features of the bare backbone, in input order, float32 on its device."""
+    placement = backbone.placement
+    out = placement.zeros(len(items), backbone.hidden_size)
+    with bank.base_only():
+        for rows, batch in length_sorted_batches(backbone, items, batch_size):
+            out[placement.tensor(rows, dtype=torch.long)] = backbone.embed(batch).float()
+            tick(len(rows))
+    return out
+
+
+def routing_table(
+    routes: list[tuple[list[int], list[float]]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, weights) lists, one per task, as (T, m) tensors padded with slot -1 at weight 0
+    (m: the most slots any of them uses)."""
+    width = max((len(slots) for slots, _ in routes), default=1)
+    # on the CPU by design: the bank reads routing there (see `ModuleBank.route`)
+    slots = torch.full((len(routes), width), -1, dtype=torch.long, device="cpu")
+    weights = torch.zeros(len(routes), width, device="cpu")
+    for row, (task_slots, task_weights) in enumerate(routes):
+        slots[row, : len(task_slots)] = torch.tensor(task_slots, dtype=torch.long, device="cpu")
+        weights[row, : len(task_weights)] = torch.tensor(task_weights, device="cpu")
+    return slots, weights
+
+
+def routed_predict(
+    backbone: Backbone,
+    bank: ModuleBank,
+    heads: Heads,
+    items: list,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    head_tasks: list[str | None],
+    batch_size: int,
+) -> list[int | None]:
+    """Label index per row through its routed slots and head; None where the row was rejected.
+
+    Args:
+        items: Encoded inputs (`Backbone.encode`), one per row.
+        slots: (N, k) slot per row and mixing entry, -1 for none.
+        weights: (N, k) mixing weights.
+        head_tasks: The head each row uses (its top-1 task), None for a rejected row.
+        batch_size: Rows per forward pass.
+    """
+    accepted = [i for i, task in enumerate(head_tasks) if task is not None]
+    result: list[int | None] = [None] * len(items)
+    if not accepted:
+        return result
+    # routing stays on the CPU, where the bank resolves it once per batch before the forward
+    slots, weights = slots[accepted].cpu(), weights[accepted].cpu()
+    tasks = [head_tasks[i] for i in accepted]
+
+    def score(batch: dict[str, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
+        picked = torch.as_tensor(rows, device="cpu")
+        with bank.route(slots[picked], weights[picked]):
+            return heads.logits(backbone.embed(batch), [tasks[i] for i in rows])
+
+    predictions = predict_rows(backbone, score, [items[i] for i in accepted], batch_size)
+    for i, prediction in zip(accepted, predictions, strict=True):
+        result[i] = int(prediction)
+    return result
+
+
+def length_sorted_batches(
+    backbone: Backbone, items: list, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """(row positions, collated batch) over inputs sorted by length, so padding stays small."""
+    order = np.argsort([backbone.item_length(item) for item in items], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        yield rows, backbone.collate([items[i] for i in rows])
+
+
+@torch.no_grad()
+def predict_rows(
+    backbone: Backbone,
+    score: Callable[[dict[str, torch.Tensor], np.ndarray], torch.Tensor],
+    items: list,
+    batch_size: int,
+) -> np.ndarray:
+    """Run `score(batch, row_positions)` over inputs in length-sorted batches; argmax per row.
+
+    Results come back in the original order.
+    """
+    predictions = np.empty(len(items), dtype=np.int64)
+    for rows, batch in length_sorted_batches(backbone, items, batch_size):
+        logits = score(batch, rows)
+        predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()
+        tick(len(rows))
+    return predictions

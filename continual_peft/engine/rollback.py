@@ -1,0 +1,60 @@
+"""What learning one task changes, kept as it was before, so a failed task can be undone.
+
+`ContinualLearner.learn` takes a `Snapshot` before a task and restores it when the task fails
+before its checkpoint is written: slots, the shared slot's values, heads, router, strategy state
+and matrices come back exactly, so the task can be learned again.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from continual_peft.engine.monitor import ForgettingMonitor
+from continual_peft.routers import Router
+
+if TYPE_CHECKING:
+    from continual_peft.engine.learner import ContinualLearner
+
+
+@dataclass
+class Snapshot:
+    """What learning one task changes, as it was before (see `_undone_on_failure`)."""
+
+    learned: list[str]
+    records: int
+    slots: int
+    trainable: list[torch.Tensor]  # the shared trainable slot's values, if one is open
+    strategy: object  # deep copies: strategy state (buffers, Fisher, ...), router, monitor
+    router: Router | None
+    monitor: ForgettingMonitor
+    saved_files: dict[str, str]
+
+    @classmethod
+    def take(cls, learner: ContinualLearner) -> Snapshot:
+        return cls(
+            learned=list(learner.learned), records=len(learner.records),
+            slots=learner.bank.num_slots,
+            trainable=[p.detach().clone() for p in learner.bank.trainable_parameters()],
+            strategy=copy.deepcopy(learner.strategy), router=copy.deepcopy(learner.router),
+            monitor=copy.deepcopy(learner.monitor), saved_files=learner.saved_files,
+        )  # fmt: skip
+
+    def restore(self, learner: ContinualLearner) -> None:
+        for name in [n for n in learner.learned if n not in self.learned]:
+            del learner.learned[name]
+            learner._digests.pop(name, None)
+        for name in [n for n in learner.heads.heads if n not in self.learned]:
+            del learner.heads.heads[name]
+        learner.bank.truncate(self.slots)
+        with torch.no_grad():
+            for param, value in zip(
+                learner.bank.trainable_parameters(), self.trainable, strict=True
+            ):
+                param.copy_(value)
+        del learner.records[self.records :]
+        learner.strategy, learner.router, learner.monitor = self.strategy, self.router, self.monitor
+        learner.backbone.eval()

@@ -1,0 +1,120 @@
+"""One task's training loop, and batched evaluation.
+
+Training sees only the trainable slot's and the new head's parameters; everything else is frozen
+or a buffer, so earlier tasks cannot move. Batches are padded to their own longest row.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from continual_peft.backbones.text import Backbone
+from continual_peft.config import TrainConfig
+from continual_peft.engine.progress import meter
+from continual_peft.errors import ContinualPeftError
+
+
+@dataclass
+class TrainResult:
+    """What one task's training did."""
+
+    final_loss: float  # mean loss over the last epoch
+    steps: int
+    seconds: float
+    # {"steps": [...], "loss": [...]}: mean loss over the steps since the previous point
+    # (1-based step numbers, at most CURVE_POINTS points); None from other training loops
+    loss_curve: dict[str, list] | None = None
+
+
+CURVE_POINTS = 200
+
+
+def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float):
+    warm = max(1, int(steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, steps - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_task(
+    backbone: Backbone,
+    head: nn.Linear,
+    params: list[nn.Parameter],
+    items: list,
+    labels: list[int],
+    config: TrainConfig,
+    seed: int,
+    adjust_loss: Callable[[torch.Tensor], torch.Tensor],
+    description: str = "train",
+) -> TrainResult:
+    """Train `params` (the trainable slot and head) on one task with AdamW.
+
+    Args:
+        backbone: The backbone, already routed to the task's slot by the caller.
+        head: The task's head.
+        params: Everything that may change.
+        items: Encoded inputs (`Backbone.encode`), one per training example.
+        labels: Label index per example.
+        config: Epochs, batch size, learning rate, warm-up, clipping.
+        seed: Seeds shuffling and dropout, so a rerun gives the same numbers.
+        adjust_loss: The strategy's `loss` hook.
+        description: Progress-bar label.
+    """
+    torch.manual_seed(seed)
+    order_rng = np.random.default_rng(seed)
+    per_epoch = math.ceil(len(items) / config.batch_size)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _schedule(optimizer, per_epoch * config.epochs, config.warmup)
+    target = backbone.placement.tensor(labels, dtype=torch.long)
+    # float16 weights: gradients through them can underflow, so the loss is scaled (bfloat16
+    # has float32's range and needs none; disabled, the scaler passes everything through)
+    scaler = torch.amp.GradScaler(backbone.device.type, enabled=backbone.dtype == torch.float16)
+    start, step, epoch_losses = time.perf_counter(), 0, []
+    total = per_epoch * config.epochs
+    window, curve, pending = max(1, math.ceil(total / CURVE_POINTS)), {"steps": [], "loss": []}, []
+    backbone.train()
+    with meter(f"{description}: training", total, "steps") as progress:
+        for _ in range(config.epochs):
+            epoch_losses = []
+            for rows in np.array_split(order_rng.permutation(len(items)), per_epoch):
+                batch = backbone.collate([items[i] for i in rows])
+                logits = head(backbone.embed(batch))  # float32: pooled states and head are
+                loss = adjust_loss(nn.functional.cross_entropy(logits.float(), target[rows]))
+                value = loss.item()  # the step's one host synchronisation
+                if not math.isfinite(value):
+                    backbone.eval()
+                    raise ContinualPeftError(
+                        f"{description}: the loss became {value} at step {step}; the task "
+                        "was stopped and rolled back, earlier tasks are untouched. Lower the "
+                        f"learning rate (now {config.lr}) and learn the task again."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(params, config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                epoch_losses.append(value)
+                pending.append(value)
+                if len(pending) == window or step == total:
+                    curve["steps"].append(step)
+                    curve["loss"].append(float(np.mean(pending)))
+                    pending = []
+                progress.advance(1, loss=value)
+    backbone.eval()
+    seconds = time.perf_counter() - start
+    return TrainResult(float(np.mean(epoch_losses)), step, seconds, curve)

@@ -1,0 +1,183 @@
+"""Run a whole stream: validate everything, then learn task after task, reporting after each.
+
+The data and the configuration are checked before the run directory is created, so a bad input
+leaves no run behind; a run that fails midway is marked `"status": "failed"` in its report (and
+`"interrupted"` after Ctrl-C). Either way, and after a `kill -9`, `resume=True` continues it
+from its last finished task, with the baseline run (if any) resumed the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from continual_peft.backbones.placement import pick_device
+from continual_peft.backbones.text import Backbone
+from continual_peft.config import LearnerConfig
+from continual_peft.engine.learner import ContinualLearner, record_backbone
+from continual_peft.engine.loading import check_resume_config, load_learner, open_run, run_finished
+from continual_peft.errors import ContinualPeftError
+from continual_peft.reports.run import console_headline, reports_intact
+from continual_peft.store.checkpoint import baseline_folders, recorded_baseline
+from continual_peft.store.rundir import RunDir, check_free
+from continual_peft.strategies import STRATEGIES
+from continual_peft.tasks.streams import Stream
+
+
+def run_stream(
+    stream: Stream,
+    config: LearnerConfig,
+    run_dir: str | Path | None = None,
+    baseline: str | None = None,
+    console: Console | None = None,
+    make_backbone: Callable[[], Backbone] | None = None,
+    resume: bool = False,
+) -> ContinualLearner:
+    """Learn every task of `stream` in order; optionally run a baseline strategy beside it.
+
+    Args:
+        stream: The tasks, in training order.
+        config: Strategy, module, backbone and training settings.
+        run_dir: Where to write; nothing is written when None.
+        baseline: A second strategy (e.g. "seq") run on the same stream into
+            `run_dir/baseline-<name>/`; its matrix and metrics go into the main report.
+        console: Where tables and progress go.
+        make_backbone: Builds a fresh backbone (each learner wraps its own); from `config` if None.
+        resume: Continue the run in `run_dir` from its last finished task, with the same stream
+            and configuration (a difference is refused, naming it); a finished run is loaded and
+            returned as it is, nothing written.
+
+    Returns:
+        The learner, finished.
+    """
+    config.validate()  # module kinds and router included
+    pick_device(config.backbone.device)  # a bad or absent device: refused before any folder
+    STRATEGIES.get(config.strategy)
+    if baseline is not None:
+        STRATEGIES.get(baseline)
+    if resume and (run_dir is None or not Path(run_dir).is_dir()):
+        raise ContinualPeftError(f"cannot resume {run_dir}: there is no such run directory.")
+    if resume and run_finished(run_dir):
+        return _finished(Path(run_dir), config, baseline, console, make_backbone)
+    if run_dir is not None and not resume:
+        check_free(run_dir)  # before any model is loaded
+    if resume:
+        _check_baseline(Path(run_dir), baseline)
+    if console and run_dir is not None:
+        console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+    title = f"strategy {config.strategy}"
+    learner = _learn_all(stream, config, run_dir, console, make_backbone, title, resume, baseline)
+    try:
+        if baseline is not None:
+            other = LearnerConfig.from_dict({**config.to_dict(), "strategy": baseline})
+            sub = Path(run_dir) / f"baseline-{baseline}" if run_dir is not None else None
+            title = f"baseline {baseline}"
+            again = resume and sub.is_dir()  # a lost baseline folder is run again
+            base = _learn_all(stream, other, sub, console, make_backbone, title, again)
+            base.finish()
+            report = base.report
+            learner.baseline = {
+                "strategy": baseline,
+                "accuracy_matrix": report["accuracy_matrix"],
+                "metrics": report["metrics"],
+            }
+    except BaseException as err:
+        _mark_stopped(learner, err)
+        raise
+    learner.finish()
+    if console is not None and learner.baseline is not None:
+        console.print(console_headline(learner.report))  # after the baseline's own tables
+    return learner
+
+
+def _learn_all(
+    stream, config, run_dir, console, make_backbone, title, resume=False, baseline=None
+) -> ContinualLearner:
+    backbone = make_backbone() if make_backbone else None
+    if run_dir is None:
+        learner = ContinualLearner(backbone, config=config, stream=stream.name, console=console)
+    else:
+        learner = open_run(run_dir, stream, config, backbone, console, resume)
+    learner.planned_baseline = baseline  # recorded in each checkpoint
+    done = len(learner.learned)
+    if console:
+        start = f", resuming after task {done}" if done else ""
+        console.rule(f"{stream.name}: {title}, {len(stream.tasks)} tasks{start}")
+    try:
+        for task in stream.tasks[done:]:
+            learner.learn(task)
+    except BaseException as err:
+        _mark_stopped(learner, err)
+        raise
+    return learner
+
+
+def run_baseline(run: Path) -> str | None:
+    """The baseline strategy a run directory was started with, or None."""
+    return recorded_baseline(run)
+
+
+def _check_baseline(run: Path, baseline: str | None) -> None:
+    """Refuse resuming with another baseline than the run was started with."""
+    found = [sub.name for sub in baseline_folders(run)]
+    wanted = [f"baseline-{baseline}"] if baseline else []
+    if any(name not in wanted for name in found):
+        raise ContinualPeftError(
+            f"{run} has a baseline run {found[0]}/, but this resume asks for "
+            f"{baseline or 'no baseline'}: give the same baseline as the run was started with."
+        )
+
+
+def _finished(run: Path, config, baseline, console, make_backbone) -> ContinualLearner:
+    """A finished run resumed: refused with other settings; else nothing to do, but reports
+    that were lost or damaged are written again from the checkpoint."""
+    _check_baseline(run, baseline)
+    backbone = make_backbone() if make_backbone else None
+    if backbone is None:
+        place = config.backbone
+        backbone = Backbone.from_pretrained(
+            place.name or None, place.max_length, place.device or None, place.dtype
+        )
+    resolved = LearnerConfig.from_dict(config.to_dict())
+    record_backbone(resolved, backbone)
+    check_resume_config(run, resolved)  # what the run would resume with, as a learner sees it
+    learner = load_learner(run, backbone)
+    if reports_intact(run):
+        if console:
+            console.print(f"{run} is finished: nothing to do.", highlight=False, soft_wrap=True)
+        return learner
+    recorded = recorded_baseline(run)
+    if recorded:
+        sub = load_learner(run / f"baseline-{recorded}", make_backbone() if make_backbone else None)
+        learner.baseline = {"strategy": recorded, **{
+            key: sub.report[key] for key in ("accuracy_matrix", "metrics")}}  # fmt: skip
+    writer = RunDir(run, resume=True)
+    try:
+        writer.save_report(learner.report)
+    finally:
+        writer.close()
+    if console:
+        console.print(f"{run} is finished; its reports were written again from the checkpoint.",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+    return learner
+
+
+def _mark_stopped(learner: ContinualLearner, err: BaseException) -> None:
+    """Record why the run stopped; if even that cannot be written (the disk that failed is still
+    full), the original error is the one worth reporting, so this one is dropped."""
+    with contextlib.suppress(OSError, ContinualPeftError):
+        learner.finish(status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+
+
+def check_task_overrides(config: LearnerConfig, stream: Stream) -> None:
+    """Refuse `[tasks.<name>]` overrides that name no task of the (whole) stream."""
+    unknown = sorted(set(config.task_modules) - {task.name for task in stream.tasks})
+    if unknown:
+        raise ContinualPeftError(
+            f"[tasks.<name>] overrides name task(s) {unknown} that stream {stream.name!r} does "
+            f"not have; its tasks: {[task.name for task in stream.tasks]}. Fix the names (a typo "
+            "would silently leave the task on the default module)."
+        )

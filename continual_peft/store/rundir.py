@@ -1,0 +1,134 @@
+"""The run directory: everything one run writes, each file written atomically.
+
+runs/<YYYYmmdd-HHMMSS>-<stream>/
+    .lock                       while a process writes the run: its pid, host and start time
+    config.json                 the full configuration and the backbone's fingerprint
+    checkpoint.json             written last after every task: what a reader may trust (below)
+    report.json                 schema-versioned report, rewritten after every task
+    report.md, accuracy_matrix.csv, accuracy_matrix.png
+    tasks/<task>/module.safetensors   the task's slot after its training
+    tasks/<task>/head.safetensors     the task's head
+    tasks/<task>/task.json            labels, slot index, training record
+    tasks/<task>/router.safetensors, router.json      router statistics after the task
+                                (task-agnostic runs)
+    tasks/<task>/strategy.safetensors, strategy.json  the strategy's state after the task (a
+                                replay buffer, EWC's Fisher, ...), if it keeps any
+    baseline-<strategy>/        a baseline run on the same stream (same layout), if asked for
+
+Every file is written to a temporary file in its folder, fsynced, and renamed onto its name (the
+folder is fsynced too), so no reader ever sees half a file. `checkpoint.json` names the finished
+tasks and every file that holds them, with their sha256: a reader (resume, `load_learner`,
+`ContinualLearner.load`) trusts only what it names, so a task interrupted at any point, even
+halfway through writing its files, costs only that task. A slot shared by several tasks (seq,
+replay, ewc, joint, l2p) is read from the folder of the last task that trained it; the router's
+and strategy's state from the newest task's folder. See `continual_peft.store.checkpoint`.
+
+One process writes a run directory at a time (`.lock`, see `continual_peft.store.lock`); readers need
+no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+from continual_peft.errors import ContinualPeftError
+from continual_peft.registry import validate_task_name
+from continual_peft.reports.run import write_reports
+from continual_peft.store.io import atomic_save_safetensors, atomic_write_json, file_sha256
+from continual_peft.store.lock import RunLock
+
+
+def new_run_path(base: str | Path = "runs", stream: str = "run") -> Path:
+    """A fresh `runs/<time>-<stream>` path that does not exist yet."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(base) / f"{stamp}-{stream}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(base) / f"{stamp}-{stream}-{suffix}"
+    return path
+
+
+def check_free(path: str | Path) -> Path:
+    """Refuse a folder that already holds a run, so one run never overwrites another."""
+    path = Path(path)
+    for name in ("report.json", "checkpoint.json"):
+        if (path / name).exists():
+            raise ContinualPeftError(
+                f"{path} already holds a run ({name}); choose another --out folder, or continue "
+                "it with --resume."
+            )
+    return path
+
+
+class RunDir:
+    """Writes one run's files, holding the folder's lock until `close`.
+
+    Args:
+        path: The folder; created if missing. Unless `resume`, a folder that already holds a
+            run is refused, so one run never overwrites another.
+        resume: Continue writing a run that is already there.
+    """
+
+    def __init__(self, path: str | Path, resume: bool = False) -> None:
+        self.path = Path(path) if resume else check_free(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ContinualPeftError(f"cannot create run directory {self.path}: {err}") from None
+        self.lock = RunLock(self.path)
+        if not resume:
+            try:
+                check_free(self.path)  # again, now that no other writer can start one
+            except ContinualPeftError:
+                self.lock.release()
+                raise
+        for leftover in self.path.rglob(".*.tmp"):  # an atomic write cut short by a kill
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def close(self) -> None:
+        """Release the lock; nothing more is written."""
+        self.lock.release()
+
+    def save_config(self, config: dict) -> None:
+        atomic_write_json(self.path / "config.json", config)
+
+    def task_folder(self, name: str) -> Path:
+        folder = self.path / "tasks" / validate_task_name(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def save_task(
+        self,
+        name: str,
+        module: dict[str, torch.Tensor] | None,
+        head: dict[str, torch.Tensor],
+        info: dict,
+    ) -> dict[str, str]:
+        """A finished task's slot (unless None), head and record; their paths and sha256."""
+        folder = self.task_folder(name)
+        written = []
+        if module is not None:
+            atomic_save_safetensors(module, folder / "module.safetensors", {"task": name})
+            written.append("module.safetensors")
+        atomic_save_safetensors(head, folder / "head.safetensors", {"task": name})
+        atomic_write_json(folder / "task.json", info)
+        written += ["head.safetensors", "task.json"]
+        return {f"tasks/{name}/{f}": file_sha256(folder / f) for f in written}
+
+    def save_strategy(self, folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> list:
+        """The strategy's state into `folder`; the paths written, relative to the run."""
+        atomic_save_safetensors(tensors, folder / "strategy.safetensors")
+        atomic_write_json(folder / "strategy.json", meta)
+        return [
+            (folder / name).relative_to(self.path).as_posix()
+            for name in ("strategy.safetensors", "strategy.json")
+        ]
+
+    def save_report(self, report: dict) -> None:
+        write_reports(report, self.path)

@@ -1,0 +1,273 @@
+"""Task streams from TOML spec files, and the demo stream that ships inside the package.
+
+The spec schema is documented in docs/specs.md; in short:
+
+    name = "cl_benchmark"            # required
+    description = "..."
+    data_root = "../data"            # task paths are relative to it; itself relative to the spec
+    order = ["dbpedia", "amazon"]    # training order, or the name of one of [orders]
+    seed = 0                         # which random subset max_train/max_test keep
+    max_train = 300                  # per-task limits, overridable per task
+    max_test = 200
+    router_max_train = 2000          # inputs per task that fit the router (default: the slot's)
+
+    [orders]                         # named orders, for --order and order x seed grids
+    order1 = ["dbpedia", "amazon"]
+
+    [[tasks]]
+    name = "dbpedia"                 # ^[a-z0-9][a-z0-9_-]*$, unique
+    train = "dbpedia/train.jsonl"    # .jsonl, .csv or .tsv (or format = ...)
+    test = "dbpedia/test.jsonl"
+    labels = "dbpedia/labels.json"   # a JSON list file or an inline list; default: train labels
+
+    [[class_split]]                  # one labelled dataset cut into tasks by label groups
+    prefix = "digits"
+    train = "digits/train.csv"
+    test = "digits/test.csv"
+    classes_per_task = 2             # or groups = [["0", "1"], ["2", "3"]]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from continual_peft.errors import ContinualPeftError
+from continual_peft.registry import validate_task_name
+from continual_peft.spec import Section, read_toml
+from continual_peft.tasks.sources import Row, format_of, load_hf_split, read_rows
+from continual_peft.tasks.task import Task, build_task, read_labels, split_by_class
+
+STREAM_KEYS = {
+    "name",
+    "description",
+    "data_root",
+    "order",
+    "orders",
+    "seed",
+    "max_train",
+    "max_test",
+    "router_max_train",
+    "tasks",
+    "class_split",
+}
+# Where a task's (or a class split's) examples come from.
+SOURCE_KEYS = {
+    "train",
+    "test",
+    "format",
+    "text_column",
+    "label_column",
+    "dataset",
+    "data_files",
+    "train_split",
+    "test_split",
+    "max_train",
+    "max_test",
+    "router_max_train",
+}
+TASK_KEYS = SOURCE_KEYS | {"name", "labels", "classes", "description"}
+SPLIT_KEYS = SOURCE_KEYS | {"prefix", "classes_per_task", "groups"}
+
+
+@dataclass
+class Stream:
+    """Tasks in training order, and the named orders its spec offers."""
+
+    name: str
+    tasks: list[Task]
+    description: str = ""
+    source: str = ""  # the spec file
+    orders: dict[str, list[str]] = field(default_factory=dict)  # name -> task names
+    order_name: str = "default"  # which order `tasks` follows; "custom" for an explicit list
+
+    def __post_init__(self) -> None:
+        if not self.tasks:  # refused here, before any run directory exists
+            raise ContinualPeftError(
+                f"stream {self.name!r} has no tasks; give it at least one task to learn."
+            )
+
+    def with_order(self, order: str | list[str]) -> Stream:
+        """The same tasks in another order: a name from `orders`, or a list of task names.
+
+        A list may name a subset of the tasks (each at most once).
+        """
+        if isinstance(order, str):
+            if order not in self.orders:
+                raise ContinualPeftError(
+                    f"stream {self.name!r}: no order named {order!r}; named orders: "
+                    f"{sorted(self.orders) or 'none'} (or give task names separated by commas)"
+                )
+            name, names = order, self.orders[order]
+        else:
+            name, names = "custom", list(order)
+        by_name = {task.name: task for task in self.tasks}
+        tasks = order_tasks(by_name, names, f"stream {self.name!r}: order {name!r}")
+        return replace(self, tasks=tasks, order_name=name)
+
+
+def shipped_folder(kind: str) -> Path:
+    """The project's shipped spec folder, `strategies` or `streams`, found from the package
+    (beside it in the checkout it is installed from), whatever the working directory."""
+    return Path(__file__).resolve().parents[2] / kind
+
+
+def demo_spec_path() -> Path:
+    """The embedded demo stream's spec, inside the installed package."""
+    return Path(__file__).resolve().parents[1] / "data" / "demo" / "stream.toml"
+
+
+def load_stream(
+    spec: str | Path | None = None,
+    data_root: str | Path | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    router_max_train: int | None = None,
+    order: str | list[str] | None = None,
+) -> Stream:
+    """Read a stream spec and load every task, so bad data fails before any training starts.
+
+    Args:
+        spec: The TOML spec file; the embedded demo when None.
+        data_root: Overrides the spec's `data_root`.
+        max_train: Overrides every task's training-example limit.
+        max_test: Overrides every task's test-example limit.
+        router_max_train: Overrides how many training inputs per task fit the router.
+        order: A named order of the spec, or task names; the spec's `order` when None.
+    """
+    path = Path(spec) if spec is not None else demo_spec_path()
+    top = Section(read_toml(path), str(path), STREAM_KEYS)
+    name = validate_task_name(top.get("name", str, required=True), f"{path}: name")
+    root = (
+        Path(data_root) if data_root is not None else path.parent / top.get("data_root", str, ".")
+    )
+    limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
+    loaded: list[Task] = []
+    for i, entry in enumerate(top.get("tasks", list, [])):
+        section = Section(entry, f"{path}: tasks[{i}]", TASK_KEYS)
+        task_name = validate_task_name(
+            section.get("name", str, required=True), f"{path}: tasks[{i}].name"
+        )
+        if any(task.name == task_name for task in loaded):
+            raise ContinualPeftError(f"{path}: tasks[{i}].name: duplicate task name {task_name!r}")
+        labels = section.get("labels", (str, list))
+        splits, sources = _read_source(section, root)
+        loaded.append(
+            build_task(
+                task_name,
+                splits,
+                labels=read_labels(root / labels) if isinstance(labels, str) else labels,
+                classes=section.get("classes", list),
+                description=section.get("description", str, ""),
+                sources=sources,
+                **_options(limits, section, top),
+            )
+        )
+    for i, entry in enumerate(top.get("class_split", list, [])):
+        section = Section(entry, f"{path}: class_split[{i}]", SPLIT_KEYS)
+        prefix = validate_task_name(
+            section.get("prefix", str, required=True), f"{path}: class_split[{i}].prefix"
+        )
+        splits, sources = _read_source(section, root)
+        loaded += split_by_class(
+            prefix,
+            splits,
+            section.get("classes_per_task", int),
+            section.get("groups", list),
+            sources=sources,
+            **_options(limits, section, top),
+        )
+    if not loaded:
+        raise ContinualPeftError(
+            f"{path}: the stream has no tasks; add [[tasks]] or [[class_split]] tables."
+        )
+    by_name: dict[str, Task] = {}
+    for task in loaded:
+        if task.name in by_name:
+            raise ContinualPeftError(
+                f"{path}: duplicate task name {task.name!r} (from [[tasks]] and [[class_split]])"
+            )
+        by_name[task.name] = task
+    orders = _named_orders(top, by_name, path)
+    default = top.get("order", (str, list), list(by_name))
+    default = orders[default] if isinstance(default, str) and default in orders else default
+    if isinstance(default, str):
+        raise ContinualPeftError(
+            f"{path}: order = {default!r} is not one of the named [orders] {sorted(orders)}."
+        )
+    stream = Stream(
+        name,
+        order_tasks(by_name, default, f"{path}: order"),
+        top.get("description", str, ""),
+        str(path),
+        orders={"default": default, **orders},
+    )
+    return stream if order is None else stream.with_order(order)
+
+
+def _named_orders(top: Section, by_name: dict[str, Task], path: Path) -> dict[str, list[str]]:
+    table = top.get("orders", dict, {})
+    orders = {}
+    for key, names in table.items():
+        where = f"{path}: orders.{key}"
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ContinualPeftError(f"{where}: must be a list of task names, got {names!r}")
+        order_tasks(by_name, names, where)  # checks the names now, not at run time
+        orders[validate_task_name(key, where)] = names
+    return orders
+
+
+def _read_source(section: Section, root: Path) -> tuple[dict[str, list[Row]], dict[str, str]]:
+    """Train and test rows of a [[tasks]] or [[class_split]] table, and where they came from."""
+    columns = {
+        "text_column": section.get("text_column", str, "text"),
+        "label_column": section.get("label_column", str, "label"),
+    }
+    file_format = section.get("format", str)
+    dataset = section.get("dataset", str)
+    if file_format == "hf" or dataset is not None:
+        if dataset is None:
+            raise ContinualPeftError(
+                f"{section.where}: format = 'hf' needs dataset = a folder (save_to_disk, or data "
+                "files) or a builder name (csv, json, parquet, imagefolder) with data_files."
+            )
+        files = section.get("data_files", dict)
+        source: Any = root / dataset if (root / dataset).exists() else dataset
+        if files is not None:
+            files = {split: str(root / f) for split, f in files.items()}
+        splits, sources = {}, {}
+        for split in ("train", "test"):
+            name = section.get(f"{split}_split", str, split)
+            splits[split] = load_hf_split(source, name, data_files=files, **columns)
+            sources[split] = f"{source}[{name}]"
+        return splits, sources
+    paths = {s: root / section.get(s, str, required=True) for s in ("train", "test")}
+    for file in paths.values():
+        format_of(file, file_format)  # an unknown format fails before any file is read
+    splits = {s: read_rows(file, file_format, **columns) for s, file in paths.items()}
+    return splits, {s: str(file) for s, file in paths.items()}
+
+
+def _options(limits: dict[str, int | None], section: Section, top: Section) -> dict[str, Any]:
+    """Example limits (the command line's, else the table's, else the stream's) and the seed."""
+    options: dict[str, Any] = {"seed": top.get("seed", int, 0)}
+    for key, override in limits.items():
+        options[key] = (
+            override if override is not None else section.get(key, int, top.get(key, int))
+        )
+    return options
+
+
+def order_tasks(by_name: dict[str, Task], order: list[str], where: str) -> list[Task]:
+    """The tasks in `order`, which must name each task at most once."""
+    unknown = [n for n in order if n not in by_name]
+    if unknown:
+        raise ContinualPeftError(
+            f"{where}: unknown task(s) {unknown}; tasks in this stream: {list(by_name)}"
+        )
+    if len(set(order)) != len(order):
+        raise ContinualPeftError(f"{where}: a task is listed twice in {order}")
+    if not order:
+        raise ContinualPeftError(f"{where}: empty order; name at least one task.")
+    return [by_name[n] for n in order]

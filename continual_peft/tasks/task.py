@@ -1,0 +1,443 @@
+"""Tasks: a name, its labels, and train/test examples, built from any source in `sources.py`.
+
+Every problem with the data is reported with where the example came from (file and line, or
+split and index), and what to do about it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from continual_peft.errors import ContinualPeftError
+from continual_peft.registry import validate_task_name
+from continual_peft.store.io import check_file
+from continual_peft.tasks.sources import (
+    Row,
+    load_hf_split,
+    read_rows,
+    rows_from_dataset,
+    rows_from_lists,
+)
+
+
+@dataclass
+class Task:
+    """One classification task of a stream. Labels are stored as indices into `labels`.
+
+    Inputs are texts, or images (PIL images, arrays or tensors) for an image backbone.
+    """
+
+    name: str
+    labels: list[str]
+    train_inputs: list
+    train_labels: list[int]
+    test_inputs: list
+    test_labels: list[int]
+    description: str = ""
+    sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
+    router_inputs: list = field(default_factory=list)  # inputs that fit the router; [] = train
+
+    @classmethod
+    def from_examples(
+        cls,
+        name: str,
+        train: list[tuple[Any, Any]],
+        test: list[tuple[Any, Any]],
+        labels: list[str] | None = None,
+        description: str = "",
+    ) -> Task:
+        """Build a task from `(input, label)` pairs; `labels` defaults to the train labels."""
+        return cls.from_lists(
+            name, *_unzip(train), *_unzip(test), labels=labels, description=description
+        )
+
+    @classmethod
+    def from_lists(
+        cls,
+        name: str,
+        train_inputs: Sequence,
+        train_labels: Sequence,
+        test_inputs: Sequence,
+        test_labels: Sequence,
+        labels: list[str] | None = None,
+        **options: Any,
+    ) -> Task:
+        """Build a task from parallel lists of inputs and labels (strings or integers).
+
+        `options` are `build_task`'s: `classes`, `max_train`, `max_test`, `seed`, ...
+        """
+        splits = {
+            "train": rows_from_lists(train_inputs, train_labels, "train"),
+            "test": rows_from_lists(test_inputs, test_labels, "test"),
+        }
+        return build_task(name, splits, labels, **options)
+
+    @classmethod
+    def from_dataset(
+        cls,
+        name: str,
+        train: Any,
+        test: Any,
+        labels: list[str] | None = None,
+        input_key: int | str = 0,
+        label_key: int | str = 1,
+        **options: Any,
+    ) -> Task:
+        """Build a task from two indexable datasets (e.g. torch `Dataset`s) of `(input, label)`.
+
+        Items may also be dicts; `input_key`/`label_key` name their fields.
+        """
+        splits = {
+            split: rows_from_dataset(data, split, input_key, label_key)
+            for split, data in (("train", train), ("test", test))
+        }
+        return build_task(name, splits, labels, **options)
+
+    @classmethod
+    def from_hf(
+        cls,
+        name: str,
+        source: Any,
+        text_column: str = "text",
+        label_column: str = "label",
+        train_split: str = "train",
+        test_split: str = "test",
+        labels: list[str] | None = None,
+        data_files: dict[str, str] | None = None,
+        **options: Any,
+    ) -> Task:
+        """Build a task from a Hugging Face dataset (needs the `hf` extra), offline.
+
+        `source` is a `DatasetDict`, a folder written by `save_to_disk`, a folder of data files,
+        or a builder name ("csv", "json", "parquet", "imagefolder") with `data_files`.
+        """
+        splits = {
+            "train": load_hf_split(source, train_split, text_column, label_column, data_files),
+            "test": load_hf_split(source, test_split, text_column, label_column, data_files),
+        }
+        return build_task(name, splits, labels, **options)
+
+
+def _unzip(pairs: list[tuple[Any, Any]]) -> tuple[list, list]:
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def read_labels(path: Path) -> list[str]:
+    """A task's labels from a JSON list (e.g. `labels.json`)."""
+    check_file(
+        path, "labels file", "it must hold a JSON list of label strings (or leave `labels` out "
+        "to take the training labels)",
+    )  # fmt: skip
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ContinualPeftError(f"{path}: not a valid JSON list of labels ({err}).") from None
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(x, str | int) for x in labels)
+    ):
+        raise ContinualPeftError(f"{path}: expected a non-empty JSON list of label strings.")
+    labels = [str(x) for x in labels]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ContinualPeftError(
+            f"{path}: labels {repeated} appear more than once; each label must be listed once "
+            "(its position is its logit)."
+        )
+    return labels
+
+
+def load_task(
+    name: str,
+    train: Path,
+    test: Path,
+    labels: list[str] | Path | None = None,
+    file_format: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    **options: Any,
+) -> Task:
+    """Load a task from data files (JSONL, CSV or TSV, told apart by extension or `file_format`).
+
+    Args:
+        name: The task's name.
+        train: The training file.
+        test: The test file.
+        labels: The label list, a JSON file holding it, or None for the sorted train labels.
+        file_format: "jsonl", "csv" or "tsv"; from the extension when None.
+        text_column: The field (JSONL key or CSV header) with the input text.
+        label_column: The field with the label.
+        options: `build_task`'s: `classes`, `max_train`, `max_test`, `router_max_train`, ...
+    """
+    label_list = read_labels(labels) if isinstance(labels, Path) else labels
+    splits = {
+        split: read_rows(path, file_format, text_column, label_column)
+        for split, path in (("train", train), ("test", test))
+    }
+    sources = {"train": str(train), "test": str(test)}
+    return build_task(name, splits, label_list, sources=sources, **options)
+
+
+def default_labels(labels: Iterable[str]) -> list[str]:
+    """Distinct labels, sorted; numerically when every label is an integer ("2" before "10").
+
+    The order is total, so it never depends on a set's (hash-randomised) order: labels equal as
+    numbers ("7", "07", "007") are ordered by their text.
+    """
+    distinct = set(labels)
+    numeric = all(label.lstrip("-").isdigit() for label in distinct)
+    return sorted(distinct, key=(lambda label: (int(label), label)) if numeric else None)
+
+
+def build_task(
+    name: str,
+    splits: dict[str, list[Row]],
+    labels: list[str] | None = None,
+    classes: list[str] | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    router_max_train: int | None = None,
+    seed: int = 0,
+    description: str = "",
+    sources: dict[str, str] | None = None,
+) -> Task:
+    """A task from its train and test rows, every label checked against the label list.
+
+    Args:
+        name: The task's name.
+        splits: "train" and "test" rows.
+        labels: The label list; by default `classes`, else the distinct train labels.
+        classes: Keep only rows with these labels (one task of a class-split stream).
+        max_train: Keep a seeded random subset of this many training examples.
+        max_test: The same for the test split.
+        router_max_train: Fit the router on a separate seeded subset of this many training
+            inputs (frozen features are cheap, so a router may see more inputs than the slot).
+        seed: Which random subsets are kept.
+        description: Shown in reports.
+        sources: Split -> where it came from, for messages; from the rows when None.
+    """
+    validate_task_name(name)
+    if classes is not None:
+        wanted = {str(c) for c in classes}
+        splits = {split: [r for r in rows if r.label in wanted] for split, rows in splits.items()}
+    if labels is None:
+        labels = [str(c) for c in classes] if classes is not None else None
+    if labels is None:
+        labels = default_labels(r.label for r in splits["train"])
+    labels = [str(x) for x in labels]
+    if not labels:
+        raise ContinualPeftError(f"task {name!r}: its labels list is empty; list its labels.")
+    if len(labels) == 1:
+        warnings.warn(
+            f"task {name!r} has one class ({labels[0]!r}): its accuracy is trivially 100 % and "
+            "says nothing; give it at least two labels",
+            UserWarning,
+            stacklevel=2,
+        )
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ContinualPeftError(
+            f"task {name!r}: label(s) {repeated} are listed more than once in its labels "
+            f"{labels}; list each label once (the task's `labels` in the stream spec)."
+        )
+    blank = [x for x in labels if not x.strip()]
+    if blank:
+        raise ContinualPeftError(
+            f"task {name!r}: label {blank[0]!r} is empty or blank (labels {labels}); give every "
+            "label a name (check the data's label column and the task's `labels`)."
+        )
+    where = dict(sources or {}) or {split: _origin(rows, split) for split, rows in splits.items()}
+    for key, limit in (
+        ("max_train", max_train),
+        ("max_test", max_test),
+        ("router_max_train", router_max_train),
+    ):
+        if limit is not None and limit < 1:
+            raise ContinualPeftError(
+                f"task {name!r}: {key} = {limit} is invalid; it must be >= 1 (or left out to "
+                "keep every example)."
+            )
+    router_rows = _subset(splits["train"], router_max_train, f"{seed}-{name}-router")
+    rng = random.Random(f"{seed}-{name}")
+    splits = {
+        split: _subset(splits[split], limit, rng)
+        for split, limit in (("train", max_train), ("test", max_test))
+    }
+    index = {label: i for i, label in enumerate(labels)}
+    encoded = {}
+    for split, rows in splits.items():
+        if not rows:
+            kept = f" after keeping classes {classes}" if classes is not None else ""
+            raise ContinualPeftError(
+                f"task {name!r}: the {split} split ({where[split]}) is empty{kept}; give it "
+                "examples."
+            )
+        for row in rows:
+            if row.label not in index:
+                raise ContinualPeftError(
+                    f"{row.where}: label {row.label!r} is not one of task {name!r}'s labels "
+                    f"{labels}; declare it in the task's labels or fix the example."
+                )
+        encoded[split] = ([r.input for r in rows], [index[r.label] for r in rows])
+    task = Task(
+        name, labels, *encoded["train"], *encoded["test"], description=description, sources=where
+    )
+    if router_max_train is not None:
+        task.router_inputs = [r.input for r in router_rows]
+    return task
+
+
+def _origin(rows: list[Row], split: str) -> str:
+    """Where a split came from: its file, or its name for in-memory data."""
+    return re.sub(r"(:\d+|\[\d+\])$", "", rows[0].where) if rows else split
+
+
+def _subset(rows: list[Row], limit: int | None, rng: random.Random | str) -> list[Row]:
+    """A seeded random subset of `limit` rows, in their original order; all rows if no limit."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    rng = random.Random(rng) if isinstance(rng, str) else rng
+    keep = sorted(rng.sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]
+
+
+def read_texts(source: str | Path) -> list[str]:
+    """Texts to predict: a JSONL file (or "-" for standard input) with a "text" per line."""
+    return [record["text"] for record in read_records(source)]
+
+
+def read_records(source: str | Path) -> list[dict[str, str]]:
+    """Records to predict or evaluate: a JSONL file (or "-" for standard input), one JSON object
+    per line with a "text" string and optionally a "task" and a "label" (strings; an integer
+    label is read as its digits). Other fields are ignored; blank lines are skipped.
+
+    Raises:
+        ContinualPeftError: A missing file, a line that is not such an object (naming the line
+            and what a line must look like), or no record at all.
+    """
+    name = "<stdin>" if str(source) == "-" else str(source)
+    if name != "<stdin>":
+        check_file(source, "JSONL file", 'give a file with a {"text": ...} object per line')
+    raw = sys.stdin.buffer.read() if name == "<stdin>" else Path(source).read_bytes()
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as training files allow
+    shape = 'each line must be one JSON object with a "text" string, e.g. {"text": "a red car"}'
+    records = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ContinualPeftError(
+                f"{name}:{number}: not a UTF-8 JSON line ({err}); {shape}."
+            ) from None
+        if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
+            raise ContinualPeftError(f"{name}:{number}: {shape}.")
+        try:
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ContinualPeftError(
+                f"{name}:{number}: the text is not valid Unicode ({err.reason} at character "
+                f"{err.start}, e.g. a lone surrogate such as \\ud800); fix or drop the line."
+            ) from None
+        kept = {"text": record["text"]}
+        for key in ("task", "label"):
+            value = record.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if value is not None and not isinstance(value, str):
+                raise ContinualPeftError(
+                    f"{name}:{number}: {key!r} must be a string, got {value!r}."
+                )
+            if value is not None:
+                kept[key] = value
+        records.append(kept)
+    if not records:
+        raise ContinualPeftError(f"{name}: no texts to predict.")
+    return records
+
+
+def split_by_class(
+    prefix: str,
+    splits: dict[str, list[Row]],
+    classes_per_task: int | None = None,
+    groups: list[list[str]] | None = None,
+    **options: Any,
+) -> list[Task]:
+    """Cut one labelled dataset into tasks by groups of labels (a "split" benchmark).
+
+    Args:
+        prefix: Tasks are named `<prefix>-<its labels joined by "-">` (e.g. "digits-0-1") when
+            the labels fit in a task name, else `<prefix>-<1, 2, ...>`.
+        splits: "train" and "test" rows of the whole dataset.
+        classes_per_task: Consecutive groups of this many labels, in label order (the last group
+            may be smaller).
+        groups: Explicit label groups instead; each label at most once.
+        options: `build_task`'s (`max_train`, `max_test`, `seed`, ...), for every task.
+    """
+    if (classes_per_task is None) == (groups is None):
+        raise ContinualPeftError(
+            f"class split {prefix!r}: give exactly one of classes_per_task or groups."
+        )
+    everything = default_labels(r.label for r in splits["train"])
+    if groups is None:
+        if classes_per_task < 1:
+            raise ContinualPeftError(
+                f"class split {prefix!r}: classes_per_task = {classes_per_task}; it must be >= 1."
+            )
+        groups = [
+            everything[i : i + classes_per_task]
+            for i in range(0, len(everything), classes_per_task)
+        ]
+    groups = [[str(label) for label in group] for group in groups]
+    flat = [label for group in groups for label in group]
+    unknown = sorted(set(flat) - set(everything))
+    if unknown or len(set(flat)) != len(flat) or not all(groups):
+        raise ContinualPeftError(
+            f"class split {prefix!r}: groups {groups} must be non-empty, use each label at most "
+            f"once, and only labels of the training data {everything} (unknown: {unknown})."
+        )
+    named = all(re.fullmatch(r"[a-z0-9_-]+", label) for label in flat)
+    return [
+        build_task(
+            f"{prefix}-{'-'.join(group)}" if named else f"{prefix}-{i + 1}",
+            splits,
+            classes=group,
+            **options,
+        )
+        for i, group in enumerate(groups)
+    ]
+
+
+def class_split(
+    prefix: str,
+    train: Any,
+    test: Any,
+    classes_per_task: int | None = None,
+    groups: list[list[str]] | None = None,
+    **options: Any,
+) -> list[Task]:
+    """Cut one labelled dataset into tasks by groups of labels, from Python objects.
+
+    `train` and `test` are each an `(inputs, labels)` pair of sequences, or an indexable dataset
+    of `(input, label)` items (e.g. a torch `Dataset`). See `split_by_class` for the rest.
+
+    Example:
+        tasks = class_split("digits", (x_train, y_train), (x_test, y_test), classes_per_task=2)
+    """
+    splits = {}
+    for split, data in (("train", train), ("test", test)):
+        if isinstance(data, tuple) and len(data) == 2:
+            splits[split] = rows_from_lists(data[0], data[1], split)
+        else:
+            splits[split] = rows_from_dataset(data, split)
+    return split_by_class(prefix, splits, classes_per_task, groups, **options)
