@@ -7,7 +7,7 @@ every task after each one and writes a report.
 from continual_peft._version import __version__ as __version__
 from continual_peft.backbones.image import ImageBackbone
 from continual_peft.backbones.text import Backbone
-from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig, load_strategy_spec
+from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig
 from continual_peft.engine.bank import ModuleBank
 from continual_peft.engine.learner import ContinualLearner
 from continual_peft.engine.loading import load_learner
@@ -17,7 +17,7 @@ from continual_peft.experiments.runner import run_stream
 from continual_peft.integrations.peft_export import export_task
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules.lora import LoRAConfig
-from continual_peft.strategies import STRATEGIES, Strategy
+from continual_peft.strategies import STRATEGIES, Strategy, load_strategy_spec
 from continual_peft.tasks.streams import Stream, load_stream
 from continual_peft.tasks.task import Task, class_split, load_task
 

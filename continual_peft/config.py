@@ -1,6 +1,5 @@
-"""Run configuration: small dataclasses, and the strategy spec files (`strategies/*.toml`).
-
-A strategy spec:
+"""Run configuration: small dataclasses, in the layout of a strategy spec file
+(`strategies/*.toml`, read by `strategies.load_strategy_spec`):
 
     strategy = "per_task"        # a registered strategy (continual-peft list strategies)
     module = "lora"              # a registered module kind
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from continual_peft.backbones.placement import DTYPES
@@ -34,8 +32,7 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.registry import validate_task_name
 from continual_peft.routers import ROUTERS
-from continual_peft.spec import Section, read_toml
-from continual_peft.strategies import STRATEGIES, build_strategy
+from continual_peft.spec import Section
 
 
 @dataclass
@@ -63,14 +60,6 @@ class BackboneConfig:
 
 
 # where a run computes, not what it is: a run may resume or load with other values
-PLACE_KEYS = ("device", "threads")
-
-
-def without_place(backbone: dict[str, Any]) -> dict[str, Any]:
-    """A backbone config dict less `PLACE_KEYS`."""
-    return {key: value for key, value in (backbone or {}).items() if key not in PLACE_KEYS}
-
-
 @dataclass
 class LearnerConfig:
     """Everything that decides a run's numbers, besides the data."""
@@ -86,10 +75,24 @@ class LearnerConfig:
     router_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the router
     strategy_options: dict[str, Any] = field(default_factory=dict)  # e.g. a replay buffer's size
 
+    @classmethod
+    def of(
+        cls, strategy: str = "per_task", module: str = "lora", module_config: object = None,
+        train: TrainConfig | None = None, seed: int = 0, max_length: int = 128,
+    ) -> LearnerConfig:  # fmt: skip
+        """The config of `ContinualLearner(strategy=..., module=..., ...)`: one module kind
+        (with `module_config`, else its defaults), training settings and the backbone's
+        max_length, everything else default."""
+        return cls(
+            strategy=strategy, module=module, seed=seed, train=train or TrainConfig(),
+            modules={module: module_config} if module_config is not None else {},
+            backbone=BackboneConfig(max_length=max_length),
+        )  # fmt: skip
+
     def kind_config(self, kind: str) -> Any:
         """The config of module kind `kind` (its defaults unless set)."""
         if kind not in self.modules:
-            self.modules[kind] = MODULE_KINDS.get(kind).config_class()
+            self.modules[kind] = MODULE_KINDS.options_type(kind)()
         return self.modules[kind]
 
     def module_for(self, task: str) -> str:
@@ -123,9 +126,7 @@ class LearnerConfig:
         )
         values["train"] = _fill(TrainConfig, top.get("train", dict, {}), f"{where}: [train]")
         values["modules"] = {
-            kind: _fill(
-                MODULE_KINDS.get(kind).config_class, top.get(kind, dict), f"{where}: [{kind}]"
-            )
+            kind: _kind_options(kind, top.get(kind, dict), f"{where}: [{kind}]")
             for kind in MODULE_KINDS.names()
             if kind in data
         }
@@ -185,18 +186,13 @@ class LearnerConfig:
                 raise ContinualPeftError(
                     f"{where}: {key} = {value!r} is invalid; it must be {rule}"
                 )
-        if self.strategy not in STRATEGIES:
-            raise ContinualPeftError(
-                f"{where}: unknown strategy {self.strategy!r}; valid names: "
-                f"{', '.join(STRATEGIES.names())}"
-            )
-        strategy = build_strategy(self.strategy, self.strategy_options)  # unknown options fail
         if self.router not in ROUTERS:
             valid = ", ".join(ROUTERS.names())
             raise ContinualPeftError(
                 f"{where}: unknown router {self.router!r}; valid names: {valid}"
             )
-        strategy.check(self, where)  # e.g. a strategy that works with one module kind only
+        ROUTERS.check_options(self.router, self.router_options, where)
+        # the strategy and its options: strategies.check_config (strategies build on configs)
 
 
 def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:
@@ -209,6 +205,12 @@ def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:
     return overrides
 
 
+def _kind_options(kind: str, table: dict[str, Any], where: str) -> Any:
+    """A module kind's section (`[lora]`), checked by its registry, then typed."""
+    MODULE_KINDS.check_options(kind, table, where)
+    return _fill(MODULE_KINDS.options_type(kind), table, where)
+
+
 def _fill(kind: type, data: dict[str, Any], where: str) -> Any:
     section = Section(data, where, {f.name for f in dataclasses.fields(kind)})
     default = kind()
@@ -218,9 +220,3 @@ def _fill(kind: type, data: dict[str, Any], where: str) -> Any:
         accepted = (int, float) if expected is float else expected
         values[f.name] = section.get(f.name, accepted, getattr(default, f.name))
     return kind(**values)
-
-
-def load_strategy_spec(path: str | Path) -> LearnerConfig:
-    """Read a strategy spec file into a LearnerConfig."""
-    path = Path(path)
-    return LearnerConfig.from_dict(read_toml(path), str(path))

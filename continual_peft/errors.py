@@ -61,3 +61,18 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         self.signum = signum
         super().__init__(signal.Signals(signum).name)
+
+
+def check_file(path: str | Path, what: str = "file", hint: str = "check the path") -> None:
+    """Refuse a path that is not a readable file: absent, or a folder (named as such).
+
+    Args:
+        path: The path given.
+        what: What it should be, e.g. "labels file", "spec file".
+        hint: The fix, appended to the message.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ContinualPeftError(f"{path} is a folder, not a {what}; {hint}.")
+    if not path.is_file():
+        raise ContinualPeftError(f"{path}: {what} not found; {hint}.")

@@ -6,8 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from continual_peft.errors import ContinualPeftError
-from continual_peft.store.io import check_file
+from continual_peft.errors import ContinualPeftError, check_file
 
 
 def read_toml(path: Path) -> dict[str, Any]:

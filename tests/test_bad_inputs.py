@@ -28,16 +28,16 @@ from continual_peft import (
     Task,
     TrainConfig,
 )
-from continual_peft import cli as cli_module
 from continual_peft.cli import app
 from continual_peft.config import BackboneConfig
 from continual_peft.engine.loading import load_learner
 from continual_peft.errors import CorruptFileError
+from continual_peft.experiments import launch
 from continual_peft.experiments.runner import run_stream
 from continual_peft.reports.run import load_report
 from continual_peft.routers import ROUTERS
 from continual_peft.store import io as _io
-from continual_peft.strategies import Strategy
+from continual_peft.strategies import Strategy, check_config
 
 runner = CliRunner()
 NAMES = ("colors", "animals")
@@ -86,7 +86,7 @@ def spec(tmp_path: Path) -> Path:
 def tiny_cli(monkeypatch, make_backbone):
     """`continual-peft run` trains on the tiny backbone instead of loading one by name."""
     monkeypatch.setattr(
-        cli_module, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
+        launch, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
     )
 
 
@@ -568,7 +568,7 @@ def test_predict_on_a_run_without_a_router_says_what_to_do(run: Path, tmp_path: 
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     config["config"]["router"] = "oracle"
     (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    from continual_peft.store.checkpoint import run_config_sha256  # as if it had been made so
+    from continual_peft.store.digests import run_config_sha256  # as if it had been made so
 
     checkpoint = json.loads((run / "checkpoint.json").read_text(encoding="utf-8"))
     checkpoint["run_config_sha256"] = run_config_sha256(config["config"])
@@ -636,4 +636,4 @@ def test_more_places_that_cannot_be_written_or_read(run: Path, tmp_path: Path, s
     with pytest.raises(ContinualPeftError, match=r"input 1 is not valid Unicode text"):
         learner.predict(["fine", "bad \ud800"], task=NAMES[0])
     with pytest.raises(ContinualPeftError, match="ONE shared slot for every task"):
-        LearnerConfig(strategy="seq", task_modules={NAMES[0]: "adapter"}).validate()
+        check_config(LearnerConfig(strategy="seq", task_modules={NAMES[0]: "adapter"}))

@@ -13,10 +13,11 @@ from conftest import word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import MODULE_KINDS, STRATEGIES
-from continual_peft import cli as cli_module
 from continual_peft.backbones.text import Backbone
 from continual_peft.cli import app
+from continual_peft.cli import base as cli_base
 from continual_peft.errors import ContinualPeftError
+from continual_peft.experiments import launch
 from continual_peft.experiments.runner import run_stream
 from continual_peft.routers import ROUTERS
 from continual_peft.tasks.task import read_texts
@@ -228,7 +229,7 @@ def _check_run_dir(run_dir: Path, names: list[str]) -> dict:
 def test_run_then_report(stream_spec: Path, tmp_path: Path, make_backbone, monkeypatch):
     # The CLI loads a backbone by name; the function it calls gets the tiny one instead.
     monkeypatch.setattr(
-        cli_module, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
+        launch, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
     )
     run_dir = tmp_path / "run"
     result = invoke(
@@ -342,13 +343,13 @@ def test_repeated_or_blank_labels_are_named(stream_spec, tmp_path, no_model, lab
 
 
 def test_a_strategy_with_a_shipped_spec_of_its_name_runs_with_it():
-    config = cli_module._config("l2p", {}, None)
+    config = launch.resolve_config("l2p", {}, None)
     assert (config.strategy, config.module) == ("l2p", "prompt_pool")
-    assert cli_module._config("per_task", {}, None).module == "lora"  # no spec of that name
+    assert launch.resolve_config("per_task", {}, None).module == "lora"  # no spec of that name
 
 
 def test_warnings_are_one_line_on_stderr():
-    format_ = cli_module._format_warning
+    format_ = cli_base.format_warning
     lines = [
         format_(UserWarning("task 'x' has one class"), UserWarning, __file__, 1),
         format_(FutureWarning("old API"), FutureWarning, "/lib/other.py", 7),

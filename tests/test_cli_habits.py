@@ -30,7 +30,7 @@ from continual_peft.engine.loading import _check_config
 from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.runner import run_stream
 from continual_peft.reports.run import load_report
-from continual_peft.store.checkpoint import run_config_sha256
+from continual_peft.store.digests import run_config_sha256
 from continual_peft.tasks.streams import load_stream
 
 runner = CliRunner()
@@ -397,7 +397,7 @@ def test_a_closed_stdout_is_said_once_and_the_work_goes_on(monkeypatch, capsys):
     os.close(read)  # the reader is gone
     pipe = io.TextIOWrapper(io.FileIO(write, "w"))
     monkeypatch.setattr(sys, "stdout", pipe)
-    out = cli._Stdout()
+    out = cli.base._Stdout()
     assert out.write("table\n") == 6 and out.broken
     assert out.write("more\n") == 5  # nothing raised
     assert capsys.readouterr().err.count("standard output was closed") == 1

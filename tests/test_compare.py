@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from continual_peft import STRATEGIES, Backbone, LearnerConfig, ModuleBank
 from continual_peft import cli as cli_module
 from continual_peft.errors import ContinualPeftError
+from continual_peft.experiments import launch
 from continual_peft.experiments.compare import compare, load_leaderboard, total_trainable_parameters
 from continual_peft.experiments.entries import entry_from, resolve_entries
 from continual_peft.reports.run import load_report
@@ -39,9 +40,7 @@ def spec(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny(monkeypatch, make_backbone):
     """The CLI's `compare` builds tiny backbones instead of loading the default one."""
-    monkeypatch.setattr(
-        cli_module, "compare", functools.partial(compare, make_backbone=make_backbone)
-    )
+    monkeypatch.setattr(launch, "compare", functools.partial(compare, make_backbone=make_backbone))
 
 
 @pytest.fixture
@@ -142,7 +141,7 @@ def test_a_failing_entry_is_recorded_and_the_rest_run(
             raise RuntimeError("out of memory")
         return make_backbone()
 
-    monkeypatch.setattr(cli_module, "compare", functools.partial(compare, make_backbone=flaky))
+    monkeypatch.setattr(launch, "compare", functools.partial(compare, make_backbone=flaky))
     out = tmp_path / "c"
     result = invoke("compare", "--stream", spec, "--strategies", "per_task,seq", "--out", out,
                     *BUDGET)  # fmt: skip
@@ -225,7 +224,8 @@ def test_sweep_plot_follows_the_swept_values_not_the_ranking():
 def test_an_interrupted_comparison_resumes_to_the_uninterrupted_leaderboard(
     spec: Path, tmp_path: Path, tiny, monkeypatch
 ):
-    from continual_peft.strategies import Sequential, Strategy
+    from continual_peft.strategies import Strategy
+    from continual_peft.strategies.seq import Sequential
 
     args = ["compare", "--stream", spec, "--strategies", "per_task,seq", *BUDGET]
     clean = tmp_path / "clean"

@@ -33,7 +33,10 @@ def test_per_task_module_override(tmp_path):
         ('[tasks.news]\nmodule = "bogus"', "unknown module kind 'bogus'"),
         ('[tasks."../x"]\nmodule = "lora"', r"\[tasks.../x\]: invalid task name"),
         ("[tasks.news]\nkind = 1", r"\[tasks.news\]: unknown key\(s\) \['kind'\]"),
-        ("[lora]\nrank = 4", r"\[lora\]: unknown key\(s\) \['rank'\]"),
+        (
+            "[lora]\nrank = 4",
+            r"\[lora\]: module kind 'lora': invalid options \['rank'\]; valid options: r,",
+        ),
         ("[lora]\nr = 0", "lora.r = 0 is invalid; it must be >= 1"),
         ('[train]\nlr = "fast"', "key 'lr' must be int or float"),
         ("[bogus]\nx = 1", r"unknown key\(s\) \['bogus'\]"),

@@ -17,12 +17,12 @@ import torch
 from conftest import tiny_bert, word_task
 
 from continual_peft import Backbone, TrainConfig
-from continual_peft.config import load_strategy_spec
 from continual_peft.engine.loading import load_learner
 from continual_peft.experiments.runner import run_stream
 from continual_peft.integrations.peft_export import export_task
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.routers import ROUTERS
+from continual_peft.strategies import load_strategy_spec
 from continual_peft.tasks.streams import Stream
 
 REPO = Path(__file__).resolve().parents[1]

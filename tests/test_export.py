@@ -24,9 +24,9 @@ from continual_peft import (
     TrainConfig,
 )
 from continual_peft.cli import app
-from continual_peft.config import load_strategy_spec
 from continual_peft.errors import CorruptFileError
 from continual_peft.integrations.peft_export import export_task
+from continual_peft.strategies import load_strategy_spec
 
 peft = pytest.importorskip("peft")
 

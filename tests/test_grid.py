@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from continual_peft import Backbone, LearnerConfig, Stream
 from continual_peft import cli as cli_module
 from continual_peft.errors import ContinualPeftError
+from continual_peft.experiments import launch
 from continual_peft.experiments.grid import (
     load_aggregate,
     parse_seeds,
@@ -144,7 +145,7 @@ def test_cli_refuses(grid_spec: Path, tmp_path: Path, no_model, options, expecte
 
 def test_cli_one_order_one_seed_is_a_plain_run(grid_spec, tmp_path, make_backbone, monkeypatch):
     monkeypatch.setattr(
-        cli_module, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
+        launch, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
     )
     out = tmp_path / "run"
     result = invoke(
@@ -159,7 +160,7 @@ def test_cli_one_order_one_seed_is_a_plain_run(grid_spec, tmp_path, make_backbon
 
 def test_cli_grid_two_orders_two_seeds(grid_spec, tmp_path, make_backbone, monkeypatch):
     monkeypatch.setattr(
-        cli_module, "run_grid", functools.partial(run_grid, make_backbone=make_backbone)
+        launch, "run_grid", functools.partial(run_grid, make_backbone=make_backbone)
     )
     out = tmp_path / "grid"
     result = invoke(
@@ -231,7 +232,7 @@ def test_an_interrupted_grid_resumes_to_the_uninterrupted_aggregate(
     from continual_peft.strategies import Strategy
 
     monkeypatch.setattr(
-        cli_module, "run_grid", functools.partial(run_grid, make_backbone=make_backbone)
+        launch, "run_grid", functools.partial(run_grid, make_backbone=make_backbone)
     )
     stream_args = ["--max-train", "8", "--max-test", "4"]
     options = ["--order", "backward", "--seeds", "0,1", "--epochs", "1", "--batch-size", "8",

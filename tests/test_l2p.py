@@ -14,6 +14,7 @@ from continual_peft.config import LearnerConfig
 from continual_peft.engine.inference import frozen_features
 from continual_peft.engine.loading import load_learner
 from continual_peft.modules.prompt_pool import PromptPoolConfig
+from continual_peft.strategies import check_config
 from continual_peft.strategies.l2p import L2P
 
 M, L, N = 6, 2, 3
@@ -163,7 +164,7 @@ def test_l2p_refuses_another_module_kind(make_backbone):
         ContinualLearner(make_backbone(), module="lora", strategy="l2p")
     with pytest.raises(ContinualPeftError, match="pull_weight must be >= 0"):
         options = {"pull_weight": -1}
-        LearnerConfig(strategy="l2p", module="prompt_pool", strategy_options=options).validate()
+        check_config(LearnerConfig(strategy="l2p", module="prompt_pool", strategy_options=options))
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ def test_kinds_mixed_in_one_run_and_one_batch(make_backbone, tasks):
 def test_a_failed_task_rolls_back_completely(strategy, make_backbone, monkeypatch):
     """A task that fails (here: its loss diverges on the 2nd step) leaves the learner exactly
     as before it: learning it again, then another task, ends as if it had never failed."""
-    from continual_peft.config import load_strategy_spec
+    from continual_peft.strategies import load_strategy_spec
 
     tasks = [word_task("colors", n_train=24, n_test=12), word_task("animals", 24, 12)]
     specs = sorted(Path(__file__).parents[1].glob(f"strategies/{strategy}*.toml"))

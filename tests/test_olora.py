@@ -12,7 +12,7 @@ from conftest import FAST_TRAIN, assert_close, tolerance
 from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig, ModuleBank
 from continual_peft.engine.loading import load_learner
 from continual_peft.modules import MODULE_KINDS
-from continual_peft.strategies import build_strategy
+from continual_peft.strategies import build_strategy, check_config
 from continual_peft.strategies.olora import orthogonality_penalty
 
 
@@ -175,4 +175,4 @@ def test_save_and_load_give_the_same_predictions(make_backbone, tasks, tmp_path)
 )
 def test_olora_refuses_other_kinds_and_routers(change, message):
     with pytest.raises(ContinualPeftError, match=message):
-        LearnerConfig(strategy="olora", **change).validate()
+        check_config(LearnerConfig(strategy="olora", **change))

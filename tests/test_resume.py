@@ -27,10 +27,10 @@ from conftest import DEVICE, tiny_bert, word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import Backbone
-from continual_peft import cli as cli_module
 from continual_peft.cli import app
 from continual_peft.engine.loading import load_learner, saved_config
 from continual_peft.errors import ContinualPeftError, CorruptFileError
+from continual_peft.experiments import launch
 from continual_peft.experiments.runner import run_stream
 from continual_peft.reports import run as reports
 from continual_peft.store.io import load_safetensors
@@ -56,12 +56,13 @@ import continual_peft.store.io as io
 import continual_peft.reports.run as reports
 import continual_peft.engine.learner as learner_module
 from continual_peft import Backbone, cli
+from continual_peft.experiments import launch
 from continual_peft.backbones.text import default_model_path
 from continual_peft.experiments.runner import run_stream
 
 tok = AutoTokenizer.from_pretrained(str(default_model_path()))
 make = lambda: Backbone(tiny_bert(tok), tok, max_length=16, name="tiny-bert", device=DEVICE)
-cli.run_stream = functools.partial(run_stream, make_backbone=make)
+launch.run_stream = functools.partial(run_stream, make_backbone=make)
 reports.plot_accuracy_matrix = lambda report, path: None  # PNGs take most of a tiny run's time
 event, _, rest = os.environ["KILL_AT"].partition(":")
 rest, _, nth = rest.partition("#")
@@ -89,13 +90,14 @@ if event == "train":
         return train_task(*args, description=description, adjust_loss=adjust, **kwargs)
     learner_module.train_task = patched
 elif event == "evaluate":
-    evaluate = learner_module.ContinualLearner._evaluate
-    def patched(self, items):
+    from continual_peft.engine.predictor import Predictor
+    evaluate = Predictor.evaluate
+    def patched(self, router, items):
         if list(self.learned)[-1] == rest and hit():
-            self._accuracy(next(iter(self.learned.values())))
+            self.accuracy(next(iter(self.learned.values())))
             die()
-        return evaluate(self, items)
-    learner_module.ContinualLearner._evaluate = patched
+        return evaluate(self, router, items)
+    Predictor.evaluate = patched
 else:
     write = io.atomic_write_bytes
     def patched(path, data):
@@ -131,7 +133,7 @@ def no_plots(monkeypatch):
 @pytest.fixture
 def tiny_cli(monkeypatch, make_backbone):
     monkeypatch.setattr(
-        cli_module,
+        launch,
         "run_stream",
         functools.partial(run_stream, make_backbone=lambda: make_backbone(16)),
     )
@@ -168,7 +170,7 @@ def reference_run(spec, tmp_path_factory, make_backbone_module) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(reports, "plot_accuracy_matrix", lambda report, path: None)
         patch.setattr(
-            cli_module,
+            launch,
             "run_stream",
             functools.partial(run_stream, make_backbone=make_backbone_module),
         )

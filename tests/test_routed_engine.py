@@ -118,7 +118,7 @@ def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
     learner.finish()
     # the run names a tiny test backbone that cannot be loaded by name: hand one in
     monkeypatch.setattr(
-        cli,
+        cli.use,
         "load_learner",
         lambda run, backbone=None, **options: loading.load_learner(run, make_backbone()),
     )

@@ -496,7 +496,7 @@ def test_docs_name_every_spec_key_and_nothing_else():
     accepted = STREAM_KEYS | TASK_KEYS | SPLIT_KEYS | {"strategy", "module", "router", "seed"}
     accepted |= {f.name for f in fields(TrainConfig)} | {f.name for f in fields(BackboneConfig)}
     for kind in MODULE_KINDS.names():
-        accepted |= {f.name for f in fields(MODULE_KINDS.get(kind).config_class)}
+        accepted |= {f.name for f in fields(MODULE_KINDS.options_type(kind))}
     for strategy in STRATEGIES.names():
         accepted |= {strategy, *strategy_options(strategy)}
     assert accepted - documented == set()

@@ -31,15 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual_peft.backbones.text import BACKBONE_KINDS, Backbone, Encoded, load_model, model_name
+from continual_peft.backbones.load import family, load_model, model_name
+from continual_peft.backbones.text import Backbone, Encoded
 from continual_peft.errors import ContinualPeftError
 
 
 def is_vision_config(config) -> bool:
-    """Whether a `transformers` config describes an image encoder (it has an image size and
-    a number of input channels, as the ViT family's configs do)."""
-    fields = config.to_dict()
-    return "image_size" in fields and "num_channels" in fields
+    """Whether a `transformers` config describes an image encoder (`backbones.load.family`)."""
+    return family(config) == "image"
 
 
 class ImageBackbone(Backbone):
@@ -234,6 +233,3 @@ def _for_processor(image):
     if isinstance(image, np.ndarray) and image.ndim == 2:
         return image[:, :, None]  # (H, W) -> (H, W, 1): processors need a channel axis
     return image
-
-
-BACKBONE_KINDS.append((is_vision_config, ImageBackbone))

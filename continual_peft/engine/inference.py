@@ -8,6 +8,7 @@ top-1 task's head in one pass per batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -113,3 +114,15 @@ def predict_rows(
         predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()
         tick(len(rows))
     return predictions
+
+
+@contextlib.contextmanager
+def evaluating(backbone: Backbone) -> Iterator[None]:
+    """Inference mode (no dropout) for measurements, whatever loop is training; the mode the
+    backbone was in comes back afterwards."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        yield
+    finally:
+        backbone.train(was_training)

@@ -12,80 +12,39 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
-from torch import nn
 
-from continual_peft.backbones.placement import dtype_name, set_threads
-from continual_peft.backbones.text import DEFAULT_BACKBONE, Backbone
-from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig
+from continual_peft.backbones.placement import set_threads
+from continual_peft.backbones.text import Backbone
+from continual_peft.config import LearnerConfig, TrainConfig
 from continual_peft.engine.bank import ModuleBank
 from continual_peft.engine.heads import Heads
-from continual_peft.engine.inference import (
-    frozen_features,
-    predict_rows,
-    routed_predict,
-    routing_table,
-)
+from continual_peft.engine.inference import evaluating
 from continual_peft.engine.monitor import ForgettingMonitor
+from continual_peft.engine.predictor import Predictor
 from continual_peft.engine.progress import meter
 from continual_peft.engine.report import learner_report
-from continual_peft.engine.rollback import Snapshot
+from continual_peft.engine.rollback import undone_on_failure
+from continual_peft.engine.snapshot import save_learner, snapshot
+from continual_peft.engine.state import LearnedTask, TaskSession, backbone_for
 from continual_peft.engine.training import TrainResult, train_task
 from continual_peft.errors import ContinualPeftError
-from continual_peft.reports.run import console_report
+from continual_peft.reports.run import console_report, write_reports
 from continual_peft.routers import ROUTERS, Router, build_router
-from continual_peft.store.checkpoint import save_learner, set_status, task_digest, write_checkpoint
+from continual_peft.store.checkpoint import set_status, write_checkpoint
+from continual_peft.store.digests import task_digest
 from continual_peft.store.rundir import RunDir
-from continual_peft.strategies import build_strategy
+from continual_peft.strategies.base import check_config
 from continual_peft.tasks.task import Task
 
-
-def record_backbone(config: LearnerConfig, backbone: Backbone) -> None:
-    """Set `config.backbone` to what `backbone` really is, as config.json records it: its name
-    ("" = the bundled default; a local folder by its absolute path), the max_length it really
-    cuts at, and the dtype it really computes in ("auto" means bfloat16 on one machine, float32
-    on another: a resumed or reloaded run keeps it)."""
-    config.backbone.name = "" if backbone.name == DEFAULT_BACKBONE else backbone.name
-    config.backbone.max_length = backbone.max_length
-    config.backbone.dtype = dtype_name(backbone.dtype)
-
-
-# The loader `ContinualLearner.load` calls: `continual_peft.engine.loading.load_learner`, which builds on
+# The loader `ContinualLearner.load` calls: `engine.loading.load_learner`, which builds on
 # this module and registers itself when imported (the package imports it), so this module does
 # not import it back.
 LOADER: list[Callable[..., ContinualLearner]] = []
-
-
-@dataclass
-class LearnedTask:
-    """A learned task as the learner keeps it: its data, place in the order, slot, and encoded
-    test inputs (with their frozen features once computed)."""
-
-    task: Task
-    index: int  # position in learning order: the router's name for the task
-    slot: int
-    test_items: list
-    test_features: torch.Tensor | None = None  # frozen features, computed once (routed runs)
-    has_data: bool = True  # False when loaded without the task's data: it cannot be evaluated
-
-
-@dataclass
-class TaskSession:
-    """A task between `begin_task` and `end_task`: what its training may change."""
-
-    task: Task
-    slot: int
-    head: nn.Linear
-    params: list[nn.Parameter]  # the trainable slot's and the head's
-    train_items: list  # encoded training inputs
-    truncated: int  # inputs cut to max_length, train and test
-    adjust_loss: Callable[[torch.Tensor], torch.Tensor]  # the strategy's `loss` hook
 
 
 class ContinualLearner:
@@ -120,25 +79,12 @@ class ContinualLearner:
         stream: str = "custom",
         console: Console | None = None,
     ) -> None:
-        if config is None:
-            config = LearnerConfig(
-                strategy=strategy,
-                module=module,
-                seed=seed,
-                modules={module: module_config} if module_config is not None else {},
-                train=train or TrainConfig(),
-                backbone=BackboneConfig(max_length=max_length),
-            )
-        config.validate()
+        config = config or LearnerConfig.of(
+            strategy, module, module_config, train, seed, max_length
+        )
         self.threads = set_threads(config.backbone.threads)  # what it says: for the log
-        self.strategy = build_strategy(config.strategy, config.strategy_options)
-        if not isinstance(backbone, Backbone):
-            name = backbone or config.backbone.name or None
-            backbone = Backbone.from_pretrained(
-                name, config.backbone.max_length, config.backbone.device or None,
-                config.backbone.dtype,
-            )  # fmt: skip
-        record_backbone(config, backbone)
+        self.strategy = check_config(config)
+        backbone = backbone_for(backbone, config)  # and config.backbone says what it is
         self.config = config
         self.backbone = backbone
         kinds = {config.module, *config.task_modules.values()}
@@ -151,6 +97,10 @@ class ContinualLearner:
             ("oracle",) if self.router is None else ("oracle", "routed")
         )
         self.learned: dict[str, LearnedTask] = {}
+        self.predictor = Predictor(
+            backbone, self.bank, self.heads, self.learned,
+            lambda task: self.strategy.routing(self, task), config.train.eval_batch_size,
+        )  # fmt: skip
         self.records: list[dict] = []
         self.stream = stream
         self.status = "running"
@@ -159,7 +109,6 @@ class ContinualLearner:
         self.console = console
         self.stream_plan: dict | None = None  # the whole stream's names and data hashes, if known
         self.saved_files: dict[str, str] = {}  # what the last checkpoint names: path -> sha256
-        self._digests: dict[str, str] = {}  # task name -> data hash
         self.run_dir = run_dir if isinstance(run_dir, RunDir) or run_dir is None else None
         if run_dir is not None and self.run_dir is None:
             self.run_dir = RunDir(run_dir)
@@ -174,9 +123,10 @@ class ContinualLearner:
 
     def task_digest(self, task: str) -> str:
         """A hash of a learned task's data (names the data in checkpoints; checked on resume)."""
-        if task not in self._digests:
-            self._digests[task] = task_digest(self.learned[task].task)
-        return self._digests[task]
+        state = self.learned[task]
+        if state.data_sha256 is None:
+            state.data_sha256 = task_digest(state.task)
+        return state.data_sha256
 
     def save(self, path: str | Path) -> Path:
         """Write every learned task into a new folder, as a run directory's checkpoint.
@@ -217,34 +167,28 @@ class ContinualLearner:
         return LOADER[0](path, backbone, tasks=tasks, console=console, device=device, dtype=dtype)
 
     def learn(self, task: Task) -> dict:
-        """Allocate a slot, train it and a new head, freeze, evaluate every task, report.
+        """Learn one task: begin (slot, head, "before" accuracies), train, end (freeze,
+        re-evaluate every task, record), checkpoint, report. A failure leaves the learner as
+        it was before the task.
 
         Returns:
             The task's record (slot, sizes, times, loss, accuracy row).
         """
-        with self._undone_on_failure():
+        with undone_on_failure(self):
             session = self.begin_task(task)
-            with self.use_task(task.name):
-                result = train_task(
-                    self.backbone, session.head, session.params, session.train_items,
-                    task.train_labels, self.config.train, seed=self.task_seed(task, "train"),
-                    adjust_loss=session.adjust_loss,
-                    description=f"task {len(self.learned)} {task.name}",
-                )  # fmt: skip
+            result = self.train(session)
             return self.end_task(session, result)
 
-    @contextlib.contextmanager
-    def _undone_on_failure(self) -> Iterator[None]:
-        """A task that fails before its checkpoint is written (an error, a diverged loss,
-        Ctrl-C) leaves the learner exactly as it was before the task: slots, the shared slot's
-        values, heads, router, strategy state and matrices, so it can be learned again."""
-        before = Snapshot.take(self)
-        try:
-            yield
-        except BaseException:
-            if self.saved_files is before.saved_files:  # no new checkpoint names the task
-                before.restore(self)
-            raise
+    def train(self, session: TaskSession) -> TrainResult:
+        """Train the session's slot and head on its task (through the task's routing)."""
+        task = session.task
+        with self.use_task(task.name):
+            return train_task(
+                self.backbone, session.head, session.params, session.train_items,
+                task.train_labels, self.config.train, seed=self.task_seed(task, "train"),
+                adjust_loss=session.adjust_loss,
+                description=f"task {len(self.learned)} {task.name}",
+            )  # fmt: skip
 
     def begin_task(self, task: Task) -> TaskSession:
         """The first half of `learn`: slot, head and the "before" accuracies of a new task.
@@ -271,9 +215,9 @@ class ContinualLearner:
         state = LearnedTask(task, len(self.learned), slot, test_enc.items)
         self.learned[task.name] = state
         where = f"task {len(self.learned)} {task.name}: evaluating before training"
-        with self._evaluating(), meter(where, 2 * len(state.test_items)):
-            initial = self._accuracy(state, base_only=True)
-            before = self._accuracy(state)
+        with evaluating(self.backbone), meter(where, 2 * len(state.test_items)):
+            initial = self.predictor.accuracy(state, base_only=True)
+            before = self.predictor.accuracy(state)
         # the router cannot know a task before it is trained: no routed "before" value
         self.monitor.before_task(initial, {"oracle": before, "routed": float("nan")})
         return TaskSession(
@@ -287,7 +231,14 @@ class ContinualLearner:
         )
 
     def end_task(self, session: TaskSession, result: TrainResult) -> dict:
-        """The second half of `learn`: freeze, evaluate every task, checkpoint and report."""
+        """The second half of `learn`: the task's record, then its checkpoint and the report."""
+        record = self.evaluate_task(session, result)
+        self.checkpoint(session.task)
+        self.write_report()
+        return record
+
+    def evaluate_task(self, session: TaskSession, result: TrainResult) -> dict:
+        """Freeze the task, re-evaluate every task (a new row of each matrix), its record."""
         task, slot = session.task, session.slot
         strategy_facts = self.strategy.after_task(self, task)
         self.heads.freeze(task.name)
@@ -297,8 +248,12 @@ class ContinualLearner:
             where = f"task {task.name!r}: router input"
             router_items = self.backbone.encode(task.router_inputs, where).items
         where = f"task {len(self.learned)} {task.name}: re-evaluating {len(self.learned)} task(s)"
-        with self._evaluating(), meter(where, self._evaluation_rows(router_items)):
-            self._evaluate(router_items)
+        with (
+            evaluating(self.backbone),
+            meter(where, self.predictor.evaluation_rows(self.router, router_items)),
+        ):
+            accuracies, routing = self.predictor.evaluate(self.router, router_items)
+        self.monitor.after_task(accuracies, routing=routing)
         record = {
             "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
             "labels": task.labels, "train_examples": len(task.train_inputs),
@@ -314,7 +269,6 @@ class ContinualLearner:
         if strategy_facts:
             record["strategy"] = strategy_facts
         self.records.append(record)
-        self._checkpoint(task, slot)
         return record
 
     def use_task(self, task: str) -> contextlib.AbstractContextManager[None]:
@@ -323,33 +277,11 @@ class ContinualLearner:
         slots, weights = self.strategy.routing(self, task)
         return self.bank.use_slots(slots, weights)
 
-    def _routing_table(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each task's routing (the strategy's) as one padded row; see `routing_table`."""
-        return routing_table([self.strategy.routing(self, task) for task in tasks])
-
-    def _rows_routing(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, m) slots and weights for rows whose tasks are given (oracle routing)."""
-        names = [self._learned(t).task.name for t in dict.fromkeys(tasks)]  # unknown: refused
-        slots, weights = self._routing_table(names)
-        rows = torch.tensor([names.index(t) for t in tasks], dtype=torch.long, device="cpu")
-        return slots[rows], weights[rows]
-
-    @contextlib.contextmanager
-    def _evaluating(self) -> Iterator[None]:
-        """Inference mode (no dropout) for measurements, whatever loop is training; the mode
-        the backbone was in comes back afterwards."""
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            yield
-        finally:
-            self.backbone.train(was_training)
-
     def finish(self, status: str = "finished") -> None:
         """Mark the run `finished` (or `failed`, `interrupted`), write the final report and
         release the run directory; an unfinished run can be resumed from its last task."""
         self.status = status
-        self._write_report()
+        self.write_report()
         if self.run_dir:
             set_status(self.run_dir.path, status)
             self.close()
@@ -370,29 +302,26 @@ class ContinualLearner:
         if self.run_dir:
             self.run_dir.close()
 
-    def _checkpoint(self, task: Task, slot: int) -> None:
+    def checkpoint(self, task: Task) -> None:
+        """After `task`: its files and the new checkpoint, written by the store from a snapshot."""
         if self.run_dir:
-            write_checkpoint(self.run_dir, self, [task.name])
-        self._write_report()
+            self.saved_files = write_checkpoint(self.run_dir, snapshot(self, [task.name]))
+
+    def write_report(self) -> None:
+        """The report into the run directory (if any) and onto the console (if any)."""
+        if self.run_dir:
+            write_reports(self.report, self.run_dir.path)
         if self.console:
             self.console.print(console_report(self.report))
-
-    def _write_report(self) -> None:
-        if self.run_dir:
-            self.run_dir.save_report(self.report)
 
     def _make_router(self, config: LearnerConfig) -> Router | None:
         if config.router == "oracle":
             return None  # the task is given: no router state at all
         return build_router(config.router, **config.router_options).to(self.backbone.device)
 
-    def _features(self, items: list) -> torch.Tensor:
-        batch = self.config.train.eval_batch_size
-        return frozen_features(self.backbone, self.bank, items, batch)
-
     def features(self, inputs: list) -> torch.Tensor:
         """(N, d) frozen features: the bare backbone's pooled states, all that routers see."""
-        return self._features(self.backbone.encode(list(inputs)).items)
+        return self.predictor.features(self.backbone.encode(list(inputs)).items)
 
     def routed_accuracy(self, router: Router) -> tuple[list[float], list[float]]:
         """Per learned task: accuracy and routing accuracy on its test set under `router`.
@@ -400,77 +329,8 @@ class ContinualLearner:
         The router must already know every learned task (in learning order); this learner's own
         router is left untouched.
         """
-        own, self.router = self.router, router
-        try:
-            results = [self._routed_scores(state) for state in self.learned.values()]
-        finally:
-            self.router = own
+        results = [self.predictor.routed_scores(router, state) for state in self.learned.values()]
         return [r[0] for r in results], [r[1] for r in results]
-
-    def _evaluation_rows(self, router_items: list) -> int:
-        """Rows `_evaluate` runs through the backbone (what its progress counts)."""
-        tests = [len(state.test_items) for state in self.learned.values()]
-        if self.router is None:
-            return sum(tests)
-        uncached = sum(len(s.test_items) for s in self.learned.values() if s.test_features is None)
-        return 2 * sum(tests) + len(router_items) + uncached
-
-    def _evaluate(self, router_items: list) -> None:
-        """Row i of every matrix: oracle accuracy, and with a router routed and routing accuracy."""
-        states = list(self.learned.values())
-        oracle = [self._accuracy(s) for s in states]
-        if self.router is None:
-            self.monitor.after_task({"oracle": oracle})
-            return
-        self.router.add_task(self._features(router_items))  # statistics only; the features go
-        routed, routing = self.routed_accuracy(self.router)
-        self.monitor.after_task({"oracle": oracle, "routed": routed}, routing=routing)
-
-    def _routed(
-        self, items: list, features: torch.Tensor
-    ) -> tuple[list[str | None], torch.Tensor, torch.Tensor]:
-        """Routed predictions: label strings (None if rejected), and the router's (B, k)
-        task indices and weights."""
-        indices, weights = (t.cpu() for t in self.router.route(features))  # one copy per set
-        order = list(self.learned.values())
-        # each of a row's k tasks brings its own routing (m slots): k·m entries per row
-        table_slots, table_weights = self._routing_table([s.task.name for s in order])
-        safe, chosen = indices.clamp(min=0), (indices >= 0)[:, :, None]
-        slots = torch.where(chosen, table_slots[safe], -1).flatten(1)  # (B, k·m)
-        mixed = (weights[:, :, None] * table_weights[safe]).flatten(1)  # (B, k·m)
-        top = indices[:, 0].tolist()
-        heads = [order[t].task.name if t >= 0 else None for t in top]
-        predictions = routed_predict(
-            self.backbone, self.bank, self.heads, items, slots, mixed, heads,
-            self.config.train.eval_batch_size,
-        )  # fmt: skip
-        labels = [
-            None if p is None else order[t].task.labels[p]
-            for t, p in zip(top, predictions, strict=True)
-        ]
-        return labels, indices, weights
-
-    def _routed_scores(self, state: LearnedTask) -> tuple[float, float]:
-        """(routed accuracy, routing accuracy) on a task's test set; correct = same label string."""
-        if state.test_features is None:
-            state.test_features = self._features(state.test_items)
-        labels, indices, _ = self._routed(state.test_items, state.test_features)
-        truth = [state.task.labels[y] for y in state.task.test_labels]
-        accuracy = float(np.mean([a == b for a, b in zip(labels, truth, strict=True)]))
-        return accuracy, float((indices[:, 0] == state.index).double().mean())
-
-    def _accuracy(self, state: LearnedTask, base_only: bool = False) -> float:
-        """Oracle accuracy on a task's test set (its routing and head; no module if `base_only`)."""
-        head = self.heads.heads[state.task.name]
-        routing = self.bank.base_only() if base_only else self.use_task(state.task.name)
-        with routing:
-            preds = predict_rows(
-                self.backbone,
-                lambda batch, rows: head(self.backbone.embed(batch)),
-                state.test_items,
-                self.config.train.eval_batch_size,
-            )
-        return float(np.mean(preds == np.array(state.task.test_labels)))
 
     def logits(self, inputs: list, tasks: list[str]) -> torch.Tensor:
         """Logits of a batch whose rows may belong to different tasks, in ONE forward pass.
@@ -482,10 +342,7 @@ class ContinualLearner:
         Returns:
             (B, C_max) logits, -inf past each row's own label count.
         """
-        slots, weights = self._rows_routing(list(tasks))
-        batch = self.backbone.collate(self.backbone.encode(list(inputs)).items)
-        with torch.no_grad(), self.bank.route(slots, weights):
-            return self.heads.logits(self.backbone.embed(batch), list(tasks)).float()
+        return self.predictor.logits(inputs, tasks)
 
     def predict(self, inputs: list, task: str | list[str] | None = None) -> list[str | None]:
         """Predicted label strings, all rows in batched routed forwards.
@@ -494,6 +351,10 @@ class ContinualLearner:
             inputs: Texts, or images for an image backbone.
             task: One task for all rows, one per row, or None to let the router choose per row
                 (a row it rejects is predicted as None: no task, no label).
+
+        Raises:
+            ContinualPeftError: an unknown task, as many task names as inputs, or no router
+                when `task` is None.
         """
         _check_inputs(inputs)
         if not len(inputs):
@@ -501,16 +362,7 @@ class ContinualLearner:
         if task is None:
             return [row["label"] for row in self.predict_details(inputs)]
         tasks = [task] * len(inputs) if isinstance(task, str) else list(task)
-        if len(tasks) != len(inputs):
-            raise ContinualPeftError(f"got {len(inputs)} inputs but {len(tasks)} task names")
-        slots, weights = self._rows_routing(tasks)
-        items = self.backbone.encode(list(inputs)).items
-        with meter(f"predicting {len(items)} input(s)", len(items)):
-            predictions = routed_predict(
-                self.backbone, self.bank, self.heads, items, slots, weights, tasks,
-                self.config.train.eval_batch_size,
-            )  # fmt: skip
-        return [self._learned(t).task.labels[p] for t, p in zip(tasks, predictions, strict=True)]
+        return self.predictor.predict(inputs, tasks)
 
     def predict_details(self, inputs: list) -> list[dict]:
         """Router-chosen predictions, one dict per row: `task` and `label` (both None when the
@@ -522,39 +374,16 @@ class ContinualLearner:
                 f"router ({', '.join(n for n in ROUTERS.names() if n != 'oracle')})"
             )
         _check_inputs(inputs)
-        if not len(inputs):
-            return []
-        items = self.backbone.encode(list(inputs)).items
-        with meter(f"predicting {len(items)} input(s)", 2 * len(items)):
-            features = self._features(items)
-            labels, indices, weights = self._routed(items, features)
-        scores = self.router.scores(features).cpu()
-        names = list(self.learned)
-        rows = []
-        for i, label in enumerate(labels):
-            top = [
-                (names[t], round(float(w), 6))
-                for t, w in zip(indices[i].tolist(), weights[i].tolist(), strict=True)
-                if t >= 0
-            ]
-            rows.append({
-                "task": top[0][0] if top else None,
-                "label": label,
-                "rejected": label is None,
-                "score": float(scores[i].max()),
-                "topk": [{"task": t, "weight": w} for t, w in top],
-            })  # fmt: skip
-        return rows
-
-    def _learned(self, task: str) -> LearnedTask:
-        if task not in self.learned:
-            raise ContinualPeftError(f"unknown task {task!r}; learned tasks: {list(self.learned)}")
-        return self.learned[task]
+        return self.predictor.details(self.router, inputs) if len(inputs) else []
 
     @property
     def report(self) -> dict:
         """The report as a JSON-ready dict (schema version 1)."""
-        return learner_report(self)
+        return learner_report(
+            self.monitor, self.records, self.config,
+            status=self.status, stream=self.stream, fingerprint=self.fingerprint(),
+            baseline=self.baseline, routed=self.router is not None,
+        )  # fmt: skip
 
 
 def _check_inputs(inputs: object) -> None:

@@ -1,7 +1,7 @@
 """Rebuild a learner from a run directory (or a `learner.save` folder): to predict, or to resume.
 
-Everything comes from the last `checkpoint.json` (see `continual_peft.store.checkpoint`), whose files
-are checked against their sha256 first: slots in slot order (a shared slot from the folder of the
+Everything comes from the last `checkpoint.json` (see `store.checkpoint`), whose files are
+checked against their sha256 first: slots in slot order (a shared slot from the folder of the
 last task that trained it, still trainable if it was), heads, router statistics, strategy state
 (replay buffer, EWC Fisher, joint's kept examples, ...), accuracy matrices and task records.
 Task data is not in a run directory: to keep learning, pass the tasks again (`tasks=`); their
@@ -14,27 +14,28 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from continual_peft.backbones.fingerprint import check_fingerprint
+from continual_peft.backbones.placement import Placement
 from continual_peft.backbones.text import Backbone
-from continual_peft.config import LearnerConfig, without_place
+from continual_peft.config import LearnerConfig
 from continual_peft.engine.learner import LOADER, ContinualLearner, LearnedTask
 from continual_peft.engine.monitor import ForgettingMonitor
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.routers import load_router
-from continual_peft.store.checkpoint import (
-    CHECKPOINT_FILE,
-    baseline_folders,
+from continual_peft.store.checkpoint import CHECKPOINT_FILE, baseline_folders, read_checkpoint
+from continual_peft.store.digests import (
     config_differences,
-    read_checkpoint,
-    restore_rng,
     run_config_sha256,
     stream_plan,
     task_digest,
+    without_place,
 )
-from continual_peft.store.io import load_json
+from continual_peft.store.io import load_json, load_safetensors
 from continual_peft.store.repair import resume_point
+from continual_peft.store.rng import restore_rng
 from continual_peft.store.rundir import RunDir
 from continual_peft.tasks.streams import Stream
 from continual_peft.tasks.task import Task
@@ -220,14 +221,14 @@ def _restore(
     """Put a checkpoint's state into a fresh learner built with the run's configuration."""
     placement = learner.backbone.placement  # every tensor read back goes where the backbone is
     for slot, entry in enumerate(checkpoint["slots"]):
-        state = placement.load(run / entry["file"])
+        state = _load_on(placement, run / entry["file"])
         if learner.bank.load_slot(state, entry["kind"], trainable=entry["trainable"]) != slot:
             raise ContinualPeftError(f"{run}: slots are not numbered 0..n-1; the run is damaged.")
     learner.records = list(checkpoint["records"])
     for index, entry in enumerate(checkpoint["tasks"]):
         name, record = entry["name"], learner.records[index]
         head = learner.heads.add(name, len(record["labels"]), seed=0)
-        head.load_state_dict(placement.load(run / "tasks" / name / "head.safetensors"))
+        head.load_state_dict(_load_on(placement, run / "tasks" / name / "head.safetensors"))
         learner.heads.freeze(name)
         task = tasks.get(name)
         if task is not None and task_digest(task) != entry["data_sha256"]:
@@ -241,16 +242,21 @@ def _restore(
         else:
             items = learner.backbone.encode(task.test_inputs).items
             state = LearnedTask(task, index, entry["slot"], items)
+        state.data_sha256 = entry["data_sha256"]
         learner.learned[name] = state
-        learner._digests[name] = entry["data_sha256"]
     learner.monitor = ForgettingMonitor.from_state(checkpoint["monitor"])
     if checkpoint["router"]:
         folder = run / Path(checkpoint["router"][0]).parent
         learner.router = load_router(folder, learner.backbone.device)
     if checkpoint["strategy"]:
         tensors_file, meta_file = checkpoint["strategy"]
-        tensors = placement.load(run / tensors_file)
+        tensors = _load_on(placement, run / tensors_file)
         learner.strategy.load_state(tensors, load_json(run / meta_file))
     learner.saved_files = dict(checkpoint["files"])
     learner.status = checkpoint["status"]
     learner.stream_plan = checkpoint.get("stream_plan")
+
+
+def _load_on(placement: Placement, path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on `placement`'s device (dtypes as stored)."""
+    return {name: value.to(placement.device) for name, value in load_safetensors(path).items()}

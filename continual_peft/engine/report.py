@@ -2,43 +2,60 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from continual_peft._version import __version__
+from continual_peft.config import LearnerConfig
+from continual_peft.engine.monitor import ForgettingMonitor
 from continual_peft.metrics import METRIC_DEFINITIONS
 from continual_peft.reports.run import SCHEMA_VERSION
 from continual_peft.store.io import nan_to_none, timestamp
 
-if TYPE_CHECKING:
-    from continual_peft.engine.learner import ContinualLearner
 
+def learner_report(
+    monitor: ForgettingMonitor,
+    records: list[dict[str, Any]],
+    config: LearnerConfig,
+    *,
+    status: str,
+    stream: str | None,
+    fingerprint: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    routed: bool,
+) -> dict:
+    """The report as a JSON-ready dict (schema version 1); unmeasured entries are None.
 
-def learner_report(learner: ContinualLearner) -> dict:
-    """The report as a JSON-ready dict (schema version 1); unmeasured entries are None."""
-    monitor, records = learner.monitor, learner.records
+    Args:
+        monitor: The run's forgetting monitor (its matrices and metrics).
+        records: One record per learned task, in order.
+        config: The run's configuration.
+        status: "running", "complete" or "interrupted".
+        stream: The stream's name, if the tasks came from one.
+        fingerprint: The backbone's fingerprint.
+        baseline: The baseline run's comparison block, if any.
+        routed: Whether a router picks the slots (task-agnostic inference).
+    """
     matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}
     metrics = {m: monitor.metrics(m) for m in monitor.modes} if records else {}
     routed_ratio = None
-    if learner.router is not None and records and metrics["oracle"]["acc"] > 0:
+    if routed and records and metrics["oracle"]["acc"] > 0:
         routed_ratio = metrics["routed"]["acc"] / metrics["oracle"]["acc"]
     return {
         "schema_version": SCHEMA_VERSION,
-        "status": learner.status,
+        "status": status,
         "updated": timestamp(),
         "tool": {"name": "continual-peft", "version": __version__},
-        "stream": learner.stream,
-        "strategy": learner.config.strategy,
-        "config": {**learner.config.to_dict(), "backbone_fingerprint": learner.fingerprint()},
+        "stream": stream,
+        "strategy": config.strategy,
+        "config": {**config.to_dict(), "backbone_fingerprint": fingerprint},
         "task_names": [r["name"] for r in records],
         "tasks": records,
         "accuracy_matrix": matrices,
         "initial_accuracy": monitor.initial[: len(records)],
         "metrics": metrics,
         "metric_definitions": METRIC_DEFINITIONS,
-        "baseline": learner.baseline,
-        "router": learner.config.router,
-        "routing_accuracy": (
-            nan_to_none(monitor.routing_matrix()) if learner.router is not None else None
-        ),
+        "baseline": baseline,
+        "router": config.router,
+        "routing_accuracy": (nan_to_none(monitor.routing_matrix()) if routed else None),
         "routed_over_oracle": routed_ratio,
     }

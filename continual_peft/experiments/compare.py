@@ -47,6 +47,7 @@ from continual_peft.reports.leaderboard import console_leaderboard, write_leader
 from continual_peft.reports.run import load_report
 from continual_peft.store.io import load_safetensors, load_versioned_json, nan_to_none, timestamp
 from continual_peft.store.rundir import check_free
+from continual_peft.strategies import check_config
 from continual_peft.tasks.streams import Stream
 
 LEADERBOARD_SCHEMA_VERSION = 1
@@ -161,7 +162,7 @@ def _plan(stream, entries, out, seeds, orders, resume=False) -> _Plan:
     for entry in chosen:
         if not resume:
             check_free(out / entry.label)
-        entry.config.validate(entry.label)
+        check_config(entry.config, entry.label)
         pick_device(entry.config.backbone.device)  # a bad device: refused before any folder
     budget |= {"max_train": _largest(stream, "train"), "max_test": _largest(stream, "test")}
     head = {

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from continual_peft.config import LearnerConfig, load_strategy_spec
+from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
-from continual_peft.strategies import STRATEGIES
+from continual_peft.strategies import STRATEGIES, load_strategy_spec
 from continual_peft.tasks.streams import shipped_folder
 
 # dotted config key -> the command-line option that sets it for every entry

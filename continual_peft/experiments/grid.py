@@ -23,15 +23,16 @@ from rich.console import Console
 
 from continual_peft.backbones.placement import pick_device
 from continual_peft.backbones.text import Backbone
-from continual_peft.config import LearnerConfig, without_place
+from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.runner import run_stream
 from continual_peft.reports.data import is_missing
 from continual_peft.reports.grid import console_aggregate, write_aggregate
 from continual_peft.reports.run import load_report
-from continual_peft.store.checkpoint import config_differences
+from continual_peft.store.digests import config_differences, without_place
 from continual_peft.store.io import load_versioned_json, timestamp
 from continual_peft.store.rundir import check_free
+from continual_peft.strategies import check_config
 from continual_peft.tasks.streams import Stream
 
 AGGREGATE_SCHEMA_VERSION = 1
@@ -166,7 +167,7 @@ def run_grid(
         raise ContinualPeftError("a grid needs at least one order and one seed.")
     if len(set(seeds)) != len(seeds):
         raise ContinualPeftError(f"seeds {seeds}: a seed is listed twice")
-    config.validate()
+    check_config(config)
     pick_device(config.backbone.device)  # a bad or absent device: refused before any folder
     labelled = label_orders(stream, orders)
     out = Path(out_dir)

@@ -17,13 +17,14 @@ from rich.console import Console
 from continual_peft.backbones.placement import pick_device
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
-from continual_peft.engine.learner import ContinualLearner, record_backbone
+from continual_peft.engine.learner import ContinualLearner
 from continual_peft.engine.loading import check_resume_config, load_learner, open_run, run_finished
+from continual_peft.engine.state import record_backbone
 from continual_peft.errors import ContinualPeftError
-from continual_peft.reports.run import console_headline, reports_intact
+from continual_peft.reports.run import console_headline, reports_intact, write_reports
 from continual_peft.store.checkpoint import baseline_folders, recorded_baseline
 from continual_peft.store.rundir import RunDir, check_free
-from continual_peft.strategies import STRATEGIES
+from continual_peft.strategies import STRATEGIES, check_config
 from continual_peft.tasks.streams import Stream
 
 
@@ -53,7 +54,7 @@ def run_stream(
     Returns:
         The learner, finished.
     """
-    config.validate()  # module kinds and router included
+    check_config(config)  # module kinds, router and strategy included
     pick_device(config.backbone.device)  # a bad or absent device: refused before any folder
     STRATEGIES.get(config.strategy)
     if baseline is not None:
@@ -156,7 +157,7 @@ def _finished(run: Path, config, baseline, console, make_backbone) -> ContinualL
             key: sub.report[key] for key in ("accuracy_matrix", "metrics")}}  # fmt: skip
     writer = RunDir(run, resume=True)
     try:
-        writer.save_report(learner.report)
+        write_reports(learner.report, writer.path)
     finally:
         writer.close()
     if console:

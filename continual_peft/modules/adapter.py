@@ -23,15 +23,16 @@ bit-identical; the down-projection starts small and random, so gradients reach t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules import MODULE_KINDS, wrap_linear_layers
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
+from continual_peft.modules.base import MODULE_KINDS, wrap_linear_layers
 
 NAMES = ("adapter_down", "adapter_up", "adapter_down_bias", "adapter_up_bias")
 INIT_STD = 1e-2  # Houlsby et al.: near-identity initialisation
@@ -104,13 +105,12 @@ def _init(rank: int) -> callable:
     return init
 
 
-@MODULE_KINDS.register("adapter")
+@MODULE_KINDS.register("adapter", options=AdapterConfig)
 class Adapter:
     """The `adapter` module kind: wraps the output projections chosen by `placement`."""
 
-    config_class = AdapterConfig
-
-    def __init__(self, config: AdapterConfig) -> None:
+    def __init__(self, **options: Any) -> None:
+        config = AdapterConfig(**options)
         self.config = config
 
     def _site(self, layer: nn.Linear, routing: Routing) -> LowRankSite:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from continual_peft.backbones.placement import CPU
-from continual_peft.modules import MODULE_KINDS, wrap_linear_layers
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
+from continual_peft.modules.base import MODULE_KINDS, wrap_linear_layers
 
 NAMES = ("lora_A", "lora_B", None, None)
 
@@ -45,13 +46,12 @@ def _init(config: LoRAConfig) -> callable:
     return init
 
 
-@MODULE_KINDS.register("lora")
+@MODULE_KINDS.register("lora", options=LoRAConfig)
 class LoRA:
     """The `lora` module kind: wraps the target linear layers."""
 
-    config_class = LoRAConfig
-
-    def __init__(self, config: LoRAConfig) -> None:
+    def __init__(self, **options: Any) -> None:
+        config = LoRAConfig(**options)
         self.config = config
 
     def inject(self, backbone, routing: Routing) -> dict[str, nn.Module]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,10 +30,10 @@ from torch.nn import functional as F
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
+from continual_peft.modules.base import MODULE_KINDS
 
 
 @dataclass(frozen=True)
@@ -208,13 +209,12 @@ def _layout(name: str, module: nn.Module) -> Layout | None:
     return None
 
 
-@MODULE_KINDS.register("prefix")
+@MODULE_KINDS.register("prefix", options=PrefixConfig)
 class Prefix:
     """The `prefix` kind: wraps every BERT- or ViT-family self-attention module."""
 
-    config_class = PrefixConfig
-
-    def __init__(self, config: PrefixConfig) -> None:
+    def __init__(self, **options: Any) -> None:
+        config = PrefixConfig(**options)
         self.config = config
 
     def inject(self, backbone, routing: Routing) -> dict[str, nn.Module]:

@@ -38,15 +38,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
+from continual_peft.modules.base import MODULE_KINDS
 
 INITS = ("vocab", "normal")
 
@@ -172,13 +173,12 @@ class PromptSite(StackedSite):
         return prompts, present
 
 
-@MODULE_KINDS.register("prompt")
+@MODULE_KINDS.register("prompt", options=PromptConfig)
 class Prompt:
     """The `prompt` module kind: an input hook on the backbone that prepends virtual tokens."""
 
-    config_class = PromptConfig
-
-    def __init__(self, config: PromptConfig) -> None:
+    def __init__(self, **options: Any) -> None:
+        config = PromptConfig(**options)
         if config.init not in INITS:
             raise ContinualPeftError(
                 f"unknown prompt init {config.init!r}; valid names: {', '.join(INITS)}"

@@ -38,15 +38,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
+from continual_peft.modules.base import MODULE_KINDS
 from continual_peft.modules.prompt import (
     INITS,
     PromptConfig,
@@ -211,13 +212,12 @@ def _frozen_features(backbone) -> FrozenFeatures:
     return features
 
 
-@MODULE_KINDS.register("prompt_pool")
+@MODULE_KINDS.register("prompt_pool", options=PromptPoolConfig)
 class PromptPool:
     """The `prompt_pool` kind: an L2P pool of keyed prompts, top-N prepended per input."""
 
-    config_class = PromptPoolConfig
-
-    def __init__(self, config: PromptPoolConfig) -> None:
+    def __init__(self, **options: Any) -> None:
+        config = PromptPoolConfig(**options)
         if config.init not in INITS:
             raise ContinualPeftError(
                 f"unknown prompt_pool init {config.init!r}; valid names: {', '.join(INITS)}"

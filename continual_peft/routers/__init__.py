@@ -26,7 +26,7 @@ from continual_peft.routers.base import (
 from continual_peft.routers.gate import GateRouter
 from continual_peft.routers.gaussian import GaussianStats, MahalanobisRouter, ledoit_wolf, oas
 from continual_peft.routers.oracle import OracleRouter
-from continual_peft.routers.persist import load_router, save_router
+from continual_peft.routers.persist import load_router, router_state, save_router
 from continual_peft.routers.prototype import PrototypeRouter
 from continual_peft.routers.topk import TopKRouter
 
@@ -45,6 +45,7 @@ __all__ = [
     "ledoit_wolf",
     "load_router",
     "oas",
+    "router_state",
     "save_router",
     "scoring_router_names",
 ]

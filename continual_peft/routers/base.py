@@ -15,7 +15,6 @@ Every tensor a router makes is made on its device.
 from __future__ import annotations
 
 import abc
-import inspect
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -25,30 +24,17 @@ from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
 from continual_peft.registry import Registry
 
-ROUTERS: Registry[type[Router]] = Registry("router")
-
-
-def register(cls: type[Router]) -> type[Router]:
-    """Register a router class under its `name`."""
-    return ROUTERS.register(cls.name)(cls)
+ROUTERS: Registry[type[Router]] = Registry("router", "router_options in a strategy spec")
 
 
 def build_router(name: str, **options: Any) -> Router:
-    """Construct the router registered as `name`; bad options raise a ContinualPeftError.
+    """The router registered as `name`, built with keyword `options` (`ROUTERS.build`: unknown
+    options are refused, naming the valid ones).
 
-    Args:
-        name: A registered router name.
-        **options: The router's keyword options (JSON-able).
+    Raises:
+        ContinualPeftError: an unknown name, unknown options or invalid values.
     """
-    cls = ROUTERS.get(name)
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as err:
-        valid = ", ".join(inspect.signature(cls).parameters) or "none"
-        raise ContinualPeftError(
-            f"router {name!r}: invalid options {sorted(options)} ({err}); valid options: {valid}"
-        ) from None
-    return cls(**options)
+    return ROUTERS.build(name, options)
 
 
 def check_features(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from continual_peft.backbones.placement import CPU, Placement
 from continual_peft.errors import ContinualPeftError
-from continual_peft.routers.base import ScoringRouter, register, take
+from continual_peft.routers.base import ROUTERS, ScoringRouter, take
 from continual_peft.routers.gaussian import GaussianStats
 
 
@@ -30,7 +30,7 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
-@register
+@ROUTERS.register("gate")
 class GateRouter(ScoringRouter):
     """A linear (or one-hidden-layer) softmax gate refitted on pseudo-features after each task.
 

@@ -17,7 +17,7 @@ import torch
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.routers.base import ScoringRouter, register, take
+from continual_peft.routers.base import ROUTERS, ScoringRouter, take
 
 SHRINKAGES = ("ledoit_wolf", "oas")
 
@@ -166,7 +166,7 @@ class GaussianStats:
         self._cache = None
 
 
-@register
+@ROUTERS.register("mahalanobis")
 class MahalanobisRouter(ScoringRouter):
     """Nearest task Gaussian: score = −Mahalanobis distance under one shared shrunk covariance.
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from continual_peft.errors import ContinualPeftError
-from continual_peft.routers.base import Router, check_features, register
+from continual_peft.routers.base import ROUTERS, Router, check_features
 
 _NEEDS_TASK = (
     "oracle routing needs the task of each input: the engine sends every input to its own task's "
@@ -16,7 +16,7 @@ _NEEDS_TASK = (
 )
 
 
-@register
+@ROUTERS.register("oracle")
 class OracleRouter(Router):
     """Counts tasks so names validate and runs resume; routing is the engine's job."""
 

@@ -32,9 +32,16 @@ def save_router(router: Router, folder: PathLike) -> None:
     """
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
-    tensors, meta = router.state()
+    tensors, meta = router_state(router)
     atomic_save_safetensors(tensors, target / TENSORS_FILE)
-    atomic_write_json(target / META_FILE, {"format": ROUTER_FORMAT, "router": router.name, **meta})
+    atomic_write_json(target / META_FILE, meta)
+
+
+def router_state(router: Router) -> tuple[dict[str, torch.Tensor], dict]:
+    """What `save_router` writes, as values: the statistics, and the JSON (format, the
+    router's name and options, its small state)."""
+    tensors, meta = router.state()
+    return tensors, {"format": ROUTER_FORMAT, "router": router.name, **meta}
 
 
 def load_router(folder: PathLike, device: str | torch.device = "cpu") -> Router:

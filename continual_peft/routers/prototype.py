@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from continual_peft.routers.base import ScoringRouter, register, take
+from continual_peft.routers.base import ROUTERS, ScoringRouter, take
 
 
-@register
+@ROUTERS.register("prototype")
 class PrototypeRouter(ScoringRouter):
     """Score = cosine between a row's normalised features and each task's mean normalised feature.
 

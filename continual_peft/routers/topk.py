@@ -8,15 +8,15 @@ import torch
 
 from continual_peft.errors import ContinualPeftError
 from continual_peft.routers.base import (
+    ROUTERS,
     Router,
     ScoringRouter,
     build_router,
-    register,
     scoring_router_names,
 )
 
 
-@register
+@ROUTERS.register("topk")
 class TopKRouter(Router):
     """Wraps a scoring router; weights = softmax(scores / temperature) over its top k, renormalised.
 

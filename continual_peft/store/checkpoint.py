@@ -1,7 +1,8 @@
 """The checkpoint: `checkpoint.json`, the one file that says what a run directory holds.
 
-After every task the learner writes that task's files (slot, head, record, router and strategy
-state, each atomically), and then, last, `checkpoint.json` (atomically too): the number of
+After every task the learner hands a `Snapshot` (plain tensors and JSON-ready values) to
+`write_checkpoint`, which writes that task's files (slot, head, record, router and strategy
+state, each atomically) and then, last, `checkpoint.json` (atomically too): the number of
 finished tasks, every file a reader needs with its sha256, and the state that is small enough
 for JSON (accuracy matrices, task records, RNG states, the config's hash, the stream's task
 names and data hashes). A kill at any moment therefore leaves either the previous checkpoint or
@@ -15,121 +16,52 @@ valid while the next task's files are being written.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import math
-import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 
-from continual_peft.config import without_place
 from continual_peft.errors import ContinualPeftError, CorruptFileError, RunFileError
-from continual_peft.routers import save_router
 from continual_peft.store.io import atomic_write_json, file_sha256, load_json, timestamp
+from continual_peft.store.rng import rng_state
+from continual_peft.store.rundir import RunDir
 
-if TYPE_CHECKING:
-    from continual_peft.engine.learner import ContinualLearner
-    from continual_peft.store.rundir import RunDir
-    from continual_peft.tasks.streams import Stream
-    from continual_peft.tasks.task import Task
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class TaskFiles:
+    """One finished task's files as values: what `RunDir.save_task` writes."""
+
+    name: str
+    head: Tensors  # the task's head
+    record: dict[str, Any]  # its task.json
+    module: Tensors | None = None  # its slot's tensors, if its folder holds them (see Snapshot)
+
+
+@dataclass
+class Snapshot:
+    """A learner's state after a task, as plain values: the engine builds it, the store writes it.
+
+    A slot shared by several tasks is written into the folder of the last task that trained it
+    (`owners`); the router's and the strategy's state into the newest task's folder.
+    """
+
+    tasks: list[TaskFiles]  # the tasks whose files are written now, the newest last
+    order: list[str]  # every learned task, in learning order
+    owners: list[str]  # per slot: the task whose folder holds it
+    slot_kinds: list[str]  # per slot: its module kind
+    trainable_slot: int | None  # the slot still training (shared slots), if any
+    router: tuple[Tensors, dict[str, Any]] | None  # router.safetensors, router.json
+    strategy: tuple[Tensors, dict[str, Any]]  # the strategy's state; ({}, {}) if none
+    state: dict[str, Any]  # JSON-ready: status, config hashes, backbone, stream, tasks, ...
+    saved_files: dict[str, str] = field(default_factory=dict)  # on disk already: path -> sha256
+
 
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_FORMAT = 1
-
-
-def write_checkpoint(run: RunDir, learner: ContinualLearner, names: list[str]) -> None:
-    """Write the files of tasks `names` (all learned; the newest last), then `checkpoint.json`.
-
-    Files of other tasks must already be on disk and in `learner.saved_files` (a run writes
-    one task at a time; `save` writes every task into an empty folder).
-    """
-    files = dict(learner.saved_files)
-    order = list(learner.learned)
-    owner = {state.slot: name for name, state in learner.learned.items()}  # last task per slot
-    for name in names:
-        state = learner.learned[name]
-        module = learner.bank.slot_state(state.slot) if owner[state.slot] == name else None
-        head = dict(learner.heads.heads[name].state_dict())
-        files |= run.save_task(name, module, head, learner.records[state.index])
-    newest = run.task_folder(names[-1])
-    state_files = {}
-    if learner.router is not None:
-        save_router(learner.router, newest)
-        names = ("router.safetensors", "router.json")
-        state_files["router"] = [_rel(run, newest / name) for name in names]
-    tensors, meta = learner.strategy.state()
-    if tensors or meta:
-        state_files["strategy"] = run.save_strategy(newest, tensors, meta)
-    for paths in state_files.values():
-        files |= {path: file_sha256(run.path / path) for path in paths}
-    slots = [
-        {
-            "file": f"tasks/{owner[slot]}/module.safetensors",
-            "kind": learner.bank.slot_kinds[slot],
-            "trainable": learner.bank.has_trainable and slot == learner.bank.num_slots - 1,
-        }
-        for slot in range(learner.bank.num_slots)
-    ]
-    keep = {s["file"] for s in slots} | {p for paths in state_files.values() for p in paths}
-    keep |= {f"tasks/{n}/{f}" for n in order for f in ("head.safetensors", "task.json")}
-    files = {path: sha for path, sha in sorted(files.items()) if path in keep}
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "status": learner.status,
-        "written": timestamp(),
-        "tasks_done": len(order),
-        "last_task": order[-1],
-        "config_sha256": config_sha256(learner.config.to_dict()),
-        "run_config_sha256": run_config_sha256(learner.config.to_dict()),
-        "backbone": learner.fingerprint(),
-        "stream": learner.stream,
-        "stream_plan": learner.stream_plan,
-        "baseline": learner.planned_baseline,  # the strategy run beside it, if any
-        "tasks": [
-            {
-                "name": n,
-                "slot": learner.learned[n].slot,
-                "data_sha256": learner.task_digest(n),
-                # what the task's rows go through now (the strategy's routing): what an export
-                # must reproduce
-                "routing": dict(
-                    zip(("slots", "weights"), learner.strategy.routing(learner, n), strict=True)
-                ),
-            }
-            for n in order
-        ],  # fmt: skip
-        "slots": slots,
-        "router": state_files.get("router"),
-        "strategy": state_files.get("strategy"),
-        "files": files,
-        "records": learner.records,
-        "monitor": learner.monitor.state(),
-        "rng": rng_state(),
-    }
-    # the newest task keeps a copy: what `run --resume` rolls back to if a later file is lost
-    atomic_write_json(newest / CHECKPOINT_FILE, checkpoint)
-    atomic_write_json(run.path / CHECKPOINT_FILE, checkpoint)
-    learner.saved_files = files
-
-
-def save_learner(learner: ContinualLearner, run: RunDir) -> Path:
-    """`learner.save`: config, every task's files, checkpoint and report into a new folder."""
-    try:
-        run.save_config({"config": learner.config.to_dict(), "backbone": learner.fingerprint()})
-        own, learner.saved_files = learner.saved_files, {}
-        try:
-            if learner.learned:
-                write_checkpoint(run, learner, list(learner.learned))
-        finally:
-            learner.saved_files = own
-        run.save_report(learner.report)
-    finally:
-        run.close()
-    return run.path
 
 
 def set_status(folder: Path, status: str) -> None:
@@ -265,139 +197,49 @@ def _is_number(value: Any, kind: type) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
-def _rel(run: RunDir, path: Path) -> str:
-    return path.relative_to(run.path).as_posix()
+def write_checkpoint(run: RunDir, snapshot: Snapshot) -> dict[str, str]:
+    """Write the snapshot's task files, the router's and strategy's state, then, last,
+    `checkpoint.json` (and its copy in the newest task's folder).
 
+    Files of earlier tasks must already be on disk and in `snapshot.saved_files` (a run writes
+    one task at a time; `learner.save` writes every task into an empty folder).
 
-# ---------------------------------------------------------------- what must match on resume
-
-
-def run_config_sha256(config: dict) -> str:
-    """A hash of a run's configuration as config.json holds it, less where it computed (a run
-    may resume on another device): checkpoint.json records it, so an edited config.json is
-    named instead of silently changing what a resumed or reloaded run does."""
-    data = json.loads(json.dumps(config, default=str))
-    if isinstance(data.get("backbone"), dict):
-        data["backbone"] = without_place(data["backbone"])
-    return config_sha256(data)
-
-
-def config_sha256(config: dict) -> str:
-    """A hash of a config dict (`LearnerConfig.to_dict()`), independent of key order."""
-    text = json.dumps(config, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def config_differences(saved: dict, given: dict) -> list[str]:
-    """Each dotted key whose value differs, as 'key: A in the run, B here'."""
-    flat_saved = _flatten(json.loads(json.dumps(saved, default=str)))
-    flat_given = _flatten(json.loads(json.dumps(given, default=str)))
-    keys = sorted(set(flat_saved) | set(flat_given))
-    return [
-        f"{key}: {flat_saved.get(key)!r} in the run, {flat_given.get(key)!r} here"
-        for key in keys
-        if flat_saved.get(key) != flat_given.get(key)
-    ]
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def task_digest(task: Task) -> str:
-    """A hash of a task's data: name, labels, both splits and the router's inputs."""
-    digest = hashlib.sha256()
-    for part in (task.name, task.labels, task.train_labels, task.test_labels):
-        digest.update(json.dumps(part, default=str).encode())
-    for inputs in (task.train_inputs, task.test_inputs, task.router_inputs or []):
-        digest.update(f"|{len(inputs)}|".encode())
-        for item in inputs:
-            digest.update(_input_bytes(item))
-            digest.update(b"\x00")
-    return digest.hexdigest()
-
-
-def _input_bytes(item: Any) -> bytes:
-    if isinstance(item, str):
-        return item.encode("utf-8")
-    if isinstance(item, torch.Tensor):
-        item = item.detach().cpu().numpy()
-    if isinstance(item, np.ndarray):
-        return f"{item.dtype}{item.shape}".encode() + np.ascontiguousarray(item).tobytes()
-    if hasattr(item, "tobytes") and hasattr(item, "mode"):  # a PIL image
-        return f"{item.mode}{item.size}".encode() + item.tobytes()
-    return repr(item).encode()
-
-
-def stream_plan(stream: Stream) -> dict[str, Any]:
-    """The stream's task names and data hashes, in training order."""
-    return {
-        "name": stream.name,
-        "tasks": [task.name for task in stream.tasks],
-        "data_sha256": [task_digest(task) for task in stream.tasks],
-    }
-
-
-def check_stream(run: Path, saved: dict | None, stream: Stream, done: list[dict]) -> None:
-    """Refuse a stream that is not the one the run was learning, naming the first difference."""
-    plan = stream_plan(stream)
-    if saved is not None and saved["tasks"] != plan["tasks"]:
-        raise ContinualPeftError(
-            f"{run} was learning the tasks {saved['tasks']} in that order, but the stream given "
-            f"has {plan['tasks']}: resume with the same stream spec, order and --max-train/"
-            "--max-test as the run, or start a new run."
-        )
-    for position, entry in enumerate(done):
-        if position >= len(plan["tasks"]) or plan["tasks"][position] != entry["name"]:
-            raise ContinualPeftError(
-                f"{run}: finished task {position + 1} is {entry['name']!r}, but the stream given "
-                f"has {plan['tasks'][position] if position < len(plan['tasks']) else 'no task'} "
-                "there: resume with the same stream."
-            )
-        if plan["data_sha256"][position] != entry["data_sha256"]:
-            raise ContinualPeftError(
-                f"{run}: task {entry['name']!r} has other data than when the run learned it "
-                "(its data hash differs): resume with the same data files, --max-train and "
-                "--max-test, or start a new run."
-            )
-
-
-# ---------------------------------------------------------------- RNG states
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNGs' states (torch CPU, numpy, Python), JSON-ready.
-
-    Every random choice of the engine comes from generators seeded per task
-    (`learner.task_seed`), so results do not depend on these; they are restored on resume so
-    that user code relying on the global RNGs sees the same sequence as in the uninterrupted run.
+    Returns:
+        Every file the new checkpoint names: path (relative to the run) -> sha256.
     """
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "numpy": {
-            "kind": kind,
-            "keys": base64.b64encode(np.asarray(keys, dtype=np.uint32).tobytes()).decode(),
-            "pos": int(position),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": [version, list(internal), gauss_next],
+    files = dict(snapshot.saved_files)
+    for task in snapshot.tasks:
+        files |= run.save_task(task.name, task.module, task.head, task.record)
+    newest = run.task_folder(snapshot.tasks[-1].name)
+    state_files = {}
+    for kind, payload in (("router", snapshot.router), ("strategy", snapshot.strategy)):
+        if payload is not None and (payload[0] or payload[1]):
+            state_files[kind] = run.save_state(newest, kind, *payload)
+    for paths in state_files.values():
+        files |= {path: file_sha256(run.path / path) for path in paths}
+    owners = zip(snapshot.owners, snapshot.slot_kinds, strict=True)
+    slots = [
+        {"file": f"tasks/{owner}/module.safetensors", "kind": kind,
+         "trainable": slot == snapshot.trainable_slot}
+        for slot, (owner, kind) in enumerate(owners)
+    ]  # fmt: skip
+    keep = {s["file"] for s in slots} | {p for paths in state_files.values() for p in paths}
+    keep |= {f"tasks/{n}/{f}" for n in snapshot.order for f in ("head.safetensors", "task.json")}
+    files = {path: sha for path, sha in sorted(files.items()) if path in keep}
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "status": snapshot.state["status"],
+        "written": timestamp(),
+        "tasks_done": len(snapshot.order),
+        "last_task": snapshot.order[-1],
+        **{key: value for key, value in snapshot.state.items() if key != "status"},
+        "slots": slots,
+        "router": state_files.get("router"),
+        "strategy": state_files.get("strategy"),
+        "files": files,
+        "rng": rng_state(),
     }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch_state = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
-    torch.set_rng_state(torch.from_numpy(torch_state))
-    saved = state["numpy"]
-    keys = np.frombuffer(base64.b64decode(saved["keys"]), dtype=np.uint32).copy()
-    np.random.set_state((saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["gauss"]))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    # the newest task keeps a copy: what `run --resume` rolls back to if a later file is lost
+    atomic_write_json(newest / CHECKPOINT_FILE, checkpoint)
+    atomic_write_json(run.path / CHECKPOINT_FILE, checkpoint)
+    return files

@@ -144,21 +144,6 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, text + "\n")
 
 
-def check_file(path: PathLike, what: str = "file", hint: str = "check the path") -> None:
-    """Refuse a path that is not a readable file: absent, or a folder (named as such).
-
-    Args:
-        path: The path given.
-        what: What it should be, e.g. "labels file", "spec file".
-        hint: The fix, appended to the message.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ContinualPeftError(f"{path} is a folder, not a {what}; {hint}.")
-    if not path.is_file():
-        raise ContinualPeftError(f"{path}: {what} not found; {hint}.")
-
-
 def _read_bytes(source: Path) -> bytes:
     try:
         return source.read_bytes()

@@ -15,12 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from continual_peft.errors import ContinualPeftError, RunFileError
-from continual_peft.store.checkpoint import (
-    CHECKPOINT_FILE,
-    check_stream,
-    read_checkpoint,
-    read_checkpoint_file,
-)
+from continual_peft.store.checkpoint import CHECKPOINT_FILE, read_checkpoint, read_checkpoint_file
+from continual_peft.store.digests import check_stream
 from continual_peft.store.io import atomic_write_json, load_json
 
 if TYPE_CHECKING:

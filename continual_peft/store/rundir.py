@@ -23,8 +23,7 @@ halfway through writing its files, costs only that task. A slot shared by severa
 replay, ewc, joint, l2p) is read from the folder of the last task that trained it; the router's
 and strategy's state from the newest task's folder. See `continual_peft.store.checkpoint`.
 
-One process writes a run directory at a time (`.lock`, see `continual_peft.store.lock`); readers need
-no lock.
+One process writes a run directory at a time (`.lock`, see `store.lock`); readers need no lock.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ import torch
 
 from continual_peft.errors import ContinualPeftError
 from continual_peft.registry import validate_task_name
-from continual_peft.reports.run import write_reports
 from continual_peft.store.io import atomic_save_safetensors, atomic_write_json, file_sha256
 from continual_peft.store.lock import RunLock
 
@@ -121,14 +119,14 @@ class RunDir:
         written += ["head.safetensors", "task.json"]
         return {f"tasks/{name}/{f}": file_sha256(folder / f) for f in written}
 
-    def save_strategy(self, folder: Path, tensors: dict[str, torch.Tensor], meta: dict) -> list:
-        """The strategy's state into `folder`; the paths written, relative to the run."""
-        atomic_save_safetensors(tensors, folder / "strategy.safetensors")
-        atomic_write_json(folder / "strategy.json", meta)
+    def save_state(
+        self, folder: Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict
+    ) -> list[str]:
+        """A router's or strategy's state into `folder` as `<kind>.safetensors` and then
+        `<kind>.json`; the paths written, relative to the run."""
+        atomic_save_safetensors(tensors, folder / f"{kind}.safetensors")
+        atomic_write_json(folder / f"{kind}.json", meta)
         return [
             (folder / name).relative_to(self.path).as_posix()
-            for name in ("strategy.safetensors", "strategy.json")
+            for name in (f"{kind}.safetensors", f"{kind}.json")
         ]
-
-    def save_report(self, report: dict) -> None:
-        write_reports(report, self.path)

@@ -18,7 +18,7 @@ from torch import nn
 from continual_peft.errors import ContinualPeftError
 
 if TYPE_CHECKING:
-    from continual_peft.strategies import Learner
+    from continual_peft.strategies.base import Learner
 
 
 @dataclass

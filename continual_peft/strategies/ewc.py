@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from continual_peft.errors import ContinualPeftError
-from continual_peft.strategies import STRATEGIES, Sequential
 from continual_peft.strategies._examples import check_option, is_int, is_number
+from continual_peft.strategies.base import STRATEGIES
+from continual_peft.strategies.seq import Sequential
 
 if TYPE_CHECKING:
-    from continual_peft.strategies import Learner
+    from continual_peft.strategies.base import Learner
     from continual_peft.tasks.task import Task
 
 

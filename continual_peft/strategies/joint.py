@@ -24,16 +24,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from continual_peft.strategies import STRATEGIES, Sequential, Strategy
 from continual_peft.strategies._examples import (
     Examples,
     check_option,
     encoded_examples,
     examples_loss,
 )
+from continual_peft.strategies.base import STRATEGIES, Strategy
+from continual_peft.strategies.seq import Sequential
 
 if TYPE_CHECKING:
-    from continual_peft.strategies import Learner
+    from continual_peft.strategies.base import Learner
     from continual_peft.tasks.task import Task
 
 

@@ -29,12 +29,12 @@ import torch
 
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.prompt_pool import PromptPoolSite
-from continual_peft.strategies import STRATEGIES, Strategy
+from continual_peft.strategies.base import STRATEGIES, Strategy
 from continual_peft.tasks.streams import shipped_folder
 
 if TYPE_CHECKING:
     from continual_peft.config import LearnerConfig
-    from continual_peft.strategies import Learner
+    from continual_peft.strategies.base import Learner
     from continual_peft.tasks.task import Task
 
 KIND = "prompt_pool"

@@ -28,22 +28,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from continual_peft.errors import ContinualPeftError
-from continual_peft.strategies import STRATEGIES, Strategy
+from continual_peft.strategies.base import STRATEGIES, Strategy
 
 if TYPE_CHECKING:
     from continual_peft.config import LearnerConfig
-    from continual_peft.engine.bank import ModuleBank
-    from continual_peft.strategies import Learner
+    from continual_peft.strategies.base import Learner, SlotBank
     from continual_peft.tasks.task import Task
 
 
-def lora_a_stacks(bank: ModuleBank) -> dict[str, torch.Tensor]:
+def lora_a_stacks(bank: SlotBank) -> dict[str, torch.Tensor]:
     """Every LoRA site's A matrices (T, r, d_in) by site name; the newest slot, trainable or
     not, is last (so gradients reach it while it trains)."""
     return {name: site.stack.stacked()["lora_A"] for name, site in bank.kind_sites["lora"].items()}
 
 
-def orthogonality_penalty(bank: ModuleBank) -> torch.Tensor:
+def orthogonality_penalty(bank: SlotBank) -> torch.Tensor:
     """L_orth = Σ_sites Σ_{j<t} ||A_j A_t^T||_F² between the newest slot t and every earlier j."""
     terms = []
     for stack in lora_a_stacks(bank).values():

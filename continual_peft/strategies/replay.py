@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from continual_peft.strategies import STRATEGIES, Sequential
 from continual_peft.strategies._examples import (
     Examples,
     check_option,
@@ -29,9 +28,11 @@ from continual_peft.strategies._examples import (
     is_int,
     is_number,
 )
+from continual_peft.strategies.base import STRATEGIES
+from continual_peft.strategies.seq import Sequential
 
 if TYPE_CHECKING:
-    from continual_peft.strategies import Learner
+    from continual_peft.strategies.base import Learner
     from continual_peft.tasks.task import Task
 
 

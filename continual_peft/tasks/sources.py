@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from continual_peft.errors import ContinualPeftError
-from continual_peft.store.io import check_file
+from continual_peft.errors import ContinualPeftError, check_file
 
 FILE_FORMATS = ("jsonl", "csv", "tsv", "hf")
 

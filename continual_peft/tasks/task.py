@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from continual_peft.errors import ContinualPeftError
+from continual_peft.errors import ContinualPeftError, check_file
 from continual_peft.registry import validate_task_name
-from continual_peft.store.io import check_file
 from continual_peft.tasks.sources import (
     Row,
     load_hf_split,

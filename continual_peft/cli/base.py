@@ -1,0 +1,174 @@
+"""What every command shares: the typer app, the consoles (stdout that survives a closed pipe,
+errors on stderr), error and signal handling, and the options several commands take."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from continual_peft._version import __version__
+from continual_peft.engine import progress
+from continual_peft.errors import Terminated
+
+# An argument's help line names its value (STREAM, RUN) and says what it is; typer would add a
+# raw type tag ("<path>") that options do not show once they have a metavar.
+typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
+
+app = typer.Typer(
+    help="Continual learning with per-task PEFT modules on a frozen backbone.",
+    add_completion=False,
+    rich_markup_mode=None,
+)
+errors = Console(stderr=True)
+
+
+class _Stdout:
+    """Standard output that outlives its reader (a `| head`, a `tee` or logger that died): the
+    first write that finds the pipe closed says so once on stderr, and the work goes on (a run
+    keeps training and writing its run directory) with its tables going nowhere."""
+
+    broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.broken = True
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                errors.print(
+                    "warning: standard output was closed (its reader exited); the command goes "
+                    "on, and its files are written as usual",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.write("")
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+
+STDOUT = _Stdout()
+console = Console(file=STDOUT)
+DTYPE_HELP = (
+    "Frozen weights' dtype: auto (bfloat16 on a CUDA device that supports it, float32 on the CPU), "
+    "bfloat16, float16 or float32. Trainable slot and head stay float32 (README: Precision)."
+)
+MOVED_BACKBONE_HELP = (
+    "The run's backbone from another folder (a moved model); it must be the same model: its "
+    "fingerprint is checked. Default: the folder the run recorded."
+)
+DEVICE_HELP = "Device, e.g. cpu, cuda, cuda:1. Default: CUDA when present, else CPU."
+THREADS_HELP = (
+    "CPU threads for torch. Default 0 = auto: torch's own count (it follows OMP_NUM_THREADS), "
+    "lowered to the CPUs this process may use (affinity, cgroup quota)."
+)
+PACKAGE = Path(__file__).resolve().parents[1]
+DATA_ROOT = typer.Option(
+    None, help="Folder the stream's task paths are relative to.", metavar="PATH"
+)
+MAX_TRAIN = typer.Option(None, help="Training examples per task (seeded subset).", metavar="N")
+MAX_TEST = typer.Option(None, help="Test examples per task (seeded subset).", metavar="N")
+DEVICE = typer.Option(None, help=DEVICE_HELP, metavar="DEVICE")
+THREADS = typer.Option(None, help=THREADS_HELP, metavar="N")
+# options predict and eval share
+BATCH_SIZE = typer.Option(
+    None, help="Inputs per forward pass. Default: the run's eval_batch_size.", metavar="N"
+)
+INFER_DTYPE = typer.Option(
+    None,
+    help="Frozen weights' dtype to compute in (auto, bfloat16, float16, float32). Default: the "
+    "one the run computed in (bfloat16 for a GPU run: pass float32 on a CPU).",
+    metavar="DTYPE",
+)
+MOVED_BACKBONE = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="PATH")
+
+
+def main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        is_eager=True,
+        callback=lambda given: show_version(given),
+    ),
+) -> None:
+    """Continual learning with per-task PEFT modules on a frozen backbone.
+
+    Paths given on the command line are relative to the current directory; paths inside a
+    stream spec are relative to the spec's folder (or --data-root). Shipped strategy and stream
+    names (`list strategies`, `list streams`) are found wherever you stand.
+    """
+    warnings.formatwarning = format_warning
+    progress.configure("lines")  # a live bar on a terminal, a line every 30 s in a log file
+
+
+def show_version(given: bool) -> None:
+    if given:
+        console.print(f"continual-peft {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one `warning:` line (on stderr, as errors are: a log file reads alike);
+    another library's names its kind and place."""
+    text = str(message)
+    if not Path(filename).resolve().is_relative_to(PACKAGE) and category is not UserWarning:
+        text = f"{text} ({category.__name__}, {Path(filename).name}:{lineno})"
+    return f"warning: {text}\n"
+
+
+def fail(message: str, code: int = 2) -> None:
+    # escape: "[train]" in a message is a spec table, not rich markup. soft_wrap: never break a
+    # file:line path at the console width when stderr is piped.
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """While a command works, SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt), so
+    a scheduler's kill stops a run as cleanly as Ctrl-C."""
+
+    def stop(signum: int, frame: object) -> None:
+        for sig in previous:  # a second signal must not cut the clean stop short
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            with contextlib.suppress(ValueError):  # signals work in the main thread only
+                previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted(err: KeyboardInterrupt, kept: str) -> None:
+    """Ctrl-C: exit 130; a termination signal: exit 128 + its number, the signal named."""
+    if isinstance(err, Terminated):
+        fail(f"stopped by {err} (a termination signal); {kept}", code=128 + err.signum)
+    fail(f"interrupted; {kept}", code=130)

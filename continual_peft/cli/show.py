@@ -1,0 +1,112 @@
+"""`report` and `list`: print a saved report, aggregate or leaderboard; list what is
+registered or shipped."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import typer
+
+from continual_peft.cli.base import console, fail
+from continual_peft.config import LearnerConfig
+from continual_peft.errors import ContinualPeftError
+from continual_peft.experiments.compare import load_leaderboard
+from continual_peft.experiments.grid import console_aggregate, load_aggregate
+from continual_peft.modules import MODULE_KINDS
+from continual_peft.reports.leaderboard import console_leaderboard
+from continual_peft.reports.run import console_report, load_report
+from continual_peft.routers import ROUTERS
+from continual_peft.strategies import STRATEGIES, strategy_options
+from continual_peft.tasks.streams import demo_spec_path, shipped_folder
+
+
+def report(
+    run_dir: Path = typer.Argument(
+        ...,
+        help="A run directory or its report.json, a grid folder or its aggregate.json, or a "
+        "comparison folder or its leaderboard.json.",
+        metavar="RUN",
+    ),
+) -> None:
+    """Print a saved run's report, a grid's aggregate, or a comparison's leaderboard."""
+    try:
+        if run_dir.name == "leaderboard.json" or (run_dir / "leaderboard.json").is_file():
+            console.print(console_leaderboard(load_leaderboard(run_dir)))
+        elif run_dir.name == "aggregate.json" or (run_dir / "aggregate.json").is_file():
+            console.print(console_aggregate(load_aggregate(run_dir)))
+        else:
+            console.print(console_report(load_report(run_dir)))
+    except ContinualPeftError as err:
+        fail(str(err))
+
+
+LISTS = ["modules", "strategies", "streams", "routers"]
+
+
+def list_(
+    what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.", metavar="WHAT"),
+) -> None:
+    """List registered module kinds, strategies, routers, or the shipped stream specs."""
+    if what == "modules":
+        names = [f"{n}: {_summary(MODULE_KINDS.get(n))}" for n in MODULE_KINDS.names()]
+    elif what == "strategies":
+        names = [_strategy_summary(n) for n in STRATEGIES.names()]
+        names += [_strategy_line(p) for p in sorted(shipped_folder("strategies").glob("*.toml"))]
+    elif what == "routers":
+        names = [f"{n}: {_summary(ROUTERS.get(n))}" for n in ROUTERS.names()]
+    elif what == "streams":
+        specs = [demo_spec_path(), *sorted(shipped_folder("streams").glob("*.toml"))]
+        names = [_stream_line(p) for p in specs]
+    else:
+        fail(f"cannot list {what!r}; choose one of: {', '.join(LISTS)}")
+    for name in names:
+        console.print(name, highlight=False, soft_wrap=True)
+
+
+def _summary(item: object) -> str:
+    """The first line of a registered item's docstring."""
+    return (item.__doc__ or "").strip().splitlines()[0] if item.__doc__ else ""
+
+
+def _strategy_summary(name: str) -> str:
+    """A registered strategy: its description and its options with their defaults."""
+    options = ", ".join(f"{k}={v}" for k, v in strategy_options(name).items())
+    return f"{name}: {STRATEGIES.get(name).description}" + (
+        f"; options: {options}" if options else ""
+    )
+
+
+def _stream_line(path: Path) -> str:
+    """A shipped stream spec: its file, tasks and named orders (read without loading data)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        return f"{path}: unreadable ({err})"
+    tasks = [t.get("name", "?") for t in data.get("tasks", [])]
+    tasks += [f"{s.get('prefix', '?')}-*" for s in data.get("class_split", [])]
+    shown = "demo (embedded)" if path == demo_spec_path() else _shown_path(path)
+    orders = sorted(data.get("orders", {}))
+    named = f"; orders: {', '.join(orders)}" if orders else ""
+    return f"{shown}: {data.get('name', '?')}, tasks {', '.join(tasks)}{named}"
+
+
+def _shown_path(path: Path) -> str:
+    """A shipped spec's path as a command line here can use it: relative to the working
+    directory when it is below it, else absolute."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _strategy_line(path: Path) -> str:
+    """A shipped strategy spec: its file and the strategy, module kind and router it sets."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        return f"{path}: unreadable ({err})"
+    keys = ("strategy", "module", "router")
+    return f"{_shown_path(path)}: " + ", ".join(
+        f"{k} {data.get(k, LearnerConfig.__dataclass_fields__[k].default)}" for k in keys
+    )

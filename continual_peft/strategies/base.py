@@ -1,0 +1,165 @@
+"""Strategies: how a task gets its slot, and three hooks around its training.
+
+A strategy chooses the slot for each task (`allocate`) and may act at three points, all no-ops by
+default: `before_task`, `loss` (adjust each batch's loss) and `after_task` (which may return facts
+for the task's record). None of them forks the engine's loop. Each task always gets its own head,
+frozen after its task.
+
+`routing` says which slots a task's rows go through, with which weights, in training and at
+inference alike: by default its own slot at weight 1; O-LoRA sums every slot. `check` refuses a
+configuration the strategy cannot work with, when the config is validated.
+
+A strategy's options (`[strategy_options]` in a strategy spec, e.g. a replay buffer's size) are
+its constructor's keyword arguments; `build_strategy` refuses unknown ones by name. State that
+must outlive the process (a replay buffer, EWC's Fisher) goes through `state` / `load_state` and
+is saved with every checkpoint as `tasks/<task>/strategy.safetensors` + `strategy.json`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+from continual_peft.config import LearnerConfig
+from continual_peft.errors import ContinualPeftError
+from continual_peft.registry import Registry
+from continual_peft.spec import read_toml
+
+if TYPE_CHECKING:
+    from continual_peft.backbones.text import Backbone
+    from continual_peft.tasks.task import Task
+
+STRATEGIES: Registry = Registry("strategy", "[strategy_options] in a strategy spec")
+
+
+class SlotBank(Protocol):
+    """What strategies use of the module bank (`engine.bank.ModuleBank` is one)."""
+
+    kind_sites: dict[str, dict[str, nn.Module]]  # module kind -> its injected sites
+    slot_local: list[int]  # each slot's index within its kind's stacks
+
+    @property
+    def num_slots(self) -> int: ...
+
+    def add_slot(self, seed: int, kind: str | None = None) -> int: ...
+
+    def freeze_slot(self) -> None: ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def use_slot(self, slot: int) -> AbstractContextManager[None]: ...
+
+
+class TaskHeads(Protocol):
+    """What strategies use of the per-task heads (`engine.heads.Heads` is one)."""
+
+    def logits(self, pooled: torch.Tensor, tasks: list[str]) -> torch.Tensor: ...
+
+
+class Learner(Protocol):
+    """What a strategy's hooks may use of the learner they serve (the engine's
+    `ContinualLearner` is one); strategies type against this, not against the engine."""
+
+    bank: SlotBank
+    backbone: Backbone
+    config: LearnerConfig
+    heads: TaskHeads
+    learned: dict[str, Any]  # task name -> its learned state (`.task`, `.index`, `.slot`)
+
+    def task_seed(self, task: Task, purpose: str) -> int: ...
+
+    def features(self, inputs: list) -> torch.Tensor: ...
+
+
+class Strategy:
+    """The base strategy: every hook does nothing."""
+
+    description = ""
+
+    def allocate(self, learner: Learner, task: Task) -> int:
+        """The slot that `task` trains and is routed to."""
+        raise NotImplementedError
+
+    def routing(self, learner: Learner, task: str) -> tuple[list[int], list[float]]:
+        """The slots every row of `task` goes through and their weights, for training and
+        inference alike (the bank sums the slots' deltas); the task's own slot by default."""
+        return [learner.learned[task].slot], [1.0]
+
+    def check(self, config: LearnerConfig, where: str = "config") -> None:
+        """Refuse a configuration this strategy cannot work with; anything goes by default."""
+
+    def before_task(self, learner: Learner, task: Task) -> None:
+        """Called before the task's slot is chosen."""
+
+    def loss(self, learner: Learner, task: Task, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to minimise for one batch, given the task's own loss."""
+        return loss
+
+    def after_task(self, learner: Learner, task: Task) -> dict[str, Any] | None:
+        """Called after training, before evaluation; JSON-ready facts it returns go into the
+        task's record (and report.json) under `strategy`."""
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON-ready data to save with each checkpoint; nothing by default."""
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what `state` returned (when a run is loaded to continue or predict)."""
+
+
+def strategy_options(name: str) -> dict[str, Any]:
+    """The options of the strategy registered as `name`, with their defaults."""
+    return STRATEGIES.options(name)
+
+
+def build_strategy(name: str, options: dict[str, Any] | None = None, where: str = "") -> Strategy:
+    """The strategy registered as `name`, built with keyword `options` (`STRATEGIES.build`:
+    unknown options are refused, naming the valid ones).
+
+    Raises:
+        ContinualPeftError: an unknown name, unknown options or invalid values.
+    """
+    return STRATEGIES.build(name, options, where)
+
+
+def check_strategy(config: LearnerConfig, where: str = "config") -> Strategy:
+    """The config's strategy, built with its options, after it has checked the config (e.g. a
+    strategy that works with one module kind only).
+
+    Raises:
+        ContinualPeftError: naming the bad strategy, option or setting.
+    """
+    if config.strategy not in STRATEGIES:
+        raise ContinualPeftError(
+            f"{where}: unknown strategy {config.strategy!r}; valid names: "
+            f"{', '.join(STRATEGIES.names())}"
+        )
+    strategy = build_strategy(config.strategy, config.strategy_options, where)
+    strategy.check(config, where)
+    return strategy
+
+
+def check_config(config: LearnerConfig, where: str = "config") -> Strategy:
+    """`config.validate` and `check_strategy`: everything a run checks before it starts.
+
+    Returns:
+        The config's strategy, built.
+    """
+    config.validate(where)
+    return check_strategy(config, where)
+
+
+def load_strategy_spec(path: str | Path) -> LearnerConfig:
+    """Read a strategy spec file (`strategies/*.toml`) into a checked LearnerConfig.
+
+    Raises:
+        ContinualPeftError: naming the file and the bad key or value.
+    """
+    path = Path(path)
+    config = LearnerConfig.from_dict(read_toml(path), str(path))
+    check_strategy(config, str(path))
+    return config
