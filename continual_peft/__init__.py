@@ -18,8 +18,9 @@ from continual_peft.integrations.peft_export import export_task
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.modules.lora import LoRAConfig
 from continual_peft.strategies import STRATEGIES, Strategy, load_strategy_spec
+from continual_peft.tasks.class_split import class_split
 from continual_peft.tasks.streams import Stream, load_stream
-from continual_peft.tasks.task import Task, class_split, load_task
+from continual_peft.tasks.task import Task, load_task
 
 __all__ = [
     "MODULE_KINDS",

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from continual_peft import ContinualPeftError, Task
+from continual_peft.tasks.class_split import class_split
 from continual_peft.tasks.streams import load_stream
-from continual_peft.tasks.task import class_split, load_task
+from continual_peft.tasks.task import load_task
 
 TRAIN = [(f"train text {i}", ["pos", "neg", "neutral"][i % 3]) for i in range(12)]
 TEST = [(f"test text {i}", ["pos", "neg", "neutral"][i % 3]) for i in range(6)]

@@ -36,8 +36,9 @@ from typing import Any
 from continual_peft.errors import ContinualPeftError
 from continual_peft.registry import validate_task_name
 from continual_peft.spec import Section, read_toml
+from continual_peft.tasks.class_split import split_by_class
 from continual_peft.tasks.sources import Row, format_of, load_hf_split, read_rows
-from continual_peft.tasks.task import Task, build_task, read_labels, split_by_class
+from continual_peft.tasks.task import Task, build_task, read_labels
 
 STREAM_KEYS = {
     "name",
@@ -143,6 +144,23 @@ def load_stream(
         Path(data_root) if data_root is not None else path.parent / top.get("data_root", str, ".")
     )
     limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
+    loaded = _load_tasks(top, path, root, limits)
+    loaded += _load_class_splits(top, path, root, limits)
+    by_name = _by_name(loaded, path)
+    orders = _named_orders(top, by_name, path)
+    default = _default_order(top, orders, by_name, path)
+    stream = Stream(
+        name,
+        order_tasks(by_name, default, f"{path}: order"),
+        top.get("description", str, ""),
+        str(path),
+        orders={"default": default, **orders},
+    )
+    return stream if order is None else stream.with_order(order)
+
+
+def _load_tasks(top: Section, path: Path, root: Path, limits: dict[str, int | None]) -> list[Task]:
+    """The tasks of the spec's [[tasks]] tables, each name at most once."""
     loaded: list[Task] = []
     for i, entry in enumerate(top.get("tasks", list, [])):
         section = Section(entry, f"{path}: tasks[{i}]", TASK_KEYS)
@@ -164,6 +182,14 @@ def load_stream(
                 **_options(limits, section, top),
             )
         )
+    return loaded
+
+
+def _load_class_splits(
+    top: Section, path: Path, root: Path, limits: dict[str, int | None]
+) -> list[Task]:
+    """The tasks cut from the spec's [[class_split]] tables, in table order."""
+    loaded: list[Task] = []
     for i, entry in enumerate(top.get("class_split", list, [])):
         section = Section(entry, f"{path}: class_split[{i}]", SPLIT_KEYS)
         prefix = validate_task_name(
@@ -178,6 +204,11 @@ def load_stream(
             sources=sources,
             **_options(limits, section, top),
         )
+    return loaded
+
+
+def _by_name(loaded: list[Task], path: Path) -> dict[str, Task]:
+    """Task name -> task; refuses a stream with no tasks or two tasks of one name."""
     if not loaded:
         raise ContinualPeftError(
             f"{path}: the stream has no tasks; add [[tasks]] or [[class_split]] tables."
@@ -189,21 +220,20 @@ def load_stream(
                 f"{path}: duplicate task name {task.name!r} (from [[tasks]] and [[class_split]])"
             )
         by_name[task.name] = task
-    orders = _named_orders(top, by_name, path)
+    return by_name
+
+
+def _default_order(
+    top: Section, orders: dict[str, list[str]], by_name: dict[str, Task], path: Path
+) -> list[str]:
+    """The spec's `order`: a list of task names or a named order; every task when left out."""
     default = top.get("order", (str, list), list(by_name))
     default = orders[default] if isinstance(default, str) and default in orders else default
     if isinstance(default, str):
         raise ContinualPeftError(
             f"{path}: order = {default!r} is not one of the named [orders] {sorted(orders)}."
         )
-    stream = Stream(
-        name,
-        order_tasks(by_name, default, f"{path}: order"),
-        top.get("description", str, ""),
-        str(path),
-        orders={"default": default, **orders},
-    )
-    return stream if order is None else stream.with_order(order)
+    return default
 
 
 def _named_orders(top: Section, by_name: dict[str, Task], path: Path) -> dict[str, list[str]]:

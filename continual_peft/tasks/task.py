@@ -226,13 +226,48 @@ def build_task(
     """
     validate_task_name(name)
     if classes is not None:
-        wanted = {str(c) for c in classes}
-        splits = {split: [r for r in rows if r.label in wanted] for split, rows in splits.items()}
+        splits = _keep_classes(splits, classes)
+    labels = _label_list(labels, classes, splits["train"])
+    _check_labels(name, labels)
+    where = dict(sources or {}) or {split: _origin(rows, split) for split, rows in splits.items()}
+    limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
+    _check_limits(name, limits)
+    router_rows = _subset(splits["train"], router_max_train, f"{seed}-{name}-router")
+    rng = random.Random(f"{seed}-{name}")
+    splits = {
+        split: _subset(splits[split], limit, rng)
+        for split, limit in (("train", max_train), ("test", max_test))
+    }
+    for split, rows in splits.items():
+        _check_rows(name, split, rows, labels, where[split], classes)
+    index = {label: i for i, label in enumerate(labels)}
+    encoded = {
+        split: ([r.input for r in rows], [index[r.label] for r in rows])
+        for split, rows in splits.items()
+    }
+    task = Task(
+        name, labels, *encoded["train"], *encoded["test"], description=description, sources=where
+    )
+    if router_max_train is not None:
+        task.router_inputs = [r.input for r in router_rows]
+    return task
+
+
+def _keep_classes(splits: dict[str, list[Row]], classes: list[str]) -> dict[str, list[Row]]:
+    """Only the rows whose label is one of `classes` (one task of a class split)."""
+    wanted = {str(c) for c in classes}
+    return {split: [r for r in rows if r.label in wanted] for split, rows in splits.items()}
+
+
+def _label_list(labels: list[str] | None, classes: list[str] | None, train: list[Row]) -> list[str]:
+    """The task's labels as strings: as given, else its classes, else the distinct train labels."""
     if labels is None:
-        labels = [str(c) for c in classes] if classes is not None else None
-    if labels is None:
-        labels = default_labels(r.label for r in splits["train"])
-    labels = [str(x) for x in labels]
+        labels = classes if classes is not None else default_labels(r.label for r in train)
+    return [str(x) for x in labels]
+
+
+def _check_labels(name: str, labels: list[str]) -> None:
+    """Refuse an empty label list, a repeated or blank label; warn about a single class."""
     if not labels:
         raise ContinualPeftError(f"task {name!r}: its labels list is empty; list its labels.")
     if len(labels) == 1:
@@ -240,7 +275,7 @@ def build_task(
             f"task {name!r} has one class ({labels[0]!r}): its accuracy is trivially 100 % and "
             "says nothing; give it at least two labels",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of build_task
         )
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:
@@ -254,45 +289,34 @@ def build_task(
             f"task {name!r}: label {blank[0]!r} is empty or blank (labels {labels}); give every "
             "label a name (check the data's label column and the task's `labels`)."
         )
-    where = dict(sources or {}) or {split: _origin(rows, split) for split, rows in splits.items()}
-    for key, limit in (
-        ("max_train", max_train),
-        ("max_test", max_test),
-        ("router_max_train", router_max_train),
-    ):
+
+
+def _check_limits(name: str, limits: dict[str, int | None]) -> None:
+    """Refuse an example limit below 1 (None keeps every example)."""
+    for key, limit in limits.items():
         if limit is not None and limit < 1:
             raise ContinualPeftError(
                 f"task {name!r}: {key} = {limit} is invalid; it must be >= 1 (or left out to "
                 "keep every example)."
             )
-    router_rows = _subset(splits["train"], router_max_train, f"{seed}-{name}-router")
-    rng = random.Random(f"{seed}-{name}")
-    splits = {
-        split: _subset(splits[split], limit, rng)
-        for split, limit in (("train", max_train), ("test", max_test))
-    }
-    index = {label: i for i, label in enumerate(labels)}
-    encoded = {}
-    for split, rows in splits.items():
-        if not rows:
-            kept = f" after keeping classes {classes}" if classes is not None else ""
+
+
+def _check_rows(
+    name: str, split: str, rows: list[Row], labels: list[str], where: str, classes: list | None
+) -> None:
+    """Refuse an empty split, or a row whose label is not one of the task's labels."""
+    if not rows:
+        kept = f" after keeping classes {classes}" if classes is not None else ""
+        raise ContinualPeftError(
+            f"task {name!r}: the {split} split ({where}) is empty{kept}; give it examples."
+        )
+    known = set(labels)
+    for row in rows:
+        if row.label not in known:
             raise ContinualPeftError(
-                f"task {name!r}: the {split} split ({where[split]}) is empty{kept}; give it "
-                "examples."
+                f"{row.where}: label {row.label!r} is not one of task {name!r}'s labels "
+                f"{labels}; declare it in the task's labels or fix the example."
             )
-        for row in rows:
-            if row.label not in index:
-                raise ContinualPeftError(
-                    f"{row.where}: label {row.label!r} is not one of task {name!r}'s labels "
-                    f"{labels}; declare it in the task's labels or fix the example."
-                )
-        encoded[split] = ([r.input for r in rows], [index[r.label] for r in rows])
-    task = Task(
-        name, labels, *encoded["train"], *encoded["test"], description=description, sources=where
-    )
-    if router_max_train is not None:
-        task.router_inputs = [r.input for r in router_rows]
-    return task
 
 
 def _origin(rows: list[Row], split: str) -> str:
@@ -324,119 +348,52 @@ def read_records(source: str | Path) -> list[dict[str, str]]:
             and what a line must look like), or no record at all.
     """
     name = "<stdin>" if str(source) == "-" else str(source)
-    if name != "<stdin>":
-        check_file(source, "JSONL file", 'give a file with a {"text": ...} object per line')
-    raw = sys.stdin.buffer.read() if name == "<stdin>" else Path(source).read_bytes()
-    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as training files allow
-    shape = 'each line must be one JSON object with a "text" string, e.g. {"text": "a red car"}'
-    records = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ContinualPeftError(
-                f"{name}:{number}: not a UTF-8 JSON line ({err}); {shape}."
-            ) from None
-        if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
-            raise ContinualPeftError(f"{name}:{number}: {shape}.")
-        try:
-            record["text"].encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise ContinualPeftError(
-                f"{name}:{number}: the text is not valid Unicode ({err.reason} at character "
-                f"{err.start}, e.g. a lone surrogate such as \\ud800); fix or drop the line."
-            ) from None
-        kept = {"text": record["text"]}
-        for key in ("task", "label"):
-            value = record.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = str(value)
-            if value is not None and not isinstance(value, str):
-                raise ContinualPeftError(
-                    f"{name}:{number}: {key!r} must be a string, got {value!r}."
-                )
-            if value is not None:
-                kept[key] = value
-        records.append(kept)
+    raw = _read_bytes(source, name)
+    records = [
+        _record(line, f"{name}:{number}")
+        for number, line in enumerate(raw.split(b"\n"), start=1)
+        if line.strip()
+    ]
     if not records:
         raise ContinualPeftError(f"{name}: no texts to predict.")
     return records
 
 
-def split_by_class(
-    prefix: str,
-    splits: dict[str, list[Row]],
-    classes_per_task: int | None = None,
-    groups: list[list[str]] | None = None,
-    **options: Any,
-) -> list[Task]:
-    """Cut one labelled dataset into tasks by groups of labels (a "split" benchmark).
+_RECORD_SHAPE = 'each line must be one JSON object with a "text" string, e.g. {"text": "a red car"}'
 
-    Args:
-        prefix: Tasks are named `<prefix>-<its labels joined by "-">` (e.g. "digits-0-1") when
-            the labels fit in a task name, else `<prefix>-<1, 2, ...>`.
-        splits: "train" and "test" rows of the whole dataset.
-        classes_per_task: Consecutive groups of this many labels, in label order (the last group
-            may be smaller).
-        groups: Explicit label groups instead; each label at most once.
-        options: `build_task`'s (`max_train`, `max_test`, `seed`, ...), for every task.
-    """
-    if (classes_per_task is None) == (groups is None):
+
+def _read_bytes(source: str | Path, name: str) -> bytes:
+    """The whole file (checked first) or standard input, less a UTF-8 byte-order mark."""
+    if name != "<stdin>":
+        check_file(source, "JSONL file", 'give a file with a {"text": ...} object per line')
+    raw = sys.stdin.buffer.read() if name == "<stdin>" else Path(source).read_bytes()
+    return raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as training files allow
+
+
+def _record(line: bytes, where: str) -> dict[str, str]:
+    """One non-blank line as a record: its "text", and its "task" and "label" if given."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ContinualPeftError(
-            f"class split {prefix!r}: give exactly one of classes_per_task or groups."
-        )
-    everything = default_labels(r.label for r in splits["train"])
-    if groups is None:
-        if classes_per_task < 1:
-            raise ContinualPeftError(
-                f"class split {prefix!r}: classes_per_task = {classes_per_task}; it must be >= 1."
-            )
-        groups = [
-            everything[i : i + classes_per_task]
-            for i in range(0, len(everything), classes_per_task)
-        ]
-    groups = [[str(label) for label in group] for group in groups]
-    flat = [label for group in groups for label in group]
-    unknown = sorted(set(flat) - set(everything))
-    if unknown or len(set(flat)) != len(flat) or not all(groups):
+            f"{where}: not a UTF-8 JSON line ({err}); {_RECORD_SHAPE}."
+        ) from None
+    if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
+        raise ContinualPeftError(f"{where}: {_RECORD_SHAPE}.")
+    try:
+        record["text"].encode("utf-8")
+    except UnicodeEncodeError as err:
         raise ContinualPeftError(
-            f"class split {prefix!r}: groups {groups} must be non-empty, use each label at most "
-            f"once, and only labels of the training data {everything} (unknown: {unknown})."
-        )
-    named = all(re.fullmatch(r"[a-z0-9_-]+", label) for label in flat)
-    return [
-        build_task(
-            f"{prefix}-{'-'.join(group)}" if named else f"{prefix}-{i + 1}",
-            splits,
-            classes=group,
-            **options,
-        )
-        for i, group in enumerate(groups)
-    ]
-
-
-def class_split(
-    prefix: str,
-    train: Any,
-    test: Any,
-    classes_per_task: int | None = None,
-    groups: list[list[str]] | None = None,
-    **options: Any,
-) -> list[Task]:
-    """Cut one labelled dataset into tasks by groups of labels, from Python objects.
-
-    `train` and `test` are each an `(inputs, labels)` pair of sequences, or an indexable dataset
-    of `(input, label)` items (e.g. a torch `Dataset`). See `split_by_class` for the rest.
-
-    Example:
-        tasks = class_split("digits", (x_train, y_train), (x_test, y_test), classes_per_task=2)
-    """
-    splits = {}
-    for split, data in (("train", train), ("test", test)):
-        if isinstance(data, tuple) and len(data) == 2:
-            splits[split] = rows_from_lists(data[0], data[1], split)
-        else:
-            splits[split] = rows_from_dataset(data, split)
-    return split_by_class(prefix, splits, classes_per_task, groups, **options)
+            f"{where}: the text is not valid Unicode ({err.reason} at character "
+            f"{err.start}, e.g. a lone surrogate such as \\ud800); fix or drop the line."
+        ) from None
+    kept = {"text": record["text"]}
+    for key in ("task", "label"):
+        value = record.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if value is not None and not isinstance(value, str):
+            raise ContinualPeftError(f"{where}: {key!r} must be a string, got {value!r}.")
+        if value is not None:
+            kept[key] = value
+    return kept
