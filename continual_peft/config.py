@@ -138,31 +138,25 @@ class LearnerConfig:
         return config
 
     def validate(self, where: str = "config") -> None:
-        """Refuse values that cannot train, naming the key and the valid range."""
-        checks = [
-            ("train.epochs", self.train.epochs, self.train.epochs >= 1, ">= 1"),
-            ("train.batch_size", self.train.batch_size, self.train.batch_size >= 1, ">= 1"),
-            (
-                "train.eval_batch_size",
-                self.train.eval_batch_size,
-                self.train.eval_batch_size >= 1,
-                ">= 1",
-            ),
-            ("train.lr", self.train.lr, self.train.lr > 0, "> 0"),
-            ("train.warmup", self.train.warmup, 0 <= self.train.warmup < 1, "in [0, 1)"),
-            ("train.grad_clip", self.train.grad_clip, self.train.grad_clip >= 0, ">= 0"),
-            (
-                "backbone.max_length",
-                self.backbone.max_length,
-                self.backbone.max_length >= 2,
-                ">= 2",
-            ),
-        ]
-        for key, value, ok, rule in checks:
-            if not ok:
-                raise ContinualPeftError(
-                    f"{where}: {key} = {value!r} is invalid; it must be {rule}"
-                )
+        """Refuse values that cannot train, naming the key and the valid range; unknown module
+        kinds and routers, and router options the router does not take. (The strategy and its
+        options: `strategies.check_config`, since strategies build on configs.)
+
+        Raises:
+            ContinualPeftError: `<where>: <key> = <value> is invalid; it must be <rule>` (and
+                alike).
+        """
+        train, lora = self.train, self.kind_config("lora")
+        _check_ranges(where, [
+            ("train.epochs", train.epochs, train.epochs >= 1, ">= 1"),
+            ("train.batch_size", train.batch_size, train.batch_size >= 1, ">= 1"),
+            ("train.eval_batch_size", train.eval_batch_size, train.eval_batch_size >= 1, ">= 1"),
+            ("train.lr", train.lr, train.lr > 0, "> 0"),
+            ("train.warmup", train.warmup, 0 <= train.warmup < 1, "in [0, 1)"),
+            ("train.grad_clip", train.grad_clip, train.grad_clip >= 0, ">= 0"),
+            ("backbone.max_length", self.backbone.max_length, self.backbone.max_length >= 2,
+             ">= 2"),
+        ])  # fmt: skip
         if self.backbone.dtype not in DTYPES:
             raise ContinualPeftError(
                 f"{where}: backbone.dtype = {self.backbone.dtype!r} is invalid; valid choices: "
@@ -177,22 +171,16 @@ class LearnerConfig:
                     f"{where}: {key}: unknown module kind {kind!r}; "
                     f"valid names: {', '.join(MODULE_KINDS.names())}"
                 )
-        lora = self.kind_config("lora")
-        for key, value, ok, rule in (
+        _check_ranges(where, [
             ("lora.r", lora.r, lora.r >= 1, ">= 1"),
             ("lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
-        ):
-            if not ok:
-                raise ContinualPeftError(
-                    f"{where}: {key} = {value!r} is invalid; it must be {rule}"
-                )
+        ])  # fmt: skip
         if self.router not in ROUTERS:
             valid = ", ".join(ROUTERS.names())
             raise ContinualPeftError(
                 f"{where}: unknown router {self.router!r}; valid names: {valid}"
             )
         ROUTERS.check_options(self.router, self.router_options, where)
-        # the strategy and its options: strategies.check_config (strategies build on configs)
 
 
 def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:
@@ -203,6 +191,13 @@ def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:
         section = Section(table, f"{where}: [tasks.{name}]", {"module"})
         overrides[name] = section.get("module", str, required=True)
     return overrides
+
+
+def _check_ranges(where: str, checks: list[tuple[str, Any, bool, str]]) -> None:
+    """Refuse the first (key, value, ok, rule) that is not ok, naming key, value and rule."""
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ContinualPeftError(f"{where}: {key} = {value!r} is invalid; it must be {rule}")
 
 
 def _kind_options(kind: str, table: dict[str, Any], where: str) -> Any:

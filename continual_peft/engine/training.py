@@ -74,15 +74,14 @@ def train_task(
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     per_epoch = math.ceil(len(items) / config.batch_size)
+    total = per_epoch * config.epochs
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = _schedule(optimizer, per_epoch * config.epochs, config.warmup)
+    scheduler = _schedule(optimizer, total, config.warmup)
     target = backbone.placement.tensor(labels, dtype=torch.long)
     # float16 weights: gradients through them can underflow, so the loss is scaled (bfloat16
     # has float32's range and needs none; disabled, the scaler passes everything through)
     scaler = torch.amp.GradScaler(backbone.device.type, enabled=backbone.dtype == torch.float16)
-    start, step, epoch_losses = time.perf_counter(), 0, []
-    total = per_epoch * config.epochs
-    window, curve, pending = max(1, math.ceil(total / CURVE_POINTS)), {"steps": [], "loss": []}, []
+    start, step, epoch_losses, curve = time.perf_counter(), 0, [], LossCurve(total)
     backbone.train()
     with meter(f"{description}: training", total, "steps") as progress:
         for _ in range(config.epochs):
@@ -94,11 +93,7 @@ def train_task(
                 value = loss.item()  # the step's one host synchronisation
                 if not math.isfinite(value):
                     backbone.eval()
-                    raise ContinualPeftError(
-                        f"{description}: the loss became {value} at step {step}; the task "
-                        "was stopped and rolled back, earlier tasks are untouched. Lower the "
-                        f"learning rate (now {config.lr}) and learn the task again."
-                    )
+                    raise _diverged(description, value, step, config.lr)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.grad_clip > 0:
@@ -109,12 +104,34 @@ def train_task(
                 scheduler.step()
                 step += 1
                 epoch_losses.append(value)
-                pending.append(value)
-                if len(pending) == window or step == total:
-                    curve["steps"].append(step)
-                    curve["loss"].append(float(np.mean(pending)))
-                    pending = []
+                curve.add(step, value)
                 progress.advance(1, loss=value)
     backbone.eval()
     seconds = time.perf_counter() - start
-    return TrainResult(float(np.mean(epoch_losses)), step, seconds, curve)
+    return TrainResult(float(np.mean(epoch_losses)), step, seconds, curve.points)
+
+
+def _diverged(description: str, value: float, step: int, lr: float) -> ContinualPeftError:
+    return ContinualPeftError(
+        f"{description}: the loss became {value} at step {step}; the task was stopped and "
+        f"rolled back, earlier tasks are untouched. Lower the learning rate (now {lr}) and "
+        "learn the task again."
+    )
+
+
+class LossCurve:
+    """The training loss as at most `CURVE_POINTS` points: the mean of each window of steps."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.window = max(1, math.ceil(total_steps / CURVE_POINTS))
+        self.total = total_steps
+        self.points: dict[str, list] = {"steps": [], "loss": []}
+        self.pending: list[float] = []
+
+    def add(self, step: int, loss: float) -> None:
+        """Step `step` (1-based) had loss `loss`; a full window (or the last step) adds a point."""
+        self.pending.append(loss)
+        if len(self.pending) == self.window or step == self.total:
+            self.points["steps"].append(step)
+            self.points["loss"].append(float(np.mean(self.pending)))
+            self.pending = []

@@ -172,25 +172,8 @@ def run_grid(
     labelled = label_orders(stream, orders)
     out = Path(out_dir)
     combos = [(name, ordered, seed) for name, ordered in labelled for seed in seeds]
-    if not resume:
-        if (out / "aggregate.json").exists():
-            raise ContinualPeftError(
-                f"{out} already holds a grid (aggregate.json); choose another --out, or continue "
-                "it with --resume."
-            )
-        for name, _, seed in combos:
-            check_free(out / f"{name}-seed{seed}")  # before any run starts, not hours in
-    head = {
-        "stream": stream.name,
-        "strategy": config.strategy,
-        "router": config.router,
-        "baseline": baseline,
-        "seeds": list(seeds),
-        "orders": {name: [t.name for t in ordered.tasks] for name, ordered in labelled},
-        "config": config.to_dict(),
-    }
-    if resume:
-        _check_same_grid(out, head)
+    head = _grid_head(stream, config, baseline, seeds, labelled)
+    _check_grid_folder(out, head, [f"{name}-seed{seed}" for name, _, seed in combos], resume)
     if console:
         console.print(f"grid directory: {out}", highlight=False, soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +198,37 @@ def run_grid(
     if console:
         console.print(console_aggregate(aggregate))
     return aggregate
+
+
+def _grid_head(
+    stream: Stream, config: LearnerConfig, baseline: str | None, seeds: list[int],
+    labelled: list[tuple[str, Stream]],
+) -> dict[str, Any]:  # fmt: skip
+    """What a grid is (aggregate.json's head): what a resume must match."""
+    return {
+        "stream": stream.name,
+        "strategy": config.strategy,
+        "router": config.router,
+        "baseline": baseline,
+        "seeds": list(seeds),
+        "orders": {name: [t.name for t in ordered.tasks] for name, ordered in labelled},
+        "config": config.to_dict(),
+    }
+
+
+def _check_grid_folder(out: Path, head: dict[str, Any], runs: list[str], resume: bool) -> None:
+    """A new grid: no grid in `out` yet and every run's folder free (before any run starts,
+    not hours in). A resumed one: the same grid."""
+    if resume:
+        _check_same_grid(out, head)
+        return
+    if (out / "aggregate.json").exists():
+        raise ContinualPeftError(
+            f"{out} already holds a grid (aggregate.json); choose another --out, or continue "
+            "it with --resume."
+        )
+    for name in runs:
+        check_free(out / name)
 
 
 def _check_same_grid(out: Path, head: dict[str, Any]) -> None:
