@@ -162,3 +162,11 @@ def test_plugin_needs_task_labels_or_a_router():
     learner = ContinualLearner(tiny_vit_backbone(), config=LearnerConfig(train=TRAIN))
     with pytest.raises(Exception, match="give the learner a router"):
         avalanche_strategy(learner, benchmark)
+
+
+def test_the_readme_import_path_is_the_integration():
+    """`from continual_peft.avalanche import ...` (the README's path) is the integration's."""
+    from continual_peft import avalanche
+
+    assert avalanche.avalanche_strategy is avalanche_strategy
+    assert avalanche.stream_from_benchmark is stream_from_benchmark
