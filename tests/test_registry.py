@@ -23,9 +23,8 @@ def test_every_item_builds_with_its_defaults_and_refuses_an_unknown_option(kind,
         with pytest.raises(ContinualPeftError, match="router '[a-z]+': invalid options"):
             registry.build(name, {"bogus": 1}, "spec.toml")
         return
-    message = (
-        rf"spec.toml: {kind} '{name}': invalid options \['bogus'\]; valid options: "
-        + (", ".join(options) if options else "none")
+    message = rf"spec.toml: {kind} '{name}': invalid options \['bogus'\]; valid options: " + (
+        ", ".join(options) if options else "none"
     )
     with pytest.raises(ContinualPeftError, match=message):
         registry.build(name, {"bogus": 1}, "spec.toml")
