@@ -41,27 +41,40 @@ def report(
         fail(str(err))
 
 
-LISTS = ["modules", "strategies", "streams", "routers"]
+def _registered(registry) -> list[str]:
+    """Each registered name with the first line of its docstring."""
+    return [f"{n}: {_summary(registry.get(n))}" for n in registry.names()]
+
+
+def _strategies() -> list[str]:
+    """Registered strategies with their options, then the shipped strategy specs."""
+    lines = [_strategy_summary(n) for n in STRATEGIES.names()]
+    return lines + [_strategy_line(p) for p in sorted(shipped_folder("strategies").glob("*.toml"))]
+
+
+def _streams() -> list[str]:
+    """The embedded demo stream and the shipped stream specs."""
+    specs = [demo_spec_path(), *sorted(shipped_folder("streams").glob("*.toml"))]
+    return [_stream_line(p) for p in specs]
+
+
+# what `list` can list, in the order its help names them
+LISTS = {
+    "modules": lambda: _registered(MODULE_KINDS),
+    "strategies": _strategies,
+    "streams": _streams,
+    "routers": lambda: _registered(ROUTERS),
+}
 
 
 def list_(
     what: str = typer.Argument(..., help=f"One of: {', '.join(LISTS)}.", metavar="WHAT"),
 ) -> None:
     """List registered module kinds, strategies, routers, or the shipped stream specs."""
-    if what == "modules":
-        names = [f"{n}: {_summary(MODULE_KINDS.get(n))}" for n in MODULE_KINDS.names()]
-    elif what == "strategies":
-        names = [_strategy_summary(n) for n in STRATEGIES.names()]
-        names += [_strategy_line(p) for p in sorted(shipped_folder("strategies").glob("*.toml"))]
-    elif what == "routers":
-        names = [f"{n}: {_summary(ROUTERS.get(n))}" for n in ROUTERS.names()]
-    elif what == "streams":
-        specs = [demo_spec_path(), *sorted(shipped_folder("streams").glob("*.toml"))]
-        names = [_stream_line(p) for p in specs]
-    else:
+    if what not in LISTS:
         fail(f"cannot list {what!r}; choose one of: {', '.join(LISTS)}")
-    for name in names:
-        console.print(name, highlight=False, soft_wrap=True)
+    for line in LISTS[what]():
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _summary(item: object) -> str:

@@ -42,7 +42,11 @@ from continual_peft.reports.data import (
     task_names as _names,
 )
 from continual_peft.reports.plots import loss_curves, plot_accuracy_matrix, plot_loss_curves
-from continual_peft.store.io import atomic_write_json, atomic_write_text, load_json
+from continual_peft.store.io import (
+    atomic_write_json,
+    atomic_write_text,
+    load_versioned_json,
+)
 
 SCHEMA_VERSION = 1
 REPORT_FILES = ("report.json", "accuracy_matrix.csv", "report.md", "accuracy_matrix.png")
@@ -325,24 +329,12 @@ def load_report(run_dir_or_file: str | Path) -> dict[str, Any]:
         ContinualPeftError: If no report exists there or its schema version is not supported.
         CorruptFileError: If the file is truncated, not JSON, or lacks required keys.
     """
+    report = load_versioned_json(
+        run_dir_or_file, "report", SCHEMA_VERSION,
+        "pass a run directory that holds report.json, or the file.", tagged=False,
+    )  # fmt: skip
     source = Path(run_dir_or_file)
-    if source.is_dir():
-        source = source / "report.json"
-    if not source.is_file():
-        raise ContinualPeftError(
-            f"no report at {source}; pass a run directory that holds report.json, or the file."
-        )
-    report = load_json(source)
-    if not isinstance(report, dict) or "schema_version" not in report:
-        raise CorruptFileError(source, "not a continual-peft report: no schema_version")
-    version = report["schema_version"]
-    if version != SCHEMA_VERSION:
-        writer = (report.get("tool") or {}).get("version", "unknown")
-        raise ContinualPeftError(
-            f"{source} has schema_version {version!r} (written by continual-peft {writer}); "
-            f"this version reads schema_version {SCHEMA_VERSION}. Use the continual-peft "
-            "version that wrote it."
-        )
+    source = source / "report.json" if source.is_dir() else source
     missing = [key for key in _REQUIRED_KEYS if key not in report]
     if missing:
         raise CorruptFileError(source, f"missing keys {missing}")

@@ -214,14 +214,23 @@ def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
         raise CorruptFileError(source, f"invalid safetensors data: {err}") from err
 
 
-def load_versioned_json(path: PathLike, kind: str, version: int, hint: str) -> dict[str, Any]:
-    """Read `<kind>.json` (pass its folder or the file), checking its `kind` and schema version.
+def load_versioned_json(
+    path: PathLike, kind: str, version: int, hint: str, tagged: bool = True
+) -> dict[str, Any]:
+    """Read `<kind>.json` (pass its folder or the file), checking what it is and its schema
+    version: a report, an aggregate or a leaderboard.
 
     Args:
         path: The folder holding `<kind>.json`, or the file itself.
-        kind: "aggregate", "leaderboard", ...: the file's name and its `kind` field.
+        kind: "report", "aggregate", "leaderboard": the file's name (and its `kind` field).
         version: The schema version this code reads.
         hint: What to pass instead, for the message when the file is missing.
+        tagged: Whether the file names its kind in a `kind` field (reports do not).
+
+    Raises:
+        ContinualPeftError: No such file, another kind of file, or another schema version
+            (naming the version that wrote it).
+        CorruptFileError: Not JSON, truncated, or no schema version at all.
     """
     source = Path(path)
     if source.is_dir():
@@ -229,11 +238,15 @@ def load_versioned_json(path: PathLike, kind: str, version: int, hint: str) -> d
     if not source.is_file():
         raise ContinualPeftError(f"no {kind} at {source}; {hint}")
     data = load_json(source)
-    if not isinstance(data, dict) or data.get("kind") != kind:
+    if tagged and (not isinstance(data, dict) or data.get("kind") != kind):
         raise ContinualPeftError(f"{source} is not a continual-peft {kind} (no kind: {kind}).")
-    if data.get("schema_version") != version:
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise CorruptFileError(source, f"not a continual-peft {kind}: no schema_version")
+    if data["schema_version"] != version:
+        writer = (data.get("tool") or {}).get("version", "unknown")
         raise ContinualPeftError(
-            f"{source} has schema_version {data.get('schema_version')!r}; this version reads "
-            f"{version}."
+            f"{source} has schema_version {data['schema_version']!r} (written by continual-peft "
+            f"{writer}); this version reads schema_version {version}. Use the continual-peft "
+            "version that wrote it."
         )
     return data
