@@ -239,6 +239,10 @@ def test_run_then_report(stream_spec: Path, tmp_path: Path, make_backbone, monke
     assert result.exit_code == 0, result.output
     # Rich may wrap a long path at the console width: compare without whitespace.
     assert re.sub(r"\s", "", f"run directory: {run_dir}") in re.sub(r"\s", "", result.stdout)
+    # one table per task as it finishes, one headline at the end: nothing printed twice
+    assert result.stdout.count("Headline (%)") == 1
+    assert result.stdout.count("words / per_task: 2 task(s), finished") == 0
+    assert result.stdout.count("words / per_task: 2 task(s)") == 1
 
     names = ["colors", "animals"]
     report = _check_run_dir(run_dir, names)

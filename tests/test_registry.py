@@ -53,3 +53,22 @@ def test_unknown_names_and_bad_values_are_named():
     with pytest.raises(ValueError, match="registered twice"):
         registry.register("one")(One)
     assert registry.options("one") == {"size": 1}
+
+
+def test_oracle_ignores_router_options_as_it_always_did():
+    """`router = "oracle"` builds no router, so `[router_options]` left from another router
+    (a spec's, overridden by `--router oracle`; runs written so) are unused, not refused."""
+    from continual_peft import LearnerConfig
+    from continual_peft.strategies import check_config
+
+    check_config(LearnerConfig(router="oracle", router_options={"shrinkage": "oas", "k": 2}))
+    with pytest.raises(ContinualPeftError, match="router 'mahalanobis': invalid options"):
+        check_config(LearnerConfig(router="mahalanobis", router_options={"k": 2}))
+
+
+def test_old_import_paths_of_tasks_and_strategies_still_work():
+    from continual_peft.strategies import PerTask, Sequential
+    from continual_peft.tasks import Stream, Task, class_split, load_stream, load_task
+
+    assert STRATEGIES.get("per_task") is PerTask and STRATEGIES.get("seq") is Sequential
+    assert all(callable(f) for f in (Stream, Task, class_split, load_stream, load_task))

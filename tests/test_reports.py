@@ -298,3 +298,20 @@ def test_safetensors_round_trip_and_truncation(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(CorruptFileError, match="slot.safetensors"):
         load_safetensors(path)
+
+
+def test_a_schema_version_mismatch_says_where_the_file_comes_from(
+    report: dict[str, Any], tmp_path: Path
+) -> None:
+    """The writer's version is named only when the file names one that is not this one."""
+    from continual_peft import __version__
+
+    older = {**report, "schema_version": 0, "tool": {"name": "continual-peft", "version": "0.0.1"}}
+    atomic_write_json(tmp_path / "report.json", older)
+    with pytest.raises(ContinualPeftError, match="written by continual-peft 0.0.1: read it with"):
+        load_report(tmp_path)
+    edited = {**report, "schema_version": 99}  # this version's tool field: edited, not older
+    atomic_write_json(tmp_path / "report.json", edited)
+    with pytest.raises(ContinualPeftError, match="from another version of continual-peft, or"):
+        load_report(tmp_path)
+    assert edited["tool"]["version"] == __version__

@@ -235,6 +235,8 @@ class ContinualLearner:
         record = self.evaluate_task(session, result)
         self.checkpoint(session.task)
         self.write_report()
+        if self.console:
+            self.console.print(console_report(self.report))
         return record
 
     def evaluate_task(self, session: TaskSession, result: TrainResult) -> dict:
@@ -308,11 +310,9 @@ class ContinualLearner:
             self.saved_files = write_checkpoint(self.run_dir, snapshot(self, [task.name]))
 
     def write_report(self) -> None:
-        """The report into the run directory (if any) and onto the console (if any)."""
+        """The report into the run directory, if any."""
         if self.run_dir:
             write_reports(self.report, self.run_dir.path)
-        if self.console:
-            self.console.print(console_report(self.report))
 
     def _make_router(self, config: LearnerConfig) -> Router | None:
         if config.router == "oracle":

@@ -26,7 +26,7 @@ from typing import Any
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
-from continual_peft.strategies import STRATEGIES, load_strategy_spec
+from continual_peft.strategies import STRATEGIES, check_strategy, load_strategy_spec
 from continual_peft.tasks.streams import shipped_folder
 
 # dotted config key -> the command-line option that sets it for every entry
@@ -63,7 +63,9 @@ def override(config: LearnerConfig, values: dict[str, Any], where: str) -> Learn
         if value is not None:
             section, _, field = key.rpartition(".")
             (data[section] if section else data)[field] = value
-    return LearnerConfig.from_dict(data, where)
+    config = LearnerConfig.from_dict(data, where)
+    check_strategy(config, where)
+    return config
 
 
 def shipped_spec(name: str, spec_dir: Path) -> Path | None:

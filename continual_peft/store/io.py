@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from continual_peft._version import __version__
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 
 PathLike = str | os.PathLike[str]
@@ -243,10 +244,16 @@ def load_versioned_json(
     if not isinstance(data, dict) or "schema_version" not in data:
         raise CorruptFileError(source, f"not a continual-peft {kind}: no schema_version")
     if data["schema_version"] != version:
-        writer = (data.get("tool") or {}).get("version", "unknown")
+        writer = (
+            (data.get("tool") or {}).get("version") if isinstance(data.get("tool"), dict) else None
+        )
+        origin = (
+            f"written by continual-peft {writer}: read it with that version"
+            if writer and writer != __version__
+            else "from another version of continual-peft, or edited"
+        )
         raise ContinualPeftError(
-            f"{source} has schema_version {data['schema_version']!r} (written by continual-peft "
-            f"{writer}); this version reads schema_version {version}. Use the continual-peft "
-            "version that wrote it."
+            f"{source} has schema_version {data['schema_version']!r}, but continual-peft "
+            f"{__version__} reads schema_version {version}; the file is {origin}."
         )
     return data

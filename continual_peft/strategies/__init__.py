@@ -1,29 +1,41 @@
 """Strategies: how a task gets its slot, and three hooks around its training (see `base`).
 
 Every strategy is one module here, imported below one by one: importing it registers it in
-`STRATEGIES`.
+`STRATEGIES`. The classes are re-exported, to subclass for a strategy of your own.
 """
 
-from continual_peft.strategies import ewc, joint, l2p, olora, per_task, replay, seq
 from continual_peft.strategies.base import (
     STRATEGIES,
     Learner,
     Strategy,
     build_strategy,
     check_config,
+    check_strategy,
     load_strategy_spec,
     strategy_options,
 )
-
-PLUGINS = (ewc, joint, l2p, olora, per_task, replay, seq)
+from continual_peft.strategies.ewc import EWC
+from continual_peft.strategies.joint import Joint
+from continual_peft.strategies.l2p import L2P
+from continual_peft.strategies.olora import OLoRA
+from continual_peft.strategies.per_task import PerTask
+from continual_peft.strategies.replay import Replay
+from continual_peft.strategies.seq import Sequential
 
 __all__ = [
-    "PLUGINS",
+    "EWC",
+    "L2P",
     "STRATEGIES",
+    "Joint",
     "Learner",
+    "OLoRA",
+    "PerTask",
+    "Replay",
+    "Sequential",
     "Strategy",
     "build_strategy",
     "check_config",
+    "check_strategy",
     "load_strategy_spec",
     "strategy_options",
 ]
