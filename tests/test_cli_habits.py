@@ -203,7 +203,8 @@ def test_eval_on_a_labelled_file_and_its_refusals(made, tmp_path):
 def test_version_and_help_texts():
     from continual_peft import __version__
 
-    assert invoke("--version").stdout.strip() == f"continual-peft {__version__}"
+    for flag in ("--version", "-V"):
+        assert invoke(flag).stdout.strip() == f"continual-peft {__version__}"
     commands = ["run", "compare", "report", "export", "predict", "eval", "list"]
     listed = invoke("--help").stdout
     assert all(re.search(rf"^  {c} +\S", listed, re.M) for c in commands)

@@ -108,6 +108,7 @@ def main(
     version: bool = typer.Option(
         False,
         "--version",
+        "-V",
         help="Print the version and exit.",
         is_eager=True,
         callback=lambda given: show_version(given),
