@@ -329,8 +329,7 @@ class ContinualLearner:
         The router must already know every learned task (in learning order); this learner's own
         router is left untouched.
         """
-        results = [self.predictor.routed_scores(router, state) for state in self.learned.values()]
-        return [r[0] for r in results], [r[1] for r in results]
+        return self.predictor.routed_accuracy(router)
 
     def logits(self, inputs: list, tasks: list[str]) -> torch.Tensor:
         """Logits of a batch whose rows may belong to different tasks, in ONE forward pass.

@@ -169,5 +169,11 @@ class Predictor:
         if router is None:
             return {"oracle": oracle}, None
         router.add_task(self.features(router_items))  # statistics only; the features go
-        results = [self.routed_scores(router, state) for state in states]
-        return {"oracle": oracle, "routed": [r[0] for r in results]}, [r[1] for r in results]
+        routed, routing = self.routed_accuracy(router)
+        return {"oracle": oracle, "routed": routed}, routing
+
+    def routed_accuracy(self, router: Router) -> tuple[list[float], list[float]]:
+        """Per learned task, in learning order: routed accuracy and routing accuracy on its
+        test set under `router` (which must know every learned task)."""
+        results = [self.routed_scores(router, state) for state in self.learned.values()]
+        return [r[0] for r in results], [r[1] for r in results]
