@@ -5,7 +5,9 @@ every task after each one and writes a report.
 """
 
 from continual_peft._version import __version__ as __version__
+from continual_peft.backbones.causal import CausalBackbone
 from continual_peft.backbones.image import ImageBackbone
+from continual_peft.backbones.seq2seq import Seq2SeqBackbone
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import BackboneConfig, LearnerConfig, TrainConfig
 from continual_peft.engine.bank import ModuleBank
@@ -30,7 +32,9 @@ __all__ = [
     "ContinualLearner",
     "ContinualPeftError",
     "CorruptFileError",
+    "CausalBackbone",
     "ImageBackbone",
+    "Seq2SeqBackbone",
     "LearnerConfig",
     "LoRAConfig",
     "ModuleBank",

@@ -59,6 +59,19 @@ class BackboneConfig:
     threads: int = 0  # torch CPU threads; 0 = auto (`placement.set_threads`)
 
 
+@dataclass
+class GenerationConfig:
+    """How generative backbones (decoder-only, encoder-decoder) answer; unused on encoders."""
+
+    decode: str = "score"  # classification: "score" every label string, or "generate" greedily
+    label_score: str = "sum"  # a label's score: "sum" or "mean" of its tokens' log-probabilities
+    max_new_tokens: int = 32  # longest greedy answer, in tokens (generation tasks, "generate")
+
+
+DECODES = ("score", "generate")
+LABEL_SCORES = ("sum", "mean")
+
+
 # where a run computes, not what it is: a run may resume or load with other values
 @dataclass
 class LearnerConfig:
@@ -70,6 +83,7 @@ class LearnerConfig:
     seed: int = 0  # seeds slot/head init, shuffling and dropout
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     modules: dict[str, Any] = field(default_factory=dict)  # kind -> its config (default if absent)
     task_modules: dict[str, str] = field(default_factory=dict)  # task -> kind, per-task override
     router_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the router
@@ -104,6 +118,8 @@ class LearnerConfig:
         data = {key: getattr(self, key) for key in ("strategy", "module", "router", "seed")}
         data["backbone"] = dataclasses.asdict(self.backbone)
         data["train"] = dataclasses.asdict(self.train)
+        if self.generation != GenerationConfig():  # absent = defaults (runs from before it)
+            data["generation"] = dataclasses.asdict(self.generation)
         for kind in MODULE_KINDS.names():
             data[kind] = dataclasses.asdict(self.kind_config(kind))
         data["tasks"] = {task: {"module": kind} for task, kind in self.task_modules.items()}
@@ -115,6 +131,7 @@ class LearnerConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> LearnerConfig:
         """Build from a nested dict (a parsed spec), naming any bad key."""
         fixed = {"strategy", "module", "router", "seed", "backbone", "train", "tasks"}
+        fixed |= {"generation"}
         fixed |= {"router_options", "strategy_options"}
         top = Section(data, where, fixed | set(MODULE_KINDS.names()))
         values: dict[str, Any] = {}
@@ -125,6 +142,9 @@ class LearnerConfig:
             BackboneConfig, top.get("backbone", dict, {}), f"{where}: [backbone]"
         )
         values["train"] = _fill(TrainConfig, top.get("train", dict, {}), f"{where}: [train]")
+        values["generation"] = _fill(
+            GenerationConfig, top.get("generation", dict, {}), f"{where}: [generation]"
+        )
         values["modules"] = {
             kind: _kind_options(kind, top.get(kind, dict), f"{where}: [{kind}]")
             for kind in MODULE_KINDS.names()
@@ -163,6 +183,7 @@ class LearnerConfig:
                 f"{', '.join(DTYPES)} (auto = bfloat16 on a CUDA device that supports it, "
                 "float32 elsewhere)"
             )
+        _check_generation(self.generation, where)
         kinds = [("module", self.module)]
         kinds += [(f"tasks.{task}.module", kind) for task, kind in self.task_modules.items()]
         for key, kind in kinds:
@@ -192,6 +213,17 @@ def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:
         section = Section(table, f"{where}: [tasks.{name}]", {"module"})
         overrides[name] = section.get("module", str, required=True)
     return overrides
+
+
+def _check_generation(generation: GenerationConfig, where: str) -> None:
+    _check_ranges(where, [
+        ("generation.decode", generation.decode, generation.decode in DECODES,
+         " or ".join(map(repr, DECODES))),
+        ("generation.label_score", generation.label_score,
+         generation.label_score in LABEL_SCORES, " or ".join(map(repr, LABEL_SCORES))),
+        ("generation.max_new_tokens", generation.max_new_tokens,
+         generation.max_new_tokens >= 1, ">= 1"),
+    ])  # fmt: skip
 
 
 def _check_ranges(where: str, checks: list[tuple[str, Any, bool, str]]) -> None:

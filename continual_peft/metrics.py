@@ -11,6 +11,8 @@ report never shows a made-up number.
 
 from __future__ import annotations
 
+import re
+import string
 from typing import Any
 
 import numpy as np
@@ -207,3 +209,41 @@ def compute_metrics(R: ArrayLike, b: ArrayLike | None) -> dict[str, Any]:
         "forgetting": forgetting(mat),
         "avalanche_forgetting": avalanche_forgetting(mat),
     }
+
+
+# Answers of generation tasks (SQuAD's normalisation, Rajpurkar et al. 2016: lower case, no
+# punctuation, no articles a/an/the, single spaces), and ROUGE-L from Google's `rouge-score`.
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """`text` lower-cased, without punctuation and the articles a/an/the, whitespace
+    collapsed: what exact match compares."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share (0..1) of predictions equal to their reference after `normalize_answer`."""
+    if not predictions:
+        return float("nan")
+    same = [
+        normalize_answer(p) == normalize_answer(r)
+        for p, r in zip(predictions, references, strict=True)
+    ]
+    return float(np.mean(same))
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure (0..1) of predictions against references, computed by
+    `rouge_score.rouge_scorer` (Lin 2004; its tokenizer lower-cases and keeps ASCII letters and
+    digits only, no stemming)."""
+    from rouge_score import rouge_scorer
+
+    if not predictions:
+        return float("nan")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [
+        scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)
+    ]
+    return float(np.mean(scores))

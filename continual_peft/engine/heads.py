@@ -1,31 +1,67 @@
-"""Per-task classification heads over pooled backbone states.
+"""Per-task heads: how each task's answer is read from the backbone.
 
-A head is a linear layer from the pooled vector to the task's labels. It is trained with its task's
-slot and frozen with it. A routed batch applies each row's own head; heads are tiny, so rows are
-grouped by head rather than stacked.
+Two kinds, one interface (`TaskHeads`), so the loop, the predictor and the strategies never ask
+which backbone family they run on:
+
+- `Heads` (encoder and image backbones): a linear layer per task from the pooled vector to the
+  task's labels, trained with its task's slot and frozen with it. A routed batch applies each
+  row's own head; heads are tiny, so rows are grouped by head rather than stacked.
+- `LanguageModelHeads` (`engine.lm_heads`, generative backbones): nothing to train; the frozen
+  LM head scores each task's label strings or writes its answers.
+
+Item-level methods (`row_loss`, `row_logits`, `row_predict`) take encoded inputs as
+`prompt_items` returns them, one task name per row.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
-from continual_peft.backbones.placement import CPU, MASTER_DTYPE, Placement
+from continual_peft.backbones.placement import CPU, MASTER_DTYPE
+from continual_peft.backbones.text import Backbone, Encoded
+from continual_peft.tasks.task import Task
+
+
+class TaskHeads(Protocol):
+    """What the engine and strategies use of a learner's heads."""
+
+    heads: nn.ModuleDict  # a module per task (its state is what a checkpoint saves)
+    backbone: Backbone
+
+    def open(self, task: Task, seed: int) -> nn.Module: ...
+    def restore(self, name: str, record: dict, tensors: dict[str, torch.Tensor]) -> None: ...
+    def freeze(self, task: str) -> None: ...
+    def metric(self, task: str) -> str: ...
+    def prompt_items(self, task: str, inputs: list, where: str = "input") -> Encoded: ...
+    def row_loss(self, items: list, tasks: list[str], labels: list[int]) -> torch.Tensor: ...
+    def row_logits(self, items: list, tasks: list[str]) -> torch.Tensor: ...
+    def row_predict(self, items: list, tasks: list[str]) -> list[str]: ...
+    def prompt_rows(self, inputs: list, tasks: list[str], items: list | None = None) -> list: ...
+    def feature_items(self, inputs: list, where: str = "input") -> list | None: ...
 
 
 class Heads(nn.Module):
     """One linear classifier per task.
 
     Args:
-        hidden_size: Width of the pooled vector.
-        placement: Where heads live (the backbone's device); their weights stay float32.
+        backbone: The backbone whose pooled vectors the heads read; heads live on its device
+            and keep float32 weights.
     """
 
-    def __init__(self, hidden_size: int, placement: Placement) -> None:
+    def __init__(self, backbone: Backbone) -> None:
         super().__init__()
-        self.hidden_size = hidden_size
-        self.placement = placement
+        self.hidden_size = backbone.hidden_size
+        self.placement = backbone.placement
+        self._backbone = [backbone]  # not a submodule: the learner owns it
         self.heads = nn.ModuleDict()
+        self.labels: dict[str, list[str]] = {}
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone[0]
 
     def add(self, task: str, num_labels: int, seed: int) -> nn.Linear:
         """A fresh trainable head for `task`, initialised from `seed` on the CPU, then placed."""
@@ -36,8 +72,26 @@ class Heads(nn.Module):
         self.heads[task] = self.placement.module(head)
         return self.heads[task]
 
+    def open(self, task: Task, seed: int) -> nn.Linear:
+        """A fresh trainable head for `task` (one output per label)."""
+        self.labels[task.name] = list(task.labels)
+        return self.add(task.name, len(task.labels), seed)
+
+    def restore(self, name: str, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """A learned task's frozen head from its record and saved tensors."""
+        self.labels[name] = list(record["labels"])
+        self.add(name, len(record["labels"]), seed=0).load_state_dict(tensors)
+        self.freeze(name)
+
     def freeze(self, task: str) -> None:
         self.heads[task].requires_grad_(False)
+
+    def metric(self, task: str) -> str:
+        return "accuracy"
+
+    def prompt_items(self, task: str, inputs: list, where: str = "input") -> Encoded:
+        """The inputs as the backbone reads them (encoders use no template)."""
+        return self.backbone.encode(inputs, where)
 
     def logits(self, pooled: torch.Tensor, tasks: list[str]) -> torch.Tensor:
         """Each row through its own task's head.
@@ -56,3 +110,27 @@ class Heads(nn.Module):
             head = self.heads[task]
             out[rows, : head.out_features] = head(pooled[rows])
         return out
+
+    def row_logits(self, items: list, tasks: list[str]) -> torch.Tensor:
+        """(B, C_max) logits of encoded items through the backbone as routed, float32."""
+        return self.logits(self.backbone.embed(self.backbone.collate(items)), tasks).float()
+
+    def row_loss(self, items: list, tasks: list[str], labels: list[int]) -> torch.Tensor:
+        """Mean cross-entropy of the rows' labels (indices into their tasks' labels)."""
+        target = self.placement.tensor(labels, dtype=torch.long)
+        return nn.functional.cross_entropy(self.row_logits(items, tasks), target)
+
+    def row_predict(self, items: list, tasks: list[str]) -> list[str]:
+        """Each row's predicted label string."""
+        best = self.row_logits(items, tasks).argmax(dim=-1).tolist()
+        return [self.labels[t][i] for t, i in zip(tasks, best, strict=True)]
+
+    def prompt_rows(self, inputs: list, tasks: list[str], items: list | None = None) -> list:
+        """Encoded rows for `inputs` answered by `tasks`: `items` when given (encoders read
+        every task's rows alike), else the inputs encoded."""
+        return items if items is not None else self.backbone.encode(list(inputs)).items
+
+    def feature_items(self, inputs: list, where: str = "input") -> list | None:
+        """The inputs as routers read them, where that differs from `prompt_items`: never
+        here (None)."""
+        return None

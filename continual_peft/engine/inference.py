@@ -16,7 +16,7 @@ import torch
 
 from continual_peft.backbones.text import Backbone
 from continual_peft.engine.bank import ModuleBank
-from continual_peft.engine.heads import Heads
+from continual_peft.engine.heads import TaskHeads
 from continual_peft.engine.progress import tick
 
 
@@ -50,40 +50,39 @@ def routing_table(
 
 
 def routed_predict(
-    backbone: Backbone,
     bank: ModuleBank,
-    heads: Heads,
+    heads: TaskHeads,
     items: list,
     slots: torch.Tensor,
     weights: torch.Tensor,
     head_tasks: list[str | None],
     batch_size: int,
-) -> list[int | None]:
-    """Label index per row through its routed slots and head; None where the row was rejected.
+) -> list[str | None]:
+    """Each row's answer through its routed slots and head; None where the row was rejected.
 
     Args:
-        items: Encoded inputs (`Backbone.encode`), one per row.
+        items: Encoded inputs (`TaskHeads.prompt_rows`), one per row (None for rejected rows).
         slots: (N, k) slot per row and mixing entry, -1 for none.
         weights: (N, k) mixing weights.
         head_tasks: The head each row uses (its top-1 task), None for a rejected row.
         batch_size: Rows per forward pass.
     """
     accepted = [i for i, task in enumerate(head_tasks) if task is not None]
-    result: list[int | None] = [None] * len(items)
+    result: list[str | None] = [None] * len(items)
     if not accepted:
         return result
     # routing stays on the CPU, where the bank resolves it once per batch before the forward
     slots, weights = slots[accepted].cpu(), weights[accepted].cpu()
     tasks = [head_tasks[i] for i in accepted]
 
-    def score(batch: dict[str, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
+    def answer(rows_items: list, rows: np.ndarray) -> list[str]:
         picked = torch.as_tensor(rows, device="cpu")
         with bank.route(slots[picked], weights[picked]):
-            return heads.logits(backbone.embed(batch), [tasks[i] for i in rows])
+            return heads.row_predict(rows_items, [tasks[i] for i in rows])
 
-    predictions = predict_rows(backbone, score, [items[i] for i in accepted], batch_size)
-    for i, prediction in zip(accepted, predictions, strict=True):
-        result[i] = int(prediction)
+    answers = predict_batches(heads.backbone, answer, [items[i] for i in accepted], batch_size)
+    for i, text in zip(accepted, answers, strict=True):
+        result[i] = text
     return result
 
 
@@ -98,22 +97,22 @@ def length_sorted_batches(
 
 
 @torch.no_grad()
-def predict_rows(
+def predict_batches(
     backbone: Backbone,
-    score: Callable[[dict[str, torch.Tensor], np.ndarray], torch.Tensor],
+    answer: Callable[[list, np.ndarray], list],
     items: list,
     batch_size: int,
-) -> np.ndarray:
-    """Run `score(batch, row_positions)` over inputs in length-sorted batches; argmax per row.
-
-    Results come back in the original order.
-    """
-    predictions = np.empty(len(items), dtype=np.int64)
-    for rows, batch in length_sorted_batches(backbone, items, batch_size):
-        logits = score(batch, rows)
-        predictions[rows] = logits.float().argmax(dim=-1).cpu().numpy()
+) -> list:
+    """`answer(batch_items, row_positions)` over inputs in length-sorted batches; one answer
+    per row, in the original order."""
+    order = np.argsort([backbone.item_length(item) for item in items], kind="stable")
+    answers: list = [None] * len(items)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        for row, value in zip(rows, answer([items[i] for i in rows], rows), strict=True):
+            answers[row] = value
         tick(len(rows))
-    return predictions
+    return answers
 
 
 @contextlib.contextmanager

@@ -22,8 +22,9 @@ from continual_peft.backbones.placement import set_threads
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig, TrainConfig
 from continual_peft.engine.bank import ModuleBank
-from continual_peft.engine.heads import Heads
+from continual_peft.engine.heads import Heads, TaskHeads
 from continual_peft.engine.inference import evaluating
+from continual_peft.engine.lm_heads import LanguageModelHeads
 from continual_peft.engine.monitor import ForgettingMonitor
 from continual_peft.engine.predictor import Predictor
 from continual_peft.engine.progress import meter
@@ -91,7 +92,7 @@ class ContinualLearner:
         self.bank = ModuleBank(
             backbone, config.module, configs={k: config.kind_config(k) for k in kinds}
         )
-        self.heads = Heads(backbone.hidden_size, backbone.placement)
+        self.heads = make_heads(backbone, config)
         self.router = self._make_router(config)
         self.monitor = ForgettingMonitor(
             ("oracle",) if self.router is None else ("oracle", "routed")
@@ -181,12 +182,16 @@ class ContinualLearner:
 
     def train(self, session: TaskSession) -> TrainResult:
         """Train the session's slot and head on its task (through the task's routing)."""
-        task = session.task
+        task, items = session.task, session.train_items
+
+        def batch_loss(rows) -> torch.Tensor:
+            labels = [task.train_labels[i] for i in rows]
+            return self.heads.row_loss([items[i] for i in rows], [task.name] * len(rows), labels)
+
         with self.use_task(task.name):
             return train_task(
-                self.backbone, session.head, session.params, session.train_items,
-                task.train_labels, self.config.train, seed=self.task_seed(task, "train"),
-                adjust_loss=session.adjust_loss,
+                self.backbone, session.params, len(items), batch_loss, self.config.train,
+                seed=self.task_seed(task, "train"), adjust_loss=session.adjust_loss,
                 description=f"task {len(self.learned)} {task.name}",
             )  # fmt: skip
 
@@ -207,12 +212,16 @@ class ContinualLearner:
                 f"this learner was loaded without the data of task(s) {missing}, which a new "
                 "task must re-evaluate: pass them as ContinualLearner.load(..., tasks=[...])."
             )
+        check_kind(task, self.heads)
         self.strategy.before_task(self, task)
         slot = self.strategy.allocate(self, task)
-        head = self.heads.add(task.name, len(task.labels), seed=self.task_seed(task, "head"))
-        train_enc = self.backbone.encode(task.train_inputs, f"task {task.name!r}: train input")
-        test_enc = self.backbone.encode(task.test_inputs, f"task {task.name!r}: test input")
+        head = self.heads.open(task, seed=self.task_seed(task, "head"))
+        where = f"task {task.name!r}: %s input"
+        train_enc = self.heads.prompt_items(task.name, task.train_inputs, where % "train")
+        test_enc = self.heads.prompt_items(task.name, task.test_inputs, where % "test")
         state = LearnedTask(task, len(self.learned), slot, test_enc.items)
+        raw_train = self.heads.feature_items(task.train_inputs, where % "train")
+        state.raw_items = self.heads.feature_items(task.test_inputs, where % "test")
         self.learned[task.name] = state
         where = f"task {len(self.learned)} {task.name}: evaluating before training"
         with evaluating(self.backbone), meter(where, 2 * len(state.test_items)):
@@ -228,6 +237,7 @@ class ContinualLearner:
             train_items=train_enc.items,
             truncated=train_enc.truncated + test_enc.truncated,
             adjust_loss=lambda loss: self.strategy.loss(self, task, loss),
+            raw_items=raw_train,
         )
 
     def end_task(self, session: TaskSession, result: TrainResult) -> dict:
@@ -245,7 +255,7 @@ class ContinualLearner:
         strategy_facts = self.strategy.after_task(self, task)
         self.heads.freeze(task.name)
         start = time.perf_counter()
-        router_items = session.train_items
+        router_items = session.train_items if session.raw_items is None else session.raw_items
         if task.router_inputs:
             where = f"task {task.name!r}: router input"
             router_items = self.backbone.encode(task.router_inputs, where).items
@@ -258,7 +268,8 @@ class ContinualLearner:
         self.monitor.after_task(accuracies, routing=routing)
         record = {
             "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
-            "labels": task.labels, "train_examples": len(task.train_inputs),
+            "labels": task.labels, "metric": self.heads.metric(task.name),
+            "train_examples": len(task.train_inputs),
             "test_examples": len(task.test_inputs),
             "trainable_parameters": sum(p.numel() for p in session.params),
             "train_seconds": round(result.seconds, 3),
@@ -266,6 +277,10 @@ class ContinualLearner:
             "train_steps": result.steps, "final_train_loss": result.final_loss,
             "truncated_inputs": session.truncated,
         }  # fmt: skip
+        if isinstance(self.heads, LanguageModelHeads):
+            record |= {"kind": getattr(task, "kind", "classification"),
+                       "template": getattr(task, "template", None),
+                       "text_scores": dict(self.predictor.text_scores)}  # fmt: skip
         if result.loss_curve is not None:
             record["loss_curve"] = result.loss_curve
         if strategy_facts:

@@ -227,9 +227,8 @@ def _restore(
     learner.records = list(checkpoint["records"])
     for index, entry in enumerate(checkpoint["tasks"]):
         name, record = entry["name"], learner.records[index]
-        head = learner.heads.add(name, len(record["labels"]), seed=0)
-        head.load_state_dict(_load_on(placement, run / "tasks" / name / "head.safetensors"))
-        learner.heads.freeze(name)
+        head = _load_on(placement, run / "tasks" / name / "head.safetensors")
+        learner.heads.restore(name, record, head)
         task = tasks.get(name)
         if task is not None and task_digest(task) != entry["data_sha256"]:
             raise ContinualPeftError(
@@ -240,8 +239,9 @@ def _restore(
             state = LearnedTask(Task(name, list(record["labels"]), [], [], [], []), index,
                              entry["slot"], [], has_data=False)  # fmt: skip
         else:
-            items = learner.backbone.encode(task.test_inputs).items
+            items = learner.heads.prompt_items(name, task.test_inputs).items
             state = LearnedTask(task, index, entry["slot"], items)
+            state.raw_items = learner.heads.feature_items(task.test_inputs)
         state.data_sha256 = entry["data_sha256"]
         learner.learned[name] = state
     learner.monitor = ForgettingMonitor.from_state(checkpoint["monitor"])

@@ -10,16 +10,17 @@ import torch
 
 from continual_peft.backbones.text import Backbone
 from continual_peft.engine.bank import ModuleBank
-from continual_peft.engine.heads import Heads
+from continual_peft.engine.heads import TaskHeads
 from continual_peft.engine.inference import (
     frozen_features,
-    predict_rows,
+    predict_batches,
     routed_predict,
     routing_table,
 )
 from continual_peft.engine.progress import meter
 from continual_peft.engine.state import LearnedTask
 from continual_peft.errors import ContinualPeftError
+from continual_peft.metrics import exact_match, rouge_l
 from continual_peft.routers import Router
 
 Routing = Callable[[str], tuple[list[int], list[float]]]  # task -> its slots and weights
@@ -36,11 +37,13 @@ class Predictor:
     """
 
     def __init__(
-        self, backbone: Backbone, bank: ModuleBank, heads: Heads,
+        self, backbone: Backbone, bank: ModuleBank, heads: TaskHeads,
         learned: dict[str, LearnedTask], routing: Routing, batch_size: int,
     ) -> None:  # fmt: skip
         self.backbone, self.bank, self.heads = backbone, bank, heads
         self.learned, self.routing, self.batch_size = learned, routing, batch_size
+        # per task, the last oracle evaluation's other scores (ROUGE-L, answers that are no label)
+        self.text_scores: dict[str, dict[str, float]] = {}
 
     def features(self, items: list) -> torch.Tensor:
         """(N, d) frozen features of encoded items: what routers see."""
@@ -59,25 +62,26 @@ class Predictor:
         return slots[rows], weights[rows]
 
     def accuracy(self, state: LearnedTask, base_only: bool = False) -> float:
-        """Oracle accuracy on a task's test set (its routing and head; no module if `base_only`)."""
-        head = self.heads.heads[state.task.name]
-        routing = (
-            self.bank.base_only()
-            if base_only
-            else self.bank.use_slots(*self.routing(state.task.name))
-        )
+        """The task's metric (`heads.metric`: accuracy, or exact match for generation) on its
+        test set, through its routing and head (no module if `base_only`)."""
+        name = state.task.name
+        routing = self.bank.base_only() if base_only else self.bank.use_slots(*self.routing(name))
+
+        def answer(items: list, rows: np.ndarray) -> list[str]:
+            return self.heads.row_predict(items, [name] * len(items))
+
         with routing:
-            preds = predict_rows(
-                self.backbone, lambda batch, rows: head(self.backbone.embed(batch)),
-                state.test_items, self.batch_size,
-            )  # fmt: skip
-        return float(np.mean(preds == np.array(state.task.test_labels)))
+            answers = predict_batches(self.backbone, answer, state.test_items, self.batch_size)
+        value, others = task_scores(self.heads.metric(name), answers, state.task)
+        if not base_only:
+            self.text_scores[name] = others
+        return value
 
     def routed(
-        self, router: Router, items: list, features: torch.Tensor
+        self, router: Router, inputs: list, items: list, features: torch.Tensor
     ) -> tuple[list[str | None], torch.Tensor, torch.Tensor]:
-        """Routed predictions: label strings (None if rejected), and the router's (B, k)
-        task indices and weights."""
+        """Routed answers: label strings or texts (None if rejected), and the router's (B, k)
+        task indices and weights. `items` are the inputs as encoded for `features`."""
         indices, weights = (t.cpu() for t in router.route(features))  # one copy per set
         order = list(self.learned.values())
         # each of a row's k tasks brings its own routing (m slots): k·m entries per row
@@ -85,53 +89,61 @@ class Predictor:
         safe, chosen = indices.clamp(min=0), (indices >= 0)[:, :, None]
         slots = torch.where(chosen, table_slots[safe], -1).flatten(1)  # (B, k·m)
         mixed = (weights[:, :, None] * table_weights[safe]).flatten(1)  # (B, k·m)
-        top = indices[:, 0].tolist()
-        heads = [order[t].task.name if t >= 0 else None for t in top]
-        predictions = routed_predict(
-            self.backbone, self.bank, self.heads, items, slots, mixed, heads, self.batch_size
-        )
-        labels = [
-            None if p is None else order[t].task.labels[p]
-            for t, p in zip(top, predictions, strict=True)
-        ]
-        return labels, indices, weights
+        heads = [order[t].task.name if t >= 0 else None for t in indices[:, 0].tolist()]
+        rows = self._prompted(inputs, items, heads)
+        answers = routed_predict(self.bank, self.heads, rows, slots, mixed, heads, self.batch_size)
+        return answers, indices, weights
+
+    def _prompted(self, inputs: list, items: list, heads: list[str | None]) -> list:
+        """Each accepted row as its head's task reads it (None for rejected rows)."""
+        accepted = [i for i, t in enumerate(heads) if t is not None]
+        out: list = [None] * len(inputs)
+        if accepted:
+            rows = self.heads.prompt_rows(
+                [inputs[i] for i in accepted], [heads[i] for i in accepted],
+                [items[i] for i in accepted],
+            )  # fmt: skip
+            for i, row in zip(accepted, rows, strict=True):
+                out[i] = row
+        return out
 
     def routed_scores(self, router: Router, state: LearnedTask) -> tuple[float, float]:
-        """(routed accuracy, routing accuracy) on a task's test set; correct = same label string."""
+        """(routed metric, routing accuracy) on a task's test set; an answer counts when it
+        matches (the same label string; for generation, exact match)."""
         if state.test_features is None:
-            state.test_features = self.features(state.test_items)
-        labels, indices, _ = self.routed(router, state.test_items, state.test_features)
-        truth = [state.task.labels[y] for y in state.task.test_labels]
-        accuracy = float(np.mean([a == b for a, b in zip(labels, truth, strict=True)]))
-        return accuracy, float((indices[:, 0] == state.index).double().mean())
+            state.test_features = self.features(state.feature_items)
+        answers, indices, _ = self.routed(
+            router, state.task.test_inputs, state.feature_items, state.test_features
+        )
+        value, _ = task_scores(self.heads.metric(state.task.name), answers, state.task)
+        return value, float((indices[:, 0] == state.index).double().mean())
 
     def logits(self, inputs: list, tasks: list[str]) -> torch.Tensor:
-        """(B, C_max) logits of rows of given tasks in ONE forward, -inf past each row's labels."""
+        """(B, C_max) logits (label scores on a generative backbone) of rows of given tasks in
+        ONE forward, -inf past each row's labels."""
         slots, weights = self.rows_routing(list(tasks))
-        batch = self.backbone.collate(self.backbone.encode(list(inputs)).items)
+        rows = self.heads.prompt_rows(list(inputs), list(tasks))
         with torch.no_grad(), self.bank.route(slots, weights):
-            return self.heads.logits(self.backbone.embed(batch), list(tasks)).float()
+            return self.heads.row_logits(rows, list(tasks)).float()
 
     def predict(self, inputs: list, tasks: list[str]) -> list[str]:
-        """Label strings of rows whose tasks are given, in batched routed forwards."""
+        """Answers (label strings, or texts for generation) of rows whose tasks are given, in
+        batched routed forwards."""
         if len(tasks) != len(inputs):
             raise ContinualPeftError(f"got {len(inputs)} inputs but {len(tasks)} task names")
         slots, weights = self.rows_routing(tasks)
-        items = self.backbone.encode(list(inputs)).items
-        with meter(f"predicting {len(items)} input(s)", len(items)):
-            predictions = routed_predict(
-                self.backbone, self.bank, self.heads, items, slots, weights, tasks,
-                self.batch_size,
-            )  # fmt: skip
-        labels = [self.learned_task(t).task.labels for t in tasks]
-        return [names[p] for names, p in zip(labels, predictions, strict=True)]
+        rows = self.heads.prompt_rows(list(inputs), list(tasks))
+        with meter(f"predicting {len(rows)} input(s)", len(rows)):
+            return routed_predict(
+                self.bank, self.heads, rows, slots, weights, tasks, self.batch_size
+            )
 
     def details(self, router: Router, inputs: list) -> list[dict]:
         """Router-chosen predictions, one dict per row (see `ContinualLearner.predict_details`)."""
         items = self.backbone.encode(list(inputs)).items
         with meter(f"predicting {len(items)} input(s)", 2 * len(items)):
             features = self.features(items)
-            labels, indices, weights = self.routed(router, items, features)
+            labels, indices, weights = self.routed(router, list(inputs), items, features)
         scores = router.scores(features).cpu()
         names = list(self.learned)
         rows = []
@@ -177,3 +189,21 @@ class Predictor:
         test set under `router` (which must know every learned task)."""
         results = [self.routed_scores(router, state) for state in self.learned.values()]
         return [r[0] for r in results], [r[1] for r in results]
+
+
+def task_scores(metric: str, answers: list[str | None], task) -> tuple[float, dict[str, float]]:
+    """The task's metric over its test set, and its other scores.
+
+    "accuracy": share of answers equal to the true label string (`not_a_label`: how many
+    answers are none of the task's labels, e.g. generated texts). "exact_match": share equal
+    after `metrics.normalize_answer`, with `rouge_l` (`metrics.rouge_l`). A rejected row
+    (None) is wrong.
+    """
+    truth = [task.labels[y] for y in task.test_labels]
+    if metric == "exact_match":
+        texts = ["" if a is None else a for a in answers]
+        em = exact_match(texts, truth)
+        return em, {"exact_match": em, "rouge_l": rouge_l(texts, truth)}
+    labels = set(task.labels)
+    value = float(np.mean([a == b for a, b in zip(answers, truth, strict=True)]))
+    return value, {"not_a_label": float(sum(a is not None and a not in labels for a in answers))}

@@ -23,10 +23,16 @@ class LearnedTask:
     task: Task
     index: int  # position in learning order: the router's name for the task
     slot: int
-    test_items: list
+    test_items: list  # as the task's head reads them (in its template, on an LM)
     test_features: torch.Tensor | None = None  # frozen features, computed once (routed runs)
     has_data: bool = True  # False when loaded without the task's data: it cannot be evaluated
     data_sha256: str | None = None  # its data's hash, once computed (or as a checkpoint says)
+    raw_items: list | None = None  # as routers read them, where that differs from test_items
+
+    @property
+    def feature_items(self) -> list:
+        """The test inputs as routers read them (bare, without the task's template)."""
+        return self.test_items if self.raw_items is None else self.raw_items
 
 
 @dataclass
@@ -35,11 +41,12 @@ class TaskSession:
 
     task: Task
     slot: int
-    head: nn.Linear
+    head: nn.Module  # a linear head; an empty module on an LM (nothing to train)
     params: list[nn.Parameter]  # the trainable slot's and the head's
-    train_items: list  # encoded training inputs
+    train_items: list  # encoded training inputs, as the head reads them
     truncated: int  # inputs cut to max_length, train and test
     adjust_loss: Callable[[torch.Tensor], torch.Tensor]  # the strategy's `loss` hook
+    raw_items: list | None = None  # training inputs as routers read them, if not train_items
 
 
 def record_backbone(config: LearnerConfig, backbone: Backbone) -> None:

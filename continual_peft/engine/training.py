@@ -49,10 +49,9 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float):
 
 def train_task(
     backbone: Backbone,
-    head: nn.Linear,
     params: list[nn.Parameter],
-    items: list,
-    labels: list[int],
+    count: int,
+    batch_loss: Callable[[np.ndarray], torch.Tensor],
     config: TrainConfig,
     seed: int,
     adjust_loss: Callable[[torch.Tensor], torch.Tensor],
@@ -62,10 +61,10 @@ def train_task(
 
     Args:
         backbone: The backbone, already routed to the task's slot by the caller.
-        head: The task's head.
         params: Everything that may change.
-        items: Encoded inputs (`Backbone.encode`), one per training example.
-        labels: Label index per example.
+        count: How many training examples the task has.
+        batch_loss: The task's loss (0-dim float32) on the examples at these positions
+            (`TaskHeads.row_loss`: cross-entropy of the labels, or of the target tokens).
         config: Epochs, batch size, learning rate, warm-up, clipping.
         seed: Seeds shuffling and dropout, so a rerun gives the same numbers.
         adjust_loss: The strategy's `loss` hook.
@@ -73,11 +72,10 @@ def train_task(
     """
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
-    per_epoch = math.ceil(len(items) / config.batch_size)
+    per_epoch = math.ceil(count / config.batch_size)
     total = per_epoch * config.epochs
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _schedule(optimizer, total, config.warmup)
-    target = backbone.placement.tensor(labels, dtype=torch.long)
     # float16 weights: gradients through them can underflow, so the loss is scaled (bfloat16
     # has float32's range and needs none; disabled, the scaler passes everything through)
     scaler = torch.amp.GradScaler(backbone.device.type, enabled=backbone.dtype == torch.float16)
@@ -86,10 +84,8 @@ def train_task(
     with meter(f"{description}: training", total, "steps") as progress:
         for _ in range(config.epochs):
             epoch_losses = []
-            for rows in np.array_split(order_rng.permutation(len(items)), per_epoch):
-                batch = backbone.collate([items[i] for i in rows])
-                logits = head(backbone.embed(batch))  # float32: pooled states and head are
-                loss = adjust_loss(nn.functional.cross_entropy(logits.float(), target[rows]))
+            for rows in np.array_split(order_rng.permutation(count), per_epoch):
+                loss = adjust_loss(batch_loss(rows))
                 value = loss.item()  # the step's one host synchronisation
                 if not math.isfinite(value):
                     backbone.eval()

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from continual_peft.errors import ContinualPeftError
 
@@ -97,21 +96,19 @@ class Examples:
 
 
 def examples_loss(learner: Learner, examples: Examples) -> torch.Tensor:
-    """Mean cross-entropy of `examples`, each row through its own task's head.
+    """Mean cross-entropy of `examples`, each row through its own task's head (on a
+    generative backbone: of each row's target tokens, `TaskHeads.row_loss`).
 
     The backbone runs as the bank is routed now (during training: the trainable slot), so the
     loss's gradient reaches that slot; earlier tasks' heads are frozen and only pass it on.
     """
-    backbone = learner.backbone
-    batch = backbone.collate(examples.items)
-    logits = learner.heads.logits(backbone.embed(batch), examples.tasks)  # (B, C_max)
-    target = backbone.placement.tensor(examples.labels, dtype=torch.long)
-    return nn.functional.cross_entropy(logits.float(), target)
+    return learner.heads.row_loss(examples.items, examples.tasks, examples.labels)
 
 
 def encoded_examples(learner: Learner, task_name: str, inputs: list, labels: list[int]):
-    """A task's training inputs, encoded by the learner's backbone, as a store."""
-    items = learner.backbone.encode(list(inputs)).items
+    """A task's training inputs, encoded as its head reads them (token ids in the task's
+    template, on a generative backbone), as a store."""
+    items = learner.heads.prompt_items(task_name, list(inputs)).items
     return Examples(items, list(labels), [task_name] * len(items))
 
 

@@ -57,7 +57,9 @@ class SlotBank(Protocol):
 class TaskHeads(Protocol):
     """What strategies use of the per-task heads (`engine.heads.Heads` is one)."""
 
-    def logits(self, pooled: torch.Tensor, tasks: list[str]) -> torch.Tensor: ...
+    def prompt_items(self, task: str, inputs: list, where: str = "input") -> Any: ...
+
+    def row_loss(self, items: list, tasks: list[str], labels: list[int]) -> torch.Tensor: ...
 
 
 class Learner(Protocol):

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from continual_peft.errors import ContinualPeftError
 from continual_peft.strategies._examples import check_option, is_int, is_number
@@ -88,7 +87,7 @@ class EWC(Sequential):
         squared gradient of log p(true label | x), one example at a time."""
         params = learner.bank.trainable_parameters()
         backbone, slot = learner.backbone, learner.learned[task.name].slot
-        items = backbone.encode(task.train_inputs).items
+        items = learner.heads.prompt_items(task.name, task.train_inputs).items
         rng = np.random.default_rng(learner.task_seed(task, "ewc-fisher"))
         count = min(self.fisher_samples, len(items))
         rows = np.sort(rng.choice(len(items), size=count, replace=False))
@@ -98,10 +97,8 @@ class EWC(Sequential):
         try:
             with learner.bank.use_slot(slot):
                 for row in rows.tolist():
-                    batch = backbone.collate([items[row]])
-                    logits = learner.heads.logits(backbone.embed(batch), [task.name])
-                    log_p = nn.functional.log_softmax(logits.float(), dim=-1)  # (1, C)
-                    log_p = log_p[0, task.train_labels[row]]  # of the true label
+                    label = task.train_labels[row]  # log p of the true label (its tokens')
+                    log_p = -learner.heads.row_loss([items[row]], [task.name], [label])
                     grads = torch.autograd.grad(log_p, params, allow_unused=True)
                     for total, grad in zip(fisher, grads, strict=True):
                         if grad is not None:

@@ -1,0 +1,168 @@
+"""Heads of generative backbones: the frozen LM head answers every task (see `engine.heads`).
+
+Per task it keeps the label strings (a generation task's labels are its distinct targets), its
+kind, its prompt template and the labels' token ids (`LanguageModelBackbone.encode_targets`).
+
+- Classification, `decode = "score"` (the default): each label string is scored by the
+  log-likelihood of its tokens after the prompt (`label_score`: "sum", the default, or "mean"
+  over its tokens); the best label is the prediction. `row_logits` returns these scores.
+- Classification, `decode = "generate"`: greedy generation (the published protocol); the text
+  is compared with the label strings as it is, and a text that is no label is wrong (the
+  evaluation counts them: `not_a_label`).
+- Generation: greedy generation of at most `max_new_tokens` tokens.
+- Training (`row_loss`), every kind: cross-entropy of the gold target's tokens, prompt masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from continual_peft.backbones.lm import LanguageModelBackbone
+from continual_peft.backbones.text import Backbone, Encoded
+from continual_peft.config import GenerationConfig, LearnerConfig
+from continual_peft.engine.heads import Heads, TaskHeads
+from continual_peft.errors import ContinualPeftError
+from continual_peft.tasks.task import Task
+
+GENERATION = "generation"
+
+
+def fill(template: str | None, text: str) -> str:
+    """`template` with every "{text}" replaced by `text` (the text itself without template)."""
+    return text if template is None else template.replace("{text}", text)
+
+
+@dataclass
+class TaskTargets:
+    """What the LM head needs of one task."""
+
+    labels: list[str]
+    kind: str  # "classification" or "generation"
+    template: str | None
+    targets: list[list[int]]  # token ids of each label (target), EOS last
+
+
+class LanguageModelHeads(nn.Module):
+    """The frozen LM head serving every task of a generative backbone.
+
+    Args:
+        backbone: A causal or seq2seq backbone.
+        config: How classification is decoded, how labels are scored, how long answers are.
+    """
+
+    def __init__(self, backbone: LanguageModelBackbone, config: GenerationConfig) -> None:
+        super().__init__()
+        self._backbone = [backbone]  # not a submodule: the learner owns it
+        self.config = config
+        self.heads = nn.ModuleDict()  # an empty module per task: nothing to train or save
+        self.tasks: dict[str, TaskTargets] = {}
+
+    @property
+    def backbone(self) -> LanguageModelBackbone:
+        return self._backbone[0]
+
+    def _register(self, name: str, labels: list[str], kind: str, template: str | None) -> None:
+        where = f"task {name!r}: {'target' if kind == GENERATION else 'label'}"
+        targets = self.backbone.encode_targets(list(labels), where)
+        self.tasks[name] = TaskTargets(list(labels), kind, template, targets)
+        self.heads[name] = nn.Module()
+
+    def open(self, task: Task, seed: int) -> nn.Module:
+        """Register `task` (its label strings' tokens); nothing trainable."""
+        kind = getattr(task, "kind", "classification")
+        self._register(task.name, task.labels, kind, getattr(task, "template", None))
+        return self.heads[task.name]
+
+    def restore(self, name: str, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """A learned task from its record (labels, kind, template)."""
+        kind = record.get("kind", "classification")
+        self._register(name, record["labels"], kind, record.get("template"))
+
+    def freeze(self, task: str) -> None:
+        """Nothing to freeze: the LM head is the backbone's, frozen from the start."""
+
+    def metric(self, task: str) -> str:
+        return "exact_match" if self.tasks[task].kind == GENERATION else "accuracy"
+
+    def prompt_items(self, task: str, inputs: list, where: str = "input") -> Encoded:
+        """The inputs with the task's template filled in, as token ids (cut from the left)."""
+        template = self.tasks[task].template
+        return self.backbone.encode([fill(template, x) for x in inputs], where)
+
+    def row_loss(self, items: list, tasks: list[str], labels: list[int]) -> torch.Tensor:
+        """Mean cross-entropy of the gold targets' tokens after the prompts."""
+        targets = [self.tasks[t].targets[y] for t, y in zip(tasks, labels, strict=True)]
+        return self.backbone.target_loss(items, targets)
+
+    def row_logits(self, items: list, tasks: list[str]) -> torch.Tensor:
+        """(B, C_max) label scores (`label_score` of each label's token log-probabilities),
+        -inf past each row's own label count; one forward per label position."""
+        counts = [len(self.tasks[t].targets) for t in tasks]
+        placement = self.backbone.placement
+        out = placement.zeros(len(items), max(counts)).fill_(float("-inf"))
+        for c in range(max(counts)):  # rows without a c-th label score their last, unused
+            targets = [
+                self.tasks[t].targets[min(c, n - 1)] for t, n in zip(tasks, counts, strict=True)
+            ]
+            summed, tokens = self.backbone.target_logprobs(items, targets)
+            score = summed / tokens if self.config.label_score == "mean" else summed
+            keep = placement.tensor([i for i, n in enumerate(counts) if n > c], dtype=torch.long)
+            out[keep, c] = score[keep]
+        return out
+
+    def row_predict(self, items: list, tasks: list[str]) -> list[str]:
+        """Each row's answer: its best label (decode "score"), or the greedy text."""
+        scored = [i for i, t in enumerate(tasks) if self._scores(t)]
+        answers: list[str] = [""] * len(items)
+        if scored:
+            sub = [tasks[i] for i in scored]
+            best = self.row_logits([items[i] for i in scored], sub).argmax(dim=-1).tolist()
+            for i, t, b in zip(scored, sub, best, strict=True):
+                answers[i] = self.tasks[t].labels[b]
+        written = [i for i in range(len(items)) if i not in set(scored)]
+        if written:
+            new = self.backbone.generate([items[i] for i in written], self.config.max_new_tokens)
+            for i, ids in zip(written, new, strict=True):
+                answers[i] = self.backbone.decode(ids)
+        return answers
+
+    def _scores(self, task: str) -> bool:
+        """Whether `task` is answered by scoring its labels rather than generating."""
+        return self.tasks[task].kind != GENERATION and self.config.decode == "score"
+
+    def prompt_rows(self, inputs: list, tasks: list[str], items: list | None = None) -> list:
+        """Each input in its row's task's template, encoded (`items`, the bare encodings that
+        routers read, are not what the LM reads)."""
+        rows: list = [None] * len(inputs)
+        for task in dict.fromkeys(tasks):
+            picked = [i for i, t in enumerate(tasks) if t == task]
+            encoded = self.prompt_items(task, [inputs[i] for i in picked]).items
+            for i, item in zip(picked, encoded, strict=True):
+                rows[i] = item
+        return rows
+
+    def feature_items(self, inputs: list, where: str = "input") -> list | None:
+        """The inputs as routers read them: bare, without any task's template (a template
+        that differs between tasks would tell the router the task)."""
+        return self.backbone.encode(list(inputs), where).items
+
+
+def make_heads(backbone: Backbone, config: LearnerConfig) -> TaskHeads:
+    """Linear heads on an encoder or image backbone; the LM head on a generative one."""
+    if isinstance(backbone, LanguageModelBackbone):
+        return LanguageModelHeads(backbone, config.generation)
+    return Heads(backbone)
+
+
+def check_kind(task: Task, heads: TaskHeads) -> None:
+    """Refuse a generation task on a backbone that cannot write text."""
+    if getattr(task, "kind", "classification") == "generation" and isinstance(heads, Heads):
+        raise ContinualPeftError(
+            f"task {task.name!r} is a generation task, but this backbone "
+            f"({heads.backbone.name}) is an encoder, which classifies and cannot write text; "
+            "use a decoder-only or encoder-decoder model folder as the backbone (e.g. "
+            "--backbone path/to/Qwen2.5-0.5B or a Flan-T5 folder)"
+        )

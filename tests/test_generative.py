@@ -1,0 +1,214 @@
+"""Generative backbones (decoder-only and encoder-decoder): families, label scoring, routed
+generation, prompts, persistence and the refusals, on tiny models built from configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+from transformers import AutoConfig, WhisperConfig
+
+from continual_peft import (
+    Backbone,
+    CausalBackbone,
+    ContinualLearner,
+    ContinualPeftError,
+    LearnerConfig,
+    ModuleBank,
+    Seq2SeqBackbone,
+    Task,
+)
+from continual_peft.backbones.load import family
+from continual_peft.backbones.tiny import save_tiny, tiny_model, word_tokenizer
+
+WORDS = ["red", "blue", "green", "apple", "plum", "fox", "crow", "fruit", "animal", "of",
+         "Input", "Output", "yes", "no"]  # fmt: skip
+ARCHITECTURES = ["llama", "qwen2", "gpt2", "t5"]
+
+
+def lm_backbone(architecture: str, max_length: int = 32, seed: int = 0):
+    """A tiny generative backbone of `architecture`, built in memory (float32)."""
+    tokenizer = word_tokenizer(WORDS)
+    model = tiny_model(architecture, len(tokenizer), seed)
+    kind = Seq2SeqBackbone if architecture == "t5" else CausalBackbone
+    return kind(model, tokenizer, max_length=max_length, name=f"tiny-{architecture}",
+                device=DEVICE, dtype="float32")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: save_tiny(root / a, a, WORDS) for a in ("llama", "gpt2", "t5")}
+
+
+def test_families_are_read_from_the_config(folders):
+    assert {a: family(AutoConfig.from_pretrained(f)) for a, f in folders.items()} == {
+        "llama": "causal", "gpt2": "causal", "t5": "seq2seq",
+    }  # fmt: skip
+    with pytest.raises(ContinualPeftError, match="whisper.*supported families"):
+        family(WhisperConfig())
+
+
+def test_a_folder_loads_as_its_familys_backbone(folders):
+    causal = Backbone.from_pretrained(str(folders["llama"]), max_length=16, device=DEVICE)
+    seq2seq = Backbone.from_pretrained(str(folders["t5"]), max_length=16, device=DEVICE)
+    assert type(causal) is CausalBackbone and causal.tokenizer.padding_side == "left"
+    assert type(seq2seq) is Seq2SeqBackbone and seq2seq.tokenizer.padding_side == "right"
+
+
+def hand_logprobs(backbone, prompt: list[int], target: list[int]) -> float:
+    """log p(target | prompt), one row alone, no padding, summed token by token."""
+    model, device = backbone.model, backbone.device
+    with torch.no_grad():
+        if isinstance(backbone, Seq2SeqBackbone):
+            start = model.config.decoder_start_token_id
+            logits = model(
+                input_ids=torch.tensor([prompt], device=device),
+                decoder_input_ids=torch.tensor([[start, *target[:-1]]], device=device),
+            ).logits[0]
+            steps = range(len(target))
+        else:
+            logits = model(input_ids=torch.tensor([prompt + target], device=device)).logits[0]
+            steps = range(len(prompt) - 1, len(prompt) + len(target) - 1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return float(sum(logp[step, token] for step, token in zip(steps, target, strict=True)))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_label_scores_equal_a_hand_computation(architecture):
+    backbone = lm_backbone(architecture)
+    prompts = backbone.encode(["Input: red of fruit Output:", "blue", "fox of crow plum"]).items
+    targets = backbone.encode_targets(["apple", "plum fox", "yes"])
+    assert all(t[-1] == backbone.eos_id for t in targets)  # every target ends with EOS
+    with torch.no_grad():
+        summed, counts = backbone.target_logprobs(prompts, targets)
+    hand = [hand_logprobs(backbone, p, t) for p, t in zip(prompts, targets, strict=True)]
+    torch.testing.assert_close(summed.cpu(), torch.tensor(hand), atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == [len(t) for t in targets]
+
+
+def lora_bank(backbone, slots: int = 3) -> ModuleBank:
+    """A bank of `slots` LoRA slots with non-zero B (as if trained), all frozen."""
+    bank = ModuleBank(backbone, "lora", configs={"lora": _lora_config()})
+    for seed in range(slots):
+        bank.add_slot(seed)
+        with torch.no_grad():
+            for p in bank.trainable_parameters():
+                if p.dim() == 2 and not p.abs().sum():
+                    p.normal_(0, 1.0, generator=torch.Generator(device="cpu").manual_seed(seed))
+        bank.freeze_slot()
+    return bank
+
+
+def _lora_config():
+    from continual_peft.modules.lora import LoRAConfig
+
+    return LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["all-linear"])
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "t5"])
+def test_routed_generation_equals_each_row_alone(architecture):
+    backbone = lm_backbone(architecture)
+    bank = lora_bank(backbone)
+    prompts = backbone.encode(["red of fruit", "Input: blue of animal Output:", "plum",
+                               "crow of green of red"]).items  # fmt: skip
+    slots = torch.tensor([[0, -1], [1, -1], [2, 0], [1, 2]], device="cpu")
+    weights = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.3, 0.7]], device="cpu")
+    with bank.route(slots, weights):
+        together = backbone.generate(prompts, max_new_tokens=6)
+    alone = []
+    for row in range(len(prompts)):
+        with bank.route(slots[row : row + 1], weights[row : row + 1]):
+            alone += backbone.generate([prompts[row]], max_new_tokens=6)
+    assert together == alone
+    with bank.base_only():
+        bare = backbone.generate(prompts, max_new_tokens=6)
+    assert bare != together  # the slots do change what is written
+
+
+def test_a_tokenizer_without_pad_pads_with_eos_and_one_without_eos_is_refused():
+    tokenizer = word_tokenizer(WORDS)
+    tokenizer.pad_token = None
+    model = tiny_model("llama", len(tokenizer))
+    backbone = CausalBackbone(model, tokenizer, device=DEVICE, dtype="float32")
+    assert backbone.pad_id == backbone.eos_id
+    tokenizer = word_tokenizer(WORDS)
+    tokenizer.pad_token = tokenizer.eos_token = None
+    with pytest.raises(ContinualPeftError, match="no EOS token"):
+        CausalBackbone(model, tokenizer, device=DEVICE, dtype="float32")
+
+
+def test_a_long_prompt_is_cut_from_the_left_and_counted():
+    backbone = lm_backbone("llama", max_length=4)
+    encoded = backbone.encode(["red blue green Input: fox Output:", "red"])
+    assert encoded.truncated == 1
+    assert backbone.tokenizer.convert_ids_to_tokens(encoded.items[0]) == [
+        "Input", ":", "fox", "Output", ":"
+    ][-4:]
+
+
+def test_a_label_without_tokens_and_bad_max_new_tokens_are_refused():
+    backbone = lm_backbone("gpt2")
+    with pytest.raises(ContinualPeftError, match="has no tokens"):
+        backbone.encode_targets(["apple", ""], "task 'x': label")
+    with pytest.raises(ContinualPeftError, match="max_new_tokens must be at least 1"):
+        backbone.generate([[4, 5]], 0)
+    with pytest.raises(ContinualPeftError, match="generation.max_new_tokens = 0"):
+        LearnerConfig.from_dict({"generation": {"max_new_tokens": 0}})
+
+
+def generation_task(name: str, pairs: list[tuple[str, str]], repeat: int = 6) -> Task:
+    task = Task.from_examples(name, train=pairs * repeat, test=pairs)
+    task.kind, task.template = "generation", "Input: {text} Output:"
+    return task
+
+
+def test_a_generation_task_on_an_encoder_is_refused(make_backbone):
+    learner = ContinualLearner(make_backbone())
+    with pytest.raises(ContinualPeftError, match="generation task.*encoder.*decoder-only"):
+        learner.learn(generation_task("fruit", [("red", "apple"), ("blue", "plum")]))
+    assert not learner.learned  # nothing half-learned
+
+
+FRUIT = [("fruit of red", "apple"), ("fruit of blue", "plum"), ("fruit of green", "fox")]
+ANIMAL = [("animal of red", "crow"), ("animal of blue", "fox"), ("animal of green", "apple")]
+
+
+def small_config(strategy: str = "per_task", **generation) -> LearnerConfig:
+    return LearnerConfig.from_dict({
+        "strategy": strategy, "router": "prototype",
+        "train": {"epochs": 12, "batch_size": 6, "lr": 3e-3, "warmup": 0.0},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["all-linear"]},
+        "generation": {"max_new_tokens": 3, **generation},
+    })  # fmt: skip
+
+
+def test_label_scoring_classification_learns_and_predicts_label_strings():
+    backbone = lm_backbone("llama")
+    learner = ContinualLearner(backbone, config=small_config())
+    task = Task.from_examples(
+        "colors", train=[("red", "yes"), ("blue", "no"), ("green", "no")] * 6,
+        test=[("red", "yes"), ("blue", "no"), ("green", "no")],
+    )  # fmt: skip
+    task.template = "Input: {text} Output:"
+    record = learner.learn(task)
+    assert record["metric"] == "accuracy" and learner.report["accuracy_matrix"]["oracle"][0][0] == 1.0
+    scores = learner.logits(["red", "blue"], ["colors", "colors"])
+    assert scores.shape == (2, 2) and bool((scores <= 0).all())  # summed log-probabilities
+    assert learner.predict(["red", "blue"], task="colors") == ["yes", "no"]
+
+
+def test_generation_tasks_learn_route_and_survive_save_and_load(tmp_path):
+    learner = ContinualLearner(lm_backbone("llama"), config=small_config())
+    for task in (generation_task("fruit", FRUIT), generation_task("animal", ANIMAL)):
+        learner.learn(task)
+    matrix = learner.report["accuracy_matrix"]["oracle"]
+    assert matrix[1] == [1.0, 1.0]  # exact match, each task through its own slot
+    assert learner.records[-1]["metric"] == "exact_match"
+    assert learner.records[-1]["text_scores"]["fruit"]["rouge_l"] == 1.0
+    inputs = [x for x, _ in FRUIT + ANIMAL]
+    assert learner.predict(inputs) == [y for _, y in FRUIT + ANIMAL]  # routed by prototypes
+    learner.save(tmp_path / "saved")
+    again = ContinualLearner.load(tmp_path / "saved", backbone=lm_backbone("llama"))
+    assert again.predict(inputs) == learner.predict(inputs)
+    assert again.predict(inputs[:3], task="fruit") == [y for _, y in FRUIT]
