@@ -1,4 +1,8 @@
-"""A wrapped `nn.Linear` plus every slot's low-rank delta: the shared engine of LoRA and adapters.
+"""A wrapped layer plus every slot's low-rank delta: the shared engine of LoRA and adapters.
+
+The wrapped layer is an `nn.Linear` (`x W^T + b`, weight (d_out, d_in)), transformers' `Conv1D`
+(GPT-2: `x W + b`, weight (d_in, d_out)) or another site (two kinds on one layer); the site reads
+its sizes from the layer's kind (`layer_sizes`), never from the weight's shape.
 
 For a slot s, with `h` the layer's input (LoRA) or output (adapter):
 
@@ -23,11 +27,30 @@ from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
 
 
+def conv1d_type() -> type[nn.Module]:
+    """transformers' `Conv1D`, imported when first needed (the package imports transformers
+    lazily)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def layer_sizes(layer: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a layer a site can wrap: `nn.Linear`, `Conv1D` or another site."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    if isinstance(layer, LowRankSite):
+        return layer.d_out, layer.d_in
+    if isinstance(layer, conv1d_type()):
+        return layer.nf, layer.nx  # its weight is (nx, nf): (d_in, d_out)
+    raise TypeError(f"a low-rank site wraps nn.Linear, Conv1D or a site, not {type(layer)}")
+
+
 class LowRankSite(StackedSite):
     """`base_layer(x) + delta(x or base_layer(x))`, with per-row slots from `routing`.
 
     Args:
-        base_layer: The frozen original layer.
+        base_layer: The frozen original layer: `nn.Linear`, `Conv1D` or another site.
         routing: The bank's routing state for this module kind.
         rank: Width r of the delta's bottleneck.
         names: Stack names for (down, up, down bias, up bias); None for an absent bias.
@@ -39,7 +62,7 @@ class LowRankSite(StackedSite):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         routing: Routing,
         rank: int,
         names: tuple[str, str, str | None, str | None],
@@ -56,7 +79,8 @@ class LowRankSite(StackedSite):
         self.on_output = on_output
         self.activation = activation or nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        d_out, d_in = base_layer.weight.shape
+        d_out, d_in = layer_sizes(base_layer)
+        self.d_out, self.d_in = d_out, d_in
         width = d_out if on_output else d_in
         down, up, down_bias, up_bias = names
         shapes = {down: (rank, width), up: (d_out, rank), "scale": ()}
@@ -68,7 +92,8 @@ class LowRankSite(StackedSite):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The wrapped layer's weight, so another kind can wrap this site like a Linear."""
+        """The wrapped layer's weight as that layer stores it (a Linear's is (d_out, d_in), a
+        Conv1D's (d_in, d_out)): for its dtype and device; `d_out` and `d_in` give the sizes."""
         return self.base_layer.weight
 
     def add_slot(self, generator: torch.Generator) -> None:

@@ -12,9 +12,16 @@ projection's output before that dropout, residual and LayerNorm, which is Houlsb
   the feed-forward output (`layer.N.output.dense`): two adapters per layer.
 - `"pfeiffer"`: after the feed-forward output only: one adapter per layer.
 
-Placement in the ViT family (transformers 5: ViT, DeiT, BEiT, DINOv2). The layers are pre-norm,
-`h + dropout(attention.o_proj(...))` and `h + dropout(mlp.fc2(...))`, so wrapping `o_proj` and
-`fc2` is the same placement: after the projection, before the skip connection.
+The other families are pre-norm, `h + attention_output(...)` and `h + mlp_output(...)` (some with
+a dropout between), so wrapping those two projections is the same placement: after the
+projection, before the skip connection. Their names (`PLACEMENTS` holds the regexes):
+
+- ViT family (transformers 5: ViT, DeiT, BEiT, DINOv2): `layers.N.attention.o_proj`, `.mlp.fc2`;
+- Llama, Qwen2: `layers.N.self_attn.o_proj`, `layers.N.mlp.down_proj`;
+- GPT-2: `h.N.attn.c_proj`, `h.N.mlp.c_proj` (both `Conv1D`, both named `c_proj`: the full name
+  tells them apart);
+- T5: `block.N.layer.M.SelfAttention.o` (encoder and decoder) and, in the decoder,
+  `EncDecAttention.o` (cross-attention; houlsby wraps it too), `block.N.layer.M.DenseReluDense.wo`.
 
 The up-projection and its bias start at zero, so a fresh slot leaves the backbone's output
 bit-identical; the down-projection starts small and random, so gradients reach the up-projection.
@@ -30,9 +37,9 @@ from torch import nn
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules._lowrank import LowRankSite
+from continual_peft.modules._lowrank import LowRankSite, layer_sizes
 from continual_peft.modules._routing import Routing
-from continual_peft.modules.base import MODULE_KINDS, wrap_linear_layers
+from continual_peft.modules.base import MODULE_KINDS, layer_endings, wrap_linear_layers
 
 NAMES = ("adapter_down", "adapter_up", "adapter_down_bias", "adapter_up_bias")
 INIT_STD = 1e-2  # Houlsby et al.: near-identity initialisation
@@ -45,13 +52,32 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "identity": nn.Identity,
 }
 
-# Full-name regular expressions; `layer.N.output.dense` must not catch `attention.output.dense`.
-# First alternative: BERT family; second: the ViT family of transformers 5 (ViT, DeiT, BEiT,
-# DINOv2), whose pre-norm layers add the residual right after `attention.o_proj` and `mlp.fc2`.
-ATTENTION_OUTPUT = (
-    r"(.*\.)?layer\.\d+\.attention\.output\.dense|(.*\.)?layers?\.\d+\.attention\.o_proj"
-)
-FFN_OUTPUT = r"(.*\.)?layer\.\d+\.output\.dense|(.*\.)?layers?\.\d+\.mlp\.fc2"
+# Full-name regular expressions by family; BERT's `layer.N.output.dense` must not catch
+# `attention.output.dense`, nor GPT-2's `mlp.c_proj` its `attn.c_proj`.
+ATTENTION_OUTPUTS = {
+    "BERT family": r"(.*\.)?layer\.\d+\.attention\.output\.dense",
+    "ViT family": r"(.*\.)?layers?\.\d+\.attention\.o_proj",
+    "Llama/Qwen2": r"(.*\.)?layers\.\d+\.self_attn\.o_proj",
+    "GPT-2": r"(.*\.)?h\.\d+\.attn\.c_proj",
+    "T5": r"(.*\.)?block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.o",
+}
+FFN_OUTPUTS = {
+    "BERT family": r"(.*\.)?layer\.\d+\.output\.dense",
+    "ViT family": r"(.*\.)?layers?\.\d+\.mlp\.fc2",
+    "Llama/Qwen2": r"(.*\.)?layers\.\d+\.mlp\.down_proj",
+    "GPT-2": r"(.*\.)?h\.\d+\.mlp\.c_proj",
+    "T5": r"(.*\.)?block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
+}
+ATTENTION_OUTPUT = "|".join(ATTENTION_OUTPUTS.values())
+FFN_OUTPUT = "|".join(FFN_OUTPUTS.values())
+# How the error names each family's layers (N: layer index).
+LAYER_NAMES = {
+    "BERT family": "'layer.N.attention.output.dense' / 'layer.N.output.dense'",
+    "ViT family": "'layers.N.attention.o_proj' / 'layers.N.mlp.fc2'",
+    "Llama/Qwen2": "'layers.N.self_attn.o_proj' / 'layers.N.mlp.down_proj'",
+    "GPT-2": "'h.N.attn.c_proj' / 'h.N.mlp.c_proj'",
+    "T5": "'SelfAttention.o' (and 'EncDecAttention.o') / 'DenseReluDense.wo'",
+}
 PLACEMENTS: dict[str, list[str]] = {
     "houlsby": [ATTENTION_OUTPUT, FFN_OUTPUT],
     "pfeiffer": [FFN_OUTPUT],
@@ -93,7 +119,7 @@ class AdapterConfig:
 
 def _init(rank: int) -> callable:
     def init(generator: torch.Generator, site: LowRankSite) -> dict[str, torch.Tensor]:
-        d_out = site.base_layer.weight.shape[0]
+        d_out = site.d_out
         return {
             "adapter_down": torch.randn(rank, d_out, generator=generator, device=CPU) * INIT_STD,
             "adapter_up": torch.zeros(d_out, rank, device=CPU),
@@ -113,8 +139,8 @@ class Adapter:
         config = AdapterConfig(**options)
         self.config = config
 
-    def _site(self, layer: nn.Linear, routing: Routing) -> LowRankSite:
-        rank = self.config.width(layer.weight.shape[0])
+    def _site(self, layer: nn.Module, routing: Routing) -> LowRankSite:
+        rank = self.config.width(layer_sizes(layer)[0])
         return LowRankSite(
             layer,
             routing,
@@ -133,10 +159,10 @@ class Adapter:
             return wrap_linear_layers(
                 backbone.model, PLACEMENTS[placement], lambda layer: self._site(layer, routing)
             )
-        except ContinualPeftError as err:
+        except ContinualPeftError:
+            families = "; ".join(f"{k} {v}" for k, v in LAYER_NAMES.items())
             raise ContinualPeftError(
-                f"adapter placement {placement!r} needs BERT-family layers named "
-                f"'layer.N.attention.output.dense' / 'layer.N.output.dense' (or ViT-family "
-                f"'layers.N.attention.o_proj' / 'layers.N.mlp.fc2'), which "
-                f"{type(backbone.model).__name__} lacks ({err})"
+                f"adapter placement {placement!r} needs the output projections of a known "
+                f"family, named as in: {families}; {type(backbone.model).__name__} has none "
+                f"(its layers' names end in: {layer_endings(backbone.model)})"
             ) from None

@@ -1,8 +1,13 @@
-"""LoRA: a low-rank delta `x A^T B^T · alpha/r` beside each wrapped `nn.Linear`.
+"""LoRA: a low-rank delta `x A^T B^T · alpha/r` beside each wrapped `nn.Linear` or `Conv1D`.
 
-Each site stacks all slots: `lora_A: (T, r, d_in)`, `lora_B: (T, d_out, r)` (see `_lowrank`).
+Each site stacks all slots: `lora_A: (T, r, d_in)`, `lora_B: (T, d_out, r)` (see `_lowrank`), for
+GPT-2's `Conv1D` too: peft's layout (with `fan_in_fan_out=True` there), so weights copy across.
 A starts as peft initialises it (Kaiming-uniform) and B at zero, so a fresh slot leaves the
 backbone's output bit-identical.
+
+The default targets, `["query", "value"]`, are the query and value projections of every family
+`base.ALIASES` knows: BERT's `query`/`value`, ViT's, Llama's and Qwen2's `q_proj`/`v_proj`,
+GPT-2's fused `c_attn`, and T5's `q`/`v` (encoder, decoder and cross-attention).
 """
 
 from __future__ import annotations
@@ -34,12 +39,11 @@ class LoRAConfig:
 
 def _init(config: LoRAConfig) -> callable:
     def init(generator: torch.Generator, site: LowRankSite) -> dict[str, torch.Tensor]:
-        d_out, d_in = site.base_layer.weight.shape
-        a = torch.empty(config.r, d_in, device=CPU)  # drawn on the CPU; the stack moves it
+        a = torch.empty(config.r, site.d_in, device=CPU)  # drawn on the CPU; the stack moves it
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         return {
             "lora_A": a,
-            "lora_B": torch.zeros(d_out, config.r, device=CPU),
+            "lora_B": torch.zeros(site.d_out, config.r, device=CPU),
             "scale": torch.tensor(config.alpha / config.r, device=CPU),
         }
 
@@ -48,7 +52,7 @@ def _init(config: LoRAConfig) -> callable:
 
 @MODULE_KINDS.register("lora", options=LoRAConfig)
 class LoRA:
-    """The `lora` module kind: wraps the target linear layers."""
+    """The `lora` module kind: wraps the target `nn.Linear` and `Conv1D` layers."""
 
     def __init__(self, **options: Any) -> None:
         config = LoRAConfig(**options)
