@@ -142,9 +142,10 @@ def test_a_long_prompt_is_cut_from_the_left_and_counted():
     backbone = lm_backbone("llama", max_length=4)
     encoded = backbone.encode(["red blue green Input: fox Output:", "red"])
     assert encoded.truncated == 1
-    assert backbone.tokenizer.convert_ids_to_tokens(encoded.items[0]) == [
-        "Input", ":", "fox", "Output", ":"
-    ][-4:]
+    assert (
+        backbone.tokenizer.convert_ids_to_tokens(encoded.items[0])
+        == ["Input", ":", "fox", "Output", ":"][-4:]
+    )
 
 
 def test_a_label_without_tokens_and_bad_max_new_tokens_are_refused():
@@ -177,7 +178,7 @@ ANIMAL = [("animal of red", "crow"), ("animal of blue", "fox"), ("animal of gree
 def small_config(strategy: str = "per_task", **generation) -> LearnerConfig:
     return LearnerConfig.from_dict({
         "strategy": strategy, "router": "prototype",
-        "train": {"epochs": 12, "batch_size": 6, "lr": 3e-3, "warmup": 0.0},
+        "train": {"epochs": 30, "batch_size": 6, "lr": 5e-3, "warmup": 0.0},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["all-linear"]},
         "generation": {"max_new_tokens": 3, **generation},
     })  # fmt: skip
@@ -192,7 +193,9 @@ def test_label_scoring_classification_learns_and_predicts_label_strings():
     )  # fmt: skip
     task.template = "Input: {text} Output:"
     record = learner.learn(task)
-    assert record["metric"] == "accuracy" and learner.report["accuracy_matrix"]["oracle"][0][0] == 1.0
+    assert (
+        record["metric"] == "accuracy" and learner.report["accuracy_matrix"]["oracle"][0][0] == 1.0
+    )
     scores = learner.logits(["red", "blue"], ["colors", "colors"])
     assert scores.shape == (2, 2) and bool((scores <= 0).all())  # summed log-probabilities
     assert learner.predict(["red", "blue"], task="colors") == ["yes", "no"]

@@ -41,6 +41,7 @@ class TaskHeads(Protocol):
     def row_predict(self, items: list, tasks: list[str]) -> list[str]: ...
     def prompt_rows(self, inputs: list, tasks: list[str], items: list | None = None) -> list: ...
     def feature_items(self, inputs: list, where: str = "input") -> list | None: ...
+    def describe(self, task: str, scores: dict[str, dict]) -> dict: ...
 
 
 class Heads(nn.Module):
@@ -134,3 +135,7 @@ class Heads(nn.Module):
         """The inputs as routers read them, where that differs from `prompt_items`: never
         here (None)."""
         return None
+
+    def describe(self, task: str, scores: dict[str, dict]) -> dict:
+        """What a task's record adds about its head: nothing for a linear head."""
+        return {}

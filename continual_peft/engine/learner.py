@@ -22,9 +22,8 @@ from continual_peft.backbones.placement import set_threads
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig, TrainConfig
 from continual_peft.engine.bank import ModuleBank
-from continual_peft.engine.heads import Heads, TaskHeads
 from continual_peft.engine.inference import evaluating
-from continual_peft.engine.lm_heads import LanguageModelHeads
+from continual_peft.engine.lm_heads import check_new_task, make_heads
 from continual_peft.engine.monitor import ForgettingMonitor
 from continual_peft.engine.predictor import Predictor
 from continual_peft.engine.progress import meter
@@ -202,17 +201,7 @@ class ContinualLearner:
         task under `use_task(task.name)` with `session.adjust_loss` applied to each batch's
         loss, then call `end_task`.
         """
-        if task.name in self.learned:
-            raise ContinualPeftError(
-                f"task {task.name!r} was already learned; task names must be unique."
-            )
-        missing = [name for name, state in self.learned.items() if not state.has_data]
-        if missing:
-            raise ContinualPeftError(
-                f"this learner was loaded without the data of task(s) {missing}, which a new "
-                "task must re-evaluate: pass them as ContinualLearner.load(..., tasks=[...])."
-            )
-        check_kind(task, self.heads)
+        check_new_task(task, self.learned, self.heads)
         self.strategy.before_task(self, task)
         slot = self.strategy.allocate(self, task)
         head = self.heads.open(task, seed=self.task_seed(task, "head"))
@@ -277,10 +266,7 @@ class ContinualLearner:
             "train_steps": result.steps, "final_train_loss": result.final_loss,
             "truncated_inputs": session.truncated,
         }  # fmt: skip
-        if isinstance(self.heads, LanguageModelHeads):
-            record |= {"kind": getattr(task, "kind", "classification"),
-                       "template": getattr(task, "template", None),
-                       "text_scores": dict(self.predictor.text_scores)}  # fmt: skip
+        record |= self.heads.describe(task.name, self.predictor.text_scores)
         if result.loss_curve is not None:
             record["loss_curve"] = result.loss_curve
         if strategy_facts:

@@ -129,6 +129,12 @@ class LanguageModelHeads(nn.Module):
                 answers[i] = self.backbone.decode(ids)
         return answers
 
+    def describe(self, task: str, scores: dict[str, dict]) -> dict:
+        """What a task's record adds: its kind and template (to load it again) and the last
+        evaluation's other scores of every task (`Predictor.text_scores`)."""
+        entry = self.tasks[task]
+        return {"kind": entry.kind, "template": entry.template, "text_scores": dict(scores)}
+
     def _scores(self, task: str) -> bool:
         """Whether `task` is answered by scoring its labels rather than generating."""
         return self.tasks[task].kind != GENERATION and self.config.decode == "score"
@@ -157,9 +163,20 @@ def make_heads(backbone: Backbone, config: LearnerConfig) -> TaskHeads:
     return Heads(backbone)
 
 
-def check_kind(task: Task, heads: TaskHeads) -> None:
-    """Refuse a generation task on a backbone that cannot write text."""
-    if getattr(task, "kind", "classification") == "generation" and isinstance(heads, Heads):
+def check_new_task(task: Task, learned: dict, heads: TaskHeads) -> None:
+    """Refuse a task the learner cannot begin: a name already learned, earlier tasks loaded
+    without their data (a new task re-evaluates them), a generation task on an encoder."""
+    if task.name in learned:
+        raise ContinualPeftError(
+            f"task {task.name!r} was already learned; task names must be unique."
+        )
+    missing = [name for name, state in learned.items() if not state.has_data]
+    if missing:
+        raise ContinualPeftError(
+            f"this learner was loaded without the data of task(s) {missing}, which a new "
+            "task must re-evaluate: pass them as ContinualLearner.load(..., tasks=[...])."
+        )
+    if getattr(task, "kind", "classification") == GENERATION and isinstance(heads, Heads):
         raise ContinualPeftError(
             f"task {task.name!r} is a generation task, but this backbone "
             f"({heads.backbone.name}) is an encoder, which classifies and cannot write text; "
