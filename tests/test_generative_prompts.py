@@ -1,0 +1,104 @@
+"""Prompt tuning on generative backbones against peft, under left padding, and the module kinds
+a generative backbone refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from continual_peft import CausalBackbone, ContinualPeftError, ModuleBank, Seq2SeqBackbone
+from continual_peft.backbones.tiny import tiny_model, word_tokenizer
+from continual_peft.modules.prompt import PromptConfig
+
+WORDS = ["red", "blue", "green", "apple", "plum", "fox", "crow", "of", "Input", "Output"]
+N = 4  # virtual tokens
+
+
+def lm_backbone(architecture: str):
+    tokenizer = word_tokenizer(WORDS)
+    model = tiny_model(architecture, len(tokenizer))
+    kind = Seq2SeqBackbone if architecture == "t5" else CausalBackbone
+    return kind(model, tokenizer, max_length=32, device=DEVICE, dtype="float32")
+
+
+def peft_prompt_model(architecture: str, seed: int = 1):
+    """peft's prompt tuning on a copy of the same tiny model, with a random prompt."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    task_type = "SEQ_2_SEQ_LM" if architecture == "t5" else "CAUSAL_LM"
+    model = tiny_model(architecture, len(word_tokenizer(WORDS))).to(DEVICE)
+    peft_model = get_peft_model(
+        model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=N)
+    ).eval()
+    table = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(seed)))
+    return peft_model, table.detach().clone()
+
+
+def ours_with(backbone, prompt: torch.Tensor) -> ModuleBank:
+    bank = ModuleBank(backbone, "prompt", configs={"prompt": PromptConfig(num_virtual_tokens=N)})
+    bank.load_slot({"prompt.embedding": prompt.cpu()}, "prompt")
+    return bank
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
+def test_causal_prompt_tuning_gives_pefts_logits_even_under_left_padding(architecture):
+    backbone = lm_backbone(architecture)
+    peft_model, prompt = peft_prompt_model(architecture)
+    bank = ours_with(backbone, prompt)
+    texts = ["Input: red of apple Output:", "blue", "fox of crow"]
+    items = backbone.encode(texts).items
+    batch = backbone.collate(items)  # left-padded: rows 1 and 2 are shorter
+    with torch.no_grad(), bank.use_slot(0):
+        inputs = backbone.inputs(batch)
+        added = inputs.pop("added")
+        ours = backbone.model(**inputs).logits[:, added:]  # (B, L, V) on the real columns
+    for row, ids in enumerate(items):  # peft, one row at a time: no padding at all
+        with torch.no_grad():
+            theirs = peft_model(input_ids=torch.tensor([ids], device=DEVICE)).logits[0, N:]
+        torch.testing.assert_close(ours[row, -len(ids) :], theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_seq2seq_prompt_tuning_gives_pefts_logits():
+    backbone = lm_backbone("t5")
+    peft_model, prompt = peft_prompt_model("t5")
+    bank = ours_with(backbone, prompt)
+    items = backbone.encode(["Input: red of apple Output:"]).items
+    targets = backbone.encode_targets(["plum fox"])
+    with torch.no_grad(), bank.use_slot(0):
+        summed, _ = backbone.target_logprobs(items, targets)
+        labels = torch.tensor(targets, device=DEVICE)
+        out = peft_model(input_ids=torch.tensor(items, device=DEVICE), labels=labels)
+    # peft's loss is the mean token cross-entropy of the same target: -summed / tokens
+    torch.testing.assert_close(-summed / len(targets[0]), out.loss.float().reshape(1),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture", ["llama", "t5"])
+def test_prompted_generation_keeps_each_rows_prompt(architecture):
+    """Rows with and without a prompt slot in one generate call equal each row alone."""
+    backbone = lm_backbone(architecture)
+    _, prompt = peft_prompt_model("llama" if architecture != "t5" else "t5")
+    bank = ours_with(backbone, prompt * 3)
+    items = backbone.encode(["red of apple", "Input: blue Output:", "fox"]).items
+    slots = torch.tensor([[0], [-1], [0]], device="cpu")
+    weights = torch.ones(3, 1, device="cpu")
+    with bank.route(slots, weights):
+        together = backbone.generate(items, 5)
+    alone = []
+    for row in range(3):
+        with bank.route(slots[row : row + 1], weights[row : row + 1]):
+            alone += backbone.generate(items[row : row + 1], 5)
+    assert together == alone
+
+
+@pytest.mark.parametrize("architecture", ["llama", "t5"])
+def test_prefix_and_prompt_pool_refuse_a_generative_backbone_naming_it(architecture):
+    backbone = lm_backbone(architecture)
+    name = type(backbone.model).__name__
+    with pytest.raises(ContinualPeftError, match=f"prefix.*{name}"):
+        ModuleBank(backbone, "prefix")
+    with pytest.raises(ContinualPeftError, match=f"{backbone.kind}"):
+        ModuleBank(lm_backbone(architecture), "prompt_pool")
