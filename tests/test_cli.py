@@ -20,7 +20,7 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments import launch
 from continual_peft.experiments.runner import run_stream
 from continual_peft.routers import ROUTERS
-from continual_peft.tasks.task import read_texts
+from continual_peft.tasks.records import read_texts
 
 KIND_NAMES = ", ".join(MODULE_KINDS.names())
 REPO = Path(__file__).resolve().parents[1]

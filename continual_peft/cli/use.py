@@ -37,8 +37,8 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.integrations.peft_export import export_task
 from continual_peft.store.digests import task_digest
 from continual_peft.store.io import atomic_write_text
+from continual_peft.tasks.records import read_records
 from continual_peft.tasks.streams import load_stream
-from continual_peft.tasks.task import read_records
 
 
 def export(

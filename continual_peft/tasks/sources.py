@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from continual_peft.errors import ContinualPeftError, check_file
 
 FILE_FORMATS = ("jsonl", "csv", "tsv", "hf")
+Column = str | tuple[str, ...]  # a field's name, or names tried in order ("prompt", then "text")
 
 
 class Row(NamedTuple):
@@ -26,6 +27,19 @@ class Row(NamedTuple):
     input: Any
     label: str
     where: str
+
+
+def pick_column(column: Column, present: Any) -> str:
+    """The first of `column`'s names that `present` (a record, a header, a dataset's column
+    names) holds; its first name when none is there."""
+    names = (column,) if isinstance(column, str) else column
+    return next((name for name in names if name in present), names[0])
+
+
+def shown(column: Column, quote: str = "") -> str:
+    """A column for messages: `text`, or `prompt or text`; each name within `quote`s."""
+    names = (column,) if isinstance(column, str) else column
+    return " or ".join(f"{quote}{name}{quote}" for name in names)
 
 
 def format_of(path: Path, given: str | None = None) -> str:
@@ -78,8 +92,12 @@ def _decoded(path: Path) -> str:
         ) from None
 
 
-def read_jsonl(path: Path, text_column: str = "text", label_column: str = "label") -> list[Row]:
-    """One row per non-blank line of a JSONL file: `{"text": ..., "label": ...}`."""
+def read_jsonl(path: Path, text_column: Column = "text", label_column: str = "label") -> list[Row]:
+    """One row per non-blank line of a JSONL file: `{"text": ..., "label": ...}`.
+
+    `text_column` may name several keys (a generation task's "prompt" or "text"): each line
+    uses the first one it has.
+    """
     rows = []
     for number, line in enumerate(_decoded(path).split("\n"), start=1):
         if not line.strip():
@@ -92,6 +110,7 @@ def read_jsonl(path: Path, text_column: str = "text", label_column: str = "label
                 f"{where}: malformed JSON ({err.msg}); each line must be one JSON object."
             ) from None
         label = record.get(label_column) if isinstance(record, dict) else None
+        text_key = pick_column(text_column, record if isinstance(record, dict) else {})
         if isinstance(label, float):
             whole = int(label) if label.is_integer() else label
             raise ContinualPeftError(
@@ -100,21 +119,22 @@ def read_jsonl(path: Path, text_column: str = "text", label_column: str = "label
             )
         if not (
             isinstance(record, dict)
-            and isinstance(record.get(text_column), str)
+            and isinstance(record.get(text_key), str)
             and isinstance(record.get(label_column), str | int)
             and not isinstance(record.get(label_column), bool)
         ):
+            keys = shown(text_column, quote='"')
             raise ContinualPeftError(
-                f'{where}: expected {{"{text_column}": "...", "{label_column}": "..."}}, '
+                f'{where}: expected {{{keys}: "...", "{label_column}": "..."}}, '
                 f"got {line.strip()[:80]!r}"
             )
-        rows.append(Row(record[text_column], str(record[label_column]), where))
+        rows.append(Row(record[text_key], str(record[label_column]), where))
     return rows
 
 
 def read_csv(
     path: Path,
-    text_column: str = "text",
+    text_column: Column = "text",
     label_column: str = "label",
     delimiter: str | None = None,
 ) -> list[Row]:
@@ -122,7 +142,8 @@ def read_csv(
 
     Args:
         path: The file; `.tsv` files are tab-separated unless `delimiter` says otherwise.
-        text_column: The header of the column holding the input text.
+        text_column: The header of the column holding the input text (or headers, the first
+            one the file has is used).
         label_column: The header of the column holding the label.
         delimiter: The field separator; "," (or tab for .tsv) by default.
     """
@@ -136,7 +157,9 @@ def read_csv(
             f"{path}:1: the header names column(s) {repeated} more than once; give every "
             "column its own name (a repeated name would silently keep only its last column)."
         )
-    missing = [c for c in (text_column, label_column) if c not in header]
+    text_key = pick_column(text_column, header)
+    wanted = ((text_column, text_key), (label_column, label_column))
+    missing = [shown(column) for column, key in wanted if key not in header]
     if missing:
         raise ContinualPeftError(
             f"{path}:1: no column(s) {missing} in the header {header}; map the columns with "
@@ -145,7 +168,7 @@ def read_csv(
     rows = []
     for record in reader:
         where = f"{path}:{reader.line_num}"
-        text, label = record[text_column], record[label_column]
+        text, label = record[text_key], record[label_column]
         if text is None or label is None or None in record:
             raise ContinualPeftError(
                 f"{where}: expected {len(header)} fields {header}; check the quoting and the "
@@ -160,7 +183,7 @@ def read_csv(
 def read_rows(
     path: Path,
     file_format: str | None = None,
-    text_column: str = "text",
+    text_column: Column = "text",
     label_column: str = "label",
 ) -> list[Row]:
     """The rows of one data file, in the format its extension (or `file_format`) names."""
@@ -217,7 +240,7 @@ def rows_from_dataset(
 def load_hf_split(
     source: Any,
     split: str,
-    text_column: str = "text",
+    text_column: Column = "text",
     label_column: str = "label",
     data_files: dict[str, str] | None = None,
 ) -> list[Row]:
@@ -228,19 +251,21 @@ def load_hf_split(
             `save_to_disk`; a folder of data files `load_dataset` understands; or a builder name
             ("csv", "json", "parquet", "imagefolder") used with `data_files`.
         split: The split to read ("train", "test", ...).
-        text_column: The input column (texts, or images for an image backbone).
+        text_column: The input column (texts, or images for an image backbone), or columns,
+            the first one the dataset has is used.
         label_column: The label column; `ClassLabel` ids are turned into their names.
         data_files: Split -> file, for a builder name or a folder.
     """
     dataset = _hf_split(source, split, data_files)
-    missing = [c for c in (text_column, label_column) if c not in dataset.column_names]
+    text_key = pick_column(text_column, dataset.column_names)
+    missing = [c for c in (text_key, label_column) if c not in dataset.column_names]
     if missing:
         raise ContinualPeftError(
             f"{_hf_name(source)}[{split}]: no column(s) {missing}; it has {dataset.column_names}. "
             "Map them with text_column = ... and label_column = ...."
         )
     names = getattr(dataset.features[label_column], "names", None)  # ClassLabel
-    inputs, labels = dataset[text_column], dataset[label_column]
+    inputs, labels = dataset[text_key], dataset[label_column]
     where = f"{_hf_name(source)}[{split}]"
     if names is not None:
         labels = [names[y] for y in labels]

@@ -10,6 +10,7 @@ The spec schema is documented in docs/specs.md; in short:
     max_train = 300                  # per-task limits, overridable per task
     max_test = 200
     router_max_train = 2000          # inputs per task that fit the router (default: the slot's)
+    template = "Review: {text}\\nSentiment:"  # what a generative backbone reads; tasks may override
 
     [orders]                         # named orders, for --order and order x seed grids
     order1 = ["dbpedia", "amazon"]
@@ -19,6 +20,7 @@ The spec schema is documented in docs/specs.md; in short:
     train = "dbpedia/train.jsonl"    # .jsonl, .csv or .tsv (or format = ...)
     test = "dbpedia/test.jsonl"
     labels = "dbpedia/labels.json"   # a JSON list file or an inline list; default: train labels
+    kind = "classification"          # or "generation": {"prompt": ..., "target": ...} rows
 
     [[class_split]]                  # one labelled dataset cut into tasks by label groups
     prefix = "digits"
@@ -37,6 +39,14 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.registry import validate_task_name
 from continual_peft.spec import Section, read_toml
 from continual_peft.tasks.class_split import split_by_class
+from continual_peft.tasks.generation import (
+    CLASSIFICATION,
+    GENERATION,
+    check_kind,
+    check_template,
+    columns_for,
+    refuse_label_keys,
+)
 from continual_peft.tasks.sources import Row, format_of, load_hf_split, read_rows
 from continual_peft.tasks.task import Task, build_task, read_labels
 
@@ -50,6 +60,7 @@ STREAM_KEYS = {
     "max_train",
     "max_test",
     "router_max_train",
+    "template",
     "tasks",
     "class_split",
 }
@@ -68,8 +79,8 @@ SOURCE_KEYS = {
     "max_test",
     "router_max_train",
 }
-TASK_KEYS = SOURCE_KEYS | {"name", "labels", "classes", "description"}
-SPLIT_KEYS = SOURCE_KEYS | {"prefix", "classes_per_task", "groups"}
+TASK_KEYS = SOURCE_KEYS | {"name", "labels", "classes", "description", "kind", "template"}
+SPLIT_KEYS = SOURCE_KEYS | {"prefix", "classes_per_task", "groups", "template"}
 
 
 @dataclass
@@ -144,6 +155,7 @@ def load_stream(
         Path(data_root) if data_root is not None else path.parent / top.get("data_root", str, ".")
     )
     limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
+    check_template(top.data.get("template"), top.where)  # even if every task sets its own
     loaded = _load_tasks(top, path, root, limits)
     loaded += _load_class_splits(top, path, root, limits)
     by_name = _by_name(loaded, path)
@@ -169,8 +181,9 @@ def _load_tasks(top: Section, path: Path, root: Path, limits: dict[str, int | No
         )
         if any(task.name == task_name for task in loaded):
             raise ContinualPeftError(f"{path}: tasks[{i}].name: duplicate task name {task_name!r}")
+        shape = _shape(section, top)
         labels = section.get("labels", (str, list))
-        splits, sources = _read_source(section, root)
+        splits, sources = _read_source(section, root, shape["kind"])
         loaded.append(
             build_task(
                 task_name,
@@ -180,6 +193,7 @@ def _load_tasks(top: Section, path: Path, root: Path, limits: dict[str, int | No
                 description=section.get("description", str, ""),
                 sources=sources,
                 **_options(limits, section, top),
+                **shape,
             )
         )
     return loaded
@@ -203,6 +217,7 @@ def _load_class_splits(
             section.get("groups", list),
             sources=sources,
             **_options(limits, section, top),
+            **_shape(section, top),
         )
     return loaded
 
@@ -248,12 +263,25 @@ def _named_orders(top: Section, by_name: dict[str, Task], path: Path) -> dict[st
     return orders
 
 
-def _read_source(section: Section, root: Path) -> tuple[dict[str, list[Row]], dict[str, str]]:
+def _shape(section: Section, top: Section) -> dict[str, Any]:
+    """A table's `kind` and `template` (the stream's when it sets none), checked; `labels` and
+    `classes` refused in a generation table (its targets are its labels)."""
+    kind = check_kind(section.data.get("kind", CLASSIFICATION), section.where)
+    if kind == GENERATION:
+        given = {key: section.data.get(key) for key in ("labels", "classes")}
+        refuse_label_keys(section.where, **given)
+    owner = section if "template" in section.data else top
+    return {"kind": kind, "template": check_template(owner.data.get("template"), owner.where)}
+
+
+def _read_source(
+    section: Section, root: Path, kind: str = CLASSIFICATION
+) -> tuple[dict[str, list[Row]], dict[str, str]]:
     """Train and test rows of a [[tasks]] or [[class_split]] table, and where they came from."""
-    columns = {
-        "text_column": section.get("text_column", str, "text"),
-        "label_column": section.get("label_column", str, "label"),
-    }
+    text, label = columns_for(
+        kind, section.get("text_column", str), section.get("label_column", str)
+    )
+    columns = {"text_column": text, "label_column": label}
     file_format = section.get("format", str)
     dataset = section.get("dataset", str)
     if file_format == "hf" or dataset is not None:

@@ -1,5 +1,8 @@
 """Tasks: a name, its labels, and train/test examples, built from any source in `sources.py`.
 
+A task classifies its inputs, or (kind "generation") maps them to free-text targets, stored as
+its labels (`generation.py`).
+
 Every problem with the data is reported with where the example came from (file and line, or
 split and index), and what to do about it.
 """
@@ -9,7 +12,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +20,17 @@ from typing import Any
 
 from continual_peft.errors import ContinualPeftError, check_file
 from continual_peft.registry import validate_task_name
+from continual_peft.tasks.generation import (
+    CLASSIFICATION,
+    GENERATION,
+    PLACEHOLDER,
+    check_kind,
+    check_targets,
+    check_template,
+    columns_for,
+    refuse_label_keys,
+    target_labels,
+)
 from continual_peft.tasks.sources import (
     Row,
     load_hf_split,
@@ -29,9 +42,10 @@ from continual_peft.tasks.sources import (
 
 @dataclass
 class Task:
-    """One classification task of a stream. Labels are stored as indices into `labels`.
+    """One task of a stream. Labels are stored as indices into `labels`.
 
-    Inputs are texts, or images (PIL images, arrays or tensors) for an image backbone.
+    Inputs are texts, or images (PIL images, arrays or tensors) for an image backbone. A
+    generation task's labels are its distinct targets, in order of first appearance.
     """
 
     name: str
@@ -43,6 +57,13 @@ class Task:
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
     router_inputs: list = field(default_factory=list)  # inputs that fit the router; [] = train
+    kind: str = CLASSIFICATION  # or GENERATION: the labels are the targets' texts
+    template: str | None = None  # what a generative backbone reads, "{text}" standing for the input
+
+    def prompt(self, text: str) -> str:
+        """`text` as a generative backbone reads it: the template with every "{text}" replaced
+        by it (other braces kept as written), or the text itself when there is no template."""
+        return text if self.template is None else self.template.replace(PLACEHOLDER, text)
 
     @classmethod
     def from_examples(
@@ -52,10 +73,12 @@ class Task:
         test: list[tuple[Any, Any]],
         labels: list[str] | None = None,
         description: str = "",
+        **options: Any,
     ) -> Task:
-        """Build a task from `(input, label)` pairs; `labels` defaults to the train labels."""
+        """Build a task from `(input, label)` pairs (a generation task's: `(input, target)`);
+        `labels` defaults to the train labels. `options` are `build_task`'s (`kind`, ...)."""
         return cls.from_lists(
-            name, *_unzip(train), *_unzip(test), labels=labels, description=description
+            name, *_unzip(train), *_unzip(test), labels=labels, description=description, **options
         )
 
     @classmethod
@@ -69,9 +92,10 @@ class Task:
         labels: list[str] | None = None,
         **options: Any,
     ) -> Task:
-        """Build a task from parallel lists of inputs and labels (strings or integers).
+        """Build a task from parallel lists of inputs and labels (strings or integers), or of
+        inputs and targets (`kind="generation"`).
 
-        `options` are `build_task`'s: `classes`, `max_train`, `max_test`, `seed`, ...
+        `options` are `build_task`'s: `kind`, `template`, `classes`, `max_train`, `seed`, ...
         """
         splits = {
             "train": rows_from_lists(train_inputs, train_labels, "train"),
@@ -105,24 +129,28 @@ class Task:
         cls,
         name: str,
         source: Any,
-        text_column: str = "text",
-        label_column: str = "label",
+        text_column: str | None = None,
+        label_column: str | None = None,
         train_split: str = "train",
         test_split: str = "test",
         labels: list[str] | None = None,
         data_files: dict[str, str] | None = None,
+        kind: str = CLASSIFICATION,
         **options: Any,
     ) -> Task:
         """Build a task from a Hugging Face dataset (needs the `hf` extra), offline.
 
         `source` is a `DatasetDict`, a folder written by `save_to_disk`, a folder of data files,
-        or a builder name ("csv", "json", "parquet", "imagefolder") with `data_files`.
+        or a builder name ("csv", "json", "parquet", "imagefolder") with `data_files`. The
+        columns default to "text" and "label" ("prompt" or "text", and "target", for a
+        generation task).
         """
+        text, label = columns_for(check_kind(kind, f"task {name!r}"), text_column, label_column)
         splits = {
-            "train": load_hf_split(source, train_split, text_column, label_column, data_files),
-            "test": load_hf_split(source, test_split, text_column, label_column, data_files),
+            "train": load_hf_split(source, train_split, text, label, data_files),
+            "test": load_hf_split(source, test_split, text, label, data_files),
         }
-        return build_task(name, splits, labels, **options)
+        return build_task(name, splits, labels, kind=kind, **options)
 
 
 def _unzip(pairs: list[tuple[Any, Any]]) -> tuple[list, list]:
@@ -161,8 +189,9 @@ def load_task(
     test: Path,
     labels: list[str] | Path | None = None,
     file_format: str | None = None,
-    text_column: str = "text",
-    label_column: str = "label",
+    text_column: str | None = None,
+    label_column: str | None = None,
+    kind: str = CLASSIFICATION,
     **options: Any,
 ) -> Task:
     """Load a task from data files (JSONL, CSV or TSV, told apart by extension or `file_format`).
@@ -173,17 +202,22 @@ def load_task(
         test: The test file.
         labels: The label list, a JSON file holding it, or None for the sorted train labels.
         file_format: "jsonl", "csv" or "tsv"; from the extension when None.
-        text_column: The field (JSONL key or CSV header) with the input text.
-        label_column: The field with the label.
-        options: `build_task`'s: `classes`, `max_train`, `max_test`, `router_max_train`, ...
+        text_column: The field (JSONL key or CSV header) with the input text; "text" by
+            default ("prompt" or "text" for a generation task).
+        label_column: The field with the label; "label" by default ("target" for a generation
+            task).
+        kind: "classification" or "generation".
+        options: `build_task`'s: `template`, `classes`, `max_train`, `max_test`, ...
     """
-    label_list = read_labels(labels) if isinstance(labels, Path) else labels
+    generation = check_kind(kind, f"task {name!r}") == GENERATION  # its labels are refused
+    label_list = read_labels(labels) if isinstance(labels, Path) and not generation else labels
+    text, label = columns_for(kind, text_column, label_column)
     splits = {
-        split: read_rows(path, file_format, text_column, label_column)
+        split: read_rows(path, file_format, text, label)
         for split, path in (("train", train), ("test", test))
     }
     sources = {"train": str(train), "test": str(test)}
-    return build_task(name, splits, label_list, sources=sources, **options)
+    return build_task(name, splits, label_list, sources=sources, kind=kind, **options)
 
 
 def default_labels(labels: Iterable[str]) -> list[str]:
@@ -208,6 +242,8 @@ def build_task(
     seed: int = 0,
     description: str = "",
     sources: dict[str, str] | None = None,
+    kind: str = CLASSIFICATION,
+    template: str | None = None,
 ) -> Task:
     """A task from its train and test rows, every label checked against the label list.
 
@@ -223,12 +259,20 @@ def build_task(
         seed: Which random subsets are kept.
         description: Shown in reports.
         sources: Split -> where it came from, for messages; from the rows when None.
+        kind: "classification", or "generation": the rows' labels are targets, the task's
+            labels their distinct texts in order of first appearance (no `labels`/`classes`).
+        template: What a generative backbone reads, with "{text}" where the input goes.
     """
     validate_task_name(name)
-    if classes is not None:
-        splits = _keep_classes(splits, classes)
-    labels = _label_list(labels, classes, splits["train"])
-    _check_labels(name, labels)
+    check_kind(kind, f"task {name!r}")
+    template = check_template(template, f"task {name!r}")
+    if kind == GENERATION:
+        refuse_label_keys(f"task {name!r}", labels=labels, classes=classes)
+        check_targets(splits)
+    else:
+        splits = _keep_classes(splits, classes) if classes is not None else splits
+        labels = _label_list(labels, classes, splits["train"])
+        _check_labels(name, labels)
     where = dict(sources or {}) or {split: _origin(rows, split) for split, rows in splits.items()}
     limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
     _check_limits(name, limits)
@@ -238,6 +282,7 @@ def build_task(
         split: _subset(splits[split], limit, rng)
         for split, limit in (("train", max_train), ("test", max_test))
     }
+    labels = target_labels(splits) if kind == GENERATION else labels
     for split, rows in splits.items():
         _check_rows(name, split, rows, labels, where[split], classes)
     index = {label: i for i, label in enumerate(labels)}
@@ -246,8 +291,9 @@ def build_task(
         for split, rows in splits.items()
     }
     task = Task(
-        name, labels, *encoded["train"], *encoded["test"], description=description, sources=where
-    )
+        name, labels, *encoded["train"], *encoded["test"], description=description,
+        sources=where, kind=kind, template=template,
+    )  # fmt: skip
     if router_max_train is not None:
         task.router_inputs = [r.input for r in router_rows]
     return task
@@ -331,69 +377,3 @@ def _subset(rows: list[Row], limit: int | None, rng: random.Random | str) -> lis
     rng = random.Random(rng) if isinstance(rng, str) else rng
     keep = sorted(rng.sample(range(len(rows)), limit))
     return [rows[i] for i in keep]
-
-
-def read_texts(source: str | Path) -> list[str]:
-    """Texts to predict: a JSONL file (or "-" for standard input) with a "text" per line."""
-    return [record["text"] for record in read_records(source)]
-
-
-def read_records(source: str | Path) -> list[dict[str, str]]:
-    """Records to predict or evaluate: a JSONL file (or "-" for standard input), one JSON object
-    per line with a "text" string and optionally a "task" and a "label" (strings; an integer
-    label is read as its digits). Other fields are ignored; blank lines are skipped.
-
-    Raises:
-        ContinualPeftError: A missing file, a line that is not such an object (naming the line
-            and what a line must look like), or no record at all.
-    """
-    name = "<stdin>" if str(source) == "-" else str(source)
-    raw = _read_bytes(source, name)
-    records = [
-        _record(line, f"{name}:{number}")
-        for number, line in enumerate(raw.split(b"\n"), start=1)
-        if line.strip()
-    ]
-    if not records:
-        raise ContinualPeftError(f"{name}: no texts to predict.")
-    return records
-
-
-_RECORD_SHAPE = 'each line must be one JSON object with a "text" string, e.g. {"text": "a red car"}'
-
-
-def _read_bytes(source: str | Path, name: str) -> bytes:
-    """The whole file (checked first) or standard input, less a UTF-8 byte-order mark."""
-    if name != "<stdin>":
-        check_file(source, "JSONL file", 'give a file with a {"text": ...} object per line')
-    raw = sys.stdin.buffer.read() if name == "<stdin>" else Path(source).read_bytes()
-    return raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as training files allow
-
-
-def _record(line: bytes, where: str) -> dict[str, str]:
-    """One non-blank line as a record: its "text", and its "task" and "label" if given."""
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ContinualPeftError(
-            f"{where}: not a UTF-8 JSON line ({err}); {_RECORD_SHAPE}."
-        ) from None
-    if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
-        raise ContinualPeftError(f"{where}: {_RECORD_SHAPE}.")
-    try:
-        record["text"].encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ContinualPeftError(
-            f"{where}: the text is not valid Unicode ({err.reason} at character "
-            f"{err.start}, e.g. a lone surrogate such as \\ud800); fix or drop the line."
-        ) from None
-    kept = {"text": record["text"]}
-    for key in ("task", "label"):
-        value = record.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if value is not None and not isinstance(value, str):
-            raise ContinualPeftError(f"{where}: {key!r} must be a string, got {value!r}.")
-        if value is not None:
-            kept[key] = value
-    return kept

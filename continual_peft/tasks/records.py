@@ -1,0 +1,76 @@
+"""Records to predict or evaluate: a JSONL file (or standard input) of texts, each with an
+optional task name and label, checked line by line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from continual_peft.errors import ContinualPeftError, check_file
+
+
+def read_texts(source: str | Path) -> list[str]:
+    """Texts to predict: a JSONL file (or "-" for standard input) with a "text" per line."""
+    return [record["text"] for record in read_records(source)]
+
+
+def read_records(source: str | Path) -> list[dict[str, str]]:
+    """Records to predict or evaluate: a JSONL file (or "-" for standard input), one JSON object
+    per line with a "text" string and optionally a "task" and a "label" (strings; an integer
+    label is read as its digits). Other fields are ignored; blank lines are skipped.
+
+    Raises:
+        ContinualPeftError: A missing file, a line that is not such an object (naming the line
+            and what a line must look like), or no record at all.
+    """
+    name = "<stdin>" if str(source) == "-" else str(source)
+    raw = _read_bytes(source, name)
+    records = [
+        _record(line, f"{name}:{number}")
+        for number, line in enumerate(raw.split(b"\n"), start=1)
+        if line.strip()
+    ]
+    if not records:
+        raise ContinualPeftError(f"{name}: no texts to predict.")
+    return records
+
+
+_RECORD_SHAPE = 'each line must be one JSON object with a "text" string, e.g. {"text": "a red car"}'
+
+
+def _read_bytes(source: str | Path, name: str) -> bytes:
+    """The whole file (checked first) or standard input, less a UTF-8 byte-order mark."""
+    if name != "<stdin>":
+        check_file(source, "JSONL file", 'give a file with a {"text": ...} object per line')
+    raw = sys.stdin.buffer.read() if name == "<stdin>" else Path(source).read_bytes()
+    return raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as training files allow
+
+
+def _record(line: bytes, where: str) -> dict[str, str]:
+    """One non-blank line as a record: its "text", and its "task" and "label" if given."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ContinualPeftError(
+            f"{where}: not a UTF-8 JSON line ({err}); {_RECORD_SHAPE}."
+        ) from None
+    if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
+        raise ContinualPeftError(f"{where}: {_RECORD_SHAPE}.")
+    try:
+        record["text"].encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ContinualPeftError(
+            f"{where}: the text is not valid Unicode ({err.reason} at character "
+            f"{err.start}, e.g. a lone surrogate such as \\ud800); fix or drop the line."
+        ) from None
+    kept = {"text": record["text"]}
+    for key in ("task", "label"):
+        value = record.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if value is not None and not isinstance(value, str):
+            raise ContinualPeftError(f"{where}: {key!r} must be a string, got {value!r}.")
+        if value is not None:
+            kept[key] = value
+    return kept
