@@ -106,7 +106,7 @@ def _lora_config():
     return LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["all-linear"])
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2", "t5"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_routed_generation_equals_each_row_alone(architecture):
     backbone = lm_backbone(architecture)
     bank = lora_bank(backbone)

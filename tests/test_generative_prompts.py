@@ -28,9 +28,12 @@ def peft_prompt_model(architecture: str, seed: int = 1):
 
     task_type = "SEQ_2_SEQ_LM" if architecture == "t5" else "CAUSAL_LM"
     model = tiny_model(architecture, len(word_tokenizer(WORDS))).to(DEVICE)
-    peft_model = get_peft_model(
-        model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=N)
-    ).eval()
+    # on T5, virtual tokens before the encoder's input only (peft's default adds N more to
+    # the decoder's: num_transformer_submodules=2)
+    config = PromptTuningConfig(
+        task_type=task_type, num_virtual_tokens=N, num_transformer_submodules=1
+    )
+    peft_model = get_peft_model(model, config).eval()
     table = peft_model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
         table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(seed)))
