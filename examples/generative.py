@@ -1,7 +1,7 @@
 """Continual learning on a generative backbone: per_task vs seq on the toy generative stream.
 
     python examples/generative.py                                   # tiny random Llama, CPU, ~1 min
-    python examples/generative.py --backbone /models/Qwen2.5-0.5B   # any local causal/seq2seq folder
+    python examples/generative.py --backbone /models/Qwen2.5-0.5B   # a local causal/seq2seq LM
     python examples/generative.py --architecture t5                 # a tiny T5 instead
 
 Three string-mapping tasks ("fruit of red" -> "apple", "animal of red" -> "fox", ...) that map
