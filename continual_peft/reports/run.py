@@ -62,6 +62,7 @@ _METRIC_ROWS = (
 )
 _COMPARED = ("acc", "bwt", "forgetting")
 _TASK_COLUMNS = (
+    ("metric", "metric (R)", "{}"),  # accuracy, or exact_match for a generation task
     ("slot", "slot", "{}"),
     ("train_examples", "train ex.", "{:,}"),
     ("test_examples", "test ex.", "{:,}"),
@@ -139,7 +140,7 @@ def console_report(report: dict[str, Any]) -> Group:
     header = Text(
         f"{report.get('stream', '?')} / {report.get('strategy', '?')}: "
         f"{len(report.get('task_names') or [])} task(s), {report.get('status', '?')}. "
-        "R rows: after training task; columns: evaluated on task.",
+        "R rows: after training task; columns: evaluated on task." + _metric_note(report),
         style="bold",
     )
     tables = [_console_matrix(report, *named) for named in named_matrices(report)]
@@ -151,6 +152,14 @@ def console_report(report: dict[str, Any]) -> Group:
     if headline is not None:
         tables.append(headline)
     return Group(header, *tables)
+
+
+def _metric_note(report: dict[str, Any]) -> str:
+    """Which metric each column holds, where some task's is not accuracy."""
+    metrics = [(t.get("name"), t.get("metric", "accuracy")) for t in report.get("tasks") or []]
+    if all(metric == "accuracy" for _, metric in metrics):
+        return ""
+    return " Metric per column: " + ", ".join(f"{n}: {m.replace('_', ' ')}" for n, m in metrics)
 
 
 # ---------------------------------------------------------------- markdown
