@@ -4,22 +4,29 @@
     export_task("runs/my-run", "agnews", "merged", "export/agnews-merged")
 
 `peft` writes what `peft.PeftModel.save_pretrained` writes for the task's LoRA, so
-`PeftModel.from_pretrained(AutoModel.from_pretrained(base), out)` reproduces our hidden states:
+`PeftModel.from_pretrained(AutoModel.from_pretrained(base), out)` reproduces our hidden states
+(`AutoModelForCausalLM` / `AutoModelForSeq2SeqLM` and our logits for a generative backbone, whose
+adapter has peft's task type `CAUSAL_LM` / `SEQ_2_SEQ_LM`; the two files are laid out as
+multi-LoRA servers such as vLLM, TGI and LoRAX read them, untested here):
 
-    adapter_config.json         peft's LoraConfig (peft_type "LORA", r, lora_alpha, ...)
+    adapter_config.json         peft's LoraConfig (peft_type "LORA", task_type, r, lora_alpha, ...;
+                                fan_in_fan_out true on GPT-2's Conv1D layers)
     adapter_model.safetensors   base_model.model.<layer>.lora_A.weight (r, d_in)
                                 base_model.model.<layer>.lora_B.weight (d_out, r)
 
 `merged` writes a plain Hugging Face model folder (config, model.safetensors, tokenizer) whose
-wrapped Linear weights already hold `W + scale · B @ A`; `AutoModel.from_pretrained(out)` needs
-neither peft nor this package.
+wrapped layers' weights already hold the LoRA's delta (`W + scale · B @ A` for nn.Linear, its
+transpose for Conv1D's (d_in, d_out) weight); `AutoModel.from_pretrained(out)` (or the LM Auto
+class) needs neither peft nor this package.
 
-Both formats add the task's head, which neither peft nor transformers reads:
+Both formats add what neither peft nor transformers reads:
 
-    head.safetensors     nn.Linear state (weight (C, d), bias (C,)): logits = head(pooled), where
-                         pooled = mean of last_hidden_state over the attention mask
-    labels.json          the C label strings, in logit order
-    continual_peft.json  task, format, source run, slot, backbone fingerprint
+    head.safetensors     encoders only: nn.Linear state (weight (C, d), bias (C,)):
+                         logits = head(pooled), pooled = mean of last_hidden_state over the mask
+                         (a generative backbone has none: its own LM head answers every task)
+    labels.json          the C label strings, in logit (score) order; classification tasks
+    continual_peft.json  task, format, source run, slot, backbone fingerprint; for a generative
+                         backbone the prompt template and how answers are read
     README.md            the above, in words
 
 The peft package is not imported here (it is a test-only dependency); the tests check the files
@@ -28,56 +35,27 @@ against peft itself. Nothing is written to `out` unless the whole export succeed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from continual_peft.backbones.causal import CausalBackbone
 from continual_peft.backbones.fingerprint import check_fingerprint
-from continual_peft.backbones.text import DEFAULT_BACKBONE, Backbone, default_model_path, model_name
-from continual_peft.errors import ContinualPeftError, CorruptFileError
-from continual_peft.store.checkpoint import read_checkpoint
-from continual_peft.store.io import (
-    atomic_save_safetensors,
-    atomic_write_json,
-    atomic_write_text,
-    load_json,
-    load_safetensors,
-)
+from continual_peft.backbones.load import AUTO_CLASSES
+from continual_peft.backbones.seq2seq import Seq2SeqBackbone
+from continual_peft.backbones.text import Backbone, model_name
+from continual_peft.config import GenerationConfig
+from continual_peft.errors import ContinualPeftError
+from continual_peft.integrations._export_source import FORMATS, ExportSource, read_task
+from continual_peft.integrations._lora_layers import Layout, merge_lora, read_layout
+from continual_peft.store.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
-FORMATS = ("peft", "merged")
-EXPORTABLE_KINDS = ("lora",)  # module kinds these formats can express
-LORA_KEYS = {"lora_A", "lora_B", "scale"}
+GENERATION = "generation"  # a task kind whose labels are no label set (lm_heads.GENERATION)
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the Hugging Face model
-
-
-@dataclass
-class _Source:
-    """One task of a run, read and checked."""
-
-    run_dir: Path
-    task: str
-    config: dict  # LearnerConfig.to_dict()
-    fingerprint: dict  # the backbone's, as the run recorded it
-    record: dict  # task.json
-    sites: dict[str, dict[str, torch.Tensor]]  # wrapped layer name -> lora_A, lora_B, scale
-    head: dict[str, torch.Tensor]  # nn.Linear state
-    moved_backbone: str | None = None  # the backbone's folder when given (a moved model)
-
-    @property
-    def backbone_path(self) -> str:
-        """Where the run's backbone lives: an absolute folder when it is local, else its name."""
-        if self.moved_backbone:
-            return self.moved_backbone
-        name = self.fingerprint.get("name") or self.config.get("backbone", {}).get("name", "")
-        if not name or name == DEFAULT_BACKBONE:
-            return str(default_model_path().resolve())
-        return str(Path(name).resolve()) if Path(name).exists() else name
 
 
 def export_task(
@@ -98,7 +76,9 @@ def export_task(
 
     Raises:
         ContinualPeftError: An unknown format or task, a task whose module kind the format cannot
-            express, a non-empty `out`, or a missing file.
+            express, a non-empty `out`, a missing file, a backbone whose config cannot be read
+            (the layers' kinds and the peft task type come from it) or that lacks a layer the
+            LoRA wraps.
         CorruptFileError: A run file that cannot be read back.
     """
     if format not in FORMATS:
@@ -109,13 +89,15 @@ def export_task(
             "run writes; choose a folder outside it"
         )
     out = _check_out(Path(out))
-    source = _read_task(Path(run_dir), task)
+    source = read_task(Path(run_dir), task)
     if backbone is not None:
         source.moved_backbone = model_name(backbone)
         if format == "peft":  # `merged` loads and checks it anyway
             length = int(source.config.get("backbone", {}).get("max_length", 128))
             moved = Backbone.from_pretrained(backbone, length, device="cpu", dtype="float32")
             check_fingerprint(source.fingerprint, moved, f"run {source.run_dir}")
+    source.layout = read_layout(source.backbone_path, source.fingerprint.get("model_class", ""))
+    source.layout.check(list(source.sites), task)
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     staging.mkdir()
     try:
@@ -143,84 +125,7 @@ def _check_out(out: Path) -> Path:
     return out
 
 
-def _read_task(run_dir: Path, task: str) -> _Source:
-    """The task as the run's last checkpoint evaluates it, every file's sha256 checked."""
-    if not run_dir.is_dir():
-        raise ContinualPeftError(f"run directory {run_dir} does not exist; check the path.")
-    run = load_json(run_dir / "config.json")
-    checkpoint = read_checkpoint(run_dir)
-    entries = {entry["name"]: entry for entry in checkpoint["tasks"]}
-    if task not in entries:
-        raise ContinualPeftError(f"unknown task {task!r} in {run_dir}; its tasks: {list(entries)}")
-    slots, weights = _task_routing(entries[task], run["config"], len(checkpoint["slots"]))
-    kinds = {checkpoint["slots"][slot]["kind"] for slot in slots}
-    if not kinds <= set(EXPORTABLE_KINDS):
-        raise ContinualPeftError(
-            f"task {task!r} goes through {sorted(kinds)} module(s); formats {FORMATS} can "
-            f"express only module kinds {EXPORTABLE_KINDS}"
-        )
-    parts = []
-    for slot in slots:
-        path = run_dir / checkpoint["slots"][slot]["file"]
-        parts.append(_lora_sites(load_safetensors(path), path))
-    record = dict(checkpoint["records"][list(entries).index(task)], slots=slots, weights=weights)
-    head = load_safetensors(run_dir / "tasks" / task / "head.safetensors")
-    return _Source(run_dir, task, run["config"], run["backbone"], record, _sum(parts, weights),
-                   head)  # fmt: skip
-
-
-def _task_routing(entry: dict, config: dict, num_slots: int) -> tuple[list[int], list[float]]:
-    """The slots (and weights) the task's rows go through, as the checkpoint records them;
-    checkpoints written before that was recorded: the task's own slot, or every slot for
-    `olora` (which sums them all)."""
-    if "routing" in entry:
-        return [int(s) for s in entry["routing"]["slots"]], list(entry["routing"]["weights"])
-    if config.get("strategy") == "olora":
-        return list(range(num_slots)), [1.0] * num_slots
-    return [int(entry["slot"])], [1.0]
-
-
-def _sum(parts: list[dict[str, dict]], weights: list[float]) -> dict[str, dict]:
-    """k LoRAs summed with weights as ONE LoRA of rank Σr: A = [A_1; …; A_k] and
-    B = [w_1 (s_1/s) B_1, …, w_k (s_k/s) B_k] with s = s_1, so s·B A = Σ w_i s_i B_i A_i."""
-    if len(parts) == 1 and weights == [1.0]:
-        return parts[0]
-    layers = set(parts[0])
-    if any(set(part) != layers for part in parts):
-        raise ContinualPeftError("the task's slots wrap different layers; they cannot be summed")
-    summed = {}
-    for layer in sorted(layers):
-        scale = parts[0][layer]["scale"]
-        ups = [
-            w * (p[layer]["scale"] / scale) * p[layer]["lora_B"]
-            for p, w in zip(parts, weights, strict=True)
-        ]
-        summed[layer] = {
-            "lora_A": torch.cat([p[layer]["lora_A"] for p in parts]),  # (Σr, d_in)
-            "lora_B": torch.cat(ups, dim=1),  # (d_out, Σr)
-            "scale": scale,
-        }
-    return summed
-
-
-def _lora_sites(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict]:
-    """Group `<layer>.lora_A/.lora_B/.scale` keys by layer, checking that every site is whole."""
-    sites: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        layer, _, part = key.rpartition(".")
-        sites.setdefault(layer, {})[part] = tensor.float()
-    for layer, parts in sites.items():
-        if set(parts) != LORA_KEYS:
-            raise CorruptFileError(path, f"layer {layer!r} has {sorted(parts)}, not {LORA_KEYS}")
-        a, b = parts["lora_A"], parts["lora_B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise CorruptFileError(path, f"layer {layer!r}: lora_A {a.shape}, lora_B {b.shape}")
-    if not sites:
-        raise CorruptFileError(path, "no LoRA tensors")
-    return sites
-
-
-def _write_peft(source: _Source, out: Path) -> None:
+def _write_peft(source: ExportSource, out: Path) -> None:
     """adapter_model.safetensors and adapter_config.json, keyed and spelled as peft saves them."""
     state = {}
     for layer, parts in sorted(source.sites.items()):
@@ -230,27 +135,30 @@ def _write_peft(source: _Source, out: Path) -> None:
     atomic_write_json(out / "adapter_config.json", _peft_config(source))
 
 
-def _peft_config(source: _Source) -> dict:
+def _peft_config(source: ExportSource) -> dict:
     """peft's LoraConfig for this LoRA; fields left out read as peft's defaults."""
     r, alpha = _rank_and_alpha(source)
-    lora = source.config.get("lora", {})
+    lora, layout, layers = source.config.get("lora", {}), source.layout, list(source.sites)
+    model_class = source.fingerprint.get("model_class", "")
     config = {
         "peft_type": "LORA",
-        "task_type": None,  # a bare encoder: no peft task head
-        "auto_mapping": _auto_mapping(source.fingerprint.get("model_class", "")),
+        "task_type": layout.task_type,  # None: a bare encoder, no peft task head
+        "auto_mapping": None if layout.task_type else _auto_mapping(model_class),  # as peft
         "base_model_name_or_path": source.backbone_path,
         "revision": None,
         "inference_mode": True,  # peft sets this when saving
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": float(lora.get("dropout", 0.0)),
-        "target_modules": _target_modules(list(source.sites), lora.get("targets", [])),
-        "fan_in_fan_out": False,  # our A and B act on nn.Linear's (out, in) layout
+        "target_modules": _target_modules(layers, layout, lora.get("targets", [])),
+        # A and B act alike on both layer kinds; the flag tells peft how to merge into a
+        # Conv1D's (d_in, d_out) weight, and peft sets it itself on meeting one
+        "fan_in_fan_out": layout.fan_in_fan_out(layers),
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,  # ours: A Kaiming-uniform, B zero, as peft's default
-        "modules_to_save": None,  # the head is no peft module: see head.safetensors
+        "modules_to_save": None,  # an encoder's head is no peft module: see head.safetensors
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -259,7 +167,7 @@ def _peft_config(source: _Source) -> dict:
     return dict(sorted(config.items()))  # peft writes sorted keys
 
 
-def _rank_and_alpha(source: _Source) -> tuple[int, int | float]:
+def _rank_and_alpha(source: ExportSource) -> tuple[int, int | float]:
     """One rank and one scale for every site (peft's plain form); alpha = scale · r."""
     ranks = {int(p["lora_A"].shape[0]) for p in source.sites.values()}
     scales = {float(p["scale"]) for p in source.sites.values()}
@@ -275,15 +183,17 @@ def _rank_and_alpha(source: _Source) -> tuple[int, int | float]:
     return r, int(alpha) if alpha.is_integer() else alpha
 
 
-def _target_modules(layers: list[str], targets: list[str]) -> list[str]:
-    """Name suffixes when the run targeted plain names (peft matches them alike), else full names.
-
-    Regular expressions and "all-linear" (which skips the pooler here, not in peft) are
-    spelled out as the wrapped layers' full names, which peft matches exactly.
-    """
-    if targets and all(re.fullmatch(r"\w+", t) for t in targets):
-        return sorted({layer.rsplit(".", 1)[-1] for layer in layers})
-    return sorted(layers)
+def _target_modules(layers: list[str], layout: Layout, targets: list[str]) -> list[str]:
+    """The layers' name suffixes, as peft writes them (`["q_proj", "v_proj"]`), when peft matching
+    them would wrap these layers and no others; else the full names, which peft matches exactly
+    (say, "all-linear" on BERT: the pooler's `dense` is left alone here, not in peft). Without
+    the model at hand, suffixes when the run targeted plain names (peft matches them alike)."""
+    suffixes = {layer.rsplit(".", 1)[-1] for layer in layers}
+    if layout.kinds is None:
+        plain = bool(targets) and all(re.fullmatch(r"\w+", t) for t in targets)
+    else:
+        plain = layout.suffixes_select(layers, suffixes)
+    return sorted(suffixes) if plain else sorted(layers)
 
 
 def _auto_mapping(model_class: str) -> dict | None:
@@ -296,73 +206,99 @@ def _auto_mapping(model_class: str) -> dict | None:
     return {"base_model_class": model_class, "parent_library": model_type.__module__}
 
 
-def _write_merged(source: _Source, out: Path) -> None:
-    """The run's backbone with each LoRA delta added to its Linear weight, plus its tokenizer."""
+def _write_merged(source: ExportSource, out: Path) -> None:
+    """The run's backbone with each LoRA delta added to its layer's weight (nn.Linear or Conv1D),
+    plus its tokenizer; a language model keeps its LM head (and Auto class)."""
     # merged on the CPU in float32, with the run's own max_length (only checked, never used)
     max_length = int(source.config.get("backbone", {}).get("max_length", 128))
     backbone = Backbone.from_pretrained(
         source.backbone_path, max_length, device="cpu", dtype="float32"
     )
     check_fingerprint(source.fingerprint, backbone, f"run {source.run_dir}")
-    model = backbone.model
-    with torch.no_grad():
-        for layer, parts in source.sites.items():
-            linear = _linear(model, layer)
-            delta = parts["scale"] * (parts["lora_B"] @ parts["lora_A"])  # (d_out, d_in)
-            if delta.shape != linear.weight.shape:
-                raise ContinualPeftError(
-                    f"the LoRA of {layer!r} is {tuple(delta.shape)}, "
-                    f"the layer {tuple(linear.weight.shape)}"
-                )
-            linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))
-    model.save_pretrained(out)  # safetensors by default
+    merge_lora(backbone.model, source.sites)
+    backbone.model.save_pretrained(out)  # safetensors by default
     backbone.tokenizer.save_pretrained(out)
 
 
-def _linear(model: torch.nn.Module, layer: str) -> torch.nn.Linear:
-    try:
-        module = model.get_submodule(layer)
-    except AttributeError:
-        module = None
-    if not isinstance(module, torch.nn.Linear):
-        raise ContinualPeftError(f"the backbone has no Linear layer {layer!r} to merge a LoRA into")
-    return module
+def _write_extras(source: ExportSource, out: Path, format: str) -> None:
+    """The task's head (encoders), labels and provenance, which peft and transformers ignore."""
+    info = {
+        "task": source.task,
+        "format": format,
+        "source_run": str(source.run_dir.resolve()),
+        "slots": source.record.get("slots"),  # summed into this one LoRA, with weights
+        "weights": source.record.get("weights"),
+        "module": source.record.get("module", "lora"),
+        "base_model_name_or_path": source.backbone_path,
+        "backbone": source.fingerprint,
+    }
+    if source.layout.generative:  # no head file: an empty one would only puzzle
+        info["head"] = "none (no head file): the model's own LM head answers every task"
+        info["answers"] = _lm_answers(source)
+    else:
+        atomic_save_safetensors(source.head, out / "head.safetensors", {"task": source.task})
+        info["head"] = "logits = head(mean of last_hidden_state over the attention mask)"
+    if source.record.get("kind", "classification") != GENERATION:
+        atomic_write_json(out / "labels.json", source.record["labels"])
+    atomic_write_json(out / "continual_peft.json", info)
+    atomic_write_text(out / "README.md", _readme(source, format, info))
 
 
-def _write_extras(source: _Source, out: Path, format: str) -> None:
-    """The task's head, labels and provenance, which peft and transformers ignore."""
-    atomic_save_safetensors(source.head, out / "head.safetensors", {"task": source.task})
-    atomic_write_json(out / "labels.json", source.record["labels"])
-    atomic_write_json(
-        out / "continual_peft.json",
-        {
-            "task": source.task,
-            "format": format,
-            "source_run": str(source.run_dir.resolve()),
-            "slots": source.record.get("slots"),  # summed into this one LoRA, with weights
-            "weights": source.record.get("weights"),
-            "module": source.record.get("module", "lora"),
-            "base_model_name_or_path": source.backbone_path,
-            "backbone": source.fingerprint,
-            "head": "logits = head(mean of last_hidden_state over the attention mask)",
-        },
-    )
-    atomic_write_text(out / "README.md", _readme(source, format))
+def _lm_answers(source: ExportSource) -> dict:
+    """How the run read a generative task's answers off the model's own LM head."""
+    generation = dataclasses.asdict(GenerationConfig()) | source.config.get("generation", {})
+    family = {CausalBackbone.kind: CausalBackbone, Seq2SeqBackbone.kind: Seq2SeqBackbone}
+    return {
+        "task_kind": source.record.get("kind", "classification"),
+        "prompt_template": source.record.get("template"),  # "{text}" = the input; None: as is
+        "target_delimiter": family[source.layout.family].target_delimiter,
+        "target": "target_delimiter + label (or answer), then EOS; no special tokens",
+        **{key: generation[key] for key in ("decode", "label_score", "max_new_tokens")},
+    }
 
 
-def _readme(source: _Source, format: str) -> str:
+def _readme(source: ExportSource, format: str, info: dict) -> str:
+    auto = AUTO_CLASSES.get(source.layout.family, "AutoModel")
     load = {
-        "peft": f"PeftModel.from_pretrained(AutoModel.from_pretrained({source.backbone_path!r}), "
+        "peft": f"PeftModel.from_pretrained({auto}.from_pretrained({source.backbone_path!r}), "
         "this_folder)",
-        "merged": "AutoModel.from_pretrained(this_folder)",
+        "merged": f"{auto}.from_pretrained(this_folder)",
     }[format]
     return (
         f"---\nlibrary_name: {'peft' if format == 'peft' else 'transformers'}\n"
         f"base_model: {source.backbone_path}\n---\n\n"
         f"# {source.task} ({format} export of continual-peft run {source.run_dir.name})\n\n"
         f"Load: `{load}`.\n\n"
+        + (_lm_words(info["answers"]) if source.layout.generative else _head_words())
+    )
+
+
+def _head_words() -> str:
+    return (
         "Extras that peft and transformers ignore: `head.safetensors` is the task's classifier "
         "(an `nn.Linear` state: `weight`, `bias`) applied to the mean of `last_hidden_state` over "
         "the attention mask; `labels.json` lists the labels in logit order; "
         "`continual_peft.json` records the task, source run and backbone fingerprint.\n"
+    )
+
+
+def _lm_words(answers: dict) -> str:
+    template, delimiter = answers["prompt_template"], answers["target_delimiter"]
+    prompt = "the input itself (no template)"
+    if template:
+        prompt = f"the template `{template}` with `{{text}}` replaced by the input"
+    if answers["task_kind"] == GENERATION:
+        answer = f"greedy generation after the prompt, up to EOS ({answers['max_new_tokens']} new "
+        answer += "tokens at most)"
+    elif answers["decode"] == "score":
+        answer = (
+            f"the label of `labels.json` whose tokens ({delimiter!r} + label, then EOS) are the "
+            f"likeliest after the prompt (the {answers['label_score']} of their log-probabilities)"
+        )
+    else:
+        answer = "greedy generation after the prompt, compared with the labels of `labels.json`"
+    return (
+        "There is no head file: the model's own LM head answers every task. "
+        f"Prompt: {prompt}. Answer: {answer}. `continual_peft.json` records this, the task, "
+        "source run and backbone fingerprint.\n"
     )
