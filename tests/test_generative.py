@@ -215,3 +215,40 @@ def test_generation_tasks_learn_route_and_survive_save_and_load(tmp_path):
     again = ContinualLearner.load(tmp_path / "saved", backbone=lm_backbone("llama"))
     assert again.predict(inputs) == learner.predict(inputs)
     assert again.predict(inputs[:3], task="fruit") == [y for _, y in FRUIT]
+
+
+def colors_task() -> Task:
+    pairs = [("red", "yes"), ("blue", "no"), ("green", "no")]
+    return Task.from_examples(
+        "colors", train=pairs * 6, test=pairs, template="Input: {text} Output:"
+    )
+
+
+def test_decode_generate_compares_texts_and_counts_answers_that_are_no_label():
+    learner = ContinualLearner(lm_backbone("llama"), config=small_config(decode="generate"))
+    learner.learn(colors_task())  # trained: it writes "yes"/"no"
+    assert learner.report["accuracy_matrix"]["oracle"][0][0] == 1.0
+    assert learner.records[0]["text_scores"]["colors"]["not_a_label"] == 0
+    untrained = ContinualLearner(lm_backbone("llama"), config=small_config(decode="generate"))
+    untrained.config.train.epochs = 1
+    untrained.config.train.lr = 1e-9  # learns nothing: a random model writes anything
+    untrained.learn(colors_task())
+    written = untrained.predict(["red", "blue", "green"], task="colors")
+    wrong = sum(w not in ("yes", "no") for w in written)
+    assert untrained.records[0]["text_scores"]["colors"]["not_a_label"] == wrong > 0
+
+
+def test_mean_label_scores_divide_by_the_label_length():
+    backbone = lm_backbone("qwen2")
+    learner = ContinualLearner(backbone, config=small_config(label_score="mean"))
+    learner.config.train.epochs = 1
+    task = Task.from_examples("t", train=[("red", "plum fox"), ("blue", "no")] * 3,
+                              test=[("red", "plum fox")])  # fmt: skip
+    learner.learn(task)
+    prompt = learner.heads.prompt_items("t", ["red"]).items
+    targets = backbone.encode_targets(task.labels)
+    with torch.no_grad(), learner.use_task("t"):
+        scores = learner.heads.row_logits(prompt, ["t"])[0]
+        summed, counts = backbone.target_logprobs(prompt * 2, targets)
+    torch.testing.assert_close(scores, summed / counts)
+    assert counts.tolist() == [3.0, 2.0] or counts.tolist() == [2.0, 3.0]

@@ -53,8 +53,10 @@ def _strategies() -> list[str]:
 
 
 def _streams() -> list[str]:
-    """The embedded demo stream and the shipped stream specs."""
-    specs = [demo_spec_path(), *sorted(shipped_folder("streams").glob("*.toml"))]
+    """The embedded demo streams (the encoder demo, the toy generative stream) and the
+    shipped stream specs."""
+    generative = demo_spec_path().with_name("generative.toml")
+    specs = [demo_spec_path(), generative, *sorted(shipped_folder("streams").glob("*.toml"))]
     return [_stream_line(p) for p in specs]
 
 
@@ -99,6 +101,8 @@ def _stream_line(path: Path) -> str:
     tasks = [t.get("name", "?") for t in data.get("tasks", [])]
     tasks += [f"{s.get('prefix', '?')}-*" for s in data.get("class_split", [])]
     shown = "demo (embedded)" if path == demo_spec_path() else _shown_path(path)
+    if path == demo_spec_path().with_name("generative.toml"):
+        shown = f"{_shown_path(path)} (embedded; needs a causal or seq2seq --backbone)"
     orders = sorted(data.get("orders", {}))
     named = f"; orders: {', '.join(orders)}" if orders else ""
     return f"{shown}: {data.get('name', '?')}, tasks {', '.join(tasks)}{named}"

@@ -141,6 +141,12 @@ class ContinualPeftModel(nn.Module):
         self, learner: ContinualLearner, num_classes: int, use_task_labels: bool = True
     ) -> None:
         super().__init__()
+        if learner.backbone.kind not in ("encoder", "image"):
+            raise ContinualPeftError(
+                f"the Avalanche integration trains classification heads over an encoder; this "
+                f"learner's backbone is a {learner.backbone.kind} language model. Use "
+                "ContinualLearner.learn (or `continual-peft run`) for language models."
+            )
         self.learner = learner
         self.backbone = learner.backbone  # so Avalanche's .to(device)/.train() reach it
         self.num_classes = num_classes

@@ -170,3 +170,14 @@ def test_the_readme_import_path_is_the_integration():
 
     assert avalanche.avalanche_strategy is avalanche_strategy
     assert avalanche.stream_from_benchmark is stream_from_benchmark
+
+
+def test_a_language_model_learner_is_refused_with_the_way_out():
+    from continual_peft import CausalBackbone
+    from continual_peft.backbones.tiny import tiny_model, word_tokenizer
+
+    tokenizer = word_tokenizer(["red", "blue"])
+    backbone = CausalBackbone(tiny_model("llama", len(tokenizer)), tokenizer, dtype="float32")
+    learner = ContinualLearner(backbone, config=LearnerConfig(train=TRAIN))
+    with pytest.raises(Exception, match="causal language model.*ContinualLearner.learn"):
+        avalanche_strategy(learner, digit_benchmark(task_labels=True))
