@@ -252,3 +252,19 @@ def test_mean_label_scores_divide_by_the_label_length():
         summed, counts = backbone.target_logprobs(prompt * 2, targets)
     torch.testing.assert_close(scores, summed / counts)
     assert counts.tolist() == [3.0, 2.0] or counts.tolist() == [2.0, 3.0]
+
+
+def test_eval_scores_generation_by_exact_match_and_does_not_warn_on_new_targets():
+    from continual_peft.engine.evaluation import evaluate_records
+
+    learner = ContinualLearner(lm_backbone("llama"), config=small_config())
+    learner.learn(generation_task("fruit", FRUIT))
+    records = [{"text": "fruit of red", "label": "The Apple!", "task": "fruit"},  # normalised
+               {"text": "fruit of blue", "label": "a plum", "task": "fruit"},
+               {"text": "fruit of green", "label": "fig", "task": "fruit"}]  # fmt: skip
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "fig" is a new target, not an unknown label
+        scores = evaluate_records(learner, records)
+    assert scores["oracle_acc"] == pytest.approx(2 / 3)
