@@ -268,3 +268,34 @@ def test_eval_scores_generation_by_exact_match_and_does_not_warn_on_new_targets(
         warnings.simplefilter("error")  # "fig" is a new target, not an unknown label
         scores = evaluate_records(learner, records)
     assert scores["oracle_acc"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2", "t5"])
+def test_every_kind_mixed_per_row_in_one_batch_equals_each_row_alone(architecture):
+    """LoRA, adapter and prompt slots in one bank; rows on different kinds (and none) in one
+    batch: scores and generated tokens equal each row run alone."""
+    from continual_peft.modules.adapter import AdapterConfig
+    from continual_peft.modules.prompt import PromptConfig
+
+    backbone = lm_backbone(architecture)
+    configs = {"lora": _lora_config(), "adapter": AdapterConfig(placement="houlsby"),
+               "prompt": PromptConfig(num_virtual_tokens=3)}  # fmt: skip
+    bank = ModuleBank(backbone, "lora", configs=configs)
+    for seed, kind in enumerate(["lora", "adapter", "prompt"]):
+        bank.add_slot(seed, kind)
+        with torch.no_grad():
+            for p in bank.trainable_parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)).to(p))
+        bank.freeze_slot()
+    prompts = backbone.encode(["red of fruit", "Input: blue Output:", "plum", "crow of red"]).items
+    targets = backbone.encode_targets(["apple", "fox crow", "yes", "no"])
+    slots = torch.tensor([[0], [1], [2], [-1]], device="cpu")
+    weights = torch.ones(4, 1, device="cpu")
+    with torch.no_grad(), bank.route(slots, weights):
+        scores, _ = backbone.target_logprobs(prompts, targets)
+        written = backbone.generate(prompts, 5)
+    for row in range(4):
+        with torch.no_grad(), bank.route(slots[row : row + 1], weights[row : row + 1]):
+            alone, _ = backbone.target_logprobs(prompts[row : row + 1], targets[row : row + 1])
+            assert backbone.generate(prompts[row : row + 1], 5) == [written[row]]
+        torch.testing.assert_close(scores[row : row + 1], alone, atol=1e-4, rtol=1e-4)
