@@ -25,13 +25,24 @@ def paired_ratio(
 
     Timing the pair together keeps slow drifts of a shared machine out of the ratio.
     """
+    return paired_seconds(numerator, denominator, repeats)[0]
+
+
+def paired_seconds(
+    numerator: Callable[[], object], denominator: Callable[[], object], repeats: int = 7
+) -> tuple[float, float, float]:
+    """`paired_ratio`'s median ratio, and the median seconds of the numerator and of the
+    denominator over the same pairs (after one warm-up run of each)."""
     numerator()
     denominator()
-    ratios = []
+    ratios, tops, bottoms = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
         numerator()
         middle = time.perf_counter()
         denominator()
-        ratios.append((middle - start) / (time.perf_counter() - middle))
-    return statistics.median(ratios)
+        end = time.perf_counter()
+        ratios.append((middle - start) / (end - middle))
+        tops.append(middle - start)
+        bottoms.append(end - middle)
+    return statistics.median(ratios), statistics.median(tops), statistics.median(bottoms)
