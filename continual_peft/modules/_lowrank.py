@@ -146,19 +146,39 @@ class LowRankSite(StackedSite):
         """Per-row slots: gather each row's k slots, two batched matmuls for the whole batch."""
         down, up, down_bias, up_bias = self.names
         idx, w = self.routing.indices, self.routing.weights  # (B, k) each, resolved by the bank
-        (rows, k), rank, d_out = idx.shape, t[down].shape[1], out.shape[-1]
+        rows, rank, d_out = idx.shape[0], t[down].shape[1], out.shape[-1]
         flat = h.reshape(rows, -1, h.shape[-1])  # (B, L, width)
-        d_rows = t[down][idx].reshape(rows, k * rank, -1).to(h.dtype)  # (B, k·r, width)
+        d_rows, u_rows = self._gathered(t, h.dtype)  # (B, k·r, width), (B, k·r, d_out)
         z = torch.bmm(flat, d_rows.transpose(1, 2))  # (B, L, k·r)
         if down_bias:
             z = z + t[down_bias][idx].reshape(rows, 1, -1).to(h.dtype)
         z = self.activation(z) * self._rank_weights(w, rank, h.dtype)[:, None]
-        u_rows = t[up].transpose(1, 2)[idx].reshape(rows, k * rank, d_out).to(h.dtype)
         result = torch.baddbmm(out.reshape(rows, -1, d_out), z, u_rows)  # (B, L, d_out)
         if up_bias:
             bias = torch.einsum("bk,bkd->bd", w, t[up_bias][idx].float())  # (B, d_out)
             result = result + bias.to(h.dtype)[:, None]
         return result.reshape(out.shape)
+
+    def _gathered(self, t: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k slots' down and up projections, (B, k·r, width) and (B, k·r, d_out).
+
+        Without gradients and without a trainable slot, they cannot change while the routing
+        holds, so they are gathered once per routing and kept for every later forward under it
+        (every decoding step of one `generate` call, every label of one scoring batch): memory
+        for speed, freed when the routing ends."""
+        down, up = self.names[:2]
+        idx = self.routing.indices
+        (rows, k), rank = idx.shape, t[down].shape[1]
+
+        def gather() -> tuple[torch.Tensor, torch.Tensor]:
+            return (
+                t[down][idx].reshape(rows, k * rank, -1).to(dtype),
+                t[up].transpose(1, 2)[idx].reshape(rows, k * rank, -1).to(dtype),
+            )
+
+        if torch.is_grad_enabled() or len(self.stack.trainable):
+            return gather()
+        return self.routing.derive(("rows", id(self), dtype), gather)
 
     def _rank_weights(self, w: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
         """(..., k·r) each slot's weight repeated over its r units, made once per forward."""
