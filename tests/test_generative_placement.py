@@ -41,7 +41,7 @@ def tasks() -> list[Task]:
 
 @pytest.mark.parametrize(
     ("architecture", "kind"),
-    [("llama", "lora"), ("llama", "prompt"), ("t5", "lora"), ("t5", "adapter")],
+    [("llama", "lora"), ("llama", "prompt"), ("gpt2", "prefix"), ("t5", "lora"), ("t5", "adapter")],
 )
 def test_generative_runs_make_nothing_off_device(architecture, kind, tmp_path):
     config = LearnerConfig.from_dict({

@@ -98,10 +98,54 @@ def test_prompted_generation_keeps_each_rows_prompt(architecture):
 
 
 @pytest.mark.parametrize("architecture", ["llama", "t5"])
-def test_prefix_and_prompt_pool_refuse_a_generative_backbone_naming_it(architecture):
+def test_prompt_pool_refuses_a_generative_backbone_and_prefix_a_seq2seq_one(architecture):
     backbone = lm_backbone(architecture)
-    name = type(backbone.model).__name__
-    with pytest.raises(ContinualPeftError, match=f"prefix.*{name}"):
-        ModuleBank(backbone, "prefix")
+    if architecture == "t5":
+        with pytest.raises(ContinualPeftError, match="prefix.*seq2seq.*T5ForConditionalGeneration"):
+            ModuleBank(backbone, "prefix")
     with pytest.raises(ContinualPeftError, match=f"{backbone.kind}"):
         ModuleBank(lm_backbone(architecture), "prompt_pool")
+
+
+def peft_prefix(architecture: str, seed: int = 1):
+    """peft's prefix tuning (CAUSAL_LM) on a copy of the tiny model, random prefix; and that
+    prefix in our layout (layers, 2, N, kv width)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = tiny_model(architecture, len(word_tokenizer(WORDS))).to(DEVICE)
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+    peft_model = get_peft_model(model, config).eval()
+    table = peft_model.prompt_encoder["default"].embedding.weight  # (N, layers·2·kv width)
+    with torch.no_grad():
+        table.copy_(torch.randn(table.shape, generator=torch.Generator().manual_seed(seed)))
+    layers = model.config.num_hidden_layers
+    return peft_model, table.detach().view(N, layers, 2, -1).permute(1, 2, 0, 3).clone()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "gpt2"])
+def test_causal_prefix_tuning_gives_pefts_logits_and_generates_per_row(architecture):
+    from continual_peft.modules.prefix import PrefixConfig
+
+    backbone = lm_backbone(architecture)
+    peft_model, prefix = peft_prefix(architecture)
+    bank = ModuleBank(backbone, "prefix", configs={"prefix": PrefixConfig(num_virtual_tokens=N)})
+    bank.load_slot({"prefix.prefix": prefix.cpu()}, "prefix")
+    items = backbone.encode(["Input: red of apple Output:", "blue", "fox of crow"]).items
+    with torch.no_grad(), bank.use_slot(0):
+        inputs = backbone.inputs(backbone.collate(items))  # left-padded
+        inputs.pop("added"), inputs.pop("prefix")
+        ours = backbone.model(**inputs).logits
+    for row, ids in enumerate(items):  # peft, one row at a time: no padding
+        with torch.no_grad():
+            theirs = peft_model(input_ids=torch.tensor([ids], device=DEVICE)).logits[0]
+        torch.testing.assert_close(ours[row, -len(ids) :], theirs, atol=1e-5, rtol=1e-5)
+    slots, weights = torch.tensor([[0], [-1], [0]], device="cpu"), torch.ones(3, 1, device="cpu")
+    with bank.route(slots, weights):
+        together = backbone.generate(items, 4)
+    alone = []
+    for row in range(3):
+        with bank.route(slots[row : row + 1], weights[row : row + 1]):
+            alone += backbone.generate(items[row : row + 1], 4)
+    with bank.base_only():
+        bare = backbone.generate(items[1:2], 4)
+    assert together == alone and together[1] == bare[0]  # no prefix: the bare model's text

@@ -33,6 +33,7 @@ class CausalBackbone(LanguageModelBackbone):
         batch = self.collate([p + t for p, t in zip(prompts, targets, strict=True)])
         inputs = self.inputs(batch)
         inputs.pop("added")  # virtual tokens sit in front, outside the kept window
+        inputs.pop("prefix")  # a prefix is in the cache, not in the logits
         width = max(len(t) for t in targets)
         logits = self.lm_logits(inputs, keep=width + 1)[:, :-1]  # (B, m, V): next tokens
         ids, mask = padded_targets(self, targets, right_aligned=True)

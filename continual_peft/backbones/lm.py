@@ -54,7 +54,11 @@ class LanguageModelBackbone(Backbone):
         tokenizer.padding_side = self.padding_side
         tokenizer.truncation_side = "left"  # keep a prompt's end, where its question is
         super().__init__(model, tokenizer, max_length, name, device, dtype)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.cache_hooks: list = []  # (rows, dtype) -> (cache, present (B,), N) or None
+        taken = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in taken
+        # transformers renamed `past_key_values` to `cache` (5.x); older versions know only it
+        self._cache_key = "cache" if "cache" in taken else "past_key_values"
 
     @property
     def pad_id(self) -> int:
@@ -106,28 +110,41 @@ class LanguageModelBackbone(Backbone):
             "attention_mask": self.placement.put(attention_mask),
         }
 
+    def add_cache_hook(self, hook) -> None:
+        """Let a module kind fill the key/value cache before the prompt (prefix tuning)."""
+        self.cache_hooks.append(hook)
+
     def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | int]:
         """The model's inputs for a collated prompt batch, after the input hooks (virtual
-        tokens): `input_ids` or `inputs_embeds`, `attention_mask`, `position_ids` (numbered
-        over real tokens: left padding does not shift them), and `added`, the number of
-        positions the hooks put in front."""
+        tokens) and the cache hooks (a prefix): `input_ids` or `inputs_embeds`,
+        `attention_mask` (prefix columns first), `position_ids` (numbered over each row's
+        attended positions: left padding does not shift them, a prefix does),
+        `past_key_values` with a prefix, `added` (positions the input hooks put in front) and
+        `prefix` (cache positions before the prompt)."""
         mask = batch["attention_mask"]
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
-        if not self.input_hooks:
-            return {"input_ids": batch["input_ids"], "attention_mask": mask,
-                    "position_ids": positions, "added": 0}  # fmt: skip
-        embeds = self.model.get_input_embeddings()(batch["input_ids"])  # (B, L, d)
-        added = 0
-        for hook in self.input_hooks:
-            embeds, mask, positions, extra = hook(embeds, mask, positions)
-            added += extra
-        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
-                "added": added}  # fmt: skip
+        inputs: dict = {"input_ids": batch["input_ids"], "added": 0, "prefix": 0}
+        if self.input_hooks:
+            embeds = self.model.get_input_embeddings()(inputs.pop("input_ids"))  # (B, L, d)
+            for hook in self.input_hooks:
+                embeds, mask, positions, extra = hook(embeds, mask, positions)
+                inputs["added"] += extra
+            inputs["inputs_embeds"] = embeds
+        for hook in self.cache_hooks:
+            served = hook(mask.shape[0], self.dtype)
+            if served is not None:
+                cache, present, n = served
+                columns = present[:, None].expand(-1, n).to(mask.dtype)  # (B, N)
+                mask = torch.cat([columns, mask], dim=1)
+                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, n:]
+                inputs |= {self._cache_key: cache, "prefix": n}
+        return inputs | {"attention_mask": mask, "position_ids": positions}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, d) last hidden states of the prompt's tokens (the encoder's, for seq2seq)."""
         inputs = self.inputs({"input_ids": input_ids, "attention_mask": attention_mask})
         added = inputs.pop("added")
+        inputs.pop("prefix")
         return self.prompt_states(inputs).last_hidden_state[:, added:]
 
     def prompt_states(self, inputs: dict[str, torch.Tensor]):
@@ -153,6 +170,15 @@ class LanguageModelBackbone(Backbone):
         inputs = self.inputs(batch)
         inputs.pop("added")
         inputs.pop("position_ids")  # generate numbers positions from the mask, as `inputs`
+        n = inputs.pop("prefix")
+        if n:  # generate reads the cache as the first N positions of its input: stand-ins
+            if "input_ids" in inputs:
+                ids = inputs["input_ids"]
+                inputs["input_ids"] = torch.cat([ids.new_full((len(ids), n), self.pad_id), ids], 1)
+            else:
+                embeds = inputs["inputs_embeds"]
+                inputs["inputs_embeds"] = torch.cat([embeds.new_zeros(len(embeds), n,
+                                                                      embeds.shape[2]), embeds], 1)
         return inputs
 
     @torch.no_grad()
@@ -171,7 +197,8 @@ class LanguageModelBackbone(Backbone):
             pad_token_id=self.pad_id, eos_token_id=self.eos_id, decoder_start_token_id=start,
         )  # fmt: skip
         out = self.model.generate(**inputs, generation_config=config)
-        new = self.new_tokens(out, batch["input_ids"].shape[1], "input_ids" in inputs)
+        width = inputs["attention_mask"].shape[1] - batch["input_ids"].shape[1]  # + N, + virtual
+        new = self.new_tokens(out, batch["input_ids"].shape[1] + width, "input_ids" in inputs)
         rows = []
         for ids in new.tolist():
             rows.append(ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids)

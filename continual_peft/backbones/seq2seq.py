@@ -32,6 +32,7 @@ class Seq2SeqBackbone(LanguageModelBackbone):
         inputs = self.inputs(self.collate(prompts))
         inputs.pop("added")
         inputs.pop("position_ids")
+        inputs.pop("prefix")  # never set: the prefix kind refuses encoder-decoder models
         ids, mask = padded_targets(self, targets, right_aligned=False)
         start = torch.full_like(ids[:, :1], self.model.config.decoder_start_token_id)
         decoder_ids = torch.cat([start, ids[:, :-1]], dim=1)  # (B, m): shifted right

@@ -34,6 +34,7 @@ from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
 from continual_peft.modules.base import MODULE_KINDS
+from continual_peft.modules.cache_prefix import inject_cache_prefix
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,14 @@ class Prefix:
     def inject(self, backbone, routing: Routing) -> dict[str, nn.Module]:
         """Wrap each self-attention module of `backbone.model` in place; return the new sites."""
         model = backbone.model
+        if backbone.kind == "causal":  # decoder-only LMs: a prefix is a key/value cache
+            return inject_cache_prefix(backbone, routing, self.config)
+        if backbone.kind == "seq2seq":
+            raise ContinualPeftError(
+                f"prefix tuning is not supported on the seq2seq family ({type(model).__name__}: "
+                "separate self- and cross-attention caches); use lora, adapter or prompt there, "
+                "or a decoder-only model"
+            )
         found = [(n, m, _layout(n, m)) for n, m in model.named_modules()]
         found = [(n, m, layout) for n, m, layout in found if layout is not None]
         causal = [n for n, m, _ in found if getattr(m, "is_causal", False)]
