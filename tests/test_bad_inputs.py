@@ -539,7 +539,7 @@ def test_sharper_messages_for_labels_csv_headers_and_predict_input(tmp_path: Pat
     refused(
         invoke("predict", "--run", run, "--input", plain),
         f"{plain}:1: not a UTF-8 JSON line",
-        'each line must be one JSON object with a "text" string',
+        'each line must be one JSON object with a "text" (or "prompt") string',
     )
     floats = tmp_path / "floats.jsonl"
     floats.write_text('{"text": "a", "label": 3}\n{"text": "b", "label": 3.0}\n', "utf-8")

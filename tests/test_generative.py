@@ -299,3 +299,73 @@ def test_every_kind_mixed_per_row_in_one_batch_equals_each_row_alone(architectur
             alone, _ = backbone.target_logprobs(prompts[row : row + 1], targets[row : row + 1])
             assert backbone.generate(prompts[row : row + 1], 5) == [written[row]]
         torch.testing.assert_close(scores[row : row + 1], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_targets_or_answers_beyond_the_models_positions_are_refused_before_training():
+    backbone = lm_backbone("gpt2", max_length=250)  # the tiny GPT-2 reads 256 positions
+    learner = ContinualLearner(backbone, config=small_config())  # max_new_tokens 3: fits
+    learner.learn(generation_task("fruit", FRUIT, repeat=1))
+    wide = ContinualLearner(lm_backbone("gpt2", max_length=250), config=small_config(
+        max_new_tokens=32))  # fmt: skip
+    with pytest.raises(ContinualPeftError, match="max_new_tokens: a prompt of up to max_length "
+                       "250 \\+ 32 tokens exceeds the 256 positions"):  # fmt: skip
+        wide.learn(generation_task("fruit", FRUIT, repeat=1))
+    assert not wide.learned and not wide.records  # rolled back before any training
+    long_target = [("red", " ".join(["apple"] * 10))]
+    with pytest.raises(ContinualPeftError, match="longest target \\(11 tokens"):
+        ContinualLearner(lm_backbone("gpt2", max_length=250), config=small_config()).learn(
+            Task.from_examples("long", train=long_target, test=long_target, kind="generation")
+        )
+
+
+def test_labels_the_tokenizer_cannot_tell_apart_are_refused_and_unknown_words_warned():
+    learner = ContinualLearner(lm_backbone("llama"), config=small_config())
+    tied = [("red", "awesome"), ("blue", "dreadful")]  # both <unk> for the word tokenizer
+    with pytest.raises(ContinualPeftError, match="'awesome' and 'dreadful' have the same tokens"):
+        learner.learn(Task.from_examples("tied", train=tied, test=tied))
+    with pytest.warns(UserWarning, match="words this backbone's tokenizer does not know"):
+        learner.learn(Task.from_examples("odd", train=tied, test=tied, kind="generation"))
+
+
+def test_unusual_models_are_refused_with_what_is_missing(tmp_path):
+    from transformers import BartConfig, BartForConditionalGeneration, CLIPConfig, CLIPModel
+
+    from continual_peft.backbones.text import _check_vocabulary
+
+    tokenizer = word_tokenizer(WORDS)
+    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=32, decoder_ffn_dim=32, decoder_start_token_id=None)  # fmt: skip
+    with pytest.raises(ContinualPeftError, match="no decoder_start_token_id"):
+        Seq2SeqBackbone(BartForConditionalGeneration(config), tokenizer, device=DEVICE)
+    clip = CLIPModel(CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "intermediate_size": 16},
+        vision_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 16, "image_size": 8, "patch_size": 4},
+        projection_dim=8,
+    ))  # fmt: skip
+    with pytest.raises(ContinualPeftError, match="no single token-embedding table"):
+        _check_vocabulary(clip, tokenizer, "clip-folder")
+
+
+def test_a_stream_with_a_generation_task_on_an_encoder_is_refused_before_training(
+    make_backbone, tmp_path
+):
+    from continual_peft import Stream
+    from continual_peft.experiments.runner import run_stream
+
+    colors = Task.from_examples("colors", train=[("red", "a"), ("blue", "b")] * 3,
+                                test=[("red", "a"), ("blue", "b")])  # fmt: skip
+    stream = Stream("mixed", [colors, generation_task("fruit", FRUIT)])
+    with pytest.raises(ContinualPeftError, match="generation task, but this backbone"):
+        run_stream(stream, LearnerConfig(), run_dir=tmp_path / "run", make_backbone=make_backbone)
+    assert not (tmp_path / "run" / "tasks" / "colors").exists()  # nothing was trained
+
+
+def test_predict_and_eval_files_may_use_a_generation_tasks_keys(tmp_path):
+    from continual_peft.tasks.records import read_records
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "fruit of red", "target": "apple", "task": "fruit"}\n', "utf-8")
+    assert read_records(path) == [{"text": "fruit of red", "label": "apple", "task": "fruit"}]

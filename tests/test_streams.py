@@ -487,7 +487,7 @@ def test_docs_name_every_spec_key_and_nothing_else():
     """docs/specs.md documents every key the loaders accept, and no key they would refuse."""
     from dataclasses import fields
 
-    from continual_peft.config import BackboneConfig, TrainConfig
+    from continual_peft.config import BackboneConfig, GenerationConfig, TrainConfig
     from continual_peft.strategies import strategy_options
     from continual_peft.tasks.streams import SPLIT_KEYS, STREAM_KEYS, TASK_KEYS
 
@@ -495,6 +495,7 @@ def test_docs_name_every_spec_key_and_nothing_else():
     documented = set(re.findall(r"`([a-z0-9_]+)`", doc))
     accepted = STREAM_KEYS | TASK_KEYS | SPLIT_KEYS | {"strategy", "module", "router", "seed"}
     accepted |= {f.name for f in fields(TrainConfig)} | {f.name for f in fields(BackboneConfig)}
+    accepted |= {f.name for f in fields(GenerationConfig)}
     for kind in MODULE_KINDS.names():
         accepted |= {f.name for f in fields(MODULE_KINDS.options_type(kind))}
     for strategy in STRATEGIES.names():
@@ -502,4 +503,4 @@ def test_docs_name_every_spec_key_and_nothing_else():
     assert accepted - documented == set()
     tables = set(re.findall(r"^\| `\[?([a-z0-9_]+)", doc, flags=re.M))  # first column of the tables
     tables -= set(MODULE_KINDS.names()) | {"router_options", "strategy_options", "tasks"}
-    assert tables - accepted - {"backbone"} == set()
+    assert tables - accepted - {"backbone", "generation"} == set()

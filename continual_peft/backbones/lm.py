@@ -61,6 +61,29 @@ class LanguageModelBackbone(Backbone):
         self._cache_key = "cache" if "cache" in taken else "past_key_values"
 
     @property
+    def position_limit(self) -> int | None:
+        """The most positions the model reads (its position embeddings, or the tokenizer's
+        stated maximum when lower); None for relative positions (T5)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        stated = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(stated, int) and stated < 1_000_000:  # unknown: a huge sentinel
+            limit = stated if limit is None else min(limit, stated)
+        return limit if self.kind == "causal" else None  # seq2seq: encoder and decoder apart
+
+    def check_room(self, tokens: int, what: str, fix: str) -> None:
+        """Refuse `tokens` positions after a prompt of `max_length` (and any virtual tokens)
+        beyond `position_limit`, naming `what` needs them and `fix`."""
+        limit = self.position_limit
+        hooks = [*self.input_hooks, *self.cache_hooks]
+        virtual = sum(getattr(hook, "num_virtual_tokens", 0) for hook in hooks)
+        if limit is not None and self.max_length + virtual + tokens > limit:
+            extra = f" + {virtual} virtual tokens" if virtual else ""
+            raise ContinualPeftError(
+                f"{what}: a prompt of up to max_length {self.max_length}{extra} + {tokens} "
+                f"tokens exceeds the {limit} positions backbone {self.name!r} reads; {fix}"
+            )
+
+    @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
@@ -177,8 +200,9 @@ class LanguageModelBackbone(Backbone):
                 inputs["input_ids"] = torch.cat([ids.new_full((len(ids), n), self.pad_id), ids], 1)
             else:
                 embeds = inputs["inputs_embeds"]
-                inputs["inputs_embeds"] = torch.cat([embeds.new_zeros(len(embeds), n,
-                                                                      embeds.shape[2]), embeds], 1)
+                inputs["inputs_embeds"] = torch.cat(
+                    [embeds.new_zeros(len(embeds), n, embeds.shape[2]), embeds], 1
+                )
         return inputs
 
     @torch.no_grad()

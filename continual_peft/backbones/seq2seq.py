@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from continual_peft.backbones.lm import LanguageModelBackbone, gather_logprobs, padded_targets
+from continual_peft.errors import ContinualPeftError
 
 
 class Seq2SeqBackbone(LanguageModelBackbone):
@@ -19,6 +20,16 @@ class Seq2SeqBackbone(LanguageModelBackbone):
     kind = "seq2seq"
     padding_side = "right"
     target_delimiter = ""
+
+    def __init__(self, model, tokenizer, *args, **kwargs) -> None:
+        start = getattr(model.config, "decoder_start_token_id", None)
+        if start is None:
+            raise ContinualPeftError(
+                f"encoder-decoder backbone {type(model).__name__}: its config has no "
+                "decoder_start_token_id, the token every answer starts from; set it in "
+                "config.json (T5: the pad id, BART: the EOS id) and load it again"
+            )
+        super().__init__(model, tokenizer, *args, **kwargs)
 
     def prompt_states(self, inputs: dict[str, torch.Tensor]):
         inputs.pop("position_ids")  # T5's relative positions, BART's own: not taken here

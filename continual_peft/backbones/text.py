@@ -295,7 +295,14 @@ def _check_vocabulary(model: nn.Module, tokenizer, path: str) -> None:
     More token ids than embedding rows index past the table; fewer than half the rows means
     another model's tokenizer (models pad their tables a little, never by half).
     """
-    embeddings = model.get_input_embeddings()
+    try:
+        embeddings = model.get_input_embeddings()
+    except NotImplementedError:
+        raise ContinualPeftError(
+            f"backbone {path!r} ({type(model).__name__}) has no single token-embedding table: "
+            "it is no text encoder or language model this tool reads (e.g. a CLIP-style "
+            "multi-modal model); give a BERT-like, ViT, decoder-only or encoder-decoder folder"
+        ) from None
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is None:
         return

@@ -15,6 +15,7 @@ kind, its prompt template and the labels' token ids (`LanguageModelBackbone.enco
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,15 @@ class LanguageModelHeads(nn.Module):
     def _register(self, name: str, labels: list[str], kind: str, template: str | None) -> None:
         where = f"task {name!r}: {'target' if kind == GENERATION else 'label'}"
         targets = self.backbone.encode_targets(list(labels), where)
+        _check_targets(self.backbone, name, kind, labels, targets)
+        longest = max(len(t) for t in targets)
+        self.backbone.check_room(longest, f"task {name!r}: its longest target ({longest} "
+                                 "tokens with EOS)", "lower max_length (--max-length)")  # fmt: skip
+        if kind == GENERATION or self.config.decode == "generate":
+            self.backbone.check_room(
+                self.config.max_new_tokens, f"task {name!r}: generation.max_new_tokens",
+                "lower max_new_tokens or max_length",
+            )  # fmt: skip
         self.tasks[name] = TaskTargets(list(labels), kind, template, targets)
         self.heads[name] = nn.Module()
 
@@ -163,6 +173,32 @@ def make_heads(backbone: Backbone, config: LearnerConfig) -> TaskHeads:
     return Heads(backbone)
 
 
+def _check_targets(backbone, task: str, kind: str, labels: list[str], targets: list) -> None:
+    """Refuse labels the tokenizer cannot tell apart (their scores would always tie); warn of
+    generation targets with words the tokenizer does not know (never written exactly)."""
+    unknown = backbone.tokenizer.unk_token_id
+    if kind != GENERATION:
+        seen: dict[tuple, str] = {}
+        for label, ids in zip(labels, targets, strict=True):
+            if tuple(ids) in seen:
+                raise ContinualPeftError(
+                    f"task {task!r}: labels {seen[tuple(ids)]!r} and {label!r} have the same "
+                    f"tokens for this backbone's tokenizer ({backbone.name}), so their scores "
+                    "always tie; rename them to words the tokenizer knows"
+                )
+            seen[tuple(ids)] = label
+    elif unknown is not None:
+        odd = [t for t, ids in zip(labels, targets, strict=True) if unknown in ids]
+        if odd:
+            warnings.warn(
+                f"task {task!r}: {len(odd)} target(s) hold words this backbone's tokenizer "
+                f"does not know (e.g. {odd[0]!r}); they decode to nothing and can never be "
+                "written exactly",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
 def check_new_task(task: Task, learned: dict, heads: TaskHeads) -> None:
     """Refuse a task the learner cannot begin: a name already learned, earlier tasks loaded
     without their data (a new task re-evaluates them), a generation task on an encoder."""
@@ -176,6 +212,11 @@ def check_new_task(task: Task, learned: dict, heads: TaskHeads) -> None:
             f"this learner was loaded without the data of task(s) {missing}, which a new "
             "task must re-evaluate: pass them as ContinualLearner.load(..., tasks=[...])."
         )
+    check_kind(task, heads)
+
+
+def check_kind(task: Task, heads: TaskHeads) -> None:
+    """Refuse a generation task on an encoder backbone (which cannot write text)."""
     if getattr(task, "kind", "classification") == GENERATION and isinstance(heads, Heads):
         raise ContinualPeftError(
             f"task {task.name!r} is a generation task, but this backbone "

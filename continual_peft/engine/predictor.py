@@ -206,4 +206,4 @@ def task_scores(metric: str, answers: list[str | None], task) -> tuple[float, di
         return em, {"exact_match": em, "rouge_l": rouge_l(texts, truth)}
     labels = set(task.labels)
     value = float(np.mean([a == b for a, b in zip(answers, truth, strict=True)]))
-    return value, {"not_a_label": float(sum(a is not None and a not in labels for a in answers))}
+    return value, {"not_a_label": sum(a is not None and a not in labels for a in answers)}

@@ -18,6 +18,7 @@ from continual_peft.backbones.placement import pick_device
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.engine.learner import ContinualLearner
+from continual_peft.engine.lm_heads import check_kind
 from continual_peft.engine.loading import check_resume_config, load_learner, open_run, run_finished
 from continual_peft.engine.state import record_backbone
 from continual_peft.errors import ContinualPeftError
@@ -108,6 +109,8 @@ def _learn_all(
         start = f", resuming after task {done}" if done else ""
         console.rule(f"{stream.name}: {title}, {len(stream.tasks)} tasks{start}")
     try:
+        for task in stream.tasks[done:]:  # before any training: not after the first tasks
+            check_kind(task, learner.heads)
         for task in stream.tasks[done:]:
             learner.learn(task)
     except BaseException as err:

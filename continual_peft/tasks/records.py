@@ -36,7 +36,10 @@ def read_records(source: str | Path) -> list[dict[str, str]]:
     return records
 
 
-_RECORD_SHAPE = 'each line must be one JSON object with a "text" string, e.g. {"text": "a red car"}'
+_RECORD_SHAPE = (
+    'each line must be one JSON object with a "text" (or "prompt") string, e.g. '
+    '{"text": "a red car"}'
+)
 
 
 def _read_bytes(source: str | Path, name: str) -> bytes:
@@ -55,6 +58,11 @@ def _record(line: bytes, where: str) -> dict[str, str]:
         raise ContinualPeftError(
             f"{where}: not a UTF-8 JSON line ({err}); {_RECORD_SHAPE}."
         ) from None
+    if isinstance(record, dict):  # a generation task's lines: {"prompt": ..., "target": ...}
+        if "text" not in record and "prompt" in record:
+            record["text"] = record.pop("prompt")
+        if "label" not in record and "target" in record:
+            record["label"] = record.pop("target")
     if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
         raise ContinualPeftError(f"{where}: {_RECORD_SHAPE}.")
     try:
