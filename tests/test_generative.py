@@ -333,9 +333,10 @@ def test_unusual_models_are_refused_with_what_is_missing(tmp_path):
     from continual_peft.backbones.text import _check_vocabulary
 
     tokenizer = word_tokenizer(WORDS)
-    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
-                        encoder_attention_heads=2, decoder_attention_heads=2,
-                        encoder_ffn_dim=32, decoder_ffn_dim=32, decoder_start_token_id=None)  # fmt: skip
+    sizes = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 32,
+             "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+             "decoder_ffn_dim": 32}  # fmt: skip
+    config = BartConfig(vocab_size=len(tokenizer), decoder_start_token_id=None, **sizes)
     with pytest.raises(ContinualPeftError, match="no decoder_start_token_id"):
         Seq2SeqBackbone(BartForConditionalGeneration(config), tokenizer, device=DEVICE)
     clip = CLIPModel(CLIPConfig(
