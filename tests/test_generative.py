@@ -370,3 +370,13 @@ def test_predict_and_eval_files_may_use_a_generation_tasks_keys(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"prompt": "fruit of red", "target": "apple", "task": "fruit"}\n', "utf-8")
     assert read_records(path) == [{"text": "fruit of red", "label": "apple", "task": "fruit"}]
+
+
+def test_a_tasks_template_and_kind_are_part_of_its_data_hash():
+    from continual_peft.store.digests import task_digest
+
+    plain = Task.from_examples("t", train=FRUIT, test=FRUIT)
+    assert task_digest(plain) == task_digest(Task.from_examples("t", train=FRUIT, test=FRUIT))
+    templated = Task.from_examples("t", train=FRUIT, test=FRUIT, template="Q: {text} A:")
+    written = Task.from_examples("t", train=FRUIT, test=FRUIT, kind="generation")
+    assert len({task_digest(plain), task_digest(templated), task_digest(written)}) == 3

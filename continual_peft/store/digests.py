@@ -120,5 +120,5 @@ def check_stream(run: Path, saved: dict | None, stream: Stream, done: list[dict]
             raise ContinualPeftError(
                 f"{run}: task {entry['name']!r} has other data than when the run learned it "
                 "(its data hash differs): resume with the same data files, --max-train and "
-                "--max-test, or start a new run."
+                "--max-test (and the same template and kind), or start a new run."
             )
