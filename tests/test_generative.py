@@ -380,3 +380,44 @@ def test_a_tasks_template_and_kind_are_part_of_its_data_hash():
     templated = Task.from_examples("t", train=FRUIT, test=FRUIT, template="Q: {text} A:")
     written = Task.from_examples("t", train=FRUIT, test=FRUIT, kind="generation")
     assert len({task_digest(plain), task_digest(templated), task_digest(written)}) == 3
+
+
+def test_a_seq2seq_decoders_positions_are_checked_and_mixed_answer_modes_share_a_batch():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    tokenizer = word_tokenizer(WORDS)
+    sizes = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 32,
+             "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+             "decoder_ffn_dim": 32, "max_position_embeddings": 16}  # fmt: skip
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=len(tokenizer), **sizes))
+    backbone = Seq2SeqBackbone(bart, tokenizer, max_length=8, device=DEVICE, dtype="float32")
+    learner = ContinualLearner(backbone, config=small_config(max_new_tokens=20))
+    with pytest.raises(ContinualPeftError, match="decoder's start token \\+ 20 tokens exceeds"):
+        learner.learn(generation_task("fruit", FRUIT, repeat=1))
+    # a classification task (scored) and a generation task (written) in one routed batch
+    mixed = ContinualLearner(lm_backbone("gpt2"), config=small_config())
+    mixed.config.train.epochs = 1
+    mixed.learn(colors_task())
+    mixed.learn(generation_task("fruit", FRUIT, repeat=1))
+    together = mixed.predict(["red", "fruit of red", "blue"], task=["colors", "fruit", "colors"])
+    assert together[0] in ("yes", "no") and together[2] in ("yes", "no")
+    rows = [("red", "colors"), ("fruit of red", "fruit"), ("blue", "colors")]
+    assert together == [mixed.predict([x], task=t)[0] for x, t in rows]
+    assert len(mixed.predict(["red", "fruit of red"])) == 2  # routed: both modes, one call
+
+
+def test_input_files_giving_both_a_key_and_its_alias_are_refused(tmp_path):
+    from continual_peft.tasks.records import read_records
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "a", "prompt": "b"}\n', "utf-8")
+    with pytest.raises(ContinualPeftError, match="in.jsonl:1: both 'text' and 'prompt'"):
+        read_records(path)
+    path.write_text('{"text": "a", "label": "x", "target": "y"}\n', "utf-8")
+    with pytest.raises(ContinualPeftError, match="both 'label' and 'target'"):
+        read_records(path)
+
+
+def test_save_tiny_refuses_qwen2_whose_folder_tokenizer_would_not_read_words(tmp_path):
+    with pytest.raises(ValueError, match="build it in memory"):
+        save_tiny(tmp_path / "q", "qwen2", WORDS)

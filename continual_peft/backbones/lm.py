@@ -63,24 +63,31 @@ class LanguageModelBackbone(Backbone):
     @property
     def position_limit(self) -> int | None:
         """The most positions the model reads (its position embeddings, or the tokenizer's
-        stated maximum when lower); None for relative positions (T5)."""
+        stated maximum when lower; for seq2seq, what the decoder reads); None for relative
+        positions (T5)."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
         stated = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(stated, int) and stated < 1_000_000:  # unknown: a huge sentinel
             limit = stated if limit is None else min(limit, stated)
-        return limit if self.kind == "causal" else None  # seq2seq: encoder and decoder apart
+        return limit
 
     def check_room(self, tokens: int, what: str, fix: str) -> None:
-        """Refuse `tokens` positions after a prompt of `max_length` (and any virtual tokens)
-        beyond `position_limit`, naming `what` needs them and `fix`."""
+        """Refuse `tokens` positions after a prompt of `max_length` (and any virtual tokens;
+        for seq2seq, after the decoder's start token) beyond `position_limit`, naming `what`
+        needs them and `fix`."""
         limit = self.position_limit
         hooks = [*self.input_hooks, *self.cache_hooks]
         virtual = sum(getattr(hook, "num_virtual_tokens", 0) for hook in hooks)
-        if limit is not None and self.max_length + virtual + tokens > limit:
-            extra = f" + {virtual} virtual tokens" if virtual else ""
+        if self.kind == "causal":
+            before = self.max_length + virtual
+            said = f"a prompt of up to max_length {self.max_length}"
+            said += f" + {virtual} virtual tokens" if virtual else ""
+        else:
+            before, said = 1, "the decoder's start token"
+        if limit is not None and before + tokens > limit:
             raise ContinualPeftError(
-                f"{what}: a prompt of up to max_length {self.max_length}{extra} + {tokens} "
-                f"tokens exceeds the {limit} positions backbone {self.name!r} reads; {fix}"
+                f"{what}: {said} + {tokens} tokens exceeds the {limit} positions backbone "
+                f"{self.name!r} reads; {fix}"
             )
 
     @property

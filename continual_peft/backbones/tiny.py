@@ -3,7 +3,8 @@
 For the tests, `examples/generative.py` and the CPU benchmarks: a decoder-only (Llama, Qwen2,
 GPT-2) or encoder-decoder (T5) model with random weights a few layers deep, and a tokenizer whose
 vocabulary is a given word list (one token per word, punctuation split off). Saved to a folder
-with `save_tiny`, they load like any local model (`Backbone.from_pretrained(folder)`).
+with `save_tiny` (Llama, GPT-2, T5), they load like any local model
+(`Backbone.from_pretrained(folder)`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,21 @@ def tiny_model(architecture: str, vocab_size: int, seed: int = 0, **sizes: int):
 
 
 def save_tiny(folder: str | Path, architecture: str, words: list[str], seed: int = 0) -> Path:
-    """Build a tiny model and its word tokenizer, save both to `folder`; returns the folder."""
+    """Build a tiny model and its word tokenizer, save both to `folder`; returns the folder.
+
+    Not for "qwen2": transformers 5 loads a Qwen2 folder's tokenizer as its own BPE
+    `Qwen2Tokenizer`, which cannot read the word-level vocabulary; build a tiny Qwen2 in
+    memory instead (`tiny_model` + `word_tokenizer`, then `CausalBackbone(model, tokenizer)`).
+
+    Raises:
+        ValueError: For "qwen2" (above) or an unknown architecture.
+    """
+    if architecture == "qwen2":
+        raise ValueError(
+            "save_tiny cannot save a usable qwen2 folder (transformers loads its tokenizer as "
+            "Qwen2Tokenizer); build it in memory: CausalBackbone(tiny_model('qwen2', ...), "
+            "word_tokenizer(words))"
+        )
     folder = Path(folder)
     tokenizer = word_tokenizer(words)
     model = tiny_model(architecture, len(tokenizer), seed)

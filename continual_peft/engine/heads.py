@@ -42,6 +42,7 @@ class TaskHeads(Protocol):
     def prompt_rows(self, inputs: list, tasks: list[str], items: list | None = None) -> list: ...
     def feature_items(self, inputs: list, where: str = "input") -> list | None: ...
     def describe(self, task: str, scores: dict[str, dict]) -> dict: ...
+    def mode(self, task: str) -> str: ...
 
 
 class Heads(nn.Module):
@@ -89,6 +90,10 @@ class Heads(nn.Module):
 
     def metric(self, task: str) -> str:
         return "accuracy"
+
+    def mode(self, task: str) -> str:
+        """How a task's rows are answered: "score" (here, always: a linear head)."""
+        return "score"
 
     def prompt_items(self, task: str, inputs: list, where: str = "input") -> Encoded:
         """The inputs as the backbone reads them (encoders use no template)."""

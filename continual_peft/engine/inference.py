@@ -76,9 +76,18 @@ def routed_predict(
     tasks = [head_tasks[i] for i in accepted]
 
     def answer(rows_items: list, rows: np.ndarray) -> list[str]:
-        picked = torch.as_tensor(rows, device="cpu")
-        with bank.route(slots[picked], weights[picked]):
-            return heads.row_predict(rows_items, [tasks[i] for i in rows])
+        """A batch's answers; rows answered differently (scored labels, written text) each
+        in their own routed forward, since the bank routes a whole batch at once."""
+        names, answers = [tasks[i] for i in rows], [""] * len(rows)
+        modes = [heads.mode(name) for name in names]
+        for mode in dict.fromkeys(modes):
+            group = [j for j, m in enumerate(modes) if m == mode]
+            picked = torch.as_tensor(rows[group], device="cpu")
+            with bank.route(slots[picked], weights[picked]):
+                found = heads.row_predict([rows_items[j] for j in group], [names[j] for j in group])
+            for j, text in zip(group, found, strict=True):
+                answers[j] = text
+        return answers
 
     answers = predict_batches(heads.backbone, answer, [items[i] for i in accepted], batch_size)
     for i, text in zip(accepted, answers, strict=True):

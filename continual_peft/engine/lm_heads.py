@@ -145,6 +145,11 @@ class LanguageModelHeads(nn.Module):
         entry = self.tasks[task]
         return {"kind": entry.kind, "template": entry.template, "text_scores": dict(scores)}
 
+    def mode(self, task: str) -> str:
+        """How a task's rows are answered: "score" its labels, or "generate" text. Rows of
+        both modes never share a forward (`inference.routed_predict` splits them)."""
+        return "score" if self._scores(task) else "generate"
+
     def _scores(self, task: str) -> bool:
         """Whether `task` is answered by scoring its labels rather than generating."""
         return self.tasks[task].kind != GENERATION and self.config.decode == "score"

@@ -29,7 +29,11 @@ def cache_geometry(config) -> tuple[int, int, int]:
     """(layers, key/value heads, head size) of a decoder config (Llama, Qwen2, GPT-2, ...)."""
     layers = int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if getattr(config, "model_type", "") == "falcon":  # its cache holds what its attention does
+        new_layout, multi_query = config.new_decoder_architecture, config.multi_query
+        kv_heads = heads if new_layout else (1 if multi_query else config.num_kv_heads)
+    kv_heads = int(kv_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return layers, kv_heads, head_dim
 

@@ -59,10 +59,13 @@ def _record(line: bytes, where: str) -> dict[str, str]:
             f"{where}: not a UTF-8 JSON line ({err}); {_RECORD_SHAPE}."
         ) from None
     if isinstance(record, dict):  # a generation task's lines: {"prompt": ..., "target": ...}
-        if "text" not in record and "prompt" in record:
-            record["text"] = record.pop("prompt")
-        if "label" not in record and "target" in record:
-            record["label"] = record.pop("target")
+        for key, alias in (("text", "prompt"), ("label", "target")):
+            if key in record and alias in record:
+                raise ContinualPeftError(
+                    f"{where}: both {key!r} and {alias!r} are given; keep one of them"
+                )
+            if alias in record:
+                record[key] = record.pop(alias)
     if not (isinstance(record, dict) and isinstance(record.get("text"), str)):
         raise ContinualPeftError(f"{where}: {_RECORD_SHAPE}.")
     try:
