@@ -42,7 +42,8 @@ def run(strategy: str, backbone: str, max_length: int = 32) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", help="a local causal or seq2seq model folder")
-    parser.add_argument("--architecture", default="llama", choices=[a for a in ARCHITECTURES if a != "qwen2"],
+    saved = [a for a in ARCHITECTURES if a != "qwen2"]  # save_tiny cannot save a usable qwen2
+    parser.add_argument("--architecture", default="llama", choices=saved,
                         help="the tiny model built when no --backbone is given")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
