@@ -27,7 +27,7 @@ import inspect
 import torch
 from torch import nn
 
-from continual_peft.backbones.text import Backbone
+from continual_peft.backbones.text import Backbone, pad_rows, position_limit
 from continual_peft.errors import ContinualPeftError
 
 
@@ -65,11 +65,7 @@ class LanguageModelBackbone(Backbone):
         """The most positions the model reads (its position embeddings, or the tokenizer's
         stated maximum when lower; for seq2seq, what the decoder reads); None for relative
         positions (T5)."""
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        stated = getattr(self.tokenizer, "model_max_length", None)
-        if isinstance(stated, int) and stated < 1_000_000:  # unknown: a huge sentinel
-            limit = stated if limit is None else min(limit, stated)
-        return limit
+        return position_limit(self.model, self.tokenizer)
 
     def check_room(self, tokens: int, what: str, fix: str) -> None:
         """Refuse `tokens` positions after a prompt of `max_length` (and any virtual tokens;
@@ -121,24 +117,6 @@ class LanguageModelBackbone(Backbone):
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Pad a batch of id lists to its longest row, on `padding_side`."""
-        width = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device="cpu")
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
-        for i, ids in enumerate(rows):
-            span = (
-                slice(width - len(ids), width)
-                if self.padding_side == "left"
-                else slice(0, len(ids))
-            )
-            input_ids[i, span] = torch.tensor(ids, dtype=torch.long, device="cpu")
-            attention_mask[i, span] = 1
-        return {
-            "input_ids": self.placement.put(input_ids),
-            "attention_mask": self.placement.put(attention_mask),
-        }
 
     def add_cache_hook(self, hook) -> None:
         """Let a module kind fill the key/value cache before the prompt (prefix tuning)."""
@@ -261,13 +239,7 @@ def padded_targets(
     backbone: Backbone, targets: list[list[int]], right_aligned: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, m) target ids (pad 0) and mask, aligned to the right or the left, on the device."""
-    width = max(len(t) for t in targets)
-    ids = torch.zeros((len(targets), width), dtype=torch.long, device="cpu")
-    mask = torch.zeros((len(targets), width), dtype=torch.long, device="cpu")
-    for i, row in enumerate(targets):
-        span = slice(width - len(row), width) if right_aligned else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long, device="cpu")
-        mask[i, span] = 1
+    ids, mask = pad_rows(targets, 0, left=right_aligned)
     return backbone.placement.put(ids), backbone.placement.put(mask)
 
 

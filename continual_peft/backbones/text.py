@@ -68,6 +68,7 @@ class Backbone(nn.Module):
     """
 
     kind = "encoder"
+    padding_side = "right"
 
     def __init__(
         self,
@@ -207,19 +208,11 @@ class Backbone(nn.Module):
         return len(item)
 
     def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Pad a batch of id lists to its own longest row (dynamic padding)."""
-        width = max(len(ids) for ids in rows)
+        """Pad a batch of id lists to its own longest row (dynamic padding), on
+        `padding_side`."""
         pad_id = self.tokenizer.pad_token_id or 0
-        # built on the CPU from Python lists, then one copy each to the device
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
-        for i, ids in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device="cpu")
-            attention_mask[i, : len(ids)] = 1
-        return {
-            "input_ids": self.placement.put(input_ids),
-            "attention_mask": self.placement.put(attention_mask),
-        }
+        ids, mask = pad_rows(rows, pad_id, left=self.padding_side == "left")
+        return {"input_ids": self.placement.put(ids), "attention_mask": self.placement.put(mask)}
 
     def token_table(self) -> torch.Tensor:
         """(V, d) input embeddings that a fresh prompt is drawn from: the word embeddings."""
@@ -315,13 +308,34 @@ def _check_vocabulary(model: nn.Module, tokenizer, path: str) -> None:
         )
 
 
-def _check_positions(model: nn.Module, tokenizer, max_length: int, name: str) -> None:
-    """Refuse a max_length beyond what the model can embed (its position embeddings, or its
-    tokenizer's stated maximum when that is lower, as for RoBERTa's offset positions)."""
+def pad_rows(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) int64 ids padded with `value` to the longest row, on the left or the right,
+    and the (B, width) mask of real entries; built on the CPU from Python lists (the caller
+    copies each to the device once)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long, device="cpu")
+        mask[i, span] = 1
+    return ids, mask
+
+
+def position_limit(model: nn.Module, tokenizer) -> int | None:
+    """The most positions `model` can embed: its position embeddings, or its tokenizer's
+    stated maximum when that is lower (as for RoBERTa's offset positions); None if neither
+    says (relative positions)."""
     limit = getattr(model.config, "max_position_embeddings", None)
     stated = getattr(tokenizer, "model_max_length", None)
     if isinstance(stated, int) and stated < 1_000_000:  # an unknown maximum is a huge sentinel
         limit = stated if limit is None else min(limit, stated)
+    return limit
+
+
+def _check_positions(model: nn.Module, tokenizer, max_length: int, name: str) -> None:
+    """Refuse a max_length beyond what the model can embed (`position_limit`)."""
+    limit = position_limit(model, tokenizer)
     if limit is not None and max_length > limit:
         raise ContinualPeftError(
             f"max_length {max_length} exceeds what backbone {name!r} can read ({limit} "
