@@ -26,14 +26,10 @@ from continual_peft.backbones.text import Backbone, Encoded
 from continual_peft.config import GenerationConfig, LearnerConfig
 from continual_peft.engine.heads import Heads, TaskHeads
 from continual_peft.errors import ContinualPeftError
+from continual_peft.tasks.generation import fill_template
 from continual_peft.tasks.task import Task
 
 GENERATION = "generation"
-
-
-def fill(template: str | None, text: str) -> str:
-    """`template` with every "{text}" replaced by `text` (the text itself without template)."""
-    return text if template is None else template.replace("{text}", text)
 
 
 @dataclass
@@ -100,7 +96,7 @@ class LanguageModelHeads(nn.Module):
     def prompt_items(self, task: str, inputs: list, where: str = "input") -> Encoded:
         """The inputs with the task's template filled in, as token ids (cut from the left)."""
         template = self.tasks[task].template
-        return self.backbone.encode([fill(template, x) for x in inputs], where)
+        return self.backbone.encode([fill_template(template, x) for x in inputs], where)
 
     def row_loss(self, items: list, tasks: list[str], labels: list[int]) -> torch.Tensor:
         """Mean cross-entropy of the gold targets' tokens after the prompts."""

@@ -18,6 +18,14 @@ CLASSIFICATION = "classification"
 GENERATION = "generation"
 KINDS = (CLASSIFICATION, GENERATION)
 PLACEHOLDER = "{text}"
+
+
+def fill_template(template: str | None, text: str) -> str:
+    """`template` with every "{text}" replaced by `text` (str.replace: other braces stay as
+    written); the text itself without a template."""
+    return text if template is None else template.replace(PLACEHOLDER, text)
+
+
 TEMPLATE_EXAMPLE = 'template = "Review: {text}\\nSentiment:"'
 # JSONL keys (CSV headers, dataset columns) of a generation task: the input, then the target
 GENERATION_TEXT_COLUMNS = ("prompt", "text")

@@ -23,11 +23,11 @@ from continual_peft.registry import validate_task_name
 from continual_peft.tasks.generation import (
     CLASSIFICATION,
     GENERATION,
-    PLACEHOLDER,
     check_kind,
     check_targets,
     check_template,
     columns_for,
+    fill_template,
     refuse_label_keys,
     target_labels,
 )
@@ -63,7 +63,7 @@ class Task:
     def prompt(self, text: str) -> str:
         """`text` as a generative backbone reads it: the template with every "{text}" replaced
         by it (other braces kept as written), or the text itself when there is no template."""
-        return text if self.template is None else self.template.replace(PLACEHOLDER, text)
+        return fill_template(self.template, text)
 
     @classmethod
     def from_examples(
