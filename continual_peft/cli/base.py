@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from continual_peft._version import __version__
+from continual_peft.distributed import World, launched_size, world
 from continual_peft.engine import progress
 from continual_peft.errors import Terminated
 
@@ -105,6 +106,7 @@ MOVED_BACKBONE = typer.Option(None, help=MOVED_BACKBONE_HELP, metavar="PATH")
 
 
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False,
         "--version",
@@ -122,6 +124,17 @@ def main(
     """
     warnings.formatwarning = format_warning
     progress.configure("lines")  # a live bar on a terminal, a line every 30 s in a log file
+    command, writer = ctx.invoked_subcommand, os.environ.get("RANK", "0").strip() in ("0", "")
+    if not writer:  # under torchrun the other ranks do the same work: rank 0 reports it
+        progress.configure("off")
+        warnings.simplefilter("ignore")
+    if launched_size() > 1 and command not in (None, "run"):
+        if not writer:
+            raise typer.Exit(2)
+        fail(
+            f"`{command}` does not run under torchrun ({launched_size()} processes): only `run` "
+            f"is data-parallel. Run `continual-peft {command} ...` as one plain process."
+        )
 
 
 def show_version(given: bool) -> None:
@@ -142,8 +155,15 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
 def fail(message: str, code: int = 2) -> None:
     # escape: "[train]" in a message is a spec table, not rich markup. soft_wrap: never break a
     # file:line path at the console width when stderr is piped.
-    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    here = world()
+    rank = f"[rank {here.rank}] " if here.size > 1 else ""  # under torchrun: who says it
+    errors.print(f"[bold red]error:[/] {escape(rank + message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def ranks(here: World) -> str:
+    """ ", in each of N processes (torchrun)" when there are several, for a status line."""
+    return f", in each of {here.size} processes (torchrun)" if here.size > 1 else ""
 
 
 @contextlib.contextmanager

@@ -19,8 +19,10 @@ from continual_peft.cli.base import (
     errors,
     fail,
     interrupted,
+    ranks,
     stop_signals,
 )
+from continual_peft.distributed import WriterError, start, stop
 from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.launch import (
     CompareRequest,
@@ -117,20 +119,29 @@ def run(
         "backbone.name": backbone, "backbone.dtype": dtype, "backbone.device": device,
         "backbone.threads": threads,
     }  # fmt: skip
+    here = start()  # under torchrun: this process's rank; rank 0 alone prints and writes
     try:
         tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
         plan = plan_run(RunRequest(
             tasks, stream is None, strategy, overrides, list(order or []), seed, seeds, baseline,
             out, resume,
         ))  # fmt: skip
-        errors.print(f"torch threads: {set_threads(plan.config.backbone.threads)}", highlight=False)
-        folder = launch(plan, console)
+        threads = set_threads(plan.config.backbone.threads)
+        if here.writer:
+            errors.print(f"torch threads: {threads}{ranks(here)}", highlight=False)
+        folder = launch(plan, console if here.writer else None)
+    except WriterError:
+        raise typer.Exit(2) from None  # rank 0 failed, and said why
     except ContinualPeftError as err:
         fail(str(err))
     except KeyboardInterrupt as err:
         interrupted(
             err, "the tasks finished so far are saved in the run directory: continue with --resume."
         )
+    finally:
+        stop()
+    if not here.writer:
+        return
     if plan.grid:
         console.print(
             f"\ngrid directory: [bold]{folder}[/] (aggregate.md, aggregate.json, aggregate.csv, "

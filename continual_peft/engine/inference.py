@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from continual_peft.backbones.text import Backbone
+from continual_peft.distributed import map_shards
 from continual_peft.engine.bank import ModuleBank
 from continual_peft.engine.heads import TaskHeads
 from continual_peft.engine.progress import tick
@@ -24,13 +25,23 @@ from continual_peft.engine.progress import tick
 def frozen_features(
     backbone: Backbone, bank: ModuleBank, items: list, batch_size: int
 ) -> torch.Tensor:
-    """(N, d) pooled features of the bare backbone, in input order, float32 on its device."""
+    """(N, d) pooled features of the bare backbone, in input order, float32 on its device.
+
+    Under torchrun the batches are shared out over the ranks and every rank gets all rows."""
     placement = backbone.placement
     out = placement.zeros(len(items), backbone.hidden_size)
+
+    def embed(rows: np.ndarray) -> torch.Tensor:
+        found = backbone.embed(backbone.collate([items[i] for i in rows])).float()
+        tick(len(rows))
+        return found
+
     with bank.base_only():
-        for rows, batch in length_sorted_batches(backbone, items, batch_size):
-            out[placement.tensor(rows, dtype=torch.long)] = backbone.embed(batch).float()
-            tick(len(rows))
+        batches = length_sorted_rows(backbone, items, batch_size)
+        found, others = map_shards(batches, embed)
+    for rows, values in zip(batches, found, strict=True):
+        out[placement.tensor(rows, dtype=torch.long)] = values.to(out.device)
+    tick(sum(len(rows) for rows in others))
     return out
 
 
@@ -95,14 +106,10 @@ def routed_predict(
     return result
 
 
-def length_sorted_batches(
-    backbone: Backbone, items: list, batch_size: int
-) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-    """(row positions, collated batch) over inputs sorted by length, so padding stays small."""
+def length_sorted_rows(backbone: Backbone, items: list, batch_size: int) -> list[np.ndarray]:
+    """Row positions in batches of inputs sorted by length, so padding stays small."""
     order = np.argsort([backbone.item_length(item) for item in items], kind="stable")
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        yield rows, backbone.collate([items[i] for i in rows])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
@@ -113,14 +120,21 @@ def predict_batches(
     batch_size: int,
 ) -> list:
     """`answer(batch_items, row_positions)` over inputs in length-sorted batches; one answer
-    per row, in the original order."""
-    order = np.argsort([backbone.item_length(item) for item in items], kind="stable")
-    answers: list = [None] * len(items)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        for row, value in zip(rows, answer([items[i] for i in rows], rows), strict=True):
-            answers[row] = value
+    per row, in the original order. Under torchrun the batches are shared out over the ranks
+    and every rank gets every answer."""
+
+    def run(rows: np.ndarray) -> list:
+        found = answer([items[i] for i in rows], rows)
         tick(len(rows))
+        return found
+
+    batches = length_sorted_rows(backbone, items, batch_size)
+    found, others = map_shards(batches, run)
+    answers: list = [None] * len(items)
+    for rows, values in zip(batches, found, strict=True):
+        for row, value in zip(rows, values, strict=True):
+            answers[row] = value
+    tick(sum(len(rows) for rows in others))
     return answers
 
 

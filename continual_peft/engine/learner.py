@@ -21,6 +21,7 @@ from rich.console import Console
 from continual_peft.backbones.placement import set_threads
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig, TrainConfig
+from continual_peft.distributed import from_writer, on_writer, world
 from continual_peft.engine.bank import ModuleBank
 from continual_peft.engine.inference import evaluating
 from continual_peft.engine.lm_heads import check_new_task, make_heads
@@ -106,13 +107,13 @@ class ContinualLearner:
         self.status = "running"
         self.baseline: dict | None = None
         self.planned_baseline: str | None = None  # the strategy a runner runs beside this one
-        self.console = console
+        self.console = console if world().writer else None  # under torchrun: rank 0 speaks
         self.stream_plan: dict | None = None  # the whole stream's names and data hashes, if known
         self.saved_files: dict[str, str] = {}  # what the last checkpoint names: path -> sha256
         self.run_dir = run_dir if isinstance(run_dir, RunDir) or run_dir is None else None
-        if run_dir is not None and self.run_dir is None:
-            self.run_dir = RunDir(run_dir)
-            self.run_dir.save_config({"config": config.to_dict(), "backbone": self.fingerprint()})
+        if run_dir is not None and self.run_dir is None:  # under torchrun: rank 0 writes
+            saved = {"config": config.to_dict(), "backbone": self.fingerprint()}
+            self.run_dir = on_writer(lambda: RunDir.create(run_dir, saved))
 
     def task_seed(self, task: Task, purpose: str) -> int:
         """A seed for one task and purpose that does not depend on task order."""
@@ -129,17 +130,17 @@ class ContinualLearner:
         return state.data_sha256
 
     def save(self, path: str | Path) -> Path:
-        """Write every learned task into a new folder, as a run directory's checkpoint.
-
-        `ContinualLearner.load(path)` gives back a learner with the same predictions, which can
-        keep learning. Task data is not copied: only slots, heads, router and strategy state.
+        """Write every learned task into a new folder, as a run directory's checkpoint (on rank
+        0 under torchrun). `ContinualLearner.load(path)` gives back a learner with the same
+        predictions, which can keep learning. Task data is not copied: only slots, heads,
+        router and strategy state.
 
         Args:
             path: A folder that does not hold a run yet; created if missing.
         """
         if len(self.records) != len(self.learned):
             raise ContinualPeftError("cannot save while a task is being learned.")
-        return save_learner(self, RunDir(path))
+        return from_writer(on_writer(lambda: save_learner(self, RunDir(path))))
 
     @classmethod
     def load(
@@ -187,11 +188,12 @@ class ContinualLearner:
             labels = [task.train_labels[i] for i in rows]
             return self.heads.row_loss([items[i] for i in rows], [task.name] * len(rows), labels)
 
+        weights = self.heads.row_weights([task.name] * len(items), task.train_labels)
         with self.use_task(task.name):
             return train_task(
                 self.backbone, session.params, len(items), batch_loss, self.config.train,
                 seed=self.task_seed(task, "train"), adjust_loss=session.adjust_loss,
-                description=f"task {len(self.learned)} {task.name}",
+                description=f"task {len(self.learned)} {task.name}", row_weights=weights,
             )  # fmt: skip
 
     def begin_task(self, task: Task) -> TaskSession:
@@ -232,8 +234,7 @@ class ContinualLearner:
     def end_task(self, session: TaskSession, result: TrainResult) -> dict:
         """The second half of `learn`: the task's record, then its checkpoint and the report."""
         record = self.evaluate_task(session, result)
-        self.checkpoint(session.task)
-        self.write_report()
+        on_writer(lambda: self.checkpoint(session.task) or self.write_report())  # other ranks wait
         if self.console:
             self.console.print(console_report(self.report))
         return record

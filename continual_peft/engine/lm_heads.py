@@ -103,6 +103,10 @@ class LanguageModelHeads(nn.Module):
         targets = [self.tasks[t].targets[y] for t, y in zip(tasks, labels, strict=True)]
         return self.backbone.target_loss(items, targets)
 
+    def row_weights(self, tasks: list[str], labels: list[int]) -> list[int]:
+        """Each row's weight in `row_loss`'s mean: its target's token count (a token mean)."""
+        return [len(self.tasks[t].targets[y]) for t, y in zip(tasks, labels, strict=True)]
+
     def row_logits(self, items: list, tasks: list[str]) -> torch.Tensor:
         """(B, C_max) label scores (`label_score` of each label's token log-probabilities),
         -inf past each row's own label count; one forward per label position."""

@@ -21,6 +21,7 @@ from continual_peft.backbones.fingerprint import check_fingerprint
 from continual_peft.backbones.placement import Placement
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
+from continual_peft.distributed import from_writer, on_writer
 from continual_peft.engine.learner import LOADER, ContinualLearner, LearnedTask
 from continual_peft.engine.monitor import ForgettingMonitor
 from continual_peft.errors import ContinualPeftError, CorruptFileError
@@ -125,17 +126,11 @@ def open_run(
         )
         learner.stream_plan = stream_plan(stream)
         return learner
-    writer = RunDir(run, resume=True)
+    # under torchrun rank 0 alone takes the lock, checks and repairs; every rank then reads
+    writer = on_writer(lambda: RunDir(run, resume=True))
     try:
         learner = ContinualLearner(backbone, config=config, stream=stream.name, console=console)
-        if (run / "config.json").is_file():
-            saved = _saved_config(run)
-            _check_config(run, saved["config"], learner.config.to_dict())
-            _check_backbone(saved, learner, run)
-        else:
-            fingerprint = learner.fingerprint()
-            writer.save_config({"config": learner.config.to_dict(), "backbone": fingerprint})
-        checkpoint = resume_point(run, stream, _teller(console))  # its stream checked
+        checkpoint = from_writer(on_writer(lambda: _resume_point(writer, stream, learner, console)))
         if checkpoint is not None:
             _restore(learner, run, checkpoint, {task.name: task for task in stream.tasks})
             restore_rng(checkpoint["rng"])
@@ -143,9 +138,26 @@ def open_run(
         learner.run_dir = writer
         learner.status = "running"
     except BaseException:
-        writer.close()
+        if writer is not None:
+            writer.close()
         raise
     return learner
+
+
+def _resume_point(
+    writer: RunDir, stream: Stream, learner: ContinualLearner, console: Console | None
+) -> dict | None:
+    """The checkpoint a resumed run continues from (see `store.repair.resume_point`), after
+    checking the run's configuration and backbone (its config.json written if it is lost)."""
+    run = writer.path
+    if (run / "config.json").is_file():
+        saved = _saved_config(run)
+        _check_config(run, saved["config"], learner.config.to_dict())
+        _check_backbone(saved, learner, run)
+    else:
+        fingerprint = learner.fingerprint()
+        writer.save_config({"config": learner.config.to_dict(), "backbone": fingerprint})
+    return resume_point(run, stream, _teller(console))
 
 
 def saved_config(run_dir: str | Path) -> LearnerConfig:

@@ -181,6 +181,7 @@ class Predictor:
         if router is None:
             return {"oracle": oracle}, None
         router.add_task(self.features(router_items))  # statistics only; the features go
+        router.agree()  # under torchrun: the same statistics on every rank
         routed, routing = self.routed_accuracy(router)
         return {"oracle": oracle, "routed": routed}, routing
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import TrainConfig
+from continual_peft.distributed import average_gradients, shard_mean, world
 from continual_peft.engine.progress import meter
 from continual_peft.errors import ContinualPeftError
 
@@ -56,8 +58,13 @@ def train_task(
     seed: int,
     adjust_loss: Callable[[torch.Tensor], torch.Tensor],
     description: str = "train",
+    row_weights: np.ndarray | None = None,
 ) -> TrainResult:
     """Train `params` (the trainable slot and head) on one task with AdamW.
+
+    Under torchrun each step's global batch of `config.batch_size` rows is split over the
+    ranks and their gradients averaged (`continual_peft.distributed`): the same steps, on the
+    same rows, as on one process.
 
     Args:
         backbone: The backbone, already routed to the task's slot by the caller.
@@ -69,9 +76,13 @@ def train_task(
         seed: Seeds shuffling and dropout, so a rerun gives the same numbers.
         adjust_loss: The strategy's `loss` hook.
         description: Progress-bar label.
+        row_weights: (count,) each example's weight in a batch's mean loss (`TaskHeads.
+            row_weights`); None: 1 each. Only a split batch needs them.
     """
-    torch.manual_seed(seed)
+    here = world()
+    torch.manual_seed(seed if here.rank == 0 else zlib.crc32(f"{seed}/rank{here.rank}".encode()))
     order_rng = np.random.default_rng(seed)
+    weights = np.ones(count) if row_weights is None else np.asarray(row_weights, dtype=float)
     per_epoch = math.ceil(count / config.batch_size)
     total = per_epoch * config.epochs
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -85,13 +96,14 @@ def train_task(
         for _ in range(config.epochs):
             epoch_losses = []
             for rows in np.array_split(order_rng.permutation(count), per_epoch):
-                loss = adjust_loss(batch_loss(rows))
-                value = loss.item()  # the step's one host synchronisation
-                if not math.isfinite(value):
+                loss = adjust_loss(shard_mean(rows, weights[rows], batch_loss, backbone.device))
+                optimizer.zero_grad(set_to_none=True)
+                if loss.requires_grad:  # not so for a rank whose share of a tiny batch is empty
+                    scaler.scale(loss).backward()
+                value = average_gradients(params, loss.detach())  # the step's one host sync
+                if not math.isfinite(value):  # the same value on every rank: all stop alike
                     backbone.eval()
                     raise _diverged(description, value, step, config.lr)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
                 if config.grad_clip > 0:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(params, config.grad_clip)

@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 
 from continual_peft.config import LearnerConfig
+from continual_peft.distributed import from_writer, world
 from continual_peft.engine.loading import saved_config
 from continual_peft.errors import ContinualPeftError, check_file
 from continual_peft.experiments.compare import compare
@@ -108,10 +109,16 @@ def plan_run(request: RunRequest) -> RunPlan:
             f"{resume} is one run, and --resume continues it as it was: leave out --order "
             "and --seeds (several make a grid; start one with --out)."
         )
+    if grid and world().size > 1:
+        raise ContinualPeftError(
+            f"a grid ({len(orders)} order(s) x {len(seeds)} seed(s)) does not run under torchrun: "
+            "launch one torchrun per order and seed (--order NAME --seed N)."
+        )
     name = f"{request.stream.name}-grid" if grid else request.stream.name
+    folder = from_writer(resume or request.out or new_run_path("runs", name))  # clock: rank 0's
     return RunPlan(
-        request.stream, config, orders, seeds, _baseline(request, started),
-        resume or request.out or new_run_path("runs", name), grid, resume is not None,
+        request.stream, config, orders, seeds, _baseline(request, started), folder, grid,
+        resume is not None,
     )  # fmt: skip
 
 

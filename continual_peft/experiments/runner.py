@@ -17,6 +17,7 @@ from rich.console import Console
 from continual_peft.backbones.placement import pick_device
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
+from continual_peft.distributed import check_device, from_writer, on_writer, world
 from continual_peft.engine.learner import ContinualLearner
 from continual_peft.engine.lm_heads import check_kind
 from continual_peft.engine.loading import check_resume_config, load_learner, open_run, run_finished
@@ -56,16 +57,17 @@ def run_stream(
         The learner, finished.
     """
     check_config(config)  # module kinds, router and strategy included
-    pick_device(config.backbone.device)  # a bad or absent device: refused before any folder
+    check_device(pick_device(config.backbone.device))  # refused before any folder
     STRATEGIES.get(config.strategy)
     if baseline is not None:
         STRATEGIES.get(baseline)
+    console = console if world().writer else None  # under torchrun: rank 0 speaks and writes
     if resume and (run_dir is None or not Path(run_dir).is_dir()):
         raise ContinualPeftError(f"cannot resume {run_dir}: there is no such run directory.")
-    if resume and run_finished(run_dir):
+    if from_writer(resume and run_finished(run_dir)):
         return _finished(Path(run_dir), config, baseline, console, make_backbone)
     if run_dir is not None and not resume:
-        check_free(run_dir)  # before any model is loaded
+        on_writer(lambda: check_free(run_dir))  # before any model is loaded
     if resume:
         _check_baseline(Path(run_dir), baseline)
     if console and run_dir is not None:
@@ -77,7 +79,7 @@ def run_stream(
             other = LearnerConfig.from_dict({**config.to_dict(), "strategy": baseline})
             sub = Path(run_dir) / f"baseline-{baseline}" if run_dir is not None else None
             title = f"baseline {baseline}"
-            again = resume and sub.is_dir()  # a lost baseline folder is run again
+            again = from_writer(resume and sub.is_dir())  # a lost baseline folder: run again
             base = _learn_all(stream, other, sub, console, make_backbone, title, again)
             base.finish()
             report = base.report
@@ -149,7 +151,7 @@ def _finished(run: Path, config, baseline, console, make_backbone) -> ContinualL
     record_backbone(resolved, backbone)
     check_resume_config(run, resolved)  # what the run would resume with, as a learner sees it
     learner = load_learner(run, backbone)
-    if reports_intact(run):
+    if from_writer(reports_intact(run)):  # one answer: rank 0 may rewrite them
         if console:
             console.print(f"{run} is finished: nothing to do.", highlight=False, soft_wrap=True)
         return learner
@@ -158,15 +160,19 @@ def _finished(run: Path, config, baseline, console, make_backbone) -> ContinualL
         sub = load_learner(run / f"baseline-{recorded}", make_backbone() if make_backbone else None)
         learner.baseline = {"strategy": recorded, **{
             key: sub.report[key] for key in ("accuracy_matrix", "metrics")}}  # fmt: skip
-    writer = RunDir(run, resume=True)
-    try:
-        write_reports(learner.report, writer.path)
-    finally:
-        writer.close()
+    on_writer(lambda: _write_again(run, learner.report))
     if console:
         console.print(f"{run} is finished; its reports were written again from the checkpoint.",
                       highlight=False, soft_wrap=True)  # fmt: skip
     return learner
+
+
+def _write_again(run: Path, report: dict) -> None:
+    writer = RunDir(run, resume=True)
+    try:
+        write_reports(report, writer.path)
+    finally:
+        writer.close()
 
 
 def _mark_stopped(learner: ContinualLearner, err: BaseException) -> None:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from continual_peft.backbones.placement import CPU
+from continual_peft.distributed import shared_mean
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules._routing import Routing
 from continual_peft.modules._stack import SlotStack, StackedSite
@@ -80,11 +81,12 @@ class Selection:
     present: torch.Tensor  # (B,) whether the row went through a pool at all
 
     def pull(self) -> torch.Tensor:
-        """Key-pull distance: Σ_n (1 − cos(query, key_n)), averaged over rows with a pool."""
+        """Key-pull distance: Σ_n (1 − cos(query, key_n)), averaged over rows with a pool;
+        under torchrun this rank's part of the mean over the whole batch (`shared_mean`)."""
         cos = nn.functional.cosine_similarity(self.query[:, None], self.keys.float(), dim=-1)
         per_row = (1 - cos).sum(dim=1)  # (B,)
         present = self.present.to(per_row.dtype)
-        return (per_row * present).sum() / present.sum().clamp(min=1)
+        return shared_mean((per_row * present).sum(), present.sum())
 
 
 def select_prompts(query: torch.Tensor, keys: torch.Tensor, top_n: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from continual_peft.backbones.placement import CPU
+from continual_peft.distributed import same_everywhere, world
 from continual_peft.errors import ContinualPeftError
 from continual_peft.registry import Registry
 
@@ -109,6 +110,14 @@ class Router(abc.ABC):
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:  # noqa: B027
         """Take back `state()`'s output (already on `self.device`); nothing to do by default."""
+
+    def agree(self) -> None:
+        """Under torchrun, hold rank 0's statistics on every rank (each rank fits the same
+        gathered features, but a GPU's reductions need not repeat bit for bit)."""
+        if world().size > 1:
+            tensors, meta = self.state()
+            same_everywhere(list(tensors.values()))
+            self._restore(tensors, meta)
 
     @abc.abstractmethod
     def add_task(self, features: torch.Tensor) -> None:

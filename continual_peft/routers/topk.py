@@ -63,6 +63,9 @@ class TopKRouter(Router):
     def add_task(self, features: torch.Tensor) -> None:
         self.base.add_task(features)
 
+    def agree(self) -> None:
+        self.base.agree()
+
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         return self.base.scores(features)
 

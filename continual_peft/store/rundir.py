@@ -93,6 +93,13 @@ class RunDir:
         """Release the lock; nothing more is written."""
         self.lock.release()
 
+    @classmethod
+    def create(cls, path: str | Path, config: dict) -> RunDir:
+        """A new run directory, locked, with its config.json written."""
+        run_dir = cls(path)
+        run_dir.save_config(config)
+        return run_dir
+
     def save_config(self, config: dict) -> None:
         atomic_write_json(self.path / "config.json", config)
 

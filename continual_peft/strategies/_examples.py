@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from continual_peft.distributed import shard_mean
 from continual_peft.errors import ContinualPeftError
 
 if TYPE_CHECKING:
@@ -101,8 +103,17 @@ def examples_loss(learner: Learner, examples: Examples) -> torch.Tensor:
 
     The backbone runs as the bank is routed now (during training: the trainable slot), so the
     loss's gradient reaches that slot; earlier tasks' heads are frozen and only pass it on.
+    Under torchrun each rank computes its shard of the rows (`distributed.shard_mean`), as
+    for the task's own batch.
     """
-    return learner.heads.row_loss(examples.items, examples.tasks, examples.labels)
+    heads = learner.heads
+    weights = np.asarray(heads.row_weights(examples.tasks, examples.labels), dtype=float)
+
+    def mean_loss(rows: np.ndarray) -> torch.Tensor:
+        part = examples.select(rows.tolist())
+        return heads.row_loss(part.items, part.tasks, part.labels)
+
+    return shard_mean(np.arange(len(examples)), weights, mean_loss, learner.backbone.device)
 
 
 def encoded_examples(learner: Learner, task_name: str, inputs: list, labels: list[int]):

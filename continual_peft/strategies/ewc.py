@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from continual_peft.distributed import shard, sum_over_ranks
 from continual_peft.errors import ContinualPeftError
 from continual_peft.strategies._examples import check_option, is_int, is_number
 from continual_peft.strategies.base import STRATEGIES
@@ -84,7 +85,8 @@ class EWC(Sequential):
 
     def estimate_fisher(self, learner: Learner, task: Task) -> list[torch.Tensor]:
         """Diagonal empirical Fisher of the trainable slot on `task`: mean over examples of the
-        squared gradient of log p(true label | x), one example at a time."""
+        squared gradient of log p(true label | x), one example at a time (under torchrun each
+        rank takes a share of the examples, and the sums are added up over the ranks)."""
         params = learner.bank.trainable_parameters()
         backbone, slot = learner.backbone, learner.learned[task.name].slot
         items = learner.heads.prompt_items(task.name, task.train_inputs).items
@@ -96,7 +98,7 @@ class EWC(Sequential):
         backbone.eval()  # dropout off: the Fisher of the model as it will be evaluated
         try:
             with learner.bank.use_slot(slot):
-                for row in rows.tolist():
+                for row in rows[shard(count)].tolist():  # under torchrun, a share per rank
                     label = task.train_labels[row]  # log p of the true label (its tokens')
                     log_p = -learner.heads.row_loss([items[row]], [task.name], [label])
                     grads = torch.autograd.grad(log_p, params, allow_unused=True)
@@ -105,6 +107,7 @@ class EWC(Sequential):
                             total += grad.float().pow(2)
         finally:
             backbone.train(was_training)
+        sum_over_ranks(fisher)
         return [f / count for f in fisher]
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
