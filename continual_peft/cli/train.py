@@ -128,7 +128,7 @@ def run(
         ))  # fmt: skip
         threads = set_threads(plan.config.backbone.threads)
         if here.writer:
-            errors.print(f"torch threads: {threads}{ranks(here)}", highlight=False)
+            errors.print(f"torch threads: {threads}{ranks(here)}", highlight=False, soft_wrap=True)
         folder = launch(plan, console if here.writer else None)
     except WriterError:
         raise typer.Exit(2) from None  # rank 0 failed, and said why

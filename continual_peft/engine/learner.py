@@ -268,6 +268,8 @@ class ContinualLearner:
             "truncated_inputs": session.truncated,
         }  # fmt: skip
         record |= self.heads.describe(task.name, self.predictor.text_scores)
+        if world().size > 1:  # trained under torchrun: its times are those of N processes
+            record["processes"] = world().size
         if result.loss_curve is not None:
             record["loss_curve"] = result.loss_curve
         if strategy_facts:

@@ -1,0 +1,325 @@
+"""Data parallelism under torchrun (`continual_peft.distributed`), on the CPU with gloo.
+
+Every launch here is a real `torchrun --standalone --nproc_per_node N` of 2 processes, so the
+file costs processes and seconds: a few launches, each shared by several checks.
+
+- Same numbers: a 2-process run (the command line under torchrun) ends with the accuracy,
+  routed and routing matrices of a 1-process run with the same global batch, and slots and
+  heads within 1e-5. Why not bit-equal tensors: the 2-process gradient is the sum of two shard
+  sums (float32 addition in another order, ~1e-7 apart per step); the matrices, compared exactly,
+  are where that would show.
+- A failing rank stops every rank with its error, and the run resumes (same N); a run killed
+  from outside resumes with another N. Both end with the uninterrupted matrices.
+- The primitives (`shard_mean`, `average_gradients`, `map_shards`, `on_writer`, ...) against a
+  plain recomputation, in one launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import word_task, write_stream
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from continual_peft.backbones.text import default_model_path
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+TIMEOUT = 240
+
+SPEC = """
+strategy = "replay"
+module = "lora"
+router = "mahalanobis"
+[backbone]
+name = "{model}"
+max_length = 32
+[lora]
+r = 4
+dropout = 0.0
+[train]
+epochs = 3
+batch_size = 7            # 60 examples: 9 steps of 6 or 7 rows, shards of 3 and 4 rows
+lr = 0.01
+[strategy_options]
+buffer_size = 20
+replay_batch_size = 5     # odd: the replayed rows split unevenly too
+"""
+
+
+def launch(processes: int, *args: str, script: Path | None = None, **popen) -> list[str]:
+    """The command: `torchrun` with `processes` > 1, else plain Python."""
+    target = [str(script)] if script else ["-m", "continual_peft"]
+    if processes == 1:
+        return [sys.executable, *target, *args]
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*runner, "--nproc_per_node", str(processes), *target, *args]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BERT without dropout (so 1 and N processes can agree), two tasks, a spec."""
+    root = tmp_path_factory.mktemp("dp")
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    BertModel(config, add_pooling_layer=False).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    stream = write_stream(root / "data", [word_task("colors"), word_task("animals")])
+    spec = root / "spec.toml"
+    spec.write_text(SPEC.format(model=(root / "model").as_posix()), encoding="utf-8")
+    return {"root": root, "stream": stream, "spec": spec}
+
+
+def cli_run(setup: dict, processes: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["run", str(setup["stream"]), "--strategy", str(setup["spec"]), "--baseline", "none"]
+    done = run(launch(processes, *args, "--out", str(out), *extra))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def one(setup) -> tuple[Path, subprocess.CompletedProcess]:
+    out = setup["root"] / "one"
+    return out, cli_run(setup, 1, out)
+
+
+@pytest.fixture(scope="module")
+def two(setup) -> tuple[Path, subprocess.CompletedProcess]:
+    out = setup["root"] / "two"
+    return out, cli_run(setup, 2, out)
+
+
+def outcome(run_dir: Path) -> dict:
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    assert report["status"] == "finished"
+    return {key: report[key] for key in ("accuracy_matrix", "routing_accuracy", "task_names")}
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Every slot, head, router and strategy tensor of two runs within 1e-5 (module docstring)."""
+    files = sorted(p.relative_to(a) for p in a.glob("tasks/*/*.safetensors"))
+    assert files == sorted(p.relative_to(b) for p in b.glob("tasks/*/*.safetensors"))
+    for name in files:
+        x, y = load_file(a / name), load_file(b / name)
+        assert x.keys() == y.keys(), name
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], atol=1e-5, rtol=0, msg=f"{name}:{key}")
+
+
+def test_two_processes_learn_what_one_process_learns(one, two):
+    (one_dir, one_done), (two_dir, two_done) = one, two
+    assert outcome(two_dir) == outcome(one_dir)
+    assert_same_state(one_dir, two_dir)
+    report = json.loads((two_dir / "report.json").read_text(encoding="utf-8"))
+    assert [task["processes"] for task in report["tasks"]] == [2, 2]
+    assert "processes" not in json.loads((one_dir / "report.json").read_text())["tasks"][0]
+    # rank 0 alone prints: each table as often as one process prints it, no rank's errors
+    title = "Accuracy matrix R (%)"
+    assert two_done.stdout.count(title) == one_done.stdout.count(title) > 0
+    assert "in each of 2 processes (torchrun)" in two_done.stderr
+    assert "error" not in two_done.stderr.lower()
+    assert not (two_dir / ".lock").exists()
+
+
+FLAKY = """
+import os, sys
+from pathlib import Path
+from continual_peft.distributed import start, world
+from continual_peft.experiments.runner import run_stream
+from continual_peft.strategies import STRATEGIES, load_strategy_spec
+from continual_peft.strategies.replay import Replay
+from continual_peft.tasks.streams import load_stream
+
+@STRATEGIES.register("flaky")
+class Flaky(Replay):
+    steps = 0
+    def loss(self, learner, task, loss):
+        self.steps += task.name == "animals"
+        if os.environ.get("FAIL") and world().rank == 1 and self.steps == 4:
+            raise RuntimeError("rank 1 broke on purpose")
+        return super().loss(learner, task, loss)
+
+start()
+stream, spec, out = sys.argv[1:4]
+config = load_strategy_spec(Path(spec))
+config.strategy = "flaky"
+run_stream(load_stream(Path(stream)), config, run_dir=out, resume=len(sys.argv) > 4)
+"""
+
+
+def test_a_failing_rank_stops_every_rank_and_the_run_resumes(setup, two, tmp_path):
+    script = tmp_path / "flaky.py"
+    script.write_text(textwrap.dedent(FLAKY), encoding="utf-8")
+    out = tmp_path / "run"
+    args = [str(setup["stream"]), str(setup["spec"]), str(out)]
+    start = time.monotonic()
+    failed = subprocess.run(launch(2, *args, script=script), env={**ENV, "FAIL": "1"},
+                            capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    assert failed.returncode != 0
+    assert time.monotonic() - start < 120  # every rank stopped; none waits for the dead one
+    assert "rank 1 broke on purpose" in failed.stdout + failed.stderr
+    checkpoint = json.loads((out / "checkpoint.json").read_text(encoding="utf-8"))
+    assert checkpoint["tasks_done"] == 1  # the first task is kept, the second was cut short
+    resumed = run(launch(2, *args, "resume", script=script))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert outcome(out) == outcome(two[0])
+    assert_same_state(two[0], out)
+
+
+def test_a_killed_two_process_run_resumes_on_one_process(setup, two, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", str(setup["stream"]), "--strategy", str(setup["spec"]), "--baseline", "none"]
+    process = subprocess.Popen(launch(2, *args, "--out", str(out)), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT
+    while not _tasks_done(out) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _kill_every_process_of(out)  # the job dies whole (a lost node): launcher and both ranks
+    process.wait(timeout=60)
+    assert _tasks_done(out) == 1, "killed before the first task or after the second"
+    assert (out / ".lock").exists()
+    resumed = run(
+        launch(1, "run", str(setup["stream"]), "--resume", str(out), "--baseline", "none")
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "stale lock" in resumed.stdout + resumed.stderr, resumed.stdout
+    assert outcome(out) == outcome(two[0])
+    assert_same_state(two[0], out)
+
+
+def _kill_every_process_of(run_dir: Path) -> None:
+    """SIGKILL the launcher and its ranks: every process whose command line names `run_dir`
+    (torchrun starts its ranks in sessions of their own, out of reach of its process group)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run_dir).encode() in command:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
+def _tasks_done(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "checkpoint.json").read_text(encoding="utf-8"))["tasks_done"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+PRIMITIVES = """
+import numpy as np, torch
+from continual_peft import distributed as d
+
+here = d.start()
+assert here.size == 2, here
+cpu = torch.device("cpu")
+shards = [[slice(0, 4), slice(0, 1)], [slice(4, 7), slice(1, 1)]]
+assert [d.shard(7), d.shard(1)] == shards[here.rank]
+
+# a token-mean loss (row i counts n_i times) over uneven shards, plus a parameter-only term
+torch.manual_seed(0)
+x, n = torch.randn(7, 3), np.array([1.0, 4, 2, 3, 1, 5, 2])
+w, b, unused = (torch.zeros(k, requires_grad=True) for k in (3, 1, 2))
+
+def mean_loss(rows):
+    rows, tokens = torch.as_tensor(rows), torch.as_tensor(n, dtype=torch.float32)
+    per_row = ((x[rows] @ w - 1.0) ** 2 + b.sum()) * tokens[rows]
+    return per_row.sum() / tokens[rows].sum()
+
+full = mean_loss(np.arange(7)) + 0.5 * (w + 1).pow(2).sum()
+expected = torch.autograd.grad(full, [w, b])
+loss = d.shard_mean(np.arange(7), n, mean_loss, cpu) + 0.5 * (w + 1).pow(2).sum()
+loss.backward()
+value = d.average_gradients([w, b, unused], loss.detach())
+assert abs(value - full.item()) < 1e-6, (value, full.item())
+torch.testing.assert_close([w.grad, b.grad], list(expected))
+assert unused.grad is None  # no rank had one: AdamW must skip it, as on one process
+
+# one row over two ranks: rank 1's share is an empty, constant zero
+w.grad = None
+part = d.shard_mean(np.arange(1), n[:1], mean_loss, cpu)
+assert part.requires_grad == (here.rank == 0)
+if part.requires_grad:
+    part.backward()
+d.average_gradients([w], part.detach())
+torch.testing.assert_close(w.grad, torch.autograd.grad(mean_loss(np.arange(1)), [w])[0])
+
+# a mean whose rows are counted after the forward (L2P's key pull)
+total, count = torch.tensor([[3.0, 2.0], [5.0, 0.0]][here.rank])
+shares = torch.stack([d.shared_mean(total, count)])
+d.sum_over_ranks([shares])
+assert float(shares / 2) == 4.0  # (3 + 5) / (2 + 0)
+
+# sharded work: each job once, every result on every rank, in job order
+ran = []
+results, others = d.map_shards(list(range(5)), lambda j: ran.append(j) or (10 * j, d.world().rank))
+assert results == [(0, 0), (10, 1), (20, 0), (30, 1), (40, 0)], results
+assert ran == [[0, 2, 4], [1, 3]][here.rank] and sorted(ran + others) == list(range(5))
+
+# state every rank must share; rank 0's clock; rank 0's failures reach every rank
+state = torch.full((2,), float(here.rank))
+d.same_everywhere([state])
+assert state.tolist() == [0.0, 0.0]
+assert d.from_writer(f"rank {here.rank}") == "rank 0"
+assert d.on_writer(lambda: "written") == ("written" if here.rank == 0 else None)
+def disk_full():
+    raise OSError(28, "No space left on device")
+try:
+    d.on_writer(disk_full)
+except OSError as err:
+    assert here.rank == 0 and "No space left" in str(err)
+except d.WriterError as err:
+    assert here.rank == 1 and "rank 0 stopped the run" in str(err) and "No space left" in str(err)
+else:
+    raise AssertionError("on_writer swallowed rank 0's error")
+print(f"rank {here.rank}: all checks passed", flush=True)
+d.stop()
+"""
+
+
+def test_the_primitives_against_a_plain_recomputation(tmp_path):
+    script = tmp_path / "primitives.py"
+    script.write_text(textwrap.dedent(PRIMITIVES), encoding="utf-8")
+    done = run(launch(2, script=script))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(line for line in done.stdout.splitlines() if "checks passed" in line) == [
+        "rank 0: all checks passed",
+        "rank 1: all checks passed",
+    ]
+
+
+def test_one_process_is_the_identity():
+    from continual_peft import distributed
+
+    assert distributed.world() == distributed.World(0, 1) and distributed.world().writer
+    assert distributed.shard(5) == slice(0, 5)
+    w = torch.ones(2, requires_grad=True)
+    loss = distributed.shard_mean(
+        __import__("numpy").arange(3), __import__("numpy").ones(3),
+        lambda rows: (w * len(rows)).sum(), torch.device("cpu"),
+    )  # fmt: skip
+    assert float(loss) == 6.0
+    loss.backward()
+    assert distributed.average_gradients([w], loss.detach()) == 6.0 and w.grad.tolist() == [3, 3]
+    assert distributed.map_shards([1, 2], lambda j: -j) == ([-1, -2], [])
+    assert distributed.on_writer(lambda: 7) == 7 and distributed.from_writer("x") == "x"
