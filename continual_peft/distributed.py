@@ -92,9 +92,15 @@ def start() -> World:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local < torch.cuda.device_count():
             torch.cuda.set_device(local)
-        dist.init_process_group("cpu:gloo,cuda:nccl")
-    else:
-        dist.init_process_group("gloo")
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        dist.init_process_group(backend)
+    except (ValueError, RuntimeError) as err:  # e.g. WORLD_SIZE set, but no MASTER_ADDR
+        raise ContinualPeftError(
+            f"WORLD_SIZE={launched_size()} asks for several processes, but this one could not "
+            f"join their process group ({err}). Launch with torchrun (torchrun --nproc_per_node "
+            "N -m continual_peft run ...), or unset WORLD_SIZE for one process."
+        ) from None
     return world()
 
 

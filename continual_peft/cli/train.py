@@ -22,7 +22,7 @@ from continual_peft.cli.base import (
     ranks,
     stop_signals,
 )
-from continual_peft.distributed import WriterError, start, stop
+from continual_peft.distributed import World, WriterError, start, stop
 from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.launch import (
     CompareRequest,
@@ -119,8 +119,9 @@ def run(
         "backbone.name": backbone, "backbone.dtype": dtype, "backbone.device": device,
         "backbone.threads": threads,
     }  # fmt: skip
-    here = start()  # under torchrun: this process's rank; rank 0 alone prints and writes
+    here = World()
     try:
+        here = start()  # under torchrun: this process's rank; rank 0 alone prints and writes
         tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
         plan = plan_run(RunRequest(
             tasks, stream is None, strategy, overrides, list(order or []), seed, seeds, baseline,
