@@ -26,6 +26,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import word_task, write_stream
@@ -233,16 +234,18 @@ from continual_peft import distributed as d
 here = d.start()
 assert here.size == 2, here
 cpu = torch.device("cpu")
+torch.set_default_device("meta")  # a tensor made here without a device would be on meta
 shards = [[slice(0, 4), slice(0, 1)], [slice(4, 7), slice(1, 1)]]
 assert [d.shard(7), d.shard(1)] == shards[here.rank]
 
 # a token-mean loss (row i counts n_i times) over uneven shards, plus a parameter-only term
 torch.manual_seed(0)
-x, n = torch.randn(7, 3), np.array([1.0, 4, 2, 3, 1, 5, 2])
-w, b, unused = (torch.zeros(k, requires_grad=True) for k in (3, 1, 2))
+x, n = torch.randn(7, 3, device=cpu), np.array([1.0, 4, 2, 3, 1, 5, 2])
+w, b, unused = (torch.zeros(k, requires_grad=True, device=cpu) for k in (3, 1, 2))
 
 def mean_loss(rows):
-    rows, tokens = torch.as_tensor(rows), torch.as_tensor(n, dtype=torch.float32)
+    rows = torch.as_tensor(rows, device=cpu)
+    tokens = torch.as_tensor(n, dtype=torch.float32, device=cpu)
     per_row = ((x[rows] @ w - 1.0) ** 2 + b.sum()) * tokens[rows]
     return per_row.sum() / tokens[rows].sum()
 
@@ -265,7 +268,7 @@ d.average_gradients([w], part.detach())
 torch.testing.assert_close(w.grad, torch.autograd.grad(mean_loss(np.arange(1)), [w])[0])
 
 # a mean whose rows are counted after the forward (L2P's key pull)
-total, count = torch.tensor([[3.0, 2.0], [5.0, 0.0]][here.rank])
+total, count = torch.tensor([[3.0, 2.0], [5.0, 0.0]][here.rank], device=cpu)
 shares = torch.stack([d.shared_mean(total, count)])
 d.sum_over_ranks([shares])
 assert float(shares / 2) == 4.0  # (3 + 5) / (2 + 0)
@@ -277,7 +280,7 @@ assert results == [(0, 0), (10, 1), (20, 0), (30, 1), (40, 0)], results
 assert ran == [[0, 2, 4], [1, 3]][here.rank] and sorted(ran + others) == list(range(5))
 
 # state every rank must share; rank 0's clock; rank 0's failures reach every rank
-state = torch.full((2,), float(here.rank))
+state = torch.full((2,), float(here.rank), device=cpu)
 d.same_everywhere([state])
 assert state.tolist() == [0.0, 0.0]
 assert d.from_writer(f"rank {here.rank}") == "rank 0"
@@ -315,10 +318,9 @@ def test_one_process_is_the_identity():
     assert distributed.shard(5) == slice(0, 5)
     w = torch.ones(2, requires_grad=True)
     loss = distributed.shard_mean(
-        __import__("numpy").arange(3), __import__("numpy").ones(3),
-        lambda rows: (w * len(rows)).sum(), torch.device("cpu"),
-    )  # fmt: skip
-    assert float(loss) == 6.0
+        np.arange(3), np.ones(3), lambda rows: (w * len(rows)).sum(), torch.device("cpu")
+    )
+    assert float(loss.detach()) == 6.0
     loss.backward()
     assert distributed.average_gradients([w], loss.detach()) == 6.0 and w.grad.tolist() == [3, 3]
     assert distributed.map_shards([1, 2], lambda j: -j) == ([-1, -2], [])
