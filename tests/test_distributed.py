@@ -325,3 +325,18 @@ def test_one_process_is_the_identity():
     assert distributed.average_gradients([w], loss.detach()) == 6.0 and w.grad.tolist() == [3, 3]
     assert distributed.map_shards([1, 2], lambda j: -j) == ([-1, -2], [])
     assert distributed.on_writer(lambda: 7) == 7 and distributed.from_writer("x") == "x"
+
+
+def test_a_batch_smaller_than_the_processes_trains_on_one_rank(setup, tmp_path):
+    """batch_size 1 on 2 processes: rank 1 has no row at any step, runs no forward, and must
+    still add nothing but take part in every mean (L2P's key pull counts rows over the ranks)."""
+    options = ["--strategy", "l2p", "--batch-size", "1", "--max-train", "6", "--max-test", "6"]
+    options += ["--backbone", str(setup["root"] / "model"), "--max-length", "32", "--epochs", "1"]
+    runs = {}
+    for processes in (1, 2):
+        runs[processes] = tmp_path / f"l2p-{processes}"
+        args = ["run", str(setup["stream"]), "--baseline", "none", *options]
+        done = run(launch(processes, *args, "--out", str(runs[processes])))
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert outcome(runs[2]) == outcome(runs[1])
+    assert_same_state(runs[1], runs[2])

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from continual_peft.distributed import shared_mean
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.prompt_pool import PromptPoolSite
 from continual_peft.strategies.base import STRATEGIES, Strategy
@@ -71,9 +72,15 @@ class L2P(Strategy):
         return 0
 
     def loss(self, learner: Learner, task: Task, loss: torch.Tensor) -> torch.Tensor:
-        selection = _site(learner).last
-        if selection is None or self.pull_weight == 0:
+        if self.pull_weight == 0:
             return loss
+        selection = _site(learner).last
+        # under torchrun a rank whose share of a small batch is empty ran no forward this step
+        # (its loss is a constant): its selection is an old one, and it adds no rows to the
+        # mean, but it still takes part in the mean's count over the ranks
+        if selection is None or not loss.requires_grad:
+            zero = torch.zeros((), device=loss.device)
+            return loss + self.pull_weight * shared_mean(zero, zero)
         return loss + self.pull_weight * selection.pull()
 
     def after_task(self, learner: Learner, task: Task) -> dict[str, Any]:
