@@ -29,8 +29,9 @@ Without torchrun (or with one process) every function here is the single-process
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -88,6 +89,12 @@ def start() -> World:
     """
     if launched_size() == 1 or world().size > 1:
         return world()
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not torchrun: nothing would bound the wait
+        raise ContinualPeftError(
+            f"WORLD_SIZE={launched_size()} asks for several processes, but torchrun did not start "
+            "this one: launch with torchrun (torchrun --nproc_per_node N -m continual_peft run "
+            "...), which starts, watches and stops them together, or unset WORLD_SIZE."
+        )
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local < torch.cuda.device_count():
@@ -131,6 +138,23 @@ def stop() -> None:
     """Leave the process group (if one was joined)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class PeerLost(ContinualPeftError):
+    """Another rank of the job stopped (its error, a kill) while this one waited for it."""
+
+
+@contextlib.contextmanager
+def _together(what: str) -> Iterator[None]:
+    """A collective: gloo and NCCL raise RuntimeError when a peer process is gone."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise PeerLost(
+            f"another process of this torchrun job stopped while this one waited for it ({what}); "
+            "its own output says why. The tasks finished so far are saved: fix the cause, then "
+            "continue with --resume, on any number of processes."
+        ) from err
 
 
 def shard(count: int) -> slice:
@@ -186,7 +210,8 @@ def shared_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     if here.size == 1:
         return total / count.clamp(min=1)
     counted = count.detach().clone().float()
-    dist.all_reduce(counted)
+    with _together("the row count of a batch"):
+        dist.all_reduce(counted)
     return here.size * total / counted.clamp(min=1)
 
 
@@ -213,7 +238,8 @@ def average_gradients(params: list[torch.Tensor], loss: torch.Tensor) -> float:
     flat = torch.cat([part.float().to(device) for part in parts])
     extra = torch.tensor([loss.item(), *present], dtype=torch.float32, device=device)
     flat = torch.cat([flat, extra])
-    dist.all_reduce(flat)
+    with _together("a training step's gradients"):
+        dist.all_reduce(flat)
     offset = 0
     for param, part in zip(params, parts, strict=True):
         reduced = flat[offset : offset + part.numel()] / here.size
@@ -242,7 +268,8 @@ def map_shards(jobs: list, work: Callable[[object], T]) -> tuple[list[T], list]:
         return [work(job) for job in jobs], []
     mine = [_portable(work(job)) for job in jobs[here.rank :: here.size]]
     parts: list = [None] * here.size
-    dist.all_gather_object(parts, mine)
+    with _together("evaluation results"):
+        dist.all_gather_object(parts, mine)
     results: list = [None] * len(jobs)
     for rank, part in enumerate(parts):
         results[rank :: here.size] = part
@@ -259,15 +286,17 @@ def _portable(result: T) -> T:
 def sum_over_ranks(tensors: list[torch.Tensor]) -> None:
     """Sum each tensor over the ranks, in place (one all-reduce per tensor)."""
     if world().size > 1:
-        for tensor in tensors:
-            dist.all_reduce(tensor)
+        with _together("a sum over the processes"):
+            for tensor in tensors:
+                dist.all_reduce(tensor)
 
 
 def same_everywhere(tensors: list[torch.Tensor]) -> None:
     """Overwrite each tensor with rank 0's, in place: state every rank must hold alike."""
     if world().size > 1:
-        for tensor in tensors:
-            dist.broadcast(tensor, src=0)
+        with _together("state from rank 0"):
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
 
 
 class WriterError(ContinualPeftError):
@@ -294,7 +323,13 @@ def on_writer(action: Callable[[], T]) -> T | None:
         except BaseException as err:  # every rank must hear of it, then it propagates
             failure = err
     outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]
-    dist.broadcast_object_list(outcome, src=0)
+    try:
+        with _together("rank 0 writing the run directory"):
+            dist.broadcast_object_list(outcome, src=0)
+    except PeerLost:
+        if failure is not None:
+            raise failure from None  # rank 0's own error is the one to tell
+        raise
     if failure is not None:
         raise failure
     if outcome[0] is not None:
@@ -307,5 +342,6 @@ def from_writer(value: T) -> T:
     if world().size == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _together("a value from rank 0"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]

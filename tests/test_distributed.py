@@ -228,6 +228,7 @@ def _tasks_done(run_dir: Path) -> int:
 
 
 PRIMITIVES = """
+import os
 import numpy as np, torch
 from continual_peft import distributed as d
 
@@ -296,6 +297,15 @@ except d.WriterError as err:
 else:
     raise AssertionError("on_writer swallowed rank 0's error")
 print(f"rank {here.rank}: all checks passed", flush=True)
+
+# a peer that is gone: the next collective says so (PeerLost), not a raw gloo error
+if here.rank == 1:
+    os._exit(0)
+try:
+    d.sum_over_ranks([torch.ones(1, device=cpu)])
+except d.PeerLost as err:
+    assert "another process of this torchrun job stopped" in str(err), err
+    print("rank 0: the lost peer was named", flush=True)
 d.stop()
 """
 
@@ -305,8 +315,9 @@ def test_the_primitives_against_a_plain_recomputation(tmp_path):
     script.write_text(textwrap.dedent(PRIMITIVES), encoding="utf-8")
     done = run(launch(2, script=script))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sorted(line for line in done.stdout.splitlines() if "checks passed" in line) == [
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank ")) == [
         "rank 0: all checks passed",
+        "rank 0: the lost peer was named",
         "rank 1: all checks passed",
     ]
 
@@ -340,3 +351,34 @@ def test_a_batch_smaller_than_the_processes_trains_on_one_rank(setup, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
     assert outcome(runs[2]) == outcome(runs[1])
     assert_same_state(runs[1], runs[2])
+
+
+def test_several_processes_need_torchrun(monkeypatch):
+    """WORLD_SIZE without torchrun would wait for partners nobody starts, deaf to Ctrl-C."""
+    from continual_peft import distributed
+    from continual_peft.errors import ContinualPeftError
+
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(ContinualPeftError, match="torchrun did not start this one"):
+        distributed.start()
+    assert distributed.world().size == 1
+
+
+def test_threads_count_the_processes_of_the_node(monkeypatch):
+    from continual_peft.backbones import placement
+    from continual_peft.errors import ContinualPeftError
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(placement, "usable_cpus", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    try:
+        assert placement.set_threads(1) == "1 (as asked)"
+        said = placement.set_threads(2)
+        assert "oversubscribed" in said and "2 shared by 2 processes" in said
+        with pytest.raises(ContinualPeftError, match="shared by 2 processes"):
+            placement.set_threads(5)
+    finally:
+        torch.set_num_threads(before)

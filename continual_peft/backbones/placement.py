@@ -41,8 +41,9 @@ def set_threads(threads: int = 0) -> str:
 
     Args:
         threads: A count, or 0 for "auto": torch's own setting (which follows OMP_NUM_THREADS),
-            lowered to the CPUs this process may use (`usable_cpus`), so a shared or
-            containerised machine is not oversubscribed.
+            lowered to the CPUs this process may use (`usable_cpus`, split between the
+            processes torchrun starts on the node), so a shared or containerised machine is not
+            oversubscribed.
 
     Returns:
         What was set, e.g. "2 (auto: the CPUs this process may use)".
@@ -54,25 +55,37 @@ def set_threads(threads: int = 0) -> str:
         raise ContinualPeftError(
             f"threads = {threads!r}: give a positive number of CPU threads, or 0 for auto"
         )
+    usable, shared = _own_cpus()
     if threads:
-        usable = usable_cpus()
         if threads > 4 * usable:
             raise ContinualPeftError(
-                f"threads = {threads} is far more than the {usable} CPU(s) this process may use; "
-                f"give at most {usable} (or 0 for auto)"
+                f"threads = {threads} is far more than the {usable} CPU(s) this process may use"
+                f"{shared}; give at most {usable} (or 0 for auto)"
             )
         torch.set_num_threads(threads)
         if threads > usable:
-            return f"{threads} (as asked; more than the {usable} usable CPU(s): oversubscribed)"
+            return (
+                f"{threads} (as asked; more than the {usable} usable CPU(s){shared}: "
+                "oversubscribed)"
+            )
         return f"{threads} (as asked)"
-    usable = usable_cpus()
     current = torch.get_num_threads()
     if current <= usable:
         omp = os.environ.get("OMP_NUM_THREADS", "")
         why = "OMP_NUM_THREADS" if omp.isdigit() and int(omp) > 0 else "torch's default"
-        return f"{current} (auto: {why}; {usable} CPU(s) usable)"
+        return f"{current} (auto: {why}; {usable} CPU(s) usable{shared})"
     torch.set_num_threads(usable)
     return f"{usable} (auto: the CPUs this process may use, not torch's default {current})"
+
+
+def _own_cpus() -> tuple[int, str]:
+    """This process's share of the usable CPUs: under torchrun the node's processes
+    (LOCAL_WORLD_SIZE) split them; and a note saying so, for messages."""
+    usable, processes = usable_cpus(), os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
+    processes = int(processes) if processes.isdigit() and int(processes) > 1 else 1
+    if processes == 1:
+        return usable, ""
+    return max(1, usable // processes), f" ({usable} shared by {processes} processes)"
 
 
 def usable_cpus() -> int:

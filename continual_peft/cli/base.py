@@ -191,5 +191,8 @@ def stop_signals() -> Iterator[None]:
 def interrupted(err: KeyboardInterrupt, kept: str) -> None:
     """Ctrl-C: exit 130; a termination signal: exit 128 + its number, the signal named."""
     if isinstance(err, Terminated):
-        fail(f"stopped by {err} (a termination signal); {kept}", code=128 + err.signum)
+        why = "a termination signal"
+        if world().size > 1:  # torchrun's way to stop every process once one has failed
+            why += "; under torchrun, also how the others stop when one process fails: look above"
+        fail(f"stopped by {err} ({why}); {kept}", code=128 + err.signum)
     fail(f"interrupted; {kept}", code=130)
