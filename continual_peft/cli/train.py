@@ -22,7 +22,7 @@ from continual_peft.cli.base import (
     ranks,
     stop_signals,
 )
-from continual_peft.distributed import World, WriterError, start, stop
+from continual_peft.distributed import World, WriterError, from_writer, start, stop
 from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.launch import (
     CompareRequest,
@@ -131,6 +131,7 @@ def run(
         if here.writer:
             errors.print(f"torch threads: {threads}{ranks(here)}", highlight=False, soft_wrap=True)
         folder = launch(plan, console if here.writer else None)
+        from_writer(None)  # every rank leaves together, once rank 0 has written the last report
     except WriterError:
         raise typer.Exit(2) from None  # rank 0 failed, and said why
     except ContinualPeftError as err:
