@@ -164,6 +164,8 @@ stream, spec, out = sys.argv[1:4]
 config = load_strategy_spec(Path(spec))
 config.strategy = "flaky"
 run_stream(load_stream(Path(stream)), config, run_dir=out, resume=len(sys.argv) > 4)
+sys.stdout.flush()
+os._exit(0)  # as `python -m continual_peft` does: gloo's native teardown may abort at exit
 """
 
 

@@ -432,6 +432,21 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     lock.release()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc (Linux)")
+def test_a_lock_of_an_exited_but_unreaped_process_is_stale(tmp_path):
+    """A killed torchrun leaves its ranks' zombies to an init that may reap them late."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not reaped until wait()
+    deadline = time.monotonic() + 60
+    while "Z" not in Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1][:3]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    info = {"pid": child.pid, "host": socket.gethostname(), "started": "t", "token": "x"}
+    (tmp_path / ".lock").write_text(json.dumps(info), encoding="utf-8")
+    with pytest.warns(UserWarning, match=f"stale lock left by process {child.pid}"):
+        RunLock(tmp_path).release()
+    child.wait()
+
+
 def test_a_damaged_run_resumed_with_another_order_is_refused_untouched(
     spec, tmp_path, reference_run, tiny_cli
 ):

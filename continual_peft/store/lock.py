@@ -106,7 +106,17 @@ def _alive(holder: dict) -> bool:
         return False
     except PermissionError:
         return True  # another user's live process
-    return True
+    return not _zombie(holder["pid"])
+
+
+def _zombie(pid: int) -> bool:
+    """Whether `pid` has exited but was not yet reaped (its parent, e.g. a killed `torchrun`,
+    is gone, and a container's init may reap late): it holds nothing any more."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (not Linux): a process that answers is taken as alive
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
 
 
 def _held_message(folder: Path, path: Path, holder: dict) -> str:
