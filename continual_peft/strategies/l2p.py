@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from continual_peft.distributed import shared_mean
+from continual_peft.distributed import shared_mean, world
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.prompt_pool import PromptPoolSite
 from continual_peft.strategies.base import STRATEGIES, Strategy
@@ -78,7 +78,7 @@ class L2P(Strategy):
         # under torchrun a rank whose share of a small batch is empty ran no forward this step
         # (its loss is a constant): its selection is an old one, and it adds no rows to the
         # mean, but it still takes part in the mean's count over the ranks
-        if selection is None or not loss.requires_grad:
+        if selection is None or (world().size > 1 and not loss.requires_grad):
             zero = torch.zeros((), device=loss.device)
             return loss + self.pull_weight * shared_mean(zero, zero)
         return loss + self.pull_weight * selection.pull()
