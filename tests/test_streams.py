@@ -176,17 +176,26 @@ def test_relative_data_root_is_relative_to_the_spec(tmp_path: Path, monkeypatch)
 def test_shipped_stream_specs_load(path: Path, tmp_path: Path):
     # The real data lives outside the repository: fake each task's files under a tmp data root.
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    for entry in raw["tasks"]:
+    for entry in raw.get("tasks", []):
         labels = entry["labels"]
         names = labels if isinstance(labels, list) else ["l0", "l1", "l2"]
         write_jsonl(tmp_path / entry["train"], rows(names, 6, entry["name"] + " train"))
         write_jsonl(tmp_path / entry["test"], rows(names, 4, entry["name"] + " test"))
         if isinstance(labels, str):
             (tmp_path / labels).write_text(json.dumps(names), encoding="utf-8")
+    for entry in raw.get("class_split", []):  # six classes, cut as the spec says
+        names = [f"c{i}" for i in range(6)]
+        write_jsonl(tmp_path / entry["train"], rows(names, 6 * len(names), "split train"))
+        write_jsonl(tmp_path / entry["test"], rows(names, 4 * len(names), "split test"))
     stream = load_stream(path, data_root=tmp_path)
     assert stream.name == raw["name"]
-    assert [t.name for t in stream.tasks] == raw.get("order", [e["name"] for e in raw["tasks"]])
-    assert all(len(t.train_inputs) == 6 and len(t.labels) == 3 for t in stream.tasks)
+    if "tasks" in raw:
+        names = raw.get("order", [e["name"] for e in raw["tasks"]])
+        assert [t.name for t in stream.tasks] == names
+        assert all(len(t.train_inputs) == 6 and len(t.labels) == 3 for t in stream.tasks)
+    else:
+        per_task = raw["class_split"][0]["classes_per_task"]
+        assert all(len(t.labels) == per_task for t in stream.tasks) and len(stream.tasks) > 1
 
 
 def test_embedded_demo_stream():
