@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,16 +33,12 @@ def frozen_features(
     out = placement.zeros(len(items), backbone.hidden_size)
 
     def embed(rows: np.ndarray) -> torch.Tensor:
-        found = backbone.embed(backbone.collate([items[i] for i in rows])).float()
-        tick(len(rows))
-        return found
+        return backbone.embed(backbone.collate([items[i] for i in rows])).float()
 
     with bank.base_only():
-        batches = length_sorted_rows(backbone, items, batch_size)
-        found, others = map_shards(batches, embed)
-    for rows, values in zip(batches, found, strict=True):
+        found = sharded_batches(backbone, items, batch_size, embed)
+    for rows, values in found:
         out[placement.tensor(rows, dtype=torch.long)] = values.to(out.device)
-    tick(sum(len(rows) for rows in others))
     return out
 
 
@@ -106,10 +103,23 @@ def routed_predict(
     return result
 
 
-def length_sorted_rows(backbone: Backbone, items: list, batch_size: int) -> list[np.ndarray]:
-    """Row positions in batches of inputs sorted by length, so padding stays small."""
+def sharded_batches(
+    backbone: Backbone, items: list, batch_size: int, work: Callable[[np.ndarray], Any]
+) -> list[tuple[np.ndarray, Any]]:
+    """(row positions, `work(row positions)`) for each batch of inputs sorted by length (so
+    padding stays small), progress ticked per row. Under torchrun the batches are shared out
+    over the ranks (`distributed.map_shards`) and every rank gets every result."""
+
+    def run(rows: np.ndarray) -> Any:
+        found = work(rows)
+        tick(len(rows))
+        return found
+
     order = np.argsort([backbone.item_length(item) for item in items], kind="stable")
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    found, others = map_shards(batches, run)
+    tick(sum(len(rows) for rows in others))
+    return list(zip(batches, found, strict=True))
 
 
 @torch.no_grad()
@@ -122,19 +132,13 @@ def predict_batches(
     """`answer(batch_items, row_positions)` over inputs in length-sorted batches; one answer
     per row, in the original order. Under torchrun the batches are shared out over the ranks
     and every rank gets every answer."""
-
-    def run(rows: np.ndarray) -> list:
-        found = answer([items[i] for i in rows], rows)
-        tick(len(rows))
-        return found
-
-    batches = length_sorted_rows(backbone, items, batch_size)
-    found, others = map_shards(batches, run)
     answers: list = [None] * len(items)
-    for rows, values in zip(batches, found, strict=True):
+    batches = sharded_batches(
+        backbone, items, batch_size, lambda rows: answer([items[i] for i in rows], rows)
+    )
+    for rows, values in batches:
         for row, value in zip(rows, values, strict=True):
             answers[row] = value
-    tick(sum(len(rows) for rows in others))
     return answers
 
 
