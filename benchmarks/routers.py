@@ -1,4 +1,4 @@
-"""Task-agnostic inference: every router on the same trained slots, on two streams.
+"""Task-agnostic inference: every router on the same trained slots, on two streams, and its cost.
 
 1. `streams/cl_benchmark.toml`: the four shared tasks (AG News, Amazon, Yelp, DBpedia), which
    differ by domain.
@@ -7,13 +7,21 @@
 
 For each stream, per-task LoRA slots are trained once (oracle routing, `--max-train` examples per
 task: 200 by default, the issue's setting). Then each router is fitted on the frozen features of
-the tasks' training inputs, in task order, twice: on the slot's own training inputs, and on every
-training input of the task (at most `--router-cap` per task; frozen features cost one forward
-pass and no training). Reported per router and fit: routing accuracy (share of test inputs sent
-to their own task), routed ACC, oracle ACC and their ratio.
+the tasks' training inputs, in task order, twice:
+- "default": as `continual-peft run` fits it now: every training input of the task (at most
+  `ROUTER_CAP`), features of the router's default `layers`;
+- "slot's, last": as before issue 17: the slot's own training inputs, last-layer features.
+Reported per router and fit: routing accuracy (share of test inputs sent to their own task),
+routed ACC, oracle ACC and their ratio, and the worst task's routing accuracy.
+
+3. Cost at T = 64 tasks: a routing decision (the frozen forward that reads the router's layers,
+   plus the router's own scoring over 64 tasks) against the frozen forward alone (last layer),
+   per input, on the same real inputs, timed back to back. The 64 tasks' statistics come from
+   the stream's features shifted at random (a decision's cost does not depend on what the
+   statistics say); the gate is refitted with few steps, which changes its weights, not its cost.
 
 Run: python benchmarks/routers.py [--data-root ../shared/data/cl_benchmark] [--streams both]
-     [--max-train 200] [--max-test 200] [--epochs 2] [--router-cap 10000]
+     [--max-train 200] [--max-test 200] [--epochs 2] [--speed-tasks 64]
 """
 
 from __future__ import annotations
@@ -22,10 +30,12 @@ import argparse
 import time
 
 import torch
+from _timing import paired_seconds
 
 from continual_peft import ContinualLearner, LearnerConfig, TrainConfig
-from continual_peft.routers import ROUTERS
+from continual_peft.routers import build_router
 from continual_peft.tasks.streams import load_stream
+from continual_peft.tasks.task import ROUTER_CAP
 
 ROUTER_OPTIONS = {
     "prototype": {},
@@ -39,7 +49,7 @@ STREAMS = {
 }
 
 
-def one_stream(spec: str, args: argparse.Namespace) -> None:
+def one_stream(spec: str, args: argparse.Namespace) -> ContinualLearner:
     """Train the slots of one stream, then fit and score every router on them."""
     stream = load_stream(spec, args.data_root, args.max_train, args.max_test)
     start = time.perf_counter()
@@ -48,36 +58,79 @@ def one_stream(spec: str, args: argparse.Namespace) -> None:
         learner.learn(task)
     trained = time.perf_counter() - start
     oracle = learner.report["metrics"]["oracle"]["acc"]
-    every = load_stream(spec, args.data_root, args.router_cap, 1)  # every training input, capped
-    fits = {
-        f"{args.max_train} (the slot's)": [learner.features(t.train_inputs) for t in stream.tasks],
-        f"all (<= {args.router_cap})": [learner.features(t.train_inputs) for t in every.tasks],
-    }
-    sizes = [len(t.train_inputs) for t in every.tasks]
+    pools = [t.router_inputs or t.train_inputs for t in stream.tasks]
     names = [t.name for t in stream.tasks]
     print(
         f"\n{stream.name}: all-MiniLM-L6-v2, per_task LoRA r=8, {args.max_train}/{args.max_test} "
-        f"examples per task, {args.epochs} epochs ({trained:.0f} s), every training input: "
-        f"{sizes}, order {' -> '.join(names)}, {torch.get_num_threads()} threads\n"
+        f"examples per task, {args.epochs} epochs ({trained:.0f} s), every training input "
+        f"(cap {ROUTER_CAP}): {[len(p) for p in pools]}, order {' -> '.join(names)}, "
+        f"{torch.get_num_threads()} threads\n"
     )
     print(
-        "| router | fitted on | routing acc | routed ACC | oracle ACC | routed / oracle | "
-        "worst task's routing |"
+        "| router | fitted on | layers | routing acc | routed ACC | oracle ACC | routed / oracle "
+        "| worst task's routing |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    cache: dict[tuple[str, str], list[torch.Tensor]] = {}
+
+    def features(fit: str, layers) -> list[torch.Tensor]:
+        key = (fit, repr(layers))
+        if key not in cache:
+            inputs = pools if fit == "default" else [t.train_inputs for t in stream.tasks]
+            cache[key] = [learner.features(rows, layers) for rows in inputs]
+        return cache[key]
+
     for name, options in ROUTER_OPTIONS.items():
-        for fit, features in fits.items():
-            router = ROUTERS.get(name)(**options)
-            for task_features in features:
+        for fit in ("default", "slot's, last"):
+            last = {} if fit == "default" else {"layers": "last"}
+            router = build_router(name, **options, **last)
+            for task_features in features(fit, router.layers):
                 router.add_task(task_features)
             accuracy, routing = learner.routed_accuracy(router)
             acc, route = sum(accuracy) / len(accuracy), sum(routing) / len(routing)
             worst = min(range(len(routing)), key=routing.__getitem__)
+            where = "every input" if fit == "default" else f"{args.max_train} (the slot's)"
             print(
-                f"| {name} | {fit} | {100 * route:.1f} | {100 * acc:.1f} | {100 * oracle:.1f} | "
-                f"{acc / oracle:.3f} | {100 * routing[worst]:.1f} ({names[worst]}) |",
+                f"| {name} | {where} | {router.layers} | {100 * route:.1f} | {100 * acc:.1f} | "
+                f"{100 * oracle:.1f} | {acc / oracle:.3f} | {100 * routing[worst]:.1f} "
+                f"({names[worst]}) |",
                 flush=True,
             )
+    return learner
+
+
+def speed(learner: ContinualLearner, inputs: list, args: argparse.Namespace) -> None:
+    """Per input: features of the router's layers + its decision over T tasks, against the
+    frozen forward alone (last layer)."""
+    items = learner.backbone.encode(inputs).items
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    print(
+        f"\nCost of a routing decision at T = {args.speed_tasks} tasks, {len(items)} real inputs, "
+        f"eval batch {learner.config.train.eval_batch_size}, {torch.get_num_threads()} threads\n"
+    )
+    print("| router | layers | features | decision / frozen forward | ms per input |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, options in ROUTER_OPTIONS.items():
+        if name == "gate":
+            options = {**options, "steps": 5, "samples_per_task": 32}  # cost only: see above
+        router = build_router(name, **options)
+        own = learner.predictor.features(items, router.layers)
+        for _ in range(args.speed_tasks):
+            shift = torch.randn(own.shape[1], generator=generator, device="cpu") * 0.05
+            router.add_task(own[:64] + shift.to(own.device) * own[:64].std())
+
+        def decide(router=router) -> None:
+            router.route(learner.predictor.features(items, router.layers))
+
+        def forward() -> None:
+            learner.predictor.features(items, "last")
+
+        ratio, top, _ = paired_seconds(decide, forward, repeats=5)
+        print(
+            f"| {name} | {router.layers} | {own.shape[1]} | {ratio:.3f} | "
+            f"{1000 * top / len(items):.2f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -87,11 +140,15 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=200)
     parser.add_argument("--max-test", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--router-cap", type=int, default=10000)
+    parser.add_argument("--speed-tasks", type=int, default=64)
     args = parser.parse_args()
+    learner = None
     for name, spec in STREAMS.items():
         if args.streams in ("both", name):
-            one_stream(spec, args)
+            learner = one_stream(spec, args)
+    assert learner is not None
+    inputs = [x for state in learner.learned.values() for x in state.task.test_inputs[:64]]
+    speed(learner, inputs[:256], args)
 
 
 if __name__ == "__main__":

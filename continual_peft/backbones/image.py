@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from continual_peft.backbones.features import feature_depths
 from continual_peft.backbones.load import family, load_model, model_name
 from continual_peft.backbones.text import Backbone, Encoded
 from continual_peft.errors import ContinualPeftError
@@ -194,8 +195,15 @@ class ImageBackbone(Backbone):
         Input hooks (prompts) get the patch tokens after the model's leading tokens (CLS, ...)
         and may prepend virtual tokens to them; their positions are cut from the output again.
         """
+        return self._states(pixel_values)[-1]
+
+    def _states(self, pixel_values: torch.Tensor, every: bool = False) -> tuple[torch.Tensor, ...]:
+        """The real tokens' last states, or (`every`) those after the embeddings (0) and after
+        each block (1..n), each (B, L, d)."""
+        options = {"output_hidden_states": True} if every else {}
         if not self.input_hooks:
-            return self.model(pixel_values=pixel_values).last_hidden_state
+            out = self.model(pixel_values=pixel_values, **options)
+            return out.hidden_states if every else (out.last_hidden_state,)
         tokens = self.model.embeddings(pixel_values)  # (B, S + P, d), positions already added
         lead = tokens.shape[1] - self.num_patches  # S leading tokens (CLS, distillation, ...)
         patches = tokens[:, lead:]  # (B, P, d)
@@ -211,15 +219,28 @@ class ImageBackbone(Backbone):
         handle = self.model.embeddings.register_forward_hook(lambda *_: full)
         try:
             out = self.model(
-                pixel_values=pixel_values, attention_mask=torch.cat([lead_mask, mask], dim=1)
-            ).last_hidden_state
+                pixel_values=pixel_values, attention_mask=torch.cat([lead_mask, mask], dim=1),
+                **options,
+            )  # fmt: skip
         finally:
             handle.remove()
-        return torch.cat([out[:, :lead], out[:, lead + added :]], dim=1)
+        states = out.hidden_states if every else (out.last_hidden_state,)
+        return tuple(torch.cat([h[:, :lead], h[:, lead + added :]], dim=1) for h in states)
 
-    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean of the real tokens' last hidden states (see the module docstring), (B, d)."""
-        return self(batch["pixel_values"]).float().mean(dim=1)
+    def layer_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The real tokens' states after the embeddings (0) and each block (1..n), (B, L, d)."""
+        return self._states(batch["pixel_values"], every=True)
+
+    def embed(
+        self, batch: dict[str, torch.Tensor], layers: str | list[int] = "last"
+    ) -> torch.Tensor:
+        """Mean of the real tokens' hidden states (see the module docstring): (B, d) from the
+        last layer, or (B, k·d) from the k depths of a `layers` setting side by side."""
+        if layers == "last":
+            return self(batch["pixel_values"]).float().mean(dim=1)
+        states = self.layer_states(batch)
+        depths = feature_depths(layers, len(states) - 1, self.hidden_size)
+        return torch.cat([states[d].float().mean(dim=1) for d in depths], dim=1)
 
 
 def _pair(value) -> tuple[int, int]:

@@ -155,6 +155,15 @@ class LanguageModelBackbone(Backbone):
         inputs.pop("prefix")
         return self.prompt_states(inputs).last_hidden_state[:, added:]
 
+    def layer_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The prompt's states (the encoder's, for seq2seq) after the embeddings (0) and each
+        block (1..n), each (B, L, d)."""
+        inputs = self.inputs(batch)
+        added = inputs.pop("added")
+        inputs.pop("prefix")
+        out = self.prompt_states(inputs | {"output_hidden_states": True})
+        return tuple(h[:, added:] for h in out.hidden_states)
+
     def prompt_states(self, inputs: dict[str, torch.Tensor]):
         """The model output whose `last_hidden_state` holds the prompt's states."""
         raise NotImplementedError

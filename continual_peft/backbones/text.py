@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from continual_peft.backbones.features import feature_depths
 from continual_peft.backbones.load import (
     _check_tokenizer_files,
     check_model_folder,
@@ -227,8 +228,14 @@ class Backbone(nn.Module):
 
         Input hooks may prepend virtual tokens; their positions are cut from the output again.
         """
+        out, added = self._output(input_ids, attention_mask)
+        return out.last_hidden_state[:, added:]
+
+    def _output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **options):
+        """The model's output after the input hooks, and how many virtual tokens they put in
+        front; `options` go to the model (e.g. `output_hidden_states`)."""
         if not self.input_hooks:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **options), 0
         embeds = self.model.get_input_embeddings()(input_ids)  # (B, L, d)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         added = 0
@@ -236,14 +243,33 @@ class Backbone(nn.Module):
             embeds, attention_mask, positions, extra = hook(embeds, attention_mask, positions)
             added += extra
         out = self.model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **options
         )
-        return out.last_hidden_state[:, added:]
+        return out, added
 
-    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled states of a collated batch, shape (B, d), in float32."""
-        hidden = self(batch["input_ids"], batch["attention_mask"])
-        return self.pool(hidden.float(), batch["attention_mask"])
+    def layer_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The real tokens' states after the embeddings (0) and after each block (1..n), each
+        (B, L, d): one forward."""
+        out, added = self._output(
+            batch["input_ids"], batch["attention_mask"], output_hidden_states=True
+        )
+        return tuple(h[:, added:] for h in out.hidden_states)
+
+    def embed(
+        self, batch: dict[str, torch.Tensor], layers: str | list[int] = "last"
+    ) -> torch.Tensor:
+        """Pooled states of a collated batch in float32: (B, d) from the last layer, or
+        (B, k·d) from the k depths of a `layers` setting side by side (`backbones.features`).
+
+        Raises:
+            ContinualPeftError: a depth the backbone does not have.
+        """
+        mask = batch["attention_mask"]
+        if layers == "last":
+            return self.pool(self(batch["input_ids"], mask).float(), mask)
+        states = self.layer_states(batch)
+        depths = feature_depths(layers, len(states) - 1, self.hidden_size)
+        return torch.cat([self.pool(states[d].float(), mask) for d in depths], dim=1)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Mean of the hidden states over real (unmasked) tokens, shape (B, d)."""

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from continual_peft.backbones.features import feature_depths
 from continual_peft.backbones.text import Backbone
 from continual_peft.distributed import map_shards
 from continual_peft.engine.bank import ModuleBank
@@ -24,19 +25,27 @@ from continual_peft.engine.progress import tick
 
 @torch.no_grad()
 def frozen_features(
-    backbone: Backbone, bank: ModuleBank, items: list, batch_size: int
-) -> torch.Tensor:
-    """(N, d) pooled features of the bare backbone, in input order, float32 on its device.
+    backbone: Backbone, bank: ModuleBank, items: list, batch_size: int,
+    layers: str | list[int] = "last",
+) -> torch.Tensor:  # fmt: skip
+    """(N, d) pooled features of the bare backbone, in input order, float32 on its device:
+    the last layer's, or (N, k·d) those of a `layers` setting (`backbones.features`).
 
-    Under torchrun the batches are shared out over the ranks and every rank gets all rows."""
+    Each row's features are computed as at batch size 1 up to float rounding (padding is
+    masked), so a row's route does not depend on the rows batched with it. Under torchrun the
+    batches are shared out over the ranks and every rank gets all rows."""
     placement = backbone.placement
-    out = placement.zeros(len(items), backbone.hidden_size)
 
     def embed(rows: np.ndarray) -> torch.Tensor:
-        return backbone.embed(backbone.collate([items[i] for i in rows])).float()
+        return backbone.embed(backbone.collate([items[i] for i in rows]), layers).float()
 
     with bank.base_only():
         found = sharded_batches(backbone, items, batch_size, embed)
+    if not found:  # no input: as wide as the features would be
+        blocks = int(getattr(backbone.model.config, "num_hidden_layers", 1))
+        depths = feature_depths(layers, blocks, backbone.hidden_size)
+        return placement.zeros(0, len(depths) * backbone.hidden_size)
+    out = placement.zeros(len(items), found[0][1].shape[1])
     for rows, values in found:
         out[placement.tensor(rows, dtype=torch.long)] = values.to(out.device)
     return out

@@ -42,9 +42,8 @@ from continual_peft.store.rundir import RunDir
 from continual_peft.strategies.base import check_config
 from continual_peft.tasks.task import Task
 
-# The loader `ContinualLearner.load` calls: `engine.loading.load_learner`, which builds on
-# this module and registers itself when imported (the package imports it), so this module does
-# not import it back.
+# The loader `ContinualLearner.load` calls: `engine.loading.load_learner`, which builds on this
+# module and registers itself when imported (the package imports it): not imported back here.
 LOADER: list[Callable[..., ContinualLearner]] = []
 
 
@@ -246,7 +245,7 @@ class ContinualLearner:
         self.heads.freeze(task.name)
         start = time.perf_counter()
         router_items = session.train_items if session.raw_items is None else session.raw_items
-        if task.router_inputs:
+        if task.router_inputs and self.router is not None:  # oracle: no router to fit
             where = f"task {task.name!r}: router input"
             router_items = self.backbone.encode(task.router_inputs, where).items
         where = f"task {len(self.learned)} {task.name}: re-evaluating {len(self.learned)} task(s)"
@@ -261,6 +260,7 @@ class ContinualLearner:
             "labels": task.labels, "metric": self.heads.metric(task.name),
             "train_examples": len(task.train_inputs),
             "test_examples": len(task.test_inputs),
+            "router_examples": len(router_items) if self.router is not None else 0,
             "trainable_parameters": sum(p.numel() for p in session.params),
             "train_seconds": round(result.seconds, 3),
             "eval_seconds": round(time.perf_counter() - start, 3),
@@ -319,13 +319,14 @@ class ContinualLearner:
             write_reports(self.report, self.run_dir.path)
 
     def _make_router(self, config: LearnerConfig) -> Router | None:
-        if config.router == "oracle":
-            return None  # the task is given: no router state at all
+        if config.router == "oracle":  # the task is given: no router state at all
+            return None
         return build_router(config.router, **config.router_options).to(self.backbone.device)
 
-    def features(self, inputs: list) -> torch.Tensor:
-        """(N, d) frozen features: the bare backbone's pooled states, all that routers see."""
-        return self.predictor.features(self.backbone.encode(list(inputs)).items)
+    def features(self, inputs: list, layers: str | list[int] = "last") -> torch.Tensor:
+        """(N, d) frozen features, all routers see: the bare backbone's pooled states of the
+        layers of a `layers` setting (`backbones.features`; a router's is `router.layers`)."""
+        return self.predictor.features(self.backbone.encode(list(inputs)).items, layers)
 
     def routed_accuracy(self, router: Router) -> tuple[list[float], list[float]]:
         """Per learned task: accuracy and routing accuracy on its test set under `router`.

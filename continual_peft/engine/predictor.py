@@ -45,9 +45,17 @@ class Predictor:
         # per task, the last oracle evaluation's other scores (ROUGE-L, answers that are no label)
         self.text_scores: dict[str, dict[str, float]] = {}
 
-    def features(self, items: list) -> torch.Tensor:
-        """(N, d) frozen features of encoded items: what routers see."""
-        return frozen_features(self.backbone, self.bank, items, self.batch_size)
+    def features(self, items: list, layers: str | list[int] = "last") -> torch.Tensor:
+        """(N, d) frozen features of encoded items, from the hidden layers of a `layers`
+        setting (a router's `layers`): what routers see."""
+        return frozen_features(self.backbone, self.bank, items, self.batch_size, layers)
+
+    def test_features(self, state: LearnedTask, layers: str | list[int]) -> torch.Tensor:
+        """A task's test inputs' frozen features for a `layers` setting, computed once."""
+        key = repr(layers)
+        if key not in state.test_features:
+            state.test_features[key] = self.features(state.feature_items, layers)
+        return state.test_features[key]
 
     def learned_task(self, task: str) -> LearnedTask:
         if task not in self.learned:
@@ -110,10 +118,9 @@ class Predictor:
     def routed_scores(self, router: Router, state: LearnedTask) -> tuple[float, float]:
         """(routed metric, routing accuracy) on a task's test set; an answer counts when it
         matches (the same label string; for generation, exact match)."""
-        if state.test_features is None:
-            state.test_features = self.features(state.feature_items)
+        features = self.test_features(state, router.layers)
         answers, indices, _ = self.routed(
-            router, state.task.test_inputs, state.feature_items, state.test_features
+            router, state.task.test_inputs, state.feature_items, features
         )
         value, _ = task_scores(self.heads.metric(state.task.name), answers, state.task)
         return value, float((indices[:, 0] == state.index).double().mean())
@@ -142,7 +149,7 @@ class Predictor:
         """Router-chosen predictions, one dict per row (see `ContinualLearner.predict_details`)."""
         items = self.backbone.encode(list(inputs)).items
         with meter(f"predicting {len(items)} input(s)", 2 * len(items)):
-            features = self.features(items)
+            features = self.features(items, router.layers)
             labels, indices, weights = self.routed(router, list(inputs), items, features)
         scores = router.scores(features).cpu()
         names = list(self.learned)
@@ -164,7 +171,8 @@ class Predictor:
         tests = [len(state.test_items) for state in self.learned.values()]
         if router is None:
             return sum(tests)
-        uncached = sum(len(s.test_items) for s in self.learned.values() if s.test_features is None)
+        key, states = repr(router.layers), self.learned.values()
+        uncached = sum(len(s.test_items) for s in states if key not in s.test_features)
         return 2 * sum(tests) + len(router_items) + uncached
 
     def evaluate(
@@ -180,7 +188,7 @@ class Predictor:
         oracle = [self.accuracy(s) for s in states]
         if router is None:
             return {"oracle": oracle}, None
-        router.add_task(self.features(router_items))  # statistics only; the features go
+        router.add_task(self.features(router_items, router.layers))  # statistics only
         router.agree()  # under torchrun: the same statistics on every rank
         routed, routing = self.routed_accuracy(router)
         return {"oracle": oracle, "routed": routed}, routing

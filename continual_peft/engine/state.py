@@ -4,7 +4,7 @@ settings a run records."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ class LearnedTask:
     index: int  # position in learning order: the router's name for the task
     slot: int
     test_items: list  # as the task's head reads them (in its template, on an LM)
-    test_features: torch.Tensor | None = None  # frozen features, computed once (routed runs)
+    # frozen features per `layers` setting (its repr), computed once (routed runs)
+    test_features: dict[str, torch.Tensor] = field(default_factory=dict)
     has_data: bool = True  # False when loaded without the task's data: it cannot be evaluated
     data_sha256: str | None = None  # its data's hash, once computed (or as a checkpoint says)
     raw_items: list | None = None  # as routers read them, where that differs from test_items

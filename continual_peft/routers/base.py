@@ -20,6 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from continual_peft.backbones.features import check_layers
 from continual_peft.backbones.placement import CPU
 from continual_peft.distributed import same_everywhere, world
 from continual_peft.errors import ContinualPeftError
@@ -100,6 +101,8 @@ class Router(abc.ABC):
     options: dict[str, Any]
     num_tasks: int
     device: torch.device = CPU  # where the statistics live and are computed
+    # which hidden layers its features come from (`backbones.features`); the engine computes them
+    layers: str | list[int] = "last"
 
     def to(self, device: str | torch.device) -> Router:
         """Move the statistics to `device` (and compute there from now on); returns self."""
@@ -165,15 +168,19 @@ class ScoringRouter(Router):
     Args:
         reject_rate: Share of in-distribution training inputs allowed to be rejected; 0 rejects
             nothing.
+        layers: Which hidden layers the features come from: "last", "auto" or a list of depths
+            (`backbones.features`). The engine computes them; features passed by hand must
+            come from the same setting.
     """
 
-    def __init__(self, reject_rate: float = 0.0) -> None:
+    def __init__(self, reject_rate: float = 0.0, layers: str | list[int] = "last") -> None:
         if isinstance(reject_rate, bool) or not isinstance(reject_rate, int | float):
             raise ContinualPeftError(f"reject_rate must be a number, got {reject_rate!r}")
         if not 0.0 <= reject_rate < 1.0:
             raise ContinualPeftError(f"reject_rate must be in [0, 1), got {reject_rate}")
         self.reject_rate = float(reject_rate)
-        self.options = {"reject_rate": self.reject_rate}
+        self.layers = check_layers(layers, f"router {self.name!r}")
+        self.options = {"reject_rate": self.reject_rate, "layers": self.layers}
         self.num_tasks = 0
         self.dim: int | None = None
         self.thresholds = torch.empty(0, dtype=torch.float64, device=self.device)  # (T,)
@@ -254,7 +261,8 @@ class ScoringRouter(Router):
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Router:
-        router = build_router(cls.name, **meta["options"])
+        # a router saved before `layers` existed read the last layer
+        router = build_router(cls.name, **{"layers": "last", **meta["options"]})
         assert isinstance(router, ScoringRouter)
         router.num_tasks = int(meta["num_tasks"])
         router.dim = None if meta["dim"] is None else int(meta["dim"])

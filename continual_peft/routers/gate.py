@@ -45,6 +45,7 @@ class GateRouter(ScoringRouter):
         seed: Seeds the pseudo-features and the MLP's initial weights.
         shrinkage: Covariance estimator for the Gaussians: "ledoit_wolf" or "oas".
         reject_rate: See `ScoringRouter`; familiarity comes from the Gaussians.
+        layers: See `ScoringRouter`; several depths side by side ("auto") by default.
     """
 
     name = "gate"
@@ -59,8 +60,9 @@ class GateRouter(ScoringRouter):
         seed: int = 0,
         shrinkage: str = "ledoit_wolf",
         reject_rate: float = 0.0,
+        layers: str | list[int] = "auto",
     ) -> None:
-        super().__init__(reject_rate)
+        super().__init__(reject_rate, layers)
         self.hidden = _positive_int("hidden", hidden, minimum=0)
         self.samples_per_task = _positive_int("samples_per_task", samples_per_task)
         self.steps = _positive_int("steps", steps)
@@ -76,7 +78,7 @@ class GateRouter(ScoringRouter):
             "weight_decay": self.weight_decay,
             "seed": seed,
             "shrinkage": shrinkage,
-            "reject_rate": self.reject_rate,
+            **self.options,
         }
 
     def _shapes(self, num_tasks: int, dim: int) -> dict[str, tuple[int, ...]]:

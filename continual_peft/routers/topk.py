@@ -55,6 +55,10 @@ class TopKRouter(Router):
     def num_tasks(self) -> int:  # type: ignore[override]
         return self.base.num_tasks
 
+    @property
+    def layers(self) -> str | list[int]:  # type: ignore[override]
+        return self.base.layers
+
     def to(self, device: str | torch.device) -> Router:
         self.device = torch.device(device)
         self.base.to(device)

@@ -63,15 +63,17 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def task_digest(task: Task) -> str:
-    """A hash of a task's data: name, labels, both splits and the router's inputs (and its kind
-    and template, where they are not a plain classification's)."""
+    """A hash of a task's data: name, labels, both splits and the router's inputs when chosen
+    (`router_max_train`; not the default pool, see `Task.router_default`), and its kind and
+    template where they are not a plain classification's."""
     digest = hashlib.sha256()
     for part in (task.name, task.labels, task.train_labels, task.test_labels):
         digest.update(json.dumps(part, default=str).encode())
     shape = [getattr(task, "kind", "classification"), getattr(task, "template", None)]
     if shape != ["classification", None]:  # so a classification task hashes as before
         digest.update(json.dumps(shape).encode())
-    for inputs in (task.train_inputs, task.test_inputs, task.router_inputs or []):
+    router = [] if getattr(task, "router_default", False) else task.router_inputs or []
+    for inputs in (task.train_inputs, task.test_inputs, router):
         digest.update(f"|{len(inputs)}|".encode())
         for item in inputs:
             digest.update(_input_bytes(item))

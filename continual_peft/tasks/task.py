@@ -39,6 +39,12 @@ from continual_peft.tasks.sources import (
     rows_from_lists,
 )
 
+# By default a router is fitted on every training input of a task (frozen features cost one
+# forward and no training), at most this many: a seeded subset beyond. The features are held
+# only while the router takes their statistics: 10,000 x 1,152 float32 (MiniLM's default router
+# features) is 46 MB.
+ROUTER_CAP = 10_000
+
 
 @dataclass
 class Task:
@@ -57,6 +63,9 @@ class Task:
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
     router_inputs: list = field(default_factory=list)  # inputs that fit the router; [] = train
+    # router_inputs are the default pool (every training input, capped), not a chosen subset:
+    # left out of the task's data hash, so a run's hash is what it was before the default
+    router_default: bool = False
     kind: str = CLASSIFICATION  # or GENERATION: the labels are the targets' texts
     template: str | None = None  # what a generative backbone reads, "{text}" standing for the input
 
@@ -255,7 +264,8 @@ def build_task(
         max_train: Keep a seeded random subset of this many training examples.
         max_test: The same for the test split.
         router_max_train: Fit the router on a separate seeded subset of this many training
-            inputs (frozen features are cheap, so a router may see more inputs than the slot).
+            inputs. By default it is fitted on every training input, at most `ROUTER_CAP`
+            (frozen features are cheap, so a router may see more inputs than the slot).
         seed: Which random subsets are kept.
         description: Shown in reports.
         sources: Split -> where it came from, for messages; from the rows when None.
@@ -276,7 +286,8 @@ def build_task(
     where = dict(sources or {}) or {split: _origin(rows, split) for split, rows in splits.items()}
     limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
     _check_limits(name, limits)
-    router_rows = _subset(splits["train"], router_max_train, f"{seed}-{name}-router")
+    router_limit = ROUTER_CAP if router_max_train is None else router_max_train
+    router_rows = _subset(splits["train"], router_limit, f"{seed}-{name}-router")
     rng = random.Random(f"{seed}-{name}")
     splits = {
         split: _subset(splits[split], limit, rng)
@@ -294,8 +305,9 @@ def build_task(
         name, labels, *encoded["train"], *encoded["test"], description=description,
         sources=where, kind=kind, template=template,
     )  # fmt: skip
-    if router_max_train is not None:
+    if router_max_train is not None or len(router_rows) != len(task.train_inputs):
         task.router_inputs = [r.input for r in router_rows]
+        task.router_default = router_max_train is None
     return task
 
 
