@@ -8,10 +8,12 @@ to it is printed (mean over tasks, and the worst task).
 
 Feature choices, all mean-pooled over real tokens of the frozen bundled all-MiniLM-L6-v2 (6
 layers, d = 384):
-- `last`: the last layer (what the routers read today);
+- `last`: the last layer (what the routers read before issue 17; `layers = "last"`);
 - `mid+last`: layers 3 and 6 concatenated (768);
 - `all-mean`: the mean over layers 1..6 (384);
-- `concat-2-4-6`: layers 2, 4 and 6 concatenated (1152).
+- `concat-2-4-6`: layers 2, 4 and 6 concatenated (1152): `layers = "auto"` on MiniLM.
+
+Each router is given these features by hand (its own `layers` setting is not used here).
 
 Run: python benchmarks/router_features.py [--data-root ../shared/data/cl_benchmark]
      [--fit 1000] [--test 300] [--streams both]
@@ -38,7 +40,7 @@ CHOICES = {
     "all-mean": lambda layers: torch.stack(layers[1:]).mean(dim=0),
     "concat-2-4-6": lambda layers: torch.cat([layers[2], layers[4], layers[6]], dim=1),
 }
-ROUTER_OPTIONS = {"prototype": {}, "mahalanobis": {}}
+ROUTER_OPTIONS = {"prototype": {}, "mahalanobis": {}, "gate": {}}
 
 
 @torch.no_grad()

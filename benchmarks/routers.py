@@ -14,7 +14,11 @@ the tasks' training inputs, in task order, twice:
 Reported per router and fit: routing accuracy (share of test inputs sent to their own task),
 routed ACC, oracle ACC and their ratio, and the worst task's routing accuracy.
 
-3. Cost at T = 64 tasks: a routing decision (the frozen forward that reads the router's layers,
+3. Unknown inputs: each scoring router with `reject_rate = 0.05`, fitted (default fit) on every
+   task but one; the share of the left-out task's test inputs it rejects (it should reject all)
+   and of the other tasks' test inputs (it should reject about 5 %), averaged over left-out tasks.
+
+4. Cost at T = 64 tasks: a routing decision (the frozen forward that reads the router's layers,
    plus the router's own scoring over 64 tasks) against the frozen forward alone (last layer),
    per input, on the same real inputs, timed back to back. The 64 tasks' statistics come from
    the stream's features shifted at random (a decision's cost does not depend on what the
@@ -96,7 +100,34 @@ def one_stream(spec: str, args: argparse.Namespace) -> ContinualLearner:
                 f"({names[worst]}) |",
                 flush=True,
             )
+    rejection(learner, features, names)
     return learner
+
+
+def rejection(learner: ContinualLearner, features, names: list[str], rate: float = 0.05) -> None:
+    """Leave one task out of the router; how many of its test inputs, and of the others', are
+    rejected (see the module docstring)."""
+    states = list(learner.learned.values())
+    print(f"\nUnknown inputs: reject_rate {rate}, each task in turn left out of the router\n")
+    print("| router | layers | unknown rows rejected | known rows rejected |")
+    print("| --- | --- | ---: | ---: |")
+    for name in ("prototype", "mahalanobis", "gate"):
+        unknown, known = [], []
+        for out in range(len(names)):
+            router = build_router(name, reject_rate=rate)
+            fitted = features("default", router.layers)
+            for task in range(len(names)):
+                if task != out:
+                    router.add_task(fitted[task])
+            for task, state in enumerate(states):
+                _, weights = router.route(learner.predictor.test_features(state, router.layers))
+                share = float((weights[:, 0] == 0).double().mean())
+                (unknown if task == out else known).append(share)
+        print(
+            f"| {name} | {router.layers} | {100 * sum(unknown) / len(unknown):.1f} | "
+            f"{100 * sum(known) / len(known):.1f} |",
+            flush=True,
+        )
 
 
 def speed(learner: ContinualLearner, inputs: list, args: argparse.Namespace) -> None:

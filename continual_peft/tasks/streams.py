@@ -9,7 +9,7 @@ The spec schema is documented in docs/specs.md; in short:
     seed = 0                         # which random subset max_train/max_test keep
     max_train = 300                  # per-task limits, overridable per task
     max_test = 200
-    router_max_train = 2000          # inputs per task that fit the router (default: the slot's)
+    router_max_train = 2000          # inputs per task that fit the router (default: all, <= 10000)
     template = "Review: {text}\\nSentiment:"  # what a generative backbone reads; tasks may override
 
     [orders]                         # named orders, for --order and order x seed grids
