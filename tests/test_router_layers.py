@@ -15,6 +15,8 @@ from continual_peft.backbones.features import check_layers, feature_depths
 from continual_peft.backbones.image import ImageBackbone
 from continual_peft.backbones.seq2seq import Seq2SeqBackbone
 from continual_peft.backbones.tiny import tiny_model, word_tokenizer
+from continual_peft.engine.bank import ModuleBank
+from continual_peft.engine.inference import frozen_features
 from continual_peft.errors import ContinualPeftError
 from continual_peft.routers import build_router, router_state
 from continual_peft.routers.base import ROUTERS
@@ -72,6 +74,12 @@ def test_router_defaults_are_the_measured_ones():
     assert build_router("mahalanobis", layers=[1, -1]).options["layers"] == [1, -1]
 
 
+def test_a_depth_the_backbone_lacks_is_refused_before_any_training(make_backbone):
+    config = LearnerConfig(router="topk", router_options={"layers": [1, 5]}, train=TINY)
+    with pytest.raises(ContinualPeftError, match="depth 5 is out of range for a backbone with 2"):
+        ContinualLearner(make_backbone(), config=config)
+
+
 def test_a_router_saved_before_layers_existed_reads_the_last_layer():
     router = build_router("mahalanobis", layers="last")
     router.add_task(torch.randn(20, 4, dtype=torch.float64, device="cpu"))
@@ -112,6 +120,9 @@ def test_layer_features_are_pooled_hidden_states_of_each_depth(architecture, mak
     torch.testing.assert_close(both[:, :d], by_hand)
     torch.testing.assert_close(both[:, d:], last, atol=1e-5, rtol=1e-5)
     assert backbone.embed(batch, "auto").shape == (2, 2 * d)  # two blocks: depths 1 and 2
+    assert backbone.feature_width("auto") == 2 * d and backbone.feature_width([0]) == d
+    empty = frozen_features(backbone, ModuleBank(backbone, "lora", None), [], 4, "auto")
+    assert empty.shape == (0, 2 * d)
 
 
 def test_image_layer_features():

@@ -10,8 +10,9 @@ through whatever module slots the bank has routed each row to:
   target's tokens; the prompt's tokens are never scored).
 - `generate(prompts, max_new_tokens)`: greedy decoding with `transformers`' `generate` and its
   KV cache; every row keeps its routed slots through every decoding step.
-- `embed(batch)`: the routers' frozen features, the mean of the last hidden states over the
-  prompt's real tokens (for an encoder-decoder, the encoder's).
+- `embed(batch, layers)`: the routers' frozen features, the mean of the hidden states over the
+  prompt's real tokens at the depths of a router's `layers` setting (`backbones.features`),
+  side by side (for an encoder-decoder, the encoder's).
 
 Targets are tokenized as `target_delimiter + target` without special tokens, then the EOS token
 is appended (so a generated answer ends, and label scores tell "yes" from "yes sir"). Prompts

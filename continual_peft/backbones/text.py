@@ -150,6 +150,16 @@ class Backbone(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
+    def feature_width(self, layers: str | list[int]) -> int:
+        """How wide `embed(batch, layers)`'s features are (the config's block count; an
+        encoder-decoder's encoder blocks).
+
+        Raises:
+            ContinualPeftError: a depth the backbone does not have.
+        """
+        blocks = int(self.model.config.num_hidden_layers)
+        return len(feature_depths(layers, blocks, self.hidden_size)) * self.hidden_size
+
     def encode(self, texts: list[str], where: str = "input") -> Encoded:
         """Token ids for each text, cut to `max_length`; the number of cut texts is returned too.
 

@@ -64,8 +64,7 @@ def run(
     max_test: int = MAX_TEST,
     router_train: int = typer.Option(
         None,
-        help="Training inputs per task that fit the router (default: every one, at most "
-        "10,000).",
+        help="Training inputs per task that fit the router (default: every one, at most 10,000).",
         metavar="N",
     ),
     epochs: int = typer.Option(None, metavar="N", help="Passes over each task's training set."),

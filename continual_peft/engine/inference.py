@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from continual_peft.backbones.features import feature_depths
 from continual_peft.backbones.text import Backbone
 from continual_peft.distributed import map_shards
 from continual_peft.engine.bank import ModuleBank
@@ -42,9 +41,7 @@ def frozen_features(
     with bank.base_only():
         found = sharded_batches(backbone, items, batch_size, embed)
     if not found:  # no input: as wide as the features would be
-        blocks = int(getattr(backbone.model.config, "num_hidden_layers", 1))
-        depths = feature_depths(layers, blocks, backbone.hidden_size)
-        return placement.zeros(0, len(depths) * backbone.hidden_size)
+        return placement.zeros(0, backbone.feature_width(layers))
     out = placement.zeros(len(items), found[0][1].shape[1])
     for rows, values in found:
         out[placement.tensor(rows, dtype=torch.long)] = values.to(out.device)

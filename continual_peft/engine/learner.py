@@ -31,11 +31,11 @@ from continual_peft.engine.progress import meter
 from continual_peft.engine.report import learner_report
 from continual_peft.engine.rollback import undone_on_failure
 from continual_peft.engine.snapshot import save_learner, snapshot
-from continual_peft.engine.state import LearnedTask, TaskSession, backbone_for
+from continual_peft.engine.state import LearnedTask, TaskSession, backbone_for, make_router
 from continual_peft.engine.training import TrainResult, train_task
 from continual_peft.errors import ContinualPeftError
 from continual_peft.reports.run import console_report, write_reports
-from continual_peft.routers import ROUTERS, Router, build_router
+from continual_peft.routers import ROUTERS, Router
 from continual_peft.store.checkpoint import set_status, write_checkpoint
 from continual_peft.store.digests import task_digest
 from continual_peft.store.rundir import RunDir
@@ -92,7 +92,7 @@ class ContinualLearner:
             backbone, config.module, configs={k: config.kind_config(k) for k in kinds}
         )
         self.heads = make_heads(backbone, config)
-        self.router = self._make_router(config)
+        self.router = make_router(config, self.backbone)
         self.monitor = ForgettingMonitor(
             ("oracle",) if self.router is None else ("oracle", "routed")
         )
@@ -317,11 +317,6 @@ class ContinualLearner:
         """The report into the run directory, if any."""
         if self.run_dir:
             write_reports(self.report, self.run_dir.path)
-
-    def _make_router(self, config: LearnerConfig) -> Router | None:
-        if config.router == "oracle":  # the task is given: no router state at all
-            return None
-        return build_router(config.router, **config.router_options).to(self.backbone.device)
 
     def features(self, inputs: list, layers: str | list[int] = "last") -> torch.Tensor:
         """(N, d) frozen features, all routers see: the bare backbone's pooled states of the

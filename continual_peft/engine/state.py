@@ -12,6 +12,7 @@ from torch import nn
 from continual_peft.backbones.placement import dtype_name
 from continual_peft.backbones.text import DEFAULT_BACKBONE, Backbone
 from continual_peft.config import LearnerConfig
+from continual_peft.routers import Router, build_router
 from continual_peft.tasks.task import Task
 
 
@@ -71,3 +72,18 @@ def backbone_for(backbone: Backbone | str | None, config: LearnerConfig) -> Back
         )  # fmt: skip
     record_backbone(config, backbone)
     return backbone
+
+
+def make_router(config: LearnerConfig, backbone: Backbone) -> Router | None:
+    """The learner's router on the backbone's device, None for oracle routing (the task is
+    given: no router state at all).
+
+    Raises:
+        ContinualPeftError: router options the router refuses, or `layers` with a depth the
+            backbone does not have: before any training.
+    """
+    if config.router == "oracle":
+        return None
+    router = build_router(config.router, **config.router_options).to(backbone.device)
+    backbone.feature_width(router.layers)
+    return router
