@@ -40,7 +40,12 @@ CHOICES = {
     "all-mean": lambda layers: torch.stack(layers[1:]).mean(dim=0),
     "concat-2-4-6": lambda layers: torch.cat([layers[2], layers[4], layers[6]], dim=1),
 }
-ROUTER_OPTIONS = {"prototype": {}, "mahalanobis": {}, "gate": {}}
+ROUTER_OPTIONS = {  # label: (router, options)
+    "prototype": ("prototype", {}),
+    "mahalanobis": ("mahalanobis", {}),
+    "gate": ("gate", {}),
+    "gate, weight_decay 1e-4": ("gate", {"weight_decay": 1e-4}),  # its default before issue 17
+}
 
 
 @torch.no_grad()
@@ -71,8 +76,8 @@ def one_stream(spec: str, backbone: Backbone, args: argparse.Namespace) -> None:
     print("| features | router | routing acc | worst task |")
     print("| --- | --- | ---: | ---: |")
     for choice, pick in CHOICES.items():
-        for name, options in ROUTER_OPTIONS.items():
-            router = ROUTERS.get(name)(**options)
+        for name, (router_name, options) in ROUTER_OPTIONS.items():
+            router = ROUTERS.get(router_name)(**options)
             for layers in train:
                 router.add_task(pick(layers))
             routing = []
