@@ -154,6 +154,23 @@ def test_predict_with_a_task_per_line_or_for_all(made, tmp_path):
     assert zero.exit_code == 2 and "--batch-size 0: give a positive number" in zero.stderr
 
 
+def test_predict_and_eval_batch_size_sets_the_rows_per_forward(made, tmp_path, monkeypatch):
+    """--batch-size reaches every forward of predict and eval (not only the saved config)."""
+    sizes: list[int] = []
+    collate = Backbone.collate
+    monkeypatch.setattr(Backbone, "collate", lambda self, rows: sizes.append(len(rows)) or
+                        collate(self, rows))  # fmt: skip
+    inputs = tmp_path / "five.jsonl"
+    inputs.write_text("".join(f'{{"text": "red car {i}"}}\n' for i in range(5)), encoding="utf-8")
+    result = invoke("predict", "--run", made["run"], "--input", inputs, "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    assert sizes and max(sizes) == 2
+    sizes.clear()
+    scores = invoke("eval", made["spec"], "--run", made["run"], "--batch-size", "3")
+    assert scores.exit_code == 0, scores.output
+    assert sizes and max(sizes) == 3
+
+
 def test_eval_on_the_stream_reproduces_the_runs_last_row(made, tmp_path):
     out = tmp_path / "scores.json"
     result = invoke("eval", made["spec"], "--run", made["run"], "--output", out)

@@ -49,6 +49,13 @@ def test_feature_depths(layers, blocks, width, depths):
     assert feature_depths(layers, blocks, width) == depths
 
 
+def test_two_depths_naming_one_layer_are_refused():
+    with pytest.raises(ContinualPeftError, match=r"name the same layer twice .*\[6, 6\]"):
+        feature_depths([6, -1], 6, 384)
+    with pytest.raises(ContinualPeftError, match="same layer twice"):
+        feature_depths([0, -7], 6, 384)
+
+
 def test_a_depth_beyond_the_backbone_is_refused_naming_its_blocks():
     with pytest.raises(ContinualPeftError, match="depth 7 is out of range for a backbone with 6"):
         feature_depths([2, 7], 6, 384)

@@ -65,4 +65,9 @@ def feature_depths(layers: str | list[int], blocks: int, width: int) -> list[int
                 f"(0 = embeddings, 1..{blocks}, or -1..-{blocks + 1} from the end)"
             )
         depths.append(depth % (blocks + 1))
+    if len(set(depths)) < len(depths):
+        raise ContinualPeftError(
+            f"layers: {layers} name the same layer twice on a backbone with {blocks} blocks "
+            f"(as depths 0..{blocks}: {depths}); give each layer once"
+        )
     return depths

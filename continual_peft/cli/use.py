@@ -213,6 +213,8 @@ def _warn_other_data(learner, stream) -> None:
 def _open_run(run, input_, batch_size, device, dtype, backbone, threads):
     """The run's learner, ready to predict, and the records of `input_` (read first: a bad
     input is named before any model loads)."""
+    if batch_size is not None and batch_size < 1:
+        raise ContinualPeftError(f"--batch-size {batch_size}: give a positive number")
     saved = saved_config(run)
     records = read_records(input_) if input_ is not None else []
     saved.backbone.threads = threads or 0
@@ -224,8 +226,6 @@ def _open_run(run, input_, batch_size, device, dtype, backbone, threads):
             dtype=dtype or saved.backbone.dtype,
         )  # fmt: skip
     learner = load_learner(run, model, device=device, dtype=dtype)
-    if batch_size is not None:
-        if batch_size < 1:
-            raise ContinualPeftError(f"--batch-size {batch_size}: give a positive number")
-        learner.config.train.eval_batch_size = batch_size
+    if batch_size is not None:  # the predictor took the run's own when it was built
+        learner.config.train.eval_batch_size = learner.predictor.batch_size = batch_size
     return learner, records

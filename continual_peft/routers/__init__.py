@@ -12,7 +12,9 @@ with index -1 meaning "no module" (an unfamiliar input). Routers are registered 
 - `topk`: soft mixing of the k best tasks of any scoring router.
 
 Every scoring router takes `reject_rate`, the share of in-distribution training inputs it may
-reject when it turns unfamiliar inputs away.
+reject when it turns unfamiliar inputs away, and `layers`, which hidden layers its frozen
+features come from (`backbones.features`: "last", "auto" or a list of depths; the engine
+computes them, a router only records the setting).
 """
 
 from continual_peft.routers.base import (

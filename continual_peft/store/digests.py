@@ -121,6 +121,7 @@ def check_stream(run: Path, saved: dict | None, stream: Stream, done: list[dict]
         if plan["data_sha256"][position] != entry["data_sha256"]:
             raise ContinualPeftError(
                 f"{run}: task {entry['name']!r} has other data than when the run learned it "
-                "(its data hash differs): resume with the same data files, --max-train and "
-                "--max-test (and the same template and kind), or start a new run."
+                "(its data hash differs): resume with the same data files, --max-train, "
+                "--max-test and --router-train (and the same template and kind), or start a "
+                "new run."
             )
