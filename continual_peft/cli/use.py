@@ -226,6 +226,6 @@ def _open_run(run, input_, batch_size, device, dtype, backbone, threads):
             dtype=dtype or saved.backbone.dtype,
         )  # fmt: skip
     learner = load_learner(run, model, device=device, dtype=dtype)
-    if batch_size is not None:  # the predictor took the run's own when it was built
-        learner.config.train.eval_batch_size = learner.predictor.batch_size = batch_size
+    if batch_size is not None:
+        learner.config.train.eval_batch_size = batch_size
     return learner, records

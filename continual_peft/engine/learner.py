@@ -99,7 +99,7 @@ class ContinualLearner:
         self.learned: dict[str, LearnedTask] = {}
         self.predictor = Predictor(
             backbone, self.bank, self.heads, self.learned,
-            lambda task: self.strategy.routing(self, task), config.train.eval_batch_size,
+            lambda task: self.strategy.routing(self, task), config.train,
         )  # fmt: skip
         self.records: list[dict] = []
         self.stream = stream

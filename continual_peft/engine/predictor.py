@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from continual_peft.backbones.text import Backbone
+from continual_peft.config import TrainConfig
 from continual_peft.engine.bank import ModuleBank
 from continual_peft.engine.heads import TaskHeads
 from continual_peft.engine.inference import (
@@ -33,17 +34,23 @@ class Predictor:
         backbone, bank, heads: The learner's parts.
         learned: The learner's learned tasks (the same dict: it sees new tasks).
         routing: A task's slots and weights (the strategy's `routing`).
-        batch_size: Rows per forward pass.
+        train: The learner's training settings; rows per forward pass are its
+            `eval_batch_size`, read at every use (so changing it there takes effect).
     """
 
     def __init__(
         self, backbone: Backbone, bank: ModuleBank, heads: TaskHeads,
-        learned: dict[str, LearnedTask], routing: Routing, batch_size: int,
+        learned: dict[str, LearnedTask], routing: Routing, train: TrainConfig,
     ) -> None:  # fmt: skip
         self.backbone, self.bank, self.heads = backbone, bank, heads
-        self.learned, self.routing, self.batch_size = learned, routing, batch_size
+        self.learned, self.routing, self.train = learned, routing, train
         # per task, the last oracle evaluation's other scores (ROUGE-L, answers that are no label)
         self.text_scores: dict[str, dict[str, float]] = {}
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per forward pass: the training settings' `eval_batch_size`."""
+        return self.train.eval_batch_size
 
     def features(self, items: list, layers: str | list[int] = "last") -> torch.Tensor:
         """(N, d) frozen features of encoded items, from the hidden layers of a `layers`
