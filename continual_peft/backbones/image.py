@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual_peft.backbones.features import feature_depths
 from continual_peft.backbones.load import family, load_model, model_name
 from continual_peft.backbones.text import Backbone, Encoded
 from continual_peft.errors import ContinualPeftError
@@ -231,16 +230,12 @@ class ImageBackbone(Backbone):
         """The real tokens' states after the embeddings (0) and each block (1..n), (B, L, d)."""
         return self._states(batch["pixel_values"], every=True)
 
-    def embed(
-        self, batch: dict[str, torch.Tensor], layers: str | list[int] = "last"
-    ) -> torch.Tensor:
-        """Mean of the real tokens' hidden states (see the module docstring): (B, d) from the
-        last layer, or (B, k·d) from the k depths of a `layers` setting side by side."""
-        if layers == "last":
-            return self(batch["pixel_values"]).float().mean(dim=1)
-        states = self.layer_states(batch)
-        depths = feature_depths(layers, len(states) - 1, self.hidden_size)
-        return torch.cat([states[d].float().mean(dim=1) for d in depths], dim=1)
+    def _last_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(batch["pixel_values"])
+
+    def _pool_batch(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean over every real token (see the module docstring): images have no padding."""
+        return hidden.mean(dim=1)
 
 
 def _pair(value) -> tuple[int, int]:

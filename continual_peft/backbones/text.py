@@ -150,15 +150,19 @@ class Backbone(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def feature_width(self, layers: str | list[int]) -> int:
-        """How wide `embed(batch, layers)`'s features are (the config's block count; an
-        encoder-decoder's encoder blocks).
+    def feature_depths(self, layers: str | list[int]) -> list[int]:
+        """The hidden-state depths a `layers` setting reads here (`backbones.features`), from
+        the config's block count (an encoder-decoder's: its encoder's).
 
         Raises:
             ContinualPeftError: a depth the backbone does not have.
         """
         blocks = int(self.model.config.num_hidden_layers)
-        return len(feature_depths(layers, blocks, self.hidden_size)) * self.hidden_size
+        return feature_depths(layers, blocks, self.hidden_size)
+
+    def feature_width(self, layers: str | list[int]) -> int:
+        """How wide `embed(batch, layers)`'s features are."""
+        return len(self.feature_depths(layers)) * self.hidden_size
 
     def encode(self, texts: list[str], where: str = "input") -> Encoded:
         """Token ids for each text, cut to `max_length`; the number of cut texts is returned too.
@@ -274,12 +278,19 @@ class Backbone(nn.Module):
         Raises:
             ContinualPeftError: a depth the backbone does not have.
         """
-        mask = batch["attention_mask"]
         if layers == "last":
-            return self.pool(self(batch["input_ids"], mask).float(), mask)
+            return self._pool_batch(self._last_states(batch).float(), batch)
         states = self.layer_states(batch)
-        depths = feature_depths(layers, len(states) - 1, self.hidden_size)
-        return torch.cat([self.pool(states[d].float(), mask) for d in depths], dim=1)
+        pooled = [self._pool_batch(states[d].float(), batch) for d in self.feature_depths(layers)]
+        return torch.cat(pooled, dim=1)
+
+    def _last_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, L, d) last hidden states of a collated batch (`forward`)."""
+        return self(batch["input_ids"], batch["attention_mask"])
+
+    def _pool_batch(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, d) one row per input of a batch's (B, L, d) states: `pool` over its real tokens."""
+        return self.pool(hidden, batch["attention_mask"])
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Mean of the hidden states over real (unmasked) tokens, shape (B, d)."""
