@@ -11,8 +11,8 @@ from conftest import FAST_TRAIN, assert_close, word_task
 
 from continual_peft import ContinualLearner, ContinualPeftError, ModuleBank
 from continual_peft.config import LearnerConfig
-from continual_peft.engine.inference import frozen_features
 from continual_peft.engine.loading import load_learner
+from continual_peft.engine.prediction import frozen_features
 from continual_peft.modules.prompt_pool import PromptPoolConfig
 from continual_peft.strategies import check_config
 from continual_peft.strategies.l2p import L2P

@@ -90,7 +90,7 @@ if event == "train":
         return train_task(*args, description=description, adjust_loss=adjust, **kwargs)
     learner_module.train_task = patched
 elif event == "evaluate":
-    from continual_peft.engine.predictor import Predictor
+    from continual_peft.engine.prediction import Predictor
     evaluate = Predictor.evaluate
     def patched(self, router, items):
         if list(self.learned)[-1] == rest and hit():

@@ -16,7 +16,7 @@ from continual_peft.backbones.image import ImageBackbone
 from continual_peft.backbones.seq2seq import Seq2SeqBackbone
 from continual_peft.backbones.tiny import tiny_model, word_tokenizer
 from continual_peft.engine.bank import ModuleBank
-from continual_peft.engine.inference import frozen_features
+from continual_peft.engine.prediction import frozen_features
 from continual_peft.errors import ContinualPeftError
 from continual_peft.routers import build_router, router_state
 from continual_peft.routers.base import ROUTERS

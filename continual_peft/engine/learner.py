@@ -23,10 +23,9 @@ from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig, TrainConfig
 from continual_peft.distributed import from_writer, on_writer, world
 from continual_peft.engine.bank import ModuleBank
-from continual_peft.engine.inference import evaluating
-from continual_peft.engine.lm_heads import check_new_task, make_heads
+from continual_peft.engine.heads import check_new_task, make_heads
 from continual_peft.engine.monitor import ForgettingMonitor
-from continual_peft.engine.predictor import Predictor
+from continual_peft.engine.prediction import Predictor, evaluating
 from continual_peft.engine.progress import meter
 from continual_peft.engine.report import learner_report
 from continual_peft.engine.rollback import undone_on_failure

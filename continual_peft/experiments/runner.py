@@ -18,8 +18,8 @@ from continual_peft.backbones.placement import pick_device
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.distributed import check_device, from_writer, on_writer, world
+from continual_peft.engine.heads import check_kind
 from continual_peft.engine.learner import ContinualLearner
-from continual_peft.engine.lm_heads import check_kind
 from continual_peft.engine.loading import check_resume_config, load_learner, open_run, run_finished
 from continual_peft.engine.state import record_backbone
 from continual_peft.errors import ContinualPeftError

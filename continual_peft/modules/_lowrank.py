@@ -19,6 +19,7 @@ shares one mix (`bank.use_slots`), the same width-k·r delta needs no per-row ga
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -46,6 +47,15 @@ def layer_sizes(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"a low-rank site wraps nn.Linear, Conv1D or a site, not {type(layer)}")
 
 
+class StackNames(NamedTuple):
+    """The names a low-rank site gives its stacked tensors (and the keys of a slot's file)."""
+
+    down: str  # (r, d_in) projection into the bottleneck
+    up: str  # (d_out, r) projection out of it
+    down_bias: str | None = None  # (r,); None: no bias
+    up_bias: str | None = None  # (d_out,); None: no bias
+
+
 class LowRankSite(StackedSite):
     """`base_layer(x) + delta(x or base_layer(x))`, with per-row slots from `routing`.
 
@@ -53,7 +63,7 @@ class LowRankSite(StackedSite):
         base_layer: The frozen original layer: `nn.Linear`, `Conv1D` or another site.
         routing: The bank's routing state for this module kind.
         rank: Width r of the delta's bottleneck.
-        names: Stack names for (down, up, down bias, up bias); None for an absent bias.
+        names: The names of the site's stacks (`StackNames`).
         init: Builds a fresh slot's tensors (given a generator and this site).
         on_output: Apply the delta to the layer's output (adapter) rather than its input (LoRA).
         activation: Nonlinearity between down and up projection.
@@ -65,7 +75,7 @@ class LowRankSite(StackedSite):
         base_layer: nn.Module,
         routing: Routing,
         rank: int,
-        names: tuple[str, str, str | None, str | None],
+        names: StackNames,
         init: Callable[[torch.Generator, LowRankSite], dict[str, torch.Tensor]],
         on_output: bool = False,
         activation: nn.Module | None = None,
@@ -166,7 +176,7 @@ class LowRankSite(StackedSite):
         holds, so they are gathered once per routing and kept for every later forward under it
         (every decoding step of one `generate` call, every label of one scoring batch): memory
         for speed, freed when the routing ends."""
-        down, up = self.names[:2]
+        down, up = self.names.down, self.names.up
         idx = self.routing.indices
         (rows, k), rank = idx.shape, t[down].shape[1]
 

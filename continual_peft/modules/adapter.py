@@ -37,11 +37,13 @@ from torch import nn
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules._lowrank import LowRankSite, layer_sizes
+from continual_peft.modules._lowrank import LowRankSite, StackNames, layer_sizes
 from continual_peft.modules._routing import Routing
 from continual_peft.modules.base import MODULE_KINDS, layer_endings, wrap_linear_layers
 
-NAMES = ("adapter_down", "adapter_up", "adapter_down_bias", "adapter_up_bias")
+NAMES = StackNames(
+    down="adapter_down", up="adapter_up", down_bias="adapter_down_bias", up_bias="adapter_up_bias"
+)
 INIT_STD = 1e-2  # Houlsby et al.: near-identity initialisation
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from continual_peft.backbones.placement import CPU
-from continual_peft.modules._lowrank import LowRankSite
+from continual_peft.modules._lowrank import LowRankSite, StackNames
 from continual_peft.modules._routing import Routing
 from continual_peft.modules.base import MODULE_KINDS, wrap_linear_layers
 
-NAMES = ("lora_A", "lora_B", None, None)
+NAMES = StackNames(down="lora_A", up="lora_B")
 
 
 @dataclass

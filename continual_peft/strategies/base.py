@@ -54,8 +54,8 @@ class SlotBank(Protocol):
     def use_slot(self, slot: int) -> AbstractContextManager[None]: ...
 
 
-class TaskHeads(Protocol):
-    """What strategies use of the per-task heads (`engine.heads.Heads` is one)."""
+class LossHeads(Protocol):
+    """What strategies use of the per-task heads (`engine.heads.TaskHeads` is a superset)."""
 
     def prompt_items(self, task: str, inputs: list, where: str = "input") -> Any: ...
 
@@ -69,7 +69,7 @@ class Learner(Protocol):
     bank: SlotBank
     backbone: Backbone
     config: LearnerConfig
-    heads: TaskHeads
+    heads: LossHeads
     learned: dict[str, Any]  # task name -> its learned state (`.task`, `.index`, `.slot`)
 
     def task_seed(self, task: Task, purpose: str) -> int: ...

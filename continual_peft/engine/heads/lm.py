@@ -1,4 +1,4 @@
-"""Heads of generative backbones: the frozen LM head answers every task (see `engine.heads`).
+"""Heads of generative backbones: the frozen LM head answers every task (`heads.interface`).
 
 Per task it keeps the label strings (a generation task's labels are its distinct targets), its
 kind, its prompt template and the labels' token ids (`LanguageModelBackbone.encode_targets`).
@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from continual_peft.backbones.lm import LanguageModelBackbone
-from continual_peft.backbones.text import Backbone, Encoded
-from continual_peft.config import GenerationConfig, LearnerConfig
-from continual_peft.engine.heads import Heads, TaskHeads
+from continual_peft.backbones.text import Encoded
+from continual_peft.config import GenerationConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.tasks.generation import fill_template
 from continual_peft.tasks.task import Task
@@ -171,13 +170,6 @@ class LanguageModelHeads(nn.Module):
         return self.backbone.encode(list(inputs), where).items
 
 
-def make_heads(backbone: Backbone, config: LearnerConfig) -> TaskHeads:
-    """Linear heads on an encoder or image backbone; the LM head on a generative one."""
-    if isinstance(backbone, LanguageModelBackbone):
-        return LanguageModelHeads(backbone, config.generation)
-    return Heads(backbone)
-
-
 def _check_targets(backbone, task: str, kind: str, labels: list[str], targets: list) -> None:
     """Refuse labels the tokenizer cannot tell apart (their scores would always tie); warn of
     generation targets with words the tokenizer does not know (never written exactly)."""
@@ -202,30 +194,3 @@ def _check_targets(backbone, task: str, kind: str, labels: list[str], targets: l
                 UserWarning,
                 stacklevel=4,
             )
-
-
-def check_new_task(task: Task, learned: dict, heads: TaskHeads) -> None:
-    """Refuse a task the learner cannot begin: a name already learned, earlier tasks loaded
-    without their data (a new task re-evaluates them), a generation task on an encoder."""
-    if task.name in learned:
-        raise ContinualPeftError(
-            f"task {task.name!r} was already learned; task names must be unique."
-        )
-    missing = [name for name, state in learned.items() if not state.has_data]
-    if missing:
-        raise ContinualPeftError(
-            f"this learner was loaded without the data of task(s) {missing}, which a new "
-            "task must re-evaluate: pass them as ContinualLearner.load(..., tasks=[...])."
-        )
-    check_kind(task, heads)
-
-
-def check_kind(task: Task, heads: TaskHeads) -> None:
-    """Refuse a generation task on an encoder backbone (which cannot write text)."""
-    if getattr(task, "kind", "classification") == GENERATION and isinstance(heads, Heads):
-        raise ContinualPeftError(
-            f"task {task.name!r} is a generation task, but this backbone "
-            f"({heads.backbone.name}) is an encoder, which classifies and cannot write text; "
-            "use a decoder-only or encoder-decoder model folder as the backbone (e.g. "
-            "--backbone path/to/Qwen2.5-0.5B or a Flan-T5 folder)"
-        )
