@@ -9,8 +9,8 @@ from transformers import DistilBertConfig, DistilBertModel, GPT2Config, GPT2Mode
 
 from continual_peft import Backbone, ContinualPeftError, ModuleBank
 from continual_peft.modules import Routing, adapter
-from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules.adapter import AdapterConfig
+from continual_peft.modules.lowrank import LowRankSite
 from continual_peft.modules.prefix import PrefixConfig, extend_mask
 
 TEXTS = ("red apple car", "a dog sleeps at home today again", "sad", "blue fish jumps")

@@ -8,8 +8,8 @@ from conftest import DEVICE, run_routed, tolerance
 
 from continual_peft import ContinualPeftError, ModuleBank
 from continual_peft.modules import MODULE_KINDS, Routing, lora
-from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules.lora import LoRAConfig
+from continual_peft.modules.lowrank import LowRankSite
 
 
 def _batch(backbone, texts=("red apple car", "a dog sleeps at home today", "sad")):

@@ -215,10 +215,10 @@ def test_every_registered_strategy_is_a_valid_entry():
 
 
 def test_sweep_plot_follows_the_swept_values_not_the_ranking():
-    from continual_peft.reports.leaderboard import _in_sweep_order
+    from continual_peft.reports.leaderboard import in_sweep_order
 
-    assert _in_sweep_order(["16", "1", "4", "1"]) == ["1", "4", "16"]
-    assert _in_sweep_order(["lora", "adapter"]) == ["lora", "adapter"]  # not numbers: as given
+    assert in_sweep_order(["16", "1", "4", "1"]) == ["1", "4", "16"]
+    assert in_sweep_order(["lora", "adapter"]) == ["lora", "adapter"]  # not numbers: as given
 
 
 def test_an_interrupted_comparison_resumes_to_the_uninterrupted_leaderboard(

@@ -17,7 +17,7 @@ from continual_peft import Backbone, CausalBackbone, ContinualLearner, Continual
 from continual_peft.backbones.tiny import save_tiny, tiny_model, word_tokenizer
 from continual_peft.cli import app
 from continual_peft.config import LearnerConfig
-from continual_peft.integrations._lora_layers import merge_lora, read_layout
+from continual_peft.integrations.lora_layers import merge_lora, read_layout
 from continual_peft.integrations.peft_export import export_task
 
 peft = pytest.importorskip("peft")

@@ -325,7 +325,7 @@ def test_labels_the_tokenizer_cannot_tell_apart_are_refused_and_unknown_words_wa
 def test_unusual_models_are_refused_with_what_is_missing(tmp_path):
     from transformers import BartConfig, BartForConditionalGeneration, CLIPConfig, CLIPModel
 
-    from continual_peft.backbones.text import _check_vocabulary
+    from continual_peft.backbones.text import check_vocabulary
 
     tokenizer = word_tokenizer(WORDS)
     sizes = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 32,
@@ -342,7 +342,7 @@ def test_unusual_models_are_refused_with_what_is_missing(tmp_path):
         projection_dim=8,
     ))  # fmt: skip
     with pytest.raises(ContinualPeftError, match="no single token-embedding table"):
-        _check_vocabulary(clip, tokenizer, "clip-folder")
+        check_vocabulary(clip, tokenizer, "clip-folder")
 
 
 def test_a_stream_with_a_generation_task_on_an_encoder_is_refused_before_training(

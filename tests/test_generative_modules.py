@@ -17,9 +17,9 @@ from conftest import DEVICE, assert_close
 from continual_peft.backbones.tiny import SPECIAL, tiny_model
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import Routing
-from continual_peft.modules._lowrank import LowRankSite
 from continual_peft.modules.adapter import Adapter
 from continual_peft.modules.lora import LoRA
+from continual_peft.modules.lowrank import LowRankSite
 
 peft = pytest.importorskip("peft")
 

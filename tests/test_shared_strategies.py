@@ -18,8 +18,8 @@ from conftest import FAST_TRAIN
 from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig, Task
 from continual_peft.engine.loading import load_learner
 from continual_peft.strategies import STRATEGIES, build_strategy
-from continual_peft.strategies._examples import Examples
 from continual_peft.strategies.ewc import EWC
+from continual_peft.strategies.examples import Examples
 from continual_peft.strategies.joint import Joint
 from continual_peft.strategies.replay import Replay
 

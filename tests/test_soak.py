@@ -22,7 +22,7 @@ import pytest
 from continual_peft import ContinualLearner, LearnerConfig, LoRAConfig, Task, TrainConfig
 from continual_peft.config import BackboneConfig
 from continual_peft.reports import run as reports
-from continual_peft.reports.plots import _heatmap_png
+from continual_peft.reports.plots import heatmap_png
 
 N_TASKS = 50
 WORDS = ["red", "blue", "cat", "dog", "sun", "rain", "tea", "milk", "car", "bus", "oak", "elm"]
@@ -117,7 +117,7 @@ def test_the_heatmap_stays_bounded_for_long_streams():
             "accuracy_matrix": {"oracle": rows, "routed": rows},
             "routing_accuracy": rows,
         }
-        png = _heatmap_png(report)
+        png = heatmap_png(report)
         width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR
         sizes.append(width * height)
     assert sizes[0] == sizes[1] == sizes[2] < 10e6, sizes

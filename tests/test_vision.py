@@ -28,7 +28,7 @@ from continual_peft import (
 from continual_peft.backbones.image import ImageBackbone
 from continual_peft.cli import app
 from continual_peft.engine.loading import load_learner
-from continual_peft.modules._lowrank import LowRankSite
+from continual_peft.modules.lowrank import LowRankSite
 
 TRAIN = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup=0.0)
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]

@@ -133,7 +133,7 @@ class Backbone(nn.Module):
                 f"cannot load backbone {path!r}: {where}{err}. Give a local model folder or a "
                 "model name that is already in the Hugging Face cache (this tool never downloads)."
             ) from err
-        _check_vocabulary(model, tokenizer, path)
+        check_vocabulary(model, tokenizer, path)
         name = DEFAULT_BACKBONE if name_or_path is None else model_name(name_or_path)
         return cls(model, tokenizer, max_length=max_length, name=name, device=device, dtype=dtype)
 
@@ -329,7 +329,7 @@ def _weights_hash(model: nn.Module) -> str:
 
 
 # One of these holds a tokenizer's vocabulary (WordPiece, BPE, SentencePiece, fast tokenizers).
-def _check_vocabulary(model: nn.Module, tokenizer, path: str) -> None:
+def check_vocabulary(model: nn.Module, tokenizer, path: str) -> None:
     """Refuse a tokenizer that does not fit the model's token embeddings.
 
     More token ids than embedding rows index past the table; fewer than half the rows means

@@ -10,7 +10,7 @@ import torch
 
 from continual_peft.backbones.text import DEFAULT_BACKBONE, default_model_path
 from continual_peft.errors import ContinualPeftError, CorruptFileError
-from continual_peft.integrations._lora_layers import Layout
+from continual_peft.integrations.lora_layers import Layout
 from continual_peft.store.checkpoint import read_checkpoint
 from continual_peft.store.io import load_json, load_safetensors
 

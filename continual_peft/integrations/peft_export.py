@@ -51,7 +51,7 @@ from continual_peft.backbones.text import Backbone, model_name
 from continual_peft.config import GenerationConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.integrations._export_source import FORMATS, ExportSource, read_task
-from continual_peft.integrations._lora_layers import Layout, merge_lora, read_layout
+from continual_peft.integrations.lora_layers import Layout, merge_lora, read_layout
 from continual_peft.store.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 GENERATION = "generation"  # a task kind whose labels are no label set (lm_heads.GENERATION)

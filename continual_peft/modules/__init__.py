@@ -9,8 +9,8 @@ Every kind implements one interface, so the bank, router and engine never branch
 """
 
 from continual_peft.modules import adapter, lora, prefix, prompt, prompt_pool
-from continual_peft.modules._routing import Routing
 from continual_peft.modules.base import MODULE_KINDS, wrap_linear_layers
+from continual_peft.modules.routing import Routing
 
 # each kind registers itself in MODULE_KINDS when its module is imported (above, one by one)
 KINDS = (adapter, lora, prefix, prompt, prompt_pool)

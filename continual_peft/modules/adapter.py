@@ -1,7 +1,7 @@
 """Bottleneck adapters: down-projection, nonlinearity, up-projection and a residual connection.
 
 For a wrapped layer's output `y`, slot s adds `act(y D_s^T + d_s) U_s^T + u_s` to it (the residual
-connection is the `y +`), computed by the shared `_lowrank` engine with `on_output=True`.
+connection is the `y +`), computed by the shared `lowrank` engine with `on_output=True`.
 
 Placement in the BERT family (BERT, RoBERTa, MiniLM, ...). `BertSelfOutput` and `BertOutput` both
 compute `LayerNorm(dropout(dense(h)) + input)`; the adapter wraps `dense`, so it acts on the
@@ -37,9 +37,9 @@ from torch import nn
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules._lowrank import LowRankSite, StackNames, layer_sizes
-from continual_peft.modules._routing import Routing
 from continual_peft.modules.base import MODULE_KINDS, layer_endings, wrap_linear_layers
+from continual_peft.modules.lowrank import LowRankSite, StackNames, layer_sizes
+from continual_peft.modules.routing import Routing
 
 NAMES = StackNames(
     down="adapter_down", up="adapter_up", down_bias="adapter_down_bias", up_bias="adapter_up_bias"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from torch import nn
 
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules._lowrank import LowRankSite, conv1d_type
+from continual_peft.modules.lowrank import LowRankSite, conv1d_type
 from continual_peft.registry import Registry
 
 MODULE_KINDS: Registry = Registry("module kind")

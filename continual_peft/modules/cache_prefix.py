@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from continual_peft.backbones.placement import CPU
-from continual_peft.modules._routing import Routing
-from continual_peft.modules._stack import SlotStack, StackedSite
+from continual_peft.modules.routing import Routing
+from continual_peft.modules.stack import SlotStack, StackedSite
 
 
 def cache_geometry(config) -> tuple[int, int, int]:

@@ -1,6 +1,6 @@
 """LoRA: a low-rank delta `x A^T B^T · alpha/r` beside each wrapped `nn.Linear` or `Conv1D`.
 
-Each site stacks all slots: `lora_A: (T, r, d_in)`, `lora_B: (T, d_out, r)` (see `_lowrank`), for
+Each site stacks all slots: `lora_A: (T, r, d_in)`, `lora_B: (T, d_out, r)` (see `lowrank`), for
 GPT-2's `Conv1D` too: peft's layout (with `fan_in_fan_out=True` there), so weights copy across.
 A starts as peft initialises it (Kaiming-uniform) and B at zero, so a fresh slot leaves the
 backbone's output bit-identical.
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from continual_peft.backbones.placement import CPU
-from continual_peft.modules._lowrank import LowRankSite, StackNames
-from continual_peft.modules._routing import Routing
 from continual_peft.modules.base import MODULE_KINDS, wrap_linear_layers
+from continual_peft.modules.lowrank import LowRankSite, StackNames
+from continual_peft.modules.routing import Routing
 
 NAMES = StackNames(down="lora_A", up="lora_B")
 

@@ -30,11 +30,11 @@ from torch.nn import functional as F
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules._lowrank import LowRankSite
-from continual_peft.modules._routing import Routing
-from continual_peft.modules._stack import SlotStack, StackedSite
 from continual_peft.modules.base import MODULE_KINDS
 from continual_peft.modules.cache_prefix import inject_cache_prefix
+from continual_peft.modules.lowrank import LowRankSite
+from continual_peft.modules.routing import Routing
+from continual_peft.modules.stack import SlotStack, StackedSite
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,9 @@ from torch import nn
 
 from continual_peft.backbones.placement import CPU
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules._routing import Routing
-from continual_peft.modules._stack import SlotStack, StackedSite
 from continual_peft.modules.base import MODULE_KINDS
+from continual_peft.modules.routing import Routing
+from continual_peft.modules.stack import SlotStack, StackedSite
 
 INITS = ("vocab", "normal")
 

@@ -46,8 +46,6 @@ from torch import nn
 from continual_peft.backbones.placement import CPU
 from continual_peft.distributed import shared_mean
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules._routing import Routing
-from continual_peft.modules._stack import SlotStack, StackedSite
 from continual_peft.modules.base import MODULE_KINDS
 from continual_peft.modules.prompt import (
     INITS,
@@ -56,6 +54,8 @@ from continual_peft.modules.prompt import (
     prepend_virtual_tokens,
     prompt_init,
 )
+from continual_peft.modules.routing import Routing
+from continual_peft.modules.stack import SlotStack, StackedSite
 
 # (embeds, mask, position ids) -> (B, d) frozen pooled features of those rows
 FrozenFeatures = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -246,7 +246,7 @@ def acc_vs_params_png(board: dict[str, Any]) -> bytes:
     return figure_png(fig)
 
 
-def _in_sweep_order(values) -> list[str]:
+def in_sweep_order(values) -> list[str]:
     """Distinct swept values, numerically sorted when they are numbers (the leaderboard itself is
     sorted by ACC, which would draw the curve out of order)."""
     distinct = list(dict.fromkeys(values))
@@ -263,7 +263,7 @@ def sweep_png(board: dict[str, Any]) -> bytes:
     left, right = fig.subplots(1, 2)
     entries = _measured(board)
     bases = list(dict.fromkeys(e["base"] for e in board.get("entries") or []))
-    values = _in_sweep_order(_sweep_value(e) for e in board.get("entries") or [])
+    values = in_sweep_order(_sweep_value(e) for e in board.get("entries") or [])
     for number, base in enumerate(bases):
         color = f"C{number % 10}"
         mine = [e for e in entries if e["base"] == base]

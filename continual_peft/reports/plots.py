@@ -105,10 +105,10 @@ def plot_accuracy_matrix(report: dict[str, Any], path: str | Path) -> None:
         report: A report dict (schema version 1).
         path: Target PNG file, written atomically.
     """
-    atomic_write_bytes(path, _heatmap_png(report))
+    atomic_write_bytes(path, heatmap_png(report))
 
 
-def _heatmap_png(report: dict[str, Any]) -> bytes:
+def heatmap_png(report: dict[str, Any]) -> bytes:
     fig = heatmap_figure(report)
     return figure_png(fig, dpi=fig.dpi)  # the figure's own dpi: fewer pixels for long streams
 

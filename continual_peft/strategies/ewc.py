@@ -23,8 +23,8 @@ import torch
 
 from continual_peft.distributed import shard, sum_over_ranks
 from continual_peft.errors import ContinualPeftError
-from continual_peft.strategies._examples import check_option, is_int, is_number
 from continual_peft.strategies.base import STRATEGIES
+from continual_peft.strategies.examples import check_option, is_int, is_number
 from continual_peft.strategies.seq import Sequential
 
 if TYPE_CHECKING:

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from continual_peft.strategies._examples import (
+from continual_peft.strategies.base import STRATEGIES, Strategy
+from continual_peft.strategies.examples import (
     Examples,
     check_option,
     encoded_examples,
     examples_loss,
 )
-from continual_peft.strategies.base import STRATEGIES, Strategy
 from continual_peft.strategies.seq import Sequential
 
 if TYPE_CHECKING:

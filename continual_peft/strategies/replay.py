@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from continual_peft.strategies._examples import (
+from continual_peft.strategies.base import STRATEGIES
+from continual_peft.strategies.examples import (
     Examples,
     check_option,
     encoded_examples,
@@ -28,7 +29,6 @@ from continual_peft.strategies._examples import (
     is_int,
     is_number,
 )
-from continual_peft.strategies.base import STRATEGIES
 from continual_peft.strategies.seq import Sequential
 
 if TYPE_CHECKING:

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from continual_peft.modules._routing import Routing
-from continual_peft.modules._stack import SlotStack, StackedSite
+from continual_peft.modules.routing import Routing
+from continual_peft.modules.stack import SlotStack, StackedSite
 
 
 def conv1d_type() -> type[nn.Module]:
