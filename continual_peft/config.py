@@ -91,23 +91,31 @@ class LearnerConfig:
 
     @classmethod
     def of(
-        cls, strategy: str = "per_task", module: str = "lora", module_config: object = None,
-        train: TrainConfig | None = None, seed: int = 0, max_length: int = 128,
-    ) -> LearnerConfig:  # fmt: skip
+        cls,
+        strategy: str = "per_task",
+        module: str = "lora",
+        module_config: object = None,
+        train: TrainConfig | None = None,
+        seed: int = 0,
+        max_length: int = 128,
+    ) -> LearnerConfig:
         """The config of `ContinualLearner(strategy=..., module=..., ...)`: one module kind
         (with `module_config`, else its defaults), training settings and the backbone's
         max_length, everything else default."""
         return cls(
-            strategy=strategy, module=module, seed=seed, train=train or TrainConfig(),
+            strategy=strategy,
+            module=module,
+            seed=seed,
+            train=train or TrainConfig(),
             modules={module: module_config} if module_config is not None else {},
             backbone=BackboneConfig(max_length=max_length),
-        )  # fmt: skip
+        )
 
     def kind_config(self, kind: str) -> Any:
-        """The config of module kind `kind` (its defaults unless set)."""
-        if kind not in self.modules:
-            self.modules[kind] = MODULE_KINDS.options_type(kind)()
-        return self.modules[kind]
+        """The config of module kind `kind` (its defaults unless set); `modules` is not changed."""
+        if kind in self.modules:
+            return self.modules[kind]
+        return MODULE_KINDS.options_type(kind)()
 
     def module_for(self, task: str) -> str:
         """The module kind of `task`: its override, else the run's `module`."""
@@ -167,16 +175,28 @@ class LearnerConfig:
                 alike).
         """
         train, lora = self.train, self.kind_config("lora")
-        _check_ranges(where, [
-            ("train.epochs", train.epochs, train.epochs >= 1, ">= 1"),
-            ("train.batch_size", train.batch_size, train.batch_size >= 1, ">= 1"),
-            ("train.eval_batch_size", train.eval_batch_size, train.eval_batch_size >= 1, ">= 1"),
-            ("train.lr", train.lr, train.lr > 0, "> 0"),
-            ("train.warmup", train.warmup, 0 <= train.warmup < 1, "in [0, 1)"),
-            ("train.grad_clip", train.grad_clip, train.grad_clip >= 0, ">= 0"),
-            ("backbone.max_length", self.backbone.max_length, self.backbone.max_length >= 2,
-             ">= 2"),
-        ])  # fmt: skip
+        _check_ranges(
+            where,
+            [
+                ("train.epochs", train.epochs, train.epochs >= 1, ">= 1"),
+                ("train.batch_size", train.batch_size, train.batch_size >= 1, ">= 1"),
+                (
+                    "train.eval_batch_size",
+                    train.eval_batch_size,
+                    train.eval_batch_size >= 1,
+                    ">= 1",
+                ),
+                ("train.lr", train.lr, train.lr > 0, "> 0"),
+                ("train.warmup", train.warmup, 0 <= train.warmup < 1, "in [0, 1)"),
+                ("train.grad_clip", train.grad_clip, train.grad_clip >= 0, ">= 0"),
+                (
+                    "backbone.max_length",
+                    self.backbone.max_length,
+                    self.backbone.max_length >= 2,
+                    ">= 2",
+                ),
+            ],
+        )
         if self.backbone.dtype not in DTYPES:
             raise ContinualPeftError(
                 f"{where}: backbone.dtype = {self.backbone.dtype!r} is invalid; valid choices: "
@@ -192,10 +212,13 @@ class LearnerConfig:
                     f"{where}: {key}: unknown module kind {kind!r}; "
                     f"valid names: {', '.join(MODULE_KINDS.names())}"
                 )
-        _check_ranges(where, [
-            ("lora.r", lora.r, lora.r >= 1, ">= 1"),
-            ("lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
-        ])  # fmt: skip
+        _check_ranges(
+            where,
+            [
+                ("lora.r", lora.r, lora.r >= 1, ">= 1"),
+                ("lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
+            ],
+        )
         if self.router not in ROUTERS:
             valid = ", ".join(ROUTERS.names())
             raise ContinualPeftError(
@@ -216,14 +239,29 @@ def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:
 
 
 def _check_generation(generation: GenerationConfig, where: str) -> None:
-    _check_ranges(where, [
-        ("generation.decode", generation.decode, generation.decode in DECODES,
-         " or ".join(map(repr, DECODES))),
-        ("generation.label_score", generation.label_score,
-         generation.label_score in LABEL_SCORES, " or ".join(map(repr, LABEL_SCORES))),
-        ("generation.max_new_tokens", generation.max_new_tokens,
-         generation.max_new_tokens >= 1, ">= 1"),
-    ])  # fmt: skip
+    _check_ranges(
+        where,
+        [
+            (
+                "generation.decode",
+                generation.decode,
+                generation.decode in DECODES,
+                " or ".join(map(repr, DECODES)),
+            ),
+            (
+                "generation.label_score",
+                generation.label_score,
+                generation.label_score in LABEL_SCORES,
+                " or ".join(map(repr, LABEL_SCORES)),
+            ),
+            (
+                "generation.max_new_tokens",
+                generation.max_new_tokens,
+                generation.max_new_tokens >= 1,
+                ">= 1",
+            ),
+        ],
+    )
 
 
 def _check_ranges(where: str, checks: list[tuple[str, Any, bool, str]]) -> None:

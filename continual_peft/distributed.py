@@ -232,8 +232,10 @@ def average_gradients(params: list[torch.Tensor], loss: torch.Tensor) -> float:
     if here.size == 1:
         return loss.item()
     device = params[0].device
-    parts = [torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1)
-             for p in params]  # fmt: skip
+    parts = [
+        torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1)
+        for p in params
+    ]
     present = [float(p.grad is not None) for p in params]
     flat = torch.cat([part.float().to(device) for part in parts])
     extra = torch.tensor([loss.item(), *present], dtype=torch.float32, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import stat
 from pathlib import Path
 
 
@@ -63,8 +64,20 @@ class Terminated(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
 
 
+def readable_file(path: str | Path) -> bool:
+    """Whether `path` can be read as a file, once, start to end: a regular file, or a pipe (a
+    FIFO, a shell's `<(...)`, /dev/stdin) or a character device. Not a folder, not a missing
+    path. Whoever reads a pipe reads it once: no look ahead before the read."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:  # missing, or a link to nothing
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
 def check_file(path: str | Path, what: str = "file", hint: str = "check the path") -> None:
-    """Refuse a path that is not a readable file: absent, or a folder (named as such).
+    """Refuse a path that is not a readable file (`readable_file`): absent, or a folder
+    (named as such).
 
     Args:
         path: The path given.
@@ -74,5 +87,5 @@ def check_file(path: str | Path, what: str = "file", hint: str = "check the path
     path = Path(path)
     if path.is_dir():
         raise ContinualPeftError(f"{path} is a folder, not a {what}; {hint}.")
-    if not path.is_file():
+    if not readable_file(path):
         raise ContinualPeftError(f"{path}: {what} not found; {hint}.")

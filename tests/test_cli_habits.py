@@ -26,7 +26,7 @@ from continual_peft.backbones import placement
 from continual_peft.backbones.placement import set_threads, usable_cpus
 from continual_peft.cli import app
 from continual_peft.engine import progress
-from continual_peft.engine.loading import _check_config
+from continual_peft.engine.saved_run import check_same_config
 from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.runner import run_stream
 from continual_peft.reports.run import load_report
@@ -121,7 +121,7 @@ def test_threads_is_where_a_run_computes_not_what_it_is(made):
     changed = json.loads(json.dumps(saved))
     changed["backbone"]["threads"] = 3
     assert run_config_sha256(saved) == run_config_sha256(changed)
-    _check_config(made["run"], saved, changed)  # not refused
+    check_same_config(made["run"], LearnerConfig.from_dict(saved), LearnerConfig.from_dict(changed))
     assert load_learner(made["run"]).config.backbone.threads == 0  # auto where it loads
 
 

@@ -1,10 +1,10 @@
-"""A run directory written before the package was reorganised (issue 14) still loads, predicts
-what it predicted then, and resumes.
+"""A run directory in checkpoint format 1 still loads, predicts what it predicted then, and
+resumes; `store.migration` reads it in the current format.
 
-`tests/data/run_before_issue_14/` was written by commit d80e31a (the flat package): replay with
-the mahalanobis router on the tiny test BERT, two of the three word tasks learned, then the
-process stopped (status "running"). `expected.json` holds what that code predicted and
-reported; the plots were left out.
+`tests/data/run_format_1/` was written by commit d80e31a: replay with the mahalanobis router on
+the tiny test BERT, two of the three word tasks learned, then the process stopped (status
+"running"). `expected.json` holds what that code predicted and reported; the plots were left
+out.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import pytest
 from conftest import FAST_TRAIN
 
 from continual_peft import ContinualLearner, LearnerConfig, Stream, TrainConfig, load_learner
+from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.runner import run_stream
-from continual_peft.store.checkpoint import read_checkpoint
+from continual_peft.store.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 
-FIXTURE = Path(__file__).parent / "data" / "run_before_issue_14"
+FIXTURE = Path(__file__).parent / "data" / "run_format_1"
 TRAIN = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup=0.0)  # as the run was trained
 
 
@@ -48,8 +49,46 @@ def test_an_old_run_resumes_to_what_the_new_code_learns_uninterrupted(
     config = LearnerConfig(strategy="replay", router="mahalanobis", train=TRAIN)
     resumed = run_stream(stream, config, old_run, make_backbone=make_backbone, resume=True)
     assert list(resumed.learned) == [t.name for t in tasks[:3]]
-    assert read_checkpoint(old_run)["tasks_done"] == 3
+    assert len(read_checkpoint(old_run).tasks) == 3
+    on_disk = json.loads((old_run / "checkpoint.json").read_text(encoding="utf-8"))
+    assert on_disk["format"] == CHECKPOINT_FORMAT == 2  # the next checkpoint is the current format
     fresh = run_stream(stream, config, tmp_path / "fresh", make_backbone=make_backbone)
     for mode in ("oracle", "routed"):
         np.testing.assert_array_equal(resumed.monitor.matrix(mode), fresh.monitor.matrix(mode))
     assert FAST_TRAIN.epochs != TRAIN.epochs  # the run's own settings, not the suite's default
+
+
+def test_an_old_run_reads_in_the_current_format(old_run):
+    on_disk = json.loads((old_run / "checkpoint.json").read_text(encoding="utf-8"))
+    assert on_disk["format"] == 1 and isinstance(on_disk["router"], list)
+    checkpoint = read_checkpoint(old_run)
+    assert checkpoint.router.tensors == on_disk["router"][0]
+    assert checkpoint.router.meta == on_disk["router"][1]
+    assert checkpoint.baseline is None and checkpoint.task_names == ["colors", "animals"]
+    assert [list(t.routing.slots) for t in checkpoint.tasks] == [[0], [0]]  # one shared slot
+    on_disk_after = json.loads((old_run / "checkpoint.json").read_text(encoding="utf-8"))
+    assert on_disk_after == on_disk  # reading rewrites nothing
+
+
+def test_a_format_1_task_without_routing_reads_its_own_slot_or_olora_s_sum(tmp_path):
+    from continual_peft.store.migration import upgrade_checkpoint
+
+    old = {
+        "format": 1,
+        "slots": [{"file": "a", "kind": "lora", "trainable": False}] * 3,
+        "tasks": [{"name": "b", "slot": 1}],
+        "router": None,
+        "strategy": ["s.safetensors", "s.json"],
+    }
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"strategy": "per_task"}}))
+    (tmp_path / "baseline-seq").mkdir()
+    new = upgrade_checkpoint(old, tmp_path, tmp_path / "checkpoint.json")
+    assert new["tasks"][0]["routing"] == {"slots": [1], "weights": [1.0]}
+    assert new["baseline"] == "seq" and new["stream_plan"] is None and new["format"] == 2
+    assert new["strategy"] == {"tensors": "s.safetensors", "meta": "s.json"}
+    assert "routing" not in old["tasks"][0]  # its argument is not changed
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"strategy": "olora"}}))
+    new = upgrade_checkpoint(old, tmp_path, tmp_path / "checkpoint.json")
+    assert new["tasks"][0]["routing"] == {"slots": [0, 1, 2], "weights": [1.0] * 3}
+    with pytest.raises(ContinualPeftError, match="format 3 is not supported"):
+        upgrade_checkpoint({"format": 3}, tmp_path, tmp_path / "checkpoint.json")

@@ -126,14 +126,17 @@ def test_a_run_records_the_dtype_it_computed_in_and_keeps_it(tokenizer, tmp_path
     assert load_learner(tmp_path, backbone=_backbone(tokenizer, "bfloat16")).backbone.dtype == (
         torch.bfloat16
     )
-    from continual_peft.engine.loading import _check_config
+    from continual_peft.engine.saved_run import check_same_config
+    from continual_peft.store.migration import upgrade_config
 
     config = LearnerConfig.from_dict(saved)
     config.backbone.dtype = "float32"
     with pytest.raises(ContinualPeftError, match="backbone.dtype: 'bfloat16' in the run"):
-        _check_config(tmp_path, saved, config.to_dict())
-    legacy = {**saved, "backbone": {**saved["backbone"], "dtype": "auto"}}  # an older run
-    _check_config(tmp_path, legacy, LearnerConfig.from_dict(saved).to_dict())
+        check_same_config(tmp_path, LearnerConfig.from_dict(saved), config)
+    # a format-1 config.json said "auto" for the dtype its fingerprint records
+    legacy = {"config": {**saved, "backbone": {**saved["backbone"], "dtype": "auto"}}}
+    upgraded = upgrade_config({**legacy, "backbone": {"dtype": "bfloat16"}})["config"]
+    check_same_config(tmp_path, LearnerConfig.from_dict(upgraded), LearnerConfig.from_dict(saved))
 
 
 def test_compare_refuses_a_bad_device_before_writing_anything(tmp_path):

@@ -41,9 +41,10 @@ def check_fingerprint(saved: dict, backbone: Backbone, where: str) -> None:
     differ = [
         word
         for key, word in CHECKED.items()
-        if saved.get(key) and saved[key] != now[key]
+        if saved.get(key)
+        and saved[key] != now[key]
         and not (key == "config_sha256" and saved[key] == _legacy_config_sha256(backbone))
-    ]  # fmt: skip
+    ]
     if not differ:
         return
     wanted = saved.get("name") or "the original model"

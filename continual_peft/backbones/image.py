@@ -218,9 +218,10 @@ class ImageBackbone(Backbone):
         handle = self.model.embeddings.register_forward_hook(lambda *_: full)
         try:
             out = self.model(
-                pixel_values=pixel_values, attention_mask=torch.cat([lead_mask, mask], dim=1),
+                pixel_values=pixel_values,
+                attention_mask=torch.cat([lead_mask, mask], dim=1),
                 **options,
-            )  # fmt: skip
+            )
         finally:
             handle.remove()
         states = out.hidden_states if every else (out.last_hidden_state,)

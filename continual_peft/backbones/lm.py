@@ -212,9 +212,13 @@ class LanguageModelBackbone(Backbone):
         inputs = self.generation_inputs(batch)
         start = self.model.generation_config.decoder_start_token_id
         config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=self.pad_id, eos_token_id=self.eos_id, decoder_start_token_id=start,
-        )  # fmt: skip
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            decoder_start_token_id=start,
+        )
         out = self.model.generate(**inputs, generation_config=config)
         width = inputs["attention_mask"].shape[1] - batch["input_ids"].shape[1]  # + N, + virtual
         new = self.new_tokens(out, batch["input_ids"].shape[1] + width, "input_ids" in inputs)

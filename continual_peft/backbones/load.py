@@ -95,9 +95,13 @@ def load_model(path: str, kind: str = "encoder") -> torch.nn.Module:
 
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
     "tokenizer.model",
-)  # fmt: skip
+)
 
 
 def model_name(path: str) -> str:

@@ -93,6 +93,8 @@ class Backbone(nn.Module):
         self.placement = Placement.of(device, dtype)
         # hashed as loaded, so a run in bfloat16 and one in float32 name the same weights
         self._weights_sha256 = _weights_hash(model)
+        # counted as loaded: module kinds later wrap layers inside the model and add their own
+        self._parameter_count = sum(p.numel() for p in model.parameters())
         # The one place where the backbone is frozen, moved and cast.
         self.model.requires_grad_(False)
         self.model.to(device=self.placement.device, dtype=self.placement.dtype)
@@ -126,9 +128,11 @@ class Backbone(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = load_model(path, cls.kind)
         except (OSError, ValueError) as err:
-            where = "" if Path(path).expanduser().exists() else (
-                f"there is no folder {str(Path(path).expanduser().absolute())!r} and "
-            )  # fmt: skip
+            where = (
+                ""
+                if Path(path).expanduser().exists()
+                else (f"there is no folder {str(Path(path).expanduser().absolute())!r} and ")
+            )
             raise ContinualPeftError(
                 f"cannot load backbone {path!r}: {where}{err}. Give a local model folder or a "
                 "model name that is already in the Hugging Face cache (this tool never downloads)."
@@ -201,8 +205,11 @@ class Backbone(nn.Module):
                 f"tokenizer ({self.name}); give every input some text"
             )
         lengths = [len(ids) for ids in self.tokenizer(heads, verbose=False)["input_ids"]]
-        short = [i for i, (h, t) in enumerate(zip(heads, texts, strict=True))
-                 if len(h) < len(t) and lengths[i] <= self.max_length]  # fmt: skip
+        short = [
+            i
+            for i, (h, t) in enumerate(zip(heads, texts, strict=True))
+            if len(h) < len(t) and lengths[i] <= self.max_length
+        ]
         for i in short:  # pathological: tokens longer than PREFIX_CHARS_PER_TOKEN on average
             cut[i] = self.tokenizer(texts[i], truncation=True, max_length=self.max_length)[
                 "input_ids"
@@ -312,6 +319,17 @@ class Backbone(nn.Module):
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
             "weights_sha256": self._weights_sha256,
             "dtype": dtype_name(self.dtype),  # recorded, not compared: a run may move devices
+        }
+
+    def describe(self) -> dict[str, str | int]:
+        """What the backbone is, for reports and `config.json`: its family (`kind`, as
+        `backbones.load.family` reads it from the config), the config's model type, how many
+        parameters the frozen model has (counted as loaded) and the dtype it computes in."""
+        return {
+            "family": self.kind,
+            "model_type": str(getattr(self.model.config, "model_type", None) or "unknown"),
+            "parameters": self._parameter_count,
+            "dtype": dtype_name(self.dtype),
         }
 
 

@@ -30,9 +30,12 @@ def word_tokenizer(words: list[str]):
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
         eos_token="</s>",
-    )  # fmt: skip
+    )
 
 
 def tiny_config(architecture: str, vocab_size: int, hidden_size: int = 64, layers: int = 2):
@@ -44,20 +47,36 @@ def tiny_config(architecture: str, vocab_size: int, hidden_size: int = 64, layer
     if architecture in ("llama", "qwen2"):
         kind = LlamaConfig if architecture == "llama" else Qwen2Config
         return kind(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=ffn,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
-            max_position_embeddings=256, tie_word_embeddings=False, **ids,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            **ids,
+        )
     if architecture == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers, n_head=heads,
-            n_positions=256, **ids,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=256,
+            **ids,
+        )
     if architecture == "t5":
         return T5Config(
-            vocab_size=vocab_size, d_model=hidden_size, d_kv=hidden_size // heads, d_ff=ffn,
-            num_layers=layers, num_heads=heads, decoder_start_token_id=0, **ids,
-        )  # fmt: skip
+            vocab_size=vocab_size,
+            d_model=hidden_size,
+            d_kv=hidden_size // heads,
+            d_ff=ffn,
+            num_layers=layers,
+            num_heads=heads,
+            decoder_start_token_id=0,
+            **ids,
+        )
     raise ValueError(f"unknown tiny architecture {architecture!r}; one of {ARCHITECTURES}")
 
 

@@ -114,19 +114,36 @@ def run(
     With several orders (--order) or seeds (--seeds): one run per order x seed, plus an aggregate.
     """
     overrides = {
-        "module": module, "router": router, "seed": seed, "train.epochs": epochs, "train.lr": lr,
-        "train.batch_size": batch_size, "lora.r": rank, "backbone.max_length": max_length,
-        "backbone.name": backbone, "backbone.dtype": dtype, "backbone.device": device,
+        "module": module,
+        "router": router,
+        "seed": seed,
+        "train.epochs": epochs,
+        "train.lr": lr,
+        "train.batch_size": batch_size,
+        "lora.r": rank,
+        "backbone.max_length": max_length,
+        "backbone.name": backbone,
+        "backbone.dtype": dtype,
+        "backbone.device": device,
         "backbone.threads": threads,
-    }  # fmt: skip
+    }
     here = World()
     try:
         here = start()  # under torchrun: this process's rank; rank 0 alone prints and writes
         tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
-        plan = plan_run(RunRequest(
-            tasks, stream is None, strategy, overrides, list(order or []), seed, seeds, baseline,
-            out, resume,
-        ))  # fmt: skip
+        request = RunRequest(
+            stream=tasks,
+            demo=stream is None,
+            strategy=strategy,
+            overrides=overrides,
+            orders=list(order or []),
+            seed=seed,
+            seeds=seeds,
+            baseline=baseline,
+            out=out,
+            resume=resume,
+        )
+        plan = plan_run(request)
         threads = set_threads(plan.config.backbone.threads)
         if here.writer:
             errors.print(f"torch threads: {threads}{ranks(here)}", highlight=False, soft_wrap=True)
@@ -237,18 +254,32 @@ def compare_(
     the others still run; the command then exits with status 1.
     """
     overrides = {
-        "router": router, "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size,
-        "backbone.max_length": max_length, "backbone.name": backbone, "backbone.dtype": dtype,
-        "backbone.device": device, "backbone.threads": threads,
-    }  # fmt: skip
+        "router": router,
+        "train.epochs": epochs,
+        "train.lr": lr,
+        "train.batch_size": batch_size,
+        "backbone.max_length": max_length,
+        "backbone.name": backbone,
+        "backbone.dtype": dtype,
+        "backbone.device": device,
+        "backbone.threads": threads,
+    }
     try:
         if stream is not None and stream_option is not None and stream != stream_option:
             raise ContinualPeftError("give the stream spec once: as the argument or --stream.")
         names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
         tasks = load_stream(stream or stream_option, data_root, max_train, max_test)
-        plan = plan_compare(CompareRequest(
-            tasks, names, overrides, sweep, list(order or []), seeds, out, resume
-        ))  # fmt: skip
+        request = CompareRequest(
+            stream=tasks,
+            strategies=names,
+            overrides=overrides,
+            sweep=sweep,
+            orders=list(order or []),
+            seeds=seeds,
+            out=out,
+            resume=resume,
+        )
+        plan = plan_compare(request)
         errors.print(f"torch threads: {set_threads(threads or 0)}", highlight=False)
         console.print(f"comparison folder: {plan.folder}", highlight=False, soft_wrap=True)
         board = launch_compare(plan, console)

@@ -198,8 +198,11 @@ def _check_output(output: Path | None, run: Path, input_: str | None) -> None:
 def _warn_other_data(learner, stream) -> None:
     """Say which of a stream's tasks are not the data the run learned (other subsets or files):
     their scores are on the data given, not on the run's test sets."""
-    differ = [t.name for t in stream.tasks if t.name in learner.learned
-              and task_digest(t) != learner.task_digest(t.name)]  # fmt: skip
+    differ = [
+        t.name
+        for t in stream.tasks
+        if t.name in learner.learned and task_digest(t) != learner.task_digest(t.name)
+    ]
     if differ:
         warnings.warn(
             f"task(s) {differ}: the data given is not what the run learned (another file, or "
@@ -222,9 +225,11 @@ def _open_run(run, input_, batch_size, device, dtype, backbone, threads):
     model = None
     if backbone is not None:  # the run's own model, moved: its fingerprint is checked
         model = Backbone.from_pretrained(
-            backbone, saved.backbone.max_length, device=device or None,
+            backbone,
+            saved.backbone.max_length,
+            device=device or None,
             dtype=dtype or saved.backbone.dtype,
-        )  # fmt: skip
+        )
     learner = load_learner(run, model, device=device, dtype=dtype)
     if batch_size is not None:
         learner.config.train.eval_batch_size = batch_size

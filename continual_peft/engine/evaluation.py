@@ -137,11 +137,15 @@ def evaluate_records(
         )
     known = [task if task is not None else r.get("task") for r in records]
     truth = [r["label"] for r in records]
-    unseen = sorted({
-        f"{t}:{y}" for t, y in zip(known, truth, strict=True)
-        if t in learner.learned and y not in learner.learned[t].task.labels
-        and learner.heads.metric(t) == "accuracy"  # a generation task's targets are free text
-    })  # fmt: skip
+    unseen = sorted(
+        {
+            f"{t}:{y}"
+            for t, y in zip(known, truth, strict=True)
+            if t in learner.learned
+            and y not in learner.learned[t].task.labels
+            and learner.heads.metric(t) == "accuracy"  # a generation task's targets are free text
+        }
+    )
     if unseen:
         warnings.warn(
             f"label(s) the run's tasks never had are scored as wrong: {unseen[:5]} (task:label)",

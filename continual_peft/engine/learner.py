@@ -10,40 +10,51 @@ learner.report            # accuracy matrix, metrics, per-task records
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from continual_peft.backbones.fingerprint import check_fingerprint
 from continual_peft.backbones.placement import set_threads
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig, TrainConfig
-from continual_peft.distributed import from_writer, on_writer, world
+from continual_peft.distributed import world
 from continual_peft.engine.bank import ModuleBank
 from continual_peft.engine.heads import check_new_task, make_heads
 from continual_peft.engine.monitor import ForgettingMonitor
 from continual_peft.engine.prediction import Predictor, evaluating
 from continual_peft.engine.progress import meter
 from continual_peft.engine.report import learner_report
-from continual_peft.engine.rollback import undone_on_failure
-from continual_peft.engine.snapshot import save_learner, snapshot
-from continual_peft.engine.state import LearnedTask, TaskSession, backbone_for, make_router
+from continual_peft.engine.rollback import Undo
+from continual_peft.engine.saved_run import read_run
+from continual_peft.engine.state import (
+    LearnedTask,
+    TaskSession,
+    learned_from,
+    make_router,
+    resolve_backbone,
+)
 from continual_peft.engine.training import TrainResult, train_task
 from continual_peft.errors import ContinualPeftError
 from continual_peft.reports.run import console_report, write_reports
-from continual_peft.routers import ROUTERS, Router
-from continual_peft.store.checkpoint import set_status, write_checkpoint
-from continual_peft.store.digests import task_digest
+from continual_peft.routers import ROUTERS, Router, load_router, router_state
+from continual_peft.store.checkpoint import (
+    Checkpoint,
+    Snapshot,
+    TaskFiles,
+    set_status,
+    write_checkpoint,
+)
+from continual_peft.store.digests import config_sha256, run_config_sha256, task_digest
+from continual_peft.store.io import load_json, load_safetensors
+from continual_peft.store.migration import CURRENT
 from continual_peft.store.rundir import RunDir
-from continual_peft.strategies.base import check_config
+from continual_peft.strategies.base import build_strategy, check_config
 from continual_peft.tasks.task import Task
-
-# The loader `ContinualLearner.load` calls: `engine.loading.load_learner`, which builds on this
-# module and registers itself when imported (the package imports it): not imported back here.
-LOADER: list[Callable[..., ContinualLearner]] = []
 
 
 class ContinualLearner:
@@ -82,8 +93,10 @@ class ContinualLearner:
             strategy, module, module_config, train, seed, max_length
         )
         self.threads = set_threads(config.backbone.threads)  # what it says: for the log
-        self.strategy = check_config(config)
-        backbone = backbone_for(backbone, config)  # and config.backbone says what it is
+        config = check_config(config)  # checked once: a config already checked is trusted
+        self.strategy = build_strategy(config.strategy, config.strategy_options)
+        # config.backbone as the run records it: a new value, the caller's config is not changed
+        backbone, config = resolve_backbone(backbone, config)
         self.config = config
         self.backbone = backbone
         kinds = {config.module, *config.task_modules.values()}
@@ -97,28 +110,43 @@ class ContinualLearner:
         )
         self.learned: dict[str, LearnedTask] = {}
         self.predictor = Predictor(
-            backbone, self.bank, self.heads, self.learned,
-            lambda task: self.strategy.routing(self, task), config.train,
-        )  # fmt: skip
+            backbone=backbone,
+            bank=self.bank,
+            heads=self.heads,
+            learned=self.learned,
+            routing=lambda task: self.strategy.routing(self, task),
+            train=config.train,
+        )
         self.records: list[dict] = []
         self.stream = stream
         self.status = "running"
-        self.baseline: dict | None = None
+        self.baseline: dict | None = None  # the baseline run's matrix and metrics, once run
         self.planned_baseline: str | None = None  # the strategy a runner runs beside this one
         self.console = console if world().writer else None  # under torchrun: rank 0 speaks
         self.stream_plan: dict | None = None  # the whole stream's names and data hashes, if known
-        self.saved_files: dict[str, str] = {}  # what the last checkpoint names: path -> sha256
-        self.run_dir = run_dir if isinstance(run_dir, RunDir) or run_dir is None else None
-        if run_dir is not None and self.run_dir is None:  # under torchrun: rank 0 writes
-            saved = {"config": config.to_dict(), "backbone": self.fingerprint()}
-            self.run_dir = on_writer(lambda: RunDir.create(run_dir, saved))
+        self.last_checkpoint: Checkpoint | None = None  # the newest one written or read
+        if run_dir is None or isinstance(run_dir, RunDir):
+            self.run_dir = run_dir
+        else:
+            self.run_dir = RunDir.create(run_dir, self.run_config())
 
     def task_seed(self, task: Task, purpose: str) -> int:
         """A seed for one task and purpose that does not depend on task order."""
         return zlib.crc32(f"{self.config.seed}/{task.name}/{purpose}".encode())
 
     def fingerprint(self) -> dict[str, str]:
+        """The backbone's name and fingerprint (checked when a run is loaded or resumed)."""
         return {"name": self.backbone.name, **self.backbone.fingerprint()}
+
+    def run_config(self) -> dict:
+        """What config.json holds: the configuration, the backbone's fingerprint (checked on
+        load) and what the backbone is (family, model type, parameters, dtype: for readers)."""
+        return {
+            "format": CURRENT,
+            "config": self.config.to_dict(),
+            "backbone": self.fingerprint(),
+            "model": self.backbone.describe(),
+        }
 
     def task_digest(self, task: str) -> str:
         """A hash of a learned task's data (names the data in checkpoints; checked on resume)."""
@@ -138,7 +166,16 @@ class ContinualLearner:
         """
         if len(self.records) != len(self.learned):
             raise ContinualPeftError("cannot save while a task is being learned.")
-        return from_writer(on_writer(lambda: save_learner(self, RunDir(path))))
+        run = RunDir.create(path, self.run_config())
+        try:
+            if self.learned:
+                state = self.state_dict(list(self.learned), written={})  # a new folder: all
+                run.write(lambda: write_checkpoint(run, state))
+            report = self.report
+            run.write(lambda: write_reports(report, run.path))
+        finally:
+            run.close()
+        return run.path
 
     @classmethod
     def load(
@@ -163,7 +200,16 @@ class ContinualLearner:
             device: Where to load it; None: CUDA when present, else the CPU.
             dtype: The frozen weights' dtype; None: the one the run computed in.
         """
-        return LOADER[0](path, backbone, tasks=tasks, console=console, device=device, dtype=dtype)
+        saved = read_run(path)
+        place = {"device": device or "", "threads": 0}  # where it predicts, not where it ran
+        settings = dataclasses.replace(saved.config.backbone, **place, dtype=dtype or None)
+        if dtype is None:
+            settings.dtype = saved.config.backbone.dtype
+        config = dataclasses.replace(saved.config, backbone=settings)
+        learner = cls(backbone, config=config, stream=saved.checkpoint.stream, console=console)
+        check_fingerprint(saved.fingerprint, learner.backbone, f"run {saved.folder}")
+        learner.load_state_dict(saved.checkpoint, saved.folder, tasks or [])
+        return learner
 
     def learn(self, task: Task) -> dict:
         """Learn one task: begin (slot, head, "before" accuracies), train, end (freeze,
@@ -173,10 +219,29 @@ class ContinualLearner:
         Returns:
             The task's record (slot, sizes, times, loss, accuracy row).
         """
-        with undone_on_failure(self):
+        undo = Undo.take(
+            bank=self.bank,
+            learned=self.learned,
+            records=self.records,
+            strategy=self.strategy,
+            router=self.router,
+            monitor=self.monitor,
+        )
+        try:
             session = self.begin_task(task)
             result = self.train(session)
             return self.end_task(session, result)
+        except BaseException:
+            if not self.checkpointed(task.name):  # a checkpoint that holds it keeps it
+                parts = {"bank": self.bank, "heads": self.heads, "learned": self.learned}
+                undo.restore_parts(**parts, records=self.records)
+                self.strategy, self.router, self.monitor = undo.strategy, undo.router, undo.monitor
+                self.backbone.eval()
+            raise
+
+    def checkpointed(self, task: str) -> bool:
+        """Whether the newest checkpoint written or read holds `task`."""
+        return self.last_checkpoint is not None and task in self.last_checkpoint.task_names
 
     def train(self, session: TaskSession) -> TrainResult:
         """Train the session's slot and head on its task (through the task's routing)."""
@@ -189,10 +254,16 @@ class ContinualLearner:
         weights = self.heads.row_weights([task.name] * len(items), task.train_labels)
         with self.use_task(task.name):
             return train_task(
-                self.backbone, session.params, len(items), batch_loss, self.config.train,
-                seed=self.task_seed(task, "train"), adjust_loss=session.adjust_loss,
-                description=f"task {len(self.learned)} {task.name}", row_weights=weights,
-            )  # fmt: skip
+                self.backbone,
+                session.params,
+                len(items),
+                batch_loss,
+                self.config.train,
+                seed=self.task_seed(task, "train"),
+                adjust_loss=session.adjust_loss,
+                description=f"task {len(self.learned)} {task.name}",
+                row_weights=weights,
+            )
 
     def begin_task(self, task: Task) -> TaskSession:
         """The first half of `learn`: slot, head and the "before" accuracies of a new task.
@@ -232,7 +303,8 @@ class ContinualLearner:
     def end_task(self, session: TaskSession, result: TrainResult) -> dict:
         """The second half of `learn`: the task's record, then its checkpoint and the report."""
         record = self.evaluate_task(session, result)
-        on_writer(lambda: self.checkpoint(session.task) or self.write_report())  # other ranks wait
+        self.checkpoint(session.task)
+        self.write_report()
         if self.console:
             self.console.print(console_report(self.report))
         return record
@@ -255,17 +327,21 @@ class ContinualLearner:
             accuracies, routing = self.predictor.evaluate(self.router, router_items)
         self.monitor.after_task(accuracies, routing=routing)
         record = {
-            "name": task.name, "slot": slot, "module": self.bank.slot_kinds[slot],
-            "labels": task.labels, "metric": self.heads.metric(task.name),
+            "name": task.name,
+            "slot": slot,
+            "module": self.bank.slot_kinds[slot],
+            "labels": task.labels,
+            "metric": self.heads.metric(task.name),
             "train_examples": len(task.train_inputs),
             "test_examples": len(task.test_inputs),
             "router_examples": len(router_items) if self.router is not None else 0,
             "trainable_parameters": sum(p.numel() for p in session.params),
             "train_seconds": round(result.seconds, 3),
             "eval_seconds": round(time.perf_counter() - start, 3),
-            "train_steps": result.steps, "final_train_loss": result.final_loss,
+            "train_steps": result.steps,
+            "final_train_loss": result.final_loss,
             "truncated_inputs": session.truncated,
-        }  # fmt: skip
+        }
         record |= self.heads.describe(task.name, self.predictor.text_scores)
         if world().size > 1:  # trained under torchrun: its times are those of N processes
             record["processes"] = world().size
@@ -288,7 +364,8 @@ class ContinualLearner:
         self.status = status
         self.write_report()
         if self.run_dir:
-            set_status(self.run_dir.path, status)
+            run = self.run_dir
+            run.write(lambda: set_status(run.path, status))
             self.close()
 
     def __enter__(self) -> ContinualLearner:
@@ -310,12 +387,119 @@ class ContinualLearner:
     def checkpoint(self, task: Task) -> None:
         """After `task`: its files and the new checkpoint, written by the store from a snapshot."""
         if self.run_dir:
-            self.saved_files = write_checkpoint(self.run_dir, snapshot(self, [task.name]))
+            run, state = self.run_dir, self.state_dict([task.name])
+            self.last_checkpoint = run.write(lambda: write_checkpoint(run, state))
+
+    def state_dict(self, names: list[str], written: dict[str, str] | None = None) -> Snapshot:
+        """The learner's state as the plain values a checkpoint holds, with the files of tasks
+        `names` (the newest last); `load_state_dict` reads it back.
+
+        Args:
+            names: The tasks whose files are written now.
+            written: Files already on disk (path -> sha256); None: those of the last
+                checkpoint.
+        """
+        owner = {state.slot: name for name, state in self.learned.items()}  # last per slot
+        if written is None:
+            written = dict(self.last_checkpoint.files) if self.last_checkpoint else {}
+        tasks = [
+            TaskFiles(
+                name=name,
+                head=dict(self.heads.heads[name].state_dict()),
+                record=self.records[self.learned[name].index],
+                module=self.bank.slot_state(slot) if owner[slot] == name else None,
+            )
+            for name, slot in ((n, self.learned[n].slot) for n in names)
+        ]
+        config = self.config.to_dict()
+        state = {
+            "status": self.status,
+            "config_sha256": config_sha256(config),
+            "run_config_sha256": run_config_sha256(config),
+            "backbone": self.fingerprint(),
+            "stream": self.stream,
+            "stream_plan": self.stream_plan,
+            "baseline": self.planned_baseline,
+            "tasks": [
+                {
+                    "name": name,
+                    "slot": learned.slot,
+                    "data_sha256": self.task_digest(name),
+                    "routing": self.strategy.routing(self, name),  # what exports redo
+                }
+                for name, learned in self.learned.items()
+            ],
+            "records": self.records,
+            "monitor": self.monitor.state(),
+        }
+        return Snapshot(
+            tasks=tasks,
+            order=list(self.learned),
+            owners=[owner[slot] for slot in range(self.bank.num_slots)],
+            slot_kinds=list(self.bank.slot_kinds),
+            trainable_slot=self.bank.num_slots - 1 if self.bank.has_trainable else None,
+            router=router_state(self.router) if self.router is not None else None,
+            strategy=self.strategy.state(),
+            state=state,
+            saved_files=written,
+        )
+
+    def load_state_dict(self, checkpoint: Checkpoint, folder: Path, tasks: list[Task]) -> None:
+        """Put a checkpoint of run directory `folder` into this fresh learner (built with the
+        run's configuration): slots in slot order, heads, router, strategy state, matrices and
+        records. `tasks` (any of the learned ones, with their data) let it keep learning; their
+        data hashes must match the recorded ones.
+
+        Raises:
+            ContinualPeftError: a task given with other data than the run learned.
+        """
+        given, device = {task.name: task for task in tasks}, self.backbone.placement.device
+        for slot, entry in enumerate(checkpoint.slots):
+            tensors = load_safetensors(folder / entry.file, device)
+            if self.bank.load_slot(tensors, entry.kind, trainable=entry.trainable) != slot:
+                raise ContinualPeftError(f"{folder}: slots are not numbered 0..n-1; it is damaged.")
+        self.records = list(checkpoint.records)
+        for index, entry in enumerate(checkpoint.tasks):
+            record = self.records[index]
+            head = load_safetensors(folder / "tasks" / entry.name / "head.safetensors", device)
+            self.heads.restore(entry.name, record, head)
+            task = given.get(entry.name)
+            self.learned[entry.name] = learned_from(entry, index, record, task, self.heads)
+        self.monitor = ForgettingMonitor.from_state(checkpoint.monitor)
+        if checkpoint.router is not None:
+            where = folder / Path(checkpoint.router.tensors).parent
+            self.router = load_router(where, self.backbone.device)
+        if checkpoint.strategy is not None:
+            tensors = load_safetensors(folder / checkpoint.strategy.tensors, device)
+            self.strategy.load_state(tensors, load_json(folder / checkpoint.strategy.meta))
+        self.last_checkpoint = checkpoint
+        self.status = checkpoint.status
+        self.stream_plan = checkpoint.stream_plan
+
+    def resume_into(
+        self, run_dir: RunDir | None, stream_plan: dict, baseline: str | None = None
+    ) -> None:
+        """Write `run_dir` (new, or a run this learner was loaded from) while learning the
+        stream `stream_plan` describes, with `baseline` run beside it (both recorded in every
+        checkpoint)."""
+        self.run_dir = run_dir
+        self.stream_plan = stream_plan
+        self.planned_baseline = baseline
+        self.status = "running"
+
+    def finish_baseline(self, strategy: str, report: dict) -> None:
+        """The baseline run's matrix and metrics, for this run's report."""
+        self.baseline = {
+            "strategy": strategy,
+            "accuracy_matrix": report["accuracy_matrix"],
+            "metrics": report["metrics"],
+        }
 
     def write_report(self) -> None:
         """The report into the run directory, if any."""
         if self.run_dir:
-            write_reports(self.report, self.run_dir.path)
+            run, report = self.run_dir, self.report
+            run.write(lambda: write_reports(report, run.path))
 
     def features(self, inputs: list, layers: str | list[int] = "last") -> torch.Tensor:
         """(N, d) frozen features, all routers see: the bare backbone's pooled states of the
@@ -378,10 +562,16 @@ class ContinualLearner:
     def report(self) -> dict:
         """The report as a JSON-ready dict (schema version 1)."""
         return learner_report(
-            self.monitor, self.records, self.config,
-            status=self.status, stream=self.stream, fingerprint=self.fingerprint(),
-            baseline=self.baseline, routed=self.router is not None,
-        )  # fmt: skip
+            self.monitor,
+            self.records,
+            self.config,
+            status=self.status,
+            stream=self.stream,
+            fingerprint=self.fingerprint(),
+            baseline=self.baseline,
+            routed=self.router is not None,
+            backbone=self.backbone.describe(),
+        )
 
 
 def _check_inputs(inputs: object) -> None:

@@ -31,9 +31,12 @@ from continual_peft.routers import Router
 
 @torch.no_grad()
 def frozen_features(
-    backbone: Backbone, bank: ModuleBank, items: list, batch_size: int,
+    backbone: Backbone,
+    bank: ModuleBank,
+    items: list,
+    batch_size: int,
     layers: str | list[int] = "last",
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """(N, d) pooled features of the bare backbone, in input order, float32 on its device:
     the last layer's, or (N, k·d) those of a `layers` setting (`backbones.features`).
 
@@ -182,9 +185,14 @@ class Predictor:
     """
 
     def __init__(
-        self, backbone: Backbone, bank: ModuleBank, heads: TaskHeads,
-        learned: dict[str, LearnedTask], routing: Routing, train: TrainConfig,
-    ) -> None:  # fmt: skip
+        self,
+        backbone: Backbone,
+        bank: ModuleBank,
+        heads: TaskHeads,
+        learned: dict[str, LearnedTask],
+        routing: Routing,
+        train: TrainConfig,
+    ) -> None:
         self.backbone, self.bank, self.heads = backbone, bank, heads
         self.learned, self.routing, self.train = learned, routing, train
         # per task, the last oracle evaluation's other scores (ROUGE-L, answers that are no label)
@@ -258,9 +266,10 @@ class Predictor:
         out: list = [None] * len(inputs)
         if accepted:
             rows = self.heads.prompt_rows(
-                [inputs[i] for i in accepted], [heads[i] for i in accepted],
+                [inputs[i] for i in accepted],
+                [heads[i] for i in accepted],
                 [items[i] for i in accepted],
-            )  # fmt: skip
+            )
             for i, row in zip(accepted, rows, strict=True):
                 out[i] = row
         return out
@@ -310,10 +319,15 @@ class Predictor:
                 for t, w in zip(indices[i].tolist(), weights[i].tolist(), strict=True)
                 if t >= 0
             ]
-            rows.append({
-                "task": top[0][0] if top else None, "label": label, "rejected": label is None,
-                "score": float(scores[i].max()), "topk": [{"task": t, "weight": w} for t, w in top],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "task": top[0][0] if top else None,
+                    "label": label,
+                    "rejected": label is None,
+                    "score": float(scores[i].max()),
+                    "topk": [{"task": t, "weight": w} for t, w in top],
+                }
+            )
         return rows
 
     def evaluation_rows(self, router: Router | None, router_items: list) -> int:

@@ -22,6 +22,7 @@ def learner_report(
     fingerprint: dict[str, Any],
     baseline: dict[str, Any] | None,
     routed: bool,
+    backbone: dict[str, Any] | None = None,
 ) -> dict:
     """The report as a JSON-ready dict (schema version 1); unmeasured entries are None.
 
@@ -34,6 +35,8 @@ def learner_report(
         fingerprint: The backbone's fingerprint.
         baseline: The baseline run's comparison block, if any.
         routed: Whether a router picks the slots (task-agnostic inference).
+        backbone: What the backbone is (`Backbone.describe`: family, model type, parameter
+            count, dtype); the report's "backbone" holds it after the fingerprint's name.
     """
     matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}
     metrics = {m: monitor.metrics(m) for m in monitor.modes} if records else {}
@@ -47,6 +50,7 @@ def learner_report(
         "tool": {"name": "continual-peft", "version": __version__},
         "stream": stream,
         "strategy": config.strategy,
+        "backbone": {"name": fingerprint.get("name"), **(backbone or {})},
         "config": {**config.to_dict(), "backbone_fingerprint": fingerprint},
         "task_names": [r["name"] for r in records],
         "tasks": records,

@@ -1,8 +1,10 @@
-"""What the learner keeps per task: a learned task, a task being learned, and the backbone
-settings a run records."""
+"""What the learner keeps per task (a learned task, a task being learned), and how its backbone
+and router are built from a configuration."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,8 +13,12 @@ from torch import nn
 
 from continual_peft.backbones.placement import dtype_name
 from continual_peft.backbones.text import DEFAULT_BACKBONE, Backbone
-from continual_peft.config import LearnerConfig
+from continual_peft.config import BackboneConfig, LearnerConfig
+from continual_peft.engine.heads import TaskHeads
+from continual_peft.errors import ContinualPeftError
 from continual_peft.routers import Router, build_router
+from continual_peft.store.checkpoint import TaskEntry
+from continual_peft.store.digests import task_digest
 from continual_peft.tasks.task import Task
 
 
@@ -37,6 +43,31 @@ class LearnedTask:
         return self.test_items if self.raw_items is None else self.raw_items
 
 
+def learned_from(
+    entry: TaskEntry, index: int, record: dict, task: Task | None, heads: TaskHeads
+) -> LearnedTask:
+    """A checkpoint's task entry as a learned task: with its data when `task` is given, else
+    its name and labels only (it predicts; a new task, which re-evaluates it, is refused).
+
+    Raises:
+        ContinualPeftError: `task` has other data than the run learned.
+    """
+    if task is not None and task_digest(task) != entry.data_sha256:
+        raise ContinualPeftError(
+            f"the task {entry.name!r} given has other data than the one the run learned "
+            "(its data hash differs); pass the same task."
+        )
+    if task is None:
+        bare = Task.without_data(entry.name, list(record["labels"]))
+        state = LearnedTask(bare, index, entry.slot, [], has_data=False)
+    else:
+        items = heads.prompt_items(entry.name, task.test_inputs).items
+        state = LearnedTask(task, index, entry.slot, items)
+        state.raw_items = heads.feature_items(task.test_inputs)
+    state.data_sha256 = entry.data_sha256
+    return state
+
+
 @dataclass
 class TaskSession:
     """A task between `begin_task` and `end_task`: what its training may change."""
@@ -51,27 +82,34 @@ class TaskSession:
     raw_items: list | None = None  # training inputs as routers read them, if not train_items
 
 
-def record_backbone(config: LearnerConfig, backbone: Backbone) -> None:
-    """Set `config.backbone` to what `backbone` really is, as config.json records it: its name
-    ("" = the bundled default; a local folder by its absolute path), the max_length it really
-    cuts at, and the dtype it really computes in ("auto" means bfloat16 on one machine, float32
-    on another: a resumed or reloaded run keeps it)."""
-    config.backbone.name = "" if backbone.name == DEFAULT_BACKBONE else backbone.name
-    config.backbone.max_length = backbone.max_length
-    config.backbone.dtype = dtype_name(backbone.dtype)
+def build_backbone(settings: BackboneConfig, name: str | None = None) -> Backbone:
+    """The backbone `settings` describe (or the model `name`, a folder or name, in its place):
+    the one place a backbone is built from a configuration."""
+    return Backbone.from_pretrained(
+        name or settings.name or None,
+        settings.max_length,
+        settings.device or None,
+        settings.dtype,
+    )
 
 
-def backbone_for(backbone: Backbone | str | None, config: LearnerConfig) -> Backbone:
-    """The learner's backbone: `backbone` if built, else loaded from it (a folder or name) or
-    from `config.backbone`; `config.backbone` is then set to what it really is."""
+def resolve_backbone(
+    backbone: Backbone | str | None, config: LearnerConfig
+) -> tuple[Backbone, LearnerConfig]:
+    """The learner's backbone (`backbone` if built, else loaded from it or from
+    `config.backbone`) and the configuration as a run records it, a new value: the backbone's
+    name ("" = the bundled default; a local folder by its absolute path), the max_length it
+    really cuts at, and the dtype it really computes in ("auto" means bfloat16 on one machine,
+    float32 on another: a resumed or reloaded run keeps it)."""
     if not isinstance(backbone, Backbone):
-        settings = config.backbone
-        backbone = Backbone.from_pretrained(
-            backbone or settings.name or None, settings.max_length, settings.device or None,
-            settings.dtype,
-        )  # fmt: skip
-    record_backbone(config, backbone)
-    return backbone
+        backbone = build_backbone(config.backbone, backbone)
+    settings = dataclasses.replace(
+        config.backbone,
+        name="" if backbone.name == DEFAULT_BACKBONE else backbone.name,
+        max_length=backbone.max_length,
+        dtype=dtype_name(backbone.dtype),
+    )
+    return backbone, dataclasses.replace(copy.deepcopy(config), backbone=settings)
 
 
 def make_router(config: LearnerConfig, backbone: Backbone) -> Router | None:

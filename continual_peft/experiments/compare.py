@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from continual_peft.backbones.placement import pick_device
 from continual_peft.backbones.text import Backbone
 from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.entries import (
@@ -52,9 +51,14 @@ from continual_peft.tasks.streams import Stream
 
 LEADERBOARD_SCHEMA_VERSION = 1
 ENTRY_METRICS = (
-    "acc", "bwt", "forgetting", "routed_acc",
-    "trainable_parameters", "train_seconds", "eval_seconds",
-)  # fmt: skip
+    "acc",
+    "bwt",
+    "forgetting",
+    "routed_acc",
+    "trainable_parameters",
+    "train_seconds",
+    "eval_seconds",
+)
 PARAMETER_RULE = (
     "trainable parameters = every parameter trained over the whole stream, from the report's "
     "per-task records: each slot counted once, at the largest count of any task trained on it "
@@ -140,6 +144,8 @@ class _Plan:
 def _plan(stream, entries, out, seeds, orders, resume=False) -> _Plan:
     """Check everything before the first run: entries, the shared budget, orders, folders."""
     chosen = [e if isinstance(e, Entry) else entry_from(e) for e in entries]
+    # checked once, here: the runs below trust these configs (the caller's entries unchanged)
+    chosen = [replace(e, config=check_config(e.config, e.label)) for e in chosen]
     if not chosen:
         raise ContinualPeftError("a comparison needs at least one entry.")
     if len({e.label for e in chosen}) != len(chosen):
@@ -162,8 +168,6 @@ def _plan(stream, entries, out, seeds, orders, resume=False) -> _Plan:
     for entry in chosen:
         if not resume:
             check_free(out / entry.label)
-        check_config(entry.config, entry.label)
-        pick_device(entry.config.backbone.device)  # a bad device: refused before any folder
     budget |= {"max_train": _largest(stream, "train"), "max_test": _largest(stream, "test")}
     head = {
         "stream": stream.name,
@@ -184,8 +188,9 @@ def _check_same_comparison(out: Path, head: dict[str, Any], labels: list[str]) -
     saved = load_leaderboard(out / "leaderboard.json")
     keys = ("stream", "tasks", "seeds", "orders", "sweep")
     same = json.loads(json.dumps(head))  # as it reads back from JSON (tuples become lists)
-    differ = [f"{k}: {saved.get(k)!r} in it, {same[k]!r} here" for k in keys
-              if saved.get(k) != same[k]]  # fmt: skip
+    differ = [
+        f"{k}: {saved.get(k)!r} in it, {same[k]!r} here" for k in keys if saved.get(k) != same[k]
+    ]
     budget, given = saved.get("budget") or {}, same["budget"]
     for key in sorted(set(budget) | set(given)):
         if budget.get(key) != given.get(key):
@@ -213,14 +218,21 @@ def _run_entry(entry: Entry, plan: _Plan, console, make_backbone) -> list[dict]:
         (name, ordered), seed = plan.labelled[0], plan.seeds[0]
         config = override(entry.config, {"seed": seed}, entry.label)
         again = plan.resume and folder.is_dir()  # continued from its last finished task
-        run_stream(ordered, config, folder, console=console, make_backbone=make_backbone,
-                   resume=again)  # fmt: skip
+        run_stream(
+            ordered, config, folder, console=console, make_backbone=make_backbone, resume=again
+        )
         dirs = [(name, seed, folder)]
     else:
         aggregate = run_grid(
-            plan.stream, entry.config, plan.orders, plan.seeds, folder, console=console,
-            make_backbone=make_backbone, resume=plan.resume and folder.is_dir(),
-        )  # fmt: skip
+            plan.stream,
+            entry.config,
+            plan.orders,
+            plan.seeds,
+            folder,
+            console=console,
+            make_backbone=make_backbone,
+            resume=plan.resume and folder.is_dir(),
+        )
         dirs = [(run["order"], run["seed"], folder / run["run_dir"]) for run in aggregate["runs"]]
     return [
         run_row(load_report(d), run_head_parameters(d), name, seed, str(d.relative_to(plan.out)))

@@ -26,7 +26,12 @@ from typing import Any
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
-from continual_peft.strategies import STRATEGIES, check_strategy, load_strategy_spec
+from continual_peft.strategies import (
+    STRATEGIES,
+    check_strategy,
+    load_strategy_spec,
+    names_spec_file,
+)
 from continual_peft.tasks.streams import shipped_folder
 
 # dotted config key -> the command-line option that sets it for every entry
@@ -84,7 +89,7 @@ def shipped_spec(name: str, spec_dir: Path) -> Path | None:
 
 def entry_from(text: str, spec_dir: str | Path | None = None) -> Entry:
     """An entry from a `--strategies` item: a spec file or a strategy name (module docstring)."""
-    if text.endswith(".toml"):
+    if names_spec_file(text):
         return Entry(Path(text).stem, load_strategy_spec(text), spec=str(text))
     STRATEGIES.get(text)  # an unknown name lists the valid ones
     spec = shipped_spec(text, Path(spec_dir) if spec_dir else shipped_folder("strategies"))

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from continual_peft.backbones.placement import pick_device
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
@@ -167,8 +166,7 @@ def run_grid(
         raise ContinualPeftError("a grid needs at least one order and one seed.")
     if len(set(seeds)) != len(seeds):
         raise ContinualPeftError(f"seeds {seeds}: a seed is listed twice")
-    check_config(config)
-    pick_device(config.backbone.device)  # a bad or absent device: refused before any folder
+    config = check_config(config)  # once: the runs below trust it
     labelled = label_orders(stream, orders)
     out = Path(out_dir)
     combos = [(name, ordered, seed) for name, ordered in labelled for seed in seeds]
@@ -201,9 +199,12 @@ def run_grid(
 
 
 def _grid_head(
-    stream: Stream, config: LearnerConfig, baseline: str | None, seeds: list[int],
+    stream: Stream,
+    config: LearnerConfig,
+    baseline: str | None,
+    seeds: list[int],
     labelled: list[tuple[str, Stream]],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """What a grid is (aggregate.json's head): what a resume must match."""
     return {
         "stream": stream.name,

@@ -4,7 +4,7 @@ grid, the folder, the baseline; then the run, grid or comparison itself."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,12 @@ from continual_peft.experiments.entries import Entry, override, resolve_entries
 from continual_peft.experiments.grid import grid_settings, parse_seeds, resolve_orders, run_grid
 from continual_peft.experiments.runner import check_task_overrides, run_baseline, run_stream
 from continual_peft.store.rundir import new_run_path
-from continual_peft.strategies import STRATEGIES, load_strategy_spec
+from continual_peft.strategies import (
+    STRATEGIES,
+    check_config,
+    load_strategy_spec,
+    names_spec_file,
+)
 from continual_peft.tasks.streams import Stream, shipped_folder
 
 
@@ -32,12 +37,15 @@ def resolve_config(
     only replaces its strategy, a spec file everything but the backbone (and the run refuses
     what differs). A name with a shipped spec of its own (l2p) runs that spec.
 
+    Returns:
+        The configuration, checked (`strategies.check_config`): the layers below trust it.
+
     Raises:
         ContinualPeftError: an unknown strategy, a bad spec or a bad override, named.
     """
     if strategy is not None and Path(strategy).is_dir():
         check_file(strategy, "strategy spec file", "give a strategy name or a .toml spec")
-    if strategy is not None and strategy.endswith(".toml"):
+    if strategy is not None and names_spec_file(strategy):
         config = load_strategy_spec(strategy)
         if saved is not None:
             config.backbone = saved.backbone
@@ -46,12 +54,11 @@ def resolve_config(
     elif strategy is not None and (shipped_folder("strategies") / f"{strategy}.toml").is_file():
         config = load_strategy_spec(shipped_folder("strategies") / f"{strategy}.toml")  # l2p
     else:
-        STRATEGIES.get(strategy or "per_task")
         config = LearnerConfig(strategy=strategy or "per_task")
-    return override(config, overrides, "command line")
+    return check_config(override(config, overrides, "command line"), "command line")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunRequest:
     """The `run` command's choices, as given (None: not given)."""
 
@@ -67,7 +74,7 @@ class RunRequest:
     resume: Path | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunPlan:
     """One run or a grid, decided once."""
 
@@ -117,9 +124,15 @@ def plan_run(request: RunRequest) -> RunPlan:
     name = f"{request.stream.name}-grid" if grid else request.stream.name
     folder = from_writer(resume or request.out or new_run_path("runs", name))  # clock: rank 0's
     return RunPlan(
-        request.stream, config, orders, seeds, _baseline(request, started), folder, grid,
-        resume is not None,
-    )  # fmt: skip
+        stream=request.stream,
+        config=config,
+        orders=orders,
+        seeds=seeds,
+        baseline=_baseline(request, started),
+        folder=folder,
+        grid=grid,
+        resume=resume is not None,
+    )
 
 
 def _baseline(request: RunRequest, started: dict[str, Any]) -> str | None:
@@ -144,19 +157,28 @@ def launch(plan: RunPlan, console: Console | None = None) -> Path:
     """Run the plan: `run_grid`, or `run_stream` with its one order and seed. Returns the folder."""
     if plan.grid:
         run_grid(
-            plan.stream, plan.config, plan.orders, plan.seeds, plan.folder,
-            baseline=plan.baseline, console=console, resume=plan.resume,
-        )  # fmt: skip
+            plan.stream,
+            plan.config,
+            plan.orders,
+            plan.seeds,
+            plan.folder,
+            baseline=plan.baseline,
+            console=console,
+            resume=plan.resume,
+        )
         return plan.folder
-    plan.config.seed = plan.seeds[0]
     run_stream(
-        plan.stream.with_order(plan.orders[0]), plan.config, run_dir=plan.folder,
-        baseline=plan.baseline, console=console, resume=plan.resume,
-    )  # fmt: skip
+        plan.stream.with_order(plan.orders[0]),
+        replace(plan.config, seed=plan.seeds[0]),
+        run_dir=plan.folder,
+        baseline=plan.baseline,
+        console=console,
+        resume=plan.resume,
+    )
     return plan.folder
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CompareRequest:
     """The `compare` command's choices, as given (None: not given)."""
 
@@ -170,7 +192,7 @@ class CompareRequest:
     resume: Path | None = None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ComparePlan:
     """A comparison, resolved: its entries, orders, seeds and folder."""
 
@@ -188,8 +210,9 @@ def plan_compare(request: CompareRequest) -> ComparePlan:
     Raises:
         ContinualPeftError: an unknown entry, a bad override or sweep, contradicting options.
     """
-    entries = resolve_entries(request.strategies or STRATEGIES.names(), request.overrides,
-                              request.sweep)  # fmt: skip
+    entries = resolve_entries(
+        request.strategies or STRATEGIES.names(), request.overrides, request.sweep
+    )
     for entry in entries:
         check_task_overrides(entry.config, request.stream)
     orders = resolve_orders(request.stream, request.orders) or None
@@ -197,10 +220,24 @@ def plan_compare(request: CompareRequest) -> ComparePlan:
     if request.resume is not None and request.out is not None and request.out != request.resume:
         raise ContinualPeftError("give --out or --resume, not both.")
     folder = request.resume or request.out or new_run_path("runs", f"{request.stream.name}-compare")
-    return ComparePlan(request.stream, entries, orders, seeds, folder, request.resume is not None)
+    return ComparePlan(
+        stream=request.stream,
+        entries=entries,
+        orders=orders,
+        seeds=seeds,
+        folder=folder,
+        resume=request.resume is not None,
+    )
 
 
 def launch_compare(plan: ComparePlan, console: Console | None = None) -> dict:
     """Run the comparison. Returns the leaderboard (`experiments.compare.compare`)."""
-    return compare(plan.stream, plan.entries, plan.folder, plan.seeds, plan.orders,
-                   console=console, resume=plan.resume)  # fmt: skip
+    return compare(
+        plan.stream,
+        plan.entries,
+        plan.folder,
+        plan.seeds,
+        plan.orders,
+        console=console,
+        resume=plan.resume,
+    )

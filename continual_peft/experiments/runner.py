@@ -9,24 +9,24 @@ from its last finished task, with the baseline run (if any) resumed the same way
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
-from continual_peft.backbones.placement import pick_device
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
-from continual_peft.distributed import check_device, from_writer, on_writer, world
+from continual_peft.distributed import from_writer
 from continual_peft.engine.heads import check_kind
 from continual_peft.engine.learner import ContinualLearner
 from continual_peft.engine.loading import check_resume_config, load_learner, open_run, run_finished
-from continual_peft.engine.state import record_backbone
+from continual_peft.engine.state import build_backbone, resolve_backbone
 from continual_peft.errors import ContinualPeftError
 from continual_peft.reports.run import console_headline, reports_intact, write_reports
 from continual_peft.store.checkpoint import baseline_folders, recorded_baseline
 from continual_peft.store.rundir import RunDir, check_free
-from continual_peft.strategies import STRATEGIES, check_config
+from continual_peft.strategies import check_config
 from continual_peft.tasks.streams import Stream
 
 
@@ -56,18 +56,16 @@ def run_stream(
     Returns:
         The learner, finished.
     """
-    check_config(config)  # module kinds, router and strategy included
-    check_device(pick_device(config.backbone.device))  # refused before any folder
-    STRATEGIES.get(config.strategy)
-    if baseline is not None:
-        STRATEGIES.get(baseline)
-    console = console if world().writer else None  # under torchrun: rank 0 speaks and writes
+    config = check_config(config)  # once: every layer below trusts it
+    other = None
+    if baseline is not None:  # checked before the main run trains, not after it
+        other = check_config(dataclasses.replace(config, strategy=baseline), "--baseline")
     if resume and (run_dir is None or not Path(run_dir).is_dir()):
         raise ContinualPeftError(f"cannot resume {run_dir}: there is no such run directory.")
     if from_writer(resume and run_finished(run_dir)):
         return _finished(Path(run_dir), config, baseline, console, make_backbone)
     if run_dir is not None and not resume:
-        on_writer(lambda: check_free(run_dir))  # before any model is loaded
+        check_free(run_dir)  # before any model is loaded
     if resume:
         _check_baseline(Path(run_dir), baseline)
     if console and run_dir is not None:
@@ -76,18 +74,12 @@ def run_stream(
     learner = _learn_all(stream, config, run_dir, console, make_backbone, title, resume, baseline)
     try:
         if baseline is not None:
-            other = LearnerConfig.from_dict({**config.to_dict(), "strategy": baseline})
             sub = Path(run_dir) / f"baseline-{baseline}" if run_dir is not None else None
             title = f"baseline {baseline}"
-            again = from_writer(resume and sub.is_dir())  # a lost baseline folder: run again
+            again = resume and sub.is_dir()  # a lost baseline folder: run again
             base = _learn_all(stream, other, sub, console, make_backbone, title, again)
             base.finish()
-            report = base.report
-            learner.baseline = {
-                "strategy": baseline,
-                "accuracy_matrix": report["accuracy_matrix"],
-                "metrics": report["metrics"],
-            }
+            learner.finish_baseline(baseline, base.report)
     except BaseException as err:
         _mark_stopped(learner, err)
         raise
@@ -104,8 +96,7 @@ def _learn_all(
     if run_dir is None:
         learner = ContinualLearner(backbone, config=config, stream=stream.name, console=console)
     else:
-        learner = open_run(run_dir, stream, config, backbone, console, resume)
-    learner.planned_baseline = baseline  # recorded in each checkpoint
+        learner = open_run(run_dir, stream, config, backbone, console, resume, baseline=baseline)
     done = len(learner.learned)
     if console:
         start = f", resuming after task {done}" if done else ""
@@ -141,14 +132,8 @@ def _finished(run: Path, config, baseline, console, make_backbone) -> ContinualL
     """A finished run resumed: refused with other settings; else nothing to do, but reports
     that were lost or damaged are written again from the checkpoint."""
     _check_baseline(run, baseline)
-    backbone = make_backbone() if make_backbone else None
-    if backbone is None:
-        place = config.backbone
-        backbone = Backbone.from_pretrained(
-            place.name or None, place.max_length, place.device or None, place.dtype
-        )
-    resolved = LearnerConfig.from_dict(config.to_dict())
-    record_backbone(resolved, backbone)
+    backbone = make_backbone() if make_backbone else build_backbone(config.backbone)
+    backbone, resolved = resolve_backbone(backbone, config)
     check_resume_config(run, resolved)  # what the run would resume with, as a learner sees it
     learner = load_learner(run, backbone)
     if from_writer(reports_intact(run)):  # one answer: rank 0 may rewrite them
@@ -158,21 +143,17 @@ def _finished(run: Path, config, baseline, console, make_backbone) -> ContinualL
     recorded = recorded_baseline(run)
     if recorded:
         sub = load_learner(run / f"baseline-{recorded}", make_backbone() if make_backbone else None)
-        learner.baseline = {"strategy": recorded, **{
-            key: sub.report[key] for key in ("accuracy_matrix", "metrics")}}  # fmt: skip
-    on_writer(lambda: _write_again(run, learner.report))
-    if console:
-        console.print(f"{run} is finished; its reports were written again from the checkpoint.",
-                      highlight=False, soft_wrap=True)  # fmt: skip
-    return learner
-
-
-def _write_again(run: Path, report: dict) -> None:
+        learner.finish_baseline(recorded, sub.report)
     writer = RunDir(run, resume=True)
     try:
-        write_reports(report, writer.path)
+        report = learner.report
+        writer.write(lambda: write_reports(report, writer.path))
     finally:
         writer.close()
+    if console:
+        message = f"{run} is finished; its reports were written again from the checkpoint."
+        console.print(message, highlight=False, soft_wrap=True)
+    return learner
 
 
 def _mark_stopped(learner: ContinualLearner, err: BaseException) -> None:

@@ -50,7 +50,7 @@ from continual_peft.backbones.seq2seq import Seq2SeqBackbone
 from continual_peft.backbones.text import Backbone, model_name
 from continual_peft.config import GenerationConfig
 from continual_peft.errors import ContinualPeftError
-from continual_peft.integrations._export_source import FORMATS, ExportSource, read_task
+from continual_peft.integrations.export_source import FORMATS, ExportSource, read_task
 from continual_peft.integrations.lora_layers import Layout, merge_lora, read_layout
 from continual_peft.store.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 

@@ -51,11 +51,25 @@ class Layout:
 
 
 LAYOUTS = (
-    Layout(re.compile(r"(.*\.)?layer\.\d+\.attention\.self"), "query", "key", "value", None,
-           "attention_head_size", "dropout"),
-    Layout(re.compile(r"(.*\.)?layers?\.\d+\.attention"), "q_proj", "k_proj", "v_proj",
-           "o_proj", "head_dim", "attention_dropout"),
-)  # fmt: skip
+    Layout(
+        re.compile(r"(.*\.)?layer\.\d+\.attention\.self"),
+        "query",
+        "key",
+        "value",
+        None,
+        "attention_head_size",
+        "dropout",
+    ),
+    Layout(
+        re.compile(r"(.*\.)?layers?\.\d+\.attention"),
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "head_dim",
+        "attention_dropout",
+    ),
+)
 
 
 @dataclass

@@ -68,3 +68,33 @@ def md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[st
     lines = ["| " + " | ".join(header) + " |", rule]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines + [""]
+
+
+def backbone_summary(report: dict[str, Any]) -> str | None:
+    """The backbone in one line: "all-MiniLM-L6-v2 (encoder, bert, 22.7 M parameters,
+    float32)". A report written before reports described their backbone is named from its
+    config's fingerprint (name and dtype only); None when neither names it."""
+    info = report.get("backbone") if isinstance(report.get("backbone"), dict) else {}
+    config = report.get("config") if isinstance(report.get("config"), dict) else {}
+    fingerprint = config.get("backbone_fingerprint")
+    fingerprint = fingerprint if isinstance(fingerprint, dict) else {}
+    name = info.get("name") or fingerprint.get("name")
+    if not name:
+        return None
+    parameters = info.get("parameters")
+    facts = [
+        info.get("family"),
+        info.get("model_type"),
+        f"{short_count(parameters)} parameters" if isinstance(parameters, int) else None,
+        info.get("dtype") or fingerprint.get("dtype"),
+    ]
+    shown = ", ".join(str(fact) for fact in facts if fact)
+    return f"{name} ({shown})" if shown else str(name)
+
+
+def short_count(n: int) -> str:
+    """A count for people: "22.7 M", "1.1 B", "95.2 k"; below a thousand, as it is."""
+    for size, unit in ((10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)

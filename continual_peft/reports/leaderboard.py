@@ -194,11 +194,21 @@ def write_leaderboard_csv(board: dict[str, Any]) -> str:
         for key in keys:
             stats = entry.get(key) or {}
             cells += ["" if is_missing(stats.get(f)) else repr(stats[f]) for f in ("mean", "std")]
-        writer.writerow([
-            entry["rank"], entry["label"], entry["strategy"], entry.get("spec") or "",
-            entry["module"], entry["router"], sweep.get("key", ""), sweep.get("value", ""),
-            entry["status"], len(entry.get("runs") or []), *cells,
-        ])  # fmt: skip
+        writer.writerow(
+            [
+                entry["rank"],
+                entry["label"],
+                entry["strategy"],
+                entry.get("spec") or "",
+                entry["module"],
+                entry["router"],
+                sweep.get("key", ""),
+                sweep.get("value", ""),
+                entry["status"],
+                len(entry.get("runs") or []),
+                *cells,
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -272,8 +282,15 @@ def sweep_png(board: dict[str, Any]) -> bytes:
         _scatter(left, mine, lambda e: f"{key}={_sweep_value(e)}", color)
         left.plot([p[0] for p in points], [p[1] for p in points], "-", color=color, label=base)
         xs = [values.index(_sweep_value(e)) for e in mine]
-        right.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points], fmt="o-",
-                       capsize=4, color=color, label=base)  # fmt: skip
+        right.errorbar(
+            xs,
+            [p[1] for p in points],
+            yerr=[p[2] for p in points],
+            fmt="o-",
+            capsize=4,
+            color=color,
+            label=base,
+        )
     right.set_xticks(range(len(values)), labels=values)
     right.set_xlabel(key)
     right.set_ylabel("ACC (%)")

@@ -23,14 +23,15 @@ from rich.text import Text
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.metrics import METRIC_DEFINITIONS
 from continual_peft.reports.data import (
+    backbone_summary,
+    md_table,
+    named_matrices,
+)
+from continual_peft.reports.data import (
     is_missing as _missing,
 )
 from continual_peft.reports.data import (
     matrix_of as _matrix,
-)
-from continual_peft.reports.data import (
-    md_table,
-    named_matrices,
 )
 from continual_peft.reports.data import (
     pct as _pct,
@@ -143,7 +144,9 @@ def console_report(report: dict[str, Any]) -> Group:
         "R rows: after training task; columns: evaluated on task." + _metric_note(report),
         style="bold",
     )
-    tables = [_console_matrix(report, *named) for named in named_matrices(report)]
+    backbone = backbone_summary(report)
+    tables = [Text(f"backbone: {backbone}")] if backbone else []
+    tables += [_console_matrix(report, *named) for named in named_matrices(report)]
     if report.get("metrics"):
         tables.append(_console_metrics(report))
     if report.get("routed_over_oracle") is not None:
@@ -255,6 +258,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- status: **{report.get('status', '?')}** (updated {report.get('updated', '?')})",
         f"- tasks trained: {', '.join(report.get('task_names') or []) or 'none yet'}",
+        f"- backbone: {backbone_summary(report) or 'not recorded'}",
         f"- written by {tool.get('name', 'continual-peft')} {tool.get('version', '?')}",
         "",
     ]
@@ -339,9 +343,12 @@ def load_report(run_dir_or_file: str | Path) -> dict[str, Any]:
         CorruptFileError: If the file is truncated, not JSON, or lacks required keys.
     """
     report = load_versioned_json(
-        run_dir_or_file, "report", SCHEMA_VERSION,
-        "pass a run directory that holds report.json, or the file.", tagged=False,
-    )  # fmt: skip
+        run_dir_or_file,
+        "report",
+        SCHEMA_VERSION,
+        "pass a run directory that holds report.json, or the file.",
+        tagged=False,
+    )
     source = Path(run_dir_or_file)
     source = source / "report.json" if source.is_dir() else source
     missing = [key for key in _REQUIRED_KEYS if key not in report]

@@ -186,9 +186,11 @@ class MahalanobisRouter(ScoringRouter):
     name = "mahalanobis"
 
     def __init__(
-        self, shrinkage: str = "ledoit_wolf", reject_rate: float = 0.0,
+        self,
+        shrinkage: str = "ledoit_wolf",
+        reject_rate: float = 0.0,
         layers: str | list[int] = "auto",
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(reject_rate, layers)
         self.stats = GaussianStats(shrinkage, self.device)
         self.options = {"shrinkage": shrinkage, **self.options}

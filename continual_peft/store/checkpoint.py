@@ -16,24 +16,26 @@ valid while the next task's files are being written.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from continual_peft.errors import ContinualPeftError, CorruptFileError, RunFileError
 from continual_peft.store.io import atomic_write_json, file_sha256, load_json, timestamp
+from continual_peft.store.migration import upgrade_checkpoint
 from continual_peft.store.rng import rng_state
 from continual_peft.store.rundir import RunDir
 
 Tensors = dict[str, torch.Tensor]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskFiles:
-    """One finished task's files as values: what `RunDir.save_task` writes."""
+    """One finished task's files as values: what `write_task_files` writes."""
 
     name: str
     head: Tensors  # the task's head
@@ -41,7 +43,7 @@ class TaskFiles:
     module: Tensors | None = None  # its slot's tensors, if its folder holds them (see Snapshot)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Snapshot:
     """A learner's state after a task, as plain values: the engine builds it, the store writes it.
 
@@ -60,8 +62,118 @@ class Snapshot:
     saved_files: dict[str, str] = field(default_factory=dict)  # on disk already: path -> sha256
 
 
+class Routing(NamedTuple):
+    """The slots a task's rows go through, with their weights (the strategy's `routing`)."""
+
+    slots: list[int]
+    weights: list[float]
+
+
+class TaskEntry(NamedTuple):
+    """A learned task as the checkpoint lists it."""
+
+    name: str
+    slot: int  # its own slot (the one its training opened or shared)
+    data_sha256: str  # its data's hash, checked when the task is given again
+    routing: Routing
+
+
+class SlotEntry(NamedTuple):
+    """A slot as the checkpoint lists it, in slot order."""
+
+    file: str  # its module.safetensors, relative to the run
+    kind: str  # its module kind
+    trainable: bool  # still training (a slot shared by the tasks to come)
+
+
+class StateFiles(NamedTuple):
+    """A router's or strategy's state: its tensors and its JSON, relative to the run."""
+
+    tensors: str
+    meta: str
+
+
+@dataclass(kw_only=True)
+class Checkpoint:
+    """`checkpoint.json` as values: what `write_checkpoint` writes and `read_checkpoint` returns.
+
+    Every reader of a run (load, resume, repair, evaluation, export) reads it through
+    `read_checkpoint`, which checks every file it names and upgrades older formats
+    (`store.migration`).
+    """
+
+    status: str  # running, finished, failed or interrupted
+    written: str  # when, ISO 8601
+    config_sha256: str  # the configuration's hash (config.json's, every key)
+    run_config_sha256: str  # the same without where it ran (device, threads)
+    backbone: dict[str, Any]  # the backbone's fingerprint
+    stream: str  # the stream's name
+    stream_plan: dict[str, Any] | None  # every task of the stream: names and data hashes
+    baseline: str | None  # the strategy run beside this one, if any
+    tasks: list[TaskEntry]  # the learned tasks, in learning order
+    records: list[dict[str, Any]]  # per task: its record (task.json)
+    monitor: dict[str, Any]  # the accuracy matrices (`ForgettingMonitor.state`)
+    slots: list[SlotEntry]  # every slot, in slot order
+    router: StateFiles | None  # the router's state; None: oracle routing
+    strategy: StateFiles | None  # the strategy's state; None: it keeps none
+    files: dict[str, str]  # every file it names: path (relative to the run) -> sha256
+    rng: dict[str, Any]  # random number generators' states after the last task
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object `checkpoint.json` holds (format `CHECKPOINT_FORMAT`)."""
+        data = {"format": CHECKPOINT_FORMAT, "tasks_done": len(self.tasks)}
+        data["last_task"] = self.tasks[-1].name if self.tasks else None
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name == "tasks":
+                value = [{**t._asdict(), "routing": t.routing._asdict()} for t in value]
+            elif item.name == "slots":
+                value = [slot._asdict() for slot in value]
+            elif item.name in ("router", "strategy") and value is not None:
+                value = value._asdict()
+            data[item.name] = value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Checkpoint:
+        """A checkpoint from its JSON (format `CHECKPOINT_FORMAT`, already checked)."""
+        tasks = [
+            TaskEntry(
+                name=t["name"],
+                slot=t["slot"],
+                data_sha256=t["data_sha256"],
+                routing=Routing(
+                    slots=list(t["routing"]["slots"]), weights=list(t["routing"]["weights"])
+                ),
+            )
+            for t in data["tasks"]
+        ]
+        return cls(
+            status=data["status"],
+            written=data["written"],
+            config_sha256=data["config_sha256"],
+            run_config_sha256=data["run_config_sha256"],
+            backbone=data["backbone"],
+            stream=data["stream"],
+            stream_plan=data["stream_plan"],
+            baseline=data["baseline"],
+            tasks=tasks,
+            records=list(data["records"]),
+            monitor=data["monitor"],
+            slots=[SlotEntry(**slot) for slot in data["slots"]],
+            router=StateFiles(**data["router"]) if data["router"] else None,
+            strategy=StateFiles(**data["strategy"]) if data["strategy"] else None,
+            files=dict(data["files"]),
+            rng=data["rng"],
+        )
+
+
 CHECKPOINT_FILE = "checkpoint.json"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 def set_status(folder: Path, status: str) -> None:
@@ -73,11 +185,12 @@ def set_status(folder: Path, status: str) -> None:
         atomic_write_json(path, checkpoint)
 
 
-def read_checkpoint(folder: str | Path) -> dict[str, Any]:
-    """`checkpoint.json`, with every file it names present and unchanged (sha256 checked).
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """`checkpoint.json`, with every file it names present and unchanged (sha256 checked),
+    upgraded to this version's format if an older version wrote it.
 
     Raises:
-        ContinualPeftError: No checkpoint (no task finished yet), or another format.
+        ContinualPeftError: No checkpoint (no task finished yet), or an unknown format.
         RunFileError: The checkpoint, or a file it names, is missing, damaged or altered
             (`run --resume` repairs the run).
     """
@@ -93,22 +206,20 @@ def read_checkpoint(folder: str | Path) -> dict[str, Any]:
     return read_checkpoint_file(folder, path)
 
 
-def read_checkpoint_file(folder: Path, path: Path) -> dict[str, Any]:
+def read_checkpoint_file(folder: Path, path: Path) -> Checkpoint:
     """The checkpoint in `path` (the run's own, or a task's copy of it) with every file it names
     in run directory `folder` present and unchanged; errors as `read_checkpoint`'s."""
     try:
-        checkpoint = load_json(path)
+        data = load_json(path)
     except CorruptFileError as err:
         raise RunFileError(path, folder, f"is corrupt or truncated ({err.reason})") from err
-    if isinstance(checkpoint, dict) and checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ContinualPeftError(
-            f"{path}: checkpoint format {checkpoint.get('format')!r} is not supported (this "
-            f"version reads format {CHECKPOINT_FORMAT})."
-        )
-    problem = _inconsistency(checkpoint) if isinstance(checkpoint, dict) else "not a JSON object"
+    if not isinstance(data, dict):
+        raise RunFileError(path, folder, "is inconsistent (not a JSON object): it was edited")
+    data = upgrade_checkpoint(data, folder, path)
+    problem = _inconsistency(data)
     if problem:
         raise RunFileError(path, folder, f"is inconsistent ({problem}): it was edited or damaged")
-    for name, sha in checkpoint["files"].items():
+    for name, sha in data["files"].items():
         target = folder / name
         if not target.is_file():
             problem = f"is missing ({path.name} names it as part of the run)"
@@ -116,22 +227,22 @@ def read_checkpoint_file(folder: Path, path: Path) -> dict[str, Any]:
         if file_sha256(target) != sha:
             problem = f"was altered (its sha256 differs from the one {path} records)"
             raise RunFileError(target, folder, problem)
-    return checkpoint
+    return Checkpoint.from_json(data)
 
 
 def recorded_baseline(folder: str | Path) -> str | None:
-    """The baseline strategy a run directory was started with: as its checkpoint (or a task's
-    copy of it) records it, else from a `baseline-<strategy>/` folder (older runs), else None."""
+    """The baseline strategy a run directory was started with, as its checkpoint (or a task's
+    copy of it) records it, else None. Read without checking the files it names."""
     folder = Path(folder)
     for path in [folder / CHECKPOINT_FILE, *sorted(folder.glob(f"tasks/*/{CHECKPOINT_FILE}"))]:
         try:
             data = load_json(path) if path.is_file() else None
+            data = upgrade_checkpoint(data, folder, path) if isinstance(data, dict) else None
         except ContinualPeftError:
             continue
-        if isinstance(data, dict) and "baseline" in data:
-            return data["baseline"] if isinstance(data["baseline"], str) else None
-    found = sorted(p.name for p in folder.glob("baseline-*") if p.is_dir())
-    return found[0].removeprefix("baseline-") if found else None
+        if data is not None:
+            return data["baseline"] if isinstance(data.get("baseline"), str) else None
+    return None
 
 
 def baseline_folders(folder: str | Path) -> list[Path]:
@@ -151,37 +262,47 @@ def _inconsistency(checkpoint: dict) -> str | None:
     for key, kind in kinds.items():
         if not isinstance(checkpoint.get(key), kind):
             return f"{key!r} is missing or not a {kind.__name__}"
+    missing = [key for key in REQUIRED if key not in checkpoint]
+    if missing:
+        return f"it has no {missing}"
     tasks, slots, files = checkpoint["tasks"], checkpoint["slots"], checkpoint["files"]
     if not len(tasks) == len(checkpoint["records"]) == checkpoint["tasks_done"]:
         return (
             f"tasks_done is {checkpoint['tasks_done']} but it lists {len(tasks)} task(s) and "
             f"{len(checkpoint['records'])} record(s)"
         )
-    needed = [slot.get("file") for slot in slots if isinstance(slot, dict)]
+    needed = []
+    for slot in slots:
+        if not isinstance(slot, dict) or set(slot) != set(SlotEntry._fields):
+            return f"slot entry {slot!r} is not {list(SlotEntry._fields)}"
+        needed.append(slot["file"])
     for task in tasks:
-        if not isinstance(task, dict) or not isinstance(task.get("slot"), int):
-            return f"task entry {task!r} has no slot"
-        if not 0 <= task["slot"] < len(slots):
-            return f"task {task.get('name')!r} uses slot {task['slot']} of {len(slots)}"
-        needed += [f"tasks/{task.get('name')}/{f}" for f in ("head.safetensors", "task.json")]
+        if not isinstance(task, dict) or set(task) != set(TaskEntry._fields):
+            return f"task entry {task!r} is not {list(TaskEntry._fields)}"
+        if not _is_number(task["slot"], int) or not 0 <= task["slot"] < len(slots):
+            return f"task {task['name']!r} uses slot {task['slot']!r} of {len(slots)}"
+        needed += [f"tasks/{task['name']}/{f}" for f in ("head.safetensors", "task.json")]
         problem = _routing_problem(task, len(slots))
         if problem:
             return problem
     for key in ("router", "strategy"):
-        needed += list(checkpoint.get(key) or [])
+        value = checkpoint[key]
+        if value is not None and (not isinstance(value, dict) or set(value) != {"tensors", "meta"}):
+            return f"{key!r} must name its 'tensors' and 'meta' files"
+        needed += list(value.values()) if value else []
     unnamed = [path for path in needed if path not in files]
     if unnamed:
         return f"files it needs have no sha256 in 'files': {unnamed[:3]}"
     return None
 
 
+REQUIRED = [f.name for f in dataclasses.fields(Checkpoint)]
+
+
 def _routing_problem(task: dict, num_slots: int) -> str | None:
     """A task's recorded routing must name distinct slots that exist, each with a finite weight."""
-    routing = task.get("routing")
-    if routing is None:
-        return None  # written before routings were recorded
-    routing = routing if isinstance(routing, dict) else {}
-    slots, weights, name = routing.get("slots"), routing.get("weights"), task.get("name")
+    routing = task["routing"] if isinstance(task["routing"], dict) else {}
+    slots, weights, name = routing.get("slots"), routing.get("weights"), task["name"]
     if not isinstance(slots, list) or not isinstance(weights, list) or len(slots) != len(weights):
         return f"task {name!r}: its routing needs as many slots as weights"
     if not slots or len(set(map(str, slots))) != len(slots):
@@ -197,49 +318,65 @@ def _is_number(value: Any, kind: type) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
 
 
-def write_checkpoint(run: RunDir, snapshot: Snapshot) -> dict[str, str]:
+def write_checkpoint(run: RunDir, snapshot: Snapshot) -> Checkpoint:
     """Write the snapshot's task files, the router's and strategy's state, then, last,
-    `checkpoint.json` (and its copy in the newest task's folder).
+    `checkpoint.json` (and its copy in the newest task's folder). On the writing process only:
+    callers go through `RunDir.write`.
 
     Files of earlier tasks must already be on disk and in `snapshot.saved_files` (a run writes
     one task at a time; `learner.save` writes every task into an empty folder).
 
     Returns:
-        Every file the new checkpoint names: path (relative to the run) -> sha256.
+        The checkpoint written; its `files` are every file it names: path -> sha256.
     """
     files = dict(snapshot.saved_files)
     for task in snapshot.tasks:
         files |= run.save_task(task.name, task.module, task.head, task.record)
     newest = run.task_folder(snapshot.tasks[-1].name)
-    state_files = {}
+    state_files: dict[str, StateFiles] = {}
     for kind, payload in (("router", snapshot.router), ("strategy", snapshot.strategy)):
         if payload is not None and (payload[0] or payload[1]):
-            state_files[kind] = run.save_state(newest, kind, *payload)
+            state_files[kind] = StateFiles(*run.save_state(newest, kind, *payload))
     for paths in state_files.values():
         files |= {path: file_sha256(run.path / path) for path in paths}
-    owners = zip(snapshot.owners, snapshot.slot_kinds, strict=True)
     slots = [
-        {"file": f"tasks/{owner}/module.safetensors", "kind": kind,
-         "trainable": slot == snapshot.trainable_slot}
-        for slot, (owner, kind) in enumerate(owners)
-    ]  # fmt: skip
-    keep = {s["file"] for s in slots} | {p for paths in state_files.values() for p in paths}
+        SlotEntry(
+            file=f"tasks/{owner}/module.safetensors",
+            kind=kind,
+            trainable=slot == snapshot.trainable_slot,
+        )
+        for slot, (owner, kind) in enumerate(zip(snapshot.owners, snapshot.slot_kinds, strict=True))
+    ]
+    keep = {s.file for s in slots} | {p for paths in state_files.values() for p in paths}
     keep |= {f"tasks/{n}/{f}" for n in snapshot.order for f in ("head.safetensors", "task.json")}
-    files = {path: sha for path, sha in sorted(files.items()) if path in keep}
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "status": snapshot.state["status"],
-        "written": timestamp(),
-        "tasks_done": len(snapshot.order),
-        "last_task": snapshot.order[-1],
-        **{key: value for key, value in snapshot.state.items() if key != "status"},
-        "slots": slots,
-        "router": state_files.get("router"),
-        "strategy": state_files.get("strategy"),
-        "files": files,
-        "rng": rng_state(),
-    }
+    state = snapshot.state
+    checkpoint = Checkpoint(
+        status=state["status"],
+        written=timestamp(),
+        config_sha256=state["config_sha256"],
+        run_config_sha256=state["run_config_sha256"],
+        backbone=state["backbone"],
+        stream=state["stream"],
+        stream_plan=state["stream_plan"],
+        baseline=state["baseline"],
+        tasks=[
+            TaskEntry(
+                name=t["name"],
+                slot=t["slot"],
+                data_sha256=t["data_sha256"],
+                routing=Routing(slots=list(t["routing"][0]), weights=list(t["routing"][1])),
+            )
+            for t in state["tasks"]
+        ],
+        records=state["records"],
+        monitor=state["monitor"],
+        slots=slots,
+        router=state_files.get("router"),
+        strategy=state_files.get("strategy"),
+        files={path: sha for path, sha in sorted(files.items()) if path in keep},
+        rng=rng_state(),
+    )
     # the newest task keeps a copy: what `run --resume` rolls back to if a later file is lost
-    atomic_write_json(newest / CHECKPOINT_FILE, checkpoint)
-    atomic_write_json(run.path / CHECKPOINT_FILE, checkpoint)
-    return files
+    atomic_write_json(newest / CHECKPOINT_FILE, checkpoint.to_json())
+    atomic_write_json(run.path / CHECKPOINT_FILE, checkpoint.to_json())
+    return checkpoint

@@ -102,8 +102,12 @@ def stream_plan(stream: Stream) -> dict[str, Any]:
     }
 
 
-def check_stream(run: Path, saved: dict | None, stream: Stream, done: list[dict]) -> None:
-    """Refuse a stream that is not the one the run was learning, naming the first difference."""
+def check_stream(run: Path, saved: dict | None, stream: Stream, done: list) -> None:
+    """Refuse a stream that is not the one the run was learning, naming the first difference.
+
+    Args:
+        done: The run's finished tasks (`store.checkpoint.TaskEntry`: name, data_sha256).
+    """
     plan = stream_plan(stream)
     if saved is not None and saved["tasks"] != plan["tasks"]:
         raise ContinualPeftError(
@@ -112,15 +116,15 @@ def check_stream(run: Path, saved: dict | None, stream: Stream, done: list[dict]
             "--max-test as the run, or start a new run."
         )
     for position, entry in enumerate(done):
-        if position >= len(plan["tasks"]) or plan["tasks"][position] != entry["name"]:
+        if position >= len(plan["tasks"]) or plan["tasks"][position] != entry.name:
             raise ContinualPeftError(
-                f"{run}: finished task {position + 1} is {entry['name']!r}, but the stream given "
+                f"{run}: finished task {position + 1} is {entry.name!r}, but the stream given "
                 f"has {plan['tasks'][position] if position < len(plan['tasks']) else 'no task'} "
                 "there: resume with the same stream."
             )
-        if plan["data_sha256"][position] != entry["data_sha256"]:
+        if plan["data_sha256"][position] != entry.data_sha256:
             raise ContinualPeftError(
-                f"{run}: task {entry['name']!r} has other data than when the run learned it "
+                f"{run}: task {entry.name!r} has other data than when the run learned it "
                 "(its data hash differs): resume with the same data files, --max-train, "
                 "--max-test and --router-train (and the same template and kind), or start a "
                 "new run."

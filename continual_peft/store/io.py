@@ -24,7 +24,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from continual_peft._version import __version__
-from continual_peft.errors import ContinualPeftError, CorruptFileError
+from continual_peft.errors import ContinualPeftError, CorruptFileError, readable_file
 
 PathLike = str | os.PathLike[str]
 
@@ -194,11 +194,12 @@ def atomic_save_safetensors(
     atomic_write_bytes(path, _st_save(prepared, metadata=metadata))
 
 
-def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
-    """Load every tensor of a safetensors file onto the CPU.
+def load_safetensors(path: PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file (dtypes as stored).
 
     Args:
         path: The file to read.
+        device: Where the tensors go.
 
     Returns:
         Name to tensor.
@@ -210,9 +211,10 @@ def load_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
     source = Path(path)
     raw = _read_bytes(source)
     try:
-        return _st_load(raw)
+        tensors = _st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CorruptFileError(source, f"invalid safetensors data: {err}") from err
+    return {name: value.to(device) for name, value in tensors.items()}
 
 
 def load_versioned_json(
@@ -236,7 +238,7 @@ def load_versioned_json(
     source = Path(path)
     if source.is_dir():
         source = source / f"{kind}.json"
-    if not source.is_file():
+    if not readable_file(source):
         raise ContinualPeftError(f"no {kind} at {source}; {hint}")
     data = load_json(source)
     if tagged and (not isinstance(data, dict) or data.get("kind") != kind):

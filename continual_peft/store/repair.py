@@ -10,12 +10,18 @@ tasks were trained on top of the lost one, so they are re-trained too).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from continual_peft.errors import ContinualPeftError, RunFileError
-from continual_peft.store.checkpoint import CHECKPOINT_FILE, read_checkpoint, read_checkpoint_file
+from continual_peft.store.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    read_checkpoint,
+    read_checkpoint_file,
+)
 from continual_peft.store.digests import check_stream
 from continual_peft.store.io import atomic_write_json, load_json
 
@@ -23,7 +29,7 @@ if TYPE_CHECKING:
     from continual_peft.tasks.streams import Stream
 
 
-def resume_point(run: Path, stream: Stream, say: Callable[[str], None]) -> dict | None:
+def resume_point(run: Path, stream: Stream, say: Callable[[str], None]) -> Checkpoint | None:
     """The checkpoint to resume `run` from, rolled back if needed; None: from the first task.
 
     Nothing is written before the stream given is checked against the run's (the copy's plan,
@@ -43,13 +49,13 @@ def resume_point(run: Path, stream: Stream, say: Callable[[str], None]) -> dict 
     except RunFileError as err:
         damage = f"{err.path} {err.problem}"
     else:
-        check_stream(run, checkpoint["stream_plan"], stream, checkpoint["tasks"])
+        check_stream(run, checkpoint.stream_plan, stream, checkpoint.tasks)
         return checkpoint
     intact = _newest_intact(run, copies)
-    plan = intact["stream_plan"] if intact else _readable_plan(main)
-    check_stream(run, plan, stream, intact["tasks"] if intact else [])
+    plan = intact.stream_plan if intact else _readable_plan(main)
+    check_stream(run, plan, stream, intact.tasks if intact else [])
     names = [task.name for task in stream.tasks]
-    done = intact["tasks_done"] if intact else 0
+    done = len(intact.tasks) if intact else 0
     start = f"after task {done} ({names[done - 1]}), from that task's copy of the checkpoint"
     redo = names[done:]
     redo = f"re-training {len(redo)} task(s): {', '.join(redo)}" if redo else "no task to re-train"
@@ -57,12 +63,12 @@ def resume_point(run: Path, stream: Stream, say: Callable[[str], None]) -> dict 
     if intact is None:
         main.unlink(missing_ok=True)
         return None
-    intact["status"] = "interrupted"
-    atomic_write_json(main, intact)
+    intact = dataclasses.replace(intact, status="interrupted")
+    atomic_write_json(main, intact.to_json())
     return intact
 
 
-def _newest_intact(run: Path, copies: list[Path]) -> dict | None:
+def _newest_intact(run: Path, copies: list[Path]) -> Checkpoint | None:
     """The task copy of the checkpoint with the most finished tasks whose own files are all
     intact (and that is the copy of its last task), or None."""
     best = None
@@ -71,8 +77,8 @@ def _newest_intact(run: Path, copies: list[Path]) -> dict | None:
             checkpoint = read_checkpoint_file(run, path)
         except ContinualPeftError:
             continue
-        names = [entry["name"] for entry in checkpoint["tasks"]]
-        newer = best is None or checkpoint["tasks_done"] > best["tasks_done"]
+        names = checkpoint.task_names
+        newer = best is None or len(checkpoint.tasks) > len(best.tasks)
         if names and path.parent.name == names[-1] and newer:
             best = checkpoint
     return best

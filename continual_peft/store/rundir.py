@@ -30,14 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
+from continual_peft.distributed import from_writer, on_writer
 from continual_peft.errors import ContinualPeftError
 from continual_peft.registry import validate_task_name
 from continual_peft.store.io import atomic_save_safetensors, atomic_write_json, file_sha256
 from continual_peft.store.lock import RunLock
+
+T = TypeVar("T")
 
 
 def new_run_path(base: str | Path = "runs", stream: str = "run") -> Path:
@@ -66,6 +71,10 @@ def check_free(path: str | Path) -> Path:
 class RunDir:
     """Writes one run's files, holding the folder's lock until `close`.
 
+    Under torchrun every process makes the same calls and only the writing process (rank 0)
+    touches the folder: the others wait for it, and fail with its error
+    (`distributed.on_writer`), so callers never branch on rank.
+
     Args:
         path: The folder; created if missing. Unless `resume`, a folder that already holds a
             run is refused, so one run never overwrites another.
@@ -73,7 +82,13 @@ class RunDir:
     """
 
     def __init__(self, path: str | Path, resume: bool = False) -> None:
-        self.path = Path(path) if resume else check_free(path)
+        self.path = Path(path)
+        self.lock: RunLock | None = None
+        self.write(lambda: self._open(resume))
+
+    def _open(self, resume: bool) -> None:
+        if not resume:
+            check_free(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -89,9 +104,15 @@ class RunDir:
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
+    def write(self, action: Callable[[], T]) -> T:
+        """Run `action` (which writes into this folder) on the writing process; every process
+        waits for it and gets its result, or fails with its error."""
+        return from_writer(on_writer(action))
+
     def close(self) -> None:
         """Release the lock; nothing more is written."""
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     @classmethod
     def create(cls, path: str | Path, config: dict) -> RunDir:
@@ -101,7 +122,8 @@ class RunDir:
         return run_dir
 
     def save_config(self, config: dict) -> None:
-        atomic_write_json(self.path / "config.json", config)
+        """config.json: the configuration and the backbone (see `ContinualLearner.run_config`)."""
+        self.write(lambda: atomic_write_json(self.path / "config.json", config))
 
     def task_folder(self, name: str) -> Path:
         folder = self.path / "tasks" / validate_task_name(name)

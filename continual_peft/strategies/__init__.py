@@ -6,12 +6,14 @@ Every strategy is one module here, imported below one by one: importing it regis
 
 from continual_peft.strategies.base import (
     STRATEGIES,
+    CheckedConfig,
     Learner,
     Strategy,
     build_strategy,
     check_config,
     check_strategy,
     load_strategy_spec,
+    names_spec_file,
     strategy_options,
 )
 from continual_peft.strategies.ewc import EWC
@@ -34,8 +36,10 @@ __all__ = [
     "Sequential",
     "Strategy",
     "build_strategy",
+    "CheckedConfig",
     "check_config",
     "check_strategy",
     "load_strategy_spec",
+    "names_spec_file",
     "strategy_options",
 ]

@@ -17,15 +17,19 @@ is saved with every checkpoint as `tasks/<task>/strategy.safetensors` + `strateg
 
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
+from continual_peft.backbones.placement import pick_device
 from continual_peft.config import LearnerConfig
-from continual_peft.errors import ContinualPeftError
+from continual_peft.distributed import check_device
+from continual_peft.errors import ContinualPeftError, readable_file
 from continual_peft.registry import Registry
 from continual_peft.spec import read_toml
 
@@ -145,14 +149,42 @@ def check_strategy(config: LearnerConfig, where: str = "config") -> Strategy:
     return strategy
 
 
-def check_config(config: LearnerConfig, where: str = "config") -> Strategy:
-    """`config.validate` and `check_strategy`: everything a run checks before it starts.
+class CheckedConfig(LearnerConfig):
+    """A `LearnerConfig` that `check_config` has checked: what a run asks for is checked once,
+    where it enters (a command's plan, `run_stream`, `run_grid`, `compare`, the learner), and
+    every layer below takes this and trusts it. A copy made with `dataclasses.replace` (e.g.
+    another strategy for a baseline) is checked again: only `check_config` marks one."""
+
+    @property
+    def checked(self) -> bool:
+        return self.__dict__.get("_checked", False)
+
+
+def check_config(config: LearnerConfig, where: str = "config") -> CheckedConfig:
+    """Everything a run checks before it starts: `config.validate`, the strategy and its
+    options (`check_strategy`), and the device. A config already checked is returned as it is.
 
     Returns:
-        The config's strategy, built.
+        A checked copy of `config` (`config` itself is not changed).
+
+    Raises:
+        ContinualPeftError: naming the bad key or value, and the fix.
     """
+    if isinstance(config, CheckedConfig) and config.checked:
+        return config
     config.validate(where)
-    return check_strategy(config, where)
+    check_strategy(config, where)
+    check_device(pick_device(config.backbone.device))  # a bad device: before any folder
+    values = {item.name: copy.deepcopy(getattr(config, item.name)) for item in fields(config)}
+    checked = CheckedConfig(**values)
+    checked.__dict__["_checked"] = True
+    return checked
+
+
+def names_spec_file(text: str) -> bool:
+    """Whether a `--strategy` value names a spec file rather than a strategy: a `.toml` path,
+    or a pipe (a shell's `<(cat spec.toml)`, which has no suffix)."""
+    return text.endswith(".toml") or (readable_file(text) and not Path(text).is_file())
 
 
 def load_strategy_spec(path: str | Path) -> LearnerConfig:

@@ -46,10 +46,16 @@ class EWC(Sequential):
 
     def __init__(self, lam: float = 1000.0, fisher_samples: int = 200, decay: float = 1.0) -> None:
         check_option("ewc", "lam", lam, is_number(lam) and lam >= 0, "a number >= 0")
-        check_option("ewc", "fisher_samples", fisher_samples,
-                     is_int(fisher_samples) and fisher_samples >= 1, "an integer >= 1")  # fmt: skip
-        check_option("ewc", "decay", decay, is_number(decay) and 0 < decay <= 1,
-                     "a number in (0, 1]")  # fmt: skip
+        check_option(
+            "ewc",
+            "fisher_samples",
+            fisher_samples,
+            is_int(fisher_samples) and fisher_samples >= 1,
+            "an integer >= 1",
+        )
+        check_option(
+            "ewc", "decay", decay, is_number(decay) and 0 < decay <= 1, "a number in (0, 1]"
+        )
         self.lam = float(lam)
         self.fisher_samples = fisher_samples
         self.decay = float(decay)

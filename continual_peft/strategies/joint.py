@@ -50,8 +50,9 @@ class Joint(Strategy):
     description = "upper bound: one slot retrained from its initial values on all tasks so far"
 
     def __init__(self, fresh_slot: bool = True) -> None:
-        check_option("joint", "fresh_slot", fresh_slot, isinstance(fresh_slot, bool),
-                     "true or false")  # fmt: skip
+        check_option(
+            "joint", "fresh_slot", fresh_slot, isinstance(fresh_slot, bool), "true or false"
+        )
         self.fresh_slot = fresh_slot
         self.kept = Examples()  # every training example of every learned task
         self.initial: list[torch.Tensor] = []  # the slot's trainable tensors when first opened

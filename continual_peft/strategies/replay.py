@@ -51,14 +51,24 @@ class Replay(Sequential):
     def __init__(
         self, buffer_size: int = 200, ratio: float = 0.5, replay_batch_size: int | None = None
     ) -> None:
-        check_option("replay", "buffer_size", buffer_size, is_int(buffer_size) and buffer_size >= 1,
-                     "an integer >= 1")  # fmt: skip
-        check_option("replay", "ratio", ratio, is_number(ratio) and 0 <= ratio < 1,
-                     "a number in [0, 1)")  # fmt: skip
+        check_option(
+            "replay",
+            "buffer_size",
+            buffer_size,
+            is_int(buffer_size) and buffer_size >= 1,
+            "an integer >= 1",
+        )
+        check_option(
+            "replay", "ratio", ratio, is_number(ratio) and 0 <= ratio < 1, "a number in [0, 1)"
+        )
         batch = replay_batch_size
-        check_option("replay", "replay_batch_size", batch,
-                     batch is None or (is_int(batch) and batch >= 1),
-                     "an integer >= 1, or absent for the training batch size")  # fmt: skip
+        check_option(
+            "replay",
+            "replay_batch_size",
+            batch,
+            batch is None or (is_int(batch) and batch >= 1),
+            "an integer >= 1, or absent for the training batch size",
+        )
         self.buffer_size = buffer_size
         self.ratio = float(ratio)
         self.replay_batch_size = replay_batch_size

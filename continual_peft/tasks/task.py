@@ -69,6 +69,18 @@ class Task:
     kind: str = CLASSIFICATION  # or GENERATION: the labels are the targets' texts
     template: str | None = None  # what a generative backbone reads, "{text}" standing for the input
 
+    @classmethod
+    def without_data(cls, name: str, labels: list[str]) -> Task:
+        """A task known by its name and labels only (a run loaded without its data)."""
+        return cls(
+            name=name,
+            labels=labels,
+            train_inputs=[],
+            train_labels=[],
+            test_inputs=[],
+            test_labels=[],
+        )
+
     def prompt(self, text: str) -> str:
         """`text` as a generative backbone reads it: the template with every "{text}" replaced
         by it (other braces kept as written), or the text itself when there is no template."""
@@ -169,9 +181,11 @@ def _unzip(pairs: list[tuple[Any, Any]]) -> tuple[list, list]:
 def read_labels(path: Path) -> list[str]:
     """A task's labels from a JSON list (e.g. `labels.json`)."""
     check_file(
-        path, "labels file", "it must hold a JSON list of label strings (or leave `labels` out "
+        path,
+        "labels file",
+        "it must hold a JSON list of label strings (or leave `labels` out "
         "to take the training labels)",
-    )  # fmt: skip
+    )
     try:
         labels = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -302,9 +316,15 @@ def build_task(
         for split, rows in splits.items()
     }
     task = Task(
-        name, labels, *encoded["train"], *encoded["test"], description=description,
-        sources=where, kind=kind, template=template,
-    )  # fmt: skip
+        name,
+        labels,
+        *encoded["train"],
+        *encoded["test"],
+        description=description,
+        sources=where,
+        kind=kind,
+        template=template,
+    )
     if router_max_train is not None or len(router_rows) != len(task.train_inputs):
         task.router_inputs = [r.input for r in router_rows]
         task.router_default = router_max_train is None

@@ -6,10 +6,14 @@ kind, its prompt template and the labels' token ids (`LanguageModelBackbone.enco
 - Classification, `decode = "score"` (the default): each label string is scored by the
   log-likelihood of its tokens after the prompt (`label_score`: "sum", the default, or "mean"
   over its tokens); the best label is the prediction. `row_logits` returns these scores.
-- Classification, `decode = "generate"`: greedy generation (the published protocol); the text
-  is compared with the label strings as it is, and a text that is no label is wrong (the
-  evaluation counts them: `not_a_label`).
-- Generation: greedy generation of at most `max_new_tokens` tokens.
+- Classification, `decode = "generate"`: greedy generation (the published protocol). An answer
+  is the label whose own target tokens it wrote (up to EOS), else the label whose tokens decode
+  to the same text, else its decoded text, which is no label and wrong (the evaluation counts
+  them: `not_a_label`). Labels are matched in token space because decoding does not give every
+  string back (`clean_up_tokenization_spaces` writes "very good !" as "very good!"); such labels
+  are named in a warning when their task opens.
+- Generation: greedy generation of at most `max_new_tokens` tokens, matched to the targets the
+  same way (a target whose tokens another target shares, or that holds unknown words, never).
 - Training (`row_loss`), every kind: cross-entropy of the gold target's tokens, prompt masked.
 """
 
@@ -39,6 +43,8 @@ class TaskTargets:
     kind: str  # "classification" or "generation"
     template: str | None
     targets: list[list[int]]  # token ids of each label (target), EOS last
+    by_tokens: dict[tuple[int, ...], str]  # a label's ids without EOS -> the label
+    by_text: dict[str, str]  # a label's ids decoded -> the label
 
 
 class LanguageModelHeads(nn.Module):
@@ -65,20 +71,28 @@ class LanguageModelHeads(nn.Module):
         targets = self.backbone.encode_targets(list(labels), where)
         _check_targets(self.backbone, name, kind, labels, targets)
         longest = max(len(t) for t in targets)
-        self.backbone.check_room(longest, f"task {name!r}: its longest target ({longest} "
-                                 "tokens with EOS)", "lower max_length (--max-length)")  # fmt: skip
+        self.backbone.check_room(
+            longest,
+            f"task {name!r}: its longest target ({longest} tokens with EOS)",
+            "lower max_length (--max-length)",
+        )
         if kind == GENERATION or self.config.decode == "generate":
             self.backbone.check_room(
-                self.config.max_new_tokens, f"task {name!r}: generation.max_new_tokens",
+                self.config.max_new_tokens,
+                f"task {name!r}: generation.max_new_tokens",
                 "lower max_new_tokens or max_length",
-            )  # fmt: skip
-        self.tasks[name] = TaskTargets(list(labels), kind, template, targets)
+            )
+        by_tokens, by_text = _answer_tables(self.backbone, kind, labels, targets)
+        self.tasks[name] = TaskTargets(list(labels), kind, template, targets, by_tokens, by_text)
         self.heads[name] = nn.Module()
 
     def open(self, task: Task, seed: int) -> nn.Module:
-        """Register `task` (its label strings' tokens); nothing trainable."""
+        """Register `task` (its label strings' tokens); nothing trainable. Warns of labels
+        that a generated answer can only match by their tokens (`_warn_round_trip`)."""
         kind = getattr(task, "kind", "classification")
         self._register(task.name, task.labels, kind, getattr(task, "template", None))
+        if kind != GENERATION and self.config.decode == "generate":
+            _warn_round_trip(self.backbone, task.name, self.tasks[task.name])
         return self.heads[task.name]
 
     def restore(self, name: str, record: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -135,8 +149,14 @@ class LanguageModelHeads(nn.Module):
         if written:
             new = self.backbone.generate([items[i] for i in written], self.config.max_new_tokens)
             for i, ids in zip(written, new, strict=True):
-                answers[i] = self.backbone.decode(ids)
+                answers[i] = self._answer(tasks[i], ids)
         return answers
+
+    def _answer(self, task: str, ids: list[int]) -> str:
+        """A generated row's answer (ids up to EOS): the label whose own tokens it wrote, else
+        the label whose tokens decode to its text, else its text."""
+        entry, text = self.tasks[task], self.backbone.decode(ids)
+        return entry.by_tokens.get(tuple(ids)) or entry.by_text.get(text, text)
 
     def describe(self, task: str, scores: dict[str, dict]) -> dict:
         """What a task's record adds: its kind and template (to load it again) and the last
@@ -194,3 +214,52 @@ def _check_targets(backbone, task: str, kind: str, labels: list[str], targets: l
                 UserWarning,
                 stacklevel=4,
             )
+
+
+def _answer_tables(
+    backbone, kind: str, labels: list[str], targets: list[list[int]]
+) -> tuple[dict[tuple[int, ...], str], dict[str, str]]:
+    """Each label by its target ids without EOS (as `generate` returns an answer) and by their
+    decoded text. A key two labels share maps to none: such an answer does not say which
+    label it is. A label with unknown words is matched by its tokens only (its text decodes
+    without them); a generation target with unknown words, not at all (`_check_targets`)."""
+    unknown = backbone.tokenizer.unk_token_id
+    rows = [
+        (label, ids[:-1], unknown is not None and unknown in ids)
+        for label, ids in zip(labels, targets, strict=True)
+    ]
+    by_tokens = _unique(
+        [(tuple(ids), label) for label, ids, odd in rows if not (odd and kind == GENERATION)]
+    )
+    by_text = _unique([(backbone.decode(ids), label) for label, ids, odd in rows if not odd])
+    return by_tokens, by_text
+
+
+def _unique(pairs: list) -> dict:
+    """`dict(pairs)` without the keys that more than one pair has."""
+    counts: dict = {}
+    for key, _ in pairs:
+        counts[key] = counts.get(key, 0) + 1
+    return {key: value for key, value in pairs if counts[key] == 1}
+
+
+def _warn_round_trip(backbone, task: str, entry: TaskTargets) -> None:
+    """Warn of labels that decoding their own tokens does not give back (decode(encode(label))
+    differs, e.g. "very good !" -> "very good!"): answers still match them by their tokens,
+    but a written text never equals them, and tools that compare decoded text miss them."""
+    decoded = [backbone.decode(ids) for ids in entry.targets]
+    changed = [
+        (label, text) for label, text in zip(entry.labels, decoded, strict=True) if text != label
+    ]
+    if changed:
+        shown = ", ".join(f"{label!r} -> {text!r}" for label, text in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        warnings.warn(
+            f"task {task!r}: {len(changed)} label(s) do not come back from this backbone's "
+            f"tokenizer ({backbone.name}) as written: {shown}{more}. Generated answers are "
+            "matched to labels by their tokens here, so they still count, but a tool that "
+            "compares decoded text (e.g. an exported adapter with generate + decode) misses "
+            "them; write the labels as the tokenizer decodes them to avoid that",
+            UserWarning,
+            stacklevel=3,
+        )

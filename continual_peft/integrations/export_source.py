@@ -1,5 +1,5 @@
 """One task of a run as an export reads it: its LoRA (the slots it is routed through, summed
-into one), its head and record, every file's sha256 checked against the run's checkpoint."""
+into one), its head and record, read through the run reader every command uses."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from pathlib import Path
 import torch
 
 from continual_peft.backbones.text import DEFAULT_BACKBONE, default_model_path
+from continual_peft.engine.saved_run import read_run
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.integrations.lora_layers import Layout
-from continual_peft.store.checkpoint import read_checkpoint
-from continual_peft.store.io import load_json, load_safetensors
+from continual_peft.store.io import load_safetensors
 
 FORMATS = ("peft", "merged")
 EXPORTABLE_KINDS = ("lora",)  # module kinds these formats can express
 LORA_KEYS = {"lora_A", "lora_B", "scale"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExportSource:
     """One task of a run, read and checked."""
 
@@ -45,16 +45,17 @@ class ExportSource:
 
 
 def read_task(run_dir: Path, task: str) -> ExportSource:
-    """The task as the run's last checkpoint evaluates it, every file's sha256 checked."""
-    if not run_dir.is_dir():
-        raise ContinualPeftError(f"run directory {run_dir} does not exist; check the path.")
-    run = load_json(run_dir / "config.json")
-    checkpoint = read_checkpoint(run_dir)
-    entries = {entry["name"]: entry for entry in checkpoint["tasks"]}
-    if task not in entries:
-        raise ContinualPeftError(f"unknown task {task!r} in {run_dir}; its tasks: {list(entries)}")
-    slots, weights = _task_routing(entries[task], run["config"], len(checkpoint["slots"]))
-    kinds = {checkpoint["slots"][slot]["kind"] for slot in slots}
+    """The task as the run's last checkpoint evaluates it, read through the same reader as
+    `predict` and `--resume` (`engine.saved_run.read_run`): an edited config.json or a damaged
+    file is refused the same way, and every file's sha256 is checked."""
+    saved = read_run(run_dir)
+    checkpoint = saved.checkpoint
+    names = checkpoint.task_names
+    if task not in names:
+        raise ContinualPeftError(f"unknown task {task!r} in {run_dir}; its tasks: {names}")
+    entry = checkpoint.tasks[names.index(task)]
+    slots, weights = [int(s) for s in entry.routing.slots], list(entry.routing.weights)
+    kinds = {checkpoint.slots[slot].kind for slot in slots}
     if not kinds <= set(EXPORTABLE_KINDS):
         raise ContinualPeftError(
             f"task {task!r} goes through {sorted(kinds)} module(s); formats {FORMATS} can "
@@ -62,23 +63,18 @@ def read_task(run_dir: Path, task: str) -> ExportSource:
         )
     parts = []
     for slot in slots:
-        path = run_dir / checkpoint["slots"][slot]["file"]
+        path = run_dir / checkpoint.slots[slot].file
         parts.append(_lora_sites(load_safetensors(path), path))
-    record = dict(checkpoint["records"][list(entries).index(task)], slots=slots, weights=weights)
-    head = load_safetensors(run_dir / "tasks" / task / "head.safetensors")
-    return ExportSource(run_dir, task, run["config"], run["backbone"], record, _sum(parts, weights),
-                   head)  # fmt: skip
-
-
-def _task_routing(entry: dict, config: dict, num_slots: int) -> tuple[list[int], list[float]]:
-    """The slots (and weights) the task's rows go through, as the checkpoint records them;
-    checkpoints written before that was recorded: the task's own slot, or every slot for
-    `olora` (which sums them all)."""
-    if "routing" in entry:
-        return [int(s) for s in entry["routing"]["slots"]], list(entry["routing"]["weights"])
-    if config.get("strategy") == "olora":
-        return list(range(num_slots)), [1.0] * num_slots
-    return [int(entry["slot"])], [1.0]
+    record = dict(checkpoint.records[names.index(task)], slots=slots, weights=weights)
+    return ExportSource(
+        run_dir=run_dir,
+        task=task,
+        config=saved.config.to_dict(),
+        fingerprint=saved.fingerprint,
+        record=record,
+        sites=_sum(parts, weights),
+        head=load_safetensors(run_dir / "tasks" / task / "head.safetensors"),
+    )
 
 
 def _sum(parts: list[dict[str, dict]], weights: list[float]) -> dict[str, dict]:

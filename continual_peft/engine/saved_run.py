@@ -1,0 +1,104 @@
+"""A run directory as its readers see it: config.json and the last checkpoint, both checked.
+
+Every reader of a finished or unfinished run (`ContinualLearner.load`, `run --resume`,
+`predict`, `eval`, `export`) goes through `read_run`, so an edited `config.json` or a damaged
+file is refused the same way everywhere, and a run written by an earlier version is read in
+this version's format (`store.migration`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from continual_peft.config import LearnerConfig
+from continual_peft.errors import ContinualPeftError, CorruptFileError
+from continual_peft.store.checkpoint import CHECKPOINT_FILE, Checkpoint, read_checkpoint
+from continual_peft.store.digests import config_differences, run_config_sha256, without_place
+from continual_peft.store.io import load_json
+from continual_peft.store.migration import upgrade_config
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedRun:
+    """A run directory's configuration and last checkpoint, read and checked."""
+
+    folder: Path
+    config: LearnerConfig  # as the run was started (config.json)
+    fingerprint: dict[str, Any]  # the backbone's, as the run recorded it
+    checkpoint: Checkpoint
+
+
+def read_run(folder: str | Path) -> SavedRun:
+    """The run in `folder`, its config.json and every file its checkpoint names checked.
+
+    Raises:
+        ContinualPeftError: not a run directory, no task finished yet, an edited config.json.
+        RunFileError: a missing, damaged or altered file (`run --resume` repairs the run).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ContinualPeftError(f"run directory {folder} does not exist; check the path.")
+    saved = read_config_json(folder)
+    return SavedRun(
+        folder=folder,
+        config=LearnerConfig.from_dict(saved["config"], str(folder / "config.json")),
+        fingerprint=saved.get("backbone") or {},
+        checkpoint=read_checkpoint(folder),
+    )
+
+
+def saved_config(run_dir: str | Path) -> LearnerConfig:
+    """The configuration a run directory was started with."""
+    run = Path(run_dir)
+    return LearnerConfig.from_dict(read_config_json(run)["config"], str(run / "config.json"))
+
+
+def read_config_json(run: Path) -> dict:
+    """config.json, checked (an object with a config, unchanged since the last checkpoint) and
+    in the current format."""
+    path = run / "config.json"
+    if not path.is_file():
+        if (run / CHECKPOINT_FILE).is_file() or (run / "tasks").is_dir():
+            raise ContinualPeftError(
+                f"{path} is missing: the run's configuration went with it (checkpoint.json keeps "
+                "only its hash). Put it back from a copy of the run, or re-run the stream into a "
+                "new run directory."
+            )
+        raise ContinualPeftError(f"{run}: not a run directory (no config.json).")
+    saved = load_json(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ContinualPeftError(
+            f"{path} is damaged (it must be an object with a 'config'); restore it from a copy "
+            "of the run."
+        )
+    checkpoint = run / CHECKPOINT_FILE
+    try:
+        recorded = load_json(checkpoint) if checkpoint.is_file() else None
+    except CorruptFileError:
+        recorded = None  # named by whoever reads the checkpoint; `run --resume` repairs it
+    recorded = recorded.get("run_config_sha256") if isinstance(recorded, dict) else None
+    if recorded and run_config_sha256(saved["config"]) != recorded:
+        raise ContinualPeftError(
+            f"{path} was edited: its configuration differs from the one {checkpoint} records, "
+            "so the run's tasks were not made with it. Restore it from a copy of the run; to "
+            "change settings, start a new run."
+        )
+    return upgrade_config(saved)
+
+
+def check_same_config(run: Path, saved: LearnerConfig, given: LearnerConfig) -> None:
+    """Refuse resuming run `run` (started with `saved`) with another configuration, naming each
+    difference; where a run computes (device, threads) may differ."""
+    saved_dict = saved.to_dict()
+    given_dict = given.to_dict()
+    saved_dict["backbone"] = without_place(saved_dict["backbone"])
+    given_dict["backbone"] = without_place(given_dict["backbone"])
+    differences = config_differences(saved_dict, given_dict)
+    if differences:
+        raise ContinualPeftError(
+            f"{run} was started with another configuration ({'; '.join(differences)}). A run "
+            "resumes with its own configuration: leave out the options that differ, or start a "
+            "new run."
+        )

@@ -1,0 +1,144 @@
+"""The learner's state in one place: one reader for every command, checks made once, no
+argument changed behind its caller's back."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import DEVICE, tiny_bert, word_task
+from typer.testing import CliRunner
+
+from continual_peft import Backbone, ContinualLearner, LearnerConfig, Stream, TrainConfig
+from continual_peft.cli import app
+from continual_peft.engine.state import resolve_backbone
+from continual_peft.experiments.runner import run_stream
+from continual_peft.store.checkpoint import CHECKPOINT_FORMAT, Checkpoint, read_checkpoint
+from continual_peft.strategies import base as strategy_base
+
+TRAIN = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tokenizer) -> Path:
+    """A finished two-task run (per_task LoRA, prototype router) on the tiny BERT."""
+    run = tmp_path_factory.mktemp("state") / "run"
+    config = LearnerConfig(router="prototype", train=TRAIN)
+    tasks = [word_task("colors", 24, 8), word_task("animals", 24, 8, seed=1)]
+
+    def backbone() -> Backbone:
+        return Backbone(
+            tiny_bert(tokenizer), tokenizer, max_length=32, name="tiny-bert", device=DEVICE
+        )
+
+    run_stream(Stream("words", tasks), config, run, make_backbone=backbone)
+    return run
+
+
+def test_the_checkpoint_round_trips_through_its_json(finished):
+    checkpoint = read_checkpoint(finished)
+    on_disk = json.loads((finished / "checkpoint.json").read_text(encoding="utf-8"))
+    assert on_disk["format"] == CHECKPOINT_FORMAT
+    assert checkpoint.to_json() == on_disk
+    assert Checkpoint.from_json(on_disk) == checkpoint
+    assert checkpoint.task_names == ["colors", "animals"]
+    assert checkpoint.router is not None and checkpoint.router.tensors.endswith(".safetensors")
+
+
+def test_config_json_names_the_backbone_s_family_type_size_and_dtype(finished):
+    saved = json.loads((finished / "config.json").read_text(encoding="utf-8"))
+    assert saved["format"] == CHECKPOINT_FORMAT
+    model = saved["model"]
+    assert model["family"] == "encoder" and model["model_type"] == "bert"
+    assert model["dtype"] == "float32" and model["parameters"] > 0
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_an_edited_config_json_is_refused_by_predict_and_export_alike(finished, tmp_path, command):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    saved["config"]["train"]["lr"] = 0.5
+    (run / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "red apple"}\n', encoding="utf-8")
+    args = {
+        "predict": ["predict", "--run", str(run), "--input", str(inputs), "--task", "colors"],
+        "export": ["export", "--run", str(run), "--task", "colors", "--out", str(tmp_path / "x")],
+    }[command]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "config.json was edited" in " ".join(result.output.split())
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_a_damaged_slot_is_refused_by_predict_and_export_alike(finished, tmp_path, command):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    slot = run / "tasks" / "colors" / "module.safetensors"
+    slot.write_bytes(slot.read_bytes()[:-7] + b"garbage")
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "red apple"}\n', encoding="utf-8")
+    args = {
+        "predict": ["predict", "--run", str(run), "--input", str(inputs), "--task", "colors"],
+        "export": ["export", "--run", str(run), "--task", "colors", "--out", str(tmp_path / "x")],
+    }[command]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0, result.output
+    assert "module.safetensors was altered" in " ".join(result.output.split())
+
+
+def test_to_dict_and_resolving_the_backbone_change_nothing_given(make_backbone):
+    config = LearnerConfig(module="adapter", train=TRAIN)
+    before = copy.deepcopy(config)
+    config.to_dict()
+    assert config == before and config.modules == {}  # kind_config filled nothing in
+    backbone, resolved = resolve_backbone(make_backbone(), config)
+    assert config == before
+    assert resolved is not config and resolved.backbone.dtype == "float32"
+    assert resolved.backbone.max_length == backbone.max_length
+    learner = ContinualLearner(make_backbone(), config=config)
+    assert config == before and learner.config is not config
+    learner.config.train.eval_batch_size = 3  # what predict --batch-size does
+    assert config.train.eval_batch_size == before.train.eval_batch_size
+
+
+def test_a_run_checks_its_configs_once(make_backbone, tasks, monkeypatch):
+    """run_stream checks the run's and the baseline's config where it is entered; the learners
+    it builds trust them (no second check of the same config)."""
+    checked = []
+    real = strategy_base.check_strategy
+
+    def counting(config, where="config"):
+        checked.append(config.strategy)
+        return real(config, where)
+
+    monkeypatch.setattr(strategy_base, "check_strategy", counting)
+    config = LearnerConfig(train=TRAIN)
+    run_stream(Stream("words", tasks[:1]), config, baseline="seq", make_backbone=make_backbone)
+    assert sorted(checked) == ["per_task", "seq"]
+
+
+def test_a_failed_task_after_its_checkpoint_is_kept(make_backbone, tasks, tmp_path, monkeypatch):
+    """A failure after a checkpoint holds the task (the report could not be written) keeps the
+    task; one before it undoes the task."""
+    learner = ContinualLearner(make_backbone(), config=LearnerConfig(train=TRAIN), run_dir=tmp_path)
+    learner.learn(tasks[0])
+
+    def no_report() -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(learner, "write_report", no_report)
+    with pytest.raises(OSError):
+        learner.learn(tasks[1])
+    assert list(learner.learned) == [tasks[0].name, tasks[1].name]
+    assert learner.checkpointed(tasks[1].name)
+    monkeypatch.setattr(learner, "checkpoint", lambda task: no_report())
+    with pytest.raises(OSError):
+        learner.learn(tasks[2])
+    assert list(learner.learned) == [tasks[0].name, tasks[1].name]  # undone
+    assert learner.bank.num_slots == 2 and len(learner.records) == 2
