@@ -1,6 +1,6 @@
 """GPU figures in one run: routed forward vs frozen vs peft, LoRA training vs peft, end to end.
 
-Measures what `../shared/tools/gpu/perf.py` measured for issue 11, so the figures compare:
+Measures what `../shared/tools/gpu/perf.py` measures, so the figures compare:
 random-weight TinyLlama-1.1B and BERT-large shapes, batch 32 x 512 tokens, LoRA r = 16 (alpha 32)
 on every linear layer, every row of the batch on a different slot (slot = row mod T).
 
@@ -72,15 +72,22 @@ def shape_config(shape: str, small: bool):
 
     if shape == "bert-large":
         return BertConfig(
-            hidden_size=64 if small else 1024, num_hidden_layers=2 if small else 24,
-            num_attention_heads=4 if small else 16, intermediate_size=128 if small else 4096,
-            vocab_size=30522, max_position_embeddings=512,
-        )  # fmt: skip
+            hidden_size=64 if small else 1024,
+            num_hidden_layers=2 if small else 24,
+            num_attention_heads=4 if small else 16,
+            intermediate_size=128 if small else 4096,
+            vocab_size=30522,
+            max_position_embeddings=512,
+        )
     return LlamaConfig(
-        hidden_size=64 if small else 2048, intermediate_size=128 if small else 5632,
-        num_hidden_layers=2 if small else 22, num_attention_heads=4 if small else 32,
-        num_key_value_heads=2 if small else 4, vocab_size=32000, max_position_embeddings=2048,
-    )  # fmt: skip
+        hidden_size=64 if small else 2048,
+        intermediate_size=128 if small else 5632,
+        num_hidden_layers=2 if small else 22,
+        num_attention_heads=4 if small else 32,
+        num_key_value_heads=2 if small else 4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype):
@@ -119,8 +126,9 @@ def ours(shape: str, dtype_name: str, slot_counts: list[int], args) -> None:
     device = args.device
     model = build_model(shape, device, torch.float32)
     flops = flops_per_token(model, args.tokens)
-    backbone = Backbone(model, None, max_length=args.tokens, name=shape, device=device,
-                        dtype=dtype_name)  # fmt: skip
+    backbone = Backbone(
+        model, None, max_length=args.tokens, name=shape, device=device, dtype=dtype_name
+    )
     label = f"ours/{dtype_name}({backbone.dtype})"
     batch = make_batch(device, args.rows, args.tokens)
     config = LoRAConfig(r=16, alpha=32.0, dropout=0.0, targets=["all-linear"])
@@ -131,8 +139,13 @@ def ours(shape: str, dtype_name: str, slot_counts: list[int], args) -> None:
             backbone(**batch)
 
     base = timed(frozen, device)
-    emit(system=label, shape=shape, what="frozen_forward", ms=round(base * 1e3, 3),
-         tok_s=round(args.rows * args.tokens / base))  # fmt: skip
+    emit(
+        system=label,
+        shape=shape,
+        what="frozen_forward",
+        ms=round(base * 1e3, 3),
+        tok_s=round(args.rows * args.tokens / base),
+    )
     made = 0
     for slots in slot_counts:
         while made < slots:
@@ -148,8 +161,14 @@ def ours(shape: str, dtype_name: str, slot_counts: list[int], args) -> None:
                 backbone(**batch)
 
         seconds = timed(routed, device)
-        emit(system=label, shape=shape, what="routed_forward", T=slots,
-             ratio=round(seconds / base, 3), ms=round(seconds * 1e3, 3))  # fmt: skip
+        emit(
+            system=label,
+            shape=shape,
+            what="routed_forward",
+            T=slots,
+            ratio=round(seconds / base, 3),
+            ms=round(seconds * 1e3, 3),
+        )
     train_step(label, shape, backbone, bank, batch, flops, args)
 
 
@@ -179,9 +198,17 @@ def report_training(label, shape, seconds, flops, trainable, args) -> None:
     on_gpu = args.torch_device.type == "cuda"
     peak = torch.cuda.max_memory_allocated(args.torch_device) / 2**30 if on_gpu else 0.0
     share = peak_share(tflops, args.torch_device)
-    emit(system=label, shape=shape, what="train_step", ms=round(seconds * 1e3, 3),
-         tok_s=round(tokens / seconds), tflops=round(tflops, 2), peak_share=share,
-         trainable=trainable, peak_gb=round(peak, 2))  # fmt: skip
+    emit(
+        system=label,
+        shape=shape,
+        what="train_step",
+        ms=round(seconds * 1e3, 3),
+        tok_s=round(tokens / seconds),
+        tflops=round(tflops, 2),
+        peak_share=share,
+        trainable=trainable,
+        peak_gb=round(peak, 2),
+    )
 
 
 def peft_dtype(device: str) -> torch.dtype:
@@ -217,8 +244,14 @@ def peft_side(shape: str, slot_counts: list[int], args) -> None:
                 wrapped(**batch, adapter_names=names)
 
         seconds = timed(routed, device)
-        emit(system=label, shape=shape, what="routed_forward", T=slots,
-             ratio=round(seconds / base, 3), ms=round(seconds * 1e3, 3))  # fmt: skip
+        emit(
+            system=label,
+            shape=shape,
+            what="routed_forward",
+            T=slots,
+            ratio=round(seconds / base, 3),
+            ms=round(seconds * 1e3, 3),
+        )
 
 
 def peft_training(shape: str, args) -> None:
@@ -249,16 +282,31 @@ def peft_training(shape: str, args) -> None:
 
 def run_demo(args) -> None:
     """Wall time of one `continual-peft run` on this device (the library end to end)."""
-    command = [sys.executable, "-m", "continual_peft", "run", args.run_demo,
-               "--device", args.device, "--out", args.demo_out, *args.demo_args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "continual_peft",
+        "run",
+        args.run_demo,
+        "--device",
+        args.device,
+        "--out",
+        args.demo_out,
+        *args.demo_args,
+    ]
     if args.data_root:
         command += ["--data-root", args.data_root]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     tail = (done.stdout + done.stderr).strip().splitlines()[-25:]
-    emit(what="end_to_end_run", spec=args.run_demo, seconds=round(seconds, 1),
-         exit_code=done.returncode, output_tail=tail)  # fmt: skip
+    emit(
+        what="end_to_end_run",
+        spec=args.run_demo,
+        seconds=round(seconds, 1),
+        exit_code=done.returncode,
+        output_tail=tail,
+    )
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The checks of issue 11 for a session that is lent a GPU, as ONE prepared call.
+# The device and precision checks for a session that is lent a GPU, as ONE prepared call.
 #
 # On the CPU machine, from the project's root, with the project's venv built:
 #   bash ../shared/tools/gpu/prepare.sh            # .gpu-tools/ with the harness and MiniLM

@@ -1,14 +1,14 @@
 """Which frozen features tell tasks apart: routing accuracy of feature choices, no slots trained.
 
-For issue 17 (routing within 2 % of the oracle). Routing accuracy depends only on the frozen
-features and the router, not on the slots, so this compares feature choices quickly: for each
+Routing accuracy depends only on the frozen features and the router, not on the slots, so this
+compares feature choices quickly: for each
 stream, each choice of features and each router, the routers are fitted on every task's training
 inputs (at most --fit per task), in task order, and the share of each task's test inputs routed
 to it is printed (mean over tasks, and the worst task).
 
 Feature choices, all mean-pooled over real tokens of the frozen bundled all-MiniLM-L6-v2 (6
 layers, d = 384):
-- `last`: the last layer (what the routers read before issue 17; `layers = "last"`);
+- `last`: the last layer (`layers = "last"`);
 - `mid+last`: layers 3 and 6 concatenated (768);
 - `all-mean`: the mean over layers 1..6 (384);
 - `concat-2-4-6`: layers 2, 4 and 6 concatenated (1152): `layers = "auto"` on MiniLM.
@@ -44,7 +44,10 @@ ROUTER_OPTIONS = {  # label: (router, options)
     "prototype": ("prototype", {}),
     "mahalanobis": ("mahalanobis", {}),
     "gate": ("gate", {}),
-    "gate, weight_decay 1e-4": ("gate", {"weight_decay": 1e-4}),  # its default before issue 17
+    "gate, weight_decay 1e-4": (
+        "gate",
+        {"weight_decay": 1e-4},
+    ),  # a weaker weight decay than the default
 }
 
 
@@ -85,8 +88,11 @@ def one_stream(spec: str, backbone: Backbone, args: argparse.Namespace) -> None:
                 chosen, _ = router.route(pick(layers))
                 routing.append(float((chosen[:, 0] == index).double().mean()))
             worst = min(range(len(routing)), key=routing.__getitem__)
-            print(f"| {choice} | {name} | {100 * sum(routing) / len(routing):.1f} | "
-                  f"{100 * routing[worst]:.1f} ({names[worst]}) |", flush=True)  # fmt: skip
+            print(
+                f"| {choice} | {name} | {100 * sum(routing) / len(routing):.1f} | "
+                f"{100 * routing[worst]:.1f} ({names[worst]}) |",
+                flush=True,
+            )
 
 
 def main() -> None:

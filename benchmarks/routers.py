@@ -10,7 +10,7 @@ task: 200 by default, the issue's setting). Then each router is fitted on the fr
 the tasks' training inputs, in task order, twice:
 - "default": as `continual-peft run` fits it now: every training input of the task (at most
   `ROUTER_CAP`), features of the router's default `layers`;
-- "slot's, last": as before issue 17: the slot's own training inputs, last-layer features.
+- "slot's, last": the slot's own training inputs, last-layer features (`layers = "last"`).
 Reported per router and fit: routing accuracy (share of test inputs sent to their own task),
 routed ACC, oracle ACC and their ratio, and the worst task's routing accuracy.
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import DEVICE, tiny_bert, word_task, write_stream
+from helpers import DEVICE, tiny_bert, word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import BackboneConfig, LearnerConfig, TrainConfig, load_strategy_spec

@@ -201,10 +201,10 @@ class ContinualLearner:
             dtype: The frozen weights' dtype; None: the one the run computed in.
         """
         saved = read_run(path)
-        place = {"device": device or "", "threads": 0}  # where it predicts, not where it ran
-        settings = dataclasses.replace(saved.config.backbone, **place, dtype=dtype or None)
-        if dtype is None:
-            settings.dtype = saved.config.backbone.dtype
+        ran = saved.config.backbone
+        # where it predicts, not where it ran: the device and threads of this machine
+        place = {"device": device or "", "threads": 0, "dtype": dtype or ran.dtype}
+        settings = dataclasses.replace(ran, **place)
         config = dataclasses.replace(saved.config, backbone=settings)
         learner = cls(backbone, config=config, stream=saved.checkpoint.stream, console=console)
         check_fingerprint(saved.fingerprint, learner.backbone, f"run {saved.folder}")
@@ -279,7 +279,9 @@ class ContinualLearner:
         where = f"task {task.name!r}: %s input"
         train_enc = self.heads.prompt_items(task.name, task.train_inputs, where % "train")
         test_enc = self.heads.prompt_items(task.name, task.test_inputs, where % "test")
-        state = LearnedTask(task, len(self.learned), slot, test_enc.items)
+        state = LearnedTask(
+            task=task, index=len(self.learned), slot=slot, test_items=test_enc.items
+        )
         raw_train = self.heads.feature_items(task.train_inputs, where % "train")
         state.raw_items = self.heads.feature_items(task.test_inputs, where % "test")
         self.learned[task.name] = state
@@ -362,10 +364,15 @@ class ContinualLearner:
         """Mark the run `finished` (or `failed`, `interrupted`), write the final report and
         release the run directory; an unfinished run can be resumed from its last task."""
         self.status = status
-        self.write_report()
         if self.run_dir:
-            run = self.run_dir
-            run.write(lambda: set_status(run.path, status))
+            run, report = self.run_dir, self.report
+
+            def final() -> None:
+                write_reports(report, run.path)
+                set_status(run.path, status)
+
+            # after a failure the other processes may be gone or mid-step: no waiting for them
+            run.write(final, together=status == "finished")
             self.close()
 
     def __enter__(self) -> ContinualLearner:

@@ -22,7 +22,7 @@ from continual_peft.store.digests import task_digest
 from continual_peft.tasks.task import Task
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LearnedTask:
     """A learned task as the learner keeps it: its data, place in the order, slot, and encoded
     test inputs (with their frozen features once computed)."""
@@ -59,16 +59,16 @@ def learned_from(
         )
     if task is None:
         bare = Task.without_data(entry.name, list(record["labels"]))
-        state = LearnedTask(bare, index, entry.slot, [], has_data=False)
+        state = LearnedTask(task=bare, index=index, slot=entry.slot, test_items=[], has_data=False)
     else:
         items = heads.prompt_items(entry.name, task.test_inputs).items
-        state = LearnedTask(task, index, entry.slot, items)
+        state = LearnedTask(task=task, index=index, slot=entry.slot, test_items=items)
         state.raw_items = heads.feature_items(task.test_inputs)
     state.data_sha256 = entry.data_sha256
     return state
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskSession:
     """A task between `begin_task` and `end_task`: what its training may change."""
 

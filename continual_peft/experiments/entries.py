@@ -44,7 +44,7 @@ BUDGET_KEYS: dict[str, str] = {
 SWEEP_EXAMPLE = "e.g. --sweep lora.r=1,2,4,8,16"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Entry:
     """One leaderboard entry: a labelled configuration."""
 
@@ -90,12 +90,12 @@ def shipped_spec(name: str, spec_dir: Path) -> Path | None:
 def entry_from(text: str, spec_dir: str | Path | None = None) -> Entry:
     """An entry from a `--strategies` item: a spec file or a strategy name (module docstring)."""
     if names_spec_file(text):
-        return Entry(Path(text).stem, load_strategy_spec(text), spec=str(text))
+        return Entry(label=Path(text).stem, config=load_strategy_spec(text), spec=str(text))
     STRATEGIES.get(text)  # an unknown name lists the valid ones
     spec = shipped_spec(text, Path(spec_dir) if spec_dir else shipped_folder("strategies"))
     if spec is not None:
-        return Entry(text, load_strategy_spec(spec), spec=str(spec))
-    return Entry(text, LearnerConfig(strategy=text))
+        return Entry(label=text, config=load_strategy_spec(spec), spec=str(spec))
+    return Entry(label=text, config=LearnerConfig(strategy=text))
 
 
 def resolve_entries(
@@ -120,7 +120,7 @@ def resolve_entries(
     for text in strategies:
         entry = entry_from(text, spec_dir)
         config = override(entry.config, overrides or {}, f"{entry.label} (command line)")
-        entries.append(Entry(entry.label, config, entry.spec))
+        entries.append(Entry(label=entry.label, config=config, spec=entry.spec))
     if sweep is not None:
         set_keys = {key for key, value in (overrides or {}).items() if value is not None}
         entries = expand_sweep(entries, sweep, set_keys)
@@ -203,8 +203,15 @@ def expand_sweep(entries: list[Entry], sweep: str, fixed: set[str] | None = None
         for value in values:
             config = override(entry.config, {key: value}, f"--sweep {key}={value}")
             label = re.sub(r"[^A-Za-z0-9._-]", "_", f"{entry.label}-{key}-{value}")
-            sweep_point = {"key": key, "value": value}
-            expanded.append(Entry(label, config, entry.spec, sweep_point, entry.label))
+            expanded.append(
+                Entry(
+                    label=label,
+                    config=config,
+                    spec=entry.spec,
+                    sweep={"key": key, "value": value},
+                    base=entry.label,
+                )
+            )
     return expanded
 
 

@@ -159,9 +159,9 @@ def launch(plan: RunPlan, console: Console | None = None) -> Path:
         run_grid(
             plan.stream,
             plan.config,
-            plan.orders,
-            plan.seeds,
-            plan.folder,
+            orders=plan.orders,
+            seeds=plan.seeds,
+            out_dir=plan.folder,
             baseline=plan.baseline,
             console=console,
             resume=plan.resume,
@@ -235,9 +235,9 @@ def launch_compare(plan: ComparePlan, console: Console | None = None) -> dict:
     return compare(
         plan.stream,
         plan.entries,
-        plan.folder,
-        plan.seeds,
-        plan.orders,
+        out_dir=plan.folder,
+        seeds=plan.seeds,
+        orders=plan.orders,
         console=console,
         resume=plan.resume,
     )

@@ -40,7 +40,7 @@ class Layout:
     path: str  # where the model was read from, for messages
     family: str  # `backbones.load.family` of its config
     # module name -> LINEAR, CONV1D or the module's class name; None: an encoder whose config
-    # is not at hand (built in memory, or moved), whose LoRA exports as before: on nn.Linear
+    # is not at hand (built in memory, or moved), whose LoRA exports onto nn.Linear layers
     kinds: dict[str, str] | None
 
     @property

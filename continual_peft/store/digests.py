@@ -70,7 +70,7 @@ def task_digest(task: Task) -> str:
     for part in (task.name, task.labels, task.train_labels, task.test_labels):
         digest.update(json.dumps(part, default=str).encode())
     shape = [getattr(task, "kind", "classification"), getattr(task, "template", None)]
-    if shape != ["classification", None]:  # so a classification task hashes as before
+    if shape != ["classification", None]:  # a plain classification task hashes its data only
         digest.update(json.dumps(shape).encode())
     router = [] if getattr(task, "router_default", False) else task.router_inputs or []
     for inputs in (task.train_inputs, task.test_inputs, router):

@@ -36,7 +36,7 @@ from typing import TypeVar
 
 import torch
 
-from continual_peft.distributed import from_writer, on_writer
+from continual_peft.distributed import from_writer, on_writer, world
 from continual_peft.errors import ContinualPeftError
 from continual_peft.registry import validate_task_name
 from continual_peft.store.io import atomic_save_safetensors, atomic_write_json, file_sha256
@@ -104,10 +104,18 @@ class RunDir:
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
-    def write(self, action: Callable[[], T]) -> T:
-        """Run `action` (which writes into this folder) on the writing process; every process
-        waits for it and gets its result, or fails with its error."""
-        return from_writer(on_writer(action))
+    def write(self, action: Callable[[], T], together: bool = True) -> T | None:
+        """Run `action` (which writes into this folder) on the writing process.
+
+        Args:
+            action: What to write.
+            together: Every process waits for the writer and gets its result, or fails with its
+                error. False after a failure, when other processes may be gone or stuck in a
+                step of their own: the writer writes, the others go on at once (None).
+        """
+        if together:
+            return from_writer(on_writer(action))
+        return action() if world().writer else None
 
     def close(self) -> None:
         """Release the lock; nothing more is written."""
