@@ -58,8 +58,10 @@ def write_stream(root: Path, train: int, test: int) -> Path:
             path = root / name / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        blocks.append(f'[[tasks]]\nname = "{name}"\ntrain = "{name}/train.jsonl"\n'
-                      f'test = "{name}/test.jsonl"\n')  # fmt: skip
+        blocks.append(
+            f'[[tasks]]\nname = "{name}"\ntrain = "{name}/train.jsonl"\n'
+            f'test = "{name}/test.jsonl"\n'
+        )
     spec = root / "stream.toml"
     spec.write_text('name = "keywords"\n\n' + "\n".join(blocks), encoding="utf-8")
     return spec
@@ -68,16 +70,41 @@ def write_stream(root: Path, train: int, test: int) -> Path:
 def one_run(args, root: Path, processes: int, threads: int) -> dict:
     """One launch; its throughput from report.json, and its wall time."""
     out = root / f"run-{processes}x{threads}"
-    options = ["run", str(root / "stream.toml"), "--out", str(out), "--baseline", "none",
-               "--module", "lora", "--rank", "8", "--epochs", str(args.epochs),
-               "--batch-size", str(args.batch_size), "--max-length", "64", "--lr", "5e-3",
-               "--device", args.device]  # fmt: skip
+    options = [
+        "run",
+        str(root / "stream.toml"),
+        "--out",
+        str(out),
+        "--baseline",
+        "none",
+        "--module",
+        "lora",
+        "--rank",
+        "8",
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        "64",
+        "--lr",
+        "5e-3",
+        "--device",
+        args.device,
+    ]
     if args.backbone:
         options += ["--backbone", args.backbone]
     command = [sys.executable, "-m", "continual_peft", *options]
     if processes > 1:
-        command[1:3] = ["-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", str(processes), "-m", "continual_peft"]  # fmt: skip
+        command[1:3] = [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            "-m",
+            "continual_peft",
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -120,13 +147,17 @@ def main() -> None:
         write_stream(root, args.train, args.test)
         results = [(n, t, one_run(args, root, n, t)) for n, t in rows]
     first = results[0][2]
-    print(f"{'configuration':>22} {'train ex/s':>11} {'ratio':>6} {'eval ex/s':>10} {'ratio':>6} "
-          f"{'wall s':>7}  same matrix")  # fmt: skip
+    print(
+        f"{'configuration':>22} {'train ex/s':>11} {'ratio':>6} {'eval ex/s':>10} {'ratio':>6} "
+        f"{'wall s':>7}  same matrix"
+    )
     for n, t, r in results:
         name = f"{n} proc{'s' if n > 1 else ''} x {t} thread{'s' if t > 1 else ''}"
-        print(f"{name:>22} {r['train/s']:>11.1f} {r['train/s'] / first['train/s']:>6.2f} "
-              f"{r['eval/s']:>10.1f} {r['eval/s'] / first['eval/s']:>6.2f} {r['wall s']:>7.1f}  "
-              f"{r['matrix'] == first['matrix']}")  # fmt: skip
+        print(
+            f"{name:>22} {r['train/s']:>11.1f} {r['train/s'] / first['train/s']:>6.2f} "
+            f"{r['eval/s']:>10.1f} {r['eval/s'] / first['eval/s']:>6.2f} {r['wall s']:>7.1f}  "
+            f"{r['matrix'] == first['matrix']}"
+        )
 
 
 if __name__ == "__main__":

@@ -61,11 +61,23 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.lora import LoRAConfig
 
 SHAPES = {
-    "tiny": {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "intermediate_size": 704, "vocab_size": 4096},
-    "tinyllama": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32,
-                  "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000},
-}  # fmt: skip
+    "tiny": {
+        "hidden_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 704,
+        "vocab_size": 4096,
+    },
+    "tinyllama": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "intermediate_size": 5632,
+        "vocab_size": 32000,
+    },
+}
 TARGETS = {"all-linear": ["all-linear"], "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 FIRST_ID = 16  # prompt and label tokens are drawn past the tokenizer's special ids
 EOS = 3  # word_tokenizer's "</s>"
@@ -92,8 +104,14 @@ def llama(shape: str, device: torch.device, dtype: torch.dtype):
     """A random-weight `LlamaForCausalLM` of `shape`, seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, tie_word_embeddings=False,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=EOS)  # fmt: skip
+    config = LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=EOS,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         return LlamaForCausalLM(config).to(dtype).eval()
@@ -103,10 +121,17 @@ def build(shape: str, args, dtype: str) -> Setup:
     """Our backbone and bank on a random `shape` model (no slots yet), and its twin for peft."""
     model = llama(shape, args.torch_device, getattr(torch, dtype))
     twin = copy.deepcopy(model)
-    backbone = CausalBackbone(model, word_tokenizer(["x"]), max_length=args.tokens + 8,
-                              name=f"random-{shape}", device=args.device, dtype=dtype)  # fmt: skip
-    config = LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0,
-                        targets=TARGETS[args.targets])  # fmt: skip
+    backbone = CausalBackbone(
+        model,
+        word_tokenizer(["x"]),
+        max_length=args.tokens + 8,
+        name=f"random-{shape}",
+        device=args.device,
+        dtype=dtype,
+    )
+    config = LoRAConfig(
+        r=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=TARGETS[args.targets]
+    )
     return Setup(backbone, ModuleBank(backbone, "lora", config), twin)
 
 
@@ -136,8 +161,9 @@ def peft_adapters(model: torch.nn.Module, bank: ModuleBank) -> torch.nn.Module:
 
     config = bank.config
     targets = "all-linear" if config.targets == ["all-linear"] else config.targets
-    theirs = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=0.0,
-                        target_modules=targets)  # fmt: skip
+    theirs = LoraConfig(
+        r=config.r, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=targets
+    )
     if not isinstance(model, PeftModel):
         model = get_peft_model(model, theirs, adapter_name="t0", autocast_adapter_dtype=False)
     for slot in range(len(model.peft_config), bank.num_slots):
@@ -185,10 +211,16 @@ def peft_generate(model, backbone: CausalBackbone, prompts, new_tokens: int, nam
     from transformers import GenerationConfig
 
     batch = backbone.collate(prompts)
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=backbone.pad_id, eos_token_id=EOS)  # fmt: skip
-    out = model.generate(**backbone.generation_inputs(batch), generation_config=config,
-                         adapter_names=names)  # fmt: skip
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=backbone.pad_id,
+        eos_token_id=EOS,
+    )
+    out = model.generate(
+        **backbone.generation_inputs(batch), generation_config=config, adapter_names=names
+    )
     rows = out[:, batch["input_ids"].shape[1] :].tolist()
     return [ids[: ids.index(EOS)] if EOS in ids else ids for ids in rows]
 
@@ -247,9 +279,11 @@ def guard(args) -> str:
         moved = max(moved, float((ours - frozen).abs().max()))
         same += sum(a == b for a, b in written)
     assert moved > 1e-2, f"the slots barely change the scores ({moved:.1e}): a vacuous guard"
-    return (f"guard (float32, tiny, {rows} rows on 1 slot, then on {slots}): ours and peft give "
-            f"the same label scores, max |diff| {gap:.1e} (the slots move them by up to "
-            f"{moved:.2f}); the same greedy tokens in {same}/{2 * rows} rows")  # fmt: skip
+    return (
+        f"guard (float32, tiny, {rows} rows on 1 slot, then on {slots}): ours and peft give "
+        f"the same label scores, max |diff| {gap:.1e} (the slots move them by up to "
+        f"{moved:.2f}); the same greedy tokens in {same}/{2 * rows} rows"
+    )
 
 
 def synced(fn: Callable, device: torch.device, seen: list | None = None) -> Callable:
@@ -283,9 +317,16 @@ def measure(setup: Setup, inputs: Inputs, slots: int, args) -> list[float | None
     write_ours, ours_s, frozen_s = pair("write", "ours")
     write_peft, peft_s, _ = pair("write", "peft")
     tokens = {k: args.batch * steps(rows[0], args.new_tokens) for k, rows in seen.items() if rows}
-    return [score_frozen_s * 1e3, score_ours, score_peft, tokens["write frozen"] / frozen_s,
-            tokens["write ours"] / ours_s, peft_s and tokens["write peft"] / peft_s,
-            write_ours, write_peft]  # fmt: skip
+    return [
+        score_frozen_s * 1e3,
+        score_ours,
+        score_peft,
+        tokens["write frozen"] / frozen_s,
+        tokens["write ours"] / ours_s,
+        peft_s and tokens["write peft"] / peft_s,
+        write_ours,
+        write_peft,
+    ]
 
 
 def steps(rows: list[list[int]], new_tokens: int) -> int:
@@ -293,9 +334,16 @@ def steps(rows: list[list[int]], new_tokens: int) -> int:
     return min(new_tokens, max(len(r) for r in rows) + 1)
 
 
-COLUMNS = [("frozen ms", 10, 1), ("ours/frozen", 12, 2), ("peft/frozen", 12, 2),
-           ("frozen tok/s", 13, 0), ("ours tok/s", 11, 0), ("peft tok/s", 11, 0),
-           ("ours/frozen", 12, 2), ("peft/frozen", 12, 2)]  # fmt: skip
+COLUMNS = [
+    ("frozen ms", 10, 1),
+    ("ours/frozen", 12, 2),
+    ("peft/frozen", 12, 2),
+    ("frozen tok/s", 13, 0),
+    ("ours tok/s", 11, 0),
+    ("peft tok/s", 11, 0),
+    ("ours/frozen", 12, 2),
+    ("peft/frozen", 12, 2),
+]
 
 
 def table_header(args) -> str:
@@ -324,9 +372,11 @@ def machine(args, dtype: str) -> str:
                 found = [line.split(":", 1)[1].strip() for line in info if "model name" in line]
             name = found[0] if found else name
     peft = "absent" if args.no_peft else importlib.metadata.version("peft")
-    return (f"{args.device} ({name}), torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, peft {peft}, threads {torch.get_num_threads()} of "
-            f"{os.cpu_count()} CPUs, {dtype}")  # fmt: skip
+    return (
+        f"{args.device} ({name}), torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, peft {peft}, threads {torch.get_num_threads()} of "
+        f"{os.cpu_count()} CPUs, {dtype}"
+    )
 
 
 def settings(args) -> str:
@@ -352,8 +402,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--targets", choices=list(TARGETS), default="all-linear")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                        help="default: bfloat16 on CUDA, float32 on a CPU")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="default: bfloat16 on CUDA, float32 on a CPU",
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads; 0: torch's choice")
     args = parser.parse_args()
     try:
@@ -386,8 +440,10 @@ def main() -> None:
         print(table_row(slots, measure(setup, inputs, slots, args)), flush=True)
     ours, theirs = setup.made_s
     peft = "" if args.no_peft else f", peft's {slots} adapters in {theirs:.1f} s"
-    print(f"set-up: our {slots} slots opened in {ours:.1f} s{peft}; "
-          f"{time.perf_counter() - began:.0f} s in all")  # fmt: skip
+    print(
+        f"set-up: our {slots} slots opened in {ours:.1f} s{peft}; "
+        f"{time.perf_counter() - began:.0f} s in all"
+    )
 
 
 if __name__ == "__main__":

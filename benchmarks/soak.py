@@ -44,9 +44,13 @@ def tiny_backbone() -> Backbone:
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     model = BertModel(config, add_pooling_layer=False).eval()
     return Backbone(model, tokenizer, max_length=16, name="tiny-bert", device="cpu")
 

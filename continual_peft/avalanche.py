@@ -1,4 +1,4 @@
-"""`from continual_peft.avalanche import ...`, the README's import path for the Avalanche
+"""`from continual_peft.avalanche import ...`, the documented import path for the Avalanche
 integration (an optional extra, so not imported by the package): see `integrations.avalanche`."""
 
 from continual_peft.integrations.avalanche import (

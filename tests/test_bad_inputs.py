@@ -1,4 +1,4 @@
-"""Bad input, and what happens: one test per row of the README's table.
+"""Bad input, and what happens: one test per row of the table in docs/errors.md.
 
 Every test checks three things: the message names the problem and the fix; the command line
 exits non-zero (2 for bad input, 130 for Ctrl-C); and nothing already saved is lost (the files of
@@ -11,11 +11,10 @@ import errno
 import functools
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DEVICE, tiny_bert, word_task, write_stream
+from helpers import DEVICE, save_tiny_bert, word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import (
@@ -36,7 +35,7 @@ from continual_peft.experiments import launch
 from continual_peft.experiments.runner import run_stream
 from continual_peft.reports.run import load_report
 from continual_peft.routers import ROUTERS
-from continual_peft.store import io as _io
+from continual_peft.store import io as store_io
 from continual_peft.strategies import Strategy, check_config
 
 runner = CliRunner()
@@ -90,27 +89,10 @@ def tiny_cli(monkeypatch, make_backbone):
     )
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    """A finished two-task run with a router, on a tiny BERT saved to a folder (so `predict`
-    can load it by name): (run directory, backbone folder). Tests work on copies."""
-    root = tmp_path_factory.mktemp("saved")
-    base = root / "base"
-    tiny_bert(tokenizer).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    backbone = Backbone.from_pretrained(str(base), max_length=32, device=DEVICE)
-    config = LearnerConfig(
-        router="prototype", train=ONE_EPOCH, backbone=BackboneConfig(max_length=32)
-    )
-    stream = Stream("words", [word_task(n, n_train=12, n_test=6) for n in NAMES])
-    run_stream(stream, config, run_dir=root / "run", make_backbone=lambda: backbone)
-    return root / "run", base
-
-
 @pytest.fixture
-def run(saved, tmp_path: Path) -> Path:
-    """A copy of the saved run, free to damage."""
-    return Path(shutil.copytree(saved[0], tmp_path / "run"))
+def run(run_copy: Path) -> Path:
+    """A copy of the session's finished run (two tasks, a router), free to damage."""
+    return run_copy
 
 
 def fail_in_second_task(
@@ -257,7 +239,7 @@ def _disk_full_from_second_task(monkeypatch, snapshot: dict, run_dir: Path) -> N
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(_io.os, "replace", replace)
+    monkeypatch.setattr(store_io.os, "replace", replace)
 
 
 def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, make_backbone):
@@ -323,28 +305,28 @@ def test_path_traversal_in_task_names(spec: Path, run: Path, tmp_path: Path):
 # ---------------------------------------------------------------- 9. the wrong backbone
 
 
-def test_wrong_backbone_for_a_saved_run(saved, run: Path, tokenizer, tmp_path: Path):
-    base = saved[1]
-    other = tmp_path / "other"
-    tiny_bert(tokenizer, seed=1).save_pretrained(other)
-    tokenizer.save_pretrained(other)
+def test_wrong_backbone_for_a_saved_run(
+    finished_run, run: Path, tokenizer, tmp_path: Path, monkeypatch
+):
+    base = finished_run.base
+    other = save_tiny_bert(tmp_path / "other", tokenizer, seed=1)
     before = files(run)
     with pytest.raises(ContinualPeftError) as info:
         load_learner(run, backbone=Backbone.from_pretrained(str(other), 32, device=DEVICE))
     message = str(info.value)
     assert f"was trained on backbone '{base}'" in message and f"is '{other}'" in message
     assert "mismatch: weights" in message and "--backbone" in message
-    # the model the run names was replaced in its folder: `predict` refuses it too
-    shutil.rmtree(base)
-    shutil.copytree(other, base)
+    # the folder the run names now holds other weights: `predict` refuses them too (the
+    # session's folder itself is left alone: the loader reads `other` when asked for it)
+    load = Backbone.from_pretrained
+
+    def replaced(name, *args, **kwargs):
+        return load(str(other) if Path(name) == base else name, *args, **kwargs)
+
+    monkeypatch.setattr(Backbone, "from_pretrained", replaced)
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
-    try:
-        refused(invoke("predict", "--run", run, "--input", inputs), "mismatch: weights")
-    finally:
-        shutil.rmtree(base)  # put the run's own model back for the other tests
-        tiny_bert(tokenizer).save_pretrained(base)
-        tokenizer.save_pretrained(base)
+    refused(invoke("predict", "--run", run, "--input", inputs), "mismatch: weights")
     assert_kept(before, run)
 
 
@@ -391,9 +373,11 @@ def test_long_inputs_are_truncated_and_counted(tmp_path: Path, make_backbone, to
     task = Task.from_examples("long", train=train, test=test)
     config = LearnerConfig(train=ONE_EPOCH, backbone=BackboneConfig(max_length=8))
     learner = run_stream(
-        Stream("long", [task]), config, run_dir=tmp_path / "run",
+        Stream("long", [task]),
+        config,
+        run_dir=tmp_path / "run",
         make_backbone=lambda: make_backbone(max_length=8),
-    )  # fmt: skip
+    )
     expected = sum(len(tokenizer(t)["input_ids"]) > 8 for t, _ in train + test)
     assert expected == 4 + 2
     report = load_report(tmp_path / "run")
@@ -447,6 +431,7 @@ def test_ctrl_c_stops_cleanly_with_earlier_tasks_saved(spec, tmp_path, monkeypat
     ],
     ids=["ctrl-c", "nan-loss"],
 )
+@pytest.mark.real_plots
 def test_a_stop_in_the_first_task_names_its_cause_and_writes_empty_reports(
     spec, tmp_path, monkeypatch, tiny_cli, error, code, message
 ):
@@ -618,19 +603,29 @@ def test_a_hand_edited_config_or_routing_is_named(run: Path, tmp_path: Path):
     refused(invoke("predict", "--run", run, "--input", inputs), "not a JSON object")
 
 
-def test_more_places_that_cannot_be_written_or_read(run: Path, tmp_path: Path, saved, tokenizer):
+def test_more_places_that_cannot_be_written_or_read(
+    run: Path, tmp_path: Path, finished_run, tokenizer
+):
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
-    refused(invoke("predict", "--run", run, "--input", inputs, "--output", inputs),
-            "is the --input file")  # fmt: skip
-    refused(invoke("export", "--run", run, "--task", NAMES[0], "--out", run / "tasks" / "zz"),
-            "inside the run directory")  # fmt: skip
-    other = tmp_path / "other"
-    tiny_bert(tokenizer, seed=1).save_pretrained(other)
-    tokenizer.save_pretrained(other)
-    refused(invoke("export", "--run", run, "--task", NAMES[0], "--out", tmp_path / "x",
-                   "--backbone", other), "mismatch: weights")  # fmt: skip
-    learner = load_learner(run, backbone=Backbone.from_pretrained(str(saved[1]), 32, device=DEVICE))
+    refused(
+        invoke("predict", "--run", run, "--input", inputs, "--output", inputs),
+        "is the --input file",
+    )
+    refused(
+        invoke("export", "--run", run, "--task", NAMES[0], "--out", run / "tasks" / "zz"),
+        "inside the run directory",
+    )
+    other = save_tiny_bert(tmp_path / "other", tokenizer, seed=1)
+    refused(
+        invoke(
+            "export", "--run", run, "--task", NAMES[0], "--out", tmp_path / "x", "--backbone", other
+        ),
+        "mismatch: weights",
+    )
+    learner = load_learner(
+        run, backbone=Backbone.from_pretrained(str(finished_run.base), 32, device=DEVICE)
+    )
     with pytest.raises(ContinualPeftError, match="wrap it in a list"):
         learner.predict("a red car")
     with pytest.raises(ContinualPeftError, match=r"input 1 is not valid Unicode text"):

@@ -54,7 +54,9 @@ class LanguageModelBackbone(Backbone):
         _check_special_tokens(tokenizer, name)
         tokenizer.padding_side = self.padding_side
         tokenizer.truncation_side = "left"  # keep a prompt's end, where its question is
-        super().__init__(model, tokenizer, max_length, name, device, dtype)
+        super().__init__(
+            model, tokenizer, max_length=max_length, name=name, device=device, dtype=dtype
+        )
         self.cache_hooks: list = []  # (rows, dtype) -> (cache, present (B,), N) or None
         taken = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in taken

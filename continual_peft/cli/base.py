@@ -73,7 +73,7 @@ STDOUT = _Stdout()
 console = Console(file=STDOUT)
 DTYPE_HELP = (
     "Frozen weights' dtype: auto (bfloat16 on a CUDA device that supports it, float32 on the CPU), "
-    "bfloat16, float16 or float32. Trainable slot and head stay float32 (README: Precision)."
+    "bfloat16, float16 or float32. Trainable slot and head stay float32 (docs/devices.md)."
 )
 MOVED_BACKBONE_HELP = (
     "The run's backbone from another folder (a moved model); it must be the same model: its "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -10,7 +11,6 @@ import typer
 from rich.markup import escape
 
 from continual_peft.backbones.placement import set_threads
-from continual_peft.backbones.text import Backbone
 from continual_peft.cli.base import (
     BATCH_SIZE,
     DATA_ROOT,
@@ -33,6 +33,7 @@ from continual_peft.engine.evaluation import (
     predict_records,
 )
 from continual_peft.engine.loading import load_learner, saved_config
+from continual_peft.engine.state import build_backbone
 from continual_peft.errors import ContinualPeftError
 from continual_peft.integrations.peft_export import export_task
 from continual_peft.store.digests import task_digest
@@ -95,7 +96,15 @@ def predict(
     task, label, rejected, routing ("given" or "router"), and the router's score and topk."""
     try:
         _check_output(output, run, input_)
-        learner, records = _open_run(run, input_, batch_size, device, dtype, backbone, threads)
+        learner, records = _open_run(
+            run,
+            input_,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            backbone=backbone,
+            threads=threads,
+        )
         rows = predict_records(learner, records, task)
         lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         if output is None or str(output) == "-":
@@ -152,7 +161,15 @@ def eval_(
         if task is not None and stream is not None:
             raise ContinualPeftError("--task goes with --input; a stream spec names its tasks")
         _check_output(output, run, input_)
-        learner, records = _open_run(run, input_, batch_size, device, dtype, backbone, threads)
+        learner, records = _open_run(
+            run,
+            input_,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            backbone=backbone,
+            threads=threads,
+        )
         if stream is not None:
             given = load_stream(stream, data_root, max_train=max_train, max_test=max_test)
             _warn_other_data(learner, given)
@@ -213,7 +230,7 @@ def _warn_other_data(learner, stream) -> None:
         )
 
 
-def _open_run(run, input_, batch_size, device, dtype, backbone, threads):
+def _open_run(run, input_, *, batch_size, device, dtype, backbone, threads):
     """The run's learner, ready to predict, and the records of `input_` (read first: a bad
     input is named before any model loads)."""
     if batch_size is not None and batch_size < 1:
@@ -224,13 +241,7 @@ def _open_run(run, input_, batch_size, device, dtype, backbone, threads):
     errors.print(f"torch threads: {set_threads(saved.backbone.threads)}", highlight=False)
     model = None
     if backbone is not None:  # the run's own model, moved: its fingerprint is checked
-        model = Backbone.from_pretrained(
-            backbone,
-            saved.backbone.max_length,
-            device=device or None,
-            dtype=dtype or saved.backbone.dtype,
-        )
-    learner = load_learner(run, model, device=device, dtype=dtype)
-    if batch_size is not None:
-        learner.config.train.eval_batch_size = batch_size
+        place = {"device": device or "", "dtype": dtype or saved.backbone.dtype}
+        model = build_backbone(dataclasses.replace(saved.backbone, **place), name=backbone)
+    learner = load_learner(run, model, device=device, dtype=dtype, batch_size=batch_size)
     return learner, records

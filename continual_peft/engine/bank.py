@@ -234,7 +234,9 @@ class ModuleBank:
             if bool(mine.any()):  # a kind no row uses costs nothing
                 local = torch.where(mine, local_of[safe], torch.full_like(indices, -1))
                 resolved = Routing.rows(local, torch.where(mine, weights, 0.0), scale_of[safe])
-                routings[kind] = Routing(put(resolved.indices), put(resolved.weights))
+                routings[kind] = Routing(
+                    indices=put(resolved.indices), weights=put(resolved.weights)
+                )
         return routings
 
     @contextlib.contextmanager

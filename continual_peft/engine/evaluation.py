@@ -164,7 +164,10 @@ def evaluate_records(
         if name is not None:
             groups.setdefault(name, []).append(i)
     same = _matcher(learner)
-    summary = {name: _scores(rows, truth, known, members, same) for name, members in groups.items()}
+    summary = {
+        name: _scores(rows, truth=truth, known=known, members=members, same=same)
+        for name, members in groups.items()
+    }
     overall = summary.pop("all")
     keys = ("oracle_acc", "routed_acc", "routing_acc")
     task_mean = {
@@ -190,7 +193,9 @@ def _matcher(learner: ContinualLearner):
     return same
 
 
-def _scores(rows: dict[str, list], truth: list[str], known: list, members: list[int], same) -> dict:
+def _scores(
+    rows: dict[str, list], *, truth: list[str], known: list, members: list[int], same
+) -> dict:
     """Oracle, routed and routing accuracy over the rows `members` (None where unmeasured)."""
 
     def mean(values: list[bool]) -> float | None:

@@ -44,6 +44,7 @@ from continual_peft.reports.run import console_report, write_reports
 from continual_peft.routers import ROUTERS, Router, load_router, router_state
 from continual_peft.store.checkpoint import (
     Checkpoint,
+    Routing,
     Snapshot,
     TaskFiles,
     set_status,
@@ -186,6 +187,7 @@ class ContinualLearner:
         console: Console | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        batch_size: int | None = None,
     ) -> ContinualLearner:
         """A learner from a folder written by `save` or a run directory (its last checkpoint).
 
@@ -199,13 +201,18 @@ class ContinualLearner:
             console: Where tables and progress go.
             device: Where to load it; None: CUDA when present, else the CPU.
             dtype: The frozen weights' dtype; None: the one the run computed in.
+            batch_size: Rows per forward pass while predicting; None: the run's
+                eval_batch_size.
         """
         saved = read_run(path)
         ran = saved.config.backbone
         # where it predicts, not where it ran: the device and threads of this machine
         place = {"device": device or "", "threads": 0, "dtype": dtype or ran.dtype}
         settings = dataclasses.replace(ran, **place)
-        config = dataclasses.replace(saved.config, backbone=settings)
+        train = saved.config.train
+        if batch_size is not None:
+            train = dataclasses.replace(train, eval_batch_size=batch_size)
+        config = dataclasses.replace(saved.config, backbone=settings, train=train)
         learner = cls(backbone, config=config, stream=saved.checkpoint.stream, console=console)
         check_fingerprint(saved.fingerprint, learner.backbone, f"run {saved.folder}")
         learner.load_state_dict(saved.checkpoint, saved.folder, tasks or [])
@@ -432,7 +439,7 @@ class ContinualLearner:
                     "name": name,
                     "slot": learned.slot,
                     "data_sha256": self.task_digest(name),
-                    "routing": self.strategy.routing(self, name),  # what exports redo
+                    "routing": Routing(*self.strategy.routing(self, name)),  # what exports redo
                 }
                 for name, learned in self.learned.items()
             ],

@@ -38,6 +38,7 @@ def load_learner(
     console: Console | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    batch_size: int | None = None,
 ) -> ContinualLearner:
     """A learner holding every finished task of a run, ready for `predict` (and, given the
     tasks' data, for `learn`). Nothing is written and no lock is taken.
@@ -52,9 +53,16 @@ def load_learner(
         dtype: The frozen weights' dtype to predict in; None: the one the run computed in
             (e.g. bfloat16 for a run made on a GPU, which is slow on most CPUs: pass
             "float32" there; predictions may then differ by bfloat16's rounding).
+        batch_size: Rows per forward pass while predicting; None: the run's eval_batch_size.
     """
     return ContinualLearner.load(
-        run_dir, backbone, tasks=tasks, console=console, device=device, dtype=dtype
+        run_dir,
+        backbone,
+        tasks=tasks,
+        console=console,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
     )
 
 

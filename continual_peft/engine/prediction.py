@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ def frozen_features(
         found = sharded_batches(backbone, items, batch_size, embed)
     if not found:  # no input: as wide as the features would be
         return placement.zeros(0, backbone.feature_width(layers))
-    out = placement.zeros(len(items), found[0][1].shape[1])
+    _, first = found[0]  # (row positions, their features)
+    out = placement.zeros(len(items), first.shape[1])
     for rows, values in found:
         out[placement.tensor(rows, dtype=torch.long)] = values.to(out.device)
     return out
@@ -77,6 +78,7 @@ def routed_predict(
     bank: ModuleBank,
     heads: TaskHeads,
     items: list,
+    *,
     slots: torch.Tensor,
     weights: torch.Tensor,
     head_tasks: list[str | None],
@@ -173,6 +175,13 @@ def evaluating(backbone: Backbone) -> Iterator[None]:
 Routing = Callable[[str], tuple[list[int], list[float]]]  # task -> its slots and weights
 
 
+class RoutedScore(NamedTuple):
+    """A task's test set under a router."""
+
+    metric: float  # the task's metric on the routed answers (accuracy, or exact match)
+    routing: float  # share of rows whose top-1 task is the task itself
+
+
 class Predictor:
     """The frozen backbone, the bank and the heads, run for evaluation and prediction.
 
@@ -186,6 +195,7 @@ class Predictor:
 
     def __init__(
         self,
+        *,
         backbone: Backbone,
         bank: ModuleBank,
         heads: TaskHeads,
@@ -206,7 +216,9 @@ class Predictor:
     def features(self, items: list, layers: str | list[int] = "last") -> torch.Tensor:
         """(N, d) frozen features of encoded items, from the hidden layers of a `layers`
         setting (a router's `layers`): what routers see."""
-        return frozen_features(self.backbone, self.bank, items, self.batch_size, layers)
+        return frozen_features(
+            self.backbone, self.bank, items, batch_size=self.batch_size, layers=layers
+        )
 
     def test_features(self, state: LearnedTask, layers: str | list[int]) -> torch.Tensor:
         """A task's test inputs' frozen features for a `layers` setting, computed once."""
@@ -257,7 +269,15 @@ class Predictor:
         mixed = (weights[:, :, None] * table_weights[safe]).flatten(1)  # (B, k·m)
         heads = [order[t].task.name if t >= 0 else None for t in indices[:, 0].tolist()]
         rows = self._prompted(inputs, items, heads)
-        answers = routed_predict(self.bank, self.heads, rows, slots, mixed, heads, self.batch_size)
+        answers = routed_predict(
+            self.bank,
+            self.heads,
+            rows,
+            slots=slots,
+            weights=mixed,
+            head_tasks=heads,
+            batch_size=self.batch_size,
+        )
         return answers, indices, weights
 
     def _prompted(self, inputs: list, items: list, heads: list[str | None]) -> list:
@@ -274,15 +294,16 @@ class Predictor:
                 out[i] = row
         return out
 
-    def routed_scores(self, router: Router, state: LearnedTask) -> tuple[float, float]:
-        """(routed metric, routing accuracy) on a task's test set; an answer counts when it
+    def routed_scores(self, router: Router, state: LearnedTask) -> RoutedScore:
+        """Routed metric and routing accuracy on a task's test set; an answer counts when it
         matches (the same label string; for generation, exact match)."""
         features = self.test_features(state, router.layers)
         answers, indices, _ = self.routed(
             router, state.task.test_inputs, state.feature_items, features
         )
         value, _ = task_scores(self.heads.metric(state.task.name), answers, state.task)
-        return value, float((indices[:, 0] == state.index).double().mean())
+        routing = float((indices[:, 0] == state.index).double().mean())
+        return RoutedScore(metric=value, routing=routing)
 
     def logits(self, inputs: list, tasks: list[str]) -> torch.Tensor:
         """(B, C_max) logits (label scores on a generative backbone) of rows of given tasks in
@@ -301,7 +322,13 @@ class Predictor:
         rows = self.heads.prompt_rows(list(inputs), list(tasks))
         with meter(f"predicting {len(rows)} input(s)", len(rows)):
             return routed_predict(
-                self.bank, self.heads, rows, slots, weights, tasks, self.batch_size
+                self.bank,
+                self.heads,
+                rows,
+                slots=slots,
+                weights=weights,
+                head_tasks=tasks,
+                batch_size=self.batch_size,
             )
 
     def details(self, router: Router, inputs: list) -> list[dict]:
@@ -361,7 +388,7 @@ class Predictor:
         """Per learned task, in learning order: routed accuracy and routing accuracy on its
         test set under `router` (which must know every learned task)."""
         results = [self.routed_scores(router, state) for state in self.learned.values()]
-        return [r[0] for r in results], [r[1] for r in results]
+        return [r.metric for r in results], [r.routing for r in results]
 
 
 def task_scores(metric: str, answers: list[str | None], task) -> tuple[float, dict[str, float]]:

@@ -44,7 +44,7 @@ def configure(mode: str = "auto", interval: float = 30.0) -> None:
     _settings.update(mode=mode, interval=float(interval))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Meter:
     """An open piece of work: `done` of `total` units, and named fields shown beside it."""
 
@@ -97,7 +97,7 @@ def meter(description: str, total: int, unit: str = "rows") -> Iterator[Meter]:
     if _open.get():
         yield _open.get()[0]
         return
-    item = Meter(description, max(int(total), 0), unit)
+    item = Meter(description=description, total=max(int(total), 0), unit=unit)
     stderr = Console(stderr=True)
     if _settings["mode"] != "off" and stderr.is_terminal:
         item._bar = Progress(

@@ -23,7 +23,7 @@ from continual_peft.engine.progress import meter
 from continual_peft.errors import ContinualPeftError
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainResult:
     """What one task's training did."""
 
@@ -116,7 +116,12 @@ def train_task(
                 progress.advance(1, loss=value)
     backbone.eval()
     seconds = time.perf_counter() - start
-    return TrainResult(float(np.mean(epoch_losses)), step, seconds, curve.points)
+    return TrainResult(
+        final_loss=float(np.mean(epoch_losses)),
+        steps=step,
+        seconds=seconds,
+        loss_curve=curve.points,
+    )
 
 
 def _diverged(description: str, value: float, step: int, lr: float) -> ContinualPeftError:

@@ -100,7 +100,7 @@ def compare(
     Returns:
         The leaderboard (the contents of leaderboard.json).
     """
-    plan = _plan(stream, entries, Path(out_dir), seeds, orders, resume)
+    plan = _plan(stream, entries, out=Path(out_dir), seeds=seeds, orders=orders, resume=resume)
     plan.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for number, entry in enumerate(plan.entries, start=1):
@@ -127,7 +127,7 @@ def compare(
     return board
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Plan:
     """A checked comparison: what runs where."""
 
@@ -141,7 +141,7 @@ class _Plan:
     resume: bool = False
 
 
-def _plan(stream, entries, out, seeds, orders, resume=False) -> _Plan:
+def _plan(stream, entries, *, out, seeds, orders, resume=False) -> _Plan:
     """Check everything before the first run: entries, the shared budget, orders, folders."""
     chosen = [e if isinstance(e, Entry) else entry_from(e) for e in entries]
     # checked once, here: the runs below trust these configs (the caller's entries unchanged)
@@ -180,7 +180,16 @@ def _plan(stream, entries, out, seeds, orders, resume=False) -> _Plan:
     }
     if resume:
         _check_same_comparison(out, head, [e.label for e in chosen])
-    return _Plan(chosen, stream, orders, labelled, seeds, out, head, resume)
+    return _Plan(
+        entries=chosen,
+        stream=stream,
+        orders=orders,
+        labelled=labelled,
+        seeds=seeds,
+        out=out,
+        head=head,
+        resume=resume,
+    )
 
 
 def _check_same_comparison(out: Path, head: dict[str, Any], labels: list[str]) -> None:
@@ -226,16 +235,22 @@ def _run_entry(entry: Entry, plan: _Plan, console, make_backbone) -> list[dict]:
         aggregate = run_grid(
             plan.stream,
             entry.config,
-            plan.orders,
-            plan.seeds,
-            folder,
+            orders=plan.orders,
+            seeds=plan.seeds,
+            out_dir=folder,
             console=console,
             make_backbone=make_backbone,
             resume=plan.resume and folder.is_dir(),
         )
         dirs = [(run["order"], run["seed"], folder / run["run_dir"]) for run in aggregate["runs"]]
     return [
-        run_row(load_report(d), run_head_parameters(d), name, seed, str(d.relative_to(plan.out)))
+        run_row(
+            load_report(d),
+            run_head_parameters(d),
+            order=name,
+            seed=seed,
+            run_dir=str(d.relative_to(plan.out)),
+        )
         for name, seed, d in dirs
     ]
 
@@ -291,7 +306,7 @@ def total_trainable_parameters(report: dict[str, Any], head_parameters: dict[str
 
 
 def run_row(
-    report: dict[str, Any], head_parameters: dict[str, int], order: str, seed: int, run_dir: str
+    report: dict[str, Any], head_parameters: dict[str, int], *, order: str, seed: int, run_dir: str
 ) -> dict[str, Any]:
     """One run's leaderboard record: the grid's run record plus parameters, times and curves."""
     row = run_record(order, seed, run_dir, report)

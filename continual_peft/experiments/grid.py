@@ -170,8 +170,9 @@ def run_grid(
     labelled = label_orders(stream, orders)
     out = Path(out_dir)
     combos = [(name, ordered, seed) for name, ordered in labelled for seed in seeds]
-    head = _grid_head(stream, config, baseline, seeds, labelled)
-    _check_grid_folder(out, head, [f"{name}-seed{seed}" for name, _, seed in combos], resume)
+    head = _grid_head(stream, config, baseline=baseline, seeds=seeds, labelled=labelled)
+    folders = [f"{name}-seed{seed}" for name, _, seed in combos]
+    _check_grid_folder(out, head, runs=folders, resume=resume)
     if console:
         console.print(f"grid directory: {out}", highlight=False, soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +185,15 @@ def run_grid(
         run_dir = out / f"{name}-seed{seed}"
         again = resume and run_dir.is_dir()
         try:
-            run_stream(ordered, seeded, run_dir, baseline, console, make_backbone, again)
+            run_stream(
+                ordered,
+                seeded,
+                run_dir=run_dir,
+                baseline=baseline,
+                console=console,
+                make_backbone=make_backbone,
+                resume=again,
+            )
         except BaseException as err:
             failed = {"order": name, "seed": seed, "error": f"{type(err).__name__}: {err}"}
             write_aggregate(_aggregate(head, runs, "failed", failed), out)
@@ -201,6 +210,7 @@ def run_grid(
 def _grid_head(
     stream: Stream,
     config: LearnerConfig,
+    *,
     baseline: str | None,
     seeds: list[int],
     labelled: list[tuple[str, Stream]],

@@ -63,7 +63,13 @@ def run_stream(
     if resume and (run_dir is None or not Path(run_dir).is_dir()):
         raise ContinualPeftError(f"cannot resume {run_dir}: there is no such run directory.")
     if from_writer(resume and run_finished(run_dir)):
-        return _finished(Path(run_dir), config, baseline, console, make_backbone)
+        return _finished(
+            Path(run_dir),
+            config,
+            baseline=baseline,
+            console=console,
+            make_backbone=make_backbone,
+        )
     if run_dir is not None and not resume:
         check_free(run_dir)  # before any model is loaded
     if resume:
@@ -71,13 +77,30 @@ def run_stream(
     if console and run_dir is not None:
         console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
     title = f"strategy {config.strategy}"
-    learner = _learn_all(stream, config, run_dir, console, make_backbone, title, resume, baseline)
+    learner = _learn_all(
+        stream,
+        config,
+        run_dir=run_dir,
+        console=console,
+        make_backbone=make_backbone,
+        title=title,
+        resume=resume,
+        baseline=baseline,
+    )
     try:
         if baseline is not None:
             sub = Path(run_dir) / f"baseline-{baseline}" if run_dir is not None else None
             title = f"baseline {baseline}"
             again = resume and sub.is_dir()  # a lost baseline folder: run again
-            base = _learn_all(stream, other, sub, console, make_backbone, title, again)
+            base = _learn_all(
+                stream,
+                other,
+                run_dir=sub,
+                console=console,
+                make_backbone=make_backbone,
+                title=title,
+                resume=again,
+            )
             base.finish()
             learner.finish_baseline(baseline, base.report)
     except BaseException as err:
@@ -90,13 +113,21 @@ def run_stream(
 
 
 def _learn_all(
-    stream, config, run_dir, console, make_backbone, title, resume=False, baseline=None
+    stream, config, *, run_dir, console, make_backbone, title, resume=False, baseline=None
 ) -> ContinualLearner:
     backbone = make_backbone() if make_backbone else None
     if run_dir is None:
         learner = ContinualLearner(backbone, config=config, stream=stream.name, console=console)
     else:
-        learner = open_run(run_dir, stream, config, backbone, console, resume, baseline=baseline)
+        learner = open_run(
+            run_dir,
+            stream,
+            config,
+            backbone=backbone,
+            console=console,
+            resume=resume,
+            baseline=baseline,
+        )
     done = len(learner.learned)
     if console:
         start = f", resuming after task {done}" if done else ""
@@ -128,7 +159,7 @@ def _check_baseline(run: Path, baseline: str | None) -> None:
         )
 
 
-def _finished(run: Path, config, baseline, console, make_backbone) -> ContinualLearner:
+def _finished(run: Path, config, *, baseline, console, make_backbone) -> ContinualLearner:
     """A finished run resumed: refused with other settings; else nothing to do, but reports
     that were lost or damaged are written again from the checkpoint."""
     _check_baseline(run, baseline)

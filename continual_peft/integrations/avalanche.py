@@ -257,9 +257,9 @@ class ContinualPeftPlugin(SupervisedPlugin):
         model = self._model(strategy)
         session, model.session = model.session, None
         loss = float(strategy.loss.item()) if torch.is_tensor(strategy.loss) else float("nan")
-        self.learner.end_task(
-            session, TrainResult(loss, self.steps, time.perf_counter() - self.started)
-        )
+        seconds = time.perf_counter() - self.started
+        result = TrainResult(final_loss=loss, steps=self.steps, seconds=seconds)
+        self.learner.end_task(session, result)
 
 
 class ContinualPeftStrategy(Naive):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from continual_peft.backbones.text import DEFAULT_BACKBONE, default_model_path
+from continual_peft.config import LearnerConfig
 from continual_peft.engine.saved_run import read_run
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.integrations.lora_layers import Layout
@@ -25,7 +26,7 @@ class ExportSource:
 
     run_dir: Path
     task: str
-    config: dict  # LearnerConfig.to_dict()
+    config: LearnerConfig  # the run's
     fingerprint: dict  # the backbone's, as the run recorded it
     record: dict  # task.json
     sites: dict[str, dict[str, torch.Tensor]]  # wrapped layer name -> lora_A, lora_B, scale
@@ -38,7 +39,7 @@ class ExportSource:
         """Where the run's backbone lives: an absolute folder when it is local, else its name."""
         if self.moved_backbone:
             return self.moved_backbone
-        name = self.fingerprint.get("name") or self.config.get("backbone", {}).get("name", "")
+        name = self.fingerprint.get("name") or self.config.backbone.name
         if not name or name == DEFAULT_BACKBONE:
             return str(default_model_path().resolve())
         return str(Path(name).resolve()) if Path(name).exists() else name
@@ -69,7 +70,7 @@ def read_task(run_dir: Path, task: str) -> ExportSource:
     return ExportSource(
         run_dir=run_dir,
         task=task,
-        config=saved.config.to_dict(),
+        config=saved.config,
         fingerprint=saved.fingerprint,
         record=record,
         sites=_sum(parts, weights),

@@ -47,8 +47,9 @@ from continual_peft.backbones.causal import CausalBackbone
 from continual_peft.backbones.fingerprint import check_fingerprint
 from continual_peft.backbones.load import AUTO_CLASSES
 from continual_peft.backbones.seq2seq import Seq2SeqBackbone
-from continual_peft.backbones.text import Backbone, model_name
-from continual_peft.config import GenerationConfig
+from continual_peft.backbones.text import model_name
+from continual_peft.config import BackboneConfig
+from continual_peft.engine.state import build_backbone
 from continual_peft.errors import ContinualPeftError
 from continual_peft.integrations.export_source import FORMATS, ExportSource, read_task
 from continual_peft.integrations.lora_layers import Layout, merge_lora, read_layout
@@ -93,8 +94,7 @@ def export_task(
     if backbone is not None:
         source.moved_backbone = model_name(backbone)
         if format == "peft":  # `merged` loads and checks it anyway
-            length = int(source.config.get("backbone", {}).get("max_length", 128))
-            moved = Backbone.from_pretrained(backbone, length, device="cpu", dtype="float32")
+            moved = build_backbone(on_cpu(source.config.backbone), name=backbone)
             check_fingerprint(source.fingerprint, moved, f"run {source.run_dir}")
     source.layout = read_layout(source.backbone_path, source.fingerprint.get("model_class", ""))
     source.layout.check(list(source.sites), task)
@@ -135,10 +135,15 @@ def _write_peft(source: ExportSource, out: Path) -> None:
     atomic_write_json(out / "adapter_config.json", _peft_config(source))
 
 
+def on_cpu(settings: BackboneConfig) -> BackboneConfig:
+    """The run's backbone settings, on the CPU in float32: where exports load and merge it."""
+    return dataclasses.replace(settings, device="cpu", dtype="float32")
+
+
 def _peft_config(source: ExportSource) -> dict:
     """peft's LoraConfig for this LoRA; fields left out read as peft's defaults."""
     r, alpha = _rank_and_alpha(source)
-    lora, layout, layers = source.config.get("lora", {}), source.layout, list(source.sites)
+    lora, layout, layers = source.config.kind_config("lora"), source.layout, list(source.sites)
     model_class = source.fingerprint.get("model_class", "")
     config = {
         "peft_type": "LORA",
@@ -149,8 +154,8 @@ def _peft_config(source: ExportSource) -> dict:
         "inference_mode": True,  # peft sets this when saving
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": float(lora.get("dropout", 0.0)),
-        "target_modules": _target_modules(layers, layout, lora.get("targets", [])),
+        "lora_dropout": float(lora.dropout),
+        "target_modules": _target_modules(layers, layout, list(lora.targets)),
         # A and B act alike on both layer kinds; the flag tells peft how to merge into a
         # Conv1D's (d_in, d_out) weight, and peft sets it itself on meeting one
         "fan_in_fan_out": layout.fan_in_fan_out(layers),
@@ -177,7 +182,7 @@ def _rank_and_alpha(source: ExportSource) -> tuple[int, int | float]:
             "the peft format needs one of each"
         )
     r, scale = ranks.pop(), scales.pop()
-    alpha = float(source.config.get("lora", {}).get("alpha", scale * r))
+    alpha = float(source.config.kind_config("lora").alpha)
     if not math.isclose(alpha / r, scale, rel_tol=1e-6):
         alpha = scale * r  # the file wins over the config (and a sum of slots has rank Σr)
     return r, int(alpha) if alpha.is_integer() else alpha
@@ -210,10 +215,7 @@ def _write_merged(source: ExportSource, out: Path) -> None:
     """The run's backbone with each LoRA delta added to its layer's weight (nn.Linear or Conv1D),
     plus its tokenizer; a language model keeps its LM head (and Auto class)."""
     # merged on the CPU in float32, with the run's own max_length (only checked, never used)
-    max_length = int(source.config.get("backbone", {}).get("max_length", 128))
-    backbone = Backbone.from_pretrained(
-        source.backbone_path, max_length, device="cpu", dtype="float32"
-    )
+    backbone = build_backbone(on_cpu(source.config.backbone), name=source.backbone_path)
     check_fingerprint(source.fingerprint, backbone, f"run {source.run_dir}")
     merge_lora(backbone.model, source.sites)
     backbone.model.save_pretrained(out)  # safetensors by default
@@ -246,7 +248,7 @@ def _write_extras(source: ExportSource, out: Path, format: str) -> None:
 
 def _lm_answers(source: ExportSource) -> dict:
     """How the run read a generative task's answers off the model's own LM head."""
-    generation = dataclasses.asdict(GenerationConfig()) | source.config.get("generation", {})
+    generation = dataclasses.asdict(source.config.generation)
     family = {CausalBackbone.kind: CausalBackbone, Seq2SeqBackbone.kind: Seq2SeqBackbone}
     return {
         "task_kind": source.record.get("kind", "classification"),

@@ -144,11 +144,11 @@ class Adapter:
     def _site(self, layer: nn.Module, routing: Routing) -> LowRankSite:
         rank = self.config.width(layer_sizes(layer)[0])
         return LowRankSite(
-            layer,
-            routing,
-            rank,
-            NAMES,
-            _init(rank),
+            base_layer=layer,
+            routing=routing,
+            rank=rank,
+            names=NAMES,
+            init=_init(rank),
             on_output=True,
             activation=ACTIVATIONS[self.config.activation](),
             dropout=self.config.dropout,

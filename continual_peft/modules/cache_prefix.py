@@ -49,7 +49,7 @@ class CachePrefixSite(StackedSite):
     """
 
     def __init__(
-        self, model: nn.Module, routing: Routing, num_virtual_tokens: int, init_std: float
+        self, *, model: nn.Module, routing: Routing, num_virtual_tokens: int, init_std: float
     ) -> None:
         super().__init__()
         self.routing = routing
@@ -92,7 +92,12 @@ class CachePrefixSite(StackedSite):
 
 def inject_cache_prefix(backbone, routing: Routing, config) -> dict[str, nn.Module]:
     """Register one `CachePrefixSite` on a causal backbone; returns `{"prefix": site}`."""
-    site = CachePrefixSite(backbone.model, routing, config.num_virtual_tokens, config.init_std)
+    site = CachePrefixSite(
+        model=backbone.model,
+        routing=routing,
+        num_virtual_tokens=config.num_virtual_tokens,
+        init_std=config.init_std,
+    )
     backbone.add_module("prefix", site)  # follows backbone.to(); its slot is a parameter
     backbone.add_cache_hook(site)
     return {"prefix": site}

@@ -65,6 +65,11 @@ class LoRA:
             backbone.model,
             self.config.targets,
             lambda layer: LowRankSite(
-                layer, routing, self.config.r, NAMES, init, dropout=self.config.dropout
+                base_layer=layer,
+                routing=routing,
+                rank=self.config.r,
+                names=NAMES,
+                init=init,
+                dropout=self.config.dropout,
             ),
         )

@@ -72,6 +72,7 @@ class LowRankSite(StackedSite):
 
     def __init__(
         self,
+        *,
         base_layer: nn.Module,
         routing: Routing,
         rank: int,

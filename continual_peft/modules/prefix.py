@@ -37,7 +37,7 @@ from continual_peft.modules.routing import Routing
 from continual_peft.modules.stack import SlotStack, StackedSite
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Layout:
     """Where one model family keeps its attention's parts (attribute names on the module)."""
 
@@ -52,22 +52,22 @@ class Layout:
 
 LAYOUTS = (
     Layout(
-        re.compile(r"(.*\.)?layer\.\d+\.attention\.self"),
-        "query",
-        "key",
-        "value",
-        None,
-        "attention_head_size",
-        "dropout",
+        where=re.compile(r"(.*\.)?layer\.\d+\.attention\.self"),
+        query="query",
+        key="key",
+        value="value",
+        output=None,
+        head_size="attention_head_size",
+        dropout="dropout",
     ),
     Layout(
-        re.compile(r"(.*\.)?layers?\.\d+\.attention"),
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "head_dim",
-        "attention_dropout",
+        where=re.compile(r"(.*\.)?layers?\.\d+\.attention"),
+        query="q_proj",
+        key="k_proj",
+        value="v_proj",
+        output="o_proj",
+        head_size="head_dim",
+        dropout="attention_dropout",
     ),
 )
 
@@ -97,6 +97,7 @@ class PrefixSite(StackedSite):
 
     def __init__(
         self,
+        *,
         base_layer: nn.Module,
         routing: Routing,
         config: PrefixConfig,
@@ -131,7 +132,10 @@ class PrefixSite(StackedSite):
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             raise ContinualPeftError("prefix tuning does not support a key/value cache")
         keys, values, keep = self._prefixes(hidden_states.shape[0])
-        return self._attend(hidden_states, attention_mask, keys, values, keep), None
+        out = self._attend(
+            hidden_states, attention_mask, prefix_keys=keys, prefix_values=values, keep=keep
+        )
+        return out, None
 
     def _prefixes(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's prefix keys and values (B, N, d), and whether the row has one (B,)."""
@@ -151,6 +155,7 @@ class PrefixSite(StackedSite):
         self,
         hidden: torch.Tensor,
         mask: torch.Tensor | None,
+        *,
         prefix_keys: torch.Tensor,
         prefix_values: torch.Tensor,
         keep: torch.Tensor,
@@ -168,7 +173,9 @@ class PrefixSite(StackedSite):
         real_keys, real_values = self._part("key")(hidden), self._part("value")(hidden)
         keys = heads(torch.cat([prefix_keys.to(real_keys.dtype), real_keys], dim=1))
         values = heads(torch.cat([prefix_values.to(real_values.dtype), real_values], dim=1))
-        bias = extend_mask(mask, keep, prefix_keys.shape[1], length, query.dtype)
+        bias = extend_mask(
+            mask, keep, prefix=prefix_keys.shape[1], length=length, dtype=query.dtype
+        )
         out = F.scaled_dot_product_attention(
             query,
             keys,
@@ -182,7 +189,7 @@ class PrefixSite(StackedSite):
 
 
 def extend_mask(
-    mask: torch.Tensor | None, keep: torch.Tensor, prefix: int, length: int, dtype: torch.dtype
+    mask: torch.Tensor | None, keep: torch.Tensor, *, prefix: int, length: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """An additive mask (B, 1, Lq, N + L) over prefix and real keys, from what BERT passes in.
 
@@ -256,7 +263,7 @@ class Prefix:
         sites = {}
         for name, module, layout in found:
             parent_name, _, child = name.rpartition(".")
-            site = PrefixSite(module, routing, self.config, layout)
+            site = PrefixSite(base_layer=module, routing=routing, config=self.config, layout=layout)
             setattr(model.get_submodule(parent_name) if parent_name else model, child, site)
             sites[name] = site
         return sites

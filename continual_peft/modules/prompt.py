@@ -79,6 +79,7 @@ def prepend_virtual_tokens(
     embeds: torch.Tensor,
     mask: torch.Tensor,
     positions: torch.Tensor,
+    *,
     prompts: torch.Tensor,
     present: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -122,6 +123,7 @@ class PromptSite(StackedSite):
 
     def __init__(
         self,
+        *,
         vocab: torch.Tensor,
         routing: Routing,
         num_virtual_tokens: int,
@@ -160,7 +162,7 @@ class PromptSite(StackedSite):
             present = torch.ones(rows, dtype=torch.bool, device=embeds.device)
         else:
             prompts, present = self._mixed(embeds.dtype, rows)
-        return prepend_virtual_tokens(embeds, mask, positions, prompts, present)
+        return prepend_virtual_tokens(embeds, mask, positions, prompts=prompts, present=present)
 
     def _mixed(self, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's weight-normalised prompt (B, N, d) and whether it has one (B,)."""
@@ -196,7 +198,9 @@ class Prompt:
         if "prompt" in dict(backbone.named_children()):
             raise ContinualPeftError("this backbone already has a prompt kind injected")
         table = backbone.token_table()  # word embeddings; for images, a blank image's tokens
-        site = PromptSite(table, routing, n, prompt_init(self.config, table))
+        site = PromptSite(
+            vocab=table, routing=routing, num_virtual_tokens=n, init=prompt_init(self.config, table)
+        )
         # A child of the backbone, like the wrapped-layer sites of other kinds: it follows
         # `backbone.to()` and its trainable slot shows in `backbone.parameters()`.
         backbone.add_module("prompt", site)

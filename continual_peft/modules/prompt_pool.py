@@ -71,7 +71,7 @@ class PromptPoolConfig:
     init: str = "vocab"  # prompts: "vocab" (random tokens' embeddings) or "normal"; see `prompt`
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Selection:
     """The pool's choice for the last batch through the hook: what the key-pull loss needs."""
 
@@ -128,6 +128,7 @@ class PromptPoolSite(StackedSite):
 
     def __init__(
         self,
+        *,
         vocab: torch.Tensor,
         routing: Routing,
         config: PromptPoolConfig,
@@ -175,9 +176,11 @@ class PromptPoolSite(StackedSite):
         indices = select_prompts(query, keys, self.config.top_n)  # (B, N)
         chosen = stacked["prompts"][pool[:, None], indices]  # (B, N, L, d)
         rows = torch.arange(len(pool), device=pool.device)[:, None]
-        self.last = Selection(query, keys[rows, indices], indices, present)
+        self.last = Selection(
+            query=query, keys=keys[rows, indices], indices=indices, present=present
+        )
         prompts = chosen.flatten(1, 2).to(embeds.dtype)  # (B, N·L, d)
-        return prepend_virtual_tokens(embeds, mask, positions, prompts, present)
+        return prepend_virtual_tokens(embeds, mask, positions, prompts=prompts, present=present)
 
     def _row_pools(
         self, rows: int, slots: int, device: torch.device
@@ -247,7 +250,10 @@ class PromptPool:
         if "prompt_pool" in dict(backbone.named_children()):
             raise ContinualPeftError("this backbone already has a prompt_pool kind injected")
         site = PromptPoolSite(
-            backbone.token_table(), routing, self.config, _frozen_features(backbone)
+            vocab=backbone.token_table(),
+            routing=routing,
+            config=self.config,
+            frozen_features=_frozen_features(backbone),
         )
         backbone.add_module("prompt_pool", site)  # follows backbone.to(), as the prompt kind
         backbone.add_input_hook(site)

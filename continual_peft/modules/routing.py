@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Routing:
     """Per-row slot choice for the batch in flight.
 

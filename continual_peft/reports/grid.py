@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -23,22 +23,37 @@ from continual_peft.reports.plots import figure_png
 from continual_peft.store.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 AGGREGATE_FILES = ("aggregate.json", "aggregate.md", "aggregate.csv", "aggregate.png")
-# (key, display name, signed, definition key); transfer metrics are signed as in report.md.
-_LABELS = (
-    ("acc", "ACC", False, "acc"),
-    ("bwt", "BWT", True, "bwt"),
-    ("forgetting", "Forgetting", False, "forgetting"),
-    ("routed_acc", "routed ACC", False, "acc"),
-    ("baseline_acc", "baseline ACC", False, "acc"),
-    ("baseline_bwt", "baseline BWT", True, "bwt"),
-    ("baseline_forgetting", "baseline Forgetting", False, "forgetting"),
+
+
+class _Metric(NamedTuple):
+    """A metric of the aggregate's tables and plots."""
+
+    key: str  # its key in a run record and in the summary
+    label: str  # display name
+    signed: bool  # shown with its sign (transfer metrics, as in report.md)
+    definition: str  # its key in `METRIC_DEFINITIONS`
+
+
+_METRICS = (
+    _Metric(key="acc", label="ACC", signed=False, definition="acc"),
+    _Metric(key="bwt", label="BWT", signed=True, definition="bwt"),
+    _Metric(key="forgetting", label="Forgetting", signed=False, definition="forgetting"),
+    _Metric(key="routed_acc", label="routed ACC", signed=False, definition="acc"),
+    _Metric(key="baseline_acc", label="baseline ACC", signed=False, definition="acc"),
+    _Metric(key="baseline_bwt", label="baseline BWT", signed=True, definition="bwt"),
+    _Metric(
+        key="baseline_forgetting",
+        label="baseline Forgetting",
+        signed=False,
+        definition="forgetting",
+    ),
 )
 
 
-def _shown(aggregate: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
+def _shown(aggregate: dict[str, Any]) -> list[_Metric]:
     """The metrics measured in at least one run (routed ACC only with a router, ...)."""
     overall = (aggregate.get("summary") or {}).get("overall") or {}
-    return [row for row in _LABELS if (overall.get(row[0]) or {}).get("n")]
+    return [metric for metric in _METRICS if (overall.get(metric.key) or {}).get("n")]
 
 
 def mean_std(stats: dict[str, Any] | None, signed: bool = False) -> str:
@@ -63,7 +78,7 @@ def _summary_rows(aggregate: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, tasks, stats in groups:
         count = len(runs) if name == "all" else sum(r["order"] == name for r in runs)
-        cells = [mean_std(stats.get(key), signed) for key, _, signed, _ in _shown(aggregate)]
+        cells = [mean_std(stats.get(m.key), m.signed) for m in _shown(aggregate)]
         rows.append([name, tasks, str(count), *cells])
     return rows
 
@@ -85,8 +100,8 @@ def console_aggregate(aggregate: dict[str, Any]) -> Group:
     table = Table(title="Mean ± std (%) over seeds; std = sample std (ddof=1)")
     for header in ("order", "tasks", "runs"):
         table.add_column(header, style="bold" if header == "order" else None)
-    for _, label, _, _ in _shown(aggregate):
-        table.add_column(label, justify="right")
+    for metric in _shown(aggregate):
+        table.add_column(metric.label, justify="right")
     for row in _summary_rows(aggregate):
         table.add_row(*row)
     return Group(Text(_title(aggregate), style="bold"), table)
@@ -98,7 +113,7 @@ def console_aggregate(aggregate: dict[str, Any]) -> Group:
 def render_aggregate_markdown(aggregate: dict[str, Any]) -> str:
     """The contents of aggregate.md: the summary table, every run, and the definitions."""
     shown = _shown(aggregate)
-    labels = [label for _, label, _, _ in shown]
+    labels = [metric.label for metric in shown]
     lines = [
         f"# continual-peft aggregate: {_title(aggregate)}",
         "",
@@ -112,7 +127,7 @@ def render_aggregate_markdown(aggregate: dict[str, Any]) -> str:
     ]
     rows = [
         [run["order"], str(run["seed"]), f"`{run['run_dir']}`"]
-        + [pct(run.get(key), signed) or "n/a" for key, _, signed, _ in shown]
+        + [pct(run.get(m.key), m.signed) or "n/a" for m in shown]
         for run in aggregate.get("runs") or []
     ]
     lines += ["## Runs (%)", "", *md_table(["order", "seed", "run directory", *labels], rows, 3)]
@@ -123,9 +138,9 @@ def render_aggregate_markdown(aggregate: dict[str, Any]) -> str:
             "",
         ]
     lines += ["## Metric definitions", ""]
-    used = dict.fromkeys(definition for _, _, _, definition in shown)
+    used = dict.fromkeys(metric.definition for metric in shown)
     lines += [f"- **{key}**: {METRIC_DEFINITIONS[key]}" for key in used]
-    if any(key == "routed_acc" for key, _, _, _ in shown):
+    if any(metric.key == "routed_acc" for metric in shown):
         lines.append(f"- **routed ACC**: ACC under the router. {METRIC_DEFINITIONS['routing']}")
     return "\n".join(lines) + "\n"
 
@@ -138,11 +153,12 @@ def write_aggregate_csv(aggregate: dict[str, Any]) -> str:
 
     Values are fractions; empty cells were not measured (or std with n < 2).
     """
-    keys = [key for key, _, _, _ in _LABELS if any(key in r for r in aggregate.get("runs") or [])]
+    runs = aggregate.get("runs") or []
+    keys = [m.key for m in _METRICS if any(m.key in r for r in runs)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["order", "seed", "tasks", "run_dir", *keys])
-    for run in aggregate.get("runs") or []:
+    for run in runs:
         values = ["" if is_missing(run.get(k)) else repr(float(run[k])) for k in keys]
         writer.writerow(
             [run["order"], run["seed"], " ".join(run["tasks"]), run["run_dir"], *values]
@@ -168,7 +184,7 @@ def _percent(value: Any, missing: float) -> float:
 
 def _aggregate_png(aggregate: dict[str, Any]) -> bytes:
     """Per metric: each run as a dot per order, and mean ± sample std as a bar with error bars."""
-    shown = _shown(aggregate) or list(_LABELS[:1])
+    shown = _shown(aggregate) or list(_METRICS[:1])
     summary = aggregate.get("summary") or {}
     groups = [*(summary.get("by_order") or {}).items(), ("all", summary.get("overall") or {})]
     names = [name for name, _ in groups]
@@ -180,7 +196,8 @@ def _aggregate_png(aggregate: dict[str, Any]) -> bytes:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(shown) :]:
         ax.axis("off")
-    for ax, (key, label, _, _) in zip(axes, shown, strict=False):
+    for ax, metric in zip(axes, shown, strict=False):
+        key = metric.key
         # percent, as the axis says; a mean of exactly 0 (per_task's BWT) is a bar, not a gap
         means = [_percent((s.get(key) or {}).get("mean"), np.nan) for _, s in groups]
         stds = [_percent((s.get(key) or {}).get("std"), 0.0) for _, s in groups]
@@ -193,7 +210,7 @@ def _aggregate_png(aggregate: dict[str, Any]) -> bytes:
         ax.set_xticks(range(len(names)), labels=names, rotation=30, ha="right")
         ax.set_xlim(-0.6, len(names) - 0.4)
         ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_title(f"{label} (%)")
+        ax.set_title(f"{metric.label} (%)")
         ax.set_ylabel("%")
     fig.suptitle(f"{_title(aggregate)}\nbars: mean ± sample std; dots: single runs")
     return figure_png(fig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -225,10 +225,21 @@ def _measured(board: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _acc_point(entry: dict[str, Any]) -> tuple[float, float, float]:
-    """(parameters, ACC %, std %) of an entry."""
+class AccPoint(NamedTuple):
+    """Where an entry sits on the ACC-vs-parameters plots."""
+
+    parameters: float  # mean trainable parameters over the stream
+    acc: float  # mean ACC, %
+    std: float  # sample std of ACC over runs, % (0 for a single run)
+
+
+def _acc_point(entry: dict[str, Any]) -> AccPoint:
     std = entry["acc"].get("std")
-    return entry["trainable_parameters"]["mean"], 100 * entry["acc"]["mean"], 100 * (std or 0.0)
+    return AccPoint(
+        parameters=entry["trainable_parameters"]["mean"],
+        acc=100 * entry["acc"]["mean"],
+        std=100 * (std or 0.0),
+    )
 
 
 def _scatter(ax: Axes, entries: list[dict[str, Any]], label_of, color: str | None = None) -> None:
@@ -280,12 +291,13 @@ def sweep_png(board: dict[str, Any]) -> bytes:
         mine.sort(key=lambda e: values.index(_sweep_value(e)))
         points = [_acc_point(e) for e in mine]
         _scatter(left, mine, lambda e: f"{key}={_sweep_value(e)}", color)
-        left.plot([p[0] for p in points], [p[1] for p in points], "-", color=color, label=base)
+        accs = [p.acc for p in points]
+        left.plot([p.parameters for p in points], accs, "-", color=color, label=base)
         xs = [values.index(_sweep_value(e)) for e in mine]
         right.errorbar(
             xs,
-            [p[1] for p in points],
-            yerr=[p[2] for p in points],
+            accs,
+            yerr=[p.std for p in points],
             fmt="o-",
             capsize=4,
             color=color,

@@ -364,7 +364,7 @@ def write_checkpoint(run: RunDir, snapshot: Snapshot) -> Checkpoint:
                 name=t["name"],
                 slot=t["slot"],
                 data_sha256=t["data_sha256"],
-                routing=Routing(slots=list(t["routing"][0]), weights=list(t["routing"][1])),
+                routing=t["routing"],
             )
             for t in state["tasks"]
         ],

@@ -45,16 +45,20 @@ class EWC(Sequential):
     description = "one shared slot + an EWC penalty λ/2·ΣF(θ−θ*)² (diagonal empirical Fisher)"
 
     def __init__(self, lam: float = 1000.0, fisher_samples: int = 200, decay: float = 1.0) -> None:
-        check_option("ewc", "lam", lam, is_number(lam) and lam >= 0, "a number >= 0")
+        check_option("ewc", "lam", lam, ok=is_number(lam) and lam >= 0, valid="a number >= 0")
         check_option(
             "ewc",
             "fisher_samples",
             fisher_samples,
-            is_int(fisher_samples) and fisher_samples >= 1,
-            "an integer >= 1",
+            ok=is_int(fisher_samples) and fisher_samples >= 1,
+            valid="an integer >= 1",
         )
         check_option(
-            "ewc", "decay", decay, is_number(decay) and 0 < decay <= 1, "a number in (0, 1]"
+            "ewc",
+            "decay",
+            decay,
+            ok=is_number(decay) and 0 < decay <= 1,
+            valid="a number in (0, 1]",
         )
         self.lam = float(lam)
         self.fisher_samples = fisher_samples

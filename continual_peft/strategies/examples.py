@@ -123,7 +123,7 @@ def encoded_examples(learner: Learner, task_name: str, inputs: list, labels: lis
     return Examples(items, list(labels), [task_name] * len(items))
 
 
-def check_option(strategy: str, option: str, value: Any, ok: bool, valid: str) -> None:
+def check_option(strategy: str, option: str, value: Any, *, ok: bool, valid: str) -> None:
     """Refuse a bad strategy option by name, with its valid range."""
     if not ok:
         raise ContinualPeftError(

@@ -51,7 +51,11 @@ class Joint(Strategy):
 
     def __init__(self, fresh_slot: bool = True) -> None:
         check_option(
-            "joint", "fresh_slot", fresh_slot, isinstance(fresh_slot, bool), "true or false"
+            "joint",
+            "fresh_slot",
+            fresh_slot,
+            ok=isinstance(fresh_slot, bool),
+            valid="true or false",
         )
         self.fresh_slot = fresh_slot
         self.kept = Examples()  # every training example of every learned task

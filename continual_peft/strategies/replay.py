@@ -55,19 +55,23 @@ class Replay(Sequential):
             "replay",
             "buffer_size",
             buffer_size,
-            is_int(buffer_size) and buffer_size >= 1,
-            "an integer >= 1",
+            ok=is_int(buffer_size) and buffer_size >= 1,
+            valid="an integer >= 1",
         )
         check_option(
-            "replay", "ratio", ratio, is_number(ratio) and 0 <= ratio < 1, "a number in [0, 1)"
+            "replay",
+            "ratio",
+            ratio,
+            ok=is_number(ratio) and 0 <= ratio < 1,
+            valid="a number in [0, 1)",
         )
         batch = replay_batch_size
         check_option(
             "replay",
             "replay_batch_size",
             batch,
-            batch is None or (is_int(batch) and batch >= 1),
-            "an integer >= 1, or absent for the training batch size",
+            ok=batch is None or (is_int(batch) and batch >= 1),
+            valid="an integer >= 1, or absent for the training batch size",
         )
         self.buffer_size = buffer_size
         self.ratio = float(ratio)

@@ -162,10 +162,10 @@ def load_stream(
     orders = _named_orders(top, by_name, path)
     default = _default_order(top, orders, by_name, path)
     stream = Stream(
-        name,
-        order_tasks(by_name, default, f"{path}: order"),
-        top.get("description", str, ""),
-        str(path),
+        name=name,
+        tasks=order_tasks(by_name, default, f"{path}: order"),
+        description=top.get("description", str, ""),
+        source=str(path),
         orders={"default": default, **orders},
     )
     return stream if order is None else stream.with_order(order)

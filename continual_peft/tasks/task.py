@@ -64,7 +64,7 @@ class Task:
     sources: dict[str, str] = field(default_factory=dict)  # split -> where it came from
     router_inputs: list = field(default_factory=list)  # inputs that fit the router; [] = train
     # router_inputs are the default pool (every training input, capped), not a chosen subset:
-    # left out of the task's data hash, so a run's hash is what it was before the default
+    # left out of the task's data hash, so it hashes like a task with no router inputs given
     router_default: bool = False
     kind: str = CLASSIFICATION  # or GENERATION: the labels are the targets' texts
     template: str | None = None  # what a generative backbone reads, "{text}" standing for the input
@@ -167,9 +167,10 @@ class Task:
         generation task).
         """
         text, label = columns_for(check_kind(kind, f"task {name!r}"), text_column, label_column)
+        columns = {"text_column": text, "label_column": label, "data_files": data_files}
         splits = {
-            "train": load_hf_split(source, train_split, text, label, data_files),
-            "test": load_hf_split(source, test_split, text, label, data_files),
+            "train": load_hf_split(source, train_split, **columns),
+            "test": load_hf_split(source, test_split, **columns),
         }
         return build_task(name, splits, labels, kind=kind, **options)
 
@@ -309,17 +310,17 @@ def build_task(
     }
     labels = target_labels(splits) if kind == GENERATION else labels
     for split, rows in splits.items():
-        _check_rows(name, split, rows, labels, where[split], classes)
+        _check_rows(name, split, rows, labels=labels, where=where[split], classes=classes)
     index = {label: i for i, label in enumerate(labels)}
-    encoded = {
-        split: ([r.input for r in rows], [index[r.label] for r in rows])
-        for split, rows in splits.items()
-    }
+    inputs = {split: [r.input for r in rows] for split, rows in splits.items()}
+    targets = {split: [index[r.label] for r in rows] for split, rows in splits.items()}
     task = Task(
-        name,
-        labels,
-        *encoded["train"],
-        *encoded["test"],
+        name=name,
+        labels=labels,
+        train_inputs=inputs["train"],
+        train_labels=targets["train"],
+        test_inputs=inputs["test"],
+        test_labels=targets["test"],
         description=description,
         sources=where,
         kind=kind,
@@ -380,7 +381,13 @@ def _check_limits(name: str, limits: dict[str, int | None]) -> None:
 
 
 def _check_rows(
-    name: str, split: str, rows: list[Row], labels: list[str], where: str, classes: list | None
+    name: str,
+    split: str,
+    rows: list[Row],
+    *,
+    labels: list[str],
+    where: str,
+    classes: list | None,
 ) -> None:
     """Refuse an empty split, or a row whose label is not one of the task's labels."""
     if not rows:

@@ -65,10 +65,12 @@ def toy_generative_stream(
             raise ContinualPeftError(f"{key} = {count}: give at least one example per task.")
     names = list(TOY_TASKS)[:num_tasks]
     return Stream(
-        "toy-generative",
-        [_toy_task(cue, train_per_task, test_per_task, seed) for cue in names],
-        f"Each task maps the same colour words to its own answer ({', '.join(names)}), so a "
-        "shared module forgets.",
+        name="toy-generative",
+        tasks=[_toy_task(cue, train_per_task, test_per_task, seed) for cue in names],
+        description=(
+            "Each task maps the same colour words to its own answer "
+            f"({', '.join(names)}), so a shared module forgets."
+        ),
         source="toy_generative_stream",
         orders={"default": names},
     )

@@ -1,7 +1,7 @@
 """The Avalanche extra: Avalanche benchmarks as our streams, our modules in Avalanche's loop, and
 Avalanche's own metric code agreeing with our monitor on the same run.
 
-Runs in the avalanche environment (README: the test command's second step). Elsewhere the module
+Runs in the avalanche environment (scripts/test.sh, its Avalanche step). Elsewhere the module
 is skipped, unless CONTINUAL_PEFT_REQUIRE_AVALANCHE=1 makes a missing Avalanche an error.
 """
 
@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vit
+from helpers import tiny_vit
 from sklearn.datasets import load_digits
 
 if os.environ.get("CONTINUAL_PEFT_REQUIRE_AVALANCHE") != "1":
@@ -165,7 +165,7 @@ def test_plugin_needs_task_labels_or_a_router():
 
 
 def test_the_readme_import_path_is_the_integration():
-    """`from continual_peft.avalanche import ...` (the README's path) is the integration's."""
+    """`from continual_peft.avalanche import ...` (the documented path) is the integration's."""
     from continual_peft import avalanche
 
     assert avalanche.avalanche_strategy is avalanche_strategy

@@ -35,7 +35,7 @@ from continual_peft.tasks.task import Task
 GENERATION = "generation"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskTargets:
     """What the LM head needs of one task."""
 
@@ -69,7 +69,7 @@ class LanguageModelHeads(nn.Module):
     def _register(self, name: str, labels: list[str], kind: str, template: str | None) -> None:
         where = f"task {name!r}: {'target' if kind == GENERATION else 'label'}"
         targets = self.backbone.encode_targets(list(labels), where)
-        _check_targets(self.backbone, name, kind, labels, targets)
+        _check_targets(self.backbone, name, kind=kind, labels=labels, targets=targets)
         longest = max(len(t) for t in targets)
         self.backbone.check_room(
             longest,
@@ -83,7 +83,14 @@ class LanguageModelHeads(nn.Module):
                 "lower max_new_tokens or max_length",
             )
         by_tokens, by_text = _answer_tables(self.backbone, kind, labels, targets)
-        self.tasks[name] = TaskTargets(list(labels), kind, template, targets, by_tokens, by_text)
+        self.tasks[name] = TaskTargets(
+            labels=list(labels),
+            kind=kind,
+            template=template,
+            targets=targets,
+            by_tokens=by_tokens,
+            by_text=by_text,
+        )
         self.heads[name] = nn.Module()
 
     def open(self, task: Task, seed: int) -> nn.Module:
@@ -190,7 +197,7 @@ class LanguageModelHeads(nn.Module):
         return self.backbone.encode(list(inputs), where).items
 
 
-def _check_targets(backbone, task: str, kind: str, labels: list[str], targets: list) -> None:
+def _check_targets(backbone, task: str, *, kind: str, labels: list[str], targets: list) -> None:
     """Refuse labels the tokenizer cannot tell apart (their scores would always tie); warn of
     generation targets with words the tokenizer does not know (never written exactly)."""
     unknown = backbone.tokenizer.unk_token_id
