@@ -29,9 +29,14 @@ from continual_peft.backbones.image import ImageBackbone
 def small_vit(seed: int = 0) -> ImageBackbone:
     torch.manual_seed(seed)
     config = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=128,
-    )  # fmt: skip
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+    )
     return ImageBackbone(ViTModel(config, add_pooling_layer=False), None, name="vit-8px-random")
 
 

@@ -43,8 +43,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", help="a local causal or seq2seq model folder")
     saved = [a for a in ARCHITECTURES if a != "qwen2"]  # save_tiny cannot save a usable qwen2
-    parser.add_argument("--architecture", default="llama", choices=saved,
-                        help="the tiny model built when no --backbone is given")  # fmt: skip
+    parser.add_argument(
+        "--architecture",
+        default="llama",
+        choices=saved,
+        help="the tiny model built when no --backbone is given",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.backbone or str(save_tiny(tmp, args.architecture, TOY_WORDS))
@@ -55,8 +59,10 @@ def main() -> None:
             print(f"\n{strategy}: {time.perf_counter() - start:.0f} s, exact match R[i, j]:")
             for row in report["accuracy_matrix"]["oracle"]:
                 print("  " + "  ".join("  -  " if v is None else f"{v:5.2f}" for v in row))
-            print(f"  ACC {oracle['acc']:.3f}  forgetting {oracle['forgetting']:.3f}  "
-                  f"routed ACC {routed['acc']:.3f}")  # fmt: skip
+            print(
+                f"  ACC {oracle['acc']:.3f}  forgetting {oracle['forgetting']:.3f}  "
+                f"routed ACC {routed['acc']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -32,65 +32,146 @@ Sampler = Callable[[random.Random, str], str]
 # ---------------------------------------------------------------- support messages: vocabulary
 
 PRODUCTS: dict[str, list[str]] = {
-    "phone": ["my phone", "the smartphone", "my new handset", "this mobile", "the cell phone",
-              "my mobile", "the phone I ordered", "the handset", "my smartphone"],
-    "laptop": ["my laptop", "the notebook computer", "this laptop", "the ultrabook",
-               "my new notebook", "the computer I ordered", "the laptop", "my work computer"],
-    "headphones": ["my headphones", "the earbuds", "this headset", "the wireless earphones",
-                   "my new earbuds", "the over-ear headphones", "the headphones I ordered",
-                   "my earphones"],
-    "smartwatch": ["my smartwatch", "the fitness watch", "this smart watch", "the wrist tracker",
-                   "my new watch", "the activity band", "the watch I ordered", "my fitness band"],
-}  # fmt: skip
+    "phone": [
+        "my phone",
+        "the smartphone",
+        "my new handset",
+        "this mobile",
+        "the cell phone",
+        "my mobile",
+        "the phone I ordered",
+        "the handset",
+        "my smartphone",
+    ],
+    "laptop": [
+        "my laptop",
+        "the notebook computer",
+        "this laptop",
+        "the ultrabook",
+        "my new notebook",
+        "the computer I ordered",
+        "the laptop",
+        "my work computer",
+    ],
+    "headphones": [
+        "my headphones",
+        "the earbuds",
+        "this headset",
+        "the wireless earphones",
+        "my new earbuds",
+        "the over-ear headphones",
+        "the headphones I ordered",
+        "my earphones",
+    ],
+    "smartwatch": [
+        "my smartwatch",
+        "the fitness watch",
+        "this smart watch",
+        "the wrist tracker",
+        "my new watch",
+        "the activity band",
+        "the watch I ordered",
+        "my fitness band",
+    ],
+}
 
 INTENTS: dict[str, list[str]] = {
-    "refund": ["I want a refund for {p}.", "please refund {p}, I am sending it back.",
-               "can I get my money back for {p}?",
-               "I returned {p} and still have not been paid back.",
-               "I expect the full price of {p} back on my card.",
-               "credit my account for {p}, I do not want it anymore.",
-               "how do I get reimbursed for {p}?", "I would like my money returned for {p}."],
-    "repair": ["{p} stopped working, can you fix it?", "I need {p} repaired under warranty.",
-               "the screen on {p} is cracked and needs fixing.", "can a technician look at {p}?",
-               "{p} will not charge anymore, please repair it.",
-               "how do I send {p} in for service?", "{p} keeps crashing and needs to be fixed.",
-               "please replace the broken part in {p}."],
-    "delivery status": ["where is {p}? It still has not arrived.", "when will {p} be delivered?",
-                        "the tracking for {p} has not updated in days.",
-                        "has {p} shipped yet?", "{p} was supposed to arrive on Monday.",
-                        "can you tell me where {p} is right now?",
-                        "I am still waiting for {p} to show up.",
-                        "the courier never brought {p}, what is the status?"],
-    "cancel order": ["please cancel my order for {p}.", "I changed my mind, cancel {p}.",
-                     "stop the order for {p} before it ships.",
-                     "I no longer want {p}, call it off.",
-                     "can you cancel {p}? I ordered it by mistake.",
-                     "cancel the purchase of {p} please.", "do not send {p}, I am cancelling.",
-                     "I need to withdraw my order for {p}."],
-}  # fmt: skip
+    "refund": [
+        "I want a refund for {p}.",
+        "please refund {p}, I am sending it back.",
+        "can I get my money back for {p}?",
+        "I returned {p} and still have not been paid back.",
+        "I expect the full price of {p} back on my card.",
+        "credit my account for {p}, I do not want it anymore.",
+        "how do I get reimbursed for {p}?",
+        "I would like my money returned for {p}.",
+    ],
+    "repair": [
+        "{p} stopped working, can you fix it?",
+        "I need {p} repaired under warranty.",
+        "the screen on {p} is cracked and needs fixing.",
+        "can a technician look at {p}?",
+        "{p} will not charge anymore, please repair it.",
+        "how do I send {p} in for service?",
+        "{p} keeps crashing and needs to be fixed.",
+        "please replace the broken part in {p}.",
+    ],
+    "delivery status": [
+        "where is {p}? It still has not arrived.",
+        "when will {p} be delivered?",
+        "the tracking for {p} has not updated in days.",
+        "has {p} shipped yet?",
+        "{p} was supposed to arrive on Monday.",
+        "can you tell me where {p} is right now?",
+        "I am still waiting for {p} to show up.",
+        "the courier never brought {p}, what is the status?",
+    ],
+    "cancel order": [
+        "please cancel my order for {p}.",
+        "I changed my mind, cancel {p}.",
+        "stop the order for {p} before it ships.",
+        "I no longer want {p}, call it off.",
+        "can you cancel {p}? I ordered it by mistake.",
+        "cancel the purchase of {p} please.",
+        "do not send {p}, I am cancelling.",
+        "I need to withdraw my order for {p}.",
+    ],
+}
 
 MOODS: dict[str, list[str]] = {
-    "angry": ["This is absolutely unacceptable!", "I am furious.", "Worst service ever.",
-              "I am sick of waiting on you people.", "Sort this out now or I am done with you.",
-              "Honestly, what a joke.", "I am really fed up.", "This is outrageous!",
-              "Do not make me ask again.", "I have had enough of this."],
-    "calm": ["No rush.", "Whenever you get a chance.", "Just letting you know.",
-             "A reply at your convenience is fine.", "Thanks in advance.",
-             "I understand these things happen.", "Let me know when you can.",
-             "It is not urgent.", "Take your time.", "Just wanted to check."],
-    "happy": ["I love your store!", "You have always been great to me.",
-              "I am really happy with everything else.", "Great service so far :)",
-              "Thanks so much, you are the best!", "I am a big fan of your shop.",
-              "Your team was wonderful last time!", "Have a lovely day!",
-              "Really pleased with you overall.", "Keep up the amazing work!"],
-}  # fmt: skip
+    "angry": [
+        "This is absolutely unacceptable!",
+        "I am furious.",
+        "Worst service ever.",
+        "I am sick of waiting on you people.",
+        "Sort this out now or I am done with you.",
+        "Honestly, what a joke.",
+        "I am really fed up.",
+        "This is outrageous!",
+        "Do not make me ask again.",
+        "I have had enough of this.",
+    ],
+    "calm": [
+        "No rush.",
+        "Whenever you get a chance.",
+        "Just letting you know.",
+        "A reply at your convenience is fine.",
+        "Thanks in advance.",
+        "I understand these things happen.",
+        "Let me know when you can.",
+        "It is not urgent.",
+        "Take your time.",
+        "Just wanted to check.",
+    ],
+    "happy": [
+        "I love your store!",
+        "You have always been great to me.",
+        "I am really happy with everything else.",
+        "Great service so far :)",
+        "Thanks so much, you are the best!",
+        "I am a big fan of your shop.",
+        "Your team was wonderful last time!",
+        "Have a lovely day!",
+        "Really pleased with you overall.",
+        "Keep up the amazing work!",
+    ],
+}
 
 GREETINGS = ["", "", "Hi!", "Hello.", "Hello team!", "Hey there.", "Good morning.", "Hi again."]
 
-FILLERS = ["I ordered it last week.", "My order number is {n}.", "I bought it as a gift.",
-           "It was a birthday present.", "I paid with my credit card.", "Order #{n}.",
-           "I am a long-time customer.", "It was on sale.", "I live abroad at the moment.",
-           "My account email is the same as usual.", "I got it from your website."]  # fmt: skip
+FILLERS = [
+    "I ordered it last week.",
+    "My order number is {n}.",
+    "I bought it as a gift.",
+    "It was a birthday present.",
+    "I paid with my credit card.",
+    "Order #{n}.",
+    "I am a long-time customer.",
+    "It was on sale.",
+    "I live abroad at the moment.",
+    "My account email is the same as usual.",
+    "I got it from your website.",
+]
 
 # Past events that name another intent, so the intent task cannot key on "refund" or "cancel".
 PAST_INTENTS: dict[str, list[str]] = {
@@ -98,12 +179,15 @@ PAST_INTENTS: dict[str, list[str]] = {
     "repair": ["You repaired my old one without any issues.", "The last fix you did held up well."],
     "delivery status": ["My previous order was delivered fast.", "Shipping used to be quick."],
     "cancel order": ["I have never cancelled an order before.", "I almost cancelled, but did not."],
-}  # fmt: skip
+}
 
 # A second product mentioned in passing, so the product task cannot key on any product word.
-SIDE_MENTIONS = ["I also have {p} from you and that one is fine.",
-                 "{p} from you works great, though.", "I already own {p} from your shop.",
-                 "My partner bought {p} at the same time."]  # fmt: skip
+SIDE_MENTIONS = [
+    "I also have {p} from you and that one is fine.",
+    "{p} from you works great, though.",
+    "I already own {p} from your shop.",
+    "My partner bought {p} at the same time.",
+]
 
 # ---------------------------------------------------------------- news headlines: vocabulary
 
@@ -111,55 +195,160 @@ SIDE_MENTIONS = ["I also have {p} from you and that one is fine.",
 # "deal", "race", "title") appear under more than one topic so no single keyword decides.
 HEADLINES: dict[str, tuple[list[str], list[str]]] = {
     "sports": (
-        ["City United", "The national rugby team", "Veteran striker", "Rookie quarterback",
-         "The home side", "The defending champion", "Relay squad", "The league leader",
-         "Star goalkeeper", "The underdog club"],
-        ["the cup final", "a record transfer", "the relay title", "the world championship",
-         "a new stadium", "the derby", "the season opener", "a doping ban", "the Olympic trials",
-         "the race for the title"],
+        [
+            "City United",
+            "The national rugby team",
+            "Veteran striker",
+            "Rookie quarterback",
+            "The home side",
+            "The defending champion",
+            "Relay squad",
+            "The league leader",
+            "Star goalkeeper",
+            "The underdog club",
+        ],
+        [
+            "the cup final",
+            "a record transfer",
+            "the relay title",
+            "the world championship",
+            "a new stadium",
+            "the derby",
+            "the season opener",
+            "a doping ban",
+            "the Olympic trials",
+            "the race for the title",
+        ],
     ),
     "politics": (
-        ["The prime minister", "Opposition leader", "The Senate", "Parliament", "The governor",
-         "Ruling party", "The election commission", "The foreign minister", "City council",
-         "The president"],
-        ["the budget vote", "a trade deal", "the leadership race", "the snap election",
-         "a tax reform bill", "the coalition talks", "a no-confidence motion", "the new cabinet",
-         "the voting reform", "the border treaty"],
+        [
+            "The prime minister",
+            "Opposition leader",
+            "The Senate",
+            "Parliament",
+            "The governor",
+            "Ruling party",
+            "The election commission",
+            "The foreign minister",
+            "City council",
+            "The president",
+        ],
+        [
+            "the budget vote",
+            "a trade deal",
+            "the leadership race",
+            "the snap election",
+            "a tax reform bill",
+            "the coalition talks",
+            "a no-confidence motion",
+            "the new cabinet",
+            "the voting reform",
+            "the border treaty",
+        ],
     ),
     "science": (
-        ["NASA", "A research team", "The space agency", "A physics institute",
-         "A team of biologists", "An observatory", "A climate institute", "The lab",
-         "The geological survey", "A university study"],
-        ["a Mars probe", "the genome project", "a record fusion experiment", "the vaccine trial",
-         "a quantum chip", "the telescope survey", "a new species find", "the climate model",
-         "the particle collider run", "an asteroid sample"],
+        [
+            "NASA",
+            "A research team",
+            "The space agency",
+            "A physics institute",
+            "A team of biologists",
+            "An observatory",
+            "A climate institute",
+            "The lab",
+            "The geological survey",
+            "A university study",
+        ],
+        [
+            "a Mars probe",
+            "the genome project",
+            "a record fusion experiment",
+            "the vaccine trial",
+            "a quantum chip",
+            "the telescope survey",
+            "a new species find",
+            "the climate model",
+            "the particle collider run",
+            "an asteroid sample",
+        ],
     ),
     "business": (
-        ["Tech giant", "The central bank", "The carmaker", "A retail chain", "A major investor",
-         "The airline", "An oil producer", "A startup", "The bank", "The shareholder group"],
-        ["a merger deal", "record profits", "the bond sale", "a share buyback",
-         "the quarterly forecast", "an interest rate cut", "the takeover race", "a product recall",
-         "the stock listing", "mass layoffs"],
+        [
+            "Tech giant",
+            "The central bank",
+            "The carmaker",
+            "A retail chain",
+            "A major investor",
+            "The airline",
+            "An oil producer",
+            "A startup",
+            "The bank",
+            "The shareholder group",
+        ],
+        [
+            "a merger deal",
+            "record profits",
+            "the bond sale",
+            "a share buyback",
+            "the quarterly forecast",
+            "an interest rate cut",
+            "the takeover race",
+            "a product recall",
+            "the stock listing",
+            "mass layoffs",
+        ],
     ),
-}  # fmt: skip
+}
 
-VERBS = ["wins", "loses", "announces", "unveils", "delays", "backs", "celebrates",
-         "faces questions over", "signs off on", "prepares for", "reacts to",
-         "pulls out of"]  # fmt: skip
+VERBS = [
+    "wins",
+    "loses",
+    "announces",
+    "unveils",
+    "delays",
+    "backs",
+    "celebrates",
+    "faces questions over",
+    "signs off on",
+    "prepares for",
+    "reacts to",
+    "pulls out of",
+]
 
 # Used instead of the topic's own subject some of the time, so the object must carry the topic.
-NEUTRAL_SUBJECTS = ["The committee", "A spokesperson", "An insider", "The organiser",
-                    "A local group", "The panel", "A new report", "The review board"]  # fmt: skip
+NEUTRAL_SUBJECTS = [
+    "The committee",
+    "A spokesperson",
+    "An insider",
+    "The organiser",
+    "A local group",
+    "The panel",
+    "A new report",
+    "The review board",
+]
 
 # A second, subordinate story from another topic: the main clause decides, the mention distracts.
 LINKERS = ["ahead of", "days after", "despite", "amid talk of", "overshadowed by", "weeks before"]
 
 PREFIXES = ["", "", "", "Breaking: ", "Analysis: ", "Live: ", "Report: ", "Update: "]
 # Tails borrow other topics' flavour on purpose: they are distractors, not topic evidence.
-SUFFIXES = ["", ", sources say", " after long delay", " in surprise move", " this week",
-            ", officials confirm", " amid criticism", " for the first time", " as fans look on",
-            " as investors watch", " ahead of the election", ", new data show",
-            " as markets wobble", " before the big match", " in a landmark study"]  # fmt: skip
+SUFFIXES = [
+    "",
+    ", sources say",
+    " after long delay",
+    " in surprise move",
+    " this week",
+    ", officials confirm",
+    " amid criticism",
+    " for the first time",
+    " as fans look on",
+    " as investors watch",
+    " ahead of the election",
+    ", new data show",
+    " as markets wobble",
+    " before the big match",
+    " in a landmark study",
+]
 
 
 @dataclass(frozen=True)
@@ -232,15 +421,26 @@ def news_headline(rng: random.Random, topic: str) -> str:
 # Listed in training order. Two attribute tasks on the same messages come back to back, the
 # off-domain task shifts the shared adapter further, and the third attribute task comes last.
 TASKS = [
-    TaskSpec("support-product", "Customer-support messages: which product is the message about.",
-             list(PRODUCTS), support_sampler("product")),
-    TaskSpec("support-intent", "Customer-support messages: what does the customer want.",
-             list(INTENTS), support_sampler("intent")),
-    TaskSpec("news-topic", "News headlines: topic of the story.",
-             list(HEADLINES), news_headline),
-    TaskSpec("support-mood", "Customer-support messages: the customer's mood.",
-             list(MOODS), support_sampler("mood")),
-]  # fmt: skip
+    TaskSpec(
+        "support-product",
+        "Customer-support messages: which product is the message about.",
+        list(PRODUCTS),
+        support_sampler("product"),
+    ),
+    TaskSpec(
+        "support-intent",
+        "Customer-support messages: what does the customer want.",
+        list(INTENTS),
+        support_sampler("intent"),
+    ),
+    TaskSpec("news-topic", "News headlines: topic of the story.", list(HEADLINES), news_headline),
+    TaskSpec(
+        "support-mood",
+        "Customer-support messages: the customer's mood.",
+        list(MOODS),
+        support_sampler("mood"),
+    ),
+]
 
 
 def make_split(spec: TaskSpec, rng: random.Random) -> tuple[list[dict], list[dict]]:
