@@ -46,6 +46,7 @@ from continual_peft.store.checkpoint import (
     Checkpoint,
     Routing,
     Snapshot,
+    TaskEntry,
     TaskFiles,
     set_status,
     write_checkpoint,
@@ -426,35 +427,40 @@ class ContinualLearner:
             for name, slot in ((n, self.learned[n].slot) for n in names)
         ]
         config = self.config.to_dict()
-        state = {
-            "status": self.status,
-            "config_sha256": config_sha256(config),
-            "run_config_sha256": run_config_sha256(config),
-            "backbone": self.fingerprint(),
-            "stream": self.stream,
-            "stream_plan": self.stream_plan,
-            "baseline": self.planned_baseline,
-            "tasks": [
-                {
-                    "name": name,
-                    "slot": learned.slot,
-                    "data_sha256": self.task_digest(name),
-                    "routing": Routing(*self.strategy.routing(self, name)),  # what exports redo
-                }
+        header = Checkpoint(
+            status=self.status,
+            written="",  # set when written
+            config_sha256=config_sha256(config),
+            run_config_sha256=run_config_sha256(config),
+            backbone=self.fingerprint(),
+            stream=self.stream,
+            stream_plan=self.stream_plan,
+            baseline=self.planned_baseline,
+            tasks=[
+                TaskEntry(
+                    name=name,
+                    slot=learned.slot,
+                    data_sha256=self.task_digest(name),
+                    routing=Routing(*self.strategy.routing(self, name)),  # what exports redo
+                )
                 for name, learned in self.learned.items()
             ],
-            "records": self.records,
-            "monitor": self.monitor.state(),
-        }
+            records=list(self.records),
+            monitor=self.monitor.state(),
+            slots=[],  # these four: set when written
+            router=None,
+            strategy=None,
+            files={},
+            rng={},
+        )
         return Snapshot(
             tasks=tasks,
-            order=list(self.learned),
             owners=[owner[slot] for slot in range(self.bank.num_slots)],
             slot_kinds=list(self.bank.slot_kinds),
             trainable_slot=self.bank.num_slots - 1 if self.bank.has_trainable else None,
             router=router_state(self.router) if self.router is not None else None,
             strategy=self.strategy.state(),
-            state=state,
+            header=header,
             saved_files=written,
         )
 

@@ -52,13 +52,14 @@ class Snapshot:
     """
 
     tasks: list[TaskFiles]  # the tasks whose files are written now, the newest last
-    order: list[str]  # every learned task, in learning order
     owners: list[str]  # per slot: the task whose folder holds it
     slot_kinds: list[str]  # per slot: its module kind
     trainable_slot: int | None  # the slot still training (shared slots), if any
     router: tuple[Tensors, dict[str, Any]] | None  # router.safetensors, router.json
     strategy: tuple[Tensors, dict[str, Any]]  # the strategy's state; ({}, {}) if none
-    state: dict[str, Any]  # JSON-ready: status, config hashes, backbone, stream, tasks, ...
+    # everything else the checkpoint holds, JSON-ready: status, config hashes, backbone, stream,
+    # every learned task's entry, records, matrices; its files, slots and rng are set on writing
+    header: Checkpoint
     saved_files: dict[str, str] = field(default_factory=dict)  # on disk already: path -> sha256
 
 
@@ -348,28 +349,11 @@ def write_checkpoint(run: RunDir, snapshot: Snapshot) -> Checkpoint:
         for slot, (owner, kind) in enumerate(zip(snapshot.owners, snapshot.slot_kinds, strict=True))
     ]
     keep = {s.file for s in slots} | {p for paths in state_files.values() for p in paths}
-    keep |= {f"tasks/{n}/{f}" for n in snapshot.order for f in ("head.safetensors", "task.json")}
-    state = snapshot.state
-    checkpoint = Checkpoint(
-        status=state["status"],
+    order = snapshot.header.task_names
+    keep |= {f"tasks/{n}/{f}" for n in order for f in ("head.safetensors", "task.json")}
+    checkpoint = dataclasses.replace(
+        snapshot.header,
         written=timestamp(),
-        config_sha256=state["config_sha256"],
-        run_config_sha256=state["run_config_sha256"],
-        backbone=state["backbone"],
-        stream=state["stream"],
-        stream_plan=state["stream_plan"],
-        baseline=state["baseline"],
-        tasks=[
-            TaskEntry(
-                name=t["name"],
-                slot=t["slot"],
-                data_sha256=t["data_sha256"],
-                routing=t["routing"],
-            )
-            for t in state["tasks"]
-        ],
-        records=state["records"],
-        monitor=state["monitor"],
         slots=slots,
         router=state_files.get("router"),
         strategy=state_files.get("strategy"),
