@@ -153,10 +153,17 @@ class LearnerConfig:
         values["generation"] = _fill(
             GenerationConfig, top.get("generation", dict, {}), f"{where}: [generation]"
         )
-        values["modules"] = {
+        read = {
             kind: _kind_options(kind, top.get(kind, dict), f"{where}: [{kind}]")
             for kind in MODULE_KINDS.names()
             if kind in data
+        }
+        # a kind at its defaults is left out, as `kind_config` reads an absent kind: a config
+        # and its `to_dict()` read back are equal
+        values["modules"] = {
+            kind: options
+            for kind, options in read.items()
+            if options != MODULE_KINDS.options_type(kind)()
         }
         values["task_modules"] = _task_modules(top.get("tasks", dict, {}), where)
         values["router_options"] = top.get("router_options", dict, {})
