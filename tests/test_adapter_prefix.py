@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, run_routed
+from helpers import DEVICE, assert_close, run_routed
 from transformers import DistilBertConfig, DistilBertModel, GPT2Config, GPT2Model
 
 from continual_peft import Backbone, ContinualPeftError, ModuleBank
@@ -96,7 +96,15 @@ def test_adapter_mixed_batch_equals_each_row_alone(make_backbone, placement):
 
 def _adapter_site(activation: torch.nn.Module) -> LowRankSite:
     torch.manual_seed(0)
-    site = LowRankSite(torch.nn.Linear(6, 5), Routing(), 3, adapter.NAMES, None, True, activation)
+    site = LowRankSite(
+        base_layer=torch.nn.Linear(6, 5),
+        routing=Routing(),
+        rank=3,
+        names=adapter.NAMES,
+        init=None,
+        on_output=True,
+        activation=activation,
+    )
     for _ in range(3):
         shapes = {"adapter_down": (3, 5), "adapter_up": (5, 3)}
         shapes |= {"adapter_down_bias": (3,), "adapter_up_bias": (5,), "scale": ()}
@@ -140,8 +148,11 @@ def test_adapter_config_errors_name_the_valid_choices(make_backbone, tokenizer):
         AdapterConfig(activation="swishy")
     with pytest.raises(ContinualPeftError, match="placement 'middle'; valid: houlsby, pfeiffer"):
         AdapterConfig(placement="middle")
-    distil = DistilBertModel(DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32,
-                                              n_layers=1, n_heads=2, hidden_dim=64))  # fmt: skip
+    distil = DistilBertModel(
+        DistilBertConfig(
+            vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64
+        )
+    )
     with pytest.raises(ContinualPeftError, match="placement 'pfeiffer' needs.*DistilBertModel"):
         ModuleBank(Backbone(distil, tokenizer, device=DEVICE), "adapter")
 
@@ -195,9 +206,10 @@ def test_every_mask_format_extends_to_the_same_mask():
     keep = torch.tensor([False, True])  # row 0 has no prefix
     expected = torch.tensor([[0, 0, 1, 1, 0], [1, 1, 1, 1, 1]]).bool()  # 2 prefix + 3 real
     for mask in (padding, allowed, additive):
-        attends = extend_mask(mask, keep, 2, 3, torch.float32) == 0
+        attends = extend_mask(mask, keep, prefix=2, length=3, dtype=torch.float32) == 0
         assert torch.equal(attends.expand(2, 1, 3, 5), expected[:, None, None].expand(2, 1, 3, 5))
-    no_mask = extend_mask(None, keep, 2, 3, torch.bfloat16)  # no padding anywhere
+    # no padding anywhere
+    no_mask = extend_mask(None, keep, prefix=2, length=3, dtype=torch.bfloat16)
     assert no_mask.dtype == torch.bfloat16
     assert torch.equal((no_mask == 0)[:, 0, 0], torch.tensor([[0, 0, 1, 1, 1], [1] * 5]).bool())
 

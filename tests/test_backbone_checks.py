@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DEVICE, FAST_TRAIN, tiny_bert, word_task
+from helpers import DEVICE, FAST_TRAIN, tiny_bert, word_task
 from transformers import BertConfig, BertModel
 
 from continual_peft import Backbone, ContinualLearner, ContinualPeftError
@@ -45,9 +45,12 @@ def test_a_folder_without_tokenizer_files_is_refused(saved_bert):
 def test_another_models_tokenizer_is_refused(saved_bert, tmp_path):
     other = tmp_path / "other"
     config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
         intermediate_size=64,
-    )  # fmt: skip
+    )
     BertModel(config).save_pretrained(other)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (saved_bert / name).is_file():
@@ -98,8 +101,9 @@ def test_a_run_on_a_relative_folder_works_from_anywhere_and_after_a_move(
     monkeypatch.chdir(saved_bert.parent)
     learner = ContinualLearner(
         Backbone.from_pretrained("./bert", max_length=16, device=DEVICE),
-        config=LearnerConfig(router="mahalanobis", train=FAST_TRAIN), run_dir=tmp_path / "run",
-    )  # fmt: skip
+        config=LearnerConfig(router="mahalanobis", train=FAST_TRAIN),
+        run_dir=tmp_path / "run",
+    )
     learner.learn(word_task("colors", n_train=12, n_test=6))
     learner.finish()
     recorded = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
@@ -116,8 +120,9 @@ def test_a_run_on_a_relative_folder_works_from_anywhere_and_after_a_move(
     again = CliRunner().invoke(app, ["predict", *args, "--input", str(inputs)])
     assert again.exit_code == 0 and json.loads(again.stdout)["task"] == "colors", again.output
     out = tmp_path / "merged"
-    exported = CliRunner().invoke(app, ["export", *args, "--task", "colors", "--format", "merged",
-                                        "--out", str(out)])  # fmt: skip
+    exported = CliRunner().invoke(
+        app, ["export", *args, "--task", "colors", "--format", "merged", "--out", str(out)]
+    )
     assert exported.exit_code == 0 and (out / "config.json").is_file(), exported.output
 
 

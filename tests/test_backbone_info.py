@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DEVICE, FAST_TRAIN, compute_dtype, tiny_bert, tiny_vit, word_task
+from helpers import DEVICE, FAST_TRAIN, compute_dtype, tiny_bert, tiny_vit, word_task
 from rich.console import Console
 
 from continual_peft import (

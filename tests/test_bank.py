@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, run_routed, tolerance
+from helpers import DEVICE, run_routed, tolerance
 
 from continual_peft import ContinualPeftError, ModuleBank
 from continual_peft.modules import MODULE_KINDS, Routing, lora
@@ -77,7 +77,9 @@ def test_only_the_trainable_slot_gets_gradients(make_backbone):
 
 def _layer(seed: int = 0, slots: int = 3) -> LowRankSite:
     torch.manual_seed(seed)
-    layer = LowRankSite(torch.nn.Linear(6, 5), Routing(), 2, lora.NAMES, init=None)
+    layer = LowRankSite(
+        base_layer=torch.nn.Linear(6, 5), routing=Routing(), rank=2, names=lora.NAMES, init=None
+    )
     for _ in range(slots):
         layer.load_slot(
             {"lora_A": torch.randn(2, 6), "lora_B": torch.randn(5, 2), "scale": torch.tensor(2.0)}

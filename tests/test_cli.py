@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import word_task, write_stream
+from helpers import word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import MODULE_KINDS, STRATEGIES
@@ -226,16 +226,15 @@ def _check_run_dir(run_dir: Path, names: list[str]) -> dict:
     return report
 
 
+@pytest.mark.real_plots
 def test_run_then_report(stream_spec: Path, tmp_path: Path, make_backbone, monkeypatch):
     # The CLI loads a backbone by name; the function it calls gets the tiny one instead.
     monkeypatch.setattr(
         launch, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
     )
     run_dir = tmp_path / "run"
-    result = invoke(
-        "run", stream_spec, "--out", run_dir, "--baseline", "seq", "--epochs", "1",
-        "--batch-size", "8", "--lr", "0.01", "--rank", "2", "--max-train", "16", "--max-test", "8",
-    )  # fmt: skip
+    options = "--baseline seq --epochs 1 --batch-size 8 --lr 0.01 --rank 2 --max-train 16"
+    result = invoke("run", stream_spec, "--out", run_dir, *options.split(), "--max-test", "8")
     assert result.exit_code == 0, result.output
     # Rich may wrap a long path at the console width: compare without whitespace.
     assert re.sub(r"\s", "", f"run directory: {run_dir}") in re.sub(r"\s", "", result.stdout)
@@ -332,9 +331,11 @@ def test_a_folder_given_for_a_file_is_named_as_a_folder(stream_spec, tmp_path, n
 
 @pytest.mark.parametrize(
     ("labels", "expected"),
-    [('["red", "blue", "red"]', "label(s) ['red'] are listed more than once"),
-     ('["red", " ", "blue", "green"]', "label ' ' is empty or blank")],
-)  # fmt: skip
+    [
+        ('["red", "blue", "red"]', "label(s) ['red'] are listed more than once"),
+        ('["red", " ", "blue", "green"]', "label ' ' is empty or blank"),
+    ],
+)
 def test_repeated_or_blank_labels_are_named(stream_spec, tmp_path, no_model, labels, expected):
     text = stream_spec.read_text(encoding="utf-8")
     stream_spec.write_text(

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, tiny_bert, word_task, write_stream
+from helpers import DEVICE, word_task
 from typer.testing import CliRunner
 
 from continual_peft import (
     Backbone,
-    BackboneConfig,
     ContinualLearner,
     LearnerConfig,
     TrainConfig,
@@ -28,10 +27,8 @@ from continual_peft.cli import app
 from continual_peft.engine import progress
 from continual_peft.engine.saved_run import check_same_config
 from continual_peft.errors import ContinualPeftError
-from continual_peft.experiments.runner import run_stream
 from continual_peft.reports.run import load_report
 from continual_peft.store.digests import run_config_sha256
-from continual_peft.tasks.streams import load_stream
 
 runner = CliRunner()
 NAMES = ["colors", "animals"]
@@ -41,32 +38,18 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """A finished two-task run with a router, on a tiny BERT saved to a folder, and its stream."""
-    root = tmp_path_factory.mktemp("habits")
-    tiny_bert(tokenizer).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    spec = write_stream(root / "data", [word_task(n, n_train=24, n_test=10) for n in NAMES])
-    config = LearnerConfig(
-        router="prototype",
-        train=TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup=0.0),
-        backbone=BackboneConfig(name=str(root / "base"), max_length=32, device=str(DEVICE)),
-    )
-    run_stream(load_stream(spec), config, run_dir=root / "run")
-    return {"run": root / "run", "spec": spec, "base": root / "base"}
-
-
 # ---------------------------------------------------------------- progress
 
 
-def test_a_log_file_gets_a_progress_line_per_interval(made, tmp_path, monkeypatch):
+def test_a_log_file_gets_a_progress_line_per_interval(finished_run, tmp_path, monkeypatch):
     monkeypatch.setattr(progress, "_settings", {"mode": "lines", "interval": 30.0})
     times = iter(range(0, 10_000, 31))  # every tick 31 s later: a line each time
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(times))
     out = tmp_path / "run"
-    result = invoke("run", made["spec"], "--out", out, "--backbone", made["base"],
-                    "--max-length", "32", "--epochs", "1", "--batch-size", "8")  # fmt: skip
+    options = ["--max-length", "32", "--epochs", "1", "--batch-size", "8"]
+    result = invoke(
+        "run", finished_run.spec, "--out", out, "--backbone", finished_run.base, *options
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.index(f"run directory: {out}") < result.stdout.index("colors")
     lines = result.stderr.splitlines()
@@ -115,68 +98,75 @@ def test_usable_cpus_follow_the_affinity_mask():
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
 
 
-def test_threads_is_where_a_run_computes_not_what_it_is(made):
+def test_threads_is_where_a_run_computes_not_what_it_is(finished_run):
     """A run resumes and loads with other threads (as on another device)."""
-    saved = json.loads((made["run"] / "config.json").read_text(encoding="utf-8"))["config"]
+    saved = json.loads((finished_run.run / "config.json").read_text(encoding="utf-8"))["config"]
     changed = json.loads(json.dumps(saved))
     changed["backbone"]["threads"] = 3
     assert run_config_sha256(saved) == run_config_sha256(changed)
-    check_same_config(made["run"], LearnerConfig.from_dict(saved), LearnerConfig.from_dict(changed))
-    assert load_learner(made["run"]).config.backbone.threads == 0  # auto where it loads
+    check_same_config(
+        finished_run.run, LearnerConfig.from_dict(saved), LearnerConfig.from_dict(changed)
+    )
+    assert load_learner(finished_run.run).config.backbone.threads == 0  # auto where it loads
 
 
 # ---------------------------------------------------------------- predict and eval
 
 
-def test_predict_with_a_task_per_line_or_for_all(made, tmp_path):
+def test_predict_with_a_task_per_line_or_for_all(finished_run, tmp_path):
     inputs = tmp_path / "in.jsonl"
     rows = [{"text": "a red car"}, {"text": "the cat runs", "task": "animals"}]
     inputs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    learner = load_learner(made["run"])
-    result = invoke("predict", "--run", made["run"], "--input", inputs)
+    learner = load_learner(finished_run.run)
+    result = invoke("predict", "--run", finished_run.run, "--input", inputs)
     assert result.exit_code == 0, result.output
     routed, given = (json.loads(line) for line in result.stdout.splitlines())
     assert routed["routing"] == "router" and routed == {
         **learner.predict_details(["a red car"])[0],
         "routing": "router",
     }
-    assert given == {"task": "animals", "label": learner.predict(["the cat runs"], "animals")[0],
-                     "rejected": False, "routing": "given"}  # fmt: skip
+    assert given == {
+        "task": "animals",
+        "label": learner.predict(["the cat runs"], "animals")[0],
+        "rejected": False,
+        "routing": "given",
+    }
     untasked = tmp_path / "untasked.jsonl"
     untasked.write_text('{"text": "a red car"}\n{"text": "the cat runs"}\n', encoding="utf-8")
-    every = invoke("predict", "--run", made["run"], "--input", untasked, "--task", "colors",
-                   "--batch-size", "1")  # fmt: skip
+    options = ["--task", "colors", "--batch-size", "1"]
+    every = invoke("predict", "--run", finished_run.run, "--input", untasked, *options)
     labels = [json.loads(line)["label"] for line in every.stdout.splitlines()]
     assert labels == learner.predict(["a red car", "the cat runs"], task="colors")
-    unknown = invoke("predict", "--run", made["run"], "--input", untasked, "--task", "moods")
+    unknown = invoke("predict", "--run", finished_run.run, "--input", untasked, "--task", "moods")
     assert unknown.exit_code == 2 and "unknown task 'moods' (--task)" in unknown.stderr
-    zero = invoke("predict", "--run", made["run"], "--input", inputs, "--batch-size", "0")
+    zero = invoke("predict", "--run", finished_run.run, "--input", inputs, "--batch-size", "0")
     assert zero.exit_code == 2 and "--batch-size 0: give a positive number" in zero.stderr
 
 
-def test_predict_and_eval_batch_size_sets_the_rows_per_forward(made, tmp_path, monkeypatch):
+def test_predict_and_eval_batch_size_sets_the_rows_per_forward(finished_run, tmp_path, monkeypatch):
     """--batch-size reaches every forward of predict and eval (not only the saved config)."""
     sizes: list[int] = []
     collate = Backbone.collate
-    monkeypatch.setattr(Backbone, "collate", lambda self, rows: sizes.append(len(rows)) or
-                        collate(self, rows))  # fmt: skip
+    monkeypatch.setattr(
+        Backbone, "collate", lambda self, rows: sizes.append(len(rows)) or collate(self, rows)
+    )
     inputs = tmp_path / "five.jsonl"
     inputs.write_text("".join(f'{{"text": "red car {i}"}}\n' for i in range(5)), encoding="utf-8")
-    result = invoke("predict", "--run", made["run"], "--input", inputs, "--batch-size", "2")
+    result = invoke("predict", "--run", finished_run.run, "--input", inputs, "--batch-size", "2")
     assert result.exit_code == 0, result.output
     assert sizes and max(sizes) == 2
     sizes.clear()
-    scores = invoke("eval", made["spec"], "--run", made["run"], "--batch-size", "3")
+    scores = invoke("eval", finished_run.spec, "--run", finished_run.run, "--batch-size", "3")
     assert scores.exit_code == 0, scores.output
     assert sizes and max(sizes) == 3
 
 
-def test_eval_on_the_stream_reproduces_the_runs_last_row(made, tmp_path):
+def test_eval_on_the_stream_reproduces_the_runs_last_row(finished_run, tmp_path):
     out = tmp_path / "scores.json"
-    result = invoke("eval", made["spec"], "--run", made["run"], "--output", out)
+    result = invoke("eval", finished_run.spec, "--run", finished_run.run, "--output", out)
     assert result.exit_code == 0, result.output
     assert "oracle ACC" in result.stdout and "routing ACC" in result.stdout
-    scores, report = json.loads(out.read_text(encoding="utf-8")), load_report(made["run"])
+    scores, report = json.loads(out.read_text(encoding="utf-8")), load_report(finished_run.run)
     for position, name in enumerate(NAMES):
         task = scores["by_task"][name]
         matrix = report["accuracy_matrix"]
@@ -189,7 +179,7 @@ def test_eval_on_the_stream_reproduces_the_runs_last_row(made, tmp_path):
     )
 
 
-def test_eval_on_a_labelled_file_and_its_refusals(made, tmp_path):
+def test_eval_on_a_labelled_file_and_its_refusals(finished_run, tmp_path):
     inputs = tmp_path / "labelled.jsonl"
     rows = [
         {"text": "red car", "label": "red", "task": "colors"},
@@ -197,20 +187,20 @@ def test_eval_on_a_labelled_file_and_its_refusals(made, tmp_path):
     ]
     inputs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "scores.json"
-    result = invoke("eval", "--run", made["run"], "--input", inputs, "--output", out)
+    result = invoke("eval", "--run", finished_run.run, "--input", inputs, "--output", out)
     assert result.exit_code == 0, result.output
     scores = json.loads(out.read_text(encoding="utf-8"))
-    learner = load_learner(made["run"])
+    learner = load_learner(finished_run.run)
     routed = [r["label"] for r in learner.predict_details(["red car", "a dog"])]
     assert scores["routed_acc"] == pytest.approx(((routed[0] == "red") + (routed[1] == "dog")) / 2)
     assert scores["by_task"]["colors"]["rows"] == 1 and "animals" not in scores["by_task"]
     oracle = learner.predict(["red car"], task="colors")[0] == "red"
     assert scores["oracle_acc"] == pytest.approx(float(oracle))
-    neither = invoke("eval", "--run", made["run"])
+    neither = invoke("eval", "--run", finished_run.run)
     assert neither.exit_code == 2 and "a stream spec" in neither.stderr
     unlabelled = tmp_path / "u.jsonl"
     unlabelled.write_text('{"text": "x"}\n', encoding="utf-8")
-    bad = invoke("eval", "--run", made["run"], "--input", unlabelled)
+    bad = invoke("eval", "--run", finished_run.run, "--input", unlabelled)
     assert bad.exit_code == 2 and 'have no "label" string' in bad.stderr
 
 
@@ -274,17 +264,17 @@ def test_each_task_records_its_loss_curve(make_backbone):
 
 
 def test_a_pooler_less_checkpoint_loads_quietly_and_a_missing_weight_is_named(
-    made, tmp_path, capfd
+    finished_run, tmp_path, capfd
 ):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at all for an unused pooler
-        Backbone.from_pretrained(str(made["base"]), 32, device=str(DEVICE))
+        Backbone.from_pretrained(str(finished_run.base), 32, device=str(DEVICE))
     assert "LOAD REPORT" not in capfd.readouterr().err
     from safetensors.torch import load_file, save_file
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    for file in made["base"].iterdir():
+    for file in finished_run.base.iterdir():
         (broken / file.name).write_bytes(file.read_bytes())
     weights = load_file(broken / "model.safetensors")
     weights.pop("encoder.layer.0.attention.self.query.weight")
@@ -293,31 +283,31 @@ def test_a_pooler_less_checkpoint_loads_quietly_and_a_missing_weight_is_named(
         Backbone.from_pretrained(str(broken), 32, device=str(DEVICE))
 
 
-# ---------------------------------------------------------------- found by the new-user test
+# ---------------------------------------------------------------- refused early, named clearly
 
 
-def test_small_refusals_come_before_any_model_loads(made, tmp_path, monkeypatch):
+def test_small_refusals_come_before_any_model_loads(finished_run, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a backbone was loaded before the input was checked")
 
     monkeypatch.setattr(Backbone, "from_pretrained", refuse)
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "fine"}\n{"text": "\\ud800"}\n', encoding="utf-8")
-    odd = invoke("predict", "--run", made["run"], "--input", inputs)
+    odd = invoke("predict", "--run", finished_run.run, "--input", inputs)
     assert odd.exit_code == 2 and f"{inputs}:2: the text is not valid Unicode" in odd.stderr
     inputs.write_text('{"text": "fine"}\n', encoding="utf-8")
-    folder = invoke("predict", "--run", made["run"], "--input", inputs, "--output", tmp_path)
+    folder = invoke("predict", "--run", finished_run.run, "--input", inputs, "--output", tmp_path)
     assert folder.exit_code == 2 and f"--output {tmp_path} is a folder" in folder.stderr
-    rank = invoke("run", made["spec"], "--module", "prompt", "--rank", "4", "--out", tmp_path / "x")
+    rank = invoke(
+        "run", finished_run.spec, "--module", "prompt", "--rank", "4", "--out", tmp_path / "x"
+    )
     assert rank.exit_code == 2 and "--rank 4 sets the LoRA rank" in rank.stderr
-    spec_dir = invoke("run", made["spec"], "--strategy", tmp_path, "--out", tmp_path / "y")
+    spec_dir = invoke("run", finished_run.spec, "--strategy", tmp_path, "--out", tmp_path / "y")
     assert spec_dir.exit_code == 2 and "is a folder, not a strategy spec file" in spec_dir.stderr
 
 
-def test_a_run_without_config_json_says_it_is_missing(made, tmp_path):
-    import shutil
-
-    run = Path(shutil.copytree(made["run"], tmp_path / "run"))
+def test_a_run_without_config_json_says_it_is_missing(run_copy, tmp_path):
+    run = run_copy
     (run / "config.json").unlink()
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
@@ -325,10 +315,10 @@ def test_a_run_without_config_json_says_it_is_missing(made, tmp_path):
     assert result.exit_code == 2 and f"{run / 'config.json'} is missing" in result.stderr
 
 
-# ---------------------------------------------------------------- found by the second new-user test
+# ---------------------------------------------------------------- where output goes; eval's guards
 
 
-def test_output_goes_through_links_never_onto_devices_and_dash_is_stdout(made, tmp_path):
+def test_output_goes_through_links_never_onto_devices_and_dash_is_stdout(finished_run, tmp_path):
     import os
 
     inputs = tmp_path / "in.jsonl"
@@ -336,60 +326,61 @@ def test_output_goes_through_links_never_onto_devices_and_dash_is_stdout(made, t
     target, link = tmp_path / "target.jsonl", tmp_path / "link.jsonl"
     target.write_text("old\n", encoding="utf-8")
     link.symlink_to(target)
-    assert (
-        invoke("predict", "--run", made["run"], "--input", inputs, "--output", link).exit_code == 0
-    )
+    linked = invoke("predict", "--run", finished_run.run, "--input", inputs, "--output", link)
+    assert linked.exit_code == 0, linked.output
     assert link.is_symlink() and json.loads(target.read_text(encoding="utf-8"))["task"] == "colors"
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    for command in (["predict", "--input", inputs], ["eval", made["spec"]]):
-        refused = invoke(*command, "--run", made["run"], "--output", fifo)
+    for command in (["predict", "--input", inputs], ["eval", finished_run.spec]):
+        refused = invoke(*command, "--run", finished_run.run, "--output", fifo)
         assert refused.exit_code == 2 and "not a regular file" in refused.stderr
-    dash = invoke("predict", "--run", made["run"], "--input", inputs, "--output", "-")
+    dash = invoke("predict", "--run", finished_run.run, "--input", inputs, "--output", "-")
     assert dash.exit_code == 0 and json.loads(dash.stdout)["task"] == "colors"
     assert not (Path.cwd() / "-").exists()
-    scores = invoke("eval", made["spec"], "--run", made["run"], "--output", "-")
+    scores = invoke("eval", finished_run.spec, "--run", finished_run.run, "--output", "-")
     assert scores.exit_code == 0 and json.loads(scores.stdout)["rows"] == 20
 
 
-def test_eval_output_has_predicts_guards(made, tmp_path):
+def test_eval_output_has_predicts_guards(finished_run, tmp_path):
     labelled = tmp_path / "l.jsonl"
     labelled.write_text('{"text": "a red car", "label": "red"}\n', encoding="utf-8")
     cases = [
         (["--input", labelled, "--output", labelled], "is the --input file"),
-        (["--input", labelled, "--output", made["run"] / "report.json"], "inside the run"),
+        (["--input", labelled, "--output", finished_run.run / "report.json"], "inside the run"),
         (["--input", labelled, "--output", tmp_path], "is a folder"),
         (["--input", labelled, "--output", tmp_path / "no" / "x.json"], "does not exist"),
-        ([made["spec"], "--task", "colors"], "--task goes with --input"),
+        ([finished_run.spec, "--task", "colors"], "--task goes with --input"),
         ([], "got neither"),
     ]
     for args, expected in cases:
-        result = invoke("eval", "--run", made["run"], *args)
+        result = invoke("eval", "--run", finished_run.run, *args)
         assert result.exit_code == 2 and expected in result.stderr, (args, result.output)
 
 
-def test_eval_names_other_data_unseen_labels_and_shows_the_task_mean(made, tmp_path):
+def test_eval_names_other_data_unseen_labels_and_shows_the_task_mean(finished_run, tmp_path):
     with pytest.warns(UserWarning, match=r"task\(s\) \['colors', 'animals'\]: the data given"):
-        fewer = invoke("eval", made["spec"], "--run", made["run"], "--max-test", "3")
+        fewer = invoke("eval", finished_run.spec, "--run", finished_run.run, "--max-test", "3")
     assert fewer.exit_code == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the run's own data: no warning
-        same = invoke("eval", made["spec"], "--run", made["run"])
+        same = invoke("eval", finished_run.spec, "--run", finished_run.run)
     assert same.exit_code == 0 and "mean of tasks" in same.stdout
     labelled = tmp_path / "l.jsonl"
     labelled.write_text('{"text": "a red car", "label": "purple", "task": "colors"}\n', "utf-8")
     with pytest.warns(UserWarning, match=r"never had are scored as wrong: \['colors:purple'\]"):
-        odd = invoke("eval", "--run", made["run"], "--input", labelled)
+        odd = invoke("eval", "--run", finished_run.run, "--input", labelled)
     assert odd.exit_code == 0
 
 
-def test_predict_refuses_a_task_that_contradicts_a_line_and_names_unknown_lines(made, tmp_path):
+def test_predict_refuses_a_task_that_contradicts_a_line_and_names_unknown_lines(
+    finished_run, tmp_path
+):
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "x"}\n{"text": "y", "task": "animals"}\n', encoding="utf-8")
-    clash = invoke("predict", "--run", made["run"], "--input", inputs, "--task", "colors")
+    clash = invoke("predict", "--run", finished_run.run, "--input", inputs, "--task", "colors")
     assert clash.exit_code == 2 and "record(s) [2] name another task than --task" in clash.stderr
     inputs.write_text('{"text": "x"}\n{"text": "y", "task": "moods"}\n', encoding="utf-8")
-    unknown = invoke("predict", "--run", made["run"], "--input", inputs)
+    unknown = invoke("predict", "--run", finished_run.run, "--input", inputs)
     assert unknown.exit_code == 2 and "record 2: 'moods'" in unknown.stderr
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import word_task, write_stream
+from helpers import word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import STRATEGIES, Backbone, LearnerConfig, ModuleBank
@@ -67,8 +67,8 @@ def test_compare_writes_a_consistent_leaderboard(spec: Path, tmp_path: Path, tin
     assert result.exit_code == 0, result.output
     for number, name in enumerate(STRATEGY_NAMES, start=1):
         assert f"strategy {number}/{len(STRATEGY_NAMES)}: {name}" in result.stdout
-    for name in ("leaderboard.json", "leaderboard.md", "leaderboard.csv", "acc_vs_params.png",
-                 "task_curves.png"):  # fmt: skip
+    tables = ["leaderboard.json", "leaderboard.md", "leaderboard.csv"]
+    for name in (*tables, "acc_vs_params.png", "task_curves.png"):
         assert (out / name).is_file(), name
     board = load_leaderboard(out)
     assert board["status"] == "finished" and board["tasks"] == list(NAMES)
@@ -113,12 +113,15 @@ def test_compare_writes_a_consistent_leaderboard(spec: Path, tmp_path: Path, tin
     assert "Leaderboard" in shown.stdout and "per_task" in shown.stdout
 
 
+@pytest.mark.real_plots("leaderboard")  # the one comparison here that draws them (conftest.py)
 def test_sweep_maps_parameters(spec: Path, tmp_path: Path, tiny):
     out = tmp_path / "sweep"
-    result = invoke("compare", "--stream", spec, "--strategies", "per_task", "--sweep",
-                    "lora.r=1,2", "--out", out, "--lr", "0.01", *BUDGET)  # fmt: skip
+    sweep = ["--strategies", "per_task", "--sweep", "lora.r=1,2", "--lr", "0.01", *BUDGET]
+    result = invoke("compare", "--stream", spec, *sweep, "--out", out)
     assert result.exit_code == 0, result.output
-    assert (out / "sweep.png").is_file()
+    for name in ("sweep.png", "acc_vs_params.png", "task_curves.png"):
+        png = (out / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000, name
     board = json.loads((out / "leaderboard.json").read_text(encoding="utf-8"))
     assert board["sweep"] == {"key": "lora.r"}
     points = sorted(
@@ -143,8 +146,9 @@ def test_a_failing_entry_is_recorded_and_the_rest_run(
 
     monkeypatch.setattr(launch, "compare", functools.partial(compare, make_backbone=flaky))
     out = tmp_path / "c"
-    result = invoke("compare", "--stream", spec, "--strategies", "per_task,seq", "--out", out,
-                    *BUDGET)  # fmt: skip
+    result = invoke(
+        "compare", "--stream", spec, "--strategies", "per_task,seq", "--out", out, *BUDGET
+    )
     assert result.exit_code == 1, result.output
     assert "1 of 2 entries failed: per_task (leaderboard.md)" in result.stderr
     board = load_leaderboard(out)
@@ -245,8 +249,9 @@ def test_an_interrupted_comparison_resumes_to_the_uninterrupted_leaderboard(
     kept = (out / "per_task" / "checkpoint.json").read_bytes()
     refused = invoke(*args, "--out", out)
     assert refused.exit_code == 2 and "--resume" in refused.stderr
-    other = invoke("compare", "--stream", spec, "--strategies", "per_task", *BUDGET,
-                   "--resume", out)  # fmt: skip
+    other = invoke(
+        "compare", "--stream", spec, "--strategies", "per_task", *BUDGET, "--resume", out
+    )
     assert other.exit_code == 2 and "was started as another comparison" in other.stderr
     resumed = invoke(*args, "--resume", out)
     assert resumed.exit_code == 0, resumed.output

@@ -1,52 +1,29 @@
 """Export: a task's LoRA as a peft adapter and merged into a standalone model, both checked against
-our own outputs (peft and transformers load them with no help from this package)."""
+our own outputs (peft and transformers load them with no help from this package), on the
+session's finished run (conftest.py). That every strategy exports what its run evaluated is in
+test_cases.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, FAST_TRAIN, assert_close, tiny_bert, word_task
+from helpers import DEVICE, EXPORTED, assert_close, word_task
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
 
-from continual_peft import (
-    STRATEGIES,
-    Backbone,
-    ContinualLearner,
-    ContinualPeftError,
-    LearnerConfig,
-    LoRAConfig,
-    TrainConfig,
-)
+from continual_peft import Backbone, ContinualLearner, ContinualPeftError, LoRAConfig, TrainConfig
 from continual_peft.cli import app
 from continual_peft.errors import CorruptFileError
 from continual_peft.integrations.peft_export import export_task
-from continual_peft.strategies import load_strategy_spec
 
 peft = pytest.importorskip("peft")
 
 TEXTS = ["a red apple", "the dog sleeps at home", "happy again at work now"]
-TASK = "animals"  # the second task
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tokenizer):
-    """A tiny BERT saved by path, and a two-task run on it: (learner, run dir, base dir)."""
-    root = tmp_path_factory.mktemp("export")
-    base_dir = root / "base"
-    tiny_bert(tokenizer).save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    backbone = Backbone.from_pretrained(str(base_dir), max_length=32, device=DEVICE)
-    learner = ContinualLearner(backbone=backbone, train=FAST_TRAIN, run_dir=root / "run")
-    for name in ("colors", TASK):
-        learner.learn(word_task(name, n_train=24, n_test=6))
-    learner.finish()
-    return learner, root / "run", base_dir
+TASK = EXPORTED  # the finished run's second task
 
 
 def ours(learner: ContinualLearner, task: str = TASK) -> tuple[torch.Tensor, dict]:
@@ -57,15 +34,13 @@ def ours(learner: ContinualLearner, task: str = TASK) -> tuple[torch.Tensor, dic
         return backbone(**batch), batch
 
 
-def test_config_json_records_the_backbone_path(trained):
-    _, run_dir, base_dir = trained
-    run = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    assert run["backbone"]["name"] == str(base_dir)
+def test_config_json_records_the_backbone_path(finished_run):
+    run = json.loads((finished_run.run / "config.json").read_text(encoding="utf-8"))
+    assert run["backbone"]["name"] == str(finished_run.base)
 
 
-def test_peft_export_loads_in_peft_and_matches(trained, tmp_path):
-    learner, run_dir, base_dir = trained
-    out = export_task(run_dir, TASK, "peft", tmp_path / "peft")
+def test_peft_export_loads_in_peft_and_matches(finished_run, tmp_path):
+    learner, base_dir, out = finished_run.learner, finished_run.base, finished_run.peft
     model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), out).eval()
     hidden, batch = ours(learner)
     with torch.no_grad():
@@ -93,9 +68,8 @@ def test_peft_export_loads_in_peft_and_matches(trained, tmp_path):
         assert torch.equal(mine_t[key], again_t[key]), key
 
 
-def test_merged_export_is_a_plain_model_with_our_outputs(trained, tmp_path):
-    learner, run_dir, _ = trained
-    out = export_task(run_dir, TASK, "merged", tmp_path / "merged")
+def test_merged_export_is_a_plain_model_with_our_outputs(finished_run):
+    learner, run_dir, out = finished_run.learner, finished_run.run, finished_run.merged
     assert (out / "model.safetensors").is_file()
     model = AutoModel.from_pretrained(out).eval()
     hidden, batch = ours(learner)
@@ -118,8 +92,8 @@ def test_merged_export_is_a_plain_model_with_our_outputs(trained, tmp_path):
     assert info["backbone"]["weights_sha256"] == learner.fingerprint()["weights_sha256"]
 
 
-def test_first_task_exports_its_own_slot(trained, tmp_path):
-    learner, run_dir, base_dir = trained
+def test_first_task_exports_its_own_slot(finished_run, tmp_path):
+    learner, run_dir, base_dir = finished_run.learner, finished_run.run, finished_run.base
     out = export_task(run_dir, "colors", "peft", tmp_path / "colors")
     model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), out).eval()
     hidden, batch = ours(learner, "colors")
@@ -127,9 +101,9 @@ def test_first_task_exports_its_own_slot(trained, tmp_path):
         assert_close(model(**batch).last_hidden_state, hidden)
 
 
-def test_all_linear_exports_full_layer_names(trained, tmp_path):
+def test_all_linear_exports_full_layer_names(finished_run, tmp_path):
     """all-linear skips the pooler here but not in peft, so the layers are named in full."""
-    base_dir = trained[2]
+    base_dir = finished_run.base
     backbone = Backbone.from_pretrained(str(base_dir), max_length=32, device=DEVICE)
     lora = LoRAConfig(r=4, alpha=12.0, targets=["all-linear"])
     train = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0)
@@ -157,17 +131,16 @@ def test_all_linear_exports_full_layer_names(trained, tmp_path):
         (TASK, "onnx", "('peft', 'merged')"),
     ],
 )
-def test_bad_task_or_format_is_named(trained, tmp_path, task, fmt, expected):
-    _, run_dir, _ = trained
+def test_bad_task_or_format_is_named(finished_run, tmp_path, task, fmt, expected):
     with pytest.raises(ContinualPeftError) as info:
-        export_task(run_dir, task, fmt, tmp_path / "out")
+        export_task(finished_run.run, task, fmt, tmp_path / "out")
     assert expected in str(info.value)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_hand_edited_task_file_is_refused(trained, tmp_path):
+def test_a_hand_edited_task_file_is_refused(run_copy, tmp_path):
     """Every file export reads is checked against checkpoint.json: an edit is not exported."""
-    run_dir = shutil.copytree(trained[1], tmp_path / "run")
+    run_dir = run_copy
     record_file = run_dir / "tasks" / TASK / "task.json"
     record = json.loads(record_file.read_text(encoding="utf-8"))
     record_file.write_text(json.dumps({**record, "module": "prompt"}), encoding="utf-8")
@@ -175,8 +148,8 @@ def test_a_hand_edited_task_file_is_refused(trained, tmp_path):
         export_task(run_dir, TASK, "peft", tmp_path / "out")
 
 
-def test_one_flipped_byte_in_a_module_is_refused(trained, tmp_path):
-    run_dir = shutil.copytree(trained[1], tmp_path / "run")
+def test_one_flipped_byte_in_a_module_is_refused(run_copy, tmp_path):
+    run_dir = run_copy
     module = run_dir / "tasks" / TASK / "module.safetensors"
     data = bytearray(module.read_bytes())
     data[-1] ^= 0x01  # a weight's last byte: still a valid safetensors file
@@ -188,8 +161,8 @@ def test_one_flipped_byte_in_a_module_is_refused(trained, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_head_file(trained, tmp_path):
-    run_dir = shutil.copytree(trained[1], tmp_path / "run")
+def test_missing_head_file(run_copy, tmp_path):
+    run_dir = run_copy
     (run_dir / "tasks" / TASK / "head.safetensors").unlink()
     with pytest.raises(
         ContinualPeftError, match="head.safetensors is missing \\(checkpoint.json names it"
@@ -197,8 +170,8 @@ def test_missing_head_file(trained, tmp_path):
         export_task(run_dir, TASK, "peft", tmp_path / "out")
 
 
-def test_merged_refuses_a_different_backbone(trained, tmp_path):
-    run_dir = shutil.copytree(trained[1], tmp_path / "run")
+def test_merged_refuses_a_different_backbone(run_copy, tmp_path):
+    run_dir = run_copy
     run = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     run["backbone"]["weights_sha256"] = "0123456789abcdef"
     (run_dir / "config.json").write_text(json.dumps(run), encoding="utf-8")
@@ -207,8 +180,8 @@ def test_merged_refuses_a_different_backbone(trained, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_corrupt_module_file(trained, tmp_path):
-    run_dir = shutil.copytree(trained[1], tmp_path / "run")
+def test_corrupt_module_file(run_copy, tmp_path):
+    run_dir = run_copy
     module_file = run_dir / "tasks" / TASK / "module.safetensors"
     module_file.write_bytes(module_file.read_bytes()[:100])
     with pytest.raises(CorruptFileError):
@@ -227,8 +200,8 @@ def invoke(*args: str | Path):
 
 
 @pytest.mark.parametrize("fmt", ["peft", "merged"])
-def test_cli_export(trained, tmp_path, fmt):
-    _, run_dir, _ = trained
+def test_cli_export(finished_run, tmp_path, fmt):
+    run_dir = finished_run.run
     out = tmp_path / fmt
     result = invoke("--run", run_dir, "--task", TASK, "--format", fmt, "--out", out)
     assert result.exit_code == 0, result.output
@@ -238,8 +211,8 @@ def test_cli_export(trained, tmp_path, fmt):
         assert (out / name).is_file(), name
 
 
-def test_cli_errors(trained, tmp_path):
-    _, run_dir, _ = trained
+def test_cli_errors(finished_run, tmp_path):
+    run_dir = finished_run.run
     common = ("--run", run_dir, "--out", tmp_path / "out")
     cases = [
         (("--task", "nope", *common), ["unknown task 'nope'", "'colors', 'animals'"]),
@@ -253,8 +226,8 @@ def test_cli_errors(trained, tmp_path):
             assert text in result.stderr, result.stderr
 
 
-def test_cli_refuses_a_non_empty_out_folder(trained, tmp_path):
-    _, run_dir, _ = trained
+def test_cli_refuses_a_non_empty_out_folder(finished_run, tmp_path):
+    run_dir = finished_run.run
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine", encoding="utf-8")
@@ -265,8 +238,8 @@ def test_cli_refuses_a_non_empty_out_folder(trained, tmp_path):
     assert (out / "keep.txt").read_text(encoding="utf-8") == "mine"
 
 
-def test_cli_empty_out_folder_is_used(trained, tmp_path):
-    _, run_dir, _ = trained
+def test_cli_empty_out_folder_is_used(finished_run, tmp_path):
+    run_dir = finished_run.run
     out = tmp_path / "out"
     out.mkdir()
     result = invoke("--run", run_dir, "--task", TASK, "--out", out)  # --format defaults to peft
@@ -274,8 +247,8 @@ def test_cli_empty_out_folder_is_used(trained, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_cli_corrupt_module_file(trained, tmp_path):
-    run_dir = shutil.copytree(trained[1], tmp_path / "run")
+def test_cli_corrupt_module_file(run_copy, tmp_path):
+    run_dir = run_copy
     module_file = run_dir / "tasks" / TASK / "module.safetensors"
     module_file.write_bytes(module_file.read_bytes()[:-10])
     result = invoke("--run", run_dir, "--task", TASK, "--format", "peft", "--out", tmp_path / "o")
@@ -283,39 +256,3 @@ def test_cli_corrupt_module_file(trained, tmp_path):
     assert "was altered" in result.stderr and "--resume" in result.stderr
     assert str(module_file) in result.stderr.replace("\n", "")
     assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES.names())
-def test_every_strategy_exports_what_the_run_evaluated(strategy, tokenizer, tmp_path):
-    """The exported adapter gives each task the hidden states the run evaluated it with: its
-    own slot (per_task), the shared slot as it is now (seq, replay, ewc, joint), every slot
-    summed into one LoRA of rank Σr (olora); a prompt pool (l2p) is refused with the reason."""
-    base_dir = tmp_path / "base"
-    tiny_bert(tokenizer).save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    folder = Path(__file__).parents[1] / "strategies"
-    specs = [
-        p for p in (folder / f"{strategy}_lora.toml", folder / f"{strategy}.toml") if p.is_file()
-    ]
-    config = load_strategy_spec(specs[0]) if specs else LearnerConfig(strategy=strategy)
-    config.train = TrainConfig(epochs=2, batch_size=8, lr=3e-2, warmup=0.0)
-    backbone = Backbone.from_pretrained(str(base_dir), max_length=32, device=DEVICE)
-    learner = ContinualLearner(backbone, config=config, run_dir=tmp_path / "run")
-    for name in ("colors", "animals", "moods"):
-        learner.learn(word_task(name, n_train=16, n_test=6))
-    learner.finish()
-    batch = backbone.collate(backbone.encode(TEXTS).items)
-    for task in ("colors", "moods"):
-        out = tmp_path / f"{task}-peft"
-        if strategy == "l2p":
-            with pytest.raises(ContinualPeftError, match="prompt_pool.*can express only"):
-                export_task(tmp_path / "run", task, "peft", out)
-            continue
-        export_task(tmp_path / "run", task, "peft", out)
-        model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir), out).eval()
-        with torch.no_grad(), learner.use_task(task):
-            evaluated = backbone(**batch)
-        with torch.no_grad():
-            assert_close(model(**batch.copy()).last_hidden_state, evaluated)
-        provenance = json.loads((out / "continual_peft.json").read_text(encoding="utf-8"))
-        assert provenance["slots"] == learner.strategy.routing(learner, task)[0]

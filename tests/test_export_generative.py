@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEVICE
+from helpers import DEVICE, LM_WORDS
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from typer.testing import CliRunner
@@ -22,26 +22,31 @@ from continual_peft.integrations.peft_export import export_task
 
 peft = pytest.importorskip("peft")
 
-WORDS = ["red", "blue", "green", "apple", "plum", "fox", "crow", "fruit", "animal", "of",
-         "Input", "Output", "yes", "no"]  # fmt: skip
 AUTO = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM, "t5": AutoModelForSeq2SeqLM}
 TASK_TYPE = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 FIRST_LAYER = r"(model\.layers|transformer\.h)\.0\..*"  # one layer's projections: a regex target
 # (architecture, LoRA targets): all-linear (GPT-2: its Conv1D layers), aliases, a regex
-CASES = [("llama", ["all-linear"]), ("gpt2", ["all-linear"]), ("t5", ["query", "value"]),
-         ("llama", [FIRST_LAYER])]  # fmt: skip
+CASES = [
+    ("llama", ["all-linear"]),
+    ("gpt2", ["all-linear"]),
+    ("t5", ["query", "value"]),
+    ("llama", [FIRST_LAYER]),
+]
 IDS = ["llama", "gpt2", "t5", "llama-regex"]
 TEXTS = ["Input: fruit of red Output:", "blue of crow", "Input: animal of green Output: fox"]
 TASK = "fruit"  # the second task: a generation task on slot 1
 
 
 def config(targets: list[str], module: str = "lora") -> LearnerConfig:
-    return LearnerConfig.from_dict({
-        "strategy": "per_task", "module": module,
-        "train": {"epochs": 3, "batch_size": 6, "lr": 2e-2, "warmup": 0.0},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": targets},
-        "generation": {"max_new_tokens": 3},
-    })  # fmt: skip
+    return LearnerConfig.from_dict(
+        {
+            "strategy": "per_task",
+            "module": module,
+            "train": {"epochs": 3, "batch_size": 6, "lr": 2e-2, "warmup": 0.0},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": targets},
+            "generation": {"max_new_tokens": 3},
+        }
+    )
 
 
 def tasks() -> list[Task]:
@@ -68,7 +73,7 @@ def trained(request, tmp_path_factory):
     """(architecture, learner, run dir, tiny model folder) for a two-task run."""
     architecture, targets = request.param
     root = tmp_path_factory.mktemp(architecture)
-    base = save_tiny(root / "base", architecture, WORDS)
+    base = save_tiny(root / "base", architecture, LM_WORDS)
     return architecture, learn(base, root / "run", targets), root / "run", base
 
 
@@ -164,7 +169,7 @@ def test_merged_export_is_a_plain_model_with_our_logits(trained, tmp_path):
 
 def test_gpt2_merged_weights_equal_peft_merge_and_unload(tmp_path):
     """Conv1D stores (d_in, d_out): the merged weight is W + scale · (B A)^T, as peft merges it."""
-    base = save_tiny(tmp_path / "base", "gpt2", WORDS)
+    base = save_tiny(tmp_path / "base", "gpt2", LM_WORDS)
     learn(base, tmp_path / "run", ["all-linear"])
     merged = AutoModelForCausalLM.from_pretrained(
         export_task(tmp_path / "run", TASK, "merged", tmp_path / "merged")
@@ -175,8 +180,12 @@ def test_gpt2_merged_weights_equal_peft_merge_and_unload(tmp_path):
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, reference[name], atol=1e-6, rtol=1e-6)
     conv = merged.transformer.h[0].attn.c_attn.weight  # (d_in, d_out)
-    assert not torch.equal(conv, AutoModelForCausalLM.from_pretrained(base).state_dict()[
-        "transformer.h.0.attn.c_attn.weight"])  # fmt: skip
+    assert not torch.equal(
+        conv,
+        AutoModelForCausalLM.from_pretrained(base).state_dict()[
+            "transformer.h.0.attn.c_attn.weight"
+        ],
+    )
 
 
 @pytest.mark.parametrize("fmt", ["peft", "merged"])
@@ -195,7 +204,7 @@ def test_cli_export(trained, tmp_path, fmt):
 
 
 def test_a_prompt_task_on_a_generative_run_is_refused(tmp_path):
-    base = save_tiny(tmp_path / "base", "llama", WORDS)
+    base = save_tiny(tmp_path / "base", "llama", LM_WORDS)
     learn(base, tmp_path / "run", ["all-linear"], module="prompt")
     for fmt in ("peft", "merged"):
         with pytest.raises(ContinualPeftError, match=r"\['prompt'\] module.*can express only"):
@@ -205,7 +214,7 @@ def test_a_prompt_task_on_a_generative_run_is_refused(tmp_path):
 
 def test_a_run_on_an_in_memory_language_model_is_refused_by_name(tmp_path):
     """Only a model's config tells Conv1D from nn.Linear layers: without it, no guess."""
-    tokenizer = word_tokenizer(WORDS)
+    tokenizer = word_tokenizer(LM_WORDS)
     model = tiny_model("gpt2", len(tokenizer))
     backbone = CausalBackbone(model, tokenizer, max_length=32, device=DEVICE, dtype="float32")
     learner = ContinualLearner(backbone, config=config(["all-linear"]), run_dir=tmp_path / "run")
@@ -224,11 +233,14 @@ def test_a_conv1d_merge_of_the_wrong_shape_is_refused(tmp_path):
     merge_lora(model, {layer: right})  # fits: each entry of (B A)^T is 4, times 0.5
     torch.testing.assert_close(model.get_submodule(layer).weight, before + 2.0)
     wrong = {**right, "lora_B": torch.zeros(64, 4)}  # d_out 64, not 192
-    with pytest.raises(ContinualPeftError, match=r"d_in 64 to d_out 64 .*Conv1D layer's weight "
-                       r"is \(64, 192\), stored \(d_in, d_out\)"):  # fmt: skip
+    with pytest.raises(
+        ContinualPeftError,
+        match=r"d_in 64 to d_out 64 .*Conv1D layer's weight "
+        r"is \(64, 192\), stored \(d_in, d_out\)",
+    ):
         merge_lora(model, {layer: wrong})
     with pytest.raises(ContinualPeftError, match=r"no nn.Linear or Conv1D layer 'lm_heads'"):
         merge_lora(model, {"lm_heads": right})
-    layout = read_layout(str(save_tiny(tmp_path / "gpt2", "gpt2", WORDS)), "GPT2LMHeadModel")
+    layout = read_layout(str(save_tiny(tmp_path / "gpt2", "gpt2", LM_WORDS)), "GPT2LMHeadModel")
     with pytest.raises(ContinualPeftError, match=r"'transformer.h.0.attn' \(GPT2Attention\)"):
         layout.check([layer, "transformer.h.0.attn"], "fruit")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import DEVICE, tiny_bert, word_task
+from helpers import DEVICE, tiny_bert, word_task
 from transformers import BertConfig, BertModel
 
 from continual_peft import Backbone, ContinualLearner, ContinualPeftError, TrainConfig
@@ -72,7 +72,7 @@ def test_another_model_class_is_refused(tokenizer):
 def test_old_runs_and_missing_keys_still_load(tokenizer):
     ours = backbone(tokenizer)
     legacy = {**saved(ours), "config_sha256": _legacy_config_sha256(ours)}
-    check_fingerprint(legacy, ours, "run x")  # hashed with the folder, as before
+    check_fingerprint(legacy, ours, "run x")  # a config hash that covers the folder name too
     check_fingerprint({}, ours, "run x")  # nothing recorded: nothing to check
     check_fingerprint({**saved(ours), "name": "moved/elsewhere"}, ours, "run x")  # only a name
 

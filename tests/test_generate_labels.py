@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from conftest import DEVICE
+from helpers import DEVICE
 
 from continual_peft import CausalBackbone, ContinualLearner, LearnerConfig, Seq2SeqBackbone, Task
 from continual_peft.backbones.tiny import tiny_model, word_tokenizer

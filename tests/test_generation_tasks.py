@@ -188,9 +188,13 @@ def test_jsonl_prompt_or_text_with_target(tmp_path: Path, text_key: str):
 def test_named_columns_and_csv(tmp_path: Path):
     write_gen_task(tmp_path, "named", text_key="question", label_key="answer")
     named = load_task(
-        "g", tmp_path / "named/train.jsonl", tmp_path / "named/test.jsonl", kind="generation",
-        text_column="question", label_column="answer",
-    )  # fmt: skip
+        "g",
+        tmp_path / "named/train.jsonl",
+        tmp_path / "named/test.jsonl",
+        kind="generation",
+        text_column="question",
+        label_column="answer",
+    )
     expected = Task.from_examples("g", TRAIN, TEST, kind="generation")
     assert data(named) == data(expected)
     for header in ("prompt", "text"):
@@ -344,9 +348,12 @@ def test_load_task_refuses_a_labels_file_on_a_generation_task(tmp_path: Path):
     write_gen_task(tmp_path, "g")
     with pytest.raises(ContinualPeftError, match="a generation task takes no labels"):
         load_task(
-            "g", tmp_path / "g/train.jsonl", tmp_path / "g/test.jsonl",
-            labels=tmp_path / "missing.json", kind="generation",
-        )  # fmt: skip
+            "g",
+            tmp_path / "g/train.jsonl",
+            tmp_path / "g/test.jsonl",
+            labels=tmp_path / "missing.json",
+            kind="generation",
+        )
 
 
 # ---------------------------------------------------------------- the toy stream

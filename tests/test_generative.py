@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, generated_together_and_alone
+from helpers import DEVICE, LM_WORDS, generated_together_and_alone, tiny_lm
 from transformers import AutoConfig, WhisperConfig
 
 from continual_peft import (
@@ -21,30 +21,21 @@ from continual_peft import (
 from continual_peft.backbones.load import family
 from continual_peft.backbones.tiny import save_tiny, tiny_model, word_tokenizer
 
-WORDS = ["red", "blue", "green", "apple", "plum", "fox", "crow", "fruit", "animal", "of",
-         "Input", "Output", "yes", "no"]  # fmt: skip
 ARCHITECTURES = ["llama", "qwen2", "gpt2", "t5"]
-
-
-def lm_backbone(architecture: str, max_length: int = 32, seed: int = 0):
-    """A tiny generative backbone of `architecture`, built in memory (float32)."""
-    tokenizer = word_tokenizer(WORDS)
-    model = tiny_model(architecture, len(tokenizer), seed)
-    kind = Seq2SeqBackbone if architecture == "t5" else CausalBackbone
-    return kind(model, tokenizer, max_length=max_length, name=f"tiny-{architecture}",
-                device=DEVICE, dtype="float32")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {a: save_tiny(root / a, a, WORDS) for a in ("llama", "gpt2", "t5")}
+    return {a: save_tiny(root / a, a, LM_WORDS) for a in ("llama", "gpt2", "t5")}
 
 
 def test_families_are_read_from_the_config(folders):
     assert {a: family(AutoConfig.from_pretrained(f)) for a, f in folders.items()} == {
-        "llama": "causal", "gpt2": "causal", "t5": "seq2seq",
-    }  # fmt: skip
+        "llama": "causal",
+        "gpt2": "causal",
+        "t5": "seq2seq",
+    }
     with pytest.raises(ContinualPeftError, match="whisper.*supported families"):
         family(WhisperConfig())
 
@@ -76,7 +67,7 @@ def hand_logprobs(backbone, prompt: list[int], target: list[int]) -> float:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_label_scores_equal_a_hand_computation(architecture):
-    backbone = lm_backbone(architecture)
+    backbone = tiny_lm(architecture)
     prompts = backbone.encode(["Input: red of fruit Output:", "blue", "fox of crow plum"]).items
     targets = backbone.encode_targets(["apple", "plum fox", "yes"])
     assert all(t[-1] == backbone.eos_id for t in targets)  # every target ends with EOS
@@ -108,10 +99,11 @@ def _lora_config():
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_routed_generation_equals_each_row_alone(architecture):
-    backbone = lm_backbone(architecture)
+    backbone = tiny_lm(architecture)
     bank = lora_bank(backbone)
-    prompts = backbone.encode(["red of fruit", "Input: blue of animal Output:", "plum",
-                               "crow of green of red"]).items  # fmt: skip
+    prompts = backbone.encode(
+        ["red of fruit", "Input: blue of animal Output:", "plum", "crow of green of red"]
+    ).items
     slots = torch.tensor([[0, -1], [1, -1], [2, 0], [1, 2]], device="cpu")
     weights = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.3, 0.7]], device="cpu")
     together, alone = generated_together_and_alone(backbone, bank, prompts, slots, weights, 6)
@@ -122,19 +114,19 @@ def test_routed_generation_equals_each_row_alone(architecture):
 
 
 def test_a_tokenizer_without_pad_pads_with_eos_and_one_without_eos_is_refused():
-    tokenizer = word_tokenizer(WORDS)
+    tokenizer = word_tokenizer(LM_WORDS)
     tokenizer.pad_token = None
     model = tiny_model("llama", len(tokenizer))
     backbone = CausalBackbone(model, tokenizer, device=DEVICE, dtype="float32")
     assert backbone.pad_id == backbone.eos_id
-    tokenizer = word_tokenizer(WORDS)
+    tokenizer = word_tokenizer(LM_WORDS)
     tokenizer.pad_token = tokenizer.eos_token = None
     with pytest.raises(ContinualPeftError, match="no EOS token"):
         CausalBackbone(model, tokenizer, device=DEVICE, dtype="float32")
 
 
 def test_a_long_prompt_is_cut_from_the_left_and_counted():
-    backbone = lm_backbone("llama", max_length=4)
+    backbone = tiny_lm("llama", max_length=4)
     encoded = backbone.encode(["red blue green Input: fox Output:", "red"])
     assert encoded.truncated == 1
     assert (
@@ -144,7 +136,7 @@ def test_a_long_prompt_is_cut_from_the_left_and_counted():
 
 
 def test_a_label_without_tokens_and_bad_max_new_tokens_are_refused():
-    backbone = lm_backbone("gpt2")
+    backbone = tiny_lm("gpt2")
     with pytest.raises(ContinualPeftError, match="has no tokens"):
         backbone.encode_targets(["apple", ""], "task 'x': label")
     with pytest.raises(ContinualPeftError, match="max_new_tokens must be at least 1"):
@@ -171,21 +163,25 @@ ANIMAL = [("animal of red", "crow"), ("animal of blue", "fox"), ("animal of gree
 
 
 def small_config(strategy: str = "per_task", **generation) -> LearnerConfig:
-    return LearnerConfig.from_dict({
-        "strategy": strategy, "router": "prototype",
-        "train": {"epochs": 30, "batch_size": 6, "lr": 5e-3, "warmup": 0.0},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["all-linear"]},
-        "generation": {"max_new_tokens": 3, **generation},
-    })  # fmt: skip
+    return LearnerConfig.from_dict(
+        {
+            "strategy": strategy,
+            "router": "prototype",
+            "train": {"epochs": 30, "batch_size": 6, "lr": 5e-3, "warmup": 0.0},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["all-linear"]},
+            "generation": {"max_new_tokens": 3, **generation},
+        }
+    )
 
 
 def test_label_scoring_classification_learns_and_predicts_label_strings():
-    backbone = lm_backbone("llama")
+    backbone = tiny_lm("llama")
     learner = ContinualLearner(backbone, config=small_config())
     task = Task.from_examples(
-        "colors", train=[("red", "yes"), ("blue", "no"), ("green", "no")] * 6,
+        "colors",
+        train=[("red", "yes"), ("blue", "no"), ("green", "no")] * 6,
         test=[("red", "yes"), ("blue", "no"), ("green", "no")],
-    )  # fmt: skip
+    )
     task.template = "Input: {text} Output:"
     record = learner.learn(task)
     assert (
@@ -197,7 +193,7 @@ def test_label_scoring_classification_learns_and_predicts_label_strings():
 
 
 def test_generation_tasks_learn_route_and_survive_save_and_load(tmp_path):
-    learner = ContinualLearner(lm_backbone("llama"), config=small_config())
+    learner = ContinualLearner(tiny_lm("llama"), config=small_config())
     for task in (generation_task("fruit", FRUIT), generation_task("animal", ANIMAL)):
         learner.learn(task)
     matrix = learner.report["accuracy_matrix"]["oracle"]
@@ -207,7 +203,7 @@ def test_generation_tasks_learn_route_and_survive_save_and_load(tmp_path):
     inputs = [x for x, _ in FRUIT + ANIMAL]
     assert learner.predict(inputs) == [y for _, y in FRUIT + ANIMAL]  # routed by prototypes
     learner.save(tmp_path / "saved")
-    again = ContinualLearner.load(tmp_path / "saved", backbone=lm_backbone("llama"))
+    again = ContinualLearner.load(tmp_path / "saved", backbone=tiny_lm("llama"))
     assert again.predict(inputs) == learner.predict(inputs)
     assert again.predict(inputs[:3], task="fruit") == [y for _, y in FRUIT]
 
@@ -220,11 +216,11 @@ def colors_task() -> Task:
 
 
 def test_decode_generate_compares_texts_and_counts_answers_that_are_no_label():
-    learner = ContinualLearner(lm_backbone("llama"), config=small_config(decode="generate"))
+    learner = ContinualLearner(tiny_lm("llama"), config=small_config(decode="generate"))
     learner.learn(colors_task())  # trained: it writes "yes"/"no"
     assert learner.report["accuracy_matrix"]["oracle"][0][0] == 1.0
     assert learner.records[0]["text_scores"]["colors"]["not_a_label"] == 0
-    untrained = ContinualLearner(lm_backbone("llama"), config=small_config(decode="generate"))
+    untrained = ContinualLearner(tiny_lm("llama"), config=small_config(decode="generate"))
     untrained.config.train.epochs = 1
     untrained.config.train.lr = 1e-9  # learns nothing: a random model writes anything
     untrained.learn(colors_task())
@@ -234,11 +230,12 @@ def test_decode_generate_compares_texts_and_counts_answers_that_are_no_label():
 
 
 def test_mean_label_scores_divide_by_the_label_length():
-    backbone = lm_backbone("qwen2")
+    backbone = tiny_lm("qwen2")
     learner = ContinualLearner(backbone, config=small_config(label_score="mean"))
     learner.config.train.epochs = 1
-    task = Task.from_examples("t", train=[("red", "plum fox"), ("blue", "no")] * 3,
-                              test=[("red", "plum fox")])  # fmt: skip
+    task = Task.from_examples(
+        "t", train=[("red", "plum fox"), ("blue", "no")] * 3, test=[("red", "plum fox")]
+    )
     learner.learn(task)
     prompt = learner.heads.prompt_items("t", ["red"]).items
     targets = backbone.encode_targets(task.labels)
@@ -252,11 +249,13 @@ def test_mean_label_scores_divide_by_the_label_length():
 def test_eval_scores_generation_by_exact_match_and_does_not_warn_on_new_targets():
     from continual_peft.engine.evaluation import evaluate_records
 
-    learner = ContinualLearner(lm_backbone("llama"), config=small_config())
+    learner = ContinualLearner(tiny_lm("llama"), config=small_config())
     learner.learn(generation_task("fruit", FRUIT))
-    records = [{"text": "fruit of red", "label": "The Apple!", "task": "fruit"},  # normalised
-               {"text": "fruit of blue", "label": "a plum", "task": "fruit"},
-               {"text": "fruit of green", "label": "fig", "task": "fruit"}]  # fmt: skip
+    records = [
+        {"text": "fruit of red", "label": "The Apple!", "task": "fruit"},  # normalised
+        {"text": "fruit of blue", "label": "a plum", "task": "fruit"},
+        {"text": "fruit of green", "label": "fig", "task": "fruit"},
+    ]
     import warnings
 
     with warnings.catch_warnings():
@@ -272,9 +271,12 @@ def test_every_kind_mixed_per_row_in_one_batch_equals_each_row_alone(architectur
     from continual_peft.modules.adapter import AdapterConfig
     from continual_peft.modules.prompt import PromptConfig
 
-    backbone = lm_backbone(architecture)
-    configs = {"lora": _lora_config(), "adapter": AdapterConfig(placement="houlsby"),
-               "prompt": PromptConfig(num_virtual_tokens=3)}  # fmt: skip
+    backbone = tiny_lm(architecture)
+    configs = {
+        "lora": _lora_config(),
+        "adapter": AdapterConfig(placement="houlsby"),
+        "prompt": PromptConfig(num_virtual_tokens=3),
+    }
     bank = ModuleBank(backbone, "lora", configs=configs)
     for seed, kind in enumerate(["lora", "adapter", "prompt"]):
         bank.add_slot(seed, kind)
@@ -297,24 +299,26 @@ def test_every_kind_mixed_per_row_in_one_batch_equals_each_row_alone(architectur
 
 
 def test_targets_or_answers_beyond_the_models_positions_are_refused_before_training():
-    backbone = lm_backbone("gpt2", max_length=250)  # the tiny GPT-2 reads 256 positions
+    backbone = tiny_lm("gpt2", max_length=250)  # the tiny GPT-2 reads 256 positions
     learner = ContinualLearner(backbone, config=small_config())  # max_new_tokens 3: fits
     learner.learn(generation_task("fruit", FRUIT, repeat=1))
-    wide = ContinualLearner(lm_backbone("gpt2", max_length=250), config=small_config(
-        max_new_tokens=32))  # fmt: skip
-    with pytest.raises(ContinualPeftError, match="max_new_tokens: a prompt of up to max_length "
-                       "250 \\+ 32 tokens exceeds the 256 positions"):  # fmt: skip
+    wide = ContinualLearner(tiny_lm("gpt2", max_length=250), config=small_config(max_new_tokens=32))
+    with pytest.raises(
+        ContinualPeftError,
+        match="max_new_tokens: a prompt of up to max_length "
+        "250 \\+ 32 tokens exceeds the 256 positions",
+    ):
         wide.learn(generation_task("fruit", FRUIT, repeat=1))
     assert not wide.learned and not wide.records  # rolled back before any training
     long_target = [("red", " ".join(["apple"] * 10))]
     with pytest.raises(ContinualPeftError, match="longest target \\(11 tokens"):
-        ContinualLearner(lm_backbone("gpt2", max_length=250), config=small_config()).learn(
+        ContinualLearner(tiny_lm("gpt2", max_length=250), config=small_config()).learn(
             Task.from_examples("long", train=long_target, test=long_target, kind="generation")
         )
 
 
 def test_labels_the_tokenizer_cannot_tell_apart_are_refused_and_unknown_words_warned():
-    learner = ContinualLearner(lm_backbone("llama"), config=small_config())
+    learner = ContinualLearner(tiny_lm("llama"), config=small_config())
     tied = [("red", "awesome"), ("blue", "dreadful")]  # both <unk> for the word tokenizer
     with pytest.raises(ContinualPeftError, match="'awesome' and 'dreadful' have the same tokens"):
         learner.learn(Task.from_examples("tied", train=tied, test=tied))
@@ -327,20 +331,39 @@ def test_unusual_models_are_refused_with_what_is_missing(tmp_path):
 
     from continual_peft.backbones.text import check_vocabulary
 
-    tokenizer = word_tokenizer(WORDS)
-    sizes = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 32,
-             "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-             "decoder_ffn_dim": 32}  # fmt: skip
+    tokenizer = word_tokenizer(LM_WORDS)
+    sizes = {
+        "d_model": 32,
+        "encoder_layers": 1,
+        "decoder_layers": 1,
+        "encoder_ffn_dim": 32,
+        "encoder_attention_heads": 2,
+        "decoder_attention_heads": 2,
+        "decoder_ffn_dim": 32,
+    }
     config = BartConfig(vocab_size=len(tokenizer), decoder_start_token_id=None, **sizes)
     with pytest.raises(ContinualPeftError, match="no decoder_start_token_id"):
         Seq2SeqBackbone(BartForConditionalGeneration(config), tokenizer, device=DEVICE)
-    clip = CLIPModel(CLIPConfig(
-        text_config={"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "intermediate_size": 16},
-        vision_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "intermediate_size": 16, "image_size": 8, "patch_size": 4},
-        projection_dim=8,
-    ))  # fmt: skip
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": 64,
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 16,
+            },
+            vision_config={
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 16,
+                "image_size": 8,
+                "patch_size": 4,
+            },
+            projection_dim=8,
+        )
+    )
     with pytest.raises(ContinualPeftError, match="no single token-embedding table"):
         check_vocabulary(clip, tokenizer, "clip-folder")
 
@@ -351,8 +374,9 @@ def test_a_stream_with_a_generation_task_on_an_encoder_is_refused_before_trainin
     from continual_peft import Stream
     from continual_peft.experiments.runner import run_stream
 
-    colors = Task.from_examples("colors", train=[("red", "a"), ("blue", "b")] * 3,
-                                test=[("red", "a"), ("blue", "b")])  # fmt: skip
+    colors = Task.from_examples(
+        "colors", train=[("red", "a"), ("blue", "b")] * 3, test=[("red", "a"), ("blue", "b")]
+    )
     stream = Stream("mixed", [colors, generation_task("fruit", FRUIT)])
     with pytest.raises(ContinualPeftError, match="generation task, but this backbone"):
         run_stream(stream, LearnerConfig(), run_dir=tmp_path / "run", make_backbone=make_backbone)
@@ -380,17 +404,24 @@ def test_a_tasks_template_and_kind_are_part_of_its_data_hash():
 def test_a_seq2seq_decoders_positions_are_checked_and_mixed_answer_modes_share_a_batch():
     from transformers import BartConfig, BartForConditionalGeneration
 
-    tokenizer = word_tokenizer(WORDS)
-    sizes = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 32,
-             "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-             "decoder_ffn_dim": 32, "max_position_embeddings": 16}  # fmt: skip
+    tokenizer = word_tokenizer(LM_WORDS)
+    sizes = {
+        "d_model": 32,
+        "encoder_layers": 1,
+        "decoder_layers": 1,
+        "encoder_ffn_dim": 32,
+        "encoder_attention_heads": 2,
+        "decoder_attention_heads": 2,
+        "decoder_ffn_dim": 32,
+        "max_position_embeddings": 16,
+    }
     bart = BartForConditionalGeneration(BartConfig(vocab_size=len(tokenizer), **sizes))
     backbone = Seq2SeqBackbone(bart, tokenizer, max_length=8, device=DEVICE, dtype="float32")
     learner = ContinualLearner(backbone, config=small_config(max_new_tokens=20))
     with pytest.raises(ContinualPeftError, match="decoder's start token \\+ 20 tokens exceeds"):
         learner.learn(generation_task("fruit", FRUIT, repeat=1))
     # a classification task (scored) and a generation task (written) in one routed batch
-    mixed = ContinualLearner(lm_backbone("gpt2"), config=small_config())
+    mixed = ContinualLearner(tiny_lm("gpt2"), config=small_config())
     mixed.config.train.epochs = 1
     mixed.learn(colors_task())
     mixed.learn(generation_task("fruit", FRUIT, repeat=1))
@@ -415,4 +446,4 @@ def test_input_files_giving_both_a_key_and_its_alias_are_refused(tmp_path):
 
 def test_save_tiny_refuses_qwen2_whose_folder_tokenizer_would_not_read_words(tmp_path):
     with pytest.raises(ValueError, match="build it in memory"):
-        save_tiny(tmp_path / "q", "qwen2", WORDS)
+        save_tiny(tmp_path / "q", "qwen2", LM_WORDS)

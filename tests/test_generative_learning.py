@@ -3,7 +3,7 @@ exact match on every task and forgets nothing, while one shared LoRA (seq) forge
 
 from __future__ import annotations
 
-from conftest import DEVICE
+from helpers import DEVICE
 
 from continual_peft import CausalBackbone, ContinualLearner, LearnerConfig
 from continual_peft.backbones.tiny import tiny_model, word_tokenizer
@@ -19,10 +19,17 @@ SETTINGS = {
 
 def learn(strategy: str) -> dict:
     tokenizer = word_tokenizer(TOY_WORDS)
-    backbone = CausalBackbone(tiny_model("llama", len(tokenizer)), tokenizer, max_length=32,
-                              name="tiny-llama", device=DEVICE, dtype="float32")  # fmt: skip
-    learner = ContinualLearner(backbone, config=LearnerConfig.from_dict(
-        {**SETTINGS, "strategy": strategy}))  # fmt: skip
+    backbone = CausalBackbone(
+        tiny_model("llama", len(tokenizer)),
+        tokenizer,
+        max_length=32,
+        name="tiny-llama",
+        device=DEVICE,
+        dtype="float32",
+    )
+    learner = ContinualLearner(
+        backbone, config=LearnerConfig.from_dict({**SETTINGS, "strategy": strategy})
+    )
     for task in toy_generative_stream(train_per_task=24, test_per_task=12).tasks:
         learner.learn(task)
     return learner.report

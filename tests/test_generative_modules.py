@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close
+from helpers import DEVICE, assert_close
 
 from continual_peft.backbones.tiny import SPECIAL, tiny_model
 from continual_peft.errors import ContinualPeftError
@@ -53,9 +53,12 @@ def _peft_model(base: torch.nn.Module, architecture: str, target_modules, adapte
 
     def config():
         return peft.LoraConfig(
-            r=R, lora_alpha=ALPHA, target_modules=target_modules, init_lora_weights=False,
+            r=R,
+            lora_alpha=ALPHA,
+            target_modules=target_modules,
+            init_lora_weights=False,
             fan_in_fan_out=architecture == "gpt2",  # Conv1D stores its weight (in, out)
-        )  # fmt: skip
+        )
 
     torch.manual_seed(1)
     model = peft.get_peft_model(copy.deepcopy(base), config(), adapter_name=adapters[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, generated_together_and_alone
+from helpers import DEVICE, generated_together_and_alone
 
 from continual_peft import CausalBackbone, ContinualPeftError, ModuleBank, Seq2SeqBackbone
 from continual_peft.backbones.tiny import tiny_model, word_tokenizer
@@ -75,8 +75,9 @@ def test_seq2seq_prompt_tuning_gives_pefts_logits():
         labels = torch.tensor(targets, device=DEVICE)
         out = peft_model(input_ids=torch.tensor(items, device=DEVICE), labels=labels)
     # peft's loss is the mean token cross-entropy of the same target: -summed / tokens
-    torch.testing.assert_close(-summed / len(targets[0]), out.loss.float().reshape(1),
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        -summed / len(targets[0]), out.loss.float().reshape(1), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("architecture", ["llama", "t5"])

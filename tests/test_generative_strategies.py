@@ -1,31 +1,25 @@
 """Every strategy on a generative backbone: replay, ewc, olora and joint learn generation and
-label-scoring tasks (replay stores prompt token ids); l2p refuses a language model clearly."""
+label-scoring tasks (replay stores prompt token ids); l2p refuses a language model clearly.
+Their saving, loading and other shared invariants on a tiny Llama: test_cases.py."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import DEVICE
+from helpers import tiny_lm
 
-from continual_peft import CausalBackbone, ContinualLearner, ContinualPeftError, LearnerConfig, Task
-from continual_peft.backbones.tiny import tiny_model, word_tokenizer
+from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig, Task
 
-WORDS = ["red", "blue", "green", "apple", "plum", "fox", "crow", "fruit", "animal", "of",
-         "Input", "Output", "yes", "no"]  # fmt: skip
 FRUIT = [("fruit of red", "apple"), ("fruit of blue", "plum"), ("fruit of green", "fox")]
 
 
-def backbone() -> CausalBackbone:
-    tokenizer = word_tokenizer(WORDS)
-    return CausalBackbone(tiny_model("llama", len(tokenizer)), tokenizer, max_length=32,
-                          device=DEVICE, dtype="float32")  # fmt: skip
-
-
 def tasks() -> list[Task]:
-    fruit = Task.from_examples("fruit", train=FRUIT * 6, test=FRUIT, kind="generation",
-                               template="Input: {text} Output:")  # fmt: skip
+    fruit = Task.from_examples(
+        "fruit", train=FRUIT * 6, test=FRUIT, kind="generation", template="Input: {text} Output:"
+    )
     pairs = [("animal of red", "yes"), ("animal of blue", "no"), ("animal of green", "no")]
-    animal = Task.from_examples("animal", train=pairs * 6, test=pairs,
-                                template="Input: {text} Output:")  # fmt: skip
+    animal = Task.from_examples(
+        "animal", train=pairs * 6, test=pairs, template="Input: {text} Output:"
+    )
     return [fruit, animal]
 
 
@@ -33,14 +27,17 @@ def tasks() -> list[Task]:
     ("strategy", "options"),
     [("replay", {"buffer_size": 12}), ("ewc", {"lam": 10.0}), ("olora", {}), ("joint", {})],
 )
-def test_strategies_learn_generation_and_label_scoring_tasks(strategy, options, tmp_path):
-    config = LearnerConfig.from_dict({
-        "strategy": strategy, "strategy_options": options,
-        "train": {"epochs": 30, "batch_size": 6, "lr": 5e-3, "warmup": 0.0},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["all-linear"]},
-        "generation": {"max_new_tokens": 3},
-    })  # fmt: skip
-    learner = ContinualLearner(backbone(), config=config, run_dir=tmp_path / "run")
+def test_strategies_learn_generation_and_label_scoring_tasks(strategy, options):
+    config = LearnerConfig.from_dict(
+        {
+            "strategy": strategy,
+            "strategy_options": options,
+            "train": {"epochs": 30, "batch_size": 6, "lr": 5e-3, "warmup": 0.0},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["all-linear"]},
+            "generation": {"max_new_tokens": 3},
+        }
+    )
+    learner = ContinualLearner(tiny_lm("llama"), config=config)
     for task in tasks():
         learner.learn(task)
     last = learner.report["accuracy_matrix"]["oracle"][-1]
@@ -49,13 +46,9 @@ def test_strategies_learn_generation_and_label_scoring_tasks(strategy, options, 
     if strategy == "replay":  # it stored the first task's prompts as token ids
         assert learner.strategy.buffer.count("fruit") > 0
         assert all(isinstance(i, list) for i in learner.strategy.buffer.items)
-    again = ContinualLearner.load(tmp_path / "run", backbone=backbone(), tasks=tasks())
-    assert again.predict([x for x, _ in FRUIT], task="fruit") == learner.predict(
-        [x for x, _ in FRUIT], task="fruit"
-    )
 
 
 def test_l2p_refuses_a_language_model():
     config = LearnerConfig.from_dict({"strategy": "l2p", "module": "prompt_pool"})
     with pytest.raises(ContinualPeftError, match="causal"):
-        ContinualLearner(backbone(), config=config)
+        ContinualLearner(tiny_lm("llama"), config=config)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import word_task, write_stream
+from helpers import word_task, write_stream
 from typer.testing import CliRunner
 
 from continual_peft import Backbone, LearnerConfig, Stream
@@ -148,10 +148,8 @@ def test_cli_one_order_one_seed_is_a_plain_run(grid_spec, tmp_path, make_backbon
         launch, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
     )
     out = tmp_path / "run"
-    result = invoke(
-        "run", grid_spec, "--out", out, "--order", "moods,colors", "--seeds", "3",
-        "--epochs", "1", "--rank", "2", "--max-train", "8", "--max-test", "4",
-    )  # fmt: skip
+    options = ["--order", "moods,colors", "--seeds", "3", "--epochs", "1", "--rank", "2"]
+    result = invoke("run", grid_spec, "--out", out, *options, "--max-train", "8", "--max-test", "4")
     assert result.exit_code == 0, result.output
     report = load_report(out)
     assert report["task_names"] == ["moods", "colors"] and report["config"]["seed"] == 3
@@ -163,11 +161,10 @@ def test_cli_grid_two_orders_two_seeds(grid_spec, tmp_path, make_backbone, monke
         launch, "run_grid", functools.partial(run_grid, make_backbone=make_backbone)
     )
     out = tmp_path / "grid"
-    result = invoke(
-        "run", grid_spec, "--out", out, "--order", "forward", "--order", "backward",
-        "--seeds", "0,1", "--router", "prototype", "--epochs", "1", "--batch-size", "8",
-        "--lr", "0.01", "--rank", "2", "--max-length", "16",
-    )  # fmt: skip
+    grid = ["--order", "forward", "--order", "backward", "--seeds", "0,1", "--router", "prototype"]
+    budget = ["--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--rank", "2"]
+    budget += ["--max-length", "16"]
+    result = invoke("run", grid_spec, "--out", out, *grid, *budget)
     assert result.exit_code == 0, result.output
     assert "run 3/4: backward, seed 0" in result.stdout
     assert "grid directory:" in result.stdout
@@ -176,9 +173,8 @@ def test_cli_grid_two_orders_two_seeds(grid_spec, tmp_path, make_backbone, monke
     expected_tasks = {"forward": list(NAMES), "backward": ["moods", "animals"]}
     assert aggregate["orders"] == expected_tasks
     runs = aggregate["runs"]
-    assert [(r["order"], r["seed"]) for r in runs] == [
-        ("forward", 0), ("forward", 1), ("backward", 0), ("backward", 1),
-    ]  # fmt: skip
+    expected = [("forward", 0), ("forward", 1), ("backward", 0), ("backward", 1)]
+    assert [(r["order"], r["seed"]) for r in runs] == expected
     for run in runs:
         report = load_report(out / run["run_dir"])
         assert report["task_names"] == run["tasks"] == expected_tasks[run["order"]]
@@ -235,8 +231,8 @@ def test_an_interrupted_grid_resumes_to_the_uninterrupted_aggregate(
         launch, "run_grid", functools.partial(run_grid, make_backbone=make_backbone)
     )
     stream_args = ["--max-train", "8", "--max-test", "4"]
-    options = ["--order", "backward", "--seeds", "0,1", "--epochs", "1", "--batch-size", "8",
-               "--rank", "2", "--max-length", "16", *stream_args]  # fmt: skip
+    options = ["--order", "backward", "--seeds", "0,1", "--epochs", "1", "--batch-size", "8"]
+    options += ["--rank", "2", "--max-length", "16", *stream_args]
     clean = tmp_path / "clean"
     assert invoke("run", grid_spec, "--out", clean, *options).exit_code == 0
     original = Strategy.loss

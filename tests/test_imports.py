@@ -146,8 +146,6 @@ def test_strategies_type_against_their_protocol_not_the_learner():
     no strategy imports the engine, not even for type hints."""
     for path in sorted((PACKAGE / "strategies").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        imported = {
-            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-        }  # fmt: skip
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         engine = {m for m in imported if m and m.startswith(f"{PACKAGE.name}.engine")}
         assert not engine, (path.name, engine)

@@ -1,33 +1,21 @@
-"""The engine end to end on a tiny backbone: isolation, the routed forward, determinism, reports."""
+"""The engine end to end on a tiny backbone: isolation, the routed forward, what it learns,
+reports. What every strategy, kind and router share (a failed task rolls back, the same seed
+gives the same numbers, a mixed batch equals each row alone, ...) is in test_cases.py."""
 
 from __future__ import annotations
 
-import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN, assert_close, word_task
+from helpers import FAST_TRAIN, assert_close, load_tokenizer, tiny_backbone, word_task
 from safetensors.torch import load_file
 
-from continual_peft import (
-    STRATEGIES,
-    ContinualLearner,
-    ContinualPeftError,
-    LearnerConfig,
-    TrainConfig,
-)
+from continual_peft import STRATEGIES, ContinualLearner, ContinualPeftError
 from continual_peft.metrics import compute_metrics
-
-
-@pytest.fixture
-def learned(make_backbone, tasks):
-    learner = ContinualLearner(make_backbone(), train=FAST_TRAIN)
-    for task in tasks:
-        learner.learn(task)
-    return learner
 
 
 def _snapshot(learner, slot, task):
@@ -35,12 +23,33 @@ def _snapshot(learner, slot, task):
     return {k: v.clone() for k, v in learner.bank.slot_state(slot).items()}, head
 
 
-def test_earlier_slots_and_heads_are_bit_identical_after_new_tasks(make_backbone, tasks):
-    learner = ContinualLearner(make_backbone(), train=FAST_TRAIN)
+@dataclass
+class Learned:
+    learner: ContinualLearner  # per_task over the three word tasks, finished into `run_dir`
+    run_dir: Path
+    first: tuple[dict, dict]  # slot 0 and the first head, right after the first task
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory) -> Learned:
+    run_dir = tmp_path_factory.mktemp("learned") / "run"
+    tasks = [word_task(name) for name in ("colors", "animals", "moods")]
+    learner = ContinualLearner(tiny_backbone(load_tokenizer()), train=FAST_TRAIN, run_dir=run_dir)
     learner.learn(tasks[0])
-    before = _snapshot(learner, 0, tasks[0].name)
+    first = _snapshot(learner, 0, tasks[0].name)
     for task in tasks[1:]:
         learner.learn(task)
+    learner.finish()
+    return Learned(learner, run_dir, first)
+
+
+@pytest.fixture
+def learned(learned_run) -> ContinualLearner:
+    return learned_run.learner
+
+
+def test_earlier_slots_and_heads_are_bit_identical_after_new_tasks(learned_run, tasks):
+    learner, before = learned_run.learner, learned_run.first
     after = _snapshot(learner, 0, tasks[0].name)
     for saved, now in zip(before, after, strict=True):
         assert saved.keys() == now.keys()
@@ -72,22 +81,6 @@ def test_per_task_has_zero_oracle_forgetting(learned):
     assert metrics["forgetting"] == 0.0 and metrics["bwt"] == 0.0
 
 
-def test_same_seed_same_numbers(make_backbone, tasks):
-    runs = []
-    for _ in range(2):
-        learner = ContinualLearner(make_backbone(), train=FAST_TRAIN, seed=3)
-        for task in tasks[:2]:
-            learner.learn(task)
-        runs.append(learner)
-    a, b = (r.report for r in runs)
-    assert a["accuracy_matrix"] == b["accuracy_matrix"]
-    assert [t["final_train_loss"] for t in a["tasks"]] == [
-        t["final_train_loss"] for t in b["tasks"]
-    ]
-    for k, v in runs[0].bank.slot_state(1).items():
-        assert torch.equal(v, runs[1].bank.slot_state(1)[k])
-
-
 def test_initial_accuracy_is_measured_on_the_bare_backbone(make_backbone, tasks):
     # b[j] depends only on the backbone and task j's head init, not on what was trained before.
     after_training = ContinualLearner(make_backbone(), strategy="seq", train=FAST_TRAIN)
@@ -100,26 +93,15 @@ def test_initial_accuracy_is_measured_on_the_bare_backbone(make_backbone, tasks)
     assert after_training.monitor.before["oracle"][1] != after_training.monitor.initial[1]
 
 
-def test_seq_shares_one_slot(make_backbone, tasks):
-    learner = ContinualLearner(make_backbone(), strategy="seq", train=FAST_TRAIN)
-    for task in tasks:
-        learner.learn(task)
-    assert [t["slot"] for t in learner.report["tasks"]] == [0, 0, 0]
-    assert learner.bank.num_slots == 1
-
-
-def test_report_metrics_recompute_from_the_saved_matrix(make_backbone, tasks, tmp_path):
-    learner = ContinualLearner(make_backbone(), train=FAST_TRAIN, run_dir=tmp_path / "run")
-    for task in tasks:
-        learner.learn(task)
-    learner.finish()
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
+def test_report_metrics_recompute_from_the_saved_matrix(learned_run):
+    learner, run_dir = learned_run.learner, learned_run.run_dir
+    report = json.loads((run_dir / "report.json").read_text())
     matrix = np.array(report["accuracy_matrix"]["oracle"], dtype=float)
     assert report["metrics"]["oracle"] == compute_metrics(matrix, report["initial_accuracy"])
     assert report["status"] == "finished" and report["schema_version"] == 1
     # R[j-1, j] (before training j, fresh slot and head) equals b[j] for per-task slots.
     assert [matrix[j - 1, j] for j in (1, 2)] == report["initial_accuracy"][1:]
-    saved = load_file(tmp_path / "run" / "tasks" / "colors" / "module.safetensors")
+    saved = load_file(run_dir / "tasks" / "colors" / "module.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in learner.bank.slot_state(0).items())
 
 
@@ -134,54 +116,3 @@ def test_unknown_strategy_lists_valid_names(make_backbone):
     names = ", ".join(STRATEGIES.names())
     with pytest.raises(ContinualPeftError, match=f"unknown strategy 'bogus'; valid names: {names}"):
         ContinualLearner(make_backbone(), strategy="bogus")
-
-
-def test_kinds_mixed_in_one_run_and_one_batch(make_backbone, tasks):
-    config = LearnerConfig(train=FAST_TRAIN, task_modules={"animals": "adapter", "moods": "prompt"})
-    learner = ContinualLearner(make_backbone(), config=config)
-    for task in tasks:
-        learner.learn(task)
-    assert [t["module"] for t in learner.report["tasks"]] == ["lora", "adapter", "prompt"]
-    texts = ["red apple car", "dog sleeps", "sad at home now", "fish hides eats"]
-    names = ["colors", "animals", "moods", "animals"]
-    mixed = learner.logits(texts, names)
-    for i, (text, name) in enumerate(zip(texts, names, strict=True)):
-        assert_close(mixed[i : i + 1], learner.logits([text], [name]))
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES.names())
-def test_a_failed_task_rolls_back_completely(strategy, make_backbone, monkeypatch):
-    """A task that fails (here: its loss diverges on the 2nd step) leaves the learner exactly
-    as before it: learning it again, then another task, ends as if it had never failed."""
-    from continual_peft.strategies import load_strategy_spec
-
-    tasks = [word_task("colors", n_train=24, n_test=12), word_task("animals", 24, 12)]
-    specs = sorted(Path(__file__).parents[1].glob(f"strategies/{strategy}*.toml"))
-    config = load_strategy_spec(specs[0]) if specs else LearnerConfig(strategy=strategy)
-    config.train = TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup=0.0)
-
-    def fresh() -> ContinualLearner:
-        learner = ContinualLearner(make_backbone(), config=copy.deepcopy(config))
-        learner.learn(tasks[0])
-        return learner
-
-    clean, failing = fresh(), fresh()
-    clean.learn(tasks[1])
-    original = failing.strategy.loss
-    calls = [0]
-
-    def diverge(learner, task, loss):
-        calls[0] += 1
-        return loss * float("nan") if calls[0] == 2 else original(learner, task, loss)
-
-    slots = failing.bank.num_slots
-    monkeypatch.setattr(failing.strategy, "loss", diverge)
-    with pytest.raises(ContinualPeftError, match="learn the task again"):
-        failing.learn(tasks[1])
-    monkeypatch.undo()
-    assert list(failing.learned) == ["colors"] and list(failing.heads.heads) == ["colors"]
-    assert failing.bank.num_slots == slots and len(failing.records) == 1
-    failing.learn(tasks[1])  # the retry: same seeds, same data, so the same numbers
-    assert failing.report["accuracy_matrix"] == clean.report["accuracy_matrix"]
-    texts = tasks[1].test_inputs
-    assert failing.predict(texts, task="animals") == clean.predict(texts, task="animals")

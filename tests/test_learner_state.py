@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DEVICE, tiny_bert, word_task
 from typer.testing import CliRunner
 
-from continual_peft import Backbone, ContinualLearner, LearnerConfig, Stream, TrainConfig
+from continual_peft import ContinualLearner, LearnerConfig, Stream, TrainConfig
 from continual_peft.cli import app
 from continual_peft.engine.state import resolve_backbone
 from continual_peft.experiments.runner import run_stream
@@ -22,20 +20,10 @@ from continual_peft.strategies import base as strategy_base
 TRAIN = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0)
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tokenizer) -> Path:
-    """A finished two-task run (per_task LoRA, prototype router) on the tiny BERT."""
-    run = tmp_path_factory.mktemp("state") / "run"
-    config = LearnerConfig(router="prototype", train=TRAIN)
-    tasks = [word_task("colors", 24, 8), word_task("animals", 24, 8, seed=1)]
-
-    def backbone() -> Backbone:
-        return Backbone(
-            tiny_bert(tokenizer), tokenizer, max_length=32, name="tiny-bert", device=DEVICE
-        )
-
-    run_stream(Stream("words", tasks), config, run, make_backbone=backbone)
-    return run
+@pytest.fixture
+def finished(finished_run) -> Path:
+    """The session's finished two-task run (per_task LoRA, prototype router): read, not changed."""
+    return finished_run.run
 
 
 def test_the_checkpoint_round_trips_through_its_json(finished):
@@ -57,9 +45,8 @@ def test_config_json_names_the_backbone_s_family_type_size_and_dtype(finished):
 
 
 @pytest.mark.parametrize("command", ["predict", "export"])
-def test_an_edited_config_json_is_refused_by_predict_and_export_alike(finished, tmp_path, command):
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
+def test_an_edited_config_json_is_refused_by_predict_and_export_alike(run_copy, tmp_path, command):
+    run = run_copy
     saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
     saved["config"]["train"]["lr"] = 0.5
     (run / "config.json").write_text(json.dumps(saved), encoding="utf-8")
@@ -76,9 +63,8 @@ def test_an_edited_config_json_is_refused_by_predict_and_export_alike(finished, 
 
 
 @pytest.mark.parametrize("command", ["predict", "export"])
-def test_a_damaged_slot_is_refused_by_predict_and_export_alike(finished, tmp_path, command):
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
+def test_a_damaged_slot_is_refused_by_predict_and_export_alike(run_copy, tmp_path, command):
+    run = run_copy
     slot = run / "tasks" / "colors" / "module.safetensors"
     slot.write_bytes(slot.read_bytes()[:-7] + b"garbage")
     inputs = tmp_path / "in.jsonl"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_TRAIN
+from helpers import FAST_TRAIN
 
 from continual_peft import ContinualLearner, LearnerConfig, Stream, TrainConfig, load_learner
 from continual_peft.errors import ContinualPeftError

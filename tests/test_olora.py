@@ -7,18 +7,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN, assert_close, tolerance
+from helpers import FAST_TRAIN, assert_close, tolerance
 
 from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig, ModuleBank
-from continual_peft.engine.loading import load_learner
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.strategies import build_strategy, check_config
 from continual_peft.strategies.olora import orthogonality_penalty
 
 
-def _learn(make_backbone, tasks, strategy="olora", run_dir=None, **options) -> ContinualLearner:
+def _learn(make_backbone, tasks, strategy="olora", **options) -> ContinualLearner:
     config = LearnerConfig(train=FAST_TRAIN, strategy=strategy, strategy_options=options)
-    learner = ContinualLearner(make_backbone(), config=config, run_dir=run_dir)
+    learner = ContinualLearner(make_backbone(), config=config)
     for task in tasks:
         learner.learn(task)
     return learner
@@ -27,11 +26,6 @@ def _learn(make_backbone, tasks, strategy="olora", run_dir=None, **options) -> C
 def _a_matrices(bank: ModuleBank, slot: int) -> dict[str, torch.Tensor]:
     state = bank.slot_state(slot)
     return {k.removesuffix(".lora_A"): v.float() for k, v in state.items() if k.endswith(".lora_A")}
-
-
-@pytest.fixture
-def olora(make_backbone, tasks):
-    return _learn(make_backbone, tasks)
 
 
 def test_penalty_is_the_sum_of_squared_a_products_and_trains_only_the_new_a(make_backbone):
@@ -80,7 +74,8 @@ def test_penalty_measurably_lowers_the_subspace_overlap(make_backbone, tasks):
     assert overlaps[0.0] > 0.15 and overlaps[0.5] < overlaps[0.0] / 4, overlaps
 
 
-def test_every_task_goes_through_every_slot_summed(olora, make_backbone, tasks):
+def test_every_task_goes_through_every_slot_summed(make_backbone, tasks):
+    olora = _learn(make_backbone, tasks)
     assert olora.bank.num_slots == 3
     assert all(olora.strategy.routing(olora, t.name) == ([0, 1, 2], [1.0] * 3) for t in tasks)
     # the same logits from a fresh backbone whose weights have every slot's delta merged in
@@ -105,16 +100,16 @@ def test_every_task_goes_through_every_slot_summed(olora, make_backbone, tasks):
         assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) == value
 
 
-def test_default_routing_is_the_task_slot_alone_as_before(make_backbone, tasks):
+def test_default_routing_is_the_task_slot_alone(make_backbone, tasks):
     learner = _learn(make_backbone, tasks, strategy="per_task")
     texts = ["red apple car", "dog sleeps", "sad at home now", "blue cup"]
     names = ["colors", "animals", "moods", "colors"]
     slots = torch.tensor([learner.learned[n].slot for n in names])
     assert [learner.strategy.routing(learner, n) for n in names] == [([s], [1.0]) for s in slots]
     batch = learner.backbone.collate(learner.backbone.encode(texts).items)
-    with torch.no_grad(), learner.bank.route(slots):  # the engine's call before routing existed
-        before = learner.heads.logits(learner.backbone.embed(batch), names)
-    assert torch.equal(learner.logits(texts, names), before)
+    with torch.no_grad(), learner.bank.route(slots):  # each row through its task's slot only
+        routed = learner.heads.logits(learner.backbone.embed(batch), names)
+    assert torch.equal(learner.logits(texts, names), routed)
     for text, name in zip(texts, names, strict=True):
         batch = learner.backbone.collate(learner.backbone.encode([text]).items)
         with torch.no_grad(), learner.bank.use_slot(learner.learned[name].slot):
@@ -153,16 +148,6 @@ def test_use_slots_shares_one_mix_with_every_row(make_backbone, kind):
     assert torch.equal(one, single)
     with pytest.raises(ContinualPeftError, match="slot 2 does not exist"):
         bank.use_slots([0, 2]).__enter__()
-
-
-def test_save_and_load_give_the_same_predictions(make_backbone, tasks, tmp_path):
-    learner = _learn(make_backbone, tasks[:2], run_dir=tmp_path / "run")
-    loaded = load_learner(tmp_path / "run", backbone=make_backbone())
-    assert loaded.records[1]["strategy"] == learner.records[1]["strategy"]
-    texts = [text for task in tasks[:2] for text in task.test_inputs[:8]]
-    names = [task.name for task in tasks[:2] for _ in range(8)]
-    assert loaded.predict(texts, task=names) == learner.predict(texts, task=names)
-    torch.testing.assert_close(loaded.logits(texts, names), learner.logits(texts, names))
 
 
 @pytest.mark.parametrize(

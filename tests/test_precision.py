@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, FAST_TRAIN, library_resolve_dtype, tiny_bert, tolerance, word_task
+from helpers import DEVICE, FAST_TRAIN, library_resolve_dtype, tiny_bert, tolerance, word_task
 
 from continual_peft import Backbone, ContinualLearner, ContinualPeftError, ModuleBank
 from continual_peft.backbones.placement import Placement

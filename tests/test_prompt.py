@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICE, assert_close, tiny_bert
+from helpers import DEVICE, assert_close, tiny_bert
 
 from continual_peft import Backbone, ContinualPeftError, ModuleBank
 from continual_peft.modules.lora import LoRAConfig

@@ -35,6 +35,8 @@ from continual_peft.store.io import (
     load_safetensors,
 )
 
+pytestmark = pytest.mark.real_plots  # the plots are what this file checks
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ORACLE = [[0.9, 0.3, None], [0.88, 0.8, 0.45], [0.85, 0.79, 0.9]]
 ROUTED = [[0.9, 0.25, None], [0.7, 0.75, 0.4], [0.6, 0.7, 0.85]]
@@ -151,8 +153,11 @@ def test_console_report_ends_with_the_baseline_headline(report: dict[str, Any]) 
     assert "Headline (%): per_task vs baseline seq" in text
     assert "difference = per_task − seq, in percentage points" in text
     ours, theirs = report["metrics"]["oracle"], report["baseline"]["metrics"]["oracle"]
-    for key, label, pattern in (("acc", "ACC", "{:.1f}"), ("bwt", "BWT", "{:+.1f}"),
-                                ("forgetting", "Forgetting", "{:.1f}")):  # fmt: skip
+    for key, label, pattern in (
+        ("acc", "ACC", "{:.1f}"),
+        ("bwt", "BWT", "{:+.1f}"),
+        ("forgetting", "Forgetting", "{:.1f}"),
+    ):
         a, b = 100 * ours[key], 100 * theirs[key]
         expected = [f"{label} (oracle)", pattern.format(a), pattern.format(b), f"{a - b:+.1f}"]
         assert _headline_cells(text, label) == expected
@@ -179,8 +184,9 @@ def test_heatmap_plots_the_matrices_in_percent(report: dict[str, Any]) -> None:
         image = ax.images[0]
         np.testing.assert_allclose(image.get_array().filled(np.nan), percent)
         assert image.get_clim() == (0.0, 100.0)
-        cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
-                 for t in ax.texts}  # fmt: skip
+        cells = {
+            (round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts
+        }
         shown = {(i, j): f"{v:.1f}" for (i, j), v in np.ndenumerate(percent) if not np.isnan(v)}
         assert cells == shown
     assert "(%)" in fig.get_suptitle()
@@ -258,7 +264,7 @@ def test_report_without_required_keys_is_corrupt(tmp_path: Path) -> None:
         load_report(tmp_path)
 
 
-# ---------------------------------------------------------------- _io
+# ---------------------------------------------------------------- atomic writers
 
 
 def test_failed_write_keeps_old_file_and_no_temp(

@@ -1,10 +1,10 @@
 """Nothing lost: `run --resume` after a kill -9 at any moment ends exactly where an uninterrupted
 run ends; one writer per run directory; Ctrl-C leaves a resumable run.
 
-A killed run is a real subprocess (`continual-peft run` on the tiny backbone, see DRIVER) that
-sends itself SIGKILL at a chosen point: mid-training, mid-evaluation, between the files of a
-checkpoint, halfway through an atomic write; one more is killed from outside at a moment picked
-by watching the run directory. The driver patches the library from outside; the library itself
+A killed run is a child process (`continual-peft run` on the tiny backbone, see `start_run`)
+that sends itself SIGKILL at a chosen point: mid-training, mid-evaluation, between the files of
+a checkpoint, halfway through an atomic write; one more is killed from outside at a moment picked
+by watching the run directory. `arm` patches the library in the child only; the library itself
 has no fault-injection hook. Resumes run in-process through the CLI.
 """
 
@@ -20,100 +20,129 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
-from conftest import DEVICE, tiny_bert, word_task, write_stream
+from helpers import load_tokenizer, tiny_backbone, word_task, write_stream
 from typer.testing import CliRunner
 
-from continual_peft import Backbone
+from continual_peft import cli
 from continual_peft.cli import app
+from continual_peft.engine import learner as learner_module
 from continual_peft.engine.loading import load_learner, saved_config
+from continual_peft.engine.prediction import Predictor
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.experiments import launch
 from continual_peft.experiments.runner import run_stream
-from continual_peft.reports import run as reports
+from continual_peft.store import io as store_io
 from continual_peft.store.io import load_safetensors
 from continual_peft.store.lock import RunLock
 from continual_peft.tasks.streams import load_stream
 
-TESTS = Path(__file__).resolve().parent
 NAMES = ["colors", "animals", "moods"]
-OPTIONS = [
-    "--strategy", "replay", "--router", "mahalanobis", "--baseline", "seq", "--epochs", "2",
-    "--batch-size", "8", "--lr", "0.01", "--rank", "2", "--max-length", "16",
-]  # fmt: skip
+OPTIONS = ["--strategy", "replay", "--router", "mahalanobis", "--baseline", "seq", "--epochs", "2"]
+OPTIONS += ["--batch-size", "8", "--lr", "0.01", "--rank", "2", "--max-length", "16"]
 
-# Runs `continual-peft run` on the conftest tiny backbone and kills itself (SIGKILL) where
-# KILL_AT says: "train:<task>:<step>", "evaluate:<task>", "wrote:<path>" (after that file's
-# atomic write) or "tmp:<path>" (halfway through writing it); "#<n>" = the n-th time.
-DRIVER = r"""
-import functools, os, signal, sys
-sys.path.insert(0, sys.argv[1])
-from conftest import DEVICE, tiny_bert
-from transformers import AutoTokenizer
-import continual_peft.store.io as io
-import continual_peft.reports.run as reports
-import continual_peft.engine.learner as learner_module
-from continual_peft import Backbone, cli
-from continual_peft.experiments import launch
-from continual_peft.backbones.text import default_model_path
-from continual_peft.experiments.runner import run_stream
 
-tok = AutoTokenizer.from_pretrained(str(default_model_path()))
-make = lambda: Backbone(tiny_bert(tok), tok, max_length=16, name="tiny-bert", device=DEVICE)
-launch.run_stream = functools.partial(run_stream, make_backbone=make)
-reports.plot_accuracy_matrix = lambda report, path: None  # PNGs take most of a tiny run's time
-event, _, rest = os.environ["KILL_AT"].partition(":")
-rest, _, nth = rest.partition("#")
-nth, seen = int(nth or 1), [0]
-run = os.path.abspath(sys.argv[sys.argv.index("--out") + 1])
+def arm(kill_at: str, run: Path, sig: signal.Signals) -> None:
+    """Patch the library (in the killed process only) so that it sends itself `sig` where
+    `kill_at` says: "train:<task>:<step>", "evaluate:<task>", "wrote:<path>" (after that file's
+    atomic write) or "tmp:<path>" (halfway through writing it); "#<n>" = the n-th time."""
+    event, _, rest = kill_at.partition(":")
+    rest, _, nth = rest.partition("#")
+    nth, seen = int(nth or 1), [0]
 
-def hit():
-    seen[0] += 1
-    return seen[0] == nth
+    def hit() -> bool:
+        seen[0] += 1
+        return seen[0] == nth
 
-def die():
-    os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
+    def die() -> None:
+        os.kill(os.getpid(), sig)
 
-if event == "train":
-    task, step = rest.rsplit(":", 1)
-    train_task = learner_module.train_task
-    def patched(*args, description="", adjust_loss=None, **kwargs):
-        count = [0]
-        armed = description.endswith(" " + task) and hit()
-        def adjust(loss):
-            count[0] += 1
-            if armed and count[0] == int(step):
+    if event == "train":
+        task, step = rest.rsplit(":", 1)
+        train_task = learner_module.train_task
+
+        def train(*args, description="", adjust_loss=None, **kwargs):
+            count = [0]
+            armed = description.endswith(" " + task) and hit()
+
+            def adjust(loss):
+                count[0] += 1
+                if armed and count[0] == int(step):
+                    die()
+                return adjust_loss(loss)
+
+            return train_task(*args, description=description, adjust_loss=adjust, **kwargs)
+
+        learner_module.train_task = train
+    elif event == "evaluate":
+        evaluate = Predictor.evaluate
+
+        def evaluate_then_die(self, router, items):
+            if list(self.learned)[-1] == rest and hit():
+                self.accuracy(next(iter(self.learned.values())))
                 die()
-            return adjust_loss(loss)
-        return train_task(*args, description=description, adjust_loss=adjust, **kwargs)
-    learner_module.train_task = patched
-elif event == "evaluate":
-    from continual_peft.engine.prediction import Predictor
-    evaluate = Predictor.evaluate
-    def patched(self, router, items):
-        if list(self.learned)[-1] == rest and hit():
-            self.accuracy(next(iter(self.learned.values())))
-            die()
-        return evaluate(self, router, items)
-    Predictor.evaluate = patched
-else:
-    write = io.atomic_write_bytes
-    def patched(path, data):
-        matches = os.path.abspath(path) == os.path.join(run, rest) and hit()
-        if matches and event == "tmp":
-            tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".x.tmp")
-            with open(tmp, "wb") as handle:
-                handle.write(data[: len(data) // 2])
-            die()
-        write(path, data)
-        if matches:
-            die()
-    io.atomic_write_bytes = patched
-sys.argv = ["continual-peft", *sys.argv[2:]]
-cli.app()
-"""
+            return evaluate(self, router, items)
+
+        Predictor.evaluate = evaluate_then_die
+    elif event in ("wrote", "tmp"):
+        write = store_io.atomic_write_bytes
+
+        def write_then_die(path, data):
+            matches = os.path.abspath(path) == str(run / rest) and hit()
+            if matches and event == "tmp":
+                tmp = Path(path).parent / f".{Path(path).name}.x.tmp"
+                tmp.write_bytes(data[: len(data) // 2])
+                die()
+            write(path, data)
+            if matches:
+                die()
+
+        store_io.atomic_write_bytes = write_then_die
+
+
+def start_run(spec: Path, run: Path, kill_at: str = "", sig=signal.SIGKILL) -> int:
+    """`continual-peft run` on the tiny backbone in a child process, armed (`arm`) to send
+    itself `sig` at `kill_at`; returns its pid. The child is a fork of this process, its
+    imports done (a new interpreter spends seconds importing torch); its standard error goes
+    to `run.parent / "stderr.txt"`, and it ends with os._exit, never returning here."""
+    err = run.parent / "stderr.txt"
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        sys.stdout, sys.stderr = open(os.devnull, "w"), open(err, "w", buffering=1)  # noqa: SIM115
+        os.dup2(sys.stdout.fileno(), 1)
+        os.dup2(sys.stderr.fileno(), 2)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # no tokenizer threads after a fork
+        make = functools.partial(tiny_backbone, load_tokenizer(), 16)
+        launch.run_stream = functools.partial(run_stream, make_backbone=make)
+        arm(kill_at, run.absolute(), sig)
+        cli.app(["run", str(spec), "--out", str(run), *OPTIONS], prog_name="continual-peft")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def ended(pid: int, timeout: float = 120) -> int:
+    """The child's exit code once it ends (-N when signal N killed it); killed after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (status := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the run did not end in {timeout} s")
+        time.sleep(0.01)
+    return os.waitstatus_to_exitcode(status[1])
+
 
 runner = CliRunner()
 
@@ -122,12 +151,6 @@ runner = CliRunner()
 def spec(tmp_path_factory) -> Path:
     tasks = [word_task(name, n_train=24, n_test=12) for name in NAMES]
     return write_stream(tmp_path_factory.mktemp("stream"), tasks, labels_files=False)
-
-
-@pytest.fixture(autouse=True)
-def no_plots(monkeypatch):
-    """Each report's PNG costs more than a tiny task's training; the JSON is what is compared."""
-    monkeypatch.setattr(reports, "plot_accuracy_matrix", lambda report, path: None)
 
 
 @pytest.fixture
@@ -168,7 +191,6 @@ def reference_run(spec, tmp_path_factory, make_backbone_module) -> Path:
     """An uninterrupted, finished run (never modified: tests copy it)."""
     run = tmp_path_factory.mktemp("reference") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(reports, "plot_accuracy_matrix", lambda report, path: None)
         patch.setattr(
             launch,
             "run_stream",
@@ -181,21 +203,16 @@ def reference_run(spec, tmp_path_factory, make_backbone_module) -> Path:
 
 @pytest.fixture(scope="module")
 def make_backbone_module(tokenizer):
-    return lambda: Backbone(tiny_bert(tokenizer), tokenizer, 16, name="tiny-bert", device=DEVICE)
+    return lambda: tiny_backbone(tokenizer, max_length=16)
 
 
-def killed_run(
-    spec: Path, run: Path, kill_at: str, sig: signal.Signals = signal.SIGKILL
-) -> subprocess.CompletedProcess:
-    """The run, sending itself `sig` at `kill_at`: SIGKILL dies at once, SIGTERM stops cleanly."""
-    driver = run.parent / "driver.py"
-    driver.write_text(DRIVER, encoding="utf-8")
-    env = {**os.environ, "KILL_AT": kill_at, "KILL_SIGNAL": sig.name, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
-    done = subprocess.run(command + OPTIONS, env=env, capture_output=True, text=True, timeout=120)
-    expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
-    assert done.returncode == expected, (done.returncode, done.stdout, done.stderr)
-    return done
+def killed_run(spec: Path, run: Path, kill_at: str, sig=signal.SIGKILL) -> str:
+    """The run, sending itself `sig` at `kill_at` (SIGKILL dies at once, SIGTERM stops
+    cleanly); returns its standard error."""
+    code = ended(start_run(spec, run, kill_at, sig))
+    err = (run.parent / "stderr.txt").read_text(encoding="utf-8")
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), (code, err)
+    return err
 
 
 def checkpoint(run: Path) -> dict | None:
@@ -220,8 +237,9 @@ def resume(run: Path, spec: Path, *extra) -> None:
         ("train:moods:2#2", None),  # mid-training of the baseline's task 3
     ],
 )
-def test_kill_then_resume_ends_as_an_uninterrupted_run(spec, tmp_path, reference, tiny_cli,
-                                                       kill_at, done_before):  # fmt: skip
+def test_kill_then_resume_ends_as_an_uninterrupted_run(
+    spec, tmp_path, reference, tiny_cli, kill_at, done_before
+):
     run = tmp_path / "run"
     killed_run(spec, run, kill_at)
     assert (run / ".lock").exists()  # left behind by the killed process
@@ -238,20 +256,17 @@ def test_kill_then_resume_ends_as_an_uninterrupted_run(spec, tmp_path, reference
 
 
 def signal_after_first_checkpoint(spec: Path, run: Path, sig: int) -> tuple[int, str]:
-    """Start `continual-peft run` in a subprocess and send it `sig` from outside right after
+    """Start `continual-peft run` in a child process and send it `sig` from outside right after
     its first checkpoint appears; returns its exit code and standard error."""
-    driver = run.parent / "driver.py"
-    driver.write_text(DRIVER, encoding="utf-8")
-    env = {**os.environ, "KILL_AT": "none:", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(driver), str(TESTS), "run", str(spec), "--out", str(run)]
-    process = subprocess.Popen(command + OPTIONS, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pid, err = start_run(spec, run), run.parent / "stderr.txt"
     deadline = time.monotonic() + 120
-    while checkpoint(run) is None and process.poll() is None and time.monotonic() < deadline:
+    while checkpoint(run) is None:
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), err.read_text(encoding="utf-8")
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
-    process.send_signal(sig)
-    _, err = process.communicate(timeout=120)
-    return process.returncode, err
+    os.kill(pid, sig)
+    return ended(pid), err.read_text(encoding="utf-8")
 
 
 def test_kill_from_outside_then_resume(spec, tmp_path, reference, tiny_cli):
@@ -277,8 +292,8 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes(spec, tmp_path, referenc
 def test_sigterm_in_the_first_task_leaves_a_clean_stop(spec, tmp_path, tiny_cli):
     """Nothing finished yet: the reports of zero tasks are written, the signal is named."""
     run = tmp_path / "run"
-    done = killed_run(spec, run, f"train:{NAMES[0]}:2", signal.SIGTERM)
-    assert "stopped by SIGTERM" in done.stderr and "Traceback" not in done.stderr
+    err = killed_run(spec, run, f"train:{NAMES[0]}:2", signal.SIGTERM)
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
     assert not (run / ".lock").exists()
     report = json.loads((run / "report.json").read_text(encoding="utf-8"))
     assert report["status"] == "interrupted" and report["task_names"] == []
@@ -290,8 +305,11 @@ def test_resume_of_a_finished_run_does_nothing(spec, tmp_path, make_backbone, ti
     assert invoke("run", spec, "--out", run, *options).exit_code == 0
 
     def snapshot():
-        return {p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-                for p in run.rglob("*") if p.is_file()}  # fmt: skip
+        return {
+            p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in run.rglob("*")
+            if p.is_file()
+        }
 
     before = snapshot()
     result = invoke("run", spec, "--resume", run, *options)
@@ -313,23 +331,42 @@ def _flip_last_byte(path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "said"),
     [
-        (lambda run: (run / "tasks/animals/head.safetensors").unlink(),
-         ["tasks/animals/head.safetensors is missing", "resumes after task 1 (colors)",
-          "re-training 2 task(s): animals, moods"]),
+        (
+            lambda run: (run / "tasks/animals/head.safetensors").unlink(),
+            [
+                "tasks/animals/head.safetensors is missing",
+                "resumes after task 1 (colors)",
+                "re-training 2 task(s): animals, moods",
+            ],
+        ),
         # replay trains one shared slot: moods holds it now, animals' copy the one before
-        (lambda run: _flip_last_byte(run / "tasks/moods/module.safetensors"),
-         ["moods/module.safetensors was altered", "after task 2 (animals)", "1 task(s): moods"]),
-        (lambda run: shutil.rmtree(run / "tasks/colors"),
-         ["tasks/colors/head.safetensors is missing", "resumes from the start", "3 task(s)"]),
-        (lambda run: (run / "checkpoint.json").write_text("{", encoding="utf-8"),
-         ["checkpoint.json is corrupt or truncated", "after task 3 (moods)", "no task to"]),
+        (
+            lambda run: _flip_last_byte(run / "tasks/moods/module.safetensors"),
+            ["moods/module.safetensors was altered", "after task 2 (animals)", "1 task(s): moods"],
+        ),
+        (
+            lambda run: shutil.rmtree(run / "tasks/colors"),
+            ["tasks/colors/head.safetensors is missing", "resumes from the start", "3 task(s)"],
+        ),
+        (
+            lambda run: (run / "checkpoint.json").write_text("{", encoding="utf-8"),
+            ["checkpoint.json is corrupt or truncated", "after task 3 (moods)", "no task to"],
+        ),
         (lambda run: (run / "checkpoint.json").unlink(), ["checkpoint.json is missing"]),
-        (lambda run: (run / "baseline-seq/tasks/animals/head.safetensors").unlink(),
-         ["baseline-seq/tasks/animals/head.safetensors is missing", "after task 1 (colors)"]),
+        (
+            lambda run: (run / "baseline-seq/tasks/animals/head.safetensors").unlink(),
+            ["baseline-seq/tasks/animals/head.safetensors is missing", "after task 1 (colors)"],
+        ),
     ],
-    ids=["missing-head", "altered-shared-slot", "missing-first-task", "damaged-checkpoint",
-         "missing-checkpoint", "baseline-file"],
-)  # fmt: skip
+    ids=[
+        "missing-head",
+        "altered-shared-slot",
+        "missing-first-task",
+        "damaged-checkpoint",
+        "missing-checkpoint",
+        "baseline-file",
+    ],
+)
 def test_resume_repairs_a_run_that_lost_or_damaged_a_file(
     spec, tmp_path, reference, reference_run, tiny_cli, make_backbone, damage, said
 ):
@@ -420,8 +457,12 @@ def test_lock_of_another_host_names_the_file_to_delete(tmp_path):
 
 
 def test_a_stale_lock_is_taken_over(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     info = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "t", "token": "x"}
     (tmp_path / ".lock").write_text(json.dumps(info), encoding="utf-8")
     with pytest.warns(UserWarning, match=f"stale lock left by process {info['pid']}"):

@@ -1,4 +1,6 @@
-"""The engine with a task-agnostic router: routed R beside oracle R, routing accuracy, predict."""
+"""The engine with a task-agnostic router: routed R beside oracle R, routing accuracy, predict.
+That the routed matrix recomputes from `predict` and that a saved run reloads to the same routed
+predictions, for every router: test_cases.py."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FAST_TRAIN
+from helpers import FAST_TRAIN, load_tokenizer, tiny_backbone, word_task
 
 from continual_peft import ContinualLearner, ContinualPeftError, LearnerConfig
 
@@ -19,9 +21,11 @@ def _learn(make_backbone, tasks, router: str, **options) -> ContinualLearner:
     return learner
 
 
-@pytest.fixture
-def routed(make_backbone, tasks):
-    return _learn(make_backbone, tasks, "mahalanobis")
+@pytest.fixture(scope="module")
+def routed():
+    """per_task LoRA with the mahalanobis router over the three word tasks (tests only read it)."""
+    tasks = [word_task(name) for name in ("colors", "animals", "moods")]
+    return _learn(lambda: tiny_backbone(load_tokenizer()), tasks, "mahalanobis")
 
 
 def test_report_has_routed_and_oracle_side_by_side(routed, tasks):
@@ -33,14 +37,6 @@ def test_report_has_routed_and_oracle_side_by_side(routed, tasks):
     assert report["routed_over_oracle"] == pytest.approx(routed_acc / oracle)
     assert "routing" in report["metric_definitions"]
     assert report["metrics"]["routed"]["fwt"] is None  # no routed value before a task is known
-
-
-def test_routed_matrix_recomputes_from_predict(routed, tasks):
-    final = routed.report["accuracy_matrix"]["routed"][-1]
-    for task, value in zip(tasks, final, strict=True):
-        predicted = routed.predict(task.test_inputs)  # the router chooses per row
-        truth = [task.labels[y] for y in task.test_labels]
-        assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) == value
 
 
 def test_perfectly_routed_task_matches_oracle(routed):
@@ -86,45 +82,15 @@ def test_unknown_router_and_bad_options(make_backbone):
         )
 
 
-def test_saved_run_reloads_to_identical_predictions(make_backbone, tasks, tmp_path):
-    from continual_peft.engine.loading import load_learner
-
-    config = LearnerConfig(train=FAST_TRAIN, router="mahalanobis")
-    learner = ContinualLearner(make_backbone(), config=config, run_dir=tmp_path / "run")
-    for task in tasks:
-        learner.learn(task)
-    learner.finish()
-    assert (tmp_path / "run" / "tasks" / tasks[-1].name / "router.safetensors").is_file()
-    loaded = load_learner(tmp_path / "run", backbone=make_backbone())
-    texts = [t for task in tasks for t in task.test_inputs[:5]]
-    assert loaded.predict_details(texts) == learner.predict_details(texts)
-    assert loaded.predict(texts[:3], task="colors") == learner.predict(texts[:3], task="colors")
-    assert loaded.report["metrics"] == learner.report["metrics"]
-    assert loaded.report["routing_accuracy"] == learner.report["routing_accuracy"]
-
-
-def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
-    import json
-
+def test_cli_predict_writes_jsonl(finished_run, tmp_path):
     from typer.testing import CliRunner
 
     from continual_peft import cli
-    from continual_peft.engine import loading
 
-    config = LearnerConfig(train=FAST_TRAIN, router="mahalanobis")
-    learner = ContinualLearner(make_backbone(), config=config, run_dir=tmp_path / "run")
-    for task in tasks[:2]:
-        learner.learn(task)
-    learner.finish()
-    # the run names a tiny test backbone that cannot be loaded by name: hand one in
-    monkeypatch.setattr(
-        cli.use,
-        "load_learner",
-        lambda run, backbone=None, **options: loading.load_learner(run, make_backbone()),
-    )
+    run = str(finished_run.run)  # two tasks, a prototype router
     (tmp_path / "in.jsonl").write_text('{"text": "red apple car"}\n{"text": "dog sleeps"}\n')
     result = CliRunner().invoke(
-        cli.app, ["predict", "--run", str(tmp_path / "run"), "--input", str(tmp_path / "in.jsonl")]
+        cli.app, ["predict", "--run", run, "--input", str(tmp_path / "in.jsonl")]
     )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -133,7 +99,7 @@ def test_cli_predict_writes_jsonl(make_backbone, tasks, tmp_path, monkeypatch):
     assert rows[0]["rejected"] is False
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     bad = CliRunner().invoke(
-        cli.app, ["predict", "--run", str(tmp_path / "run"), "--input", str(tmp_path / "bad.jsonl")]
+        cli.app, ["predict", "--run", run, "--input", str(tmp_path / "bad.jsonl")]
     )
     assert bad.exit_code == 2 and "bad.jsonl:2" in bad.output
 

@@ -1,5 +1,5 @@
-"""Issue 17: routers read several hidden layers, are fitted on every training input by default,
-and route each row on its own (a row's route does not depend on the rows batched with it)."""
+"""Routers read several hidden layers, are fitted on every training input by default, and route
+each row on its own (a row's route does not depend on the rows batched with it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import DEVICE, tiny_vit, word_task
+from helpers import DEVICE, tiny_vit, word_task
 
 from continual_peft import ContinualLearner, LearnerConfig, TrainConfig
 from continual_peft.backbones.causal import CausalBackbone
@@ -87,11 +87,11 @@ def test_a_depth_the_backbone_lacks_is_refused_before_any_training(make_backbone
         ContinualLearner(make_backbone(), config=config)
 
 
-def test_a_router_saved_before_layers_existed_reads_the_last_layer():
+def test_a_router_state_that_names_no_layers_reads_the_last_layer():
     router = build_router("mahalanobis", layers="last")
     router.add_task(torch.randn(20, 4, dtype=torch.float64, device="cpu"))
     tensors, meta = router_state(router)
-    del meta["options"]["layers"]  # as an older version wrote it
+    del meta["options"]["layers"]  # a state written without the option
     cls = ROUTERS.get(meta.pop("router"))
     meta.pop("format")
     assert cls.from_state(tensors, meta).layers == "last"
@@ -152,7 +152,7 @@ def test_image_layer_features():
         ("mahalanobis", {"reject_rate": 0.1}),
         ("gate", {"steps": 30}),
         ("topk", {"k": 2}),
-    ],  # fmt: skip
+    ],
 )
 def test_a_rows_route_is_the_same_alone_and_in_a_mixed_batch(name, options):
     generator = torch.Generator(device="cpu").manual_seed(0)

@@ -126,13 +126,17 @@ def test_label_order_is_the_same_in_every_process():
         "from continual_peft.tasks.task import default_labels;"
         "print(default_labels(['7', '07', '12', '007', '-3', '7']))"
     )
-    seen = {
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    processes = [  # side by side: each spends seconds importing torch
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
             env={**os.environ, "PYTHONHASHSEED": str(seed)},
-        ).stdout
+        )
         for seed in range(6)
-    }  # fmt: skip
+    ]
+    seen = {process.communicate(timeout=120)[0] for process in processes}
+    assert [process.returncode for process in processes] == [0] * 6
     assert seen == {"['-3', '007', '07', '7', '12']\n"}
 
 

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, assert_close, tiny_vit
+from helpers import DEVICE, assert_close, tiny_vit
 from PIL import Image
 from sklearn.datasets import load_digits
 from transformers import ViTImageProcessor
@@ -193,10 +193,11 @@ def test_run_directory_reloads_an_image_learner(digits, tmp_path):
     folder = tmp_path / "tiny-vit"
     tiny_vit().save_pretrained(folder)  # no preprocessor_config.json: the tensor path
     run = tmp_path / "run"
-    config = LearnerConfig(train=TRAIN, router="mahalanobis")
+    train = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0)  # the same predictions back
+    config = LearnerConfig(train=train, router="mahalanobis")
     learner = ContinualLearner(str(folder), config=config, run_dir=run)
     assert isinstance(learner.backbone, ImageBackbone) and learner.backbone.processor is None
-    tasks = digit_tasks(digits)[:2]
+    tasks = digit_tasks(digits, n_train=16, n_test=8)[:2]
     for task in tasks:
         learner.learn(task)
     learner.finish()
@@ -285,9 +286,23 @@ def test_image_folder_stream_through_the_command_line(digits, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(
         app,
-        ["run", str(spec), "--backbone", vit_folder(tmp_path), "--out", str(out), "--epochs", "6",
-         "--lr", "0.01", "--batch-size", "8", "--baseline", "none"],
-    )  # fmt: skip
+        [
+            "run",
+            str(spec),
+            "--backbone",
+            vit_folder(tmp_path),
+            "--out",
+            str(out),
+            "--epochs",
+            "6",
+            "--lr",
+            "0.01",
+            "--batch-size",
+            "8",
+            "--baseline",
+            "none",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["task_names"] == ["digits-0-1", "digits-2-3"]
