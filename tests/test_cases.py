@@ -168,9 +168,7 @@ class Family:
     build: Callable[[], Backbone]  # a fresh backbone, built on the CPU, named by its folder
     tasks: list[Task]
     train: TrainConfig
-    # runs under torch.device("meta"); not yet for images: ImageBackbone.encode makes each
-    # image's tensor with torch.as_tensor and no device (backbones/image.py, `_tensor`)
-    meta: bool = True
+    meta: bool = True  # runs under torch.device("meta"): a tensor made without a device fails
 
 
 def family(name: str, folder: Path, tokenizer) -> Family:
@@ -185,7 +183,7 @@ def family(name: str, folder: Path, tokenizer) -> Family:
         tiny_vit().save_pretrained(folder)  # no preprocessor_config.json: the tensor path
         train = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0, eval_batch_size=8)
         build = _on_cpu(lambda: ImageBackbone(tiny_vit(), name=str(folder), device=DEVICE))
-        return Family(build, digit_tasks(), train, meta=False)
+        return Family(build, digit_tasks(), train)
     save_tiny(folder, name, LM_WORDS)
     train = TrainConfig(epochs=1, batch_size=4, lr=1e-2, warmup=0.0, eval_batch_size=4)
     build = _on_cpu(lambda: tiny_lm(name, 16, name=str(folder)))

@@ -41,8 +41,9 @@ def invoke(*args):
 # ---------------------------------------------------------------- progress
 
 
-def test_a_log_file_gets_a_progress_line_per_interval(finished_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(progress, "_settings", {"mode": "lines", "interval": 30.0})
+def test_a_log_file_gets_a_progress_line_per_interval(finished_run, tmp_path, monkeypatch, request):
+    progress.configure("lines", interval=30.0)
+    request.addfinalizer(progress.configure)  # back to the library's default
     times = iter(range(0, 10_000, 31))  # every tick 31 s later: a line each time
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(times))
     out = tmp_path / "run"
@@ -59,8 +60,9 @@ def test_a_log_file_gets_a_progress_line_per_interval(finished_run, tmp_path, mo
     assert any(line.startswith("torch threads: ") for line in result.stderr.splitlines())
 
 
-def test_meters_count_ticks_and_nest_into_the_outer_one(monkeypatch, capsys):
-    monkeypatch.setattr(progress, "_settings", {"mode": "lines", "interval": 0.0})
+def test_meters_count_ticks_and_nest_into_the_outer_one(monkeypatch, capsys, request):
+    progress.configure("lines", interval=0.0)
+    request.addfinalizer(progress.configure)
     progress.tick(5)  # no meter open: nothing
     with progress.meter("outer", 10, "rows") as outer:
         with progress.meter("inner", 99) as inner:
@@ -406,7 +408,7 @@ def test_a_closed_stdout_is_said_once_and_the_work_goes_on(monkeypatch, capsys):
     os.close(read)  # the reader is gone
     pipe = io.TextIOWrapper(io.FileIO(write, "w"))
     monkeypatch.setattr(sys, "stdout", pipe)
-    out = cli.base._Stdout()
+    out = cli.base.Stdout()
     assert out.write("table\n") == 6 and out.broken
     assert out.write("more\n") == 5  # nothing raised
     assert capsys.readouterr().err.count("standard output was closed") == 1

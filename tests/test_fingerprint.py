@@ -9,7 +9,7 @@ from helpers import DEVICE, tiny_bert, word_task
 from transformers import BertConfig, BertModel
 
 from continual_peft import Backbone, ContinualLearner, ContinualPeftError, TrainConfig
-from continual_peft.backbones.fingerprint import _legacy_config_sha256, check_fingerprint
+from continual_peft.backbones.fingerprint import check_fingerprint, full_config_sha256
 from continual_peft.engine.loading import load_learner
 
 
@@ -71,7 +71,7 @@ def test_another_model_class_is_refused(tokenizer):
 
 def test_old_runs_and_missing_keys_still_load(tokenizer):
     ours = backbone(tokenizer)
-    legacy = {**saved(ours), "config_sha256": _legacy_config_sha256(ours)}
+    legacy = {**saved(ours), "config_sha256": full_config_sha256(ours)}
     check_fingerprint(legacy, ours, "run x")  # a config hash that covers the folder name too
     check_fingerprint({}, ours, "run x")  # nothing recorded: nothing to check
     check_fingerprint({**saved(ours), "name": "moved/elsewhere"}, ours, "run x")  # only a name

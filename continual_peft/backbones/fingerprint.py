@@ -43,7 +43,7 @@ def check_fingerprint(saved: dict, backbone: Backbone, where: str) -> None:
         for key, word in CHECKED.items()
         if saved.get(key)
         and saved[key] != now[key]
-        and not (key == "config_sha256" and saved[key] == _legacy_config_sha256(backbone))
+        and not (key == "config_sha256" and saved[key] == full_config_sha256(backbone))
     ]
     if not differ:
         return
@@ -56,7 +56,9 @@ def check_fingerprint(saved: dict, backbone: Backbone, where: str) -> None:
     )
 
 
-def _legacy_config_sha256(backbone: Backbone) -> str:
-    """The config hash as runs before the volatile keys were left out recorded it."""
+def full_config_sha256(backbone: Backbone) -> str:
+    """The hash of the model's whole config, volatile keys included: how fingerprints of format-1
+    run directories name the model (a format-1 run records it; it is accepted as the same
+    model)."""
     text = backbone.model.config.to_json_string(use_diff=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from continual_peft.backbones.load import family, load_model, model_name
+from continual_peft.backbones.placement import CPU
 from continual_peft.backbones.text import Backbone, Encoded
 from continual_peft.errors import ContinualPeftError
 
@@ -157,7 +158,7 @@ class ImageBackbone(Backbone):
                 f"image {index} is a {type(image).__name__}; without an image processor this "
                 f"backbone ({self.name}) takes numpy arrays or torch tensors. {fix}"
             )
-        tensor = torch.as_tensor(image)
+        tensor = torch.as_tensor(image, device=CPU)  # moved with the batch, later
         if not tensor.is_floating_point():
             raise ContinualPeftError(
                 f"image {index} has dtype {tensor.dtype}; without an image processor this "

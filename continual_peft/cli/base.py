@@ -32,7 +32,7 @@ app = typer.Typer(
 errors = Console(stderr=True)
 
 
-class _Stdout:
+class Stdout:
     """Standard output that outlives its reader (a `| head`, a `tee` or logger that died): the
     first write that finds the pipe closed says so once on stderr, and the work goes on (a run
     keeps training and writing its run directory) with its tables going nowhere."""
@@ -69,7 +69,7 @@ class _Stdout:
         return sys.stdout.fileno()
 
 
-STDOUT = _Stdout()
+STDOUT = Stdout()
 console = Console(file=STDOUT)
 DTYPE_HELP = (
     "Frozen weights' dtype: auto (bfloat16 on a CUDA device that supports it, float32 on the CPU), "
