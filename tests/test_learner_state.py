@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,22 @@ def test_a_failed_task_after_its_checkpoint_is_kept(make_backbone, tasks, tmp_pa
         learner.learn(tasks[2])
     assert list(learner.learned) == [tasks[0].name, tasks[1].name]  # undone
     assert learner.bank.num_slots == 2 and len(learner.records) == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "refusal"),
+    [
+        (["--max-train", "7"], "other data than when the run learned it"),
+        (["--baseline", "seq"], "was started with no baseline, but this resume asks for seq"),
+    ],
+)
+def test_resuming_a_finished_run_refuses_another_stream_or_baseline(
+    finished_run, tmp_path, extra, refusal
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run.run, run)
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    result = CliRunner().invoke(app, ["run", str(finished_run.spec), "--resume", str(run), *extra])
+    assert result.exit_code == 2, result.output
+    assert refusal in " ".join(result.output.split())
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before

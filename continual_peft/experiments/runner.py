@@ -24,7 +24,13 @@ from continual_peft.engine.loading import check_resume_config, load_learner, ope
 from continual_peft.engine.state import build_backbone, resolve_backbone
 from continual_peft.errors import ContinualPeftError
 from continual_peft.reports.run import console_headline, reports_intact, write_reports
-from continual_peft.store.checkpoint import baseline_folders, recorded_baseline
+from continual_peft.store.checkpoint import (
+    CHECKPOINT_FILE,
+    baseline_folders,
+    read_checkpoint,
+    recorded_baseline,
+)
+from continual_peft.store.digests import check_stream
 from continual_peft.store.rundir import RunDir, check_free
 from continual_peft.strategies import check_config
 from continual_peft.tasks.streams import Stream
@@ -66,6 +72,7 @@ def run_stream(
         return _finished(
             Path(run_dir),
             config,
+            stream=stream,
             baseline=baseline,
             console=console,
             make_backbone=make_backbone,
@@ -149,7 +156,8 @@ def run_baseline(run: Path) -> str | None:
 
 
 def _check_baseline(run: Path, baseline: str | None) -> None:
-    """Refuse resuming with another baseline than the run was started with."""
+    """Refuse resuming with another baseline than the run was started with (as its checkpoint
+    records it, or as its baseline folders show)."""
     found = [sub.name for sub in baseline_folders(run)]
     wanted = [f"baseline-{baseline}"] if baseline else []
     if any(name not in wanted for name in found):
@@ -157,12 +165,22 @@ def _check_baseline(run: Path, baseline: str | None) -> None:
             f"{run} has a baseline run {found[0]}/, but this resume asks for "
             f"{baseline or 'no baseline'}: give the same baseline as the run was started with."
         )
+    checkpoints = [run / CHECKPOINT_FILE, *run.glob(f"tasks/*/{CHECKPOINT_FILE}")]
+    recorded = recorded_baseline(run)
+    if any(path.is_file() for path in checkpoints) and recorded != baseline:
+        raise ContinualPeftError(
+            f"{run} was started with {recorded or 'no baseline'}, but this resume asks for "
+            f"{baseline or 'no baseline'}: give the same baseline as the run was started with "
+            "(or leave --baseline out), or start a new run."
+        )
 
 
-def _finished(run: Path, config, *, baseline, console, make_backbone) -> ContinualLearner:
-    """A finished run resumed: refused with other settings; else nothing to do, but reports
-    that were lost or damaged are written again from the checkpoint."""
+def _finished(run: Path, config, *, stream, baseline, console, make_backbone) -> ContinualLearner:
+    """A finished run resumed: refused with another stream, baseline or settings; else nothing
+    to do, but reports that were lost or damaged are written again from the checkpoint."""
     _check_baseline(run, baseline)
+    checkpoint = read_checkpoint(run)  # before any model loads: a wrong stream costs nothing
+    check_stream(run, checkpoint.stream_plan, stream, checkpoint.tasks)
     backbone = make_backbone() if make_backbone else build_backbone(config.backbone)
     backbone, resolved = resolve_backbone(backbone, config)
     check_resume_config(run, resolved)  # what the run would resume with, as a learner sees it
