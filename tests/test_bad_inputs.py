@@ -558,7 +558,11 @@ def test_predict_on_a_run_without_a_router_says_what_to_do(run: Path, tmp_path: 
     checkpoint = json.loads((run / "checkpoint.json").read_text(encoding="utf-8"))
     checkpoint["run_config_sha256"] = run_config_sha256(config["config"])
     checkpoint["router"] = None
-    (run / "checkpoint.json").write_text(json.dumps(checkpoint), encoding="utf-8")
+    for path in (
+        run / "checkpoint.json",
+        run / "tasks" / checkpoint["last_task"] / "checkpoint.json",
+    ):
+        path.write_text(json.dumps(checkpoint), encoding="utf-8")  # and its copy, alike
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"text": "a red car"}\n', encoding="utf-8")
     refused(

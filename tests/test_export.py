@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEVICE, EXPORTED, assert_close, word_task
+from helpers import DEVICE, EXPORTED, assert_close, save_tiny_bert, word_task
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 from typer.testing import CliRunner
@@ -170,14 +170,26 @@ def test_missing_head_file(run_copy, tmp_path):
         export_task(run_dir, TASK, "peft", tmp_path / "out")
 
 
-def test_merged_refuses_a_different_backbone(run_copy, tmp_path):
-    run_dir = run_copy
-    run = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    run["backbone"]["weights_sha256"] = "0123456789abcdef"
-    (run_dir / "config.json").write_text(json.dumps(run), encoding="utf-8")
+def test_merged_refuses_a_different_backbone(run_copy, tmp_path, tokenizer):
+    other = save_tiny_bert(tmp_path / "other", tokenizer, seed=1)  # same shapes, other weights
     with pytest.raises(ContinualPeftError, match="was trained on backbone .*mismatch: weights"):
-        export_task(run_dir, TASK, "merged", tmp_path / "out")
+        export_task(run_copy, TASK, "merged", tmp_path / "out", backbone=str(other))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_edited_fingerprint_in_config_json_is_refused(run_copy, tmp_path):
+    """config.json's copy of the backbone's fingerprint must agree with the checkpoint's: an edit
+    (or a deleted fingerprint) would otherwise switch the backbone check off."""
+    for edit in ("weights", "deleted"):
+        run = json.loads((run_copy / "config.json").read_text(encoding="utf-8"))
+        if edit == "weights":
+            run["backbone"]["weights_sha256"] = "0123456789abcdef"
+        else:
+            del run["backbone"]
+        (run_copy / "config.json").write_text(json.dumps(run), encoding="utf-8")
+        with pytest.raises(ContinualPeftError, match="config.json was edited: its backbone"):
+            export_task(run_copy, TASK, "merged", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_module_file(run_copy, tmp_path):

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from continual_peft import ContinualLearner, LearnerConfig, Stream, TrainConfig
 from continual_peft.cli import app
+from continual_peft.engine.saved_run import read_run
 from continual_peft.engine.state import resolve_backbone
+from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.runner import run_stream
 from continual_peft.store.checkpoint import CHECKPOINT_FORMAT, Checkpoint, read_checkpoint
 from continual_peft.strategies import base as strategy_base
@@ -148,3 +150,47 @@ def test_resuming_a_finished_run_refuses_another_stream_or_baseline(
     assert result.exit_code == 2, result.output
     assert refusal in " ".join(result.output.split())
     assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_a_hand_edited_routing_in_checkpoint_json_is_refused(finished_run, tmp_path, command):
+    """The checkpoint must agree with its copy in the newest task's folder: an edited routing
+    would otherwise send a task's rows (and its export) through another task's slot."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run.run, run)
+    checkpoint = json.loads((run / "checkpoint.json").read_text(encoding="utf-8"))
+    checkpoint["tasks"][-1]["routing"] = {"slots": [0], "weights": [1.0]}
+    (run / "checkpoint.json").write_text(json.dumps(checkpoint), encoding="utf-8")
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text": "the cat runs"}\n', encoding="utf-8")
+    name = checkpoint["tasks"][-1]["name"]
+    args = {
+        "predict": ["predict", "--run", str(run), "--input", str(inputs), "--task", name],
+        "export": ["export", "--run", str(run), "--task", name, "--out", str(tmp_path / "x")],
+    }[command]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0, result.output
+    assert "differs from its copy" in " ".join(result.output.split()), result.output
+    assert "['tasks']" in " ".join(result.output.split())
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("value", ["x", None, 99])
+def test_a_format_that_is_no_version_is_named(finished_run, tmp_path, value):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run.run, run)
+    for name in ("checkpoint.json", "config.json"):
+        data = json.loads((run / name).read_text(encoding="utf-8"))
+        original = data["format"]
+        data["format"] = value
+        (run / name).write_text(json.dumps(data), encoding="utf-8")
+        with pytest.raises(ContinualPeftError) as refused:
+            read_run(run)
+        message = str(refused.value)
+        if name == "checkpoint.json":
+            expected = "not a version number" if value != 99 else "a newer continual-peft"
+        else:
+            expected = "format" if value is not None else "was edited"
+        assert expected in message, message
+        data["format"] = original
+        (run / name).write_text(json.dumps(data), encoding="utf-8")

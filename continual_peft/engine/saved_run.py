@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from continual_peft.backbones.fingerprint import CHECKED
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.store.checkpoint import CHECKPOINT_FILE, Checkpoint, read_checkpoint
@@ -41,11 +42,20 @@ def read_run(folder: str | Path) -> SavedRun:
     if not folder.is_dir():
         raise ContinualPeftError(f"run directory {folder} does not exist; check the path.")
     saved = read_config_json(folder)
+    checkpoint = read_checkpoint(folder)
+    # the backbone as the checkpoint records it; config.json's copy must agree with it
+    recorded = saved.get("backbone")
+    differ = [k for k in CHECKED if (recorded or {}).get(k) != checkpoint.backbone.get(k)]
+    if differ:
+        raise ContinualPeftError(
+            f"{folder / 'config.json'} was edited: its backbone ({', '.join(differ)}) is not "
+            f"the one {folder / CHECKPOINT_FILE} records. Restore it from a copy of the run."
+        )
     return SavedRun(
         folder=folder,
         config=LearnerConfig.from_dict(saved["config"], str(folder / "config.json")),
-        fingerprint=saved.get("backbone") or {},
-        checkpoint=read_checkpoint(folder),
+        fingerprint=checkpoint.backbone,
+        checkpoint=checkpoint,
     )
 
 

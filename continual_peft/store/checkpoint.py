@@ -220,6 +220,9 @@ def read_checkpoint_file(folder: Path, path: Path) -> Checkpoint:
     problem = _inconsistency(data)
     if problem:
         raise RunFileError(path, folder, f"is inconsistent ({problem}): it was edited or damaged")
+    problem = _differs_from_copy(folder, path, data)
+    if problem:
+        raise RunFileError(path, folder, problem)
     for name, sha in data["files"].items():
         target = folder / name
         if not target.is_file():
@@ -298,6 +301,30 @@ def _inconsistency(checkpoint: dict) -> str | None:
 
 
 REQUIRED = [f.name for f in dataclasses.fields(Checkpoint)]
+
+
+def _differs_from_copy(folder: Path, path: Path, data: dict) -> str | None:
+    """The run's checkpoint must equal the copy its newest task's folder keeps (all but the
+    status, which finishing a run rewrites): a hand-edit of one of them (a routing, a slot, a
+    record) is named instead of trusted."""
+    if not data["tasks"]:
+        return None
+    copy_path = folder / "tasks" / str(data["tasks"][-1]["name"]) / CHECKPOINT_FILE
+    if path == copy_path:
+        return None
+    try:
+        kept = load_json(copy_path)
+    except ContinualPeftError:
+        return f"has no intact copy in {copy_path} to agree with"
+    if not isinstance(kept, dict):
+        return f"has no intact copy in {copy_path} to agree with"
+    kept = upgrade_checkpoint(kept, folder, copy_path)
+    differ = sorted(
+        k for k in set(data) | set(kept) if k != "status" and data.get(k) != kept.get(k)
+    )
+    if differ:
+        return f"differs from its copy {copy_path} in {differ}: one of them was edited"
+    return None
 
 
 def _routing_problem(task: dict, num_slots: int) -> str | None:

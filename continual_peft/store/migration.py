@@ -35,6 +35,11 @@ def upgrade_checkpoint(data: dict[str, Any], folder: Path, path: Path) -> dict[s
     found = data.get("format")
     if found == CURRENT:
         return data
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise ContinualPeftError(
+            f"{path} is damaged: its format is {found!r}, not a version number; restore it "
+            "from a copy of the run (`run --resume` repairs a run from its tasks' copies)."
+        )
     if found != 1:
         raise ContinualPeftError(
             f"{path}: checkpoint format {found!r} is not supported (this version reads formats "
@@ -61,8 +66,14 @@ def upgrade_checkpoint(data: dict[str, Any], folder: Path, path: Path) -> dict[s
 def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
     """`config.json` (`{"config": ..., "backbone": ...}`) in the current format; `saved` is not
     changed."""
-    if saved.get("format") == CURRENT:
+    found = saved.get("format", 1)  # format 1 wrote none
+    if found == CURRENT:
         return saved
+    if found != 1:
+        raise ContinualPeftError(
+            f"config.json: format {found!r} is not supported (this version reads formats 1 and "
+            f"{CURRENT}); a newer continual-peft wrote it, or it was edited."
+        )
     saved = copy.deepcopy(saved)
     saved["format"] = CURRENT
     backbone = saved["config"].get("backbone")
