@@ -194,3 +194,16 @@ def test_a_format_that_is_no_version_is_named(finished_run, tmp_path, value):
         assert expected in message, message
         data["format"] = original
         (run / name).write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_a_checkpoint_naming_a_file_outside_the_run_is_refused(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run.run, run)
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    for name in ("checkpoint.json", f"tasks/{read_checkpoint(run).task_names[-1]}/checkpoint.json"):
+        data = json.loads((run / name).read_text(encoding="utf-8"))
+        data["slots"][0]["file"] = "../outside.safetensors"
+        data["files"]["../outside.safetensors"] = "x"
+        (run / name).write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ContinualPeftError, match="is outside the run directory"):
+        read_run(run)

@@ -294,6 +294,9 @@ def _inconsistency(checkpoint: dict) -> str | None:
         if value is not None and (not isinstance(value, dict) or set(value) != {"tensors", "meta"}):
             return f"{key!r} must name its 'tensors' and 'meta' files"
         needed += list(value.values()) if value else []
+    outside = [p for p in files if Path(p).is_absolute() or ".." in Path(p).parts]
+    if outside:
+        return f"file {outside[0]!r} is outside the run directory"
     unnamed = [path for path in needed if path not in files]
     if unnamed:
         return f"files it needs have no sha256 in 'files': {unnamed[:3]}"
