@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import DEVICE, tiny_bert, word_task
 from transformers import BertConfig, BertModel
 
@@ -59,7 +60,7 @@ def test_another_backbone_is_refused_naming_both(tokenizer, make, differs: str):
     for fingerprint in (ours.fingerprint(), theirs.fingerprint()):
         key = f"{differs}_sha256" if differs == "weights" else "config_sha256"
         assert fingerprint[key] in message
-    assert f"(mismatch: {differs})" in message
+    assert f"(mismatch: {differs}" in message  # other weights differ in deeper layers too
     assert "use 'tiny-bert' (pass it as backbone=... or --backbone)" in message
 
 
@@ -89,3 +90,17 @@ def test_load_learner_refuses_another_backbone(tokenizer, tmp_path: Path):
     other = backbone(tokenizer, other_config(tokenizer), name="other-bert")
     with pytest.raises(ContinualPeftError, match=r"trained on backbone 'tiny-bert'.*'other-bert'"):
         load_learner(tmp_path / "run", backbone=other)
+
+
+def test_a_model_whose_deeper_layers_differ_is_another_backbone(tokenizer):
+    """The embeddings alone (weights_sha256) do not tell a fine-tune from its base model."""
+    ours = Backbone(tiny_bert(tokenizer), tokenizer, max_length=32, name="tiny-bert", device=DEVICE)
+    model = tiny_bert(tokenizer)
+    with torch.no_grad():
+        model.encoder.layer[-1].output.dense.weight.add_(0.01)
+    tuned = Backbone(model, tokenizer, max_length=32, name="tiny-bert", device=DEVICE)
+    assert ours.fingerprint()["weights_sha256"] == tuned.fingerprint()["weights_sha256"]
+    with pytest.raises(ContinualPeftError, match="mismatch: layer weights"):
+        check_fingerprint({"name": "tiny-bert", **ours.fingerprint()}, tuned, "run r")
+    older = {k: v for k, v in ours.fingerprint().items() if k != "layers_sha256"}
+    check_fingerprint({"name": "tiny-bert", **older}, ours, "run r")  # recorded before the key

@@ -14,7 +14,12 @@ from continual_peft.backbones.text import Backbone
 from continual_peft.errors import ContinualPeftError
 
 # What must agree, with the words a message uses for it. The name may differ (a moved folder).
-CHECKED = {"model_class": "model class", "config_sha256": "config", "weights_sha256": "weights"}
+CHECKED = {
+    "model_class": "model class",
+    "config_sha256": "config",
+    "weights_sha256": "weights",
+    "layers_sha256": "layer weights",  # runs written before it have none: not checked there
+}
 
 
 def describe(fingerprint: dict) -> str:

@@ -93,6 +93,7 @@ class Backbone(nn.Module):
         self.placement = Placement.of(device, dtype)
         # hashed as loaded, so a run in bfloat16 and one in float32 name the same weights
         self._weights_sha256 = _weights_hash(model)
+        self._layers_sha256 = _layers_hash(model)
         # counted as loaded: module kinds later wrap layers inside the model and add their own
         self._parameter_count = sum(p.numel() for p in model.parameters())
         # The one place where the backbone is frozen, moved and cast.
@@ -318,6 +319,7 @@ class Backbone(nn.Module):
             "model_class": type(self.model).__name__,
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
             "weights_sha256": self._weights_sha256,
+            "layers_sha256": self._layers_sha256,
             "dtype": dtype_name(self.dtype),  # recorded, not compared: a run may move devices
         }
 
@@ -344,6 +346,19 @@ def _weights_hash(model: nn.Module) -> str:
     for _, tensor in list(model.state_dict().items())[:4]:
         weights.update(tensor.detach().float().cpu().numpy().tobytes())
     return weights.hexdigest()[:16]
+
+
+def _layers_hash(model: nn.Module, values: int = 256) -> str:
+    """A hash of every state tensor's name and first `values` values, as loaded, in float32:
+    models whose embeddings agree but whose deeper layers differ (a fine-tune) are told apart,
+    for the cost of reading a few values per tensor."""
+    layers = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if "pooler" in name or "lm_head" in name:  # heads a model folder may leave to chance
+            continue
+        layers.update(name.encode())
+        layers.update(tensor.detach().reshape(-1)[:values].float().cpu().numpy().tobytes())
+    return layers.hexdigest()[:16]
 
 
 # One of these holds a tokenizer's vocabulary (WordPiece, BPE, SentencePiece, fast tokenizers).

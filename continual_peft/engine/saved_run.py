@@ -44,8 +44,11 @@ def read_run(folder: str | Path) -> SavedRun:
     saved = read_config_json(folder)
     checkpoint = read_checkpoint(folder)
     # the backbone as the checkpoint records it; config.json's copy must agree with it
-    recorded = saved.get("backbone")
-    differ = [k for k in CHECKED if (recorded or {}).get(k) != checkpoint.backbone.get(k)]
+    recorded, ours = saved.get("backbone"), checkpoint.backbone
+    if not isinstance(recorded, dict) or not recorded:
+        differ = ["missing"]
+    else:  # a key one of them lacks was added since the run began (a resumed older run)
+        differ = [k for k in CHECKED if k in recorded and k in ours and recorded[k] != ours[k]]
     if differ:
         raise ContinualPeftError(
             f"{folder / 'config.json'} was edited: its backbone ({', '.join(differ)}) is not "
