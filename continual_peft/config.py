@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +195,7 @@ class LearnerConfig:
                     ">= 1",
                 ),
                 ("train.lr", train.lr, train.lr > 0, "> 0"),
+                ("train.weight_decay", train.weight_decay, train.weight_decay >= 0, ">= 0"),
                 ("train.warmup", train.warmup, 0 <= train.warmup < 1, "in [0, 1)"),
                 ("train.grad_clip", train.grad_clip, train.grad_clip >= 0, ">= 0"),
                 (
@@ -223,6 +225,7 @@ class LearnerConfig:
             where,
             [
                 ("lora.r", lora.r, lora.r >= 1, ">= 1"),
+                ("lora.alpha", lora.alpha, lora.alpha > 0, "> 0"),
                 ("lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)"),
             ],
         )
@@ -272,10 +275,14 @@ def _check_generation(generation: GenerationConfig, where: str) -> None:
 
 
 def _check_ranges(where: str, checks: list[tuple[str, Any, bool, str]]) -> None:
-    """Refuse the first (key, value, ok, rule) that is not ok, naming key, value and rule."""
+    """Refuse the first (key, value, ok, rule) that is not ok, naming key, value and rule; a
+    number that is not finite (inf, nan) is never ok (JSON could not even record it)."""
     for key, value, ok, rule in checks:
-        if not ok:
-            raise ContinualPeftError(f"{where}: {key} = {value!r} is invalid; it must be {rule}")
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not ok or not finite:
+            raise ContinualPeftError(
+                f"{where}: {key} = {value!r} is invalid; it must be {rule} and finite"
+            )
 
 
 def _kind_options(kind: str, table: dict[str, Any], where: str) -> Any:

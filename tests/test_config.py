@@ -49,3 +49,14 @@ def test_bad_spec_names_file_and_key(tmp_path, text, message):
     with pytest.raises(ContinualPeftError, match=message) as err:
         load_strategy_spec(spec)
     assert str(spec) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("train.lr", float("inf")), ("train.lr", float("nan")), ("train.weight_decay", -0.1)],
+)
+def test_numbers_that_cannot_train_or_be_recorded_are_refused(key, value):
+    from continual_peft.experiments.entries import override
+
+    with pytest.raises(ContinualPeftError, match=f"{key} = .* is invalid"):
+        override(LearnerConfig(), {key: value}, "command line")
