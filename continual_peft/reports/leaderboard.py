@@ -31,7 +31,7 @@ LEADERBOARD_FILES = (
     "leaderboard.csv",
     "acc_vs_params.png",
     "task_curves.png",
-)  # fmt: skip; plus sweep.png with a sweep
+)  # plus sweep.png with a sweep
 # (key, column title, signed): accuracies as percentages, transfer signed as in report.md
 _PERCENT = (
     ("acc", "ACC", False),

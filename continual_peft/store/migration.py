@@ -55,11 +55,12 @@ def upgrade_checkpoint(data: dict[str, Any], folder: Path, path: Path) -> dict[s
         if isinstance(data.get(key), list) and len(data[key]) == 2:
             data[key] = {"tensors": data[key][0], "meta": data[key][1]}
     slots = data.get("slots") if isinstance(data.get("slots"), list) else []
-    strategy = _strategy(folder)
-    for task in data.get("tasks") if isinstance(data.get("tasks"), list) else []:
-        if isinstance(task, dict) and "routing" not in task:
-            own = [task.get("slot")] if strategy != "olora" else list(range(len(slots)))
-            task["routing"] = {"slots": own, "weights": [1.0] * len(own)}
+    tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else []
+    unrouted = [task for task in tasks if isinstance(task, dict) and "routing" not in task]
+    strategy = _strategy(folder) if unrouted else None  # config.json read only when needed
+    for task in unrouted:
+        own = [task.get("slot")] if strategy != "olora" else list(range(len(slots)))
+        task["routing"] = {"slots": own, "weights": [1.0] * len(own)}
     return data
 
 
