@@ -196,7 +196,7 @@ def test_train_and_test_label_sets_disagree(tmp_path: Path):
     lines = test_file.read_text(encoding="utf-8").splitlines()
     lines[2] = json.dumps({"text": "a purple cup", "label": "purple"})
     test_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = invoke("run", spec, "--out", tmp_path / "out", *TINY)
+    result = invoke("run", spec, "--out", tmp_path / "out", "--strict-labels", *TINY)
     refused(
         result,
         f"{test_file}:3: label 'purple' is not one of task 'colors''s labels",

@@ -130,7 +130,7 @@ def test_run_undeclared_test_label(stream_spec: Path, tmp_path: Path, no_model):
     test_file = stream_spec.parent / "animals" / "test.jsonl"
     _edit_line(test_file, 3, json.dumps({"text": "a cow moos", "label": "cow"}))
     expected = f"{test_file}:3: label 'cow' is not one of task 'animals''s labels"
-    _expect_refusal(stream_spec, tmp_path / "out", expected)
+    _expect_refusal(stream_spec, tmp_path / "out", expected, "--strict-labels")
 
 
 def test_run_missing_file(stream_spec: Path, tmp_path: Path, no_model):

@@ -100,7 +100,7 @@ def test_unknown_extension_asks_for_a_format(tmp_path: Path):
 def test_csv_label_outside_the_declared_labels(tmp_path: Path):
     train = write_csv(tmp_path / "train.csv", TRAIN, header=("text", "label"))
     with pytest.raises(ContinualPeftError, match=r"train.csv:\d+: label 'neutral' is not one of"):
-        load_task("t", train, train, labels=["pos", "neg"])
+        load_task("t", train, train, labels=["pos", "neg"], unknown_labels="refuse")
 
 
 # ---------------------------------------------------------------- Python objects

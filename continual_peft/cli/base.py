@@ -9,6 +9,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -19,6 +20,7 @@ from continual_peft._version import __version__
 from continual_peft.distributed import World, launched_size, world
 from continual_peft.engine import progress
 from continual_peft.errors import Terminated
+from continual_peft.tasks.streams import Stream, load_stream
 
 # An argument's help line names its value (STREAM, RUN) and says what it is; typer would add a
 # raw type tag ("<path>") that options do not show once they have a metavar.
@@ -90,6 +92,31 @@ DATA_ROOT = typer.Option(
 )
 MAX_TRAIN = typer.Option(None, help="Training examples per task (seeded subset).", metavar="N")
 MAX_TEST = typer.Option(None, help="Test examples per task (seeded subset).", metavar="N")
+EXCLUDE = typer.Option(
+    None,
+    help="Leave these tasks of the spec out (not read; dropped from every order), names joined "
+    "by commas, e.g. a task whose data you lack: --exclude yahoo.",
+    metavar="TEXT",
+)
+BUDGET = typer.Option(
+    None,
+    help="A named budget of the spec ([budgets.<name>]: per-task examples and epochs), e.g. "
+    "--budget cpu; the other options still override it. Default: the spec's own.",
+    metavar="NAME",
+)
+DEV_SHARE = typer.Option(
+    None,
+    help="Carve a dev split of this share (0 < share < 1) from each task's training data: "
+    "seeded, stratified by label, never the test set. compare --sweep chooses on it (0.1 when "
+    "neither this nor the spec sets one).",
+    metavar="SHARE",
+)
+STRICT_LABELS = typer.Option(
+    False,
+    "--strict-labels",
+    help="Refuse records whose label is not one of their task's labels (default: leave them "
+    "out, counted per split in the task's record and warned about).",
+)
 DEVICE = typer.Option(None, help=DEVICE_HELP, metavar="DEVICE")
 THREADS = typer.Option(None, help=THREADS_HELP, metavar="N")
 # options predict and eval share
@@ -150,6 +177,36 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
     if not Path(filename).resolve().is_relative_to(PACKAGE) and category is not UserWarning:
         text = f"{text} ({category.__name__}, {Path(filename).name}:{lineno})"
     return f"warning: {text}\n"
+
+
+@dataclass(kw_only=True)
+class StreamOptions:
+    """The options every command that reads a stream spec shares."""
+
+    data_root: Path | None = None
+    max_train: int | None = None
+    max_test: int | None = None
+    router_train: int | None = None
+    exclude: str | None = None
+    budget: str | None = None
+    dev_share: float | None = None
+    dev_needed: bool = False
+    strict_labels: bool = False
+
+    def load(self, spec: Path | None) -> Stream:
+        """The stream the options ask for (`tasks.streams.load_stream`)."""
+        return load_stream(
+            spec,
+            self.data_root,
+            self.max_train,
+            self.max_test,
+            router_max_train=self.router_train,
+            dev_share=self.dev_share,
+            dev_needed=self.dev_needed,
+            unknown_labels="refuse" if self.strict_labels else None,
+            exclude=[name.strip() for name in (self.exclude or "").split(",") if name.strip()],
+            budget=self.budget,
+        )
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -9,12 +9,17 @@ import typer
 
 from continual_peft.backbones.placement import set_threads
 from continual_peft.cli.base import (
+    BUDGET,
     DATA_ROOT,
+    DEV_SHARE,
     DEVICE,
     DTYPE_HELP,
+    EXCLUDE,
     MAX_TEST,
     MAX_TRAIN,
+    STRICT_LABELS,
     THREADS,
+    StreamOptions,
     console,
     errors,
     fail,
@@ -33,7 +38,6 @@ from continual_peft.experiments.launch import (
     plan_run,
 )
 from continual_peft.reports.leaderboard import console_leaderboard
-from continual_peft.tasks.streams import load_stream
 
 
 @stop_signals()
@@ -67,7 +71,13 @@ def run(
         help="Training inputs per task that fit the router (default: every one, at most 10,000).",
         metavar="N",
     ),
-    epochs: int = typer.Option(None, metavar="N", help="Passes over each task's training set."),
+    exclude: str = EXCLUDE,
+    budget: str = BUDGET,
+    dev_share: float = DEV_SHARE,
+    strict_labels: bool = STRICT_LABELS,
+    epochs: int = typer.Option(
+        None, metavar="N", help="Passes over each task's training set (else the spec's epochs)."
+    ),
     lr: float = typer.Option(None, metavar="LR", help="Peak learning rate (AdamW)."),
     batch_size: int = typer.Option(None, metavar="N", help="Training examples per step."),
     rank: int = typer.Option(None, metavar="R", help="LoRA rank."),
@@ -130,7 +140,17 @@ def run(
     here = World()
     try:
         here = start()  # under torchrun: this process's rank; rank 0 alone prints and writes
-        tasks = load_stream(stream, data_root, max_train, max_test, router_max_train=router_train)
+        options = StreamOptions(
+            data_root=data_root,
+            max_train=max_train,
+            max_test=max_test,
+            router_train=router_train,
+            exclude=exclude,
+            budget=budget,
+            dev_share=dev_share,
+            strict_labels=strict_labels,
+        )
+        tasks = options.load(stream)
         request = RunRequest(
             stream=tasks,
             demo=stream is None,
@@ -223,8 +243,14 @@ def compare_(
     data_root: Path = DATA_ROOT,
     max_train: int = MAX_TRAIN,
     max_test: int = MAX_TEST,
+    exclude: str = EXCLUDE,
+    budget: str = BUDGET,
+    dev_share: float = DEV_SHARE,
+    strict_labels: bool = STRICT_LABELS,
     epochs: int = typer.Option(
-        None, metavar="N", help="Epochs for every entry (else the entries' must agree)."
+        None,
+        metavar="N",
+        help="Epochs for every entry (else the spec's epochs; else the entries' must agree).",
     ),
     batch_size: int = typer.Option(
         None, metavar="N", help="Batch size for every entry (else the entries' must agree)."
@@ -268,7 +294,17 @@ def compare_(
         if stream is not None and stream_option is not None and stream != stream_option:
             raise ContinualPeftError("give the stream spec once: as the argument or --stream.")
         names = [s.strip() for s in (strategies or "").split(",") if s.strip()]
-        tasks = load_stream(stream or stream_option, data_root, max_train, max_test)
+        options = StreamOptions(
+            data_root=data_root,
+            max_train=max_train,
+            max_test=max_test,
+            exclude=exclude,
+            budget=budget,
+            dev_share=dev_share,
+            dev_needed=sweep is not None,  # a sweep chooses its setting on the dev split
+            strict_labels=strict_labels,
+        )
+        tasks = options.load(stream or stream_option)
         request = CompareRequest(
             stream=tasks,
             strategies=names,

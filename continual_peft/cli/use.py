@@ -13,13 +13,18 @@ from rich.markup import escape
 from continual_peft.backbones.placement import set_threads
 from continual_peft.cli.base import (
     BATCH_SIZE,
+    BUDGET,
     DATA_ROOT,
+    DEV_SHARE,
     DEVICE,
+    EXCLUDE,
     INFER_DTYPE,
     MAX_TEST,
     MOVED_BACKBONE,
     STDOUT,
+    STRICT_LABELS,
     THREADS,
+    StreamOptions,
     console,
     errors,
     fail,
@@ -39,7 +44,6 @@ from continual_peft.integrations.peft_export import export_task
 from continual_peft.store.digests import task_digest
 from continual_peft.store.io import atomic_write_text
 from continual_peft.tasks.records import read_records
-from continual_peft.tasks.streams import load_stream
 
 
 def export(
@@ -137,6 +141,10 @@ def eval_(
         metavar="N",
     ),
     max_test: int = MAX_TEST,
+    exclude: str = EXCLUDE,
+    budget: str = BUDGET,
+    dev_share: float = DEV_SHARE,
+    strict_labels: bool = STRICT_LABELS,
     output: Path = typer.Option(
         None,
         help="Also write the scores here as JSON (fractions); - writes only the JSON, to "
@@ -171,7 +179,16 @@ def eval_(
             threads=threads,
         )
         if stream is not None:
-            given = load_stream(stream, data_root, max_train=max_train, max_test=max_test)
+            options = StreamOptions(
+                data_root=data_root,
+                max_train=max_train,
+                max_test=max_test,
+                exclude=exclude,
+                budget=budget,
+                dev_share=dev_share,
+                strict_labels=strict_labels,
+            )
+            given = options.load(stream)
             _warn_other_data(learner, given)
             scores = evaluate_stream(learner, given)
         else:

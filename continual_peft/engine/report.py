@@ -23,6 +23,7 @@ def learner_report(
     baseline: dict[str, Any] | None,
     routed: bool,
     backbone: dict[str, Any] | None = None,
+    dev: dict[str, Any] | None = None,
 ) -> dict:
     """The report as a JSON-ready dict (schema version 1); unmeasured entries are None.
 
@@ -37,6 +38,8 @@ def learner_report(
         routed: Whether a router picks the slots (task-agnostic inference).
         backbone: What the backbone is (`Backbone.describe`: family, model type, parameter
             count, dtype); the report's "backbone" holds it after the fingerprint's name.
+        dev: Scores on the tasks' dev splits after the last task (`ContinualLearner.score_dev`),
+            or None when the tasks have none (or the run is not finished).
     """
     matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}
     metrics = {m: monitor.metrics(m) for m in monitor.modes} if records else {}
@@ -62,4 +65,5 @@ def learner_report(
         "router": config.router,
         "routing_accuracy": (nan_to_none(monitor.routing_matrix()) if routed else None),
         "routed_over_oracle": routed_ratio,
+        "dev": dev,
     }

@@ -55,6 +55,9 @@ ENTRY_METRICS = (
     "bwt",
     "forgetting",
     "routed_acc",
+    "routing_acc",
+    "routed_over_oracle",
+    "dev_acc",
     "trainable_parameters",
     "train_seconds",
     "eval_seconds",
@@ -65,6 +68,12 @@ PARAMETER_RULE = (
     "(record's trainable_parameters minus that task's head), plus every task's head (its "
     "head.safetensors). per_task: T x (slot + head); a shared-slot strategy (seq): one slot + "
     "T heads."
+)
+DEV_RULE = (
+    "dev ACC = mean over tasks of the oracle accuracy on each task's dev split after the last "
+    "task (a split carved from the training data, or given; never the test set). With a dev "
+    "split on every entry the leaderboard ranks by it, and a sweep's setting is chosen on it; "
+    "ACC beside it is the test score of that choice."
 )
 TIME_RULE = "train/eval seconds: sums over the tasks of a run (per-task records)"
 
@@ -151,6 +160,8 @@ def _plan(stream, entries, *, out, seeds, orders, resume=False) -> _Plan:
     if len({e.label for e in chosen}) != len(chosen):
         raise ContinualPeftError(f"entry labels repeat: {[e.label for e in chosen]}")
     swept = {e.sweep["key"] for e in chosen if e.sweep}
+    if swept:
+        check_dev(stream, f"--sweep {sorted(swept)[0]}")
     keys = [k for k in [*BUDGET_KEYS, *(["seed"] if seeds is None else [])] if k not in swept]
     budget = common_budget(chosen, keys)
     seeds = list(seeds) if seeds is not None else [budget["seed"]]
@@ -190,6 +201,18 @@ def _plan(stream, entries, *, out, seeds, orders, resume=False) -> _Plan:
         head=head,
         resume=resume,
     )
+
+
+def check_dev(stream: Stream, why: str) -> None:
+    """Refuse choosing on a dev split that some task lacks (before anything trains)."""
+    lacking = [task.name for task in stream.tasks if not task.dev_inputs]
+    if lacking:
+        raise ContinualPeftError(
+            f"{why} chooses its setting on the dev split, but task(s) {lacking} of stream "
+            f"{stream.name!r} have none (choosing on the test set would overstate the winner): "
+            "carve one from the training data with --dev-share 0.1 (load_stream(dev_share=0.1)), "
+            "set dev_share in the stream spec, or give each task a dev file."
+        )
 
 
 def _check_same_comparison(out: Path, head: dict[str, Any], labels: list[str]) -> None:
@@ -355,18 +378,24 @@ def leaderboard(
         status: "running", "finished" or "interrupted".
 
     Returns:
-        Entries with mean/std/n per metric (`ENTRY_METRICS`), sorted by mean ACC (highest
-        first; failed entries last) and ranked.
+        Entries with mean/std/n per metric (`ENTRY_METRICS`), sorted by mean dev ACC when every
+        finished entry has one, else by mean (test) ACC (highest first; failed entries last),
+        and ranked; "ranked_by" says which. With a sweep, "chosen" names, per swept entry, the
+        value with the best mean dev ACC beside its test ACC.
     """
     entries = []
     for result in results:
         runs = result.get("runs") or []
         entry = {**result, **metric_stats(runs, list(ENTRY_METRICS)), "curves": _mean_curves(runs)}
         entries.append(entry)
-    entries.sort(key=_sort_key)
+    finished = [e for e in entries if e["status"] == "finished"]
+    on_dev = bool(finished) and all(not is_missing(e["dev_acc"]["mean"]) for e in finished)
+    ranked_by = "dev_acc" if on_dev else "acc"
+    entries.sort(key=lambda entry: _sort_key(entry, ranked_by))
     for rank, entry in enumerate(entries, start=1):
         entry["rank"] = rank
     definitions = {k: METRIC_DEFINITIONS[k] for k in ("acc", "bwt", "forgetting", "routing")}
+    definitions |= {"routing_accuracy": METRIC_DEFINITIONS["routing_accuracy"], "dev": DEV_RULE}
     definitions |= {"trainable_parameters": PARAMETER_RULE, "seconds": TIME_RULE, "std": STD_NOTE}
     return {
         "schema_version": LEADERBOARD_SCHEMA_VERSION,
@@ -375,13 +404,45 @@ def leaderboard(
         "updated": timestamp(),
         **head,
         "definitions": definitions,
+        "ranked_by": ranked_by,
+        "chosen": chosen_on_dev(entries) if head.get("sweep") else [],
         "entries": entries,
     }
 
 
-def _sort_key(entry: dict[str, Any]) -> tuple:
-    acc = entry["acc"]["mean"]
-    return (entry["status"] != "finished", is_missing(acc), -(acc or 0.0))
+def _sort_key(entry: dict[str, Any], key: str) -> tuple:
+    value = entry[key]["mean"]
+    return (entry["status"] != "finished", is_missing(value), -(value or 0.0))
+
+
+def chosen_on_dev(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per swept entry (its `base`), the sweep point with the best mean dev ACC among the
+    finished ones (the first in sweep order on a tie), with its mean test ACC beside it:
+    the setting a clean protocol reports."""
+    chosen = []
+    for base in dict.fromkeys(e["base"] for e in entries if e.get("sweep")):
+        points = [
+            e
+            for e in entries
+            if e["base"] == base
+            and e.get("sweep")
+            and e["status"] == "finished"
+            and not is_missing(e["dev_acc"]["mean"])
+        ]
+        if not points:
+            continue
+        best = max(points, key=lambda e: e["dev_acc"]["mean"])
+        chosen.append(
+            {
+                "base": base,
+                "label": best["label"],
+                "key": best["sweep"]["key"],
+                "value": best["sweep"]["value"],
+                "dev_acc": best["dev_acc"]["mean"],
+                "acc": best["acc"]["mean"],
+            }
+        )
+    return chosen
 
 
 def load_leaderboard(path: str | Path) -> dict[str, Any]:

@@ -46,6 +46,7 @@ METRIC_SOURCES: dict[str, tuple[str, str, str]] = {
     "baseline_bwt": ("baseline", "oracle", "bwt"),
     "baseline_forgetting": ("baseline", "oracle", "forgetting"),
 }
+ROUTING_KEYS = ("routing_acc", "routed_over_oracle", "dev_acc")  # see `routing_metrics`
 STD_NOTE = "sample standard deviation (ddof=1) over the n runs; null when n < 2"
 SEED_NOTE = (
     "seed = LearnerConfig.seed (slot/head init, shuffling, dropout); the data subset is fixed "
@@ -296,7 +297,22 @@ def run_record(order: str, seed: int, run_dir: str, report: dict[str, Any]) -> d
         value = (source.get(mode) or {}).get(metric)
         if section == "metrics" or report.get("baseline"):
             record[key] = None if is_missing(value) else float(value)
+    for key, value in routing_metrics(report).items():
+        record[key] = None if is_missing(value) else float(value)
     return record
+
+
+def routing_metrics(report: dict[str, Any]) -> dict[str, float | None]:
+    """A report's final routing accuracy (mean over tasks of the routing matrix's last row),
+    routed ACC / oracle ACC, and dev ACC (the mean over tasks of the oracle accuracy on each
+    task's dev split after the last task); None where not measured."""
+    rows = report.get("routing_accuracy") or []
+    last = [v for v in (rows[-1] if rows else []) if not is_missing(v)]
+    return {
+        "routing_acc": float(np.mean(last)) if last else None,
+        "routed_over_oracle": report.get("routed_over_oracle"),
+        "dev_acc": (report.get("dev") or {}).get("acc"),
+    }
 
 
 def metric_stats(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
@@ -323,7 +339,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         {"std": how std is computed, "overall": {metric: {mean, std, n}}, "by_order": {order:
         {metric: {mean, std, n}}}}; orders in the order they first appear.
     """
-    keys = [key for key in METRIC_SOURCES if any(key in run for run in runs)]
+    keys = [key for key in [*METRIC_SOURCES, *ROUTING_KEYS] if any(key in run for run in runs)]
     orders = list(dict.fromkeys(run["order"] for run in runs))
     return {
         "std": STD_NOTE,

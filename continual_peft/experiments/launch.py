@@ -58,6 +58,14 @@ def resolve_config(
     return check_config(override(config, overrides, "command line"), "command line")
 
 
+def with_stream_epochs(overrides: dict[str, Any], stream: Stream) -> dict[str, Any]:
+    """The overrides with the stream's `epochs` (its protocol's budget) where the command line
+    gives none: the spec's epochs replace a strategy's own, --epochs replaces both."""
+    if stream.epochs is None or overrides.get("train.epochs") is not None:
+        return overrides
+    return {**overrides, "train.epochs": stream.epochs}
+
+
 @dataclass(kw_only=True)
 class RunRequest:
     """The `run` command's choices, as given (None: not given)."""
@@ -102,7 +110,10 @@ def plan_run(request: RunRequest) -> RunPlan:
     resumed_grid = resume is not None and (resume / "aggregate.json").is_file()
     started = grid_settings(resume, request.stream) if resumed_grid else {}
     saved = started.get("config") or (saved_config(resume) if resume is not None else None)
-    config = resolve_config(request.strategy, request.overrides, saved)
+    overrides = (
+        request.overrides if saved else with_stream_epochs(request.overrides, request.stream)
+    )
+    config = resolve_config(request.strategy, overrides, saved)
     check_task_overrides(config, request.stream)
     _check_rank(config, request.overrides.get("lora.r"))
     orders = resolve_orders(request.stream, request.orders) or started.get("orders")
@@ -210,9 +221,8 @@ def plan_compare(request: CompareRequest) -> ComparePlan:
     Raises:
         ContinualPeftError: an unknown entry, a bad override or sweep, contradicting options.
     """
-    entries = resolve_entries(
-        request.strategies or STRATEGIES.names(), request.overrides, request.sweep
-    )
+    overrides = with_stream_epochs(request.overrides, request.stream)
+    entries = resolve_entries(request.strategies or STRATEGIES.names(), overrides, request.sweep)
     for entry in entries:
         check_task_overrides(entry.config, request.stream)
     orders = resolve_orders(request.stream, request.orders) or None

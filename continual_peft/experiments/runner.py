@@ -95,6 +95,7 @@ def run_stream(
         baseline=baseline,
     )
     try:
+        learner.score_dev(stream.tasks)  # before the final report: a sweep chooses on it
         if baseline is not None:
             sub = Path(run_dir) / f"baseline-{baseline}" if run_dir is not None else None
             title = f"baseline {baseline}"
@@ -189,6 +190,7 @@ def _finished(run: Path, config, *, stream, baseline, console, make_backbone) ->
         if console:
             console.print(f"{run} is finished: nothing to do.", highlight=False, soft_wrap=True)
         return learner
+    learner.score_dev(stream.tasks)
     recorded = recorded_baseline(run)
     if recorded:
         sub = load_learner(run / f"baseline-{recorded}", make_backbone() if make_backbone else None)

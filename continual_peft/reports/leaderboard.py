@@ -34,10 +34,20 @@ LEADERBOARD_FILES = (
 )  # plus sweep.png with a sweep
 # (key, column title, signed): accuracies as percentages, transfer signed as in report.md
 _PERCENT = (
+    ("dev_acc", "dev ACC", False),
     ("acc", "ACC", False),
     ("bwt", "BWT", True),
     ("forgetting", "Forgetting", False),
     ("routed_acc", "routed ACC", False),
+    ("routing_acc", "routing", False),
+    ("routed_over_oracle", "routed/oracle", False),
+)
+# columns left out when no entry measured them: (key, title)
+_OPTIONAL = (
+    ("dev_acc", "dev ACC"),
+    ("routed_acc", "routed ACC"),
+    ("routing_acc", "routing"),
+    ("routed_over_oracle", "routed/oracle"),
 )
 _COUNTS = (
     ("trainable_parameters", "trainable params", "{:,.0f}"),
@@ -59,18 +69,40 @@ def _sweep_value(entry: dict[str, Any]) -> str:
     return str(entry["sweep"]["value"]) if entry.get("sweep") else ""
 
 
+def _percent(board: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The percent columns some entry measured (dev ACC, routing: not every board has them)."""
+    entries = board.get("entries") or []
+    unmeasured = {
+        key for key, _ in _OPTIONAL if not any((e.get(key) or {}).get("n") for e in entries)
+    }
+    return [column for column in _PERCENT if column[0] not in unmeasured]
+
+
 def _header(board: dict[str, Any]) -> list[str]:
     sweep = [board["sweep"]["key"]] if board.get("sweep") else []
-    shown = [title for _, title, _ in _PERCENT]
+    shown = [title for _, title, _ in _percent(board)]
     return ["#", "entry", "strategy", "module", *sweep, *shown, *(t for _, t, _ in _COUNTS)]
 
 
+def _ranking(board: dict[str, Any]) -> str:
+    return "best dev ACC first" if board.get("ranked_by") == "dev_acc" else "best ACC first"
+
+
+def _chosen_lines(board: dict[str, Any]) -> list[str]:
+    """One line per swept entry: the setting chosen on dev, its dev ACC and its test ACC."""
+    return [
+        f"chosen on dev for {c['base']}: {c['key']} = {c['value']} (dev ACC "
+        f"{100 * c['dev_acc']:.1f}, test ACC {100 * c['acc']:.1f})"
+        for c in board.get("chosen") or []
+    ]
+
+
 def _rows(board: dict[str, Any]) -> list[list[str]]:
-    """One row per entry, best ACC first; a failed entry shows its status instead of numbers."""
+    """One row per entry, in rank order; a failed entry shows its status instead of numbers."""
     rows = []
     for entry in board.get("entries") or []:
         sweep = [_sweep_value(entry)] if board.get("sweep") else []
-        cells = [mean_std(entry.get(key), signed) for key, _, signed in _PERCENT]
+        cells = [mean_std(entry.get(key), signed) for key, _, signed in _percent(board)]
         cells += [_count(entry.get(key), pattern) for key, _, pattern in _COUNTS]
         if entry["status"] != "finished":
             cells = [entry["status"]] + [""] * (len(cells) - 1)
@@ -96,20 +128,17 @@ _SHORT = {"trainable params": "params"}  # console headers: short, complete word
 def _console_table(board: dict[str, Any], layout: str) -> Table:
     """The table in one of three layouts, widest first: "boxed" (rich's default box), "compact"
     (no box, one space between columns) and "stacked" (compact, each ± std on a second line).
-    Narrower than the Markdown table: no strategy column when every label is its strategy, and no
-    routed ACC column when no entry has a router."""
+    Narrower than the Markdown table: no strategy column when every label is its strategy."""
     entries = board.get("entries") or []
     header, rows = _header(board), _rows(board)
     hidden = set()
     if all(e["label"] == e["strategy"] for e in entries):
         hidden.add("strategy")
-    if not any((e.get("routed_acc") or {}).get("n") for e in entries):
-        hidden.add("routed ACC")
     keep = [i for i, title in enumerate(header) if title not in hidden]
     shown = [[row[i] for i in keep] for row in rows]
     if layout == "stacked":
         shown = [[cell.replace(" ± ", "\n± ") for cell in row] for row in shown]
-    title = "Leaderboard (%), best ACC first; mean ± sample std over runs"
+    title = f"Leaderboard (%), {_ranking(board)}; mean ± sample std over runs"
     compact = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": (0, 0)}
     table = Table(title=title, **(compact if layout != "boxed" else {}))
     for column, i in enumerate(keep):
@@ -149,7 +178,8 @@ def console_leaderboard(board: dict[str, Any]) -> Group:
     """
     failed = [e for e in board.get("entries") or [] if e.get("error")]
     notes = [Text(f"{e['label']} failed: {e['error']}", style="red") for e in failed]
-    return Group(Text(_title(board), style="bold"), _FittedTable(board), *notes)
+    chosen = [Text(line, style="bold") for line in _chosen_lines(board)]
+    return Group(Text(_title(board), style="bold"), _FittedTable(board), *chosen, *notes)
 
 
 def render_leaderboard_markdown(board: dict[str, Any]) -> str:
@@ -161,8 +191,9 @@ def render_leaderboard_markdown(board: dict[str, Any]) -> str:
         f"- tasks: {', '.join(board.get('tasks') or [])}; seeds: {board.get('seeds')}; "
         f"orders: {', '.join(board.get('orders') or {})}",
         f"- the same for every entry: {budget}",
+        *(f"- **{line}**" for line in _chosen_lines(board)),
         "",
-        "## Leaderboard (%)",
+        f"## Leaderboard (%), {_ranking(board)}",
         "",
         *md_table(_header(board), _rows(board), left=4),
         "## Entries",
@@ -183,7 +214,7 @@ def render_leaderboard_markdown(board: dict[str, Any]) -> str:
 
 def write_leaderboard_csv(board: dict[str, Any]) -> str:
     """One row per entry: mean and std (fractions, seconds, counts); empty = not measured."""
-    keys = [key for key, _, _ in _PERCENT] + [key for key, _, _ in _COUNTS]
+    keys = [key for key, _, _ in _percent(board)] + [key for key, _, _ in _COUNTS]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     head = ["rank", "label", "strategy", "spec", "module", "router", "sweep_key", "sweep_value"]

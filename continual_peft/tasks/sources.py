@@ -1,4 +1,5 @@
-"""Where examples come from: JSONL, CSV/TSV, Hugging Face `datasets`, and plain Python objects.
+"""Where examples come from: JSONL, JSON arrays, CSV/TSV, Hugging Face `datasets`, and plain
+Python objects.
 
 Every reader returns the same thing, a list of `Row`s: the input (a text, or an image for an
 image backbone), its label as a string, and where it came from ("train.csv:17", "train[3]"), so
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple
 
 from continual_peft.errors import ContinualPeftError, check_file
 
-FILE_FORMATS = ("jsonl", "csv", "tsv", "hf")
+FILE_FORMATS = ("jsonl", "json", "csv", "tsv", "hf")
 Column = str | tuple[str, ...]  # a field's name, or names tried in order ("prompt", then "text")
 
 
@@ -43,7 +44,9 @@ def shown(column: Column, quote: str = "") -> str:
 
 
 def format_of(path: Path, given: str | None = None) -> str:
-    """A data file's format: `given`, else from its extension (.jsonl/.json, .csv, .tsv)."""
+    """A data file's format: `given`, else from its extension (.jsonl, .csv, .tsv; .json is a
+    JSON array when its first character is `[`, as in the published CL_Benchmark folder, else
+    JSONL)."""
     if given is not None:
         if given not in FILE_FORMATS:
             raise ContinualPeftError(
@@ -52,6 +55,8 @@ def format_of(path: Path, given: str | None = None) -> str:
         return given
     suffix = path.suffix.lower()
     found = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}.get(suffix)
+    if suffix == ".json" and _starts_with(path, b"["):
+        found = "json"
     if found is None and path.is_dir():
         check_file(
             path,
@@ -64,6 +69,15 @@ def format_of(path: Path, given: str | None = None) -> str:
             f".jsonl, .csv or .tsv, or set format = one of {', '.join(FILE_FORMATS)}."
         )
     return found
+
+
+def _starts_with(path: Path, mark: bytes) -> bool:
+    """Whether a file's first non-blank byte (after a UTF-8 byte order mark) is `mark`."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as file:
+        head = file.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head[:1] == mark
 
 
 def label_string(value: Any, where: str) -> str:
@@ -109,27 +123,59 @@ def read_jsonl(path: Path, text_column: Column = "text", label_column: str = "la
             raise ContinualPeftError(
                 f"{where}: malformed JSON ({err.msg}); each line must be one JSON object."
             ) from None
-        label = record.get(label_column) if isinstance(record, dict) else None
-        text_key = pick_column(text_column, record if isinstance(record, dict) else {})
-        if isinstance(label, float):
-            whole = int(label) if label.is_integer() else label
-            raise ContinualPeftError(
-                f"{where}: label {label!r} is a floating-point number; labels are strings or "
-                f'integers (3.0 and 3 would be two labels): write {whole} or "{label}"'
-            )
-        if not (
-            isinstance(record, dict)
-            and isinstance(record.get(text_key), str)
-            and isinstance(record.get(label_column), str | int)
-            and not isinstance(record.get(label_column), bool)
-        ):
-            keys = shown(text_column, quote='"')
-            raise ContinualPeftError(
-                f'{where}: expected {{{keys}: "...", "{label_column}": "..."}}, '
-                f"got {line.strip()[:80]!r}"
-            )
-        rows.append(Row(record[text_key], str(record[label_column]), where))
+        rows.append(_record_row(record, where, text_column, label_column))
     return rows
+
+
+def read_json_array(
+    path: Path, text_column: Column = "text", label_column: str = "label"
+) -> list[Row]:
+    """One row per record of a file holding one JSON array of objects, as the published
+    CL_Benchmark folder does (`[{"sentence": ..., "label": ...}, ...]`: map its text with
+    `text_column = "sentence"`). Rows are named `file[i]`, i counted from 0."""
+    try:
+        records = json.loads(_decoded(path))
+    except json.JSONDecodeError as err:
+        raise ContinualPeftError(
+            f"{path}:{err.lineno}: malformed JSON ({err.msg}); the file must hold one JSON array "
+            "of objects."
+        ) from None
+    if not isinstance(records, list):
+        raise ContinualPeftError(
+            f"{path}: holds a JSON {type(records).__name__}, not an array of records; give "
+            '[{"text": ..., "label": ...}, ...] (or one object per line as .jsonl).'
+        )
+    return [
+        _record_row(record, f"{path}[{i}]", text_column, label_column)
+        for i, record in enumerate(records)
+    ]
+
+
+def _record_row(record: Any, where: str, text_column: Column, label_column: str) -> Row:
+    """A JSON record as a row: its text under `text_column`, its label (a string or an
+    integer) under `label_column`; anything else refused, naming the record."""
+    label = record.get(label_column) if isinstance(record, dict) else None
+    text_key = pick_column(text_column, record if isinstance(record, dict) else {})
+    if isinstance(label, float):
+        whole = int(label) if label.is_integer() else label
+        raise ContinualPeftError(
+            f"{where}: label {label!r} is a floating-point number; labels are strings or "
+            f'integers (3.0 and 3 would be two labels): write {whole} or "{label}"'
+        )
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get(text_key), str)
+        and isinstance(label, str | int)
+        and not isinstance(label, bool)
+    ):
+        keys = shown(text_column, quote='"')
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ContinualPeftError(
+            f'{where}: expected {{{keys}: "...", "{label_column}": "..."}}, got '
+            f"{json.dumps(record, default=str)[:80]!r} (keys: {found}); map the keys with "
+            "text_column = ... and label_column = ...."
+        )
+    return Row(record[text_key], str(label), where)
 
 
 def read_csv(
@@ -190,6 +236,8 @@ def read_rows(
     kind = format_of(path, file_format)
     if kind == "jsonl":
         return read_jsonl(path, text_column, label_column)
+    if kind == "json":
+        return read_json_array(path, text_column, label_column)
     if kind == "hf":
         raise ContinualPeftError(
             f"{path}: a Hugging Face dataset is named by `dataset`, not train/test files."

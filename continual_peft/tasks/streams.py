@@ -15,12 +15,26 @@ The spec schema is documented in docs/specs.md; in short:
     [orders]                         # named orders, for --order and order x seed grids
     order1 = ["dbpedia", "amazon"]
 
+    text_column = "sentence"         # every table's default field names (else text, label)
+    dev_share = 0.1                  # carve a dev split from each task's training data
+    unknown_labels = "skip"          # records of no known label: "skip" (counted) or "refuse"
+    epochs = 1                       # the protocol's passes per task (a strategy's otherwise)
+
+    [budgets.cpu]                    # a named budget (--budget cpu) replacing the values above
+    max_train = 64
+    epochs = 2
+
     [[tasks]]
     name = "dbpedia"                 # ^[a-z0-9][a-z0-9_-]*$, unique
-    train = "dbpedia/train.jsonl"    # .jsonl, .csv or .tsv (or format = ...)
+    train = "dbpedia/train.jsonl"    # .jsonl, .json (JSON array or lines), .csv, .tsv
     test = "dbpedia/test.jsonl"
+    dev = "dbpedia/dev.jsonl"        # optional; never used when it holds the test records
     labels = "dbpedia/labels.json"   # a JSON list file or an inline list; default: train labels
     kind = "classification"          # or "generation": {"prompt": ..., "target": ...} rows
+
+    [[tasks]]
+    name = "mnli"
+    folder = "NLI/MNLI"              # {train,dev,test,labels}.json inside, as CL_Benchmark has
 
     [[class_split]]                  # one labelled dataset cut into tasks by label groups
     prefix = "digits"
@@ -31,6 +45,7 @@ The spec schema is documented in docs/specs.md; in short:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +63,14 @@ from continual_peft.tasks.generation import (
     refuse_label_keys,
 )
 from continual_peft.tasks.sources import Row, format_of, load_hf_split, read_rows
-from continual_peft.tasks.task import Task, build_task, read_labels
+from continual_peft.tasks.task import (
+    DEFAULT_DEV_SHARE,
+    Task,
+    build_task,
+    check_dev_share,
+    check_unknown_labels,
+    read_labels,
+)
 
 STREAM_KEYS = {
     "name",
@@ -63,7 +85,15 @@ STREAM_KEYS = {
     "template",
     "tasks",
     "class_split",
+    "text_column",
+    "label_column",
+    "dev_share",
+    "unknown_labels",
+    "epochs",
+    "budgets",
 }
+# What a named budget ([budgets.<name>]) may set: per-task example counts and epochs.
+BUDGET_KEYS = ("max_train", "max_test", "router_max_train", "epochs")
 # Where a task's (or a class split's) examples come from.
 SOURCE_KEYS = {
     "train",
@@ -78,8 +108,12 @@ SOURCE_KEYS = {
     "max_train",
     "max_test",
     "router_max_train",
+    "dev",
+    "dev_share",
+    "unknown_labels",
 }
-TASK_KEYS = SOURCE_KEYS | {"name", "labels", "classes", "description", "kind", "template"}
+TASK_KEYS = SOURCE_KEYS | {"name", "labels", "classes", "description", "kind", "template", "folder"}
+FOLDER_FILES = ("train", "test", "dev", "labels")  # <folder>/<name>.json, as CL_Benchmark has
 SPLIT_KEYS = SOURCE_KEYS | {"prefix", "classes_per_task", "groups", "template"}
 
 
@@ -93,6 +127,9 @@ class Stream:
     source: str = ""  # the spec file
     orders: dict[str, list[str]] = field(default_factory=dict)  # name -> task names
     order_name: str = "default"  # which order `tasks` follows; "custom" for an explicit list
+    epochs: int | None = None  # the protocol's passes over each task (the spec's `epochs`)
+    budget: str = "default"  # which of the spec's budgets its limits and epochs follow
+    excluded: list[str] = field(default_factory=list)  # tasks of the spec left out (`exclude`)
 
     def __post_init__(self) -> None:
         if not self.tasks:  # refused here, before any run directory exists
@@ -137,6 +174,12 @@ def load_stream(
     max_test: int | None = None,
     router_max_train: int | None = None,
     order: str | list[str] | None = None,
+    *,
+    dev_share: float | None = None,
+    unknown_labels: str | None = None,
+    exclude: list[str] | None = None,
+    budget: str | None = None,
+    dev_needed: bool = False,
 ) -> Stream:
     """Read a stream spec and load every task, so bad data fails before any training starts.
 
@@ -144,35 +187,145 @@ def load_stream(
         spec: The TOML spec file; the embedded demo when None.
         data_root: Overrides the spec's `data_root`.
         max_train: Overrides every task's training-example limit.
-        max_test: Overrides every task's test-example limit.
+        max_test: Overrides every task's test-example limit (also the dev split's).
         router_max_train: Overrides how many training inputs per task fit the router.
         order: A named order of the spec, or task names; the spec's `order` when None.
+        dev_share: Overrides the spec's `dev_share`: carve a dev split of this share from each
+            task's training data (see `build_task`).
+        unknown_labels: Overrides the spec's `unknown_labels` ("skip" or "refuse").
+        exclude: Tasks of the spec to leave out (not read; dropped from every order), e.g. a
+            task whose data is missing.
+        dev_needed: A dev split is needed (a sweep chooses on it): a task with no dev split and
+            no dev_share of its own gets `DEFAULT_DEV_SHARE`.
+        budget: A named budget of the spec's [budgets] table: its per-task limits and epochs
+            replace the spec's top-level ones (the arguments above still override them).
+
+    Raises:
+        ContinualPeftError: A bad spec, missing data (every missing task folder named at once),
+            bad records, or `exclude` naming no task of the spec.
     """
     path = Path(spec) if spec is not None else demo_spec_path()
-    top = Section(read_toml(path), str(path), STREAM_KEYS)
+    top = _with_budget(Section(read_toml(path), str(path), STREAM_KEYS), budget)
     name = validate_task_name(top.get("name", str, required=True), f"{path}: name")
+    check_dev_share(dev_share, "--dev-share")
+    check_dev_share(top.get("dev_share", (int, float)), f"{path}: dev_share")
+    if unknown_labels is not None:
+        check_unknown_labels(unknown_labels, "--unknown-labels")
     root = (
         Path(data_root) if data_root is not None else path.parent / top.get("data_root", str, ".")
     )
     limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
+    given = {"dev_share": dev_share, "unknown_labels": unknown_labels, "dev_needed": dev_needed}
     check_template(top.data.get("template"), top.where)  # even if every task sets its own
-    loaded = _load_tasks(top, path, root, limits)
-    loaded += _load_class_splits(top, path, root, limits)
+    excluded = _excluded(top, path, exclude or [])
+    _check_folders(top, path, root, excluded)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = _load_tasks(top, path, root, limits | given, excluded)
+        loaded += _load_class_splits(top, path, root, limits | given)
+    _warn_again(caught)
+    _warn_refused_dev([task for task in loaded if task.dev_refused], path)
     by_name = _by_name(loaded, path)
-    orders = _named_orders(top, by_name, path)
-    default = _default_order(top, orders, by_name, path)
+    orders = _named_orders(top, by_name, path, excluded)
+    default = _default_order(top, orders, by_name, path, excluded)
+    epochs = top.get("epochs", int)
+    if epochs is not None and epochs < 1:
+        raise ContinualPeftError(f"{path}: epochs = {epochs} must be >= 1 (or left out).")
     stream = Stream(
         name=name,
         tasks=order_tasks(by_name, default, f"{path}: order"),
         description=top.get("description", str, ""),
         source=str(path),
         orders={"default": default, **orders},
+        epochs=epochs,
+        budget=budget or "default",
+        excluded=sorted(excluded),
     )
     return stream if order is None else stream.with_order(order)
 
 
-def _load_tasks(top: Section, path: Path, root: Path, limits: dict[str, int | None]) -> list[Task]:
-    """The tasks of the spec's [[tasks]] tables, each name at most once."""
+def _with_budget(top: Section, budget: str | None) -> Section:
+    """The spec's top table with a named budget's values in place of its own."""
+    budgets = top.get("budgets", dict, {})
+    if budget is None:
+        return top
+    if budget not in budgets:
+        raise ContinualPeftError(
+            f"{top.where}: no budget named {budget!r}; its [budgets]: {sorted(budgets) or 'none'}"
+            " (leave --budget out for the spec's own limits and epochs)."
+        )
+    chosen = Section(budgets[budget], f"{top.where}: budgets.{budget}", set(BUDGET_KEYS))
+    for key in BUDGET_KEYS:
+        chosen.get(key, int)  # checked here, where the message can name the budget
+    return Section(top.data | chosen.data, top.where, STREAM_KEYS)
+
+
+def _warn_again(caught: list[warnings.WarningMessage]) -> None:
+    """Re-issue warnings recorded while the tasks loaded (one per task, whatever the filters),
+    from the caller's frame."""
+    for message in caught:
+        warnings.warn(message.message, message.category, stacklevel=3)
+
+
+def _warn_refused_dev(tasks: list[Task], path: Path) -> None:
+    """One warning for every task whose given dev split holds its test records."""
+    if not tasks:
+        return
+    names = [task.name for task in tasks]
+    carved = all(task.dev_inputs for task in tasks)
+    instead = (
+        "a dev split carved from each one's training data is used instead (dev_share)"
+        if carved
+        else "set dev_share (or --dev-share) to carve a clean one from the training data"
+    )
+    warnings.warn(
+        f"{path}: the dev split of task(s) {names} holds the same records as its test split (as "
+        "in the published CL_Benchmark folder): it is never used as dev, since choosing on it "
+        f"would choose on the test set; {instead}.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _table_names(top: Section) -> list[str]:
+    """The task names of the spec's [[tasks]] tables (checked when they are loaded)."""
+    return [entry.get("name") for entry in top.get("tasks", list, []) if isinstance(entry, dict)]
+
+
+def _excluded(top: Section, path: Path, exclude: list[str]) -> set[str]:
+    """The names to leave out, each a task of a [[tasks]] table of the spec."""
+    known = _table_names(top)
+    unknown = [name for name in exclude if name not in known]
+    if unknown:
+        raise ContinualPeftError(
+            f"{path}: cannot exclude {unknown}: no [[tasks]] table has that name; its tasks: "
+            f"{known}."
+        )
+    return set(exclude)
+
+
+def _check_folders(top: Section, path: Path, root: Path, excluded: set[str]) -> None:
+    """Refuse, naming every one at once, the task folders (`folder = ...`) that are missing."""
+    missing = []
+    for i, entry in enumerate(top.get("tasks", list, [])):
+        if not isinstance(entry, dict) or entry.get("name") in excluded:
+            continue
+        folder = entry.get("folder")
+        if isinstance(folder, str) and not (root / folder / "train.json").is_file():
+            missing.append(f"{entry.get('name', f'tasks[{i}]')} ({(root / folder).resolve()})")
+    if missing:
+        raise ContinualPeftError(
+            f"{path}: the data root {root} lacks the folder (with train.json, test.json) of "
+            f"task(s): {', '.join(missing)}. Pass the folder that holds them with --data-root "
+            "(for the shipped CL_Benchmark specs: the CL_Benchmark folder), or leave such tasks "
+            "out with --exclude NAME."
+        )
+
+
+def _load_tasks(
+    top: Section, path: Path, root: Path, options: dict[str, Any], excluded: set[str]
+) -> list[Task]:
+    """The tasks of the spec's [[tasks]] tables, each name at most once (`excluded` not read)."""
     loaded: list[Task] = []
     for i, entry in enumerate(top.get("tasks", list, [])):
         section = Section(entry, f"{path}: tasks[{i}]", TASK_KEYS)
@@ -181,9 +334,14 @@ def _load_tasks(top: Section, path: Path, root: Path, limits: dict[str, int | No
         )
         if any(task.name == task_name for task in loaded):
             raise ContinualPeftError(f"{path}: tasks[{i}].name: duplicate task name {task_name!r}")
+        if task_name in excluded:
+            continue
         shape = _shape(section, top)
+        folder = section.get("folder", str)
         labels = section.get("labels", (str, list))
-        splits, sources = _read_source(section, root, shape["kind"])
+        if labels is None and folder is not None and (root / folder / "labels.json").is_file():
+            labels = f"{folder}/labels.json"
+        splits, sources = _read_source(section, root, shape["kind"], top)
         loaded.append(
             build_task(
                 task_name,
@@ -192,16 +350,14 @@ def _load_tasks(top: Section, path: Path, root: Path, limits: dict[str, int | No
                 classes=section.get("classes", list),
                 description=section.get("description", str, ""),
                 sources=sources,
-                **_options(limits, section, top),
+                **_options(options, section, top),
                 **shape,
             )
         )
     return loaded
 
 
-def _load_class_splits(
-    top: Section, path: Path, root: Path, limits: dict[str, int | None]
-) -> list[Task]:
+def _load_class_splits(top: Section, path: Path, root: Path, options: dict[str, Any]) -> list[Task]:
     """The tasks cut from the spec's [[class_split]] tables, in table order."""
     loaded: list[Task] = []
     for i, entry in enumerate(top.get("class_split", list, [])):
@@ -209,14 +365,14 @@ def _load_class_splits(
         prefix = validate_task_name(
             section.get("prefix", str, required=True), f"{path}: class_split[{i}].prefix"
         )
-        splits, sources = _read_source(section, root)
+        splits, sources = _read_source(section, root, CLASSIFICATION, top)
         loaded += split_by_class(
             prefix,
             splits,
             section.get("classes_per_task", int),
             section.get("groups", list),
             sources=sources,
-            **_options(limits, section, top),
+            **_options(options, section, top),
             **_shape(section, top),
         )
     return loaded
@@ -239,25 +395,34 @@ def _by_name(loaded: list[Task], path: Path) -> dict[str, Task]:
 
 
 def _default_order(
-    top: Section, orders: dict[str, list[str]], by_name: dict[str, Task], path: Path
+    top: Section,
+    orders: dict[str, list[str]],
+    by_name: dict[str, Task],
+    path: Path,
+    excluded: set[str],
 ) -> list[str]:
-    """The spec's `order`: a list of task names or a named order; every task when left out."""
+    """The spec's `order`: a list of task names or a named order; every task when left out.
+    Excluded tasks are dropped from it."""
     default = top.get("order", (str, list), list(by_name))
     default = orders[default] if isinstance(default, str) and default in orders else default
     if isinstance(default, str):
         raise ContinualPeftError(
             f"{path}: order = {default!r} is not one of the named [orders] {sorted(orders)}."
         )
-    return default
+    return [name for name in default if name not in excluded]
 
 
-def _named_orders(top: Section, by_name: dict[str, Task], path: Path) -> dict[str, list[str]]:
+def _named_orders(
+    top: Section, by_name: dict[str, Task], path: Path, excluded: set[str]
+) -> dict[str, list[str]]:
+    """The spec's [orders], each checked, with excluded tasks dropped."""
     table = top.get("orders", dict, {})
     orders = {}
     for key, names in table.items():
         where = f"{path}: orders.{key}"
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ContinualPeftError(f"{where}: must be a list of task names, got {names!r}")
+        names = [name for name in names if name not in excluded]
         order_tasks(by_name, names, where)  # checks the names now, not at run time
         orders[validate_task_name(key, where)] = names
     return orders
@@ -275,11 +440,14 @@ def _shape(section: Section, top: Section) -> dict[str, Any]:
 
 
 def _read_source(
-    section: Section, root: Path, kind: str = CLASSIFICATION
+    section: Section, root: Path, kind: str, top: Section
 ) -> tuple[dict[str, list[Row]], dict[str, str]]:
-    """Train and test rows of a [[tasks]] or [[class_split]] table, and where they came from."""
+    """Train and test rows of a [[tasks]] or [[class_split]] table (and dev rows when it names
+    a dev file, or its folder holds dev.json), and where they came from."""
     text, label = columns_for(
-        kind, section.get("text_column", str), section.get("label_column", str)
+        kind,
+        section.get("text_column", str, top.get("text_column", str)),
+        section.get("label_column", str, top.get("label_column", str)),
     )
     columns = {"text_column": text, "label_column": label}
     file_format = section.get("format", str)
@@ -300,20 +468,42 @@ def _read_source(
             splits[split] = load_hf_split(source, name, data_files=files, **columns)
             sources[split] = f"{source}[{name}]"
         return splits, sources
-    paths = {s: root / section.get(s, str, required=True) for s in ("train", "test")}
+    paths = _split_paths(section, root)
     for file in paths.values():
         format_of(file, file_format)  # an unknown format fails before any file is read
     splits = {s: read_rows(file, file_format, **columns) for s, file in paths.items()}
     return splits, {s: str(file) for s, file in paths.items()}
 
 
-def _options(limits: dict[str, int | None], section: Section, top: Section) -> dict[str, Any]:
-    """Example limits (the command line's, else the table's, else the stream's) and the seed."""
+def _split_paths(section: Section, root: Path) -> dict[str, Path]:
+    """Each split's file: as the table names it, else (with `folder`) <folder>/<split>.json; a
+    dev file only when named, or present in the folder."""
+    folder = section.get("folder", str)
+    paths = {}
+    for split in ("train", "test", "dev"):
+        named = section.get(split, str, required=folder is None and split != "dev")
+        if named is not None:
+            paths[split] = root / named
+        elif folder is not None and (split != "dev" or (root / folder / "dev.json").is_file()):
+            paths[split] = root / folder / f"{split}.json"
+    return paths
+
+
+def _options(given: dict[str, Any], section: Section, top: Section) -> dict[str, Any]:
+    """Example limits, the dev share and what to do with unknown labels (the command line's,
+    else the table's, else the stream's), and the seed."""
     options: dict[str, Any] = {"seed": top.get("seed", int, 0)}
-    for key, override in limits.items():
+    kinds = {"dev_share": (int, float), "unknown_labels": str}
+    for key, override in given.items():
+        if key == "dev_needed":
+            continue
+        kind = kinds.get(key, int)
         options[key] = (
-            override if override is not None else section.get(key, int, top.get(key, int))
+            override if override is not None else section.get(key, kind, top.get(key, kind))
         )
+    options["unknown_labels"] = options["unknown_labels"] or "skip"
+    if given.get("dev_needed") and options["dev_share"] is None:
+        options["dev_share"] = DEFAULT_DEV_SHARE  # used only where no dev split is given
     return options
 
 

@@ -13,6 +13,7 @@ import json
 import random
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,11 @@ from continual_peft.tasks.sources import (
 # only while the router takes their statistics: 10,000 x 1,152 float32 (MiniLM's default router
 # features) is 46 MB.
 ROUTER_CAP = 10_000
+# What happens to a record whose label is not one of the task's labels (MNLI's "-", no gold
+# label): skipped and counted per split (the default), or refused with an error naming it.
+UNKNOWN_LABELS = ("skip", "refuse")
+DEFAULT_DEV_SHARE = 0.1  # where a dev split is needed (a sweep) and none is set or given
+DEV_SHARE_EXAMPLE = "dev_share = 0.1 (a tenth of each label's training examples)"
 
 
 @dataclass
@@ -68,6 +74,14 @@ class Task:
     router_default: bool = False
     kind: str = CLASSIFICATION  # or GENERATION: the labels are the targets' texts
     template: str | None = None  # what a generative backbone reads, "{text}" standing for the input
+    # a dev split for choosing settings (never the test set): carved from the training data
+    # (`dev_share`) or given; empty when the task has none. Labels are indices as above.
+    dev_inputs: list = field(default_factory=list)
+    dev_labels: list[int] = field(default_factory=list)
+    # split -> {label: records skipped because that label is not one of `labels`}
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    # why a given dev split was not used (it holds the test split's records), else ""
+    dev_refused: str = ""
 
     @classmethod
     def without_data(cls, name: str, labels: list[str]) -> Task:
@@ -268,12 +282,18 @@ def build_task(
     sources: dict[str, str] | None = None,
     kind: str = CLASSIFICATION,
     template: str | None = None,
+    dev_share: float | None = None,
+    unknown_labels: str = "skip",
 ) -> Task:
-    """A task from its train and test rows, every label checked against the label list.
+    """A task from its train and test rows (and dev rows, given or carved), every label checked
+    against the label list.
 
     Args:
         name: The task's name.
-        splits: "train" and "test" rows.
+        splits: "train" and "test" rows, and "dev" rows when the data has a dev split. Dev rows
+            identical to the test rows (the published CL_Benchmark's dev.json is a copy of its
+            test.json) are not used as dev: `Task.dev_refused` says so, and a `dev_share`
+            carves one instead.
         labels: The label list; by default `classes`, else the distinct train labels.
         classes: Keep only rows with these labels (one task of a class-split stream).
         max_train: Keep a seeded random subset of this many training examples.
@@ -287,10 +307,26 @@ def build_task(
         kind: "classification", or "generation": the rows' labels are targets, the task's
             labels their distinct texts in order of first appearance (no `labels`/`classes`).
         template: What a generative backbone reads, with "{text}" where the input goes.
+        dev_share: Carve a dev split of this share (0 < share < 1) from the training rows when
+            no dev rows are given (or the given ones are the test rows): seeded, stratified by
+            label (each label gives round(share x its count) rows), before `max_train` picks
+            the training subset, so dev and train never share a row. Capped by `max_test`.
+        unknown_labels: "skip": rows whose label is not one of the task's labels are left out
+            and counted per split (`Task.skipped`); "refuse": such a row is an error.
+
+    Raises:
+        ContinualPeftError: An empty split, a bad limit or share, or (with "refuse") a row of
+            an unknown label; each named with where it came from.
     """
     validate_task_name(name)
     check_kind(kind, f"task {name!r}")
     template = check_template(template, f"task {name!r}")
+    check_dev_share(dev_share, f"task {name!r}")
+    check_unknown_labels(unknown_labels, f"task {name!r}")
+    where = dict(sources or {})
+    for split, rows in splits.items():
+        where.setdefault(split, _origin(rows, split))
+    skipped: dict[str, dict[str, int]] = {}
     if kind == GENERATION:
         refuse_label_keys(f"task {name!r}", labels=labels, classes=classes)
         check_targets(splits)
@@ -298,15 +334,24 @@ def build_task(
         splits = _keep_classes(splits, classes) if classes is not None else splits
         labels = _label_list(labels, classes, splits["train"])
         _check_labels(name, labels)
-    where = dict(sources or {}) or {split: _origin(rows, split) for split, rows in splits.items()}
+        if unknown_labels == "skip":
+            splits, skipped = _skip_unknown(splits, labels)
     limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
     _check_limits(name, limits)
+    by_label = kind != GENERATION  # a generation task's targets are (nearly) all distinct
+    splits, refused = _dev_split(
+        name, splits, dev_share, seed=seed, where=where, stratified=by_label
+    )
+    if refused:
+        skipped.pop("dev", None)
+    _warn_skipped(name, skipped, labels)
     router_limit = ROUTER_CAP if router_max_train is None else router_max_train
     router_rows = _subset(splits["train"], router_limit, f"{seed}-{name}-router")
     rng = random.Random(f"{seed}-{name}")
     splits = {
         split: _subset(splits[split], limit, rng)
-        for split, limit in (("train", max_train), ("test", max_test))
+        for split, limit in (("train", max_train), ("test", max_test), ("dev", max_test))
+        if split in splits
     }
     labels = target_labels(splits) if kind == GENERATION else labels
     for split, rows in splits.items():
@@ -325,11 +370,138 @@ def build_task(
         sources=where,
         kind=kind,
         template=template,
+        dev_inputs=inputs.get("dev", []),
+        dev_labels=targets.get("dev", []),
+        skipped=skipped,
+        dev_refused=refused,
     )
     if router_max_train is not None or len(router_rows) != len(task.train_inputs):
         task.router_inputs = [r.input for r in router_rows]
         task.router_default = router_max_train is None
     return task
+
+
+def check_dev_share(share: Any, where: str) -> float | None:
+    """`share` if it is None or a number strictly between 0 and 1; else an error."""
+    if share is None:
+        return None
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share < 1:
+        raise ContinualPeftError(
+            f"{where}: dev_share = {share!r} must be a number strictly between 0 and 1, e.g. "
+            f"{DEV_SHARE_EXAMPLE}."
+        )
+    return float(share)
+
+
+def check_unknown_labels(value: Any, where: str) -> str:
+    """`value` if it is one of `UNKNOWN_LABELS`; else an error naming them."""
+    if value not in UNKNOWN_LABELS:
+        raise ContinualPeftError(
+            f'{where}: unknown_labels = {value!r}; use "skip" (leave such records out, '
+            'counted) or "refuse" (an error).'
+        )
+    return value
+
+
+def _skip_unknown(
+    splits: dict[str, list[Row]], labels: list[str]
+) -> tuple[dict[str, list[Row]], dict[str, dict[str, int]]]:
+    """The rows whose label is one of `labels`, and per split the count of each label left out."""
+    known = set(labels)
+    kept, skipped = {}, {}
+    for split, rows in splits.items():
+        kept[split] = [r for r in rows if r.label in known]
+        left = Counter(r.label for r in rows if r.label not in known)
+        if left:
+            skipped[split] = dict(sorted(left.items()))
+    return kept, skipped
+
+
+def _warn_skipped(name: str, skipped: dict[str, dict[str, int]], labels: list[str]) -> None:
+    if not skipped:
+        return
+    counts = "; ".join(
+        f"{split}: {sum(left.values())} ("
+        + ", ".join(f"{label!r} x{n}" for label, n in list(left.items())[:5])
+        + ")"
+        for split, left in skipped.items()
+    )
+    warnings.warn(
+        f"task {name!r}: left out records whose label is not one of its labels {labels} "
+        f"(no gold label, or a label it does not declare): {counts}. They are counted in the "
+        'task\'s record; unknown_labels = "refuse" (--strict-labels) refuses them instead.',
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _dev_split(
+    name: str,
+    splits: dict[str, list[Row]],
+    share: float | None,
+    *,
+    seed: int,
+    where: dict[str, str],
+    stratified: bool = True,
+) -> tuple[dict[str, list[Row]], str]:
+    """The splits with the dev split settled: given dev rows kept unless they are the test rows
+    (then refused, and carved instead when `share` is set); carved from train when `share` is
+    set and none is given. Also why given dev rows were refused ("" when they were not)."""
+    refused = ""
+    dev = splits.get("dev")
+    if dev is not None and _same_rows(dev, splits["test"]):
+        refused = (
+            f"its dev split ({where.get('dev', 'dev')}) holds the same records as its test "
+            "split, so choosing on it would choose on the test set"
+        )
+        dev = None
+    splits = {split: rows for split, rows in splits.items() if split != "dev"}
+    if dev is None and share is not None:
+        rng = random.Random(f"{seed}-{name}-dev")
+        dev, train = _carve(splits["train"], share, rng, stratified=stratified)
+        if not dev or not train:
+            which = "dev" if not dev else "training"
+            raise ContinualPeftError(
+                f"task {name!r}: dev_share = {share} of its {len(splits['train'])} training "
+                f"examples leaves no {which} example; choose a share that leaves both (e.g. "
+                f"{DEV_SHARE_EXAMPLE}) or give the task more training data."
+            )
+        splits["train"] = train
+        per = "of each label's examples" if stratified else "of the examples"
+        where["dev"] = f"carved from {where['train']}: {share:g} {per} (seed {seed})"
+    if dev is not None:
+        splits["dev"] = dev
+    return splits, refused
+
+
+def _same_rows(a: list[Row], b: list[Row]) -> bool:
+    """Whether two splits hold the same records (inputs and labels, in order)."""
+    return len(a) == len(b) and all(
+        x.label == y.label and _same_input(x.input, y.input) for x, y in zip(a, b, strict=True)
+    )
+
+
+def _same_input(x: Any, y: Any) -> bool:
+    try:
+        return bool(x == y)
+    except (TypeError, ValueError, RuntimeError):  # arrays and tensors compare elementwise
+        return x is y
+
+
+def _carve(
+    rows: list[Row], share: float, rng: random.Random, stratified: bool = True
+) -> tuple[list[Row], list[Row]]:
+    """(dev, train): round(share x n) rows of each label (n = its rows; of all rows when not
+    `stratified`) drawn with `rng`, and the others; both in their original order."""
+    by_label: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_label.setdefault(row.label if stratified else "", []).append(i)
+    picked: set[int] = set()
+    for label in sorted(by_label):
+        members = by_label[label]
+        picked.update(rng.sample(members, round(share * len(members))))
+    dev = [row for i, row in enumerate(rows) if i in picked]
+    return dev, [row for i, row in enumerate(rows) if i not in picked]
 
 
 def _keep_classes(splits: dict[str, list[Row]], classes: list[str]) -> dict[str, list[Row]]:

@@ -1,0 +1,262 @@
+"""The published CL_Benchmark folder as it is: JSON-array splits read by folder, the shipped
+specs' orders, and the protocol's hygiene (a dev split that is never the test set, records with
+no gold label left out and counted, named budgets, missing folders named before training).
+
+The tests build their own small folder in the published layout (`<category>/<task>/{train,dev,
+test,labels}.json`, records `{"sentence", "label"}`, dev.json a copy of test.json, MNLI's test
+holding records labelled "-"), so they need none of the real data.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from continual_peft import ContinualPeftError
+from continual_peft.tasks.sources import read_json_array, read_rows
+from continual_peft.tasks.streams import load_stream
+from continual_peft.tasks.task import build_task
+
+REPO = Path(__file__).resolve().parents[1]
+CL_LONG = REPO / "streams" / "cl_long.toml"
+CL_STANDARD = REPO / "streams" / "cl_standard.toml"
+# The published orders, as the shared data's README lists them (Progressive Prompts / O-LoRA).
+PUBLISHED = {
+    "order1": "dbpedia amazon yahoo agnews",
+    "order2": "dbpedia amazon agnews yahoo",
+    "order3": "yahoo amazon agnews dbpedia",
+    "order4": "mnli cb wic copa qqp boolq rte imdb yelp amazon sst2 dbpedia agnews multirc yahoo",
+    "order5": "multirc boolq wic mnli cb copa qqp rte imdb sst2 dbpedia agnews yelp amazon yahoo",
+    "order6": "yelp amazon mnli cb copa qqp rte imdb sst2 dbpedia agnews yahoo multirc boolq wic",
+}
+NO_GOLD = 3  # records labelled "-" in the fake MNLI test split
+
+
+def write_cl_folder(root: Path, spec: Path, n_train: int = 30, n_test: int = 12) -> Path:
+    """Every task of `spec` in the published layout under `root`: 3 labels each, balanced
+    train/test, dev.json byte-identical to test.json; MNLI's test gets NO_GOLD "-" records."""
+    raw = tomllib.loads(spec.read_text(encoding="utf-8"))
+    for entry in raw["tasks"]:
+        folder = root / entry["folder"]
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = [f"{entry['name']}-{c}" for c in "abc"]
+        splits = {}
+        for split, n in (("train", n_train), ("test", n_test)):
+            splits[split] = [
+                {"sentence": f"{entry['name']} {split} {i} {labels[i % 3]}", "label": labels[i % 3]}
+                for i in range(n)
+            ]
+        if entry["name"] == "mnli":
+            splits["test"] += [
+                {"sentence": f"unlabelled {i}", "label": "-"} for i in range(NO_GOLD)
+            ]
+        for split, records in splits.items():
+            (folder / f"{split}.json").write_text(json.dumps(records), encoding="utf-8")
+        (folder / "dev.json").write_bytes((folder / "test.json").read_bytes())
+        (folder / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cl_root(tmp_path_factory) -> Path:
+    return write_cl_folder(tmp_path_factory.mktemp("CL_Benchmark"), CL_LONG)
+
+
+def quiet_load(*args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stream = load_stream(*args, **kwargs)
+    return stream, [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------- the JSON-array source
+
+
+def test_json_array_reads_records_with_a_column_mapping(tmp_path: Path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"sentence": "a b", "label": "x"}, {"sentence": "c", "label": 2}]))
+    rows = read_rows(path, text_column="sentence")
+    assert [(r.input, r.label, r.where) for r in rows] == [
+        ("a b", "x", f"{path}[0]"),
+        ("c", "2", f"{path}[1]"),
+    ]
+
+
+def test_a_json_file_of_lines_is_still_jsonl(tmp_path: Path):
+    path = tmp_path / "train.json"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    assert [r.input for r in read_rows(path)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('[{"sentence": "a", "label": "x"},', r"train.json:1: malformed JSON"),
+        ('[{"text": "a", "label": "x"}]', r'train.json\[0\]: expected \{"sentence".*keys: '),
+        ('[{"sentence": "a", "label": 1.5}]', r"train.json\[0\]: label 1.5 is a floating"),
+        ('[["a", "x"]]', r"train.json\[0\]: expected"),
+    ],
+)
+def test_bad_json_arrays_name_the_record(tmp_path: Path, content: str, expected: str):
+    path = tmp_path / "train.json"
+    path.write_text(content)
+    with pytest.raises(ContinualPeftError, match=expected):
+        read_rows(path, text_column="sentence")
+
+
+def test_a_json_object_is_not_an_array(tmp_path: Path):
+    path = tmp_path / "train.json"
+    path.write_text('{"sentence": "a", "label": "x"}')
+    with pytest.raises(ContinualPeftError, match="holds a JSON dict, not an array"):
+        read_json_array(path)
+
+
+# ---------------------------------------------------------------- the shipped specs
+
+
+@pytest.mark.parametrize(
+    ("spec", "orders"),
+    [(CL_STANDARD, ["order1", "order2", "order3"]), (CL_LONG, ["order4", "order5", "order6"])],
+    ids=["cl_standard", "cl_long"],
+)
+def test_shipped_specs_hold_the_published_orders(spec: Path, orders: list[str], tmp_path: Path):
+    root = write_cl_folder(tmp_path, spec, n_train=6, n_test=3)
+    stream, _ = quiet_load(spec, data_root=root)
+    assert {name: stream.orders[name] for name in orders} == {
+        name: PUBLISHED[name].split() for name in orders
+    }
+    assert stream.epochs == tomllib.loads(spec.read_text())["epochs"]
+    for task in stream.tasks:  # read from <folder>/{train,test,labels}.json, sentence -> text
+        assert task.sources["train"].endswith("train.json")
+        assert task.labels == [f"{task.name}-{c}" for c in "abc"]
+        assert all(text.startswith(task.name) for text in task.train_inputs)
+        assert task.template and "{text}" in task.template
+
+
+def test_the_whole_long_stream_loads_with_its_hazards_reported(cl_root: Path):
+    stream, messages = quiet_load(CL_LONG, data_root=cl_root)
+    assert len(stream.tasks) == 15
+    mnli = next(t for t in stream.tasks if t.name == "mnli")
+    assert mnli.skipped == {"test": {"-": NO_GOLD}}  # skipped, counted, not refused
+    assert len(mnli.test_inputs) == 12
+    skipped = [m for m in messages if "left out records" in m]
+    assert len(skipped) == 1 and f"test: {NO_GOLD} ('-' x{NO_GOLD})" in skipped[0]
+    # every dev.json is the test set: never used as dev, and said once for all tasks
+    refused = [m for m in messages if "same records as its test split" in m]
+    assert len(refused) == 1 and "'mnli'" in refused[0] and "'wic'" in refused[0]
+    assert all(not t.dev_inputs and t.dev_refused for t in stream.tasks)
+
+
+def test_strict_labels_restore_the_refusal(cl_root: Path):
+    with pytest.raises(ContinualPeftError, match=r"MNLI/test.json\[12\]: label '-' is not one of"):
+        quiet_load(CL_LONG, data_root=cl_root, unknown_labels="refuse")
+
+
+# ---------------------------------------------------------------- the dev split
+
+
+def test_dev_is_carved_from_train_stratified_seeded_and_disjoint(cl_root: Path):
+    stream, messages = quiet_load(CL_LONG, data_root=cl_root, dev_share=0.2)
+    for task in stream.tasks:
+        assert len(task.dev_inputs) == 6 and len(task.train_inputs) == 24  # 0.2 x 10 per label
+        assert Counter(task.dev_labels) == {0: 2, 1: 2, 2: 2}
+        assert not set(task.dev_inputs) & set(task.train_inputs)
+        assert not set(task.dev_inputs) & set(task.test_inputs)
+        assert "carved from" in task.sources["dev"] and "0.2" in task.sources["dev"]
+    again, _ = quiet_load(CL_LONG, data_root=cl_root, dev_share=0.2)
+    assert [t.dev_inputs for t in again.tasks] == [t.dev_inputs for t in stream.tasks]
+    assert any("carved from each one's training data is used instead" in m for m in messages)
+
+
+def test_a_given_dev_file_that_is_not_the_test_set_is_used(tmp_path: Path):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=6, n_test=3)
+    dev = root / "TC" / "agnews" / "dev.json"
+    dev.write_text(json.dumps([{"sentence": "a dev record", "label": "agnews-b"}]))
+    stream, _ = quiet_load(CL_STANDARD, data_root=root, dev_share=0.5)
+    agnews = next(t for t in stream.tasks if t.name == "agnews")
+    assert agnews.dev_inputs == ["a dev record"] and agnews.sources["dev"] == str(dev)
+    assert len(agnews.train_inputs) == 6  # nothing carved from it
+
+
+def test_a_dev_split_is_capped_like_the_test_split(cl_root: Path):
+    stream, _ = quiet_load(CL_LONG, data_root=cl_root, dev_share=0.5, max_test=4)
+    assert all(len(t.dev_inputs) == 4 and len(t.test_inputs) == 4 for t in stream.tasks)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.1, 1.5, True])
+def test_a_dev_share_outside_0_1_is_refused(cl_root: Path, share):
+    with pytest.raises(ContinualPeftError, match=r"dev_share = .* strictly between 0 and 1"):
+        load_stream(CL_LONG, data_root=cl_root, dev_share=share)
+
+
+def test_a_share_that_leaves_no_dev_example_is_refused():
+    rows = {"train": [], "test": []}
+    from continual_peft.tasks.sources import Row
+
+    rows["train"] = [Row(f"t{i}", "ab"[i % 2], f"train[{i}]") for i in range(4)]
+    rows["test"] = [Row("e", "a", "test[0]")]
+    with pytest.raises(ContinualPeftError, match="leaves no dev example"):
+        build_task("tiny", rows, dev_share=0.1)
+
+
+# ---------------------------------------------------------------- bad input, budgets, exclude
+
+
+def test_missing_task_folders_are_all_named_before_anything_loads(tmp_path: Path):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=6, n_test=3)
+    for name in ("yahoo", "agnews"):
+        for file in (root / "TC" / name).iterdir():
+            file.unlink()
+        (root / "TC" / name).rmdir()
+    with pytest.raises(ContinualPeftError) as err:
+        load_stream(CL_STANDARD, data_root=root)
+    message = str(err.value)
+    assert "yahoo (" in message and "agnews (" in message and str(root / "TC" / "yahoo") in message
+    assert "--data-root" in message and "--exclude" in message
+
+
+def test_exclude_drops_a_task_from_every_order(tmp_path: Path):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=6, n_test=3)
+    for file in (root / "TC" / "yahoo").iterdir():
+        file.unlink()
+    stream, _ = quiet_load(CL_STANDARD, data_root=root, exclude=["yahoo"])
+    assert stream.orders["order3"] == ["amazon", "agnews", "dbpedia"]
+    assert stream.excluded == ["yahoo"] and "yahoo" not in [t.name for t in stream.tasks]
+    with pytest.raises(ContinualPeftError, match=r"cannot exclude \['yahooo'\]"):
+        load_stream(CL_STANDARD, data_root=root, exclude=["yahooo"])
+
+
+def test_a_named_budget_sets_counts_and_epochs(cl_root: Path):
+    budget = tomllib.loads(CL_LONG.read_text())["budgets"]["cpu"]
+    stream, _ = quiet_load(CL_LONG, data_root=cl_root, budget="cpu", max_test=5)
+    assert stream.epochs == budget["epochs"] and stream.budget == "cpu"
+    assert all(len(t.train_inputs) == min(30, budget["max_train"]) for t in stream.tasks)
+    assert all(len(t.test_inputs) == 5 for t in stream.tasks)  # the argument beats the budget
+    with pytest.raises(
+        ContinualPeftError, match=r"no budget named 'gpu'; its \[budgets\]: \['cpu'\]"
+    ):
+        load_stream(CL_LONG, data_root=cl_root, budget="gpu")
+
+
+def test_an_order_naming_an_unknown_task_is_refused(tmp_path: Path):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=6, n_test=3)
+    spec = tmp_path / "s.toml"
+    spec.write_text(
+        CL_STANDARD.read_text().replace('order3 = ["yahoo"', 'order3 = ["yahooo"'),
+        encoding="utf-8",
+    )
+    with pytest.raises(ContinualPeftError, match=r"orders.order3: unknown task\(s\) \['yahooo'\]"):
+        load_stream(spec, data_root=root)
+
+
+def test_a_task_without_labels_json_takes_its_training_labels(tmp_path: Path):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=6, n_test=3)
+    (root / "TC" / "agnews" / "labels.json").unlink()
+    stream, _ = quiet_load(CL_STANDARD, data_root=root)
+    agnews = next(t for t in stream.tasks if t.name == "agnews")
+    assert agnews.labels == ["agnews-a", "agnews-b", "agnews-c"]
