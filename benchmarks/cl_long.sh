@@ -12,7 +12,7 @@
 set -euo pipefail
 root=${1:-../shared/data/CL_Benchmark}
 out=${2:-runs/cl_long}
-common=(streams/cl_long.toml --data-root "$root" --exclude yahoo --budget cpu --max-length 96
+common=(streams/cl_long.toml --data-root "$root" --exclude yahoo --budget cpu --max-length 64
         --order order4,order5,order6)
 continual-peft compare "${common[@]}" --strategies per_task,seq,replay,ewc,joint,l2p \
     --router mahalanobis --out "$out/routed"

@@ -62,6 +62,19 @@ def write_cl_folder(root: Path, spec: Path, n_train: int = 30, n_test: int = 12)
     return root
 
 
+@pytest.fixture
+def tiny_cli(monkeypatch, make_backbone):
+    """`continual-peft run` trains on the tiny backbone instead of loading one by name."""
+    import functools
+
+    from continual_peft.experiments import launch
+    from continual_peft.experiments.runner import run_stream
+
+    monkeypatch.setattr(
+        launch, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
+    )
+
+
 @pytest.fixture(scope="module")
 def cl_root(tmp_path_factory) -> Path:
     return write_cl_folder(tmp_path_factory.mktemp("CL_Benchmark"), CL_LONG)
@@ -260,3 +273,41 @@ def test_a_task_without_labels_json_takes_its_training_labels(tmp_path: Path):
     stream, _ = quiet_load(CL_STANDARD, data_root=root)
     agnews = next(t for t in stream.tasks if t.name == "agnews")
     assert agnews.labels == ["agnews-a", "agnews-b", "agnews-c"]
+
+
+# ---------------------------------------------------------------- through the command line
+
+
+def test_a_run_records_the_protocol_it_followed(cl_root: Path, tmp_path: Path, tiny_cli):
+    from typer.testing import CliRunner
+
+    from continual_peft import cli as cli_module
+    from continual_peft.reports.run import load_report
+
+    out = tmp_path / "run"
+    args = ["run", CL_LONG, "--data-root", cl_root, "--order", "mnli,cb", "--budget", "cpu"]
+    args += ["--max-test", "6", "--dev-share", "0.2", "--baseline", "none", "--out", out]
+    with pytest.warns(UserWarning) as caught:
+        result = CliRunner().invoke(cli_module.app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    said = [str(w.message) for w in caught]
+    assert any("left out records" in m for m in said)
+    assert any("same records as its test split" in m for m in said)
+    report = load_report(out)
+    budget = tomllib.loads(CL_LONG.read_text())["budgets"]["cpu"]
+    assert report["config"]["train"]["epochs"] == budget["epochs"]  # the spec's, not the default
+    mnli, cb = report["tasks"]
+    assert mnli["skipped_records"] == {"test": {"-": NO_GOLD}} and "skipped_records" not in cb
+    assert mnli["dev_examples"] == 6 and mnli["train_examples"] == 24
+    assert mnli["sources"]["test"].endswith("MNLI/test.json")
+    assert report["dev"]["tasks"] == ["mnli", "cb"] and 0 <= report["dev"]["acc"] <= 1
+    markdown = (out / "report.md").read_text(encoding="utf-8")
+    assert f"mnli: {NO_GOLD} test record(s) left out" in markdown and "dev ACC" in markdown
+
+    again = tmp_path / "again"
+    args = ["run", CL_LONG, "--data-root", cl_root, "--order", "cb", "--budget", "cpu"]
+    args += ["--epochs", "1", "--max-test", "6", "--baseline", "none", "--out", again]
+    result = CliRunner().invoke(cli_module.app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert load_report(again)["config"]["train"]["epochs"] == 1  # --epochs beats the spec
+    assert load_report(again)["dev"] is None  # no dev split asked for: none scored

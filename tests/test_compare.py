@@ -261,3 +261,98 @@ def test_an_interrupted_comparison_resumes_to_the_uninterrupted_leaderboard(
     for ours, theirs in zip(board["entries"], reference["entries"], strict=True):
         assert ours["label"] == theirs["label"] and ours["status"] == "finished"
         assert ours["runs"][0]["matrix"] == theirs["runs"][0]["matrix"]
+
+
+# ---------------------------------------------------------------- choosing on dev, reporting test
+
+
+def test_a_sweep_chooses_on_a_dev_split_carved_from_train_and_reports_test(
+    spec: Path, tmp_path: Path, tiny, make_backbone
+):
+    from continual_peft.engine.loading import load_learner
+    from continual_peft.tasks.streams import load_stream
+
+    out = tmp_path / "sweep"
+    sweep = ["--strategies", "per_task", "--sweep", "lora.r=1,4", "--lr", "0.01", *BUDGET]
+    result = invoke("compare", "--stream", spec, *sweep, "--dev-share", "0.25", "--out", out)
+    assert result.exit_code == 0, result.output
+    board = load_leaderboard(out)
+    assert board["ranked_by"] == "dev_acc"
+    devs = [e["dev_acc"]["mean"] for e in board["entries"]]
+    assert devs == sorted(devs, reverse=True)
+    best = board["entries"][0]
+    assert board["chosen"] == [
+        {
+            "base": "per_task",
+            "label": best["label"],
+            "key": "lora.r",
+            "value": best["sweep"]["value"],
+            "dev_acc": best["dev_acc"]["mean"],
+            "acc": best["acc"]["mean"],
+        }
+    ]
+    chosen = f"chosen on dev for per_task: lora.r = {best['sweep']['value']}"
+    assert chosen in result.stdout and chosen in (out / "leaderboard.md").read_text()
+    # the dev split: carved from train as the stream loads it again, disjoint from both splits;
+    # the report's dev scores equal a plain recount of the learner's predictions on it
+    stream = load_stream(spec, max_train=12, max_test=6, dev_share=0.25)
+    for entry in board["entries"]:
+        report = load_report(out / entry["label"])
+        learner = load_learner(out / entry["label"], make_backbone())
+        scores = []
+        for task in stream.tasks:
+            record = next(r for r in report["tasks"] if r["name"] == task.name)
+            assert record["dev_examples"] == len(task.dev_inputs) == 6  # 0.25 x 8 per label
+            assert record["train_examples"] == 12
+            assert not set(task.dev_inputs) & (set(task.train_inputs) | set(task.test_inputs))
+            predicted = learner.predict(task.dev_inputs, task.name)
+            truth = [task.labels[y] for y in task.dev_labels]
+            right = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
+            assert report["dev"]["by_task"][task.name]["oracle_acc"] == pytest.approx(right)
+            scores.append(right)
+        assert entry["dev_acc"]["mean"] == pytest.approx(sum(scores) / len(scores))
+
+
+def test_a_sweep_takes_a_default_dev_share_when_none_is_set(spec: Path, tmp_path: Path, tiny):
+    out = tmp_path / "sweep"
+    sweep = ["--strategies", "per_task", "--sweep", "lora.r=1,2", *BUDGET, "--epochs", "1"]
+    result = invoke("compare", "--stream", spec, *sweep, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = load_report(out / "per_task-lora.r-1")
+    assert all(r["dev_examples"] == 3 for r in report["tasks"])  # 0.1 x 8 per label -> 1 each
+    assert "0.1 of each label" in report["tasks"][0]["sources"]["dev"]
+
+
+def test_a_sweep_without_dev_data_is_refused_before_training(spec: Path, tmp_path: Path):
+    from continual_peft.tasks.streams import load_stream
+
+    entries = resolve_entries(["per_task"], sweep="lora.r=1,2")
+    with pytest.raises(
+        ContinualPeftError, match=r"chooses its setting on the dev split.*--dev-share"
+    ):
+        compare(load_stream(spec), entries, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_selection_follows_dev_even_where_test_disagrees():
+    from continual_peft.experiments.compare import leaderboard
+
+    def result(value: int, dev: float, test: float) -> dict:
+        run = {"order": "default", "seed": 0, "acc": test, "dev_acc": dev}
+        return {
+            "label": f"per_task-lora.r-{value}",
+            "strategy": "per_task",
+            "module": "lora",
+            "sweep": {"key": "lora.r", "value": value},
+            "base": "per_task",
+            "status": "finished",
+            "runs": [{**run, "seen_acc": [test], "matrix": [[test]], "tasks": ["a"]}],
+        }
+
+    board = leaderboard({"sweep": {"key": "lora.r"}}, [result(1, 0.9, 0.5), result(2, 0.6, 0.8)])
+    assert [e["sweep"]["value"] for e in board["entries"]] == [1, 2]  # ranked by dev
+    assert board["chosen"][0]["value"] == 1 and board["chosen"][0]["acc"] == 0.5
+    test_only = result(1, 0.9, 0.5)
+    test_only["runs"][0]["dev_acc"] = None  # no dev split: ranked by ACC, nothing chosen
+    plain = leaderboard({}, [test_only])
+    assert plain["ranked_by"] == "acc" and plain["chosen"] == []

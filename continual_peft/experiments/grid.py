@@ -76,8 +76,8 @@ def resolve_orders(stream: Stream, values: list[str]) -> list[str | list[str]]:
 
     A value without a comma names an order of the spec ("default" is the spec's `order`); "all"
     stands for every order of the spec's [orders] table. A comma-separated value is an explicit
-    task order when every item is a task name (a trailing comma makes a one-task order, e.g.
-    "agnews,"), else a list of named orders.
+    task order when every item is a task name, else a list of named orders. A task's name alone
+    (or with a trailing comma, "agnews,") is a one-task order, unless an order has that name.
     """
     tasks = [task.name for task in stream.tasks]
     named = [name for name in stream.orders if name != "default"]
@@ -93,6 +93,8 @@ def resolve_orders(stream: Stream, values: list[str]) -> list[str | list[str]]:
             orders += named
         elif "," not in value and value.strip() in stream.orders:
             orders.append(value.strip())
+        elif "," not in value and value.strip() in tasks:  # one task: a one-task order
+            orders.append([value.strip()])
         elif "," in value and items and all(item in tasks for item in items):
             orders.append(items)
         elif "," in value and items and all(item in stream.orders for item in items):

@@ -176,7 +176,30 @@ def _md_tasks(report: dict[str, Any]) -> list[str]:
         rows.append([str(number), task.get("name", ""), str(len(task.get("labels") or [])), *cells])
     if not rows:
         return []
-    return ["## Tasks", "", *md_table(header, rows, left=2)]
+    return ["## Tasks", "", *md_table(header, rows, left=2), *_md_data_notes(report)]
+
+
+def _md_data_notes(report: dict[str, Any]) -> list[str]:
+    """The tasks' dev splits (where each came from) and the records left out for want of a
+    known label, per split; nothing when there are none."""
+    notes = []
+    for task in report.get("tasks") or []:
+        if task.get("dev_examples"):
+            where = (task.get("sources") or {}).get("dev", "given")
+            notes.append(f"- {task['name']}: dev split of {task['dev_examples']} ({where})")
+        for split, left in (task.get("skipped_records") or {}).items():
+            counts = ", ".join(f"`{label}` x{n}" for label, n in left.items())
+            notes.append(
+                f"- {task['name']}: {sum(left.values())} {split} record(s) left out, their "
+                f"label not one of the task's: {counts}"
+            )
+    dev = report.get("dev") or {}
+    if dev.get("acc") is not None:
+        notes.append(
+            f"- dev ACC after the last task (mean over {len(dev.get('tasks') or [])} tasks, "
+            f"oracle): **{100 * dev['acc']:.1f} %**"
+        )
+    return [*notes, ""] if notes else []
 
 
 def _md_matrix(report: dict[str, Any], title: str, data: np.ndarray) -> list[str]:
