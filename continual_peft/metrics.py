@@ -58,6 +58,12 @@ METRIC_DEFINITIONS: dict[str, str] = {
         "STRING equals the true label, so a row sent to another task with the same label wording "
         "(e.g. Amazon vs Yelp stars) can still be right; a rejected row is wrong."
     ),
+    "dev": (
+        "dev ACC = mean over tasks of the oracle accuracy on each task's dev split after the "
+        "last task: a split carved from the training data (seeded, stratified by label) or "
+        "given, never the test set. A comparison that has it on every entry ranks by it and "
+        "chooses a sweep's setting on it; the ACC beside it is that choice's test score."
+    ),
     "routing_accuracy": (
         "Routing accuracy[i, j] = share of task j's test inputs whose top-1 routed task is j, "
         "after training task i. Routed ACC / oracle ACC compares the two final ACCs."

@@ -311,3 +311,61 @@ def test_a_run_records_the_protocol_it_followed(cl_root: Path, tmp_path: Path, t
     assert result.exit_code == 0, result.output
     assert load_report(again)["config"]["train"]["epochs"] == 1  # --epochs beats the spec
     assert load_report(again)["dev"] is None  # no dev split asked for: none scored
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--dev-share", "1.5"], "--dev-share: dev_share = 1.5 must be a number strictly between"),
+        (["--dev-share", "0"], "--dev-share: dev_share = 0.0 must be a number strictly between"),
+        (["--budget", "gpu"], "no budget named 'gpu'; its [budgets]: ['cpu']"),
+        (["--exclude", "yahoo,nope"], "cannot exclude ['nope']: no [[tasks]] table has that name"),
+        (["--order", "order4,nope"], "--order 'order4,nope': not a named order"),
+        (["--exclude", "cb"], "lacks the folder (with train.json, test.json) of task(s): yahoo"),
+    ],
+    ids=["share-high", "share-zero", "budget", "exclude", "order", "missing"],
+)
+def test_bad_protocol_options_exit_2_before_any_model(
+    tmp_path: Path, monkeypatch, options: list[str], expected: str
+):
+    from typer.testing import CliRunner
+
+    from continual_peft import Backbone
+    from continual_peft import cli as cli_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a backbone was loaded before the input was validated")
+
+    monkeypatch.setattr(Backbone, "from_pretrained", refuse)
+    root = write_cl_folder(tmp_path / "data", CL_LONG, n_train=6, n_test=3)
+    for file in (root / "TC" / "yahoo").iterdir():
+        file.unlink()
+    out = tmp_path / "out"
+    for command in ("run", "compare"):
+        args = [command, CL_LONG, "--data-root", root, "--out", out, *options]
+        if "--exclude" not in options:
+            args += ["--exclude", "yahoo"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = CliRunner().invoke(cli_module.app, [str(a) for a in args])
+        assert result.exit_code == 2, (command, result.output)
+        assert expected in " ".join(result.stderr.split()), result.stderr
+        assert not out.exists()
+
+
+def test_the_leaderboard_shows_each_order(tmp_path: Path):
+    from continual_peft.experiments.compare import leaderboard
+    from continual_peft.reports.leaderboard import render_leaderboard_markdown
+
+    def run(order: str, seed: int, acc: float) -> dict:
+        return {"order": order, "seed": seed, "acc": acc, "routed_acc": acc - 0.1,
+                "seen_acc": [acc], "matrix": [[acc]], "tasks": ["a"]}  # fmt: skip
+
+    runs = [run("order4", 0, 0.5), run("order4", 1, 0.7), run("order5", 0, 0.4)]
+    result = {"label": "per_task", "strategy": "per_task", "module": "lora", "router": "x",
+              "lr": 0.1, "spec": None, "run_dir": "per_task", "base": "per_task", "sweep": None,
+              "status": "finished", "runs": runs}  # fmt: skip
+    head = {"orders": {"order4": ["a"], "order5": ["a"]}, "seeds": [0, 1], "tasks": ["a"]}
+    markdown = render_leaderboard_markdown(leaderboard(head, [result]))
+    # order4: mean 60.0, sample std of (50, 70) = 14.1; order5: one run, no std
+    assert "| per_task | 60.0 ± 14.1 (50.0 ± 14.1) | 40.0 (30.0) |" in markdown

@@ -35,13 +35,12 @@ from continual_peft.experiments.entries import (
 from continual_peft.experiments.grid import (
     STD_NOTE,
     label_orders,
-    metric_stats,
     run_grid,
     run_record,
 )
 from continual_peft.experiments.runner import run_stream
 from continual_peft.metrics import METRIC_DEFINITIONS
-from continual_peft.reports.data import is_missing, matrix_of
+from continual_peft.reports.data import is_missing, matrix_of, metric_stats
 from continual_peft.reports.leaderboard import console_leaderboard, write_leaderboard
 from continual_peft.reports.run import load_report
 from continual_peft.store.io import load_safetensors, load_versioned_json, nan_to_none, timestamp
@@ -68,12 +67,6 @@ PARAMETER_RULE = (
     "(record's trainable_parameters minus that task's head), plus every task's head (its "
     "head.safetensors). per_task: T x (slot + head); a shared-slot strategy (seq): one slot + "
     "T heads."
-)
-DEV_RULE = (
-    "dev ACC = mean over tasks of the oracle accuracy on each task's dev split after the last "
-    "task (a split carved from the training data, or given; never the test set). With a dev "
-    "split on every entry the leaderboard ranks by it, and a sweep's setting is chosen on it; "
-    "ACC beside it is the test score of that choice."
 )
 TIME_RULE = "train/eval seconds: sums over the tasks of a run (per-task records)"
 
@@ -395,7 +388,7 @@ def leaderboard(
     for rank, entry in enumerate(entries, start=1):
         entry["rank"] = rank
     definitions = {k: METRIC_DEFINITIONS[k] for k in ("acc", "bwt", "forgetting", "routing")}
-    definitions |= {"routing_accuracy": METRIC_DEFINITIONS["routing_accuracy"], "dev": DEV_RULE}
+    definitions |= {k: METRIC_DEFINITIONS[k] for k in ("routing_accuracy", "dev")}
     definitions |= {"trainable_parameters": PARAMETER_RULE, "seconds": TIME_RULE, "std": STD_NOTE}
     return {
         "schema_version": LEADERBOARD_SCHEMA_VERSION,

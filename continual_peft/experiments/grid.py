@@ -25,7 +25,7 @@ from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.runner import run_stream
-from continual_peft.reports.data import is_missing
+from continual_peft.reports.data import is_missing, metric_stats
 from continual_peft.reports.grid import console_aggregate, write_aggregate
 from continual_peft.reports.run import load_report
 from continual_peft.store.digests import config_differences, without_place
@@ -315,19 +315,6 @@ def routing_metrics(report: dict[str, Any]) -> dict[str, float | None]:
         "routed_over_oracle": report.get("routed_over_oracle"),
         "dev_acc": (report.get("dev") or {}).get("acc"),
     }
-
-
-def metric_stats(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
-    """{key: {mean, std (sample, ddof=1; None for n < 2), n}} over the runs that measured key."""
-    stats = {}
-    for key in keys:
-        values = np.array([r[key] for r in runs if not is_missing(r.get(key))], dtype=float)
-        stats[key] = {
-            "mean": float(values.mean()) if values.size else None,
-            "std": float(values.std(ddof=1)) if values.size > 1 else None,
-            "n": int(values.size),
-        }
-    return stats
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -98,3 +98,16 @@ def short_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return str(n)
+
+
+def metric_stats(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
+    """{key: {mean, std (sample, ddof=1; None for n < 2), n}} over the runs that measured key."""
+    stats = {}
+    for key in keys:
+        values = np.array([r[key] for r in runs if not is_missing(r.get(key))], dtype=float)
+        stats[key] = {
+            "mean": float(values.mean()) if values.size else None,
+            "std": float(values.std(ddof=1)) if values.size > 1 else None,
+            "n": int(values.size),
+        }
+    return stats

@@ -39,6 +39,14 @@ _METRICS = (
     _Metric(key="bwt", label="BWT", signed=True, definition="bwt"),
     _Metric(key="forgetting", label="Forgetting", signed=False, definition="forgetting"),
     _Metric(key="routed_acc", label="routed ACC", signed=False, definition="acc"),
+    _Metric(key="routing_acc", label="routing", signed=False, definition="routing_accuracy"),
+    _Metric(
+        key="routed_over_oracle",
+        label="routed/oracle",
+        signed=False,
+        definition="routing_accuracy",
+    ),
+    _Metric(key="dev_acc", label="dev ACC", signed=False, definition="dev"),
     _Metric(key="baseline_acc", label="baseline ACC", signed=False, definition="acc"),
     _Metric(key="baseline_bwt", label="baseline BWT", signed=True, definition="bwt"),
     _Metric(
@@ -98,11 +106,14 @@ def _title(aggregate: dict[str, Any]) -> str:
 def console_aggregate(aggregate: dict[str, Any]) -> Group:
     """Rich renderable: mean ± sample std (%) per order and over all runs."""
     table = Table(title="Mean ± std (%) over seeds; std = sample std (ddof=1)")
-    for header in ("order", "tasks", "runs"):
-        table.add_column(header, style="bold" if header == "order" else None)
+    rows = _summary_rows(aggregate)
+    widest = max((len(row[0]) for row in rows), default=5)
+    table.add_column("order", style="bold", min_width=widest, no_wrap=True)  # never cut
+    for header in ("tasks", "runs"):
+        table.add_column(header)
     for metric in _shown(aggregate):
         table.add_column(metric.label, justify="right")
-    for row in _summary_rows(aggregate):
+    for row in rows:
         table.add_row(*row)
     return Group(Text(_title(aggregate), style="bold"), table)
 

@@ -20,7 +20,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from continual_peft.reports.data import as_array, is_missing, md_table
+from continual_peft.reports.data import as_array, is_missing, md_table, metric_stats
 from continual_peft.reports.grid import mean_std
 from continual_peft.reports.plots import figure_png
 from continual_peft.store.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -182,6 +182,26 @@ def console_leaderboard(board: dict[str, Any]) -> Group:
     return Group(Text(_title(board), style="bold"), _FittedTable(board), *chosen, *notes)
 
 
+def _md_per_order(board: dict[str, Any]) -> list[str]:
+    """With several orders: each entry's ACC (and routed ACC) per order, mean ± sample std over
+    that order's runs (seeds); nothing for a single order."""
+    orders = list(board.get("orders") or {})
+    if len(orders) < 2:
+        return []
+    rows = []
+    for entry in board.get("entries") or []:
+        runs = entry.get("runs") or []
+        cells = []
+        for order in orders:
+            mine = [run for run in runs if run.get("order") == order]
+            stats = metric_stats(mine, ["acc", "routed_acc"])
+            routed = mean_std(stats["routed_acc"])
+            cells.append(mean_std(stats["acc"]) + (f" ({routed})" if routed else ""))
+        rows.append([entry["label"], *cells])
+    intro = "ACC (routed ACC) per order, mean ± sample std over its seeds."
+    return ["## Per order (%)", "", intro, "", *md_table(["entry", *orders], rows, left=1)]
+
+
 def render_leaderboard_markdown(board: dict[str, Any]) -> str:
     """The contents of leaderboard.md: the table, the shared budget, failures and definitions."""
     budget = ", ".join(f"{k} = {v!r}" for k, v in (board.get("budget") or {}).items())
@@ -196,6 +216,7 @@ def render_leaderboard_markdown(board: dict[str, Any]) -> str:
         f"## Leaderboard (%), {_ranking(board)}",
         "",
         *md_table(_header(board), _rows(board), left=4),
+        *_md_per_order(board),
         "## Entries",
         "",
     ]
