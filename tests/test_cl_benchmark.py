@@ -369,3 +369,23 @@ def test_the_leaderboard_shows_each_order(tmp_path: Path):
     markdown = render_leaderboard_markdown(leaderboard(head, [result]))
     # order4: mean 60.0, sample std of (50, 70) = 14.1; order5: one run, no std
     assert "| per_task | 60.0 ± 14.1 (50.0 ± 14.1) | 40.0 (30.0) |" in markdown
+
+
+def test_resuming_with_another_dev_split_is_refused(cl_root: Path, tmp_path: Path, make_backbone):
+    from continual_peft import LearnerConfig
+    from continual_peft.config import TrainConfig
+    from continual_peft.experiments.runner import run_stream
+
+    def stream(share: float):
+        loaded, _ = quiet_load(CL_LONG, data_root=cl_root, order="order4", dev_share=share)
+        return loaded.with_order(["cb", "copa"])
+
+    config = LearnerConfig(train=TrainConfig(epochs=1, batch_size=8, warmup=0.0))
+    run = tmp_path / "run"
+    run_stream(stream(0.2), config, run, make_backbone=make_backbone)
+    with pytest.raises(
+        ContinualPeftError, match="other data than when the run learned it.*--dev-share"
+    ):
+        run_stream(stream(0.5), config, run, make_backbone=make_backbone, resume=True)
+    again = run_stream(stream(0.2), config, run, make_backbone=make_backbone, resume=True)
+    assert again.report["status"] == "finished"

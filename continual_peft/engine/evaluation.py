@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.table import Table
 
+from continual_peft.engine.progress import meter
 from continual_peft.errors import ContinualPeftError
 from continual_peft.metrics import normalize_answer
 
 if TYPE_CHECKING:
     from continual_peft.engine.learner import ContinualLearner
     from continual_peft.tasks.streams import Stream
+    from continual_peft.tasks.task import Task
 
 
 def predict_records(
@@ -111,6 +113,37 @@ def evaluate_stream(learner: ContinualLearner, stream: Stream) -> dict[str, Any]
             for x, y in zip(task.test_inputs, task.test_labels, strict=True)
         ]
     return evaluate_records(learner, records)
+
+
+def score_dev(learner: ContinualLearner, tasks: list[Task]) -> dict[str, Any] | None:
+    """Score the learned tasks' dev splits (`Task.dev_inputs`) into `learner.dev`, the report's
+    "dev" block, which a comparison chooses settings on; None (nothing scored) when no task
+    has one.
+
+    Returns:
+        {"acc", "routed_acc", "routing_acc": means over the tasks with a dev split (as the
+        report's ACC), "tasks": their names, "by_task": {task: {"rows", "oracle_acc",
+        "routed_acc", "routing_acc"}}}: fractions, None where not measured.
+    """
+    with_dev = [task for task in tasks if task.dev_inputs]
+    if not with_dev:
+        return None
+    records = [
+        {"text": x, "label": task.labels[y], "task": task.name}
+        for task in with_dev
+        for x, y in zip(task.dev_inputs, task.dev_labels, strict=True)
+    ]
+    with meter("scoring the dev splits", len(records)):
+        scores = evaluate_records(learner, records)
+    means = scores["task_mean"]
+    learner.dev = {
+        "acc": means["oracle_acc"],
+        "routed_acc": means["routed_acc"],
+        "routing_acc": means["routing_acc"],
+        "tasks": [task.name for task in with_dev],
+        "by_task": scores["by_task"],
+    }
+    return learner.dev
 
 
 def evaluate_records(

@@ -24,7 +24,6 @@ from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig, TrainConfig
 from continual_peft.distributed import world
 from continual_peft.engine.bank import ModuleBank
-from continual_peft.engine.evaluation import evaluate_records
 from continual_peft.engine.heads import check_new_task, make_heads
 from continual_peft.engine.monitor import ForgettingMonitor
 from continual_peft.engine.prediction import Predictor, evaluating
@@ -124,7 +123,8 @@ class ContinualLearner:
         self.stream = stream
         self.status = "running"
         self.baseline: dict | None = None  # the baseline run's matrix and metrics, once run
-        self.dev: dict | None = None  # scores on the tasks' dev splits after the last task
+        # scores on the tasks' dev splits after the last task (`evaluation.score_dev`)
+        self.dev: dict | None = None
         self.planned_baseline: str | None = None  # the strategy a runner runs beside this one
         self.console = console if world().writer else None  # under torchrun: rank 0 speaks
         self.stream_plan: dict | None = None  # the whole stream's names and data hashes, if known
@@ -514,35 +514,6 @@ class ContinualLearner:
         self.stream_plan = stream_plan
         self.planned_baseline = baseline
         self.status = "running"
-
-    def score_dev(self, tasks: list[Task]) -> dict | None:
-        """Score the learned tasks' dev splits (`Task.dev_inputs`) for the report's "dev" block,
-        which a comparison chooses settings on; None (and nothing scored) when no task has one.
-
-        Returns:
-            {"acc", "routed_acc", "routing_acc": means over the tasks with a dev split (as
-            the report's ACC), "tasks": names, "by_task": {task: {"rows", "oracle_acc",
-            "routed_acc", "routing_acc"}}}; fractions, None where not measured.
-        """
-        with_dev = [task for task in tasks if task.dev_inputs]
-        if not with_dev:
-            return None
-        records = [
-            {"text": x, "label": task.labels[y], "task": task.name}
-            for task in with_dev
-            for x, y in zip(task.dev_inputs, task.dev_labels, strict=True)
-        ]
-        with evaluating(self.backbone), meter("scoring the dev splits", len(records)):
-            scores = evaluate_records(self, records)
-        means = scores["task_mean"]
-        self.dev = {
-            "acc": means["oracle_acc"],
-            "routed_acc": means["routed_acc"],
-            "routing_acc": means["routing_acc"],
-            "tasks": [task.name for task in with_dev],
-            "by_task": scores["by_task"],
-        }
-        return self.dev
 
     def finish_baseline(self, strategy: str, report: dict) -> None:
         """The baseline run's matrix and metrics, for this run's report."""

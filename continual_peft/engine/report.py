@@ -38,7 +38,7 @@ def learner_report(
         routed: Whether a router picks the slots (task-agnostic inference).
         backbone: What the backbone is (`Backbone.describe`: family, model type, parameter
             count, dtype); the report's "backbone" holds it after the fingerprint's name.
-        dev: Scores on the tasks' dev splits after the last task (`ContinualLearner.score_dev`),
+        dev: Scores on the tasks' dev splits after the last task (`engine.evaluation.score_dev`),
             or None when the tasks have none (or the run is not finished).
     """
     matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}

@@ -18,6 +18,7 @@ from rich.console import Console
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.distributed import from_writer
+from continual_peft.engine.evaluation import score_dev
 from continual_peft.engine.heads import check_kind
 from continual_peft.engine.learner import ContinualLearner
 from continual_peft.engine.loading import check_resume_config, load_learner, open_run, run_finished
@@ -95,7 +96,7 @@ def run_stream(
         baseline=baseline,
     )
     try:
-        learner.score_dev(stream.tasks)  # before the final report: a sweep chooses on it
+        score_dev(learner, stream.tasks)  # before the final report: a sweep chooses on it
         if baseline is not None:
             sub = Path(run_dir) / f"baseline-{baseline}" if run_dir is not None else None
             title = f"baseline {baseline}"
@@ -190,7 +191,7 @@ def _finished(run: Path, config, *, stream, baseline, console, make_backbone) ->
         if console:
             console.print(f"{run} is finished: nothing to do.", highlight=False, soft_wrap=True)
         return learner
-    learner.score_dev(stream.tasks)
+    score_dev(learner, stream.tasks)
     recorded = recorded_baseline(run)
     if recorded:
         sub = load_learner(run / f"baseline-{recorded}", make_backbone() if make_backbone else None)

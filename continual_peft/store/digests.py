@@ -63,9 +63,10 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def task_digest(task: Task) -> str:
-    """A hash of a task's data: name, labels, both splits and the router's inputs when chosen
-    (`router_max_train`; not the default pool, see `Task.router_default`), and its kind and
-    template where they are not a plain classification's."""
+    """A hash of a task's data: name, labels, both splits, its dev split when it has one, and
+    the router's inputs when chosen (`router_max_train`; not the default pool, see
+    `Task.router_default`), and its kind and template where they are not a plain
+    classification's."""
     digest = hashlib.sha256()
     for part in (task.name, task.labels, task.train_labels, task.test_labels):
         digest.update(json.dumps(part, default=str).encode())
@@ -73,7 +74,12 @@ def task_digest(task: Task) -> str:
     if shape != ["classification", None]:  # a plain classification task hashes its data only
         digest.update(json.dumps(shape).encode())
     router = [] if getattr(task, "router_default", False) else task.router_inputs or []
-    for inputs in (task.train_inputs, task.test_inputs, router):
+    dev = getattr(task, "dev_inputs", None) or []
+    parts = [task.train_inputs, task.test_inputs, router]
+    if dev:  # a task without a dev split hashes as before dev splits existed
+        parts += [dev]
+        digest.update(json.dumps(task.dev_labels).encode())
+    for inputs in parts:
         digest.update(f"|{len(inputs)}|".encode())
         for item in inputs:
             digest.update(_input_bytes(item))
@@ -126,6 +132,6 @@ def check_stream(run: Path, saved: dict | None, stream: Stream, done: list) -> N
             raise ContinualPeftError(
                 f"{run}: task {entry.name!r} has other data than when the run learned it "
                 "(its data hash differs): resume with the same data files, --max-train, "
-                "--max-test and --router-train (and the same template and kind), or start a "
-                "new run."
+                "--max-test, --router-train, --budget, --dev-share and --strict-labels (and "
+                "the same template and kind), or start a new run."
             )
