@@ -46,7 +46,8 @@ def write_cl_folder(root: Path, spec: Path, n_train: int = 30, n_test: int = 12)
         folder.mkdir(parents=True, exist_ok=True)
         labels = [f"{entry['name']}-{c}" for c in "abc"]
         splits = {}
-        for split, n in (("train", n_train), ("test", n_test)):
+        tests = max(n_test, 20 * NO_GOLD) if entry["name"] == "mnli" else n_test  # "-": 5 % at most
+        for split, n in (("train", n_train), ("test", tests)):
             splits[split] = [
                 {"sentence": f"{entry['name']} {split} {i} {labels[i % 3]}", "label": labels[i % 3]}
                 for i in range(n)
@@ -156,17 +157,17 @@ def test_the_whole_long_stream_loads_with_its_hazards_reported(cl_root: Path):
     assert len(stream.tasks) == 15
     mnli = next(t for t in stream.tasks if t.name == "mnli")
     assert mnli.skipped == {"test": {"-": NO_GOLD}}  # skipped, counted, not refused
-    assert len(mnli.test_inputs) == 12
+    assert len(mnli.test_inputs) == 20 * NO_GOLD
     skipped = [m for m in messages if "left out records" in m]
     assert len(skipped) == 1 and f"test: {NO_GOLD} ('-' x{NO_GOLD})" in skipped[0]
     # every dev.json is the test set: never used as dev, and said once for all tasks
-    refused = [m for m in messages if "same records as its test split" in m]
+    refused = [m for m in messages if "hold a copy of their test split" in m]
     assert len(refused) == 1 and "'mnli'" in refused[0] and "'wic'" in refused[0]
     assert all(not t.dev_inputs and t.dev_refused for t in stream.tasks)
 
 
 def test_strict_labels_restore_the_refusal(cl_root: Path):
-    with pytest.raises(ContinualPeftError, match=r"MNLI/test.json\[12\]: label '-' is not one of"):
+    with pytest.raises(ContinualPeftError, match=r"MNLI/test.json\[60\]: label '-' is not one of"):
         quiet_load(CL_LONG, data_root=cl_root, unknown_labels="refuse")
 
 
@@ -292,7 +293,7 @@ def test_a_run_records_the_protocol_it_followed(cl_root: Path, tmp_path: Path, t
     assert result.exit_code == 0, result.output
     said = [str(w.message) for w in caught]
     assert any("left out records" in m for m in said)
-    assert any("same records as its test split" in m for m in said)
+    assert any("hold a copy of their test split" in m for m in said)
     report = load_report(out)
     budget = tomllib.loads(CL_LONG.read_text())["budgets"]["cpu"]
     assert report["config"]["train"]["epochs"] == budget["epochs"]  # the spec's, not the default
@@ -321,7 +322,7 @@ def test_a_run_records_the_protocol_it_followed(cl_root: Path, tmp_path: Path, t
         (["--budget", "gpu"], "no budget named 'gpu'; its [budgets]: ['cpu']"),
         (["--exclude", "yahoo,nope"], "cannot exclude ['nope']: no [[tasks]] table has that name"),
         (["--order", "order4,nope"], "--order 'order4,nope': not a named order"),
-        (["--exclude", "cb"], "lacks the folder (with train.json, test.json) of task(s): yahoo"),
+        (["--exclude", "cb"], "task folder(s) without their data files: yahoo"),
     ],
     ids=["share-high", "share-zero", "budget", "exclude", "order", "missing"],
 )
@@ -389,3 +390,172 @@ def test_resuming_with_another_dev_split_is_refused(cl_root: Path, tmp_path: Pat
         run_stream(stream(0.5), config, run, make_backbone=make_backbone, resume=True)
     again = run_stream(stream(0.2), config, run, make_backbone=make_backbone, resume=True)
     assert again.report["status"] == "finished"
+
+
+# ---------------------------------------------------------------- what a hostile new user found
+
+
+def test_strict_labels_check_every_record_whatever_the_caps(cl_root: Path):
+    with pytest.raises(ContinualPeftError, match=r"MNLI/test.json\[60\]: label '-'"):
+        quiet_load(CL_LONG, data_root=cl_root, unknown_labels="refuse", max_test=5, max_train=4)
+
+
+def _cb(root: Path) -> Path:
+    return root / "NLI" / "CB"
+
+
+@pytest.mark.parametrize(
+    ("dev_of", "reason"),
+    [
+        (lambda test, train: test[::-1], "are also test records"),
+        (lambda test, train: test[:-1], "are also test records"),
+        (lambda test, train: train[:5], "are also training records"),
+    ],
+    ids=["reordered-test", "test-minus-one", "train-records"],
+)
+def test_a_dev_file_sharing_records_with_test_or_train_is_not_dev(tmp_path: Path, dev_of, reason):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=30, n_test=12)
+    agnews = root / "TC" / "agnews"
+    test = json.loads((agnews / "test.json").read_text())
+    train = json.loads((agnews / "train.json").read_text())
+    (agnews / "dev.json").write_text(json.dumps(dev_of(test, train)))
+    stream, messages = quiet_load(CL_STANDARD, data_root=root, dev_share=0.2)
+    task = next(t for t in stream.tasks if t.name == "agnews")
+    assert reason in task.dev_refused and any(reason in m for m in messages)
+    assert "carved from" in task.sources["dev"]  # carved instead, as asked
+    assert not set(task.dev_inputs) & (set(task.train_inputs) | set(task.test_inputs))
+    plain, _ = quiet_load(CL_STANDARD, data_root=root)  # no share: no dev, and none named
+    task = next(t for t in plain.tasks if t.name == "agnews")
+    assert not task.dev_inputs and "dev" not in task.sources
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        (
+            ["agnews-a ", "agnews-b", "agnews-c"],
+            "differs from the declared 'agnews-a ' only in case",
+        ),
+        (["Agnews-A", "agnews-b", "agnews-c"], "differs from the declared 'Agnews-A' only in case"),
+        (["agnews-a", "agnews-b"], r"10 of the 30 records of its train split .*'agnews-c' x10"),
+        ([0, 1, 2], r"30 of the 30 records of its train split"),
+    ],
+    ids=["trailing-space", "case", "class-left-out", "integers-for-strings"],
+)
+def test_a_labels_mistake_is_refused_not_skipped(tmp_path: Path, labels, expected):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=30, n_test=12)
+    (root / "TC" / "agnews" / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(ContinualPeftError, match=expected):
+        quiet_load(CL_STANDARD, data_root=root)
+
+
+def test_which_test_records_a_run_scores_depends_on_the_seed_alone(cl_root: Path):
+    def tests(**options):
+        stream, _ = quiet_load(CL_LONG, data_root=cl_root, max_test=5, **options)
+        return [t.test_inputs for t in stream.tasks]
+
+    first = tests(max_train=8)
+    assert tests(max_train=16) == first
+    assert tests(max_train=8, dev_share=0.2) == first
+    assert tests(max_train=8, dev_needed=True) == first
+
+
+def test_a_carve_that_takes_a_whole_label_is_refused(tmp_path: Path):
+    from continual_peft.tasks.sources import Row
+
+    rows = {
+        "train": [Row(f"t{i}", "a", f"train[{i}]") for i in range(20)] + [Row("b0", "b", "x")],
+        "test": [Row("e", "a", "test[0]")],
+    }
+    with pytest.raises(ContinualPeftError, match=r"every training example of label\(s\) \['b'\]"):
+        build_task("tiny", rows, dev_share=0.6)
+    small = {"train": [Row(f"t{i}", "ab"[i % 2], "x") for i in range(4)], "test": rows["test"]}
+    with pytest.raises(ContinualPeftError, match="choose a share of at least 0.25"):
+        build_task("tiny", small, dev_share=0.1)
+
+
+def test_resuming_a_grid_with_another_dev_split_rewrites_nothing(
+    cl_root: Path, tmp_path: Path, make_backbone
+):
+    from continual_peft import LearnerConfig
+    from continual_peft.config import TrainConfig
+    from continual_peft.experiments.grid import run_grid
+
+    config = LearnerConfig(train=TrainConfig(epochs=1, batch_size=8, warmup=0.0))
+    orders = [["cb", "copa"], ["copa", "cb"]]
+    out = tmp_path / "grid"
+
+    def grid(share: float, resume: bool = False):
+        stream, _ = quiet_load(CL_LONG, data_root=cl_root, dev_share=share, max_test=6)
+        options = {"orders": orders, "seeds": [0], "out_dir": out, "resume": resume}
+        return run_grid(stream, config, make_backbone=make_backbone, **options)
+
+    grid(0.2)
+    before = {p.name: p.read_bytes() for p in out.glob("aggregate.*")}
+    with pytest.raises(ContinualPeftError, match="other data than when the run learned it"):
+        grid(0.5, resume=True)
+    assert {p.name: p.read_bytes() for p in out.glob("aggregate.*")} == before
+
+
+def test_order_all_runs_orders_that_coincide_once(tmp_path: Path):
+    from continual_peft.experiments.grid import resolve_orders
+
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=6, n_test=3)
+    stream, _ = quiet_load(CL_STANDARD, data_root=root, exclude=["yahoo"])
+    with pytest.warns(UserWarning, match=r"\['order2'\] have the same tasks .* \['yahoo'\]"):
+        assert resolve_orders(stream, ["all"]) == ["order1", "order3"]
+    from continual_peft.experiments.grid import label_orders
+
+    with pytest.raises(ContinualPeftError, match=r"same order as 'order1' once \['yahoo'\]"):
+        label_orders(stream, ["order1", "order2"])
+
+
+def test_exclude_edges(tmp_path: Path):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=6, n_test=3)
+    every = ["dbpedia", "amazon", "yahoo", "agnews"]
+    with pytest.raises(ContinualPeftError, match="every task of the stream is excluded"):
+        load_stream(CL_STANDARD, data_root=root, exclude=every)
+    stream, _ = quiet_load(CL_STANDARD, data_root=root, exclude=["yahoo"])
+    with pytest.raises(
+        ContinualPeftError, match=r"names task\(s\) \['yahoo'\], which were left out"
+    ):
+        stream.with_order(["amazon", "yahoo"])
+    spec = tmp_path / "s.toml"
+    text = CL_STANDARD.read_text().replace("[orders]", '[orders]\nonly = ["yahoo"]')
+    spec.write_text(text, encoding="utf-8")
+    stream, _ = quiet_load(spec, data_root=root, exclude=["yahoo"])
+    assert "only" not in stream.orders  # an order every task of which is left out is gone
+
+
+def test_every_budget_is_checked_chosen_or_not(tmp_path: Path, cl_root: Path):
+    spec = tmp_path / "s.toml"
+    base = CL_LONG.read_text()
+    spec.write_text(
+        base.replace("\n[budgets.cpu]", "\n[budgets.big]\nmax_trian = 5\n\n[budgets.cpu]")
+    )
+    with pytest.raises(ContinualPeftError, match=r"budgets.big: unknown key\(s\) \['max_trian'\]"):
+        load_stream(spec, data_root=cl_root)
+    spec.write_text(
+        base.replace("\n[budgets.cpu]", "\n[budgets.big]\nmax_train = -8\n\n[budgets.cpu]")
+    )
+    with pytest.raises(ContinualPeftError, match=r"budgets.big: max_train = -8 is invalid"):
+        load_stream(spec, data_root=cl_root)
+    spec.write_text(base.replace("epochs = 10", "epochs = 0"))
+    with pytest.raises(ContinualPeftError, match=r"s.toml: epochs = 0 is invalid"):
+        load_stream(spec, data_root=cl_root)
+
+
+def test_messages_name_the_actual_problem(tmp_path: Path):
+    root = write_cl_folder(tmp_path / "d", CL_STANDARD, n_train=6, n_test=3)
+    with pytest.raises(ContinualPeftError, match="data root .*nowhere is not a folder"):
+        load_stream(CL_STANDARD, data_root=tmp_path / "nowhere")
+    (root / "TC" / "agnews" / "train.json").unlink()
+    with pytest.raises(ContinualPeftError, match=r"agnews \(.*agnews: no train.json\)"):
+        load_stream(CL_STANDARD, data_root=root)
+    path = tmp_path / "t.json"
+    path.write_text('[{"sentence": null, "label": "x"}]')
+    with pytest.raises(ContinualPeftError, match=r't.json\[0\]: the value of "sentence" is null'):
+        read_rows(path, text_column="sentence")
+    path.write_text('[{"sentence": "a", "label": NaN}]')
+    with pytest.raises(ContinualPeftError, match=r"label nan is not a label"):
+        read_rows(path, text_column="sentence")

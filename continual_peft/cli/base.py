@@ -94,8 +94,8 @@ MAX_TRAIN = typer.Option(None, help="Training examples per task (seeded subset).
 MAX_TEST = typer.Option(None, help="Test examples per task (seeded subset).", metavar="N")
 EXCLUDE = typer.Option(
     None,
-    help="Leave these tasks of the spec out (not read; dropped from every order), names joined "
-    "by commas, e.g. a task whose data you lack: --exclude yahoo.",
+    help="Leave these tasks of the spec out (not read; dropped from every order): names joined "
+    "by commas, or the option repeated, e.g. a task whose data you lack: --exclude yahoo.",
     metavar="TEXT",
 )
 BUDGET = typer.Option(
@@ -187,7 +187,7 @@ class StreamOptions:
     max_train: int | None = None
     max_test: int | None = None
     router_train: int | None = None
-    exclude: str | None = None
+    exclude: list[str] | None = None
     budget: str | None = None
     dev_share: float | None = None
     dev_needed: bool = False
@@ -204,7 +204,12 @@ class StreamOptions:
             dev_share=self.dev_share,
             dev_needed=self.dev_needed,
             unknown_labels="refuse" if self.strict_labels else None,
-            exclude=[name.strip() for name in (self.exclude or "").split(",") if name.strip()],
+            exclude=[
+                name.strip()
+                for value in self.exclude or []
+                for name in value.split(",")
+                if name.strip()
+            ],
             budget=self.budget,
         )
 

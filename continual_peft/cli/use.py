@@ -141,7 +141,7 @@ def eval_(
         metavar="N",
     ),
     max_test: int = MAX_TEST,
-    exclude: str = EXCLUDE,
+    exclude: list[str] = EXCLUDE,
     budget: str = BUDGET,
     dev_share: float = DEV_SHARE,
     strict_labels: bool = STRICT_LABELS,
@@ -240,7 +240,8 @@ def _warn_other_data(learner, stream) -> None:
     if differ:
         warnings.warn(
             f"task(s) {differ}: the data given is not what the run learned (another file, or "
-            "other --max-train / --max-test / --data-root), so the scores are not on the run's "
+            "other --max-train / --max-test / --data-root / --budget / --dev-share / --exclude), "
+            "so the scores are not on the run's "
             "test sets; give the run's own stream arguments to reproduce its report",
             UserWarning,
             stacklevel=2,

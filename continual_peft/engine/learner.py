@@ -125,6 +125,7 @@ class ContinualLearner:
         self.baseline: dict | None = None  # the baseline run's matrix and metrics, once run
         # scores on the tasks' dev splits after the last task (`evaluation.score_dev`)
         self.dev: dict | None = None
+        self.data: dict | None = None  # how the stream's data was read (`Stream.protocol`)
         self.planned_baseline: str | None = None  # the strategy a runner runs beside this one
         self.console = console if world().writer else None  # under torchrun: rank 0 speaks
         self.stream_plan: dict | None = None  # the whole stream's names and data hashes, if known
@@ -600,6 +601,7 @@ class ContinualLearner:
             routed=self.router is not None,
             backbone=self.backbone.describe(),
             dev=self.dev,
+            data=self.data,
         )
 
 

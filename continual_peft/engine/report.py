@@ -24,6 +24,7 @@ def learner_report(
     routed: bool,
     backbone: dict[str, Any] | None = None,
     dev: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> dict:
     """The report as a JSON-ready dict (schema version 1); unmeasured entries are None.
 
@@ -40,6 +41,8 @@ def learner_report(
             count, dtype); the report's "backbone" holds it after the fingerprint's name.
         dev: Scores on the tasks' dev splits after the last task (`engine.evaluation.score_dev`),
             or None when the tasks have none (or the run is not finished).
+        data: How the stream's data was read (`Stream.protocol`: budget, epochs, excluded
+            tasks, dev share, unknown labels), when the run came from a stream.
     """
     matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}
     metrics = {m: monitor.metrics(m) for m in monitor.modes} if records else {}
@@ -66,4 +69,5 @@ def learner_report(
         "routing_accuracy": (nan_to_none(monitor.routing_matrix()) if routed else None),
         "routed_over_oracle": routed_ratio,
         "dev": dev,
+        "data": data,
     }

@@ -38,7 +38,7 @@ from continual_peft.experiments.grid import (
     run_grid,
     run_record,
 )
-from continual_peft.experiments.runner import run_stream
+from continual_peft.experiments.runner import check_resumable, run_stream
 from continual_peft.metrics import METRIC_DEFINITIONS
 from continual_peft.reports.data import is_missing, matrix_of, metric_stats
 from continual_peft.reports.leaderboard import console_leaderboard, write_leaderboard
@@ -181,9 +181,17 @@ def _plan(stream, entries, *, out, seeds, orders, resume=False) -> _Plan:
         "budget": budget,
         "sweep": next(({"key": k} for k in swept), None),
         "planned": [e.label for e in chosen],  # every entry, run or not yet
+        "data": stream.protocol,
     }
     if resume:
         _check_same_comparison(out, head, [e.label for e in chosen])
+        for entry in chosen:  # every run against the stream, before any file is rewritten
+            single = len(labelled) * len(seeds) == 1
+            for name, ordered in labelled:
+                for seed in seeds:
+                    folder = out / entry.label / ("" if single else f"{name}-seed{seed}")
+                    if folder.is_dir():
+                        check_resumable(folder, ordered)
     return _Plan(
         entries=chosen,
         stream=stream,
@@ -213,6 +221,7 @@ def _check_same_comparison(out: Path, head: dict[str, Any], labels: list[str]) -
     saved = load_leaderboard(out / "leaderboard.json")
     keys = ("stream", "tasks", "seeds", "orders", "sweep")
     same = json.loads(json.dumps(head))  # as it reads back from JSON (tuples become lists)
+    keys += ("data",) if "data" in saved else ()  # comparisons started before recorded none
     differ = [
         f"{k}: {saved.get(k)!r} in it, {same[k]!r} here" for k in keys if saved.get(k) != same[k]
     ]

@@ -14,6 +14,7 @@ over the n runs, shown with n; it is blank (null) for n = 1. "all" weights every
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from rich.console import Console
 from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
-from continual_peft.experiments.runner import run_stream
+from continual_peft.experiments.runner import check_resumable, run_stream
 from continual_peft.reports.data import is_missing, metric_stats
 from continual_peft.reports.grid import console_aggregate, write_aggregate
 from continual_peft.reports.run import load_report
@@ -90,7 +91,19 @@ def resolve_orders(stream: Stream, values: list[str]) -> list[str | list[str]]:
                 raise ContinualPeftError(
                     f"--order all: stream {stream.name!r} has no [orders] table; {choices}"
                 )
-            orders += named
+            distinct = {}  # orders that coincide (after --exclude) run once
+            for name in named:
+                distinct.setdefault(tuple(stream.orders[name]), name)
+            dropped = [name for name in named if name not in distinct.values()]
+            if dropped:
+                why = f" once {stream.excluded} are left out" if stream.excluded else ""
+                warnings.warn(
+                    f"--order all: order(s) {dropped} have the same tasks in the same order as "
+                    f"an earlier one{why}; each distinct order runs once",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            orders += list(distinct.values())
         elif "," not in value and value.strip() in stream.orders:
             orders.append(value.strip())
         elif "," not in value and value.strip() in tasks:  # one task: a one-task order
@@ -123,9 +136,14 @@ def label_orders(stream: Stream, orders: list[str | list[str]]) -> list[tuple[st
             name = f"custom{custom}"
         if name in [n for n, _ in labelled]:
             raise ContinualPeftError(f"order {name!r} is given twice; give each order once.")
-        seen = [s.tasks for _, s in labelled]
-        if any([t.name for t in ordered.tasks] == [t.name for t in s] for s in seen):
-            raise ContinualPeftError(f"order {name!r} repeats an order given before it.")
+        names = [t.name for t in ordered.tasks]
+        same = [n for n, s in labelled if [t.name for t in s.tasks] == names]
+        if same:
+            why = f" once {stream.excluded} are left out" if stream.excluded else ""
+            raise ContinualPeftError(
+                f"order {name!r} has the same tasks in the same order as {same[0]!r}{why} "
+                f"({names}); give each order once."
+            )
         taken.add(name)
         labelled.append((name, ordered))
     return labelled
@@ -176,6 +194,9 @@ def run_grid(
     head = _grid_head(stream, config, baseline=baseline, seeds=seeds, labelled=labelled)
     folders = [f"{name}-seed{seed}" for name, _, seed in combos]
     _check_grid_folder(out, head, runs=folders, resume=resume)
+    for name, ordered, seed in combos if resume else []:  # before the aggregate is rewritten
+        if (out / f"{name}-seed{seed}").is_dir():
+            check_resumable(out / f"{name}-seed{seed}", ordered)
     if console:
         console.print(f"grid directory: {out}", highlight=False, soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)

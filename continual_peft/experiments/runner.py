@@ -137,6 +137,7 @@ def _learn_all(
             resume=resume,
             baseline=baseline,
         )
+    learner.data = stream.protocol
     done = len(learner.learned)
     if console:
         start = f", resuming after task {done}" if done else ""
@@ -150,6 +151,15 @@ def _learn_all(
         _mark_stopped(learner, err)
         raise
     return learner
+
+
+def check_resumable(run: Path, stream: Stream) -> None:
+    """Refuse, before anything is written, resuming `run` with another stream than it learned
+    (another order, data, dev split or budget; see `store.digests.check_stream`). A folder
+    without a checkpoint has nothing to compare."""
+    if (run / CHECKPOINT_FILE).is_file() or any(run.glob(f"tasks/*/{CHECKPOINT_FILE}")):
+        checkpoint = read_checkpoint(run)
+        check_stream(run, checkpoint.stream_plan, stream, checkpoint.tasks)
 
 
 def run_baseline(run: Path) -> str | None:

@@ -182,6 +182,18 @@ def console_leaderboard(board: dict[str, Any]) -> Group:
     return Group(Text(_title(board), style="bold"), _FittedTable(board), *chosen, *notes)
 
 
+def _data_line(board: dict[str, Any]) -> list[str]:
+    """How the stream's data was read (budget, excluded tasks, dev share), when recorded."""
+    data = board.get("data") or {}
+    if not data:
+        return []
+    parts = [f"budget {data.get('budget')}"]
+    parts += [f"excluded {data['excluded']}"] if data.get("excluded") else []
+    parts += [f"dev share {data['dev_share']}"] if data.get("dev_share") else []
+    parts += [f"unknown labels: {data.get('unknown_labels')}"]
+    return [f"- data: {', '.join(parts)}"]
+
+
 def _md_per_order(board: dict[str, Any]) -> list[str]:
     """With several orders: each entry's ACC (and routed ACC) per order, mean ± sample std over
     that order's runs (seeds); nothing for a single order."""
@@ -211,6 +223,7 @@ def render_leaderboard_markdown(board: dict[str, Any]) -> str:
         f"- tasks: {', '.join(board.get('tasks') or [])}; seeds: {board.get('seeds')}; "
         f"orders: {', '.join(board.get('orders') or {})}",
         f"- the same for every entry: {budget}",
+        *_data_line(board),
         *(f"- **{line}**" for line in _chosen_lines(board)),
         "",
         f"## Leaderboard (%), {_ranking(board)}",

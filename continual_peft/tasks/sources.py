@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,6 +157,11 @@ def _record_row(record: Any, where: str, text_column: Column, label_column: str)
     integer) under `label_column`; anything else refused, naming the record."""
     label = record.get(label_column) if isinstance(record, dict) else None
     text_key = pick_column(text_column, record if isinstance(record, dict) else {})
+    if isinstance(label, float) and not math.isfinite(label):
+        raise ContinualPeftError(
+            f"{where}: label {label!r} is not a label; give a string or an integer (or leave "
+            "the record out)."
+        )
     if isinstance(label, float):
         whole = int(label) if label.is_integer() else label
         raise ContinualPeftError(
@@ -170,6 +176,19 @@ def _record_row(record: Any, where: str, text_column: Column, label_column: str)
     ):
         keys = shown(text_column, quote='"')
         found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        present = [
+            (key, record[key])
+            for key, ok in ((text_key, str), (label_column, str | int))
+            if isinstance(record, dict) and key in record and not isinstance(record[key], ok)
+        ]
+        if present and all(k in record for k in (text_key, label_column)):
+            key, value = present[0]
+            kind = "null" if value is None else type(value).__name__
+            wanted = "a string" if key == text_key else "a string or an integer"
+            raise ContinualPeftError(
+                f'{where}: the value of "{key}" is {kind} ({json.dumps(value, default=str)[:40]}), '
+                f"not {wanted}; fix the record or leave it out."
+            )
         raise ContinualPeftError(
             f'{where}: expected {{{keys}: "...", "{label_column}": "..."}}, got '
             f"{json.dumps(record, default=str)[:80]!r} (keys: {found}); map the keys with "

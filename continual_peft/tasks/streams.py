@@ -129,6 +129,8 @@ class Stream:
     order_name: str = "default"  # which order `tasks` follows; "custom" for an explicit list
     epochs: int | None = None  # the protocol's passes over each task (the spec's `epochs`)
     budget: str = "default"  # which of the spec's budgets its limits and epochs follow
+    dev_share: float | None = None  # the share carved where a task has no dev split of its own
+    unknown_labels: str = "skip"  # what happened to records of no known label
     excluded: list[str] = field(default_factory=list)  # tasks of the spec left out (`exclude`)
 
     def __post_init__(self) -> None:
@@ -136,6 +138,18 @@ class Stream:
             raise ContinualPeftError(
                 f"stream {self.name!r} has no tasks; give it at least one task to learn."
             )
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """How the data was read, for the report: budget, epochs, excluded tasks, dev share and
+        what became of records of no known label (the command line's values included)."""
+        return {
+            "budget": self.budget,
+            "epochs": self.epochs,
+            "excluded": list(self.excluded),
+            "dev_share": self.dev_share,
+            "unknown_labels": self.unknown_labels,
+        }
 
     def with_order(self, order: str | list[str]) -> Stream:
         """The same tasks in another order: a name from `orders`, or a list of task names.
@@ -151,6 +165,12 @@ class Stream:
             name, names = order, self.orders[order]
         else:
             name, names = "custom", list(order)
+        left_out = [n for n in names if n in self.excluded]
+        if left_out:
+            raise ContinualPeftError(
+                f"stream {self.name!r}: order {name!r} names task(s) {left_out}, which were left "
+                "out (--exclude); drop them from the order or stop excluding them."
+            )
         by_name = {task.name: task for task in self.tasks}
         tasks = order_tasks(by_name, names, f"stream {self.name!r}: order {name!r}")
         return replace(self, tasks=tasks, order_name=name)
@@ -225,12 +245,10 @@ def load_stream(
         loaded += _load_class_splits(top, path, root, limits | given)
     _warn_again(caught)
     _warn_refused_dev([task for task in loaded if task.dev_refused], path)
-    by_name = _by_name(loaded, path)
+    by_name = _by_name(loaded, path, excluded)
     orders = _named_orders(top, by_name, path, excluded)
     default = _default_order(top, orders, by_name, path, excluded)
     epochs = top.get("epochs", int)
-    if epochs is not None and epochs < 1:
-        raise ContinualPeftError(f"{path}: epochs = {epochs} must be >= 1 (or left out).")
     stream = Stream(
         name=name,
         tasks=order_tasks(by_name, default, f"{path}: order"),
@@ -240,13 +258,22 @@ def load_stream(
         epochs=epochs,
         budget=budget or "default",
         excluded=sorted(excluded),
+        dev_share=next(
+            (v for v in (dev_share, top.get("dev_share", (int, float))) if v is not None),
+            DEFAULT_DEV_SHARE if dev_needed else None,
+        ),
+        unknown_labels=unknown_labels or top.get("unknown_labels", str, "skip"),
     )
     return stream if order is None else stream.with_order(order)
 
 
 def _with_budget(top: Section, budget: str | None) -> Section:
-    """The spec's top table with a named budget's values in place of its own."""
+    """The spec's top table with a named budget's values in place of its own. Every budget,
+    and the top level's values, are checked, chosen or not."""
     budgets = top.get("budgets", dict, {})
+    _check_budget(top, top.where)
+    for name, values in budgets.items():
+        _check_budget(Section(values, f"{top.where}: budgets.{name}", set(BUDGET_KEYS)))
     if budget is None:
         return top
     if budget not in budgets:
@@ -254,10 +281,18 @@ def _with_budget(top: Section, budget: str | None) -> Section:
             f"{top.where}: no budget named {budget!r}; its [budgets]: {sorted(budgets) or 'none'}"
             " (leave --budget out for the spec's own limits and epochs)."
         )
-    chosen = Section(budgets[budget], f"{top.where}: budgets.{budget}", set(BUDGET_KEYS))
+    return Section(top.data | budgets[budget], top.where, STREAM_KEYS)
+
+
+def _check_budget(section: Section, where: str | None = None) -> None:
+    """Each of a budget's keys an integer >= 1 (an error names the table and key)."""
     for key in BUDGET_KEYS:
-        chosen.get(key, int)  # checked here, where the message can name the budget
-    return Section(top.data | chosen.data, top.where, STREAM_KEYS)
+        value = section.get(key, int)
+        if value is not None and value < 1:
+            raise ContinualPeftError(
+                f"{where or section.where}: {key} = {value} is invalid; it must be >= 1 (or left "
+                "out)."
+            )
 
 
 def _warn_again(caught: list[warnings.WarningMessage]) -> None:
@@ -268,10 +303,13 @@ def _warn_again(caught: list[warnings.WarningMessage]) -> None:
 
 
 def _warn_refused_dev(tasks: list[Task], path: Path) -> None:
-    """One warning for every task whose given dev split holds its test records."""
+    """One warning for every task whose given dev split shares records with its test or
+    training split: the copies of the test split named together, the others each with why."""
     if not tasks:
         return
-    names = [task.name for task in tasks]
+    copies = [t.name for t in tasks if "holds the same records" in t.dev_refused]
+    reasons = [f"{t.name}: {t.dev_refused}" for t in tasks if t.name not in copies]
+    what = [f"task(s) {copies} hold a copy of their test split" if copies else "", *reasons]
     carved = all(task.dev_inputs for task in tasks)
     instead = (
         "a dev split carved from each one's training data is used instead (dev_share)"
@@ -279,9 +317,9 @@ def _warn_refused_dev(tasks: list[Task], path: Path) -> None:
         else "set dev_share (or --dev-share) to carve a clean one from the training data"
     )
     warnings.warn(
-        f"{path}: the dev split of task(s) {names} holds the same records as its test split (as "
-        "in the published CL_Benchmark folder): it is never used as dev, since choosing on it "
-        f"would choose on the test set; {instead}.",
+        f"{path}: these dev splits are never used as dev, since choosing on them would choose "
+        "on test (or training) data, as the published CL_Benchmark folder's dev.json, a copy "
+        f"of test.json, would: {'; '.join(w for w in what if w)}. {instead}.",
         UserWarning,
         stacklevel=3,
     )
@@ -306,13 +344,38 @@ def _excluded(top: Section, path: Path, exclude: list[str]) -> set[str]:
 
 def _check_folders(top: Section, path: Path, root: Path, excluded: set[str]) -> None:
     """Refuse, naming every one at once, the task folders (`folder = ...`) that are missing."""
-    missing = []
-    for i, entry in enumerate(top.get("tasks", list, [])):
-        if not isinstance(entry, dict) or entry.get("name") in excluded:
+    missing, incomplete = [], []
+    folders = [
+        (entry.get("name", f"tasks[{i}]"), entry["folder"], entry)
+        for i, entry in enumerate(top.get("tasks", list, []))
+        if isinstance(entry, dict)
+        and isinstance(entry.get("folder"), str)
+        and entry.get("name") not in excluded
+    ]
+    if folders and not root.is_dir():
+        raise ContinualPeftError(
+            f"{path}: the data root {root} is not a folder; pass the folder that holds the task "
+            "folders with --data-root (for the shipped CL_Benchmark specs: the CL_Benchmark "
+            "folder)."
+        )
+    for name, folder, entry in folders:
+        place = root / folder
+        if not place.is_dir():
+            missing.append(f"{name} ({place.resolve()})")
             continue
-        folder = entry.get("folder")
-        if isinstance(folder, str) and not (root / folder / "train.json").is_file():
-            missing.append(f"{entry.get('name', f'tasks[{i}]')} ({(root / folder).resolve()})")
+        absent = [
+            f"{split}.json"
+            for split in ("train", "test")
+            if split not in entry and not (place / f"{split}.json").is_file()
+        ]
+        if absent:
+            incomplete.append(f"{name} ({place.resolve()}: no {', '.join(absent)})")
+    if incomplete and not missing:
+        raise ContinualPeftError(
+            f"{path}: task folder(s) without their data files: {', '.join(incomplete)}. Each "
+            "task folder needs train.json and test.json (dev.json and labels.json are optional)."
+        )
+    missing += incomplete
     if missing:
         raise ContinualPeftError(
             f"{path}: the data root {root} lacks the folder (with train.json, test.json) of "
@@ -378,8 +441,13 @@ def _load_class_splits(top: Section, path: Path, root: Path, options: dict[str, 
     return loaded
 
 
-def _by_name(loaded: list[Task], path: Path) -> dict[str, Task]:
+def _by_name(loaded: list[Task], path: Path, excluded: set[str]) -> dict[str, Task]:
     """Task name -> task; refuses a stream with no tasks or two tasks of one name."""
+    if not loaded and excluded:
+        raise ContinualPeftError(
+            f"{path}: every task of the stream is excluded ({sorted(excluded)}); leave at least "
+            "one task in."
+        )
     if not loaded:
         raise ContinualPeftError(
             f"{path}: the stream has no tasks; add [[tasks]] or [[class_split]] tables."
@@ -404,12 +472,21 @@ def _default_order(
     """The spec's `order`: a list of task names or a named order; every task when left out.
     Excluded tasks are dropped from it."""
     default = top.get("order", (str, list), list(by_name))
+    named = top.get("orders", dict, {})
+    if isinstance(default, str) and default in named and default not in orders:
+        default = named[default]  # a named order whose every task is left out
     default = orders[default] if isinstance(default, str) and default in orders else default
     if isinstance(default, str):
         raise ContinualPeftError(
             f"{path}: order = {default!r} is not one of the named [orders] {sorted(orders)}."
         )
-    return [name for name in default if name not in excluded]
+    kept = [name for name in default if name not in excluded]
+    if default and not kept:
+        raise ContinualPeftError(
+            f"{path}: the spec's order {default} is empty once {sorted(excluded)} are left "
+            "out; choose another --order."
+        )
+    return kept
 
 
 def _named_orders(
@@ -422,9 +499,11 @@ def _named_orders(
         where = f"{path}: orders.{key}"
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ContinualPeftError(f"{where}: must be a list of task names, got {names!r}")
-        names = [name for name in names if name not in excluded]
-        order_tasks(by_name, names, where)  # checks the names now, not at run time
-        orders[validate_task_name(key, where)] = names
+        kept = [name for name in names if name not in excluded]
+        if not kept and names:  # every task of it left out: it no longer exists
+            continue
+        order_tasks(by_name, kept, where)  # checks the names now, not at run time
+        orders[validate_task_name(key, where)] = kept
     return orders
 
 

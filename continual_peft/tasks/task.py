@@ -10,6 +10,7 @@ split and index), and what to do about it.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import warnings
@@ -48,6 +49,7 @@ ROUTER_CAP = 10_000
 # What happens to a record whose label is not one of the task's labels (MNLI's "-", no gold
 # label): skipped and counted per split (the default), or refused with an error naming it.
 UNKNOWN_LABELS = ("skip", "refuse")
+MAX_SKIPPED = 0.05  # the most of a split that records of no known label may be
 DEFAULT_DEV_SHARE = 0.1  # where a dev split is needed (a sweep) and none is set or given
 DEV_SHARE_EXAMPLE = "dev_share = 0.1 (a tenth of each label's training examples)"
 
@@ -335,7 +337,9 @@ def build_task(
         labels = _label_list(labels, classes, splits["train"])
         _check_labels(name, labels)
         if unknown_labels == "skip":
-            splits, skipped = _skip_unknown(splits, labels)
+            splits, skipped = _skip_unknown(name, splits, labels, where)
+        for rows in splits.values():  # every row, before any subset is drawn
+            _check_known(name, rows, labels)
     limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
     _check_limits(name, limits)
     by_label = kind != GENERATION  # a generation task's targets are (nearly) all distinct
@@ -347,15 +351,22 @@ def build_task(
     _warn_skipped(name, skipped, labels)
     router_limit = ROUTER_CAP if router_max_train is None else router_max_train
     router_rows = _subset(splits["train"], router_limit, f"{seed}-{name}-router")
-    rng = random.Random(f"{seed}-{name}")
+    # one random stream per split: which test rows a run scores depends on the seed and the
+    # test data alone, not on max_train or a dev split (the training subset draws first from
+    # the stream it always used, so it is the same as before splits had streams of their own)
+    streams = {
+        "train": f"{seed}-{name}",
+        "test": f"{seed}-{name}-test",
+        "dev": f"{seed}-{name}-dev",
+    }
     splits = {
-        split: _subset(splits[split], limit, rng)
+        split: _subset(splits[split], limit, random.Random(streams[split]))
         for split, limit in (("train", max_train), ("test", max_test), ("dev", max_test))
         if split in splits
     }
     labels = target_labels(splits) if kind == GENERATION else labels
     for split, rows in splits.items():
-        _check_rows(name, split, rows, labels=labels, where=where[split], classes=classes)
+        _check_rows(name, split, rows, where=where[split], classes=classes, skipped=skipped)
     index = {label: i for i, label in enumerate(labels)}
     inputs = {split: [r.input for r in rows] for split, rows in splits.items()}
     targets = {split: [index[r.label] for r in rows] for split, rows in splits.items()}
@@ -404,17 +415,58 @@ def check_unknown_labels(value: Any, where: str) -> str:
 
 
 def _skip_unknown(
-    splits: dict[str, list[Row]], labels: list[str]
+    name: str, splits: dict[str, list[Row]], labels: list[str], where: dict[str, str]
 ) -> tuple[dict[str, list[Row]], dict[str, dict[str, int]]]:
-    """The rows whose label is one of `labels`, and per split the count of each label left out."""
+    """The rows whose label is one of `labels`, and per split the count of each label left out.
+
+    Only a few records may go this way (no gold label, as MNLI's "-"): a label that differs
+    from a declared one only in case or spaces, or more than `MAX_SKIPPED` of a split, is a
+    mistake in the labels or the data, and refused.
+    """
     known = set(labels)
+    plain = {_plain(label): label for label in labels}
     kept, skipped = {}, {}
     for split, rows in splits.items():
         kept[split] = [r for r in rows if r.label in known]
         left = Counter(r.label for r in rows if r.label not in known)
-        if left:
-            skipped[split] = dict(sorted(left.items()))
+        if not left:
+            continue
+        skipped[split] = dict(sorted(left.items()))
+        near = [label for label in left if _plain(label) in plain]
+        if near:
+            raise ContinualPeftError(
+                f"task {name!r}: the {split} split's label {near[0]!r} differs from the declared "
+                f"{plain[_plain(near[0])]!r} only in case or spaces; make the labels and the "
+                "data agree (labels.json or the task's labels, or the records)."
+            )
+        share = sum(left.values()) / len(rows)
+        if share > MAX_SKIPPED:
+            counts = ", ".join(f"{label!r} x{n}" for label, n in left.most_common(5))
+            raise ContinualPeftError(
+                f"task {name!r}: {sum(left.values())} of the {len(rows)} records of its {split} "
+                f"split ({where.get(split, split)}) have a label that is not one of its labels "
+                f"{labels}: {counts}. Only records without a gold label (at most "
+                f"{MAX_SKIPPED:.0%} of a split) are left out; check the task's labels "
+                "(labels.json) against the data's label field."
+            )
     return kept, skipped
+
+
+def _plain(label: str) -> str:
+    return " ".join(label.split()).casefold()
+
+
+def _check_known(name: str, rows: list[Row], labels: list[str]) -> None:
+    """Refuse the first row whose label is not one of `labels` (every row, before sampling)."""
+    known = set(labels)
+    for row in rows:
+        if row.label not in known:
+            raise ContinualPeftError(
+                f"{row.where}: label {row.label!r} is not one of task {name!r}'s labels "
+                f"{labels}; declare it in the task's labels or fix the example (or drop "
+                '--strict-labels / unknown_labels = "refuse" to leave such records out, '
+                "counted)."
+            )
 
 
 def _warn_skipped(name: str, skipped: dict[str, dict[str, int]], labels: list[str]) -> None:
@@ -449,29 +501,69 @@ def _dev_split(
     set and none is given. Also why given dev rows were refused ("" when they were not)."""
     refused = ""
     dev = splits.get("dev")
-    if dev is not None and _same_rows(dev, splits["test"]):
-        refused = (
-            f"its dev split ({where.get('dev', 'dev')}) holds the same records as its test "
-            "split, so choosing on it would choose on the test set"
-        )
-        dev = None
+    if dev is not None:
+        refused = _unclean_dev(dev, splits, where.get("dev", "dev"))
+        if refused:  # not a dev split: its file is not where the task's dev came from
+            dev = None
+            where.pop("dev", None)
     splits = {split: rows for split, rows in splits.items() if split != "dev"}
     if dev is None and share is not None:
         rng = random.Random(f"{seed}-{name}-dev")
-        dev, train = _carve(splits["train"], share, rng, stratified=stratified)
-        if not dev or not train:
+        train = splits["train"]
+        dev, kept = _carve(train, share, rng, stratified=stratified)
+        if not dev or not kept:
             which = "dev" if not dev else "training"
-            raise ContinualPeftError(
-                f"task {name!r}: dev_share = {share} of its {len(splits['train'])} training "
-                f"examples leaves no {which} example; choose a share that leaves both (e.g. "
-                f"{DEV_SHARE_EXAMPLE}) or give the task more training data."
+            most = max(Counter(r.label if stratified else "" for r in train).values(), default=0)
+            hint = (
+                f"a share of at least {math.ceil(50 / most) / 100:g}"
+                if not dev and most and 0.5 / most < 0.5
+                else "another share"
             )
-        splits["train"] = train
+            raise ContinualPeftError(
+                f"task {name!r}: dev_share = {share} of its {len(train)} training examples "
+                f"leaves no {which} example; choose {hint}, or give the task more training data "
+                "(or a dev file of its own)."
+            )
+        lost = sorted({r.label for r in train} - {r.label for r in kept}) if stratified else []
+        if lost:
+            raise ContinualPeftError(
+                f"task {name!r}: dev_share = {share} takes every training example of label(s) "
+                f"{lost} into the dev split, so they would never be trained; choose a smaller "
+                "share."
+            )
+        splits["train"] = kept
         per = "of each label's examples" if stratified else "of the examples"
         where["dev"] = f"carved from {where['train']}: {share:g} {per} (seed {seed})"
     if dev is not None:
         splits["dev"] = dev
     return splits, refused
+
+
+def _unclean_dev(dev: list[Row], splits: dict[str, list[Row]], where: str) -> str:
+    """Why given dev rows cannot serve as a dev split (they hold test or training records),
+    or "" when they can."""
+    if _same_rows(dev, splits["test"]):
+        return (
+            f"its dev split ({where}) holds the same records as its test split, so choosing on "
+            "it would choose on the test set"
+        )
+    mine = _text_keys(dev)
+    for split, what in (("test", "test"), ("train", "training")):
+        theirs = _text_keys(splits[split])
+        shared = len(mine & theirs) if mine is not None and theirs is not None else 0
+        if shared:
+            return (
+                f"{shared} of the {len(dev)} records of its dev split ({where}) are also "
+                f"{what} records, so choosing on it would choose on {what} data"
+            )
+    return ""
+
+
+def _text_keys(rows: list[Row]) -> set[tuple[str, str]] | None:
+    """The (text, label) pairs of text rows; None for other inputs (images are not compared)."""
+    if not all(isinstance(r.input, str) for r in rows):
+        return None
+    return {(r.input, r.label) for r in rows}
 
 
 def _same_rows(a: list[Row], b: list[Row]) -> bool:
@@ -557,23 +649,17 @@ def _check_rows(
     split: str,
     rows: list[Row],
     *,
-    labels: list[str],
     where: str,
     classes: list | None,
+    skipped: dict[str, dict[str, int]],
 ) -> None:
-    """Refuse an empty split, or a row whose label is not one of the task's labels."""
+    """Refuse an empty split, saying why it is empty."""
     if not rows:
         kept = f" after keeping classes {classes}" if classes is not None else ""
+        left = f" after leaving out {skipped[split]} (no known label)" if split in skipped else ""
         raise ContinualPeftError(
-            f"task {name!r}: the {split} split ({where}) is empty{kept}; give it examples."
+            f"task {name!r}: the {split} split ({where}) is empty{kept}{left}; give it examples."
         )
-    known = set(labels)
-    for row in rows:
-        if row.label not in known:
-            raise ContinualPeftError(
-                f"{row.where}: label {row.label!r} is not one of task {name!r}'s labels "
-                f"{labels}; declare it in the task's labels or fix the example."
-            )
 
 
 def _origin(rows: list[Row], split: str) -> str:
