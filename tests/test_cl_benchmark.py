@@ -559,3 +559,42 @@ def test_messages_name_the_actual_problem(tmp_path: Path):
     path.write_text('[{"sentence": "a", "label": NaN}]')
     with pytest.raises(ContinualPeftError, match=r"label nan is not a label"):
         read_rows(path, text_column="sentence")
+
+
+# ---------------------------------------------------------------- the second hostile pass
+
+
+def test_any_named_order_works_whatever_the_spec_order(tmp_path: Path):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=6, n_test=3)
+    spec = tmp_path / "s.toml"
+    text = CL_STANDARD.read_text().replace('order = "order1"', 'order = "mine"')
+    spec.write_text(text.replace("[orders]", '[orders]\nmine = ["amazon", "agnews"]'))
+    stream, _ = quiet_load(spec, data_root=root)
+    assert [t.name for t in stream.tasks] == ["amazon", "agnews"]
+    assert [t.name for t in stream.with_order("order3").tasks] == PUBLISHED["order3"].split()
+    assert [t.name for t in stream.with_order(["yahoo"]).tasks] == ["yahoo"]
+
+
+def test_a_dev_text_that_is_a_test_text_is_caught_whatever_spaces_and_label(tmp_path: Path):
+    root = write_cl_folder(tmp_path, CL_STANDARD, n_train=30, n_test=12)
+    agnews = root / "TC" / "agnews"
+    test = json.loads((agnews / "test.json").read_text())
+    fresh = [{"sentence": f"fresh {i}", "label": "agnews-a"} for i in range(20)]
+    leaked = {"sentence": test[0]["sentence"] + "  ", "label": "agnews-b"}
+    (agnews / "dev.json").write_text(json.dumps([*fresh, leaked]))
+    stream, _ = quiet_load(CL_STANDARD, data_root=root)
+    task = next(t for t in stream.tasks if t.name == "agnews")
+    assert "1 of the 21 records" in task.dev_refused and not task.dev_inputs
+
+
+def test_the_recorded_data_is_how_it_was_read_and_dev_acc_needs_every_task():
+    from continual_peft.experiments.grid import routing_metrics
+    from continual_peft.tasks.streams import Stream
+    from continual_peft.tasks.task import Task
+
+    stream = Stream("s", [Task.from_examples("a", [("x", "p"), ("y", "q")], [("z", "p")])])
+    assert "epochs" not in stream.protocol  # the run's own epochs are in its config
+    report = {"task_names": ["a", "b"], "dev": {"acc": 0.9, "tasks": ["a"]}}
+    assert routing_metrics(report)["dev_acc"] is None  # over some tasks: ranks nothing
+    report["dev"]["tasks"] = ["b", "a"]
+    assert routing_metrics(report)["dev_acc"] == 0.9

@@ -41,7 +41,7 @@ def learner_report(
             count, dtype); the report's "backbone" holds it after the fingerprint's name.
         dev: Scores on the tasks' dev splits after the last task (`engine.evaluation.score_dev`),
             or None when the tasks have none (or the run is not finished).
-        data: How the stream's data was read (`Stream.protocol`: budget, epochs, excluded
+        data: How the stream's data was read (`Stream.protocol`: budget, excluded
             tasks, dev share, unknown labels), when the run came from a stream.
     """
     matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}

@@ -328,13 +328,16 @@ def run_record(order: str, seed: int, run_dir: str, report: dict[str, Any]) -> d
 def routing_metrics(report: dict[str, Any]) -> dict[str, float | None]:
     """A report's final routing accuracy (mean over tasks of the routing matrix's last row),
     routed ACC / oracle ACC, and dev ACC (the mean over tasks of the oracle accuracy on each
-    task's dev split after the last task); None where not measured."""
+    task's dev split after the last task, only when every task has one); None where not
+    measured."""
     rows = report.get("routing_accuracy") or []
     last = [v for v in (rows[-1] if rows else []) if not is_missing(v)]
+    dev = report.get("dev") or {}
+    whole = sorted(dev.get("tasks") or []) == sorted(report.get("task_names") or [])
     return {
         "routing_acc": float(np.mean(last)) if last else None,
         "routed_over_oracle": report.get("routed_over_oracle"),
-        "dev_acc": (report.get("dev") or {}).get("acc"),
+        "dev_acc": dev.get("acc") if whole else None,  # a dev ACC over some tasks ranks nothing
     }
 
 

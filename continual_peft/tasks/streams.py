@@ -130,6 +130,8 @@ class Stream:
     epochs: int | None = None  # the protocol's passes over each task (the spec's `epochs`)
     budget: str = "default"  # which of the spec's budgets its limits and epochs follow
     dev_share: float | None = None  # the share carved where a task has no dev split of its own
+    # every task the spec loaded, whatever order `tasks` follows (`with_order` picks from it)
+    pool: list[Task] = field(default_factory=list)
     unknown_labels: str = "skip"  # what happened to records of no known label
     excluded: list[str] = field(default_factory=list)  # tasks of the spec left out (`exclude`)
 
@@ -141,11 +143,11 @@ class Stream:
 
     @property
     def protocol(self) -> dict[str, Any]:
-        """How the data was read, for the report: budget, epochs, excluded tasks, dev share and
-        what became of records of no known label (the command line's values included)."""
+        """How the data was read, for the report: budget, excluded tasks, dev share and what
+        became of records of no known label (the command line's values included). The epochs a
+        run trained are its config's `train.epochs`."""
         return {
             "budget": self.budget,
-            "epochs": self.epochs,
             "excluded": list(self.excluded),
             "dev_share": self.dev_share,
             "unknown_labels": self.unknown_labels,
@@ -171,7 +173,7 @@ class Stream:
                 f"stream {self.name!r}: order {name!r} names task(s) {left_out}, which were left "
                 "out (--exclude); drop them from the order or stop excluding them."
             )
-        by_name = {task.name: task for task in self.tasks}
+        by_name = {task.name: task for task in [*self.pool, *self.tasks]}
         tasks = order_tasks(by_name, names, f"stream {self.name!r}: order {name!r}")
         return replace(self, tasks=tasks, order_name=name)
 
@@ -252,6 +254,7 @@ def load_stream(
     stream = Stream(
         name=name,
         tasks=order_tasks(by_name, default, f"{path}: order"),
+        pool=list(by_name.values()),
         description=top.get("description", str, ""),
         source=str(path),
         orders={"default": default, **orders},

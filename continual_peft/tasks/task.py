@@ -540,8 +540,8 @@ def _dev_split(
 
 
 def _unclean_dev(dev: list[Row], splits: dict[str, list[Row]], where: str) -> str:
-    """Why given dev rows cannot serve as a dev split (they hold test or training records),
-    or "" when they can."""
+    """Why given dev rows cannot serve as a dev split (they hold test or training inputs,
+    compared with spaces collapsed and whatever their labels), or "" when they can."""
     if _same_rows(dev, splits["test"]):
         return (
             f"its dev split ({where}) holds the same records as its test split, so choosing on "
@@ -554,16 +554,17 @@ def _unclean_dev(dev: list[Row], splits: dict[str, list[Row]], where: str) -> st
         if shared:
             return (
                 f"{shared} of the {len(dev)} records of its dev split ({where}) are also "
-                f"{what} records, so choosing on it would choose on {what} data"
+                f"{what} records (the same text), so choosing on it would choose on {what} data"
             )
     return ""
 
 
-def _text_keys(rows: list[Row]) -> set[tuple[str, str]] | None:
-    """The (text, label) pairs of text rows; None for other inputs (images are not compared)."""
+def _text_keys(rows: list[Row]) -> set[str] | None:
+    """The texts of text rows, spaces collapsed; None for other inputs (images are not
+    compared)."""
     if not all(isinstance(r.input, str) for r in rows):
         return None
-    return {(r.input, r.label) for r in rows}
+    return {" ".join(r.input.split()) for r in rows}
 
 
 def _same_rows(a: list[Row], b: list[Row]) -> bool:
