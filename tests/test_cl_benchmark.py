@@ -598,3 +598,18 @@ def test_the_recorded_data_is_how_it_was_read_and_dev_acc_needs_every_task():
     assert routing_metrics(report)["dev_acc"] is None  # over some tasks: ranks nothing
     report["dev"]["tasks"] = ["b", "a"]
     assert routing_metrics(report)["dev_acc"] == 0.9
+
+
+def test_a_no_gold_marker_among_undeclared_labels_is_warned_about():
+    from continual_peft.tasks.sources import Row
+
+    rows = {
+        "train": [Row(f"t{i}", ["a", "b", "-"][i % 3], f"train[{i}]") for i in range(9)],
+        "test": [Row("e", "a", "test[0]")],
+    }
+    with pytest.warns(UserWarning, match=r"include '-', which usually marks a record without"):
+        task = build_task("nli", rows)
+    assert "-" in task.labels  # learned as a class, as asked, but said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_task("nli", rows, labels=["a", "b", "-"])  # declared: the user's choice, no warning

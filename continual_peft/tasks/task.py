@@ -49,6 +49,7 @@ ROUTER_CAP = 10_000
 # What happens to a record whose label is not one of the task's labels (MNLI's "-", no gold
 # label): skipped and counted per split (the default), or refused with an error naming it.
 UNKNOWN_LABELS = ("skip", "refuse")
+NO_GOLD = "-"  # the label the published NLI data gives a record without a gold label
 MAX_SKIPPED = 0.05  # the most of a split that records of no known label may be
 DEFAULT_DEV_SHARE = 0.1  # where a dev split is needed (a sweep) and none is set or given
 DEV_SHARE_EXAMPLE = "dev_share = 0.1 (a tenth of each label's training examples)"
@@ -334,8 +335,18 @@ def build_task(
         check_targets(splits)
     else:
         splits = _keep_classes(splits, classes) if classes is not None else splits
+        declared = labels is not None or classes is not None
         labels = _label_list(labels, classes, splits["train"])
         _check_labels(name, labels)
+        if not declared and NO_GOLD in labels:
+            warnings.warn(
+                f"task {name!r}: its labels, taken from its training data, include {NO_GOLD!r}, "
+                "which usually marks a record without a gold label (as in MNLI); declare the "
+                "task's labels (labels.json or labels = [...]) to leave such records out instead "
+                "of learning them as a class",
+                UserWarning,
+                stacklevel=2,
+            )
         if unknown_labels == "skip":
             splits, skipped = _skip_unknown(name, splits, labels, where)
         for rows in splits.values():  # every row, before any subset is drawn
