@@ -15,15 +15,10 @@ from pathlib import Path
 from continual_peft.experiments.compare import load_leaderboard
 from continual_peft.reports.data import md_table, metric_stats
 from continual_peft.reports.grid import mean_std
+from continual_peft.reports.leaderboard import PERCENT_COLUMNS
 
-PERCENT = (
-    ("acc", "ACC", False),
-    ("bwt", "BWT", True),
-    ("forgetting", "Forgetting", False),
-    ("routed_acc", "routed ACC", False),
-    ("routing_acc", "routing", False),
-    ("routed_over_oracle", "routed/oracle", False),
-)
+# the leaderboard's own percent columns; no dev ACC: these runs choose nothing
+PERCENT = tuple(column for column in PERCENT_COLUMNS if column[0] != "dev_acc")
 COUNTS = (("trainable_parameters", "trainable params"), ("train_seconds", "train s"))
 
 

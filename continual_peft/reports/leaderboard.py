@@ -33,7 +33,7 @@ LEADERBOARD_FILES = (
     "task_curves.png",
 )  # plus sweep.png with a sweep
 # (key, column title, signed): accuracies as percentages, transfer signed as in report.md
-_PERCENT = (
+PERCENT_COLUMNS = (
     ("dev_acc", "dev ACC", False),
     ("acc", "ACC", False),
     ("bwt", "BWT", True),
@@ -75,7 +75,7 @@ def _percent(board: dict[str, Any]) -> list[tuple[str, str, bool]]:
     unmeasured = {
         key for key, _ in _OPTIONAL if not any((e.get(key) or {}).get("n") for e in entries)
     }
-    return [column for column in _PERCENT if column[0] not in unmeasured]
+    return [column for column in PERCENT_COLUMNS if column[0] not in unmeasured]
 
 
 def _header(board: dict[str, Any]) -> list[str]:

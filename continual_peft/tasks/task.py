@@ -347,10 +347,11 @@ def build_task(
                 UserWarning,
                 stacklevel=2,
             )
-        if unknown_labels == "skip":
+        if unknown_labels == "skip":  # every row left holds a known label
             splits, skipped = _skip_unknown(name, splits, labels, where)
-        for rows in splits.values():  # every row, before any subset is drawn
-            _check_known(name, rows, labels)
+        else:
+            for rows in splits.values():  # every row, before any subset is drawn
+                _check_known(name, rows, labels)
     limits = {"max_train": max_train, "max_test": max_test, "router_max_train": router_max_train}
     _check_limits(name, limits)
     by_label = kind != GENERATION  # a generation task's targets are (nearly) all distinct
