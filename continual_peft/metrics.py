@@ -64,6 +64,14 @@ METRIC_DEFINITIONS: dict[str, str] = {
         "given, never the test set. A comparison that has it on every entry ranks by it and "
         "chooses a sweep's setting on it; the ACC beside it is that choice's test score."
     ),
+    "rejection": (
+        "Rejected[i, j] = share of task j's test inputs the router turned away after training "
+        "task i: a known task's false rejects. reject_rate promises at most that share on new "
+        "inputs (split-conformal: each task's threshold is set on held-out training inputs the "
+        "router's statistics never saw, and recomputed after every task). Routed ACC counts a "
+        "rejected row wrong; 'routed ACC, accepted rows' is the routed metric over the rows "
+        "the router accepted."
+    ),
     "routing_accuracy": (
         "Routing accuracy[i, j] = share of task j's test inputs whose top-1 routed task is j, "
         "after training task i. Routed ACC / oracle ACC compares the two final ACCs."

@@ -154,7 +154,7 @@ def test_wrong_baseline_length_raises() -> None:
 
 
 def test_definitions_cover_every_metric() -> None:
-    extra = {"R", "b", "routing", "routing_accuracy", "dev"}  # what splits and matrices mean
+    extra = {"R", "b", "routing", "routing_accuracy", "dev", "rejection"}  # splits, matrices
     assert set(compute_metrics(R3, B3)) | extra == set(METRIC_DEFINITIONS)
     assert "max runs over rows l = j..T-1" in METRIC_DEFINITIONS["forgetting"]
 

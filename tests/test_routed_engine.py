@@ -58,7 +58,9 @@ def test_predict_details(routed):
 
 
 def test_rejected_rows_are_unknown(make_backbone, tasks):
-    learner = _learn(make_backbone, tasks[:2], "mahalanobis", reject_rate=0.05)
+    learner = _learn(
+        make_backbone, tasks[:2], "mahalanobis", reject_rate=0.1, calibration_share=0.25
+    )
     far = "zebra quantum xylophone " * 5
     assert learner.predict([far]) == [None]
     row = learner.predict_details([far])[0]
@@ -130,3 +132,44 @@ def test_router_can_fit_on_more_inputs_than_the_slot(make_backbone, tmp_path):
     assert learner.router.state()[0]["counts"].tolist() == [50, 50]
     with pytest.raises(ContinualPeftError, match="router_max_train = 0 is invalid"):
         load_stream(spec, router_max_train=0)
+
+
+def test_report_says_what_rejection_did(make_backbone, tasks):
+    """The report's rejected share and accepted-rows accuracy recompute from `predict`."""
+    from continual_peft.reports.run import console_report, render_markdown
+
+    learner = _learn(
+        make_backbone, tasks[:2], "mahalanobis", reject_rate=0.1, calibration_share=0.25
+    )
+    report = learner.report
+    rejected, accepted = report["rejected_share"], report["accepted_acc"]
+    assert len(rejected) == 2 and rejected[0][1] is None
+    for j, task in enumerate(tasks[:2]):
+        rows = learner.predict_details(task.test_inputs)
+        truth = [task.labels[y] for y in task.test_labels]
+        kept = [r["label"] == t for r, t in zip(rows, truth, strict=True) if not r["rejected"]]
+        assert rejected[-1][j] == pytest.approx(np.mean([r["rejected"] for r in rows]))
+        assert accepted[-1][j] == (pytest.approx(np.mean(kept)) if kept else None)
+    block = report["rejection"]
+    assert block["reject_rate"] == 0.1 and block["calibration_examples"] == [15, 15]
+    assert block["false_reject"] == pytest.approx(np.mean(rejected[-1]))
+    assert block["routed_acc"] == report["metrics"]["routed"]["acc"]
+    assert block["by_task"]["rejected"] == rejected[-1]
+    markdown = render_markdown(report)
+    assert "## Routing and rejection after the last task (%)" in markdown
+    assert "reject_rate 0.1 (mahalanobis)" in markdown and "Rejected (%)" in markdown
+    assert "rejection" in report["metric_definitions"]
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(console_report(report))
+    assert "routed ACC, accepted rows" in console.export_text()
+
+
+def test_report_without_rejection_has_no_rejection_table(routed):
+    from continual_peft.reports.run import render_markdown
+
+    report = routed.report
+    assert report["rejection"]["reject_rate"] == 0.0
+    assert report["rejected_share"][-1] == [0.0, 0.0, 0.0]
+    assert "Routing and rejection" not in render_markdown(report)

@@ -149,7 +149,7 @@ def test_image_layer_features():
     ("name", "options"),
     [
         ("prototype", {}),
-        ("mahalanobis", {"reject_rate": 0.1}),
+        ("mahalanobis", {"reject_rate": 0.1, "calibration_share": 0.5}),
         ("gate", {"steps": 30}),
         ("topk", {"k": 2}),
     ],

@@ -94,13 +94,16 @@ def test_save_load_gives_identical_decisions(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", SCORING)
-def test_state_holds_statistics_only(name):
+def test_state_holds_statistics_and_only_the_held_out_rows(name):
     n = 203  # differs from T and d, so a stored raw feature matrix would show
-    router = fitted(name, clusters(n)[0], reject_rate=0.05)
-    tensors, meta = router.state()
-    allowed = {(NUM_TASKS, DIM), (DIM, DIM), (NUM_TASKS,), (DIM,)}
-    assert tensors and {tuple(t.shape) for t in tensors.values()} <= allowed
-    assert meta["options"] == router.options
+    statistics = {(NUM_TASKS, DIM), (DIM, DIM), (NUM_TASKS,), (DIM,)}
+    for rate, kept in ((0.0, 0), (0.05, int(0.2 * n))):  # calibration rows only to reject
+        router = fitted(name, clusters(n)[0], reject_rate=rate)
+        tensors, meta = router.state()
+        calibration = tensors.pop("calibration")
+        assert tuple(calibration.shape) == (NUM_TASKS * kept, DIM)
+        assert tensors and {tuple(t.shape) for t in tensors.values()} <= statistics
+        assert meta["options"] == router.options
 
 
 @pytest.mark.parametrize(("shrinkage", "estimator"), [("ledoit_wolf", LedoitWolf), ("oas", OAS)])

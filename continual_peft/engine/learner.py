@@ -337,8 +337,8 @@ class ContinualLearner:
             evaluating(self.backbone),
             meter(where, self.predictor.evaluation_rows(self.router, router_items)),
         ):
-            accuracies, routing = self.predictor.evaluate(self.router, router_items)
-        self.monitor.after_task(accuracies, routing=routing)
+            accuracies, routing, rejection = self.predictor.evaluate(self.router, router_items)
+        self.monitor.after_task(accuracies, routing=routing, rejection=rejection)
         record = {
             "name": task.name,
             "slot": slot,
@@ -602,6 +602,7 @@ class ContinualLearner:
             backbone=self.backbone.describe(),
             dev=self.dev,
             data=self.data,
+            rejection=self.router.rejection() if self.router is not None else None,
         )
 
 

@@ -8,9 +8,18 @@ untrained head on the bare backbone, i.e. before any training touched it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from continual_peft.metrics import compute_metrics
+
+
+class Rejection(NamedTuple):
+    """What rejection did to each learned task's test set, in learning order."""
+
+    rejected: list[float]  # share of the task's test inputs rejected
+    accepted: list[float]  # routed metric over the accepted rows (NaN when none was)
 
 
 class ForgettingMonitor:
@@ -22,6 +31,9 @@ class ForgettingMonitor:
         self.before: dict[str, list[float]] = {m: [] for m in modes}  # R[j-1, j] per task j
         self.initial: list[float] = []  # b[j]
         self.routing_rows: list[list[float]] = []  # after task i: share of task j routed to j
+        self.rejected_rows: list[list[float]] = []  # after task i: share of task j rejected
+        # after task i: task j's routed metric over its accepted rows only (NaN: none accepted)
+        self.accepted_rows: list[list[float]] = []
 
     @property
     def num_tasks(self) -> int:
@@ -34,23 +46,37 @@ class ForgettingMonitor:
             self.before[mode].append(before[mode])
 
     def after_task(
-        self, accuracies: dict[str, list[float]], routing: list[float] | None = None
+        self,
+        accuracies: dict[str, list[float]],
+        routing: list[float] | None = None,
+        rejection: Rejection | None = None,
     ) -> None:
-        """Record row i: accuracy on every task seen so far per mode, and routing accuracy."""
+        """Record row i: accuracy on every task seen so far per mode, routing accuracy, and
+        what rejection did (the share of each task's test inputs rejected, and the routed
+        metric over the rows it accepted)."""
         for mode in self.modes:
             assert len(accuracies[mode]) == self.num_tasks
             self.rows[mode].append(list(accuracies[mode]))
         if routing is not None:
             self.routing_rows.append(list(routing))
+        if rejection is not None:
+            self.rejected_rows.append(list(rejection.rejected))
+            self.accepted_rows.append(list(rejection.accepted))
 
     def routing_matrix(self) -> np.ndarray:
         """Routing accuracy: row i = after task i, column j = share of task j's test inputs
         whose top-1 routed task is j; NaN for tasks not seen yet."""
-        t = len(self.routing_rows)
-        r = np.full((t, t), np.nan)
-        for i, row in enumerate(self.routing_rows):
-            r[i, : len(row)] = row
-        return r
+        return _square(self.routing_rows)
+
+    def rejected_matrix(self) -> np.ndarray:
+        """Row i = after task i, column j = share of task j's test inputs the router rejected
+        (a known task's false rejects); NaN for tasks not seen yet."""
+        return _square(self.rejected_rows)
+
+    def accepted_matrix(self) -> np.ndarray:
+        """Row i = after task i, column j = task j's routed metric over the test inputs the
+        router accepted (rejected rows left out, not counted wrong); NaN where none was."""
+        return _square(self.accepted_rows)
 
     def matrix(self, mode: str = "oracle") -> np.ndarray:
         """R for the tasks finished so far, NaN where not measured."""
@@ -77,6 +103,9 @@ class ForgettingMonitor:
             monitor.before[mode] = [float("nan")] + [np.nan if v is None else v for v in before]
         routing = report.get("routing_accuracy") or []
         monitor.routing_rows = [row[: i + 1] for i, row in enumerate(routing)]
+        for key, rows in (("rejected_share", "rejected_rows"), ("accepted_acc", "accepted_rows")):
+            saved = [_floats(row[: i + 1]) for i, row in enumerate(report.get(key) or [])]
+            setattr(monitor, rows, _aligned(saved, len(monitor.routing_rows)))
         return monitor
 
     @classmethod
@@ -87,6 +116,10 @@ class ForgettingMonitor:
         monitor.before = {m: _floats(values) for m, values in state["before"].items()}
         monitor.initial = _floats(state["initial"])
         monitor.routing_rows = [_floats(row) for row in state["routing_rows"]]
+        # a state saved before rejection was recorded has none
+        for key in ("rejected_rows", "accepted_rows"):
+            saved = [_floats(row) for row in state.get(key, [])]
+            setattr(monitor, key, _aligned(saved, len(monitor.routing_rows)))
         return monitor
 
     def state(self) -> dict:
@@ -96,7 +129,23 @@ class ForgettingMonitor:
             "before": self.before,
             "initial": self.initial,
             "routing_rows": self.routing_rows,
+            "rejected_rows": self.rejected_rows,
+            "accepted_rows": self.accepted_rows,
         }
+
+
+def _square(rows: list[list[float]]) -> np.ndarray:
+    """Lower-triangular rows (row i has i + 1 entries) as a T x T matrix, NaN above."""
+    t = len(rows)
+    out = np.full((t, t), np.nan)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def _aligned(rows: list[list[float]], count: int) -> list[list[float]]:
+    """`rows` behind NaN rows for the first tasks, which were learned before they were kept."""
+    return [[float("nan")] * (i + 1) for i in range(count - len(rows))] + rows
 
 
 def _floats(values: list) -> list[float]:

@@ -22,6 +22,7 @@ from continual_peft.config import TrainConfig
 from continual_peft.distributed import map_shards
 from continual_peft.engine.bank import ModuleBank
 from continual_peft.engine.heads.interface import TaskHeads
+from continual_peft.engine.monitor import Rejection
 from continual_peft.engine.progress import meter, tick
 from continual_peft.engine.state import LearnedTask
 from continual_peft.errors import ContinualPeftError
@@ -180,6 +181,8 @@ class RoutedScore(NamedTuple):
 
     metric: float  # the task's metric on the routed answers (accuracy, or exact match)
     routing: float  # share of rows whose top-1 task is the task itself
+    rejected: float  # share of rows the router rejected (counted wrong in `metric`)
+    accepted: float  # the metric over the accepted rows only; NaN when none was
 
 
 class Predictor:
@@ -301,9 +304,15 @@ class Predictor:
         answers, indices, _ = self.routed(
             router, state.task.test_inputs, state.feature_items, features
         )
-        value, _ = task_scores(self.heads.metric(state.task.name), answers, state.task)
+        metric = self.heads.metric(state.task.name)
+        value, _ = task_scores(metric, answers, state.task)
         routing = float((indices[:, 0] == state.index).double().mean())
-        return RoutedScore(metric=value, routing=routing)
+        kept = [i for i, answer in enumerate(answers) if answer is not None]
+        accepted = float("nan")
+        if kept:
+            accepted = task_scores(metric, [answers[i] for i in kept], state.task, kept)[0]
+        rejected = 1.0 - len(kept) / len(answers) if answers else 0.0
+        return RoutedScore(metric=value, routing=routing, rejected=rejected, accepted=accepted)
 
     def logits(self, inputs: list, tasks: list[str]) -> torch.Tensor:
         """(B, C_max) logits (label scores on a generative backbone) of rows of given tasks in
@@ -368,21 +377,25 @@ class Predictor:
 
     def evaluate(
         self, router: Router | None, router_items: list
-    ) -> tuple[dict[str, list[float]], list[float] | None]:
+    ) -> tuple[dict[str, list[float]], list[float] | None, Rejection | None]:
         """A new row of every matrix, after the router (if any) learns the newest task from
-        `router_items`: oracle accuracy per task, and with a router routed and routing accuracy.
+        `router_items`: oracle accuracy per task, and with a router routed and routing accuracy
+        and what rejection did.
 
         Returns:
-            {"oracle": [...], "routed": [...]} and the routing accuracies (None without router).
+            {"oracle": [...], "routed": [...]}, the routing accuracies and the `Rejection`
+            (both None without a router).
         """
         states = list(self.learned.values())
         oracle = [self.accuracy(s) for s in states]
         if router is None:
-            return {"oracle": oracle}, None
+            return {"oracle": oracle}, None, None
         router.add_task(self.features(router_items, router.layers))  # statistics only
         router.agree()  # under torchrun: the same statistics on every rank
-        routed, routing = self.routed_accuracy(router)
-        return {"oracle": oracle, "routed": routed}, routing
+        results = [self.routed_scores(router, state) for state in states]
+        rejection = Rejection([r.rejected for r in results], [r.accepted for r in results])
+        routed, routing = [r.metric for r in results], [r.routing for r in results]
+        return {"oracle": oracle, "routed": routed}, routing, rejection
 
     def routed_accuracy(self, router: Router) -> tuple[list[float], list[float]]:
         """Per learned task, in learning order: routed accuracy and routing accuracy on its
@@ -391,8 +404,11 @@ class Predictor:
         return [r.metric for r in results], [r.routing for r in results]
 
 
-def task_scores(metric: str, answers: list[str | None], task) -> tuple[float, dict[str, float]]:
-    """The task's metric over its test set, and its other scores.
+def task_scores(
+    metric: str, answers: list[str | None], task, rows: list[int] | None = None
+) -> tuple[float, dict[str, float]]:
+    """The task's metric over its test set (or over its test rows `rows`, in that order), and
+    its other scores.
 
     "accuracy": share of answers equal to the true label string (`not_a_label`: how many
     answers are none of the task's labels, e.g. generated texts). "exact_match": share equal
@@ -400,6 +416,8 @@ def task_scores(metric: str, answers: list[str | None], task) -> tuple[float, di
     (None) is wrong.
     """
     truth = [task.labels[y] for y in task.test_labels]
+    if rows is not None:
+        truth = [truth[i] for i in rows]
     if metric == "exact_match":
         texts = ["" if a is None else a for a in answers]
         em = exact_match(texts, truth)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from continual_peft._version import __version__
 from continual_peft.config import LearnerConfig
 from continual_peft.engine.monitor import ForgettingMonitor
@@ -25,6 +27,7 @@ def learner_report(
     backbone: dict[str, Any] | None = None,
     dev: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
+    rejection: dict[str, Any] | None = None,
 ) -> dict:
     """The report as a JSON-ready dict (schema version 1); unmeasured entries are None.
 
@@ -43,6 +46,9 @@ def learner_report(
             or None when the tasks have none (or the run is not finished).
         data: How the stream's data was read (`Stream.protocol`: budget, excluded
             tasks, dev share, unknown labels), when the run came from a stream.
+        rejection: The router's promise (`Router.rejection`: reject_rate, calibration rows per
+            task), None without one; the report's "rejection" block adds what it did after the
+            last task (`rejection_summary`).
     """
     matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}
     metrics = {m: monitor.metrics(m) for m in monitor.modes} if records else {}
@@ -68,6 +74,38 @@ def learner_report(
         "router": config.router,
         "routing_accuracy": (nan_to_none(monitor.routing_matrix()) if routed else None),
         "routed_over_oracle": routed_ratio,
+        "rejected_share": nan_to_none(monitor.rejected_matrix()) if routed else None,
+        "accepted_acc": nan_to_none(monitor.accepted_matrix()) if routed else None,
+        "rejection": rejection_summary(monitor, metrics, rejection) if routed else None,
         "dev": dev,
         "data": data,
     }
+
+
+def rejection_summary(
+    monitor: ForgettingMonitor, metrics: dict[str, Any], promise: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The report's "rejection" block: the router's promise, and after the last task the mean
+    share of known tasks' test inputs rejected (`false_reject`), routed ACC with rejected rows
+    counted wrong (`routed_acc`) and over the accepted rows only (`routed_acc_accepted`), and
+    the same per task (`by_task`); fractions, None where not measured."""
+    rejected, accepted = monitor.rejected_matrix(), monitor.accepted_matrix()
+    last = len(rejected) - 1
+    measured = last >= 0 and not np.isnan(rejected[last]).all()
+
+    def mean(row: np.ndarray) -> float | None:
+        kept = row[~np.isnan(row)]
+        return float(kept.mean()) if kept.size else None
+
+    summary = {
+        **(promise or {"reject_rate": 0.0}),
+        "false_reject": mean(rejected[last]) if measured else None,
+        "routed_acc": (metrics.get("routed") or {}).get("acc"),
+        "routed_acc_accepted": mean(accepted[last]) if measured else None,
+    }
+    if measured:
+        summary["by_task"] = {
+            "rejected": nan_to_none(rejected[last]),
+            "routed_acc_accepted": nan_to_none(accepted[last]),
+        }
+    return summary

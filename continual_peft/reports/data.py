@@ -59,7 +59,58 @@ def named_matrices(report: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
     if report.get("routing_accuracy"):
         title = "Routing accuracy (%): share of task j's test inputs routed to task j"
         named.append((title, as_array(report["routing_accuracy"])))
+    if rejects(report) and report.get("rejected_share"):
+        title = "Rejected (%): share of task j's test inputs the router turned away"
+        named.append((title, as_array(report["rejected_share"])))
     return named
+
+
+def rejects(report: dict[str, Any]) -> bool:
+    """Whether the report's router was set to reject unfamiliar inputs (reject_rate > 0)."""
+    rejection = report.get("rejection")
+    return isinstance(rejection, dict) and bool(rejection.get("reject_rate"))
+
+
+def rejection_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[str]]] | None:
+    """After the last task, per task: routing accuracy, the share of its test inputs rejected,
+    routed ACC with rejected rows counted wrong and over the accepted rows, and its calibration
+    rows, then the mean; (caption, header, rows in percent), None unless the router rejects."""
+    if not rejects(report):
+        return None
+    rejection = report["rejection"]
+    by_task = rejection.get("by_task") or {}
+    routing = as_array(report.get("routing_accuracy") or [[]])
+    routed = report.get("accuracy_matrix", {}).get("routed") or [[]]
+    names = list(report.get("task_names") or [])
+    sizes = list(rejection.get("calibration_examples") or [])
+    header = ["task", "routing acc", "rejected", "routed ACC", "routed ACC, accepted rows",
+              "calibration rows"]  # fmt: skip
+    rows = []
+    for j, name in enumerate(names):
+        cells = [
+            routing[-1][j] if j < routing.shape[1] else None,
+            _at(by_task.get("rejected"), j),
+            _at(routed[-1], j),
+            _at(by_task.get("routed_acc_accepted"), j),
+        ]
+        rows.append([name, *(pct(v) for v in cells), str(_at(sizes, j) or "")])
+    means = [
+        rejection.get("false_reject"),
+        rejection.get("routed_acc"),
+        rejection.get("routed_acc_accepted"),
+    ]
+    mean_routing = None if routing.size == 0 else float(np.nanmean(routing[-1]))
+    rows.append(["mean", pct(mean_routing), *(pct(v) for v in means), ""])
+    caption = (
+        f"reject_rate {rejection['reject_rate']:g} ({rejection.get('familiarity', 'score')}): "
+        "each task's threshold is calibrated on held-out rows, recomputed after every task; "
+        "'rejected' should stay near it. Routed ACC counts a rejected row wrong."
+    )
+    return caption, header, rows
+
+
+def _at(values: Any, index: int) -> Any:
+    return values[index] if isinstance(values, list) and index < len(values) else None
 
 
 def md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:

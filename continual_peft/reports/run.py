@@ -26,6 +26,7 @@ from continual_peft.reports.data import (
     backbone_summary,
     md_table,
     named_matrices,
+    rejection_table,
 )
 from continual_peft.reports.data import (
     is_missing as _missing,
@@ -119,7 +120,14 @@ def console_headline(report: dict[str, Any]) -> Table | None:
     ours, theirs = _compared_names(report)
     title = f"Headline (%): {ours} vs baseline {theirs}"
     caption = f"difference = {ours} − {theirs}, in percentage points"
-    table = Table(title=title, caption=caption, min_width=len(caption) + 4)
+    return _console_table(title, header, rows, caption, min_width=len(caption) + 4)
+
+
+def _console_table(
+    title: str, header: list[str], rows: list[list[str]], caption: str, min_width: int = 0
+) -> Table:
+    """A rich table: the first column bold, the others right-aligned."""
+    table = Table(title=title, caption=caption, min_width=min_width)
     table.add_column(header[0], style="bold")
     for name in header[1:]:
         table.add_column(name, justify="right")
@@ -151,10 +159,22 @@ def console_report(report: dict[str, Any]) -> Group:
         tables.append(_console_metrics(report))
     if report.get("routed_over_oracle") is not None:
         tables.append(Text(f"routed ACC / oracle ACC: {report['routed_over_oracle']:.3f}"))
+    rejection = _console_rejection(report)
+    if rejection is not None:
+        tables.append(rejection)
     headline = console_headline(report)
     if headline is not None:
         tables.append(headline)
     return Group(header, *tables)
+
+
+def _console_rejection(report: dict[str, Any]) -> Table | None:
+    """The per-task routing and rejection table (`rejection_table`), None without rejection."""
+    rejection = rejection_table(report)
+    if rejection is None:
+        return None
+    caption, columns, rows = rejection
+    return _console_table("Routing and rejection after the last task (%)", columns, rows, caption)
 
 
 def _metric_note(report: dict[str, Any]) -> str:
@@ -293,6 +313,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"Training loss per task: `{LOSS_CURVES_FILE}`.", ""]
     if report.get("routed_over_oracle") is not None:
         lines += [f"Routed ACC / oracle ACC: **{report['routed_over_oracle']:.3f}**", ""]
+    rejection = rejection_table(report)
+    if rejection is not None:
+        caption, header, rows = rejection
+        lines += ["## Routing and rejection after the last task (%)", "", caption, ""]
+        lines += md_table(header, rows)
     definitions = report.get("metric_definitions") or METRIC_DEFINITIONS
     lines += ["## Metric definitions", ""]
     lines += [f"- **{key}**: {text}" for key, text in definitions.items()]

@@ -15,13 +15,15 @@ Every tensor a router makes is made on its device.
 from __future__ import annotations
 
 import abc
+import math
+import warnings
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from continual_peft.backbones.features import check_layers
-from continual_peft.backbones.placement import CPU
+from continual_peft.backbones.placement import CPU, Placement
 from continual_peft.distributed import same_everywhere, world
 from continual_peft.errors import ContinualPeftError
 from continual_peft.registry import Registry
@@ -114,6 +116,11 @@ class Router(abc.ABC):
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:  # noqa: B027
         """Take back `state()`'s output (already on `self.device`); nothing to do by default."""
 
+    def rejection(self) -> dict[str, Any] | None:
+        """What this router's rejection promises, for the report: None when it rejects nothing
+        by design (oracle); see `ScoringRouter.rejection`."""
+        return None
+
     def agree(self) -> None:
         """Under torchrun, hold rank 0's statistics on every rank (each rank fits the same
         gathered features, but a GPU's reductions need not repeat bit for bit)."""
@@ -158,36 +165,77 @@ class Router(abc.ABC):
 class ScoringRouter(Router):
     """A router that scores every task and rejects rows unfamiliar to all of them.
 
-    Rejection: when task t is added, its threshold is the `reject_rate` quantile of its own
-    training features' familiarity to t (by default the router's score for t). A row is rejected
-    when it falls below the threshold of every task. Thresholds are fixed when their task
-    arrives, on the rows the statistics were just fitted on. Scores that later tasks shift (a
-    shared covariance, a refitted gate) move away from them, and new rows look less familiar than
-    fitted ones, the more so the wider the features and the fewer the rows. So on new inputs of
-    known tasks more than `reject_rate` are rejected: with MiniLM's "auto" features (1,152) at
-    0.05, 12.4 % on the four shared tasks and 22.1 % on the dbpedia class split (prototype, on
-    384 features and no shared statistics: 3.7 % and 3.2 %; benchmarks/RESULTS.md). Ask for
-    0.01–0.02, and check the rate on held-out inputs of your own.
+    Rejection is split-conformal (Vovk et al. 2005; Angelopoulos & Bates 2021, section 1): with
+    `reject_rate` α > 0, `add_task` holds out a seeded share of the task's rows (its
+    calibration rows: `calibration_share` of them, at most `max_calibration`), fits the
+    statistics on the rest only, and keeps the held-out rows. Task t's threshold τ_t is the k-th
+    smallest familiarity of its n calibration rows to t, k = ⌊α (n + 1)⌋; a row is rejected when
+    its familiarity to every task is below that task's τ. Since no statistic ever sees a
+    calibration row, the calibration rows and the task's new inputs are exchangeable, so a new
+    input of task t is rejected by t's threshold with probability k / (n + 1), in
+    (α − 1 / (n + 1), α] (averaged over the held-out draw; for one draw the rate follows
+    Beta(k, n + 1 − k), standard deviation about √(α / n)). Later tasks change shared
+    statistics (a shared covariance), so every threshold is recomputed from the kept rows after
+    every task: the promise holds at every step, not only when the task arrived. A known row
+    that another task also accepts is kept, so the overall rate is at most the task's own.
+
+    What is kept: n ≤ `max_calibration` float32 rows per task (n·d·4 bytes: 1.2 MB for 300 rows
+    of MiniLM's 1,152 "auto" features). A task with fewer than ⌈1/α⌉ − 1 calibration rows
+    cannot calibrate α: it warns and accepts every row (so nothing is rejected) rather than
+    reject more than promised. With `reject_rate` 0 nothing is held out or kept.
 
     Args:
-        reject_rate: Share of in-distribution training inputs allowed to be rejected; 0 rejects
+        reject_rate: α, the share of a known task's new inputs that may be rejected; 0 rejects
             nothing.
         layers: Which hidden layers the features come from: "last", "auto" or a list of depths
             (`backbones.features`). The engine computes them; features passed by hand must
             come from the same setting.
+        calibration_share: Share of each task's rows held out for calibration (when α > 0).
+        max_calibration: At most this many calibration rows per task.
+
+    Raises:
+        ContinualPeftError: a rate outside [0, 1), a share outside (0, 1), a non-positive cap.
     """
 
-    def __init__(self, reject_rate: float = 0.0, layers: str | list[int] = "last") -> None:
+    def __init__(
+        self,
+        reject_rate: float = 0.0,
+        layers: str | list[int] = "last",
+        calibration_share: float = 0.2,
+        max_calibration: int = 1000,
+    ) -> None:
         if isinstance(reject_rate, bool) or not isinstance(reject_rate, int | float):
             raise ContinualPeftError(f"reject_rate must be a number, got {reject_rate!r}")
         if not 0.0 <= reject_rate < 1.0:
             raise ContinualPeftError(f"reject_rate must be in [0, 1), got {reject_rate}")
+        if isinstance(calibration_share, bool) or not isinstance(calibration_share, int | float):
+            raise ContinualPeftError(
+                f"calibration_share must be a number, got {calibration_share!r}"
+            )
+        if not 0.0 < calibration_share < 1.0:
+            raise ContinualPeftError(
+                f"calibration_share must be in (0, 1), got {calibration_share}"
+            )
+        if isinstance(max_calibration, bool) or not isinstance(max_calibration, int):
+            raise ContinualPeftError(f"max_calibration must be an integer, got {max_calibration!r}")
+        if max_calibration < 1:
+            raise ContinualPeftError(f"max_calibration must be >= 1, got {max_calibration}")
         self.reject_rate = float(reject_rate)
+        self.calibration_share = float(calibration_share)
+        self.max_calibration = max_calibration
         self.layers = check_layers(layers, f"router {self.name!r}")
-        self.options = {"reject_rate": self.reject_rate, "layers": self.layers}
+        self.options = {
+            "reject_rate": self.reject_rate,
+            "layers": self.layers,
+            "calibration_share": self.calibration_share,
+            "max_calibration": self.max_calibration,
+        }
         self.num_tasks = 0
         self.dim: int | None = None
         self.thresholds = torch.empty(0, dtype=torch.float64, device=self.device)  # (T,)
+        # every task's held-out rows, stacked in task order, and how many each task has
+        self.calibration = torch.empty(0, 0, dtype=torch.float32, device=self.device)  # (ΣN, d)
+        self.calibration_sizes: list[int] = []
 
     @abc.abstractmethod
     def _fit(self, x: torch.Tensor) -> None:
@@ -214,13 +262,71 @@ class ScoringRouter(Router):
         if len(x) == 0:
             raise ContinualPeftError(f"{self.name}.add_task: a task needs at least one feature row")
         self.dim = x.shape[1]
-        self._fit(x)
+        fit, held_out = self._split(x)
+        self._fit(fit)
         self.num_tasks += 1
-        threshold = torch.tensor([-torch.inf], dtype=torch.float64, device=self.device)
-        if self.reject_rate > 0:
-            own = self._familiarity(x)[:, -1]  # (N,)
-            threshold = torch.quantile(own, self.reject_rate).reshape(1)
-        self.thresholds = torch.cat([self.thresholds, threshold])
+        if self.calibration.numel() == 0:
+            self.calibration = torch.empty(0, self.dim, dtype=torch.float32, device=self.device)
+        self.calibration = torch.cat([self.calibration, held_out.float()])
+        self.calibration_sizes.append(len(held_out))
+        self.thresholds = self._calibrate()
+        if self.reject_rate > 0 and self.thresholds[-1] == -torch.inf:
+            need = self._rows_needed()
+            warnings.warn(
+                f"{self.name}: task {self.num_tasks - 1} has {len(held_out)} calibration row(s), "
+                f"too few to calibrate reject_rate {self.reject_rate} (it needs {need}: "
+                f"{need / self.calibration_share:.0f} router inputs at calibration_share "
+                f"{self.calibration_share}); it accepts every row, so this router rejects "
+                "nothing. Give the task more router inputs, or raise reject_rate or "
+                "calibration_share.",
+                stacklevel=2,
+            )
+
+    def rejection(self) -> dict[str, Any]:
+        """{"reject_rate": α, "familiarity": what is thresholded, "calibration_examples": per
+        task, "calibration_bytes": what the kept rows take, "calibrated": per task, whether
+        its threshold holds α (False: too few rows, it accepts every row)}."""
+        calibrated = [bool(t > -torch.inf) for t in self.thresholds.tolist()]
+        return {
+            "reject_rate": self.reject_rate,
+            "familiarity": getattr(self, "familiarity", "score"),
+            "calibration_examples": list(self.calibration_sizes),
+            "calibration_bytes": self.calibration.numel() * self.calibration.element_size(),
+            "calibrated": calibrated if self.reject_rate > 0 else [False] * self.num_tasks,
+        }
+
+    def _rows_needed(self) -> int:
+        """Calibration rows a task needs for k = ⌊α (n + 1)⌋ to reach 1."""
+        return math.ceil(1 / self.reject_rate - 1e-9) - 1
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the statistics are fitted on, and the held-out calibration rows (float32
+        precision, as they are kept): a seeded draw per task index, none when α = 0."""
+        n = min(self.max_calibration, int(self.calibration_share * len(x)))
+        if self.reject_rate == 0 or n == 0:
+            return x, x[:0]
+        order = torch.randperm(len(x), generator=Placement.generator(self.num_tasks), device=CPU)
+        order = order.to(x.device)
+        return x[order[n:]], x[order[:n]].float().double()
+
+    def _calibrate(self) -> torch.Tensor:
+        """(T,) every task's threshold from its calibration rows under the current statistics:
+        the k-th smallest familiarity, k = ⌊α (n + 1)⌋. Where k = 0 a task keeps the threshold
+        it had (a router saved before rows were kept), or -inf (accept all) when new."""
+        count = self.num_tasks - len(self.thresholds)
+        new = torch.full((count,), -torch.inf, dtype=torch.float64, device=self.device)
+        thresholds = torch.cat([self.thresholds, new])
+        if self.reject_rate == 0:
+            return thresholds
+        start = 0
+        for task, size in enumerate(self.calibration_sizes):
+            rows = self.calibration[start : start + size].double()
+            start += size
+            k = math.floor(self.reject_rate * (size + 1) + 1e-9)
+            if k >= 1:
+                own = self._familiarity(rows)[:, task]  # (n,)
+                thresholds[task] = own.kthvalue(k).values
+        return thresholds
 
     def _features(self, features: torch.Tensor, where: str) -> torch.Tensor:
         if self.num_tasks == 0:
@@ -259,8 +365,17 @@ class ScoringRouter(Router):
         return ranking.indices.to(features.device), weights.to(features.device)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {"thresholds": self.thresholds.clone(), **self._tensors()}
-        meta = {"options": dict(self.options), "num_tasks": self.num_tasks, "dim": self.dim}
+        tensors = {
+            "thresholds": self.thresholds.clone(),
+            "calibration": self.calibration.clone(),
+            **self._tensors(),
+        }
+        meta = {
+            "options": dict(self.options),
+            "num_tasks": self.num_tasks,
+            "dim": self.dim,
+            "calibration_sizes": list(self.calibration_sizes),
+        }
         return tensors, meta
 
     @classmethod
@@ -275,6 +390,17 @@ class ScoringRouter(Router):
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.thresholds = take(tensors, "thresholds", (self.num_tasks,))
+        sizes = meta.get("calibration_sizes")
+        if sizes is None:  # saved before calibration rows were kept: thresholds as saved
+            sizes = [0] * self.num_tasks
+        if len(sizes) != self.num_tasks or any(not isinstance(n, int) or n < 0 for n in sizes):
+            raise ContinualPeftError(
+                f"router state: calibration_sizes {sizes!r} do not fit {self.num_tasks} task(s)"
+            )
+        self.calibration_sizes = list(sizes)
+        rows = (sum(sizes), self.dim or 0)
+        kept = tensors.get("calibration", torch.zeros(rows, device=self.thresholds.device))
+        self.calibration = take(tensors | {"calibration": kept}, "calibration", rows).float()
         self._load(tensors)
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from continual_peft.backbones.placement import CPU, Placement
 from continual_peft.errors import ContinualPeftError
 from continual_peft.routers.base import ROUTERS, ScoringRouter, take
-from continual_peft.routers.gaussian import GaussianStats
+from continual_peft.routers.gaussian import GaussianStats, check_familiarity
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -49,6 +49,8 @@ class GateRouter(ScoringRouter):
         shrinkage: Covariance estimator for the Gaussians: "ledoit_wolf" or "oas".
         reject_rate: See `ScoringRouter`; familiarity comes from the Gaussians.
         layers: See `ScoringRouter`; several depths side by side ("auto") by default.
+        familiarity: See `MahalanobisRouter`.
+        calibration_share, max_calibration: See `ScoringRouter`.
     """
 
     name = "gate"
@@ -64,8 +66,12 @@ class GateRouter(ScoringRouter):
         shrinkage: str = "ledoit_wolf",
         reject_rate: float = 0.0,
         layers: str | list[int] = "auto",
+        familiarity: str = "mahalanobis",
+        calibration_share: float = 0.2,
+        max_calibration: int = 1000,
     ) -> None:
-        super().__init__(reject_rate, layers)
+        super().__init__(reject_rate, layers, calibration_share, max_calibration)
+        self.familiarity = check_familiarity(familiarity, self.name)
         self.hidden = _positive_int("hidden", hidden, minimum=0)
         self.samples_per_task = _positive_int("samples_per_task", samples_per_task)
         self.steps = _positive_int("steps", steps)
@@ -81,6 +87,7 @@ class GateRouter(ScoringRouter):
             "weight_decay": self.weight_decay,
             "seed": seed,
             "shrinkage": shrinkage,
+            "familiarity": familiarity,
             **self.options,
         }
 
@@ -141,7 +148,7 @@ class GateRouter(ScoringRouter):
         return torch.log_softmax(self._logits(x, params), dim=1)
 
     def _familiarity(self, x: torch.Tensor) -> torch.Tensor:
-        return -self.stats.distances(x)
+        return self.stats.familiarity(x, self.familiarity)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         gate = {f"gate.{key}": value.clone() for key, value in self.params.items()}

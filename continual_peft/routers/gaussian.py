@@ -20,6 +20,8 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.routers.base import ROUTERS, ScoringRouter, take
 
 SHRINKAGES = ("ledoit_wolf", "oas")
+# what rejection thresholds (`GaussianStats.familiarity`)
+FAMILIARITIES = ("mahalanobis", "relative")
 
 
 def ledoit_wolf(scatter: torch.Tensor, n: int, fourth: float) -> tuple[torch.Tensor, float]:
@@ -72,6 +74,24 @@ def _shrink(emp: torch.Tensor, mu: float, shrinkage: float) -> torch.Tensor:
     return (1.0 - shrinkage) * emp + shrinkage * mu * eye
 
 
+def _factor(cov: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a covariance; a tiny relative ridge keeps it defined when the
+    features are degenerate."""
+    d = cov.shape[0]
+    ridge = 1e-10 * float(cov.trace()) / d + 1e-300
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    return torch.linalg.cholesky(cov + ridge * eye)
+
+
+def check_familiarity(kind: object, where: str) -> str:
+    """`kind` if it is one of `FAMILIARITIES`, else a ContinualPeftError naming them."""
+    if kind not in FAMILIARITIES:
+        raise ContinualPeftError(
+            f"{where}: unknown familiarity {kind!r}; valid choices: {', '.join(FAMILIARITIES)}"
+        )
+    return str(kind)
+
+
 class GaussianStats:
     """Sufficient statistics for per-task means and a shared shrunk covariance.
 
@@ -92,6 +112,7 @@ class GaussianStats:
         self.fourth = torch.zeros(0, **f64)  # (T,) Σ ‖x − mean_t‖⁴ per task
         self.scatter = torch.zeros(0, 0, **f64)  # (d, d) pooled within-task
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._background: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -114,7 +135,7 @@ class GaussianStats:
         fourth = centred.pow(2).sum(dim=1).pow(2).sum()
         self.fourth = torch.cat([self.fourth, fourth.reshape(1)])
         self.scatter = self.scatter + centred.T @ centred
-        self._cache = None
+        self._cache = self._background = None
 
     def covariance(self) -> torch.Tensor:
         """(d, d) the shrunk shared covariance of the within-task-centred features so far."""
@@ -130,15 +151,37 @@ class GaussianStats:
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cholesky factor and whitened task means, recomputed only after a change."""
         if self._cache is None:
-            cov = self.covariance()
-            d = cov.shape[0]
-            # A tiny relative ridge keeps the factorisation defined when features are degenerate.
-            ridge = 1e-10 * float(cov.trace()) / d + 1e-300
-            eye = torch.eye(d, dtype=torch.float64, device=self.device)
-            chol = torch.linalg.cholesky(cov + ridge * eye)
+            chol = _factor(self.covariance())
             centres = torch.linalg.solve_triangular(chol, self.means.T, upper=False).T  # (T, d)
             self._cache = (chol, centres)
         return self._cache
+
+    def background_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) Mahalanobis distances of (B, d) float64 features to the background Gaussian:
+        one Gaussian over every task's rows (their mean, and their total scatter, which is the
+        pooled within-task scatter plus Σₜ nₜ (μₜ − μ)(μₜ − μ)ᵀ, shrunk as scikit-learn's OAS),
+        as in Ren et al. 2021, "A simple fix to Mahalanobis distance"."""
+        if self._background is None:
+            n = float(self.counts.sum())
+            mean = self.sums.sum(dim=0) / n  # (d,)
+            between = self.means - mean  # (T, d)
+            total = self.scatter + (between.T * self.counts) @ between
+            self._background = (_factor(oas(total, int(n))[0]), mean)
+        chol, mean = self._background
+        z = torch.linalg.solve_triangular(chol, (x - mean).T, upper=False)  # (d, B)
+        return z.pow(2).sum(0).sqrt()
+
+    def familiarity(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """(B, T) how familiar (B, d) float64 rows look to each task, higher is more familiar.
+
+        "mahalanobis": −Mahalanobis distance to the task's mean under the shared covariance
+        (Lee et al. 2018). "relative": −(D²ₜ − D²₀), the squared distance to the task less the
+        squared distance to the background Gaussian (`background_distances`; Ren et al. 2021),
+        which discounts what every task shares.
+        """
+        if kind == "mahalanobis":
+            return -self.distances(x)
+        return -(self.distances(x).pow(2) - self.background_distances(x).pow(2)[:, None])
 
     def distances(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T) Mahalanobis distances of (B, d) float64 features to each task's mean."""
@@ -163,7 +206,7 @@ class GaussianStats:
         self.counts = take(tensors, "counts", (num_tasks,))
         self.fourth = take(tensors, "fourth_moments", (num_tasks,))
         self.scatter = take(tensors, "scatter", (d, d))
-        self._cache = None
+        self._cache = self._background = None
 
 
 @ROUTERS.register("mahalanobis")
@@ -178,6 +221,9 @@ class MahalanobisRouter(ScoringRouter):
     Args:
         shrinkage: "ledoit_wolf" or "oas" (scikit-learn's estimators, recomputed from statistics).
         reject_rate: See `ScoringRouter`.
+        familiarity: What rejection thresholds (`GaussianStats.familiarity`): "mahalanobis"
+            or "relative" (Ren et al. 2021); routing is the same under both.
+        calibration_share, max_calibration: See `ScoringRouter`.
         layers: See `ScoringRouter`; "auto" (several depths side by side) by default, which
             routed the four shared tasks 99.6 % right against 96.1 % on the last layer
             (benchmarks/RESULTS.md).
@@ -190,16 +236,23 @@ class MahalanobisRouter(ScoringRouter):
         shrinkage: str = "ledoit_wolf",
         reject_rate: float = 0.0,
         layers: str | list[int] = "auto",
+        familiarity: str = "mahalanobis",
+        calibration_share: float = 0.2,
+        max_calibration: int = 1000,
     ) -> None:
-        super().__init__(reject_rate, layers)
+        super().__init__(reject_rate, layers, calibration_share, max_calibration)
         self.stats = GaussianStats(shrinkage, self.device)
-        self.options = {"shrinkage": shrinkage, **self.options}
+        self.familiarity = check_familiarity(familiarity, self.name)
+        self.options = {"shrinkage": shrinkage, "familiarity": familiarity, **self.options}
 
     def _fit(self, x: torch.Tensor) -> None:
         self.stats.add(x)
 
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
         return -self.stats.distances(x)
+
+    def _familiarity(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stats.familiarity(x, self.familiarity)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return self.stats.tensors()

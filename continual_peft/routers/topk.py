@@ -70,6 +70,9 @@ class TopKRouter(Router):
     def agree(self) -> None:
         self.base.agree()
 
+    def rejection(self) -> dict[str, Any]:
+        return self.base.rejection()
+
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         return self.base.scores(features)
 

@@ -211,7 +211,8 @@ def load_safetensors(path: PathLike, device: torch.device | str = "cpu") -> dict
     source = Path(path)
     raw = _read_bytes(source)
     try:
-        tensors = _st_load(raw)
+        with torch.device("cpu"):  # an empty tensor would land on the default device
+            tensors = _st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CorruptFileError(source, f"invalid safetensors data: {err}") from err
     return {name: value.to(device) for name, value in tensors.items()}

@@ -1,0 +1,373 @@
+"""Rejection of unknown inputs, measured as the field measures out-of-distribution detection.
+
+Features first: the frozen bundled all-MiniLM-L6-v2's mean-pooled states of every layer, for
+each task of two streams (`streams/cl_benchmark.toml`: four tasks of different domains;
+`streams/dbpedia_split.toml`: DBpedia's classes as 7 tasks of one domain) and for an
+out-of-scope set built from tasks of other domains (CL_Benchmark's NLI, QQP, BoolQA, COPA,
+MultiRC and WiC test files: sentence pairs, questions and passages). They are cached
+(`--cache`), so every score below is computed on the same rows.
+
+Then, per stream and per score (router, familiarity, layers):
+1. calibration held through the stream: the tasks arrive in order, each router with
+   `reject_rate` r; after every task, the share of every known task's test inputs rejected.
+   Printed: the worst and mean |rate − r| over every (step, task), for thresholds
+   recalibrated after every task from the stored held-out rows (what ships), thresholds fixed
+   when their task arrived (held-out rows, nothing stored), and thresholds set on the fitted
+   rows (the router before issue 27).
+2. detection: leave-one-task-out (each task in turn left out of the router; its test inputs are
+   the unknown ones) and out-of-scope (every task known; the out-of-scope set is unknown).
+   AUROC and FPR at 95 % TPR of the known-vs-unknown score (a row's best familiarity over the
+   known tasks; known = positive, scikit-learn's `roc_auc_score`/`roc_curve`), and at the
+   configured rate the false-reject rate on known tasks' test inputs and the share of unknown
+   inputs rejected.
+
+Run: python benchmarks/rejection.py [--data-root ../shared/data/cl_benchmark]
+     [--ood-root ../shared/data/CL_Benchmark] [--fit 2000] [--test 500] [--rates 0.02,0.05]
+     [--cache /tmp/rejection-features]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from continual_peft import Backbone
+from continual_peft.backbones.placement import Placement
+from continual_peft.routers import build_router
+from continual_peft.tasks.streams import load_stream
+
+STREAMS = {
+    "cl_benchmark": "streams/cl_benchmark.toml",
+    "dbpedia_split": "streams/dbpedia_split.toml",
+}
+# CL_Benchmark tasks of other domains than both streams (news, reviews, Wikipedia abstracts)
+OUT_OF_SCOPE = [
+    "NLI/MNLI",
+    "NLI/RTE",
+    "NLI/CB",
+    "QQP/QQP",
+    "BoolQA/BoolQA",
+    "COPA/COPA",
+    "MultiRC/MultiRC",
+    "WiC/WiC",
+]
+
+
+@torch.no_grad()
+def layer_features(backbone: Backbone, inputs: list, batch_size: int = 64) -> torch.Tensor:
+    """(N, layers + 1, d) mean-pooled states of the embeddings and of every block."""
+    items = backbone.encode(list(inputs)).items
+    parts = []
+    for start in range(0, len(items), batch_size):
+        batch = backbone.collate(items[start : start + batch_size])
+        out = backbone.model(**batch, output_hidden_states=True)
+        pooled = [backbone.pool(h.float(), batch["attention_mask"]) for h in out.hidden_states]
+        parts.append(torch.stack(pooled, dim=1))
+    return torch.cat(parts)
+
+
+def out_of_scope(root: Path, per_task: int) -> list[str]:
+    """Up to `per_task` test sentences of each out-of-scope task, a seeded sample."""
+    rows = []
+    for name in OUT_OF_SCOPE:
+        records = json.loads((root / name / "test.json").read_text())
+        random.Random(name).shuffle(records)
+        rows += [r["sentence"] for r in records[:per_task]]
+    return rows
+
+
+def extract(args: argparse.Namespace) -> None:
+    """Compute and cache every feature the benchmark reads (a few minutes on a CPU)."""
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    backbone = Backbone.from_pretrained(None, 128, "cpu", "float32")
+    start = time.perf_counter()
+    for name, spec in STREAMS.items():
+        target = cache / f"{name}.safetensors"
+        if target.exists():
+            continue
+        stream = load_stream(spec, args.data_root, args.fit, args.test)
+        tensors, names = {}, []
+        for task in stream.tasks:
+            names.append(task.name)
+            tensors[f"{task.name}.train"] = layer_features(backbone, task.train_inputs)
+            tensors[f"{task.name}.test"] = layer_features(backbone, task.test_inputs)
+        save_file(tensors, target, metadata={"tasks": json.dumps(names)})
+        print(
+            f"{name}: {len(names)} tasks cached ({time.perf_counter() - start:.0f} s)", flush=True
+        )
+    target = cache / "out_of_scope.safetensors"
+    if not target.exists():
+        rows = out_of_scope(Path(args.ood_root), args.ood_per_task)
+        save_file({"test": layer_features(backbone, rows)}, target)
+        print(f"out of scope: {len(rows)} rows cached ({time.perf_counter() - start:.0f} s)")
+
+
+def load_cache(cache: Path, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    path = cache / f"{name}.safetensors"
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata() or {}
+    return json.loads(meta.get("tasks", "[]")), load_file(path)
+
+
+# ----------------------------------------------------------------------------- scores
+# Feature choices: layer depths of MiniLM's 7 hidden states (0: embeddings), side by side.
+LAYERS = {"last": [6], "auto": [2, 4, 6]}
+
+
+def pick(features: torch.Tensor, layers: str) -> torch.Tensor:
+    """(N, 7, d) cached states as the (N, width) features of a layer choice."""
+    return features[:, LAYERS[layers]].flatten(1)
+
+
+class Shipped:
+    """A router as it ships: its own held-out split, thresholds and familiarity."""
+
+    def __init__(self, name: str, layers: str, rate: float, **options) -> None:
+        self.router = build_router(name, reject_rate=rate, layers="last", **options)
+        self.layers = layers
+        self.frozen: list[torch.Tensor] = []  # thresholds as set when each task arrived
+
+    def add(self, x: torch.Tensor) -> None:
+        self.router.add_task(pick(x, self.layers))
+        self.frozen.append(self.router.thresholds[-1].clone())
+
+    def familiarity(self, x: torch.Tensor) -> torch.Tensor:
+        return self.router._familiarity(pick(x, self.layers).double())
+
+    def rejected(self, x: torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+        limits = self.router.thresholds if thresholds is None else thresholds
+        return (self.familiarity(x) < limits).all(dim=1)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.router.scores(pick(x, self.layers)).argmax(dim=1)
+
+    def state_bytes(self) -> int:
+        tensors, _ = self.router.state()
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class Reference:
+    """A score the project does not ship, calibrated the same way (the same held-out share and
+    draw, the k-th smallest familiarity of the held-out rows): k-nearest-neighbour distance on
+    L2-normalised features (Sun et al. 2022), or Mahalanobis per layer, summed (Lee et al.
+    2018, without their input perturbation or the weights they fit on known outliers)."""
+
+    def __init__(self, kind: str, layers: str, rate: float, k: int = 10) -> None:
+        self.kind, self.layers, self.rate, self.k = kind, layers, rate, k
+        self.banks: list[torch.Tensor] = []  # knn: each task's fitted rows, normalised
+        self.per_layer = [build_router("mahalanobis", layers="last") for _ in LAYERS[layers]]
+        self.held_out: list[torch.Tensor] = []
+        self.thresholds = torch.empty(0, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        n = min(1000, int(0.2 * len(x)))
+        order = torch.randperm(len(x), generator=Placement.generator(len(self.held_out)))
+        fit, held = x[order[n:]], x[order[:n]]
+        if self.kind == "knn":
+            self.banks.append(F.normalize(pick(fit, self.layers).double(), dim=1))
+        else:
+            for depth, router in zip(LAYERS[self.layers], self.per_layer, strict=True):
+                router.add_task(fit[:, depth])
+        self.held_out.append(held)
+        k = math.floor(self.rate * (n + 1) + 1e-9)
+        self.thresholds = torch.tensor(
+            [self.familiarity(h)[:, t].kthvalue(k).values for t, h in enumerate(self.held_out)],
+            dtype=torch.float64,
+        )
+
+    def familiarity(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "knn":
+            z = F.normalize(pick(x, self.layers).double(), dim=1)
+            return torch.stack(
+                [-torch.cdist(z, bank).kthvalue(self.k, dim=1).values for bank in self.banks], 1
+            )
+        depths = LAYERS[self.layers]
+        pairs = zip(depths, self.per_layer, strict=True)
+        return sum(router._familiarity(x[:, depth].double()) for depth, router in pairs)
+
+    def rejected(self, x: torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.familiarity(x) < self.thresholds).all(dim=1)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.familiarity(x).argmax(dim=1)
+
+    def state_bytes(self) -> int:
+        if self.kind == "knn":
+            return sum(b.numel() * 4 for b in self.banks)  # as float32
+        return sum(r.state()[0]["scatter"].numel() * 8 for r in self.per_layer)
+
+
+SCORES = {  # label: (builder, layers, note)
+    "prototype (cosine)": (lambda layers, rate: Shipped("prototype", layers, rate), "last"),
+    "mahalanobis, shared covariance": (
+        lambda layers, rate: Shipped("mahalanobis", layers, rate),
+        "auto",
+    ),
+    "mahalanobis, shared covariance, last": (
+        lambda layers, rate: Shipped("mahalanobis", layers, rate),
+        "last",
+    ),
+    "relative mahalanobis (Ren 2021)": (
+        lambda layers, rate: Shipped("mahalanobis", layers, rate, familiarity="relative"),
+        "auto",
+    ),
+    "mahalanobis per layer, summed (Lee 2018)": (
+        lambda layers, rate: Reference("layers", layers, rate),
+        "auto",
+    ),
+    "knn, k = 10 (Sun 2022)": (lambda layers, rate: Reference("knn", layers, rate), "last"),
+}
+
+
+def auroc_fpr(known: torch.Tensor, unknown: torch.Tensor) -> tuple[float, float]:
+    """AUROC and FPR at 95 % TPR of known (positive) against unknown scores (scikit-learn)."""
+    labels = np.r_[np.ones(len(known)), np.zeros(len(unknown))]
+    scores = np.r_[known.numpy(), unknown.numpy()]
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(roc_auc_score(labels, scores)), float(fpr[np.searchsorted(tpr, 0.95)])
+
+
+def held_through_stream(names, data, rate: float) -> None:
+    """Section 1: per score, |rate − r| over every (step, known task) for three calibrations."""
+    print(
+        f"\nCalibration through the stream, reject_rate {rate}: worst and mean |measured − "
+        "rate| over every (step, known task), in points, and the mean measured rate (%)\n"
+    )
+    print("| score | layers | recalibrated (ships) | fixed at arrival | on fitted rows (before) |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for label, (build, layers) in SCORES.items():
+        if not label.startswith(("prototype", "mahalanobis, shared", "relative")):
+            continue
+        score = build(layers, rate)
+        old = build(layers, 0.0)
+        old_thresholds = []
+        gaps: dict[str, list[float]] = {"now": [], "fixed": [], "old": []}
+        means: dict[str, list[float]] = {"now": [], "fixed": [], "old": []}
+        for step, name in enumerate(names):
+            train = data[f"{name}.train"]
+            score.add(train)
+            old.add(train)
+            own = old.familiarity(train)[:, step]
+            old_thresholds.append(torch.quantile(own, rate))
+            for j in range(step + 1):
+                test = data[f"{names[j]}.test"]
+                shares = {
+                    "now": score.rejected(test),
+                    "fixed": score.rejected(test, torch.stack(score.frozen)),
+                    "old": old.rejected(test, torch.stack(old_thresholds)),
+                }
+                for key, rejected in shares.items():
+                    share = float(rejected.double().mean())
+                    gaps[key].append(abs(share - rate))
+                    means[key].append(share)
+        cells = [
+            f"{100 * max(gaps[k]):.1f} / {100 * np.mean(gaps[k]):.1f} "
+            f"({100 * np.mean(means[k]):.1f})"
+            for k in ("now", "fixed", "old")
+        ]
+        print(f"| {label} | {layers} | {' | '.join(cells)} |", flush=True)
+
+
+def detection(names, data, oos: torch.Tensor, rate: float) -> None:
+    """Section 2: leave-one-task-out and out-of-scope detection per score."""
+    print(
+        f"\nDetection, reject_rate {rate} (%): AUROC, FPR at 95 % TPR, known-task false "
+        "rejects and unknown inputs rejected; leave-one-task-out (mean over the left-out "
+        "tasks, worst AUROC in brackets) and out-of-scope\n"
+    )
+    print(
+        "| score | layers | LOTO AUROC | LOTO FPR95 | LOTO false rej. | LOTO unknown rej. "
+        "| OOS AUROC | OOS FPR95 | OOS false rej. | OOS unknown rej. | routing acc "
+        "| state per task |"
+    )
+    print("| --- | --- |" + " ---: |" * 10)
+    for label, (build, layers) in SCORES.items():
+        loto = []
+        for out in range(len(names)):
+            score = build(layers, rate)
+            known = [n for i, n in enumerate(names) if i != out]
+            for name in known:
+                score.add(data[f"{name}.train"])
+            inside = torch.cat([data[f"{n}.test"] for n in known])
+            outside = data[f"{names[out]}.test"]
+            auc, fpr = auroc_fpr(
+                score.familiarity(inside).amax(1), score.familiarity(outside).amax(1)
+            )
+            loto.append(
+                (
+                    auc,
+                    fpr,
+                    float(score.rejected(inside).double().mean()),
+                    float(score.rejected(outside).double().mean()),
+                )
+            )
+        score = build(layers, rate)
+        for name in names:
+            score.add(data[f"{name}.train"])
+        inside = torch.cat([data[f"{n}.test"] for n in names])
+        truth = torch.cat([torch.full((len(data[f"{n}.test"]),), i) for i, n in enumerate(names)])
+        auc, fpr = auroc_fpr(score.familiarity(inside).amax(1), score.familiarity(oos).amax(1))
+        routing = float((score.routed(inside) == truth).double().mean())
+        mean = np.mean(loto, axis=0)
+        worst = min(r[0] for r in loto)
+        cells = [
+            f"{mean[0]:.3f} ({worst:.3f})",
+            f"{100 * mean[1]:.1f}",
+            f"{100 * mean[2]:.1f}",
+            f"{100 * mean[3]:.1f}",
+            f"{auc:.3f}",
+            f"{100 * fpr:.1f}",
+            f"{100 * float(score.rejected(inside).double().mean()):.1f}",
+            f"{100 * float(score.rejected(oos).double().mean()):.1f}",
+            f"{100 * routing:.1f}",
+            f"{score.state_bytes() / len(names) / 2**20:.2f} MB",
+        ]
+        print(f"| {label} | {layers} | {' | '.join(cells)} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-root", default="../shared/data/cl_benchmark")
+    parser.add_argument("--ood-root", default="../shared/data/CL_Benchmark")
+    parser.add_argument("--fit", type=int, default=2000, help="training inputs per task")
+    parser.add_argument("--test", type=int, default=500, help="test inputs per task")
+    parser.add_argument("--ood-per-task", type=int, default=150)
+    parser.add_argument("--rates", default="0.02,0.05")
+    parser.add_argument("--cache", default="/tmp/rejection-features")
+    parser.add_argument("--extract-only", action="store_true")
+    args = parser.parse_args()
+    extract(args)
+    if args.extract_only:
+        return
+    cache = Path(args.cache)
+    oos = load_file(cache / "out_of_scope.safetensors")["test"]
+    rates = [float(r) for r in args.rates.split(",")]
+    for stream in STREAMS:
+        names, data = load_cache(cache, stream)
+        sizes = [len(data[f"{n}.train"]) for n in names]
+        tests = [len(data[f"{n}.test"]) for n in names]
+        print(
+            f"\n## {stream}: {len(names)} tasks, training rows {sizes}, test rows {tests}, "
+            f"out-of-scope rows {len(oos)}; {torch.get_num_threads()} threads"
+        )
+        for rate in rates:
+            held_through_stream(names, data, rate)
+        for rate in rates:
+            detection(names, data, oos, rate)
+
+
+if __name__ == "__main__":
+    main()
