@@ -236,6 +236,16 @@ class LearnerConfig:
             )
         if self.router != "oracle":  # oracle builds no router: its options are unused
             ROUTERS.check_options(self.router, self.router_options, where)
+            try:  # values too, before any backbone loads (a router is cheap until fitted)
+                ROUTERS.build(self.router, self.router_options)
+            except ContinualPeftError as err:
+                raise ContinualPeftError(f"{where}: router {self.router!r}: {err}") from None
+        elif self.router_options.get("reject_rate"):  # it would be ignored: refuse it
+            raise ContinualPeftError(
+                f"{where}: reject_rate {self.router_options['reject_rate']!r} needs a router "
+                "that scores tasks (prototype, mahalanobis, gate or topk, e.g. --router "
+                "mahalanobis); with oracle routing every input is sent to its own task"
+            )
 
 
 def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:

@@ -184,8 +184,23 @@ def test_run_unknown_spec_key(stream_spec: Path, tmp_path: Path, no_model):
         (["--lr", "-1"], "train.lr = -1.0 is invalid; it must be > 0"),
         (["--rank", "0"], "lora.r = 0 is invalid; it must be >= 1"),
         (["--max-train", "0"], "task 'colors': max_train = 0 is invalid; it must be >= 1"),
+        (["--reject-rate", "0.05"], "reject_rate 0.05 needs a router that scores tasks"),
+        (
+            ["--router", "mahalanobis", "--reject-rate", "1.5"],
+            r"reject_rate must be in [0, 1), got 1.5",
+        ),
     ],
-    ids=["strategy", "module", "baseline", "epochs", "lr", "rank", "max-train"],
+    ids=[
+        "strategy",
+        "module",
+        "baseline",
+        "epochs",
+        "lr",
+        "rank",
+        "max-train",
+        "oracle-reject",
+        "reject-rate",
+    ],  # fmt: skip
 )
 def test_run_bad_option(
     stream_spec: Path, tmp_path: Path, no_model, options: list[str], expected: str
@@ -363,3 +378,20 @@ def test_warnings_are_one_line_on_stderr():
         "warning: task 'x' has one class",
         "warning: old API (FutureWarning, other.py:7)",
     ]
+
+
+@pytest.mark.real_plots
+def test_run_with_rejection_reports_what_it_did(stream_spec, tmp_path, make_backbone, monkeypatch):
+    monkeypatch.setattr(
+        launch, "run_stream", functools.partial(run_stream, make_backbone=make_backbone)
+    )
+    run_dir = tmp_path / "run"
+    options = "--epochs 1 --batch-size 8 --max-test 8 --router mahalanobis --reject-rate 0.25"
+    result = invoke("run", stream_spec, "--out", run_dir, *options.split())
+    assert result.exit_code == 0, result.output
+    assert "Routing and rejection after the last task" in result.stdout
+    report = _check_run_dir(run_dir, ["colors", "animals"])
+    assert report["config"]["router_options"] == {"reject_rate": 0.25}
+    block = report["rejection"]
+    assert block["reject_rate"] == 0.25 and block["calibrated"] == [True, True]
+    assert len(report["rejected_share"]) == 2

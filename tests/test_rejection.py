@@ -14,20 +14,23 @@ from sklearn.covariance import OAS
 
 from continual_peft.errors import ContinualPeftError
 from continual_peft.routers import build_router, load_router, save_router
+from continual_peft.routers.neighbours import normalise_blocks
 
-# every scoring router, and the Gaussian ones with the relative familiarity
+# every scoring router (familiarity "knn" by default), and every familiarity of their own
 ROUTERS = [
     ("prototype", {}),
     ("mahalanobis", {}),
-    ("mahalanobis", {"familiarity": "relative"}),
     ("gate", {"steps": 20}),
     ("topk", {"base": "mahalanobis", "k": 2}),
+    ("prototype", {"familiarity": "cosine"}),
+    ("mahalanobis", {"familiarity": "mahalanobis"}),
+    ("mahalanobis", {"familiarity": "relative"}),
 ]
-IDS = ["prototype", "mahalanobis", "relative", "gate", "topk"]
+IDS = ["prototype", "mahalanobis", "gate", "topk", "cosine", "shared-gaussian", "relative"]
 
 
 def drifting_stream(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """5 tasks, d = 64: (2500 training rows, 4000 new rows) each. Later tasks spread along
+    """5 tasks, d = 64: (2500 training rows, 2000 new rows) each. Later tasks spread along
     other axes than earlier ones, so a shared covariance moves as they arrive."""
     generator = torch.Generator().manual_seed(seed)
     tasks = []
@@ -92,7 +95,7 @@ def test_thresholds_before_this_change_drifted():
     on the fitted rows when a task arrives, never again), leave the tolerance: the test above
     measures something the old router failed."""
     tasks, alpha = drifting_stream(), 0.05
-    router = build_router("mahalanobis", layers="last")
+    router = build_router("mahalanobis", layers="last", familiarity="mahalanobis")
     thresholds, worst = [], 0.0
     for step, (train, _) in enumerate(tasks):
         router.add_task(train)
@@ -100,7 +103,7 @@ def test_thresholds_before_this_change_drifted():
         for j in range(step + 1):
             below = router._familiarity(tasks[j][1].double()) < torch.stack(thresholds)
             worst = max(worst, abs(float(below.all(1).double().mean()) - alpha))
-    assert worst > tolerance(alpha, 500, 4000)
+    assert worst > tolerance(alpha, 500, 2000)
 
 
 def test_the_guarantee_holds_on_average_over_held_out_draws():
@@ -153,8 +156,13 @@ def test_statistics_never_see_the_calibration_rows():
         assert len(fitted) == len(x) - 500
         torch.testing.assert_close(router.stats.means[t], fitted.mean(0))
     facts = router.rejection()
-    assert facts["calibration_examples"] == [500, 500]
-    assert facts["calibration_bytes"] == 1000 * 64 * 4
+    assert facts["calibration_examples"] == [500, 500] and router.neighbours.sizes == [1000, 1000]
+    assert facts["kept_bytes"] == 1000 * 64 * 4 + 2000 * 64 * 2  # float32 held out, float16 kept
+    # the neighbours kept are fitted rows (normalised), never calibration rows
+    neighbours = router.neighbours.rows.double()
+    every = normalise_blocks(torch.cat([x.double() for x in train]), None)
+    assert (torch.cdist(neighbours, every).amin(1) < 1e-3).all()
+    assert torch.cdist(neighbours, normalise_blocks(kept, None)).amin() > 1e-3
 
 
 @pytest.mark.parametrize("name", ["prototype", "mahalanobis", "gate"])
@@ -257,7 +265,8 @@ def test_router_saved_before_calibration_keeps_its_thresholds(tmp_path):
         ({"calibration_share": "half"}, "calibration_share must be a number"),
         ({"max_calibration": 0}, "max_calibration must be >= 1"),
         ({"max_calibration": 2.5}, "max_calibration must be an integer"),
-        ({"familiarity": "vibes"}, "valid choices: mahalanobis, relative"),
+        ({"familiarity": "vibes"}, "valid choices: knn, mahalanobis, relative"),
+        ({"knn_k": 0}, "knn_k must be an integer >= 1"),
     ],
 )
 def test_bad_calibration_options(options, message):

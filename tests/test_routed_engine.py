@@ -157,7 +157,7 @@ def test_report_says_what_rejection_did(make_backbone, tasks):
     assert block["by_task"]["rejected"] == rejected[-1]
     markdown = render_markdown(report)
     assert "## Routing and rejection after the last task (%)" in markdown
-    assert "reject_rate 0.1 (mahalanobis)" in markdown and "Rejected (%)" in markdown
+    assert "reject_rate 0.1 (knn)" in markdown and "Rejected (%)" in markdown
     assert "rejection" in report["metric_definitions"]
     from rich.console import Console
 

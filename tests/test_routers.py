@@ -100,8 +100,10 @@ def test_state_holds_statistics_and_only_the_held_out_rows(name):
     for rate, kept in ((0.0, 0), (0.05, int(0.2 * n))):  # calibration rows only to reject
         router = fitted(name, clusters(n)[0], reject_rate=rate)
         tensors, meta = router.state()
-        calibration = tensors.pop("calibration")
+        calibration, neighbours = tensors.pop("calibration"), tensors.pop("neighbours")
         assert tuple(calibration.shape) == (NUM_TASKS * kept, DIM)
+        fitted_rows = NUM_TASKS * (n - kept) if rate else 0  # "knn" keeps fitted rows to reject
+        assert neighbours.shape[0] == fitted_rows
         assert tensors and {tuple(t.shape) for t in tensors.values()} <= statistics
         assert meta["options"] == router.options
 

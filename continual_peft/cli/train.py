@@ -102,6 +102,12 @@ def run(
     router: str = typer.Option(
         None, help="Router (see `list routers`); default oracle.", metavar="NAME"
     ),
+    reject_rate: float = typer.Option(
+        None,
+        help="Turn away inputs unfamiliar to every task, at most this share of a known task's "
+        "new inputs (e.g. 0.02; calibrated on held-out training inputs); needs --router.",
+        metavar="RATE",
+    ),
     max_length: int = typer.Option(None, help="Longest input in tokens.", metavar="N"),
     backbone: str = typer.Option(
         None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2.", metavar="PATH"
@@ -126,6 +132,7 @@ def run(
     overrides = {
         "module": module,
         "router": router,
+        "router_options.reject_rate": reject_rate,
         "seed": seed,
         "train.epochs": epochs,
         "train.lr": lr,
@@ -263,6 +270,13 @@ def compare_(
     router: str = typer.Option(
         None, help="Router for every entry (default: each entry's).", metavar="NAME"
     ),
+    reject_rate: float = typer.Option(
+        None,
+        help="Turn away inputs unfamiliar to every task, at most this share of a known task's "
+        "new inputs (e.g. 0.02; calibrated on held-out training inputs), for every entry; "
+        "needs a router.",
+        metavar="RATE",
+    ),
     max_length: int = typer.Option(
         None, help="Longest input in tokens, for every entry.", metavar="N"
     ),
@@ -281,6 +295,7 @@ def compare_(
     """
     overrides = {
         "router": router,
+        "router_options.reject_rate": reject_rate,
         "train.epochs": epochs,
         "train.lr": lr,
         "train.batch_size": batch_size,

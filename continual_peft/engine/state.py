@@ -124,4 +124,5 @@ def make_router(config: LearnerConfig, backbone: Backbone) -> Router | None:
         return None
     router = build_router(config.router, **config.router_options).to(backbone.device)
     backbone.feature_width(router.layers)
+    router.block_width = backbone.hidden_size  # its features are blocks of the hidden width
     return router

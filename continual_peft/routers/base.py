@@ -27,6 +27,7 @@ from continual_peft.backbones.placement import CPU, Placement
 from continual_peft.distributed import same_everywhere, world
 from continual_peft.errors import ContinualPeftError
 from continual_peft.registry import Registry
+from continual_peft.routers.neighbours import NeighbourBank
 
 ROUTERS: Registry[type[Router]] = Registry("router", "router_options in a strategy spec")
 
@@ -82,6 +83,10 @@ def take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> 
     return value.to(torch.float64)
 
 
+# at most this many sweeps over the tasks when solving the thresholds together (`_calibrate`)
+CALIBRATION_SWEEPS = 50
+
+
 class Ranking(NamedTuple):
     """The k best tasks per row, best first."""
 
@@ -105,6 +110,9 @@ class Router(abc.ABC):
     device: torch.device = CPU  # where the statistics live and are computed
     # which hidden layers its features come from (`backbones.features`); the engine computes them
     layers: str | list[int] = "last"
+    # the width of one layer's block of those features (the backbone's hidden size); the
+    # engine sets it, and "knn" familiarity normalises each block on its own
+    block_width: int | None = None
 
     def to(self, device: str | torch.device) -> Router:
         """Move the statistics to `device` (and compute there from now on); returns self."""
@@ -169,20 +177,32 @@ class ScoringRouter(Router):
     `reject_rate` α > 0, `add_task` holds out a seeded share of the task's rows (its
     calibration rows: `calibration_share` of them, at most `max_calibration`), fits the
     statistics on the rest only, and keeps the held-out rows. Task t's threshold τ_t is the k-th
-    smallest familiarity of its n calibration rows to t, k = ⌊α (n + 1)⌋; a row is rejected when
-    its familiarity to every task is below that task's τ. Since no statistic ever sees a
-    calibration row, the calibration rows and the task's new inputs are exchangeable, so a new
-    input of task t is rejected by t's threshold with probability k / (n + 1), in
-    (α − 1 / (n + 1), α] (averaged over the held-out draw; for one draw the rate follows
-    Beta(k, n + 1 − k), standard deviation about √(α / n)). Later tasks change shared
-    statistics (a shared covariance), so every threshold is recomputed from the kept rows after
-    every task: the promise holds at every step, not only when the task arrived. A known row
-    that another task also accepts is kept, so the overall rate is at most the task's own.
+    smallest familiarity of its n calibration rows to t, k = ⌊α (n + 1)⌋, and a row is rejected
+    when its familiarity to every task is below that task's τ. No statistic ever sees a
+    calibration row, so the calibration rows and the task's new inputs are exchangeable: a new
+    input of task t falls below τ_t with probability k / (n + 1), in (α − 1 / (n + 1), α],
+    averaged over the held-out draw (for one draw the rate follows Beta(k, n + 1 − k), whose
+    standard deviation is about √(α / n): 0.44 points at α = 0.02 and n = 1,000). That assumes
+    the task's new inputs are drawn as its training inputs were.
 
-    What is kept: n ≤ `max_calibration` float32 rows per task (n·d·4 bytes: 1.2 MB for 300 rows
-    of MiniLM's 1,152 "auto" features). A task with fewer than ⌈1/α⌉ − 1 calibration rows
-    cannot calibrate α: it warns and accepts every row (so nothing is rejected) rather than
-    reject more than promised. With `reject_rate` 0 nothing is held out or kept.
+    Two things would break the promise, and both are handled with the kept rows. Later tasks
+    change shared statistics (a shared covariance), so every threshold is recomputed after
+    every task. And a row of task t that another task accepts is kept, so where tasks overlap
+    (same-domain tasks) thresholds set on each task alone reject fewer than α; they are solved
+    together instead (`_calibrate`).
+
+    What a row's familiarity to a task is (`familiarity`): "knn" (every scoring router's
+    default), minus the distance to the k-th nearest of the task's kept fitted rows on
+    per-layer-normalised features (Sun et al. 2022; `routers.neighbours`), which told unknown
+    tasks from known ones best on the shared streams (benchmarks/RESULTS.md); or a score of the
+    router's own (`own_familiarities`: prototype's cosine, the Gaussians' Mahalanobis
+    distances).
+
+    What is kept, only when α > 0: n ≤ `max_calibration` float32 calibration rows per task
+    (n·d·4 bytes), and for "knn" at most `knn_rows` float16 fitted rows per task (·d·2 bytes):
+    4.6 MB and 2.3 MB per task at the defaults on MiniLM's 1,152 "auto" features. A task with
+    fewer than ⌈1/α⌉ − 1 calibration rows cannot calibrate α: it warns and accepts every row
+    (so nothing is rejected) rather than reject more than promised.
 
     Args:
         reject_rate: α, the share of a known task's new inputs that may be rejected; 0 rejects
@@ -190,19 +210,30 @@ class ScoringRouter(Router):
         layers: Which hidden layers the features come from: "last", "auto" or a list of depths
             (`backbones.features`). The engine computes them; features passed by hand must
             come from the same setting.
+        familiarity: What rejection thresholds: "knn" or one of `own_familiarities`.
         calibration_share: Share of each task's rows held out for calibration (when α > 0).
         max_calibration: At most this many calibration rows per task.
+        knn_k: For "knn": the k-th nearest kept row counts.
+        knn_rows: For "knn": fitted rows kept per task at most.
 
     Raises:
-        ContinualPeftError: a rate outside [0, 1), a share outside (0, 1), a non-positive cap.
+        ContinualPeftError: a rate outside [0, 1), a share outside (0, 1), an unknown
+            familiarity, a count below 1.
     """
+
+    # familiarities of the router's own (besides "knn"); the first is what a router saved
+    # before `familiarity` existed thresholded
+    own_familiarities: ClassVar[tuple[str, ...]] = ("score",)
 
     def __init__(
         self,
         reject_rate: float = 0.0,
         layers: str | list[int] = "last",
+        familiarity: str = "knn",
         calibration_share: float = 0.2,
         max_calibration: int = 1000,
+        knn_k: int = 10,
+        knn_rows: int = 1000,
     ) -> None:
         if isinstance(reject_rate, bool) or not isinstance(reject_rate, int | float):
             raise ContinualPeftError(f"reject_rate must be a number, got {reject_rate!r}")
@@ -220,15 +251,26 @@ class ScoringRouter(Router):
             raise ContinualPeftError(f"max_calibration must be an integer, got {max_calibration!r}")
         if max_calibration < 1:
             raise ContinualPeftError(f"max_calibration must be >= 1, got {max_calibration}")
+        valid = ("knn", *self.own_familiarities)
+        if familiarity not in valid:
+            raise ContinualPeftError(
+                f"{self.name}: unknown familiarity {familiarity!r}; valid choices: "
+                f"{', '.join(valid)}"
+            )
         self.reject_rate = float(reject_rate)
+        self.familiarity = familiarity
         self.calibration_share = float(calibration_share)
         self.max_calibration = max_calibration
+        self.neighbours = NeighbourBank(knn_k, knn_rows, self.device)
         self.layers = check_layers(layers, f"router {self.name!r}")
         self.options = {
             "reject_rate": self.reject_rate,
             "layers": self.layers,
+            "familiarity": familiarity,
             "calibration_share": self.calibration_share,
             "max_calibration": self.max_calibration,
+            "knn_k": knn_k,
+            "knn_rows": knn_rows,
         }
         self.num_tasks = 0
         self.dim: int | None = None
@@ -236,6 +278,18 @@ class ScoringRouter(Router):
         # every task's held-out rows, stacked in task order, and how many each task has
         self.calibration = torch.empty(0, 0, dtype=torch.float32, device=self.device)  # (ΣN, d)
         self.calibration_sizes: list[int] = []
+        # per task: its calibration rows' (n, T) familiarity, kept while it cannot change
+        self._held: list[torch.Tensor] = []
+
+    @property
+    def block_width(self) -> int | None:
+        """Width of one layer's block in the features (the backbone's hidden size, set by the
+        engine), for "knn"'s per-block normalisation; None: the row is one block."""
+        return self.neighbours.block_width
+
+    @block_width.setter
+    def block_width(self, width: int | None) -> None:
+        self.neighbours.block_width = width
 
     @abc.abstractmethod
     def _fit(self, x: torch.Tensor) -> None:
@@ -253,9 +307,21 @@ class ScoringRouter(Router):
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore `_tensors()`'s output; `num_tasks` and `dim` are already set."""
 
+    def _own_familiarity(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) the router's own familiarity (`own_familiarities`); its scores by default."""
+        return self._scores(x)
+
+    @property
+    def _task_local(self) -> bool:
+        """Whether a row's familiarity to a task depends on that task's rows alone (so later
+        tasks never change it)."""
+        return self.familiarity == "knn"
+
     def _familiarity(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T) how familiar each row looks to each task, for rejection."""
-        return self._scores(x)
+        if self.familiarity == "knn":
+            return self.neighbours.familiarity(x)
+        return self._own_familiarity(x)
 
     def add_task(self, features: torch.Tensor) -> None:
         x = check_features(features, self.dim, f"{self.name}.add_task", self.device)
@@ -264,36 +330,44 @@ class ScoringRouter(Router):
         self.dim = x.shape[1]
         fit, held_out = self._split(x)
         self._fit(fit)
+        if self.reject_rate > 0 and self.familiarity == "knn":
+            self.neighbours.add(fit)
         self.num_tasks += 1
         if self.calibration.numel() == 0:
             self.calibration = torch.empty(0, self.dim, dtype=torch.float32, device=self.device)
         self.calibration = torch.cat([self.calibration, held_out.float()])
         self.calibration_sizes.append(len(held_out))
         self.thresholds = self._calibrate()
-        if self.reject_rate > 0 and self.thresholds[-1] == -torch.inf:
+        if self.reject_rate > 0 and self._rank(len(held_out)) == 0:
             need = self._rows_needed()
             warnings.warn(
                 f"{self.name}: task {self.num_tasks - 1} has {len(held_out)} calibration row(s), "
                 f"too few to calibrate reject_rate {self.reject_rate} (it needs {need}: "
-                f"{need / self.calibration_share:.0f} router inputs at calibration_share "
-                f"{self.calibration_share}); it accepts every row, so this router rejects "
-                "nothing. Give the task more router inputs, or raise reject_rate or "
-                "calibration_share.",
+                f"{math.ceil(need / self.calibration_share)} router inputs at "
+                f"calibration_share {self.calibration_share}); it accepts every row, so this "
+                "router rejects nothing. Give the task more router inputs, or raise "
+                "reject_rate or calibration_share.",
                 stacklevel=2,
             )
 
     def rejection(self) -> dict[str, Any]:
         """{"reject_rate": α, "familiarity": what is thresholded, "calibration_examples": per
-        task, "calibration_bytes": what the kept rows take, "calibrated": per task, whether
-        its threshold holds α (False: too few rows, it accepts every row)}."""
-        calibrated = [bool(t > -torch.inf) for t in self.thresholds.tolist()]
+        task, "kept_bytes": what the kept rows take (calibration and neighbour rows),
+        "calibrated": per task, whether its threshold holds α (False: too few rows, it
+        accepts every row)}."""
+        calibrated = [self.reject_rate > 0 and self._rank(n) > 0 for n in self.calibration_sizes]
+        kept = self.calibration.numel() * self.calibration.element_size()
         return {
             "reject_rate": self.reject_rate,
-            "familiarity": getattr(self, "familiarity", "score"),
+            "familiarity": self.familiarity,
             "calibration_examples": list(self.calibration_sizes),
-            "calibration_bytes": self.calibration.numel() * self.calibration.element_size(),
-            "calibrated": calibrated if self.reject_rate > 0 else [False] * self.num_tasks,
+            "kept_bytes": kept + self.neighbours.nbytes(),
+            "calibrated": calibrated,
         }
+
+    def _rank(self, n: int) -> int:
+        """k = ⌊α (n + 1)⌋: which smallest calibration familiarity is the threshold."""
+        return math.floor(self.reject_rate * (n + 1) + 1e-9)
 
     def _rows_needed(self) -> int:
         """Calibration rows a task needs for k = ⌊α (n + 1)⌋ to reach 1."""
@@ -309,23 +383,59 @@ class ScoringRouter(Router):
         order = order.to(x.device)
         return x[order[n:]], x[order[:n]].float().double()
 
+    def _held_familiarity(self) -> list[torch.Tensor]:
+        """Per task, its calibration rows' (n, T) familiarity under the current statistics;
+        with a task-local familiarity only the new task's row and column are computed."""
+        if not self._task_local:
+            self._held = []
+        starts = [sum(self.calibration_sizes[:t]) for t in range(self.num_tasks)]
+        rows = [
+            self.calibration[start : start + size].double()
+            for start, size in zip(starts, self.calibration_sizes, strict=True)
+        ]
+        known = len(self._held)
+        new = range(known, self.num_tasks)
+        for task, held in enumerate(self._held):  # older tasks' rows: only the new columns
+            if self.familiarity == "knn":
+                extra = self.neighbours.familiarity(rows[task], new)
+            else:
+                extra = self._familiarity(rows[task])[:, known:]
+            self._held[task] = torch.cat([held, extra], dim=1)
+        self._held += [self._familiarity(rows[task]) for task in new]
+        return self._held
+
     def _calibrate(self) -> torch.Tensor:
-        """(T,) every task's threshold from its calibration rows under the current statistics:
-        the k-th smallest familiarity, k = ⌊α (n + 1)⌋. Where k = 0 a task keeps the threshold
-        it had (a router saved before rows were kept), or -inf (accept all) when new."""
+        """(T,) every task's threshold from the kept rows under the current statistics.
+
+        A row is rejected when it is below every task's threshold, so a task's rows that
+        another task accepts are kept; each threshold set on its own task's rows alone would
+        then reject fewer than α wherever tasks overlap. So they are solved together: task
+        t's threshold is the k-th smallest, k = ⌊α (n + 1)⌋, of its held-out rows'
+        familiarity to t among the rows every other task rejects (+inf when fewer than k are:
+        t then rejects whatever the others reject), in sweeps over the tasks until no
+        threshold moves (at most `CALIBRATION_SWEEPS`). Where k = 0 a task keeps the
+        threshold it had (a router saved before rows were kept), or -inf (accept all) when new.
+        """
         count = self.num_tasks - len(self.thresholds)
         new = torch.full((count,), -torch.inf, dtype=torch.float64, device=self.device)
         thresholds = torch.cat([self.thresholds, new])
         if self.reject_rate == 0:
             return thresholds
-        start = 0
-        for task, size in enumerate(self.calibration_sizes):
-            rows = self.calibration[start : start + size].double()
-            start += size
-            k = math.floor(self.reject_rate * (size + 1) + 1e-9)
-            if k >= 1:
-                own = self._familiarity(rows)[:, task]  # (n,)
+        held = [
+            (task, self._rank(len(familiarity)), familiarity)
+            for task, familiarity in enumerate(self._held_familiarity())
+            if self._rank(len(familiarity)) >= 1
+        ]
+        for _ in range(CALIBRATION_SWEEPS):
+            before = thresholds.clone()
+            for task, k, familiarity in held:
+                below = familiarity < thresholds  # (n, T)
+                below[:, task] = True
+                rejected_by_others = below.all(dim=1)
+                own = familiarity[:, task].masked_fill(~rejected_by_others, torch.inf)
                 thresholds[task] = own.kthvalue(k).values
+            if torch.equal(before, thresholds):
+                break
         return thresholds
 
     def _features(self, features: torch.Tensor, where: str) -> torch.Tensor:
@@ -341,7 +451,7 @@ class ScoringRouter(Router):
         """(B,) bool: float64 features below every task's threshold."""
         if self.reject_rate == 0:
             return torch.zeros(len(x), dtype=torch.bool, device=self.device)
-        return (self._familiarity(x) - self.thresholds).amax(dim=1) < 0
+        return (self._familiarity(x) < self.thresholds).all(dim=1)
 
     def rank(self, features: torch.Tensor, k: int) -> Ranking:
         """The k best tasks per row, on the router's device; see `Ranking`."""
@@ -368,6 +478,7 @@ class ScoringRouter(Router):
         tensors = {
             "thresholds": self.thresholds.clone(),
             "calibration": self.calibration.clone(),
+            **self.neighbours.tensors(),
             **self._tensors(),
         }
         meta = {
@@ -375,13 +486,17 @@ class ScoringRouter(Router):
             "num_tasks": self.num_tasks,
             "dim": self.dim,
             "calibration_sizes": list(self.calibration_sizes),
+            "neighbour_sizes": list(self.neighbours.sizes),
+            "block_width": self.block_width,
         }
         return tensors, meta
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Router:
-        # a router saved before `layers` existed read the last layer
-        router = build_router(cls.name, **{"layers": "last", **meta["options"]})
+        # a router saved before `layers` existed read the last layer; one saved before
+        # `familiarity` existed thresholded its own score
+        legacy = {"layers": "last", "familiarity": cls.own_familiarities[0]}
+        router = build_router(cls.name, **{**legacy, **meta["options"]})
         assert isinstance(router, ScoringRouter)
         router.num_tasks = int(meta["num_tasks"])
         router.dim = None if meta["dim"] is None else int(meta["dim"])
@@ -390,18 +505,27 @@ class ScoringRouter(Router):
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.thresholds = take(tensors, "thresholds", (self.num_tasks,))
-        sizes = meta.get("calibration_sizes")
-        if sizes is None:  # saved before calibration rows were kept: thresholds as saved
-            sizes = [0] * self.num_tasks
-        if len(sizes) != self.num_tasks or any(not isinstance(n, int) or n < 0 for n in sizes):
-            raise ContinualPeftError(
-                f"router state: calibration_sizes {sizes!r} do not fit {self.num_tasks} task(s)"
-            )
-        self.calibration_sizes = list(sizes)
-        rows = (sum(sizes), self.dim or 0)
+        self.block_width = meta.get("block_width")
+        self.calibration_sizes = _sizes(meta, "calibration_sizes", self.num_tasks)
+        rows = (sum(self.calibration_sizes), self.dim or 0)
         kept = tensors.get("calibration", torch.zeros(rows, device=self.thresholds.device))
         self.calibration = take(tensors | {"calibration": kept}, "calibration", rows).float()
+        sizes = _sizes(meta, "neighbour_sizes", self.num_tasks, allow_empty=True)
+        self.neighbours.load(tensors, sizes, self.dim or 0)
+        self._held = []
         self._load(tensors)
+
+
+def _sizes(meta: dict[str, Any], key: str, tasks: int, allow_empty: bool = False) -> list[int]:
+    """Rows kept per task under `key` in a router's saved meta; zeros for a router saved before
+    they were kept (none for neighbours, which only "knn" with α > 0 keeps)."""
+    sizes = meta.get(key)
+    if sizes is None:
+        return [] if allow_empty else [0] * tasks
+    counts_fit = len(sizes) == tasks or (allow_empty and not sizes)
+    if not counts_fit or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes):
+        raise ContinualPeftError(f"router state: {key} {sizes!r} do not fit {tasks} task(s)")
+    return list(sizes)
 
 
 def scoring_router_names() -> list[str]:

@@ -9,8 +9,9 @@ from a fixed initialisation with `steps` full-batch Adam steps on cross-entropy.
 stay in the gate through their statistics, and no real feature outlives its own `add_task`.
 
 A softmax gate is overconfident far from its training data, so its scores say nothing about
-familiarity. Rejection therefore thresholds the stored Gaussians instead: a row's familiarity
-to task t is its negative Mahalanobis distance to mean_t.
+familiarity: rejection thresholds the kept rows' nearest-neighbour distance ("knn", the
+default) or the stored Gaussians ("mahalanobis": a row's negative Mahalanobis distance to
+mean_t), never the gate's own score.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from continual_peft.backbones.placement import CPU, Placement
 from continual_peft.errors import ContinualPeftError
 from continual_peft.routers.base import ROUTERS, ScoringRouter, take
-from continual_peft.routers.gaussian import GaussianStats, check_familiarity
+from continual_peft.routers.gaussian import GaussianStats
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -47,13 +48,14 @@ class GateRouter(ScoringRouter):
             95.1 %; four shared tasks: 98.1 % against 98.8 %; benchmarks/RESULTS.md).
         seed: Seeds the pseudo-features and the MLP's initial weights.
         shrinkage: Covariance estimator for the Gaussians: "ledoit_wolf" or "oas".
-        reject_rate: See `ScoringRouter`; familiarity comes from the Gaussians.
+        reject_rate: See `ScoringRouter`; never thresholds the gate's own score.
         layers: See `ScoringRouter`; several depths side by side ("auto") by default.
-        familiarity: See `MahalanobisRouter`.
-        calibration_share, max_calibration: See `ScoringRouter`.
+        familiarity, calibration_share, max_calibration, knn_k, knn_rows: See
+            `MahalanobisRouter`.
     """
 
     name = "gate"
+    own_familiarities = ("mahalanobis", "relative")
 
     def __init__(
         self,
@@ -66,12 +68,15 @@ class GateRouter(ScoringRouter):
         shrinkage: str = "ledoit_wolf",
         reject_rate: float = 0.0,
         layers: str | list[int] = "auto",
-        familiarity: str = "mahalanobis",
+        familiarity: str = "knn",
         calibration_share: float = 0.2,
         max_calibration: int = 1000,
+        knn_k: int = 10,
+        knn_rows: int = 1000,
     ) -> None:
-        super().__init__(reject_rate, layers, calibration_share, max_calibration)
-        self.familiarity = check_familiarity(familiarity, self.name)
+        super().__init__(
+            reject_rate, layers, familiarity, calibration_share, max_calibration, knn_k, knn_rows
+        )
         self.hidden = _positive_int("hidden", hidden, minimum=0)
         self.samples_per_task = _positive_int("samples_per_task", samples_per_task)
         self.steps = _positive_int("steps", steps)
@@ -87,7 +92,6 @@ class GateRouter(ScoringRouter):
             "weight_decay": self.weight_decay,
             "seed": seed,
             "shrinkage": shrinkage,
-            "familiarity": familiarity,
             **self.options,
         }
 
@@ -147,7 +151,7 @@ class GateRouter(ScoringRouter):
         params = {key: value.to(torch.float64) for key, value in self.params.items()}
         return torch.log_softmax(self._logits(x, params), dim=1)
 
-    def _familiarity(self, x: torch.Tensor) -> torch.Tensor:
+    def _own_familiarity(self, x: torch.Tensor) -> torch.Tensor:
         return self.stats.familiarity(x, self.familiarity)
 
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -20,8 +20,6 @@ from continual_peft.errors import ContinualPeftError
 from continual_peft.routers.base import ROUTERS, ScoringRouter, take
 
 SHRINKAGES = ("ledoit_wolf", "oas")
-# what rejection thresholds (`GaussianStats.familiarity`)
-FAMILIARITIES = ("mahalanobis", "relative")
 
 
 def ledoit_wolf(scatter: torch.Tensor, n: int, fourth: float) -> tuple[torch.Tensor, float]:
@@ -81,15 +79,6 @@ def _factor(cov: torch.Tensor) -> torch.Tensor:
     ridge = 1e-10 * float(cov.trace()) / d + 1e-300
     eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
     return torch.linalg.cholesky(cov + ridge * eye)
-
-
-def check_familiarity(kind: object, where: str) -> str:
-    """`kind` if it is one of `FAMILIARITIES`, else a ContinualPeftError naming them."""
-    if kind not in FAMILIARITIES:
-        raise ContinualPeftError(
-            f"{where}: unknown familiarity {kind!r}; valid choices: {', '.join(FAMILIARITIES)}"
-        )
-    return str(kind)
 
 
 class GaussianStats:
@@ -221,29 +210,34 @@ class MahalanobisRouter(ScoringRouter):
     Args:
         shrinkage: "ledoit_wolf" or "oas" (scikit-learn's estimators, recomputed from statistics).
         reject_rate: See `ScoringRouter`.
-        familiarity: What rejection thresholds (`GaussianStats.familiarity`): "mahalanobis"
-            or "relative" (Ren et al. 2021); routing is the same under both.
-        calibration_share, max_calibration: See `ScoringRouter`.
+        familiarity: What rejection thresholds: "knn" (`ScoringRouter`), or the Gaussians'
+            "mahalanobis" or "relative" (`GaussianStats.familiarity`); routing is the same
+            under every one.
+        calibration_share, max_calibration, knn_k, knn_rows: See `ScoringRouter`.
         layers: See `ScoringRouter`; "auto" (several depths side by side) by default, which
             routed the four shared tasks 99.6 % right against 96.1 % on the last layer
             (benchmarks/RESULTS.md).
     """
 
     name = "mahalanobis"
+    own_familiarities = ("mahalanobis", "relative")
 
     def __init__(
         self,
         shrinkage: str = "ledoit_wolf",
         reject_rate: float = 0.0,
         layers: str | list[int] = "auto",
-        familiarity: str = "mahalanobis",
+        familiarity: str = "knn",
         calibration_share: float = 0.2,
         max_calibration: int = 1000,
+        knn_k: int = 10,
+        knn_rows: int = 1000,
     ) -> None:
-        super().__init__(reject_rate, layers, calibration_share, max_calibration)
+        super().__init__(
+            reject_rate, layers, familiarity, calibration_share, max_calibration, knn_k, knn_rows
+        )
         self.stats = GaussianStats(shrinkage, self.device)
-        self.familiarity = check_familiarity(familiarity, self.name)
-        self.options = {"shrinkage": shrinkage, "familiarity": familiarity, **self.options}
+        self.options = {"shrinkage": shrinkage, **self.options}
 
     def _fit(self, x: torch.Tensor) -> None:
         self.stats.add(x)
@@ -251,7 +245,7 @@ class MahalanobisRouter(ScoringRouter):
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
         return -self.stats.distances(x)
 
-    def _familiarity(self, x: torch.Tensor) -> torch.Tensor:
+    def _own_familiarity(self, x: torch.Tensor) -> torch.Tensor:
         return self.stats.familiarity(x, self.familiarity)
 
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -17,7 +17,8 @@ class PrototypeRouter(ScoringRouter):
     along low-variance directions (use `mahalanobis` there).
 
     Args:
-        reject_rate, calibration_share, max_calibration: See `ScoringRouter`.
+        reject_rate, familiarity, calibration_share, max_calibration, knn_k, knn_rows: See
+            `ScoringRouter`; familiarity "cosine" thresholds this router's own score.
         layers: See `ScoringRouter`; the last layer by default: cosine over several depths
             side by side weighs them badly (on the dbpedia class split it routed 75 % right,
             against 86 % on the last layer; benchmarks/RESULTS.md).
@@ -25,14 +26,21 @@ class PrototypeRouter(ScoringRouter):
 
     name = "prototype"
 
+    own_familiarities = ("cosine",)
+
     def __init__(
         self,
         reject_rate: float = 0.0,
         layers: str | list[int] = "last",
+        familiarity: str = "knn",
         calibration_share: float = 0.2,
         max_calibration: int = 1000,
+        knn_k: int = 10,
+        knn_rows: int = 1000,
     ) -> None:
-        super().__init__(reject_rate, layers, calibration_share, max_calibration)
+        super().__init__(
+            reject_rate, layers, familiarity, calibration_share, max_calibration, knn_k, knn_rows
+        )
         f64 = {"dtype": torch.float64, "device": self.device}
         self.means = torch.zeros(0, 0, **f64)  # (T, d) mean unit feature per task
         self.counts = torch.zeros(0, **f64)  # (T,)

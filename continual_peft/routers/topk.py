@@ -59,6 +59,14 @@ class TopKRouter(Router):
     def layers(self) -> str | list[int]:  # type: ignore[override]
         return self.base.layers
 
+    @property
+    def block_width(self) -> int | None:  # type: ignore[override]
+        return self.base.block_width
+
+    @block_width.setter
+    def block_width(self, width: int | None) -> None:
+        self.base.block_width = width
+
     def to(self, device: str | torch.device) -> Router:
         self.device = torch.device(device)
         self.base.to(device)
