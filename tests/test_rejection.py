@@ -235,6 +235,21 @@ def test_saved_router_keeps_its_calibration(tmp_path):
     assert torch.equal(loaded.route(rows)[0], router.route(rows)[0])
 
 
+@pytest.mark.parametrize("options", [{}, {"reject_rate": 0.05}, {"familiarity": "relative"}])
+def test_a_loaded_router_saves_the_state_it_was_saved_with(tmp_path, options):
+    """Save, load, save: the same tensors, shapes included (empty ones too), so two runs that
+    differ only in whether a router went through a file (a resumed or distributed run) agree."""
+    router = build_router("mahalanobis", layers="last", **options)
+    router.add_task(drifting_stream()[0][0])
+    save_router(router, tmp_path / "r")
+    tensors, meta = load_router(tmp_path / "r").state()
+    expected, expected_meta = router.state()
+    assert tensors.keys() == expected.keys() and meta == expected_meta
+    for key, value in expected.items():
+        assert tensors[key].shape == value.shape and tensors[key].dtype == value.dtype, key
+        assert torch.equal(tensors[key], value), key
+
+
 def test_router_saved_before_calibration_keeps_its_thresholds(tmp_path):
     """A router from before calibration rows were kept: its tasks keep the thresholds saved
     with them; a new task is calibrated on held-out rows."""

@@ -99,9 +99,9 @@ class NeighbourBank:
         """Take back `tensors()`'s output with the kept rows per task (`sizes`)."""
         shape = (sum(sizes), dim)
         rows = tensors.get("neighbours")
-        if sum(sizes) == 0 and (rows is None or rows.numel() == 0):  # none kept
-            rows = torch.empty(shape, dtype=torch.float16, device=self.device)
-        if rows is None or tuple(rows.shape) != shape:
+        if sum(sizes) == 0 and (rows is None or rows.numel() == 0):  # none kept: as when new
+            rows = torch.empty(0, 0, dtype=torch.float16, device=self.device)
+        elif rows is None or tuple(rows.shape) != shape:
             found = None if rows is None else tuple(rows.shape)
             raise ContinualPeftError(
                 f"router state tensor 'neighbours' has shape {found}, expected {shape}"
