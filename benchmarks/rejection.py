@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from continual_peft import Backbone
@@ -141,6 +141,7 @@ class Shipped:
         self.frozen: list[torch.Tensor] = []  # thresholds as set when each task arrived
 
     def add(self, x: torch.Tensor) -> None:
+        self.router.block_width = x.shape[2]  # as the engine sets it: the hidden width
         self.router.add_task(pick(x, self.layers))
         self.frozen.append(self.router.thresholds[-1].clone())
 
@@ -171,14 +172,16 @@ class Shipped:
 
 class Reference:
     """A score the project does not ship, calibrated the same way (the same held-out share and
-    draw, the k-th smallest familiarity of the held-out rows): k-nearest-neighbour distance on
-    L2-normalised features (Sun et al. 2022), or Mahalanobis per layer, summed (Lee et al.
-    2018, without their input perturbation or the weights they fit on known outliers)."""
+    draw, the k-th smallest familiarity of the held-out rows, each task on its own): per-task
+    Gaussians (each task's own Ledoit-Wolf covariance, scikit-learn), or Mahalanobis per
+    layer, summed (Lee et al. 2018, without their input perturbation or the weights they fit on
+    known outliers)."""
 
-    def __init__(self, kind: str, layers: str, rate: float, k: int = 10) -> None:
-        self.kind, self.layers, self.rate, self.k = kind, layers, rate, k
-        self.banks: list[torch.Tensor] = []  # knn: each task's fitted rows, normalised
-        self.per_layer = [build_router("mahalanobis", layers="last") for _ in LAYERS[layers]]
+    def __init__(self, kind: str, layers: str, rate: float) -> None:
+        self.kind, self.layers, self.rate = kind, layers, rate
+        self.per_layer = [build_router("mahalanobis", layers="last", familiarity="mahalanobis")
+                          for _ in LAYERS[layers]]  # fmt: skip
+        self.gaussians: list[tuple[torch.Tensor, torch.Tensor]] = []  # per task: mean, precision
         self.held_out: list[torch.Tensor] = []
         self.thresholds = torch.empty(0, dtype=torch.float64)
 
@@ -186,8 +189,10 @@ class Reference:
         n = min(1000, int(0.2 * len(x)))
         order = torch.randperm(len(x), generator=Placement.generator(len(self.held_out)))
         fit, held = x[order[n:]], x[order[:n]]
-        if self.kind == "knn":
-            self.banks.append(F.normalize(pick(fit, self.layers).double(), dim=1))
+        if self.kind == "per_task":
+            gaussian = LedoitWolf().fit(pick(fit, self.layers).double().numpy())
+            precision = torch.from_numpy(gaussian.precision_)
+            self.gaussians.append((torch.from_numpy(gaussian.location_), precision))
         else:
             for depth, router in zip(LAYERS[self.layers], self.per_layer, strict=True):
                 router.add_task(fit[:, depth])
@@ -199,13 +204,16 @@ class Reference:
         )
 
     def familiarity(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "knn":
-            z = F.normalize(pick(x, self.layers).double(), dim=1)
+        if self.kind == "per_task":
+            z = pick(x, self.layers).double()
             return torch.stack(
-                [-torch.cdist(z, bank).kthvalue(self.k, dim=1).values for bank in self.banks], 1
+                [
+                    -(((z - mean) @ precision) * (z - mean)).sum(1)
+                    for mean, precision in self.gaussians
+                ],
+                dim=1,
             )
-        depths = LAYERS[self.layers]
-        pairs = zip(depths, self.per_layer, strict=True)
+        pairs = zip(LAYERS[self.layers], self.per_layer, strict=True)
         return sum(router._familiarity(x[:, depth].double()) for depth, router in pairs)
 
     def rejected(self, x: torch.Tensor, thresholds: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,31 +223,39 @@ class Reference:
         return self.familiarity(x).argmax(dim=1)
 
     def state_bytes(self) -> int:
-        if self.kind == "knn":
-            return sum(b.numel() * 4 for b in self.banks)  # as float32
+        if self.kind == "per_task":
+            return sum(p.numel() * 8 for _, p in self.gaussians)
         return sum(r.state()[0]["scatter"].numel() * 8 for r in self.per_layer)
 
 
-SCORES = {  # label: (builder, layers, note)
-    "prototype (cosine)": (lambda layers, rate: Shipped("prototype", layers, rate), "last"),
-    "mahalanobis, shared covariance": (
-        lambda layers, rate: Shipped("mahalanobis", layers, rate),
-        "auto",
-    ),
+def shipped(name: str, **options):
+    return lambda layers, rate: Shipped(name, layers, rate, **options)
+
+
+# label: (builder, layers). "knn" is every router's default familiarity; the router it sits in
+# does not change it (mahalanobis here).
+SCORES = {
+    "knn, k = 10 (ships)": (shipped("mahalanobis"), "auto"),
+    "knn, k = 10, last layer": (shipped("mahalanobis"), "last"),
+    "mahalanobis, shared covariance": (shipped("mahalanobis", familiarity="mahalanobis"), "auto"),
     "mahalanobis, shared covariance, last": (
-        lambda layers, rate: Shipped("mahalanobis", layers, rate),
+        shipped("mahalanobis", familiarity="mahalanobis"),
         "last",
     ),
-    "relative mahalanobis (Ren 2021)": (
-        lambda layers, rate: Shipped("mahalanobis", layers, rate, familiarity="relative"),
-        "auto",
-    ),
+    "relative mahalanobis (Ren 2021)": (shipped("mahalanobis", familiarity="relative"), "auto"),
+    "prototype (cosine)": (shipped("prototype", familiarity="cosine"), "last"),
+    "per-task gaussians": (lambda layers, rate: Reference("per_task", layers, rate), "auto"),
     "mahalanobis per layer, summed (Lee 2018)": (
         lambda layers, rate: Reference("layers", layers, rate),
         "auto",
     ),
-    "knn, k = 10 (Sun 2022)": (lambda layers, rate: Reference("knn", layers, rate), "last"),
+    # how much k matters (not a choice: the default stays k = 10)
+    "knn, k = 1": (shipped("mahalanobis", knn_k=1), "auto"),
+    "knn, k = 50": (shipped("mahalanobis", knn_k=50), "auto"),
 }
+# the scores section 1 follows through the stream (the shipped ones)
+CALIBRATED = ("knn, k = 10 (ships)", "mahalanobis, shared covariance",
+              "relative mahalanobis (Ren 2021)", "prototype (cosine)")  # fmt: skip
 
 
 def auroc_fpr(known: torch.Tensor, unknown: torch.Tensor) -> tuple[float, float]:
@@ -272,17 +288,20 @@ def held_through_stream(names, data, rate: float) -> None:
     print("| --- | --- |" + " ---: |" * 6)
     keys = ("ships-new", "ships", "own", "fixed", "old")
     for label, (build, layers) in SCORES.items():
-        if not label.startswith(("prototype", "mahalanobis, shared", "relative")):
+        if label not in CALIBRATED:
             continue
         score, old = build(layers, rate), build(layers, 0.0)
+        # the router before issue 27 thresholded its own score on the fitted rows (knn is new)
+        before = score.router.familiarity != "knn"
         old_thresholds = []
         gaps: dict[str, list[float]] = {key: [] for key in keys}
         means: dict[str, list[float]] = {key: [] for key in keys}
         for step, name in enumerate(names):
             score.add(fit[name])
             old.add(fit[name])
-            own = old.familiarity(fit[name])[:, step]
-            old_thresholds.append(torch.quantile(own, rate))
+            if before:
+                own = old.familiarity(fit[name])[:, step]
+                old_thresholds.append(torch.quantile(own, rate))
             for j in range(step + 1):
                 test = data[f"{names[j]}.test"]
                 shares = {
@@ -290,8 +309,9 @@ def held_through_stream(names, data, rate: float) -> None:
                     "ships": score.rejected(test),
                     "own": score.rejected(test, score.own_thresholds()),
                     "fixed": score.rejected(test, torch.stack(score.frozen)),
-                    "old": old.rejected(test, torch.stack(old_thresholds)),
                 }
+                if before:
+                    shares["old"] = old.rejected(test, torch.stack(old_thresholds))
                 for key, rejected in shares.items():
                     share = float(rejected.double().mean())
                     gaps[key].append(abs(share - rate))
@@ -299,6 +319,8 @@ def held_through_stream(names, data, rate: float) -> None:
         cells = [
             f"{100 * max(gaps[k]):.1f} / {100 * np.mean(gaps[k]):.1f} "
             f"({100 * np.mean(means[k]):.1f})"
+            if gaps[k]
+            else "(new)"
             for k in keys
         ]
         sizes = score.router.calibration_sizes
@@ -317,7 +339,7 @@ def detection(names, data, oos: torch.Tensor, rate: float) -> None:
     print(
         "| score | layers | LOTO AUROC | LOTO FPR95 | LOTO false rej. | LOTO unknown rej. "
         "| OOS AUROC | OOS FPR95 | OOS false rej. | OOS unknown rej. | routing acc "
-        "| state per task |"
+        "| router state per task |"
     )
     print("| --- | --- |" + " ---: |" * 10)
     for label, (build, layers) in SCORES.items():
