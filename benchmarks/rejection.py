@@ -23,7 +23,8 @@ Then, per stream and per score (router, familiarity, layers):
 
 Run: python benchmarks/rejection.py [--data-root ../shared/data/cl_benchmark]
      [--ood-root ../shared/data/CL_Benchmark] [--fit 2000] [--test 500] [--rates 0.02,0.05]
-     [--cache /tmp/rejection-features]
+     [--cache /tmp/rejection-features] [--streams cl_benchmark,dbpedia_split]
+     [--detect-rates 0.02] [--score LABEL ...]
 """
 
 from __future__ import annotations
@@ -396,14 +397,30 @@ def main() -> None:
     parser.add_argument("--rates", default="0.02,0.05")
     parser.add_argument("--cache", default="/tmp/rejection-features")
     parser.add_argument("--extract-only", action="store_true")
+    parser.add_argument("--streams", default=",".join(STREAMS), help="which streams, by name")
+    parser.add_argument(
+        "--detect-rates", default=None, help="rates of section 2 (default: --rates)"
+    )
+    parser.add_argument(
+        "--score",
+        action="append",
+        choices=list(SCORES),
+        help="only these scores (repeat the option; default: every one)",
+    )
     args = parser.parse_args()
+    unknown = set(args.streams.split(",")) - set(STREAMS)
+    if unknown:
+        parser.error(f"unknown stream(s) {sorted(unknown)}; choose from {list(STREAMS)}")
+    for label in set(SCORES) - set(args.score or SCORES):
+        del SCORES[label]
     extract(args)
     if args.extract_only:
         return
     cache = Path(args.cache)
     oos = load_file(cache / "out_of_scope.safetensors")["test"]
     rates = [float(r) for r in args.rates.split(",")]
-    for stream in STREAMS:
+    detect_rates = [float(r) for r in (args.detect_rates or args.rates).split(",")]
+    for stream in args.streams.split(","):
         names, data = load_cache(cache, stream)
         sizes = [len(data[f"{n}.train"]) for n in names]
         tests = [len(data[f"{n}.test"]) for n in names]
@@ -413,7 +430,7 @@ def main() -> None:
         )
         for rate in rates:
             held_through_stream(names, data, rate)
-        for rate in rates:
+        for rate in detect_rates:
             detection(names, data, oos, rate)
 
 

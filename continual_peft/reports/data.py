@@ -93,7 +93,8 @@ def rejection_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[s
             _at(routed[-1], j),
             _at(by_task.get("routed_acc_accepted"), j),
         ]
-        rows.append([name, *(pct(v) for v in cells), str(_at(sizes, j) or "")])
+        size = _at(sizes, j)
+        rows.append([name, *(pct(v) for v in cells), "" if size is None else str(size)])
     means = [
         rejection.get("false_reject"),
         rejection.get("routed_acc"),
@@ -106,6 +107,16 @@ def rejection_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[s
         "each task's threshold is calibrated on held-out rows, recomputed after every task; "
         "'rejected' should stay near it. Routed ACC counts a rejected row wrong."
     )
+    uncalibrated = [
+        name for name, ok in zip(names, rejection.get("calibrated") or [], strict=False) if not ok
+    ]
+    if uncalibrated:
+        caption = (
+            f"REJECTION IS OFF at reject_rate {rejection['reject_rate']:g}: task(s) "
+            f"{', '.join(uncalibrated)} had too few calibration rows to hold the rate, so they "
+            "accept every row and the router rejects nothing. Give them more training inputs, "
+            "or raise reject_rate."
+        )
     return caption, header, rows
 
 

@@ -53,10 +53,10 @@ def check_features(
         where: What was called, for messages.
         device: The router's device.
     """
-    if not isinstance(features, torch.Tensor) or features.ndim != 2:
+    if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[1] == 0:
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)
         raise ContinualPeftError(
-            f"{where}: features must be a float tensor of shape (N, d), got {shape}"
+            f"{where}: features must be a float tensor of shape (N, d), d >= 1, got {shape}"
         )
     if not features.is_floating_point():
         raise ContinualPeftError(f"{where}: features must be floating point, got {features.dtype}")
@@ -80,6 +80,13 @@ def take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> 
         raise ContinualPeftError(
             f"router state tensor {key!r} has shape {tuple(value.shape)}, expected {shape}"
         )
+    if not value.is_floating_point():
+        raise ContinualPeftError(f"router state tensor {key!r} is {value.dtype}, not floating")
+    # a threshold may be -inf (its task accepts every row) or +inf (it rejects whatever the
+    # other tasks reject); nothing else may be infinite, and nothing NaN
+    bad = value.isnan() if key == "thresholds" else ~value.isfinite()
+    if bad.any():
+        raise ContinualPeftError(f"router state tensor {key!r} holds NaN or infinite values")
     return value.to(torch.float64)
 
 
@@ -116,9 +123,11 @@ class Router(abc.ABC):
 
     def to(self, device: str | torch.device) -> Router:
         """Move the statistics to `device` (and compute there from now on); returns self."""
-        self.device = torch.device(device)
+        target = torch.device(device)
         tensors, meta = self.state()
-        self._restore({key: value.to(self.device) for key, value in tensors.items()}, meta)
+        moved = {key: value.to(target) for key, value in tensors.items()}  # fails: unchanged
+        self.device = target
+        self._restore(moved, meta)
         return self
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:  # noqa: B027
@@ -251,10 +260,18 @@ class ScoringRouter(Router):
             raise ContinualPeftError(f"max_calibration must be an integer, got {max_calibration!r}")
         if max_calibration < 1:
             raise ContinualPeftError(f"max_calibration must be >= 1, got {max_calibration}")
+        if reject_rate > 0 and max_calibration < math.ceil(1 / reject_rate - 1e-9) - 1:
+            need = math.ceil(1 / reject_rate - 1e-9) - 1
+            raise ContinualPeftError(
+                f"reject_rate {reject_rate:g} needs at least {need} calibration rows per task "
+                f"(⌈1/reject_rate⌉ − 1), but max_calibration is {max_calibration}: raise "
+                f"max_calibration to {need}, or reject_rate to at least "
+                f"{1 / (max_calibration + 1):.3g}"
+            )
         valid = ("knn", *self.own_familiarities)
         if familiarity not in valid:
             raise ContinualPeftError(
-                f"{self.name}: unknown familiarity {familiarity!r}; valid choices: "
+                f"unknown familiarity {familiarity!r}; valid choices for {self.name}: "
                 f"{', '.join(valid)}"
             )
         self.reject_rate = float(reject_rate)
@@ -375,13 +392,22 @@ class ScoringRouter(Router):
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows the statistics are fitted on, and the held-out calibration rows (float32
-        precision, as they are kept): a seeded draw per task index, none when α = 0."""
+        precision, as they are kept): a seeded draw per task index, none when α = 0.
+
+        Copies of one row (a record given twice) go to one side together, and a held-out row
+        is kept once: a held-out row whose copy was fitted would look as familiar as a fitted
+        row, and thresholds set on such rows reject more new inputs than α."""
         n = min(self.max_calibration, int(self.calibration_share * len(x)))
         if self.reject_rate == 0 or n == 0:
             return x, x[:0]
-        order = torch.randperm(len(x), generator=Placement.generator(self.num_tasks), device=CPU)
-        order = order.to(x.device)
-        return x[order[n:]], x[order[:n]].float().double()
+        distinct, copy_of = torch.unique(x, dim=0, return_inverse=True)  # (D, d), (N,)
+        generator = Placement.generator(self.num_tasks)
+        order = torch.randperm(len(distinct), generator=generator, device=CPU).to(x.device)
+        copies = torch.bincount(copy_of, minlength=len(distinct))[order]
+        held = order[: int((copies.cumsum(0) <= n).sum())]  # whole groups, n rows at most
+        is_held = torch.zeros(len(distinct), dtype=torch.bool, device=x.device)
+        is_held[held] = True
+        return x[~is_held[copy_of]], distinct[held].float().double()
 
     def _held_familiarity(self) -> list[torch.Tensor]:
         """Per task, its calibration rows' (n, T) familiarity under the current statistics;
@@ -505,7 +531,14 @@ class ScoringRouter(Router):
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.thresholds = take(tensors, "thresholds", (self.num_tasks,))
-        self.block_width = meta.get("block_width")
+        width = meta.get("block_width")
+        if width is not None and (
+            isinstance(width, bool) or not isinstance(width, int) or width < 1
+        ):
+            raise ContinualPeftError(f"block_width must be a positive integer, got {width!r}")
+        if width is not None and self.dim and self.dim % width:
+            raise ContinualPeftError(f"block_width {width} does not divide the width {self.dim}")
+        self.block_width = width
         self.calibration_sizes = _sizes(meta, "calibration_sizes", self.num_tasks)
         rows = (sum(self.calibration_sizes), self.dim or 0)
         kept = tensors.get("calibration", torch.zeros(rows, device=self.thresholds.device))
@@ -514,6 +547,14 @@ class ScoringRouter(Router):
         self.neighbours.load(tensors, sizes, self.dim or 0)
         self._held = []
         self._load(tensors)
+        open_tasks = [t for t, limit in enumerate(self.thresholds.tolist()) if limit == -math.inf]
+        if self.reject_rate > 0 and open_tasks:
+            warnings.warn(
+                f"{self.name}: task(s) {open_tasks} (by index) had too few calibration rows to "
+                f"hold reject_rate {self.reject_rate}: they accept every row, so this router "
+                "rejects nothing",
+                stacklevel=2,
+            )
 
 
 def _sizes(meta: dict[str, Any], key: str, tasks: int, allow_empty: bool = False) -> list[int]:

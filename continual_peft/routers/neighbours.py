@@ -106,5 +106,7 @@ class NeighbourBank:
             raise ContinualPeftError(
                 f"router state tensor 'neighbours' has shape {found}, expected {shape}"
             )
+        elif not rows.is_floating_point() or not torch.isfinite(rows).all():
+            raise ContinualPeftError("router state tensor 'neighbours' is not finite floats")
         self.rows, self.sizes = rows.to(self.device, torch.float16), list(sizes)
         self.device = self.rows.device

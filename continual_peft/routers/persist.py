@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from continual_peft.errors import ContinualPeftError
+from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.routers.base import ROUTERS, Router
 from continual_peft.store.io import (
     PathLike,
@@ -61,4 +62,11 @@ def load_router(folder: PathLike, device: str | torch.device = "cpu") -> Router:
         )
     cls = ROUTERS.get(meta.pop("router"))
     meta.pop("format")
-    return cls.from_state(load_safetensors(source / TENSORS_FILE), meta).to(device)
+    tensors = load_safetensors(source / TENSORS_FILE)
+    try:
+        return cls.from_state(tensors, meta).to(device)
+    except (ContinualPeftError, ValueError, TypeError, KeyError, RuntimeError, ArithmeticError,
+            np.linalg.LinAlgError) as err:  # fmt: skip
+        # the files passed their checksums, so they were changed with the checksums or
+        # written by another version: say which folder, and how to get a router back
+        raise CorruptFileError(source, f"its saved router does not load: {err}") from err
