@@ -176,6 +176,7 @@ def test_eval_on_the_stream_reproduces_the_runs_last_row(finished_run, tmp_path)
         assert task["routed_acc"] == pytest.approx(matrix["routed"][-1][position])
         routing = report["routing_accuracy"][-1][position]
         assert task["routing_acc"] == pytest.approx(routing)
+        assert task["rejected"] == pytest.approx(report["rejected_share"][-1][position])
     assert scores["rows"] == 20 and scores["oracle_acc"] == pytest.approx(
         sum(scores["by_task"][n]["oracle_acc"] for n in NAMES) / 2
     )

@@ -202,7 +202,7 @@ def evaluate_records(
         for name, members in groups.items()
     }
     overall = summary.pop("all")
-    keys = ("oracle_acc", "routed_acc", "routing_acc")
+    keys = ("oracle_acc", "routed_acc", "routing_acc", "rejected")
     task_mean = {
         k: float(np.mean(v))
         if (v := [e[k] for e in summary.values() if e[k] is not None])
@@ -241,21 +241,26 @@ def _scores(
         for i in members
         if rows["routed"][i] and known[i] is not None
     ]
+    rejected = [bool(rows["routed"][i].get("rejected")) for i in members if rows["routed"][i]]
     return {
         "rows": len(members),
         "oracle_acc": mean(oracle),
-        "routed_acc": mean(routed),
+        "routed_acc": mean(routed),  # a rejected row counts wrong
         "routing_acc": mean(routing),
+        "rejected": mean(rejected),  # share of routed rows the router turned away
     }
 
 
 def console_scores(scores: dict[str, Any]) -> Table:
     """`evaluate_records` / `evaluate_stream` scores as a table, in percent: each task, the mean
     over tasks (as the report's ACC), and all rows pooled."""
-    table = Table(title="Accuracy (%) without training", title_justify="left")
-    for name in ("task", "rows", "oracle ACC", "routed ACC", "routing ACC"):
+    table = Table(title="Accuracy (%) of the trained run on this data", title_justify="left")
+    columns = {"oracle ACC": "oracle_acc", "routed ACC": "routed_acc", "routing ACC": "routing_acc"}
+    if scores.get("rejected"):  # a router that rejects: the share of rows it turned away
+        columns["rejected"] = "rejected"
+    for name in ("task", "rows", *columns):
         table.add_column(name, justify="left" if name == "task" else "right")
-    keys = ("oracle_acc", "routed_acc", "routing_acc")
+    keys = tuple(columns.values())
     rows = [*scores["by_task"].items()]
     if scores["by_task"]:
         rows.append(("mean of tasks", {**scores["task_mean"], "rows": len(scores["by_task"])}))
