@@ -5,7 +5,7 @@ count too. The layers, top to bottom (docs/architecture.md):
 
     __main__ -> cli, the package's __init__ -> experiments, integrations -> engine
         -> strategies -> config -> reports, routers -> store -> modules, tasks
-        -> backbones, registry, spec, metrics, _version, distributed -> errors
+        -> backbones, registry, spec, metrics, merging, _version, distributed -> errors
 
 A module may import its own folder and any folder of a lower layer; folders of one layer do not
 import each other. Inside a folder, a package `__init__` may import its own modules (that is how
@@ -30,7 +30,7 @@ LAYERS = [
     {"reports", "routers"},
     {"store"},
     {"modules", "tasks"},
-    {"backbones", "registry", "spec", "metrics", "_version", "distributed"},
+    {"backbones", "registry", "spec", "metrics", "merging", "_version", "distributed"},
     {"errors"},
 ]
 
