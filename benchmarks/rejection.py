@@ -43,8 +43,8 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from continual_peft import Backbone
-from continual_peft.backbones.placement import Placement
 from continual_peft.routers import build_router
+from continual_peft.routers.base import conformal_rank, held_out_split
 from continual_peft.tasks.streams import load_stream
 
 STREAMS = {
@@ -162,7 +162,7 @@ class Shipped:
         for task, size in enumerate(router.calibration_sizes):
             rows = router.calibration[start : start + size].double()
             start += size
-            k = math.floor(router.reject_rate * (size + 1) + 1e-9)
+            k = conformal_rank(router.reject_rate, size)
             own.append(router._familiarity(rows)[:, task].kthvalue(k).values)
         return torch.stack(own)
 
@@ -180,16 +180,16 @@ class Reference:
 
     def __init__(self, kind: str, layers: str, rate: float) -> None:
         self.kind, self.layers, self.rate = kind, layers, rate
-        self.per_layer = [build_router("mahalanobis", layers="last", familiarity="mahalanobis")
-                          for _ in LAYERS[layers]]  # fmt: skip
+        self.per_layer = [
+            build_router("mahalanobis", layers="last", familiarity="mahalanobis")
+            for _ in LAYERS[layers]
+        ]
         self.gaussians: list[tuple[torch.Tensor, torch.Tensor]] = []  # per task: mean, precision
         self.held_out: list[torch.Tensor] = []
         self.thresholds = torch.empty(0, dtype=torch.float64)
 
     def add(self, x: torch.Tensor) -> None:
-        n = min(1000, int(0.2 * len(x)))
-        order = torch.randperm(len(x), generator=Placement.generator(len(self.held_out)))
-        fit, held = x[order[n:]], x[order[:n]]
+        fit, held = held_out_split(x, min(1000, int(0.2 * len(x))), len(self.held_out))
         if self.kind == "per_task":
             gaussian = LedoitWolf().fit(pick(fit, self.layers).double().numpy())
             precision = torch.from_numpy(gaussian.precision_)
@@ -198,9 +198,11 @@ class Reference:
             for depth, router in zip(LAYERS[self.layers], self.per_layer, strict=True):
                 router.add_task(fit[:, depth])
         self.held_out.append(held)
-        k = math.floor(self.rate * (n + 1) + 1e-9)
         self.thresholds = torch.tensor(
-            [self.familiarity(h)[:, t].kthvalue(k).values for t, h in enumerate(self.held_out)],
+            [
+                self.familiarity(h)[:, t].kthvalue(conformal_rank(self.rate, len(h))).values
+                for t, h in enumerate(self.held_out)
+            ],
             dtype=torch.float64,
         )
 
@@ -255,8 +257,12 @@ SCORES = {
     "knn, k = 50": (shipped("mahalanobis", knn_k=50), "auto"),
 }
 # the scores section 1 follows through the stream (the shipped ones)
-CALIBRATED = ("knn, k = 10 (ships)", "mahalanobis, shared covariance",
-              "relative mahalanobis (Ren 2021)", "prototype (cosine)")  # fmt: skip
+CALIBRATED = (
+    "knn, k = 10 (ships)",
+    "mahalanobis, shared covariance",
+    "relative mahalanobis (Ren 2021)",
+    "prototype (cosine)",
+)
 
 
 def auroc_fpr(known: torch.Tensor, unknown: torch.Tensor) -> tuple[float, float]:

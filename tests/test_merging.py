@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_bert
 from peft.utils import merge_utils
 
 from continual_peft.errors import ContinualPeftError
@@ -88,36 +89,26 @@ def test_bad_merges_are_refused(kwargs, message):
 @pytest.mark.parametrize(
     ("combination", "method"), [("svd", "task_arithmetic"), ("ties_svd", "ties")]
 )
-def test_merged_lora_deltas_equal_pefts_add_weighted_adapter(combination, method):
+def test_merged_lora_deltas_equal_pefts_add_weighted_adapter(tokenizer, combination, method):
     """Two LoRA adapters of a tiny BERT: merging their ΔW = B A · scale here equals the ΔW of
     the adapter peft's `add_weighted_adapter` builds from them (its SVD at full rank, so the
     SVD loses nothing). DARE's draws come from peft's global generator after it has
     initialised the new adapter, so DARE is checked against merge_utils above instead."""
     from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=48,
-    )
 
     def lora() -> LoraConfig:
         return LoraConfig(
             r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False
         )
 
-    model = get_peft_model(BertModel(config), lora(), adapter_name="a")
+    model = get_peft_model(tiny_bert(tokenizer), lora(), adapter_name="a")
     model.add_adapter("b", lora())
     weights = [0.6, 1.0]
     model.add_weighted_adapter(
         ["a", "b"], weights, "merged", combination_type=combination, density=0.5, svd_rank=32
     )
     sites = [m for m in model.modules() if hasattr(m, "lora_A") and "merged" in m.lora_A]
-    assert len(sites) == 2
+    assert len(sites) == 4  # query and value of its 2 layers
     for site in sites:
         deltas = torch.stack([site.get_delta_weight("a"), site.get_delta_weight("b")])
         ours = merge_task_vectors(deltas, torch.tensor(weights), method, density=0.5)

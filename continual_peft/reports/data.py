@@ -83,8 +83,14 @@ def rejection_table(report: dict[str, Any]) -> tuple[str, list[str], list[list[s
     routed = report.get("accuracy_matrix", {}).get("routed") or [[]]
     names = list(report.get("task_names") or [])
     sizes = list(rejection.get("calibration_examples") or [])
-    header = ["task", "routing acc", "rejected", "routed ACC", "routed ACC, accepted rows",
-              "calibration rows"]  # fmt: skip
+    header = [
+        "task",
+        "routing acc",
+        "rejected",
+        "routed ACC",
+        "routed ACC, accepted rows",
+        "calibration rows",
+    ]
     rows = []
     for j, name in enumerate(names):
         cells = [

@@ -71,8 +71,11 @@ def check_features(
     return x
 
 
-def take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A state tensor checked for presence and shape, as float64."""
+def take(
+    tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], infinite: bool = False
+) -> torch.Tensor:
+    """A state tensor checked for presence, shape, a floating dtype and no NaN (nor ±inf unless
+    `infinite`), as float64."""
     if key not in tensors:
         raise ContinualPeftError(f"router state lacks tensor {key!r}; found {sorted(tensors)}")
     value = tensors[key]
@@ -82,12 +85,37 @@ def take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> 
         )
     if not value.is_floating_point():
         raise ContinualPeftError(f"router state tensor {key!r} is {value.dtype}, not floating")
-    # a threshold may be -inf (its task accepts every row) or +inf (it rejects whatever the
-    # other tasks reject); nothing else may be infinite, and nothing NaN
-    bad = value.isnan() if key == "thresholds" else ~value.isfinite()
+    bad = value.isnan() if infinite else ~value.isfinite()
     if bad.any():
         raise ContinualPeftError(f"router state tensor {key!r} holds NaN or infinite values")
     return value.to(torch.float64)
+
+
+def conformal_rank(alpha: float, n: int) -> int:
+    """k = ⌊α (n + 1)⌋: which smallest of n calibration familiarities is the split-conformal
+    threshold at rate α (0: none can be)."""
+    return math.floor(alpha * (n + 1) + 1e-9)
+
+
+def rows_needed(alpha: float) -> int:
+    """Calibration rows a task needs for `conformal_rank` to reach 1: ⌈1/α⌉ − 1."""
+    return math.ceil(1 / alpha - 1e-9) - 1
+
+
+def held_out_split(x: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows kept for fitting, held-out rows): a seeded draw (`Placement.generator(seed)`) of at
+    most n of x's rows (dimension 0) held out. Copies of one row (a record given twice) go to
+    one side together, and a held-out row is returned once: a held-out row whose copy was
+    fitted would look as familiar as a fitted row, and thresholds set on such rows reject more
+    new inputs than α."""
+    distinct, copy_of = torch.unique(x, dim=0, return_inverse=True)  # (D, ...), (N,)
+    order = torch.randperm(len(distinct), generator=Placement.generator(seed), device=CPU)
+    order = order.to(x.device)
+    copies = torch.bincount(copy_of, minlength=len(distinct))[order]
+    held = order[: int((copies.cumsum(0) <= n).sum())]  # whole groups, n rows at most
+    is_held = torch.zeros(len(distinct), dtype=torch.bool, device=x.device)
+    is_held[held] = True
+    return x[~is_held[copy_of]], distinct[held]
 
 
 # at most this many sweeps over the tasks when solving the thresholds together (`_calibrate`)
@@ -260,8 +288,7 @@ class ScoringRouter(Router):
             raise ContinualPeftError(f"max_calibration must be an integer, got {max_calibration!r}")
         if max_calibration < 1:
             raise ContinualPeftError(f"max_calibration must be >= 1, got {max_calibration}")
-        if reject_rate > 0 and max_calibration < math.ceil(1 / reject_rate - 1e-9) - 1:
-            need = math.ceil(1 / reject_rate - 1e-9) - 1
+        if reject_rate > 0 and max_calibration < (need := rows_needed(reject_rate)):
             raise ContinualPeftError(
                 f"reject_rate {reject_rate:g} needs at least {need} calibration rows per task "
                 f"(⌈1/reject_rate⌉ − 1), but max_calibration is {max_calibration}: raise "
@@ -356,7 +383,7 @@ class ScoringRouter(Router):
         self.calibration_sizes.append(len(held_out))
         self.thresholds = self._calibrate()
         if self.reject_rate > 0 and self._rank(len(held_out)) == 0:
-            need = self._rows_needed()
+            need = rows_needed(self.reject_rate)
             warnings.warn(
                 f"{self.name}: task {self.num_tasks - 1} has {len(held_out)} calibration row(s), "
                 f"too few to calibrate reject_rate {self.reject_rate} (it needs {need}: "
@@ -383,31 +410,17 @@ class ScoringRouter(Router):
         }
 
     def _rank(self, n: int) -> int:
-        """k = ⌊α (n + 1)⌋: which smallest calibration familiarity is the threshold."""
-        return math.floor(self.reject_rate * (n + 1) + 1e-9)
-
-    def _rows_needed(self) -> int:
-        """Calibration rows a task needs for k = ⌊α (n + 1)⌋ to reach 1."""
-        return math.ceil(1 / self.reject_rate - 1e-9) - 1
+        return conformal_rank(self.reject_rate, n)
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows the statistics are fitted on, and the held-out calibration rows (float32
-        precision, as they are kept): a seeded draw per task index, none when α = 0.
-
-        Copies of one row (a record given twice) go to one side together, and a held-out row
-        is kept once: a held-out row whose copy was fitted would look as familiar as a fitted
-        row, and thresholds set on such rows reject more new inputs than α."""
+        precision, as they are kept): `held_out_split` seeded by the task index, none when
+        α = 0."""
         n = min(self.max_calibration, int(self.calibration_share * len(x)))
         if self.reject_rate == 0 or n == 0:
             return x, x[:0]
-        distinct, copy_of = torch.unique(x, dim=0, return_inverse=True)  # (D, d), (N,)
-        generator = Placement.generator(self.num_tasks)
-        order = torch.randperm(len(distinct), generator=generator, device=CPU).to(x.device)
-        copies = torch.bincount(copy_of, minlength=len(distinct))[order]
-        held = order[: int((copies.cumsum(0) <= n).sum())]  # whole groups, n rows at most
-        is_held = torch.zeros(len(distinct), dtype=torch.bool, device=x.device)
-        is_held[held] = True
-        return x[~is_held[copy_of]], distinct[held].float().double()
+        fit, held = held_out_split(x, n, self.num_tasks)
+        return fit, held.float().double()
 
     def _held_familiarity(self) -> list[torch.Tensor]:
         """Per task, its calibration rows' (n, T) familiarity under the current statistics;
@@ -530,7 +543,9 @@ class ScoringRouter(Router):
         return router
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self.thresholds = take(tensors, "thresholds", (self.num_tasks,))
+        # a threshold may be -inf (its task accepts every row) or +inf (it rejects whatever
+        # the other tasks reject)
+        self.thresholds = take(tensors, "thresholds", (self.num_tasks,), infinite=True)
         width = meta.get("block_width")
         if width is not None and (
             isinstance(width, bool) or not isinstance(width, int) or width < 1

@@ -18,6 +18,16 @@ from continual_peft.store.io import (
 )
 
 ROUTER_FORMAT = 1
+# what rebuilding a router from changed files can raise, deep in its statistics
+STATE_ERRORS = (
+    ContinualPeftError,
+    ValueError,
+    TypeError,
+    KeyError,
+    RuntimeError,
+    ArithmeticError,
+    np.linalg.LinAlgError,
+)
 TENSORS_FILE = "router.safetensors"
 META_FILE = "router.json"
 
@@ -64,9 +74,9 @@ def load_router(folder: PathLike, device: str | torch.device = "cpu") -> Router:
     meta.pop("format")
     tensors = load_safetensors(source / TENSORS_FILE)
     try:
-        return cls.from_state(tensors, meta).to(device)
-    except (ContinualPeftError, ValueError, TypeError, KeyError, RuntimeError, ArithmeticError,
-            np.linalg.LinAlgError) as err:  # fmt: skip
+        router = cls.from_state(tensors, meta)
+    except STATE_ERRORS as err:
         # the files passed their checksums, so they were changed with the checksums or
         # written by another version: say which folder, and how to get a router back
         raise CorruptFileError(source, f"its saved router does not load: {err}") from err
+    return router.to(device)
