@@ -147,6 +147,25 @@ class ModuleBank:
         self.has_trainable = trainable
         return self._append(kind)
 
+    def overwrite_slot(self, slot: int, state: dict[str, torch.Tensor]) -> None:
+        """Replace frozen `slot`'s values with `slot_state`-shaped `state` (a merged slot that
+        is rebuilt after every task); its kind and index stay.
+
+        Raises:
+            ContinualPeftError: no such slot, or it is the one training.
+        """
+        self._check_slot(slot)
+        if self.has_trainable and slot == self.num_slots - 1:
+            raise ContinualPeftError(f"slot {slot} is training: only a frozen slot is replaced")
+        kind, local = self.slot_kinds[slot], self.slot_local[slot]
+        for name, site in self.kind_sites[kind].items():
+            prefix = name + "."
+            site.overwrite_slot(
+                local, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            )
+        scale = state.get(next(iter(self.kind_sites[kind])) + ".scale")
+        self.slot_scale[slot] = 1.0 if scale is None else float(scale)
+
     def _append(self, kind: str) -> int:
         """Register the slot just opened or loaded in `kind`'s stacks; returns its index."""
         local = self.slot_kinds.count(kind)

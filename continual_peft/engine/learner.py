@@ -285,8 +285,9 @@ class ContinualLearner:
         """
         check_new_task(task, self.learned, self.heads)
         self.strategy.before_task(self, task)
-        slot = self.strategy.allocate(self, task)
+        # the head first: a strategy may run the task's rows through it to shape its new slot
         head = self.heads.open(task, seed=self.task_seed(task, "head"))
+        slot = self.strategy.allocate(self, task)
         where = f"task {task.name!r}: %s input"
         train_enc = self.heads.prompt_items(task.name, task.train_inputs, where % "train")
         test_enc = self.heads.prompt_items(task.name, task.test_inputs, where % "test")
@@ -306,7 +307,9 @@ class ContinualLearner:
             task=task,
             slot=slot,
             head=head,
-            params=self.bank.trainable_parameters() + list(head.parameters()),
+            params=self.bank.trainable_parameters()
+            + self.strategy.parameters(self)
+            + list(head.parameters()),
             train_items=train_enc.items,
             truncated=train_enc.truncated + test_enc.truncated,
             adjust_loss=lambda loss: self.strategy.loss(self, task, loss),
@@ -424,6 +427,9 @@ class ContinualLearner:
                 checkpoint.
         """
         owner = {state.slot: name for name, state in self.learned.items()}  # last per slot
+        files = {slot: f"tasks/{name}/module.safetensors" for slot, name in owner.items()}
+        derived = self.strategy.derived_slots(self)  # into the newest task's folder
+        files |= {slot: f"tasks/{names[-1]}/{stem}.safetensors" for slot, stem in derived.items()}
         if written is None:
             written = dict(self.last_checkpoint.files) if self.last_checkpoint else {}
         tasks = [
@@ -432,6 +438,9 @@ class ContinualLearner:
                 head=dict(self.heads.heads[name].state_dict()),
                 record=self.records[self.learned[name].index],
                 module=self.bank.slot_state(slot) if owner[slot] == name else None,
+                derived={s: self.bank.slot_state(k) for k, s in derived.items()}
+                if name == names[-1]
+                else {},
             )
             for name, slot in ((n, self.learned[n].slot) for n in names)
         ]
@@ -464,7 +473,7 @@ class ContinualLearner:
         )
         return Snapshot(
             tasks=tasks,
-            owners=[owner[slot] for slot in range(self.bank.num_slots)],
+            slot_files=[files[slot] for slot in range(self.bank.num_slots)],
             slot_kinds=list(self.bank.slot_kinds),
             trainable_slot=self.bank.num_slots - 1 if self.bank.has_trainable else None,
             router=router_state(self.router) if self.router is not None else None,

@@ -100,6 +100,9 @@ class LowRankSite(StackedSite):
         if up_bias:
             shapes[up_bias] = (d_out,)
         self.stack = SlotStack(shapes, base_layer.weight, fixed=("scale",))
+        # (T,) per-slot multipliers of this site's deltas, recomputed every forward, that a
+        # strategy may set (SD-LoRA's magnitude over each direction's norm); None: all 1
+        self.gain: Callable[[LowRankSite], torch.Tensor] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -116,29 +119,35 @@ class LowRankSite(StackedSite):
         if routing.off:
             return out
         h = self.dropout(out if self.on_output else x)
+        gain = None if self.gain is None else self.gain(self)
         if routing.single is not None:
-            return self._single(out, h, self.stack.slot(routing.single))
+            return self._single(out, h, self.stack.slot(routing.single), gain)
         if routing.shared:
-            return self._shared(out, h, self.stack.stacked())
-        return self._mixed(out, h, self.stack.stacked())
+            return self._shared(out, h, self.stack.stacked(), gain)
+        return self._mixed(out, h, self.stack.stacked(), gain)
 
     # Each path scales the r-wide intermediate (never the d_out-wide delta) and adds the delta
     # into the base output inside the up-projection's matmul (addmm / baddbmm with beta 1): one
     # pass over the (B, L, d_out) output instead of three.
 
-    def _single(self, out: torch.Tensor, h: torch.Tensor, t: dict) -> torch.Tensor:
+    def _single(
+        self, out: torch.Tensor, h: torch.Tensor, t: dict, gain: torch.Tensor | None
+    ) -> torch.Tensor:
         down, up, down_bias, up_bias = self.names
         z = h @ t[down].to(h.dtype).T  # (..., r)
         if down_bias:
             z = z + t[down_bias].to(h.dtype)
-        z = self.activation(z) * t["scale"].to(h.dtype)
+        scale = t["scale"] if gain is None else t["scale"] * gain[self.routing.single]
+        z = self.activation(z) * scale.to(h.dtype)
         flat = out.reshape(-1, out.shape[-1])  # (N, d_out)
         result = torch.addmm(flat, z.reshape(-1, z.shape[-1]), t[up].to(h.dtype).T)
         if up_bias:
-            result = result + (t[up_bias] * t["scale"]).to(h.dtype)
+            result = result + (t[up_bias] * scale).to(h.dtype)
         return result.reshape(out.shape)
 
-    def _shared(self, out: torch.Tensor, h: torch.Tensor, t: dict) -> torch.Tensor:
+    def _shared(
+        self, out: torch.Tensor, h: torch.Tensor, t: dict, gain: torch.Tensor | None
+    ) -> torch.Tensor:
         """Every row on the same k slots: one delta of width k·r, no per-row gather."""
         down, up, down_bias, up_bias = self.names
         idx, w = self.routing.indices[0], self.routing.weights[0]  # (k,) each
@@ -146,24 +155,28 @@ class LowRankSite(StackedSite):
         z = h @ t[down][idx].reshape(-1, h.shape[-1]).to(h.dtype).T  # (..., k·r)
         if down_bias:
             z = z + t[down_bias][idx].reshape(-1).to(h.dtype)
-        z = self.activation(z) * self._rank_weights(w, rank, h.dtype)
+        w = w if gain is None else w * gain[idx].to(w)
+        z = self.activation(z) * self._rank_weights(w, rank, h.dtype, gain is None)
         u = t[up].transpose(1, 2)[idx].reshape(-1, d_out).to(h.dtype)  # (k·r, d_out)
         result = torch.addmm(out.reshape(-1, d_out), z.reshape(-1, z.shape[-1]), u)
         if up_bias:
             result = result + (w @ t[up_bias][idx].float()).to(h.dtype)
         return result.reshape(out.shape)
 
-    def _mixed(self, out: torch.Tensor, h: torch.Tensor, t: dict) -> torch.Tensor:
+    def _mixed(
+        self, out: torch.Tensor, h: torch.Tensor, t: dict, gain: torch.Tensor | None
+    ) -> torch.Tensor:
         """Per-row slots: gather each row's k slots, two batched matmuls for the whole batch."""
         down, up, down_bias, up_bias = self.names
         idx, w = self.routing.indices, self.routing.weights  # (B, k) each, resolved by the bank
+        w = w if gain is None else w * gain[idx].to(w)  # a row's "no slot" keeps weight 0
         rows, rank, d_out = idx.shape[0], t[down].shape[1], out.shape[-1]
         flat = h.reshape(rows, -1, h.shape[-1])  # (B, L, width)
         d_rows, u_rows = self._gathered(t, h.dtype)  # (B, k·r, width), (B, k·r, d_out)
         z = torch.bmm(flat, d_rows.transpose(1, 2))  # (B, L, k·r)
         if down_bias:
             z = z + t[down_bias][idx].reshape(rows, 1, -1).to(h.dtype)
-        z = self.activation(z) * self._rank_weights(w, rank, h.dtype)[:, None]
+        z = self.activation(z) * self._rank_weights(w, rank, h.dtype, gain is None)[:, None]
         result = torch.baddbmm(out.reshape(rows, -1, d_out), z, u_rows)  # (B, L, d_out)
         if up_bias:
             bias = torch.einsum("bk,bkd->bd", w, t[up_bias][idx].float())  # (B, d_out)
@@ -191,8 +204,13 @@ class LowRankSite(StackedSite):
             return gather()
         return self.routing.derive(("rows", id(self), dtype), gather)
 
-    def _rank_weights(self, w: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """(..., k·r) each slot's weight repeated over its r units, made once per forward."""
-        return self.routing.derive(
-            ("rank_weights", rank, dtype), lambda: w.repeat_interleave(rank, dim=-1).to(dtype)
-        )
+    def _rank_weights(
+        self, w: torch.Tensor, rank: int, dtype: torch.dtype, cached: bool = True
+    ) -> torch.Tensor:
+        """(..., k·r) each slot's weight repeated over its r units, made once per routing
+        (`cached`; weights that carry a gain change every forward and are made each time)."""
+
+        def make() -> torch.Tensor:
+            return w.repeat_interleave(rank, dim=-1).to(dtype)
+
+        return self.routing.derive(("rank_weights", rank, dtype), make) if cached else make()

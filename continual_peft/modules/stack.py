@@ -65,6 +65,16 @@ class SlotStack(nn.Module):
             stack = getattr(self, name)
             setattr(self, name, torch.cat([stack, tensors[name].to(stack)[None]]))
 
+    def overwrite(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace frozen slot `index`'s values (a merged slot rebuilt after each task)."""
+        if not 0 <= index < self.num_frozen:
+            raise IndexError(f"slot {index} is not a frozen slot ({self.num_frozen} frozen)")
+        for name in self.names:
+            stack = getattr(self, name)
+            updated = stack.clone()  # a new tensor: views taken earlier keep the old values
+            updated[index] = tensors[name].to(stack)
+            setattr(self, name, updated)
+
     def slot(self, index: int) -> dict[str, torch.Tensor]:
         """One slot's tensors (the trainable ones as Parameters)."""
         if len(self.trainable) and index == self.num_frozen:
@@ -115,6 +125,10 @@ class StackedSite(nn.Module):
             self.stack.open(tensors)
         else:
             self.stack.load(tensors)
+
+    def overwrite_slot(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace a frozen slot's values with `slot_tensors`-shaped `tensors`."""
+        self.stack.overwrite(slot, tensors)
 
     def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.stack.slot(slot).items()}

@@ -41,6 +41,8 @@ class TaskFiles:
     head: Tensors  # the task's head
     record: dict[str, Any]  # its task.json
     module: Tensors | None = None  # its slot's tensors, if its folder holds them (see Snapshot)
+    # slots no task trained that a strategy builds from others (a merged slot), by file stem
+    derived: dict[str, Tensors] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -48,11 +50,12 @@ class Snapshot:
     """A learner's state after a task, as plain values: the engine builds it, the store writes it.
 
     A slot shared by several tasks is written into the folder of the last task that trained it
-    (`owners`); the router's and the strategy's state into the newest task's folder.
+    (`slot_files`); a slot the strategy derives from others (`TaskFiles.derived`), the router's
+    and the strategy's state into the newest task's folder.
     """
 
     tasks: list[TaskFiles]  # the tasks whose files are written now, the newest last
-    owners: list[str]  # per slot: the task whose folder holds it
+    slot_files: list[str]  # per slot: its file, relative to the run (tasks/<task>/<name>)
     slot_kinds: list[str]  # per slot: its module kind
     trainable_slot: int | None  # the slot still training (shared slots), if any
     router: tuple[Tensors, dict[str, Any]] | None  # router.safetensors, router.json
@@ -362,7 +365,7 @@ def write_checkpoint(run: RunDir, snapshot: Snapshot) -> Checkpoint:
     """
     files = dict(snapshot.saved_files)
     for task in snapshot.tasks:
-        files |= run.save_task(task.name, task.module, task.head, task.record)
+        files |= run.save_task(task.name, task.module, task.head, task.record, task.derived)
     newest = run.task_folder(snapshot.tasks[-1].name)
     state_files: dict[str, StateFiles] = {}
     for kind, payload in (("router", snapshot.router), ("strategy", snapshot.strategy)):
@@ -371,12 +374,10 @@ def write_checkpoint(run: RunDir, snapshot: Snapshot) -> Checkpoint:
     for paths in state_files.values():
         files |= {path: file_sha256(run.path / path) for path in paths}
     slots = [
-        SlotEntry(
-            file=f"tasks/{owner}/module.safetensors",
-            kind=kind,
-            trainable=slot == snapshot.trainable_slot,
+        SlotEntry(file=file, kind=kind, trainable=slot == snapshot.trainable_slot)
+        for slot, (file, kind) in enumerate(
+            zip(snapshot.slot_files, snapshot.slot_kinds, strict=True)
         )
-        for slot, (owner, kind) in enumerate(zip(snapshot.owners, snapshot.slot_kinds, strict=True))
     ]
     keep = {s.file for s in slots} | {p for paths in state_files.values() for p in paths}
     order = snapshot.header.task_names

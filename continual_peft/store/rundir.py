@@ -144,13 +144,16 @@ class RunDir:
         module: dict[str, torch.Tensor] | None,
         head: dict[str, torch.Tensor],
         info: dict,
+        derived: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, str]:
-        """A finished task's slot (unless None), head and record; their paths and sha256."""
+        """A finished task's slot (unless None), head and record, and slots a strategy derived
+        from others (`<stem>.safetensors` each); their paths and sha256."""
         folder = self.task_folder(name)
         written = []
-        if module is not None:
-            atomic_save_safetensors(module, folder / "module.safetensors", {"task": name})
-            written.append("module.safetensors")
+        for stem, tensors in {"module": module, **(derived or {})}.items():
+            if tensors is not None:
+                atomic_save_safetensors(tensors, folder / f"{stem}.safetensors", {"task": name})
+                written.append(f"{stem}.safetensors")
         atomic_save_safetensors(head, folder / "head.safetensors", {"task": name})
         atomic_write_json(folder / "task.json", info)
         written += ["head.safetensors", "task.json"]

@@ -95,6 +95,17 @@ class Strategy:
         inference alike (the bank sums the slots' deltas); the task's own slot by default."""
         return [learner.learned[task].slot], [1.0]
 
+    def parameters(self, learner: Learner) -> list[nn.Parameter]:
+        """Trainable tensors of the strategy's own that train with the task's slot and head
+        (SD-LoRA's magnitudes); none by default. Called once the task's slot is allocated."""
+        return []
+
+    def derived_slots(self, learner: Learner) -> dict[int, str]:
+        """Slots that no task trained but the strategy built from others (a merged slot), by
+        index, with the file stem each is saved under (in the newest task's folder); none by
+        default."""
+        return {}
+
     def check(self, config: LearnerConfig, where: str = "config") -> None:
         """Refuse a configuration this strategy cannot work with; anything goes by default."""
 
