@@ -26,7 +26,7 @@ from continual_peft.distributed import world
 from continual_peft.engine.bank import ModuleBank
 from continual_peft.engine.heads import check_new_task, make_heads
 from continual_peft.engine.monitor import ForgettingMonitor
-from continual_peft.engine.prediction import Predictor, evaluating
+from continual_peft.engine.prediction import FALLBACK_MODE, Predictor, evaluating
 from continual_peft.engine.progress import meter
 from continual_peft.engine.report import learner_report
 from continual_peft.engine.rollback import Undo
@@ -55,7 +55,7 @@ from continual_peft.store.digests import config_sha256, run_config_sha256, task_
 from continual_peft.store.io import load_json, load_safetensors
 from continual_peft.store.migration import CURRENT
 from continual_peft.store.rundir import RunDir
-from continual_peft.strategies.base import build_strategy, check_config
+from continual_peft.strategies.base import Strategy, build_strategy, check_config
 from continual_peft.tasks.task import Task
 
 
@@ -107,9 +107,7 @@ class ContinualLearner:
         )
         self.heads = make_heads(backbone, config)
         self.router = make_router(config, self.backbone)
-        self.monitor = ForgettingMonitor(
-            ("oracle",) if self.router is None else ("oracle", "routed")
-        )
+        self.monitor = ForgettingMonitor(monitor_modes(self.router, self.strategy))
         self.learned: dict[str, LearnedTask] = {}
         self.predictor = Predictor(
             backbone=backbone,
@@ -118,6 +116,7 @@ class ContinualLearner:
             learned=self.learned,
             routing=lambda task: self.strategy.routing(self, task),
             train=config.train,
+            fallback=lambda: self.strategy.fallback(self),
         )
         self.records: list[dict] = []
         self.stream = stream
@@ -237,6 +236,7 @@ class ContinualLearner:
             strategy=self.strategy,
             router=self.router,
             monitor=self.monitor,
+            derived=list(self.strategy.derived_slots(self)),
         )
         try:
             session = self.begin_task(task)
@@ -302,7 +302,8 @@ class ContinualLearner:
             initial = self.predictor.accuracy(state, base_only=True)
             before = self.predictor.accuracy(state)
         # the router cannot know a task before it is trained: no routed "before" value
-        self.monitor.before_task(initial, {"oracle": before, "routed": float("nan")})
+        routed = {mode: float("nan") for mode in self.monitor.modes}
+        self.monitor.before_task(initial, routed | {"oracle": before})
         return TaskSession(
             task=task,
             slot=slot,
@@ -622,3 +623,11 @@ def _check_inputs(inputs: object) -> None:
             f"inputs must be a list of texts (or images), got one {type(inputs).__name__}: "
             f"wrap it in a list, e.g. predict([{inputs[:20]!r}])"
         )
+
+
+def monitor_modes(router: Router | None, strategy: Strategy) -> tuple[str, ...]:
+    """The accuracy matrices a run keeps: oracle; routed with a router; and route-or-merge's
+    column when the strategy falls back on rejected or unsure rows."""
+    if router is None:
+        return ("oracle",)
+    return ("oracle", "routed", FALLBACK_MODE) if strategy.falls_back else ("oracle", "routed")

@@ -28,6 +28,9 @@ from continual_peft.engine.state import LearnedTask
 from continual_peft.errors import ContinualPeftError
 from continual_peft.metrics import exact_match, rouge_l
 from continual_peft.routers import Router
+from continual_peft.strategies.base import Fallback
+
+FALLBACK_MODE = "route_or_merge"  # the report's routed column with the fallback applied
 
 
 @torch.no_grad()
@@ -183,6 +186,7 @@ class RoutedScore(NamedTuple):
     routing: float  # share of rows whose top-1 task is the task itself
     rejected: float  # share of rows the router rejected (counted wrong in `metric`)
     accepted: float  # the metric over the accepted rows only; NaN when none was
+    fallback: float = float("nan")  # the metric with route-or-merge's fallback (NaN: none)
 
 
 class Predictor:
@@ -192,6 +196,8 @@ class Predictor:
         backbone, bank, heads: The learner's parts.
         learned: The learner's learned tasks (the same dict: it sees new tasks).
         routing: A task's slots and weights (the strategy's `routing`).
+        fallback: Where rejected or unsure routed rows go (the strategy's `fallback`; None:
+            nowhere, a rejected row gets no answer).
         train: The learner's training settings; rows per forward pass are its
             `eval_batch_size`, read at every use (so changing it there takes effect).
     """
@@ -205,9 +211,11 @@ class Predictor:
         learned: dict[str, LearnedTask],
         routing: Routing,
         train: TrainConfig,
+        fallback: Callable[[], Fallback | None] = lambda: None,
     ) -> None:
         self.backbone, self.bank, self.heads = backbone, bank, heads
         self.learned, self.routing, self.train = learned, routing, train
+        self.fallback = fallback
         # per task, the last oracle evaluation's other scores (ROUGE-L, answers that are no label)
         self.text_scores: dict[str, dict[str, float]] = {}
 
@@ -283,6 +291,49 @@ class Predictor:
         )
         return answers, indices, weights
 
+    def fall_back(
+        self,
+        router: Router,
+        inputs: list,
+        items: list,
+        features: torch.Tensor,
+        answers: list[str | None],
+        fallback: Fallback,
+    ) -> tuple[list[str | None], list[bool]]:
+        """Route-or-merge: `routed`'s answers with every row the router rejected (None) or
+        whose top-two task scores differ by less than `fallback.margin` answered again through
+        `fallback.slots` and its best-scoring task's head; also which rows fell back."""
+        scores = router.scores(features).double().cpu()  # (B, T)
+        best = scores.topk(min(2, scores.shape[1]), dim=1)
+        gap = best.values[:, 0] - best.values[:, -1] if scores.shape[1] > 1 else None
+        unsure = [
+            i
+            for i, answer in enumerate(answers)
+            if answer is None or (gap is not None and float(gap[i]) < fallback.margin)
+        ]
+        fell = [False] * len(answers)
+        if not unsure:
+            return list(answers), fell
+        names = [state.task.name for state in self.learned.values()]
+        heads = [names[int(best.indices[i, 0])] for i in unsure]
+        rows = self._prompted([inputs[i] for i in unsure], [items[i] for i in unsure], heads)
+        count = len(unsure)
+        slots = torch.tensor([fallback.slots] * count, dtype=torch.long, device="cpu")
+        weights = torch.tensor([fallback.weights] * count, dtype=torch.float32, device="cpu")
+        found = routed_predict(
+            self.bank,
+            self.heads,
+            rows,
+            slots=slots,
+            weights=weights,
+            head_tasks=heads,
+            batch_size=self.batch_size,
+        )
+        merged = list(answers)
+        for i, answer in zip(unsure, found, strict=True):
+            merged[i], fell[i] = answer, True
+        return merged, fell
+
     def _prompted(self, inputs: list, items: list, heads: list[str | None]) -> list:
         """Each accepted row as its head's task reads it (None for rejected rows)."""
         accepted = [i for i, t in enumerate(heads) if t is not None]
@@ -301,18 +352,27 @@ class Predictor:
         """Routed metric and routing accuracy on a task's test set; an answer counts when it
         matches (the same label string; for generation, exact match)."""
         features = self.test_features(state, router.layers)
-        answers, indices, _ = self.routed(
-            router, state.task.test_inputs, state.feature_items, features
-        )
+        inputs, items = state.task.test_inputs, state.feature_items
+        answers, indices, _ = self.routed(router, inputs, items, features)
         metric = self.heads.metric(state.task.name)
         value, _ = task_scores(metric, answers, state.task)
+        fallback, fell_back = self.fallback(), float("nan")
+        if fallback is not None:
+            merged, _ = self.fall_back(router, inputs, items, features, answers, fallback)
+            fell_back = task_scores(metric, merged, state.task)[0]
         routing = float((indices[:, 0] == state.index).double().mean())
         kept = [i for i, answer in enumerate(answers) if answer is not None]
         accepted = float("nan")
         if kept:
             accepted = task_scores(metric, [answers[i] for i in kept], state.task, kept)[0]
         rejected = 1.0 - len(kept) / len(answers) if answers else 0.0
-        return RoutedScore(metric=value, routing=routing, rejected=rejected, accepted=accepted)
+        return RoutedScore(
+            metric=value,
+            routing=routing,
+            rejected=rejected,
+            accepted=accepted,
+            fallback=fell_back,
+        )
 
     def logits(self, inputs: list, tasks: list[str]) -> torch.Tensor:
         """(B, C_max) logits (label scores on a generative backbone) of rows of given tasks in
@@ -346,6 +406,11 @@ class Predictor:
         with meter(f"predicting {len(items)} input(s)", 2 * len(items)):
             features = self.features(items, router.layers)
             labels, indices, weights = self.routed(router, list(inputs), items, features)
+            fallback, fell = self.fallback(), [False] * len(labels)
+            if fallback is not None:
+                labels, fell = self.fall_back(
+                    router, list(inputs), items, features, labels, fallback
+                )
         scores = router.scores(features).cpu()
         names = list(self.learned)
         rows = []
@@ -355,15 +420,16 @@ class Predictor:
                 for t, w in zip(indices[i].tolist(), weights[i].tolist(), strict=True)
                 if t >= 0
             ]
-            rows.append(
-                {
-                    "task": top[0][0] if top else None,
-                    "label": label,
-                    "rejected": label is None,
-                    "score": float(scores[i].max()),
-                    "topk": [{"task": t, "weight": w} for t, w in top],
-                }
-            )
+            row = {
+                "task": top[0][0] if top else None,
+                "label": label,
+                "rejected": bool(indices[i, 0] < 0),
+                "score": float(scores[i].max()),
+                "topk": [{"task": t, "weight": w} for t, w in top],
+            }
+            if fallback is not None:  # route-or-merge: answered through the merged slot
+                row["fallback"] = fell[i]
+            rows.append(row)
         return rows
 
     def evaluation_rows(self, router: Router | None, router_items: list) -> int:
@@ -395,7 +461,10 @@ class Predictor:
         results = [self.routed_scores(router, state) for state in states]
         rejection = Rejection([r.rejected for r in results], [r.accepted for r in results])
         routed, routing = [r.metric for r in results], [r.routing for r in results]
-        return {"oracle": oracle, "routed": routed}, routing, rejection
+        modes = {"oracle": oracle, "routed": routed}
+        if self.fallback() is not None:
+            modes[FALLBACK_MODE] = [r.fallback for r in results]
+        return modes, routing, rejection
 
     def routed_accuracy(self, router: Router) -> tuple[list[float], list[float]]:
         """Per learned task, in learning order: routed accuracy and routing accuracy on its

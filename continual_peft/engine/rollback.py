@@ -29,6 +29,7 @@ class Undo:
     records: int  # how many records there were
     slots: int  # how many slots there were
     trainable: list[torch.Tensor]  # the shared trainable slot's values, if one is open
+    derived: dict[int, dict[str, torch.Tensor]]  # slots the strategy rebuilds (merged): values
     strategy: Any  # deep copies: the strategy (buffers, Fisher, ...), router and monitor
     router: Router | None
     monitor: ForgettingMonitor
@@ -43,13 +44,16 @@ class Undo:
         strategy: Any,
         router: Router | None,
         monitor: ForgettingMonitor,
+        derived: list[int] = (),
     ) -> Undo:
-        """The state before a task: counts, the trainable slot's values, deep copies."""
+        """The state before a task: counts, the trainable slot's values, the values of the
+        `derived` slots (which a strategy rewrites after a task), deep copies."""
         return cls(
             learned=list(learned),
             records=len(records),
             slots=bank.num_slots,
             trainable=[p.detach().clone() for p in bank.trainable_parameters()],
+            derived={slot: copy.deepcopy(bank.slot_state(slot)) for slot in derived},
             strategy=copy.deepcopy(strategy),
             router=copy.deepcopy(router),
             monitor=copy.deepcopy(monitor),
@@ -64,8 +68,8 @@ class Undo:
         records: list[dict],
     ) -> None:
         """Undo the task in the learner's parts, in place: its learned entry, head, slot,
-        record, and the shared slot's values. The learner takes back `strategy`, `router` and
-        `monitor` itself."""
+        record, the shared slot's values and the derived slots' (a merged slot). The learner
+        takes back `strategy`, `router` and `monitor` itself."""
         for name in [n for n in learned if n not in self.learned]:
             del learned[name]
         for name in [n for n in heads.heads if n not in self.learned]:
@@ -74,4 +78,6 @@ class Undo:
         with torch.no_grad():
             for param, value in zip(bank.trainable_parameters(), self.trainable, strict=True):
                 param.copy_(value)
+        for slot, values in self.derived.items():
+            bank.overwrite_slot(slot, values)
         del records[self.records :]

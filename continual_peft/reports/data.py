@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-MODE_ORDER = ("oracle", "routed")
+MODE_ORDER = ("oracle", "routed", "route_or_merge")
 
 
 def is_missing(value: Any) -> bool:

@@ -21,7 +21,7 @@ import copy
 from contextlib import AbstractContextManager
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -81,10 +81,20 @@ class Learner(Protocol):
     def features(self, inputs: list) -> torch.Tensor: ...
 
 
+class Fallback(NamedTuple):
+    """Where a router's rejected or unsure rows go instead (route-or-merge): the slots and
+    weights every such row takes, and the top-two score gap under which a row is unsure."""
+
+    slots: list[int]
+    weights: list[float]
+    margin: float
+
+
 class Strategy:
     """The base strategy: every hook does nothing."""
 
     description = ""
+    falls_back = False  # whether `fallback` may send routed rows elsewhere (route-or-merge)
 
     def allocate(self, learner: Learner, task: Task) -> int:
         """The slot that `task` trains and is routed to."""
@@ -99,6 +109,11 @@ class Strategy:
         """Trainable tensors of the strategy's own that train with the task's slot and head
         (SD-LoRA's magnitudes); none by default. Called once the task's slot is allocated."""
         return []
+
+    def fallback(self, learner: Learner) -> Fallback | None:
+        """Where routed rows the router rejects or is unsure about go (`Fallback`); None (the
+        default): a rejected row gets no answer, and no route-or-merge column is reported."""
+        return None
 
     def derived_slots(self, learner: Learner) -> dict[int, str]:
         """Slots that no task trained but the strategy built from others (a merged slot), by
