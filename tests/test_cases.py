@@ -59,6 +59,7 @@ from continual_peft.strategies import load_strategy_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "strategies"
 SHARED_SLOT = {"seq", "replay", "ewc", "joint", "l2p"}  # one slot serves every task
+MERGED_SLOT = {"merge", "route_or_merge"}  # a slot per task, plus one merged from them
 GENERATIVE = {"llama", "gpt2", "t5"}
 
 
@@ -90,6 +91,10 @@ CASES = [
     Case("ewc", spec="ewc_lora"),
     Case("joint", spec="joint_lora"),
     Case("olora", spec="olora_lora"),
+    Case("inflora", spec="inflora_lora"),
+    Case("merge", spec="merge_lora"),
+    Case("route_or_merge", router="mahalanobis", spec="route_or_merge_lora"),
+    Case("sdlora", spec="sdlora_lora"),
     Case("l2p", module="prompt_pool", spec="l2p"),
     # every module kind, alone and mixed in one run
     Case("per_task", module="adapter", spec="per_task_adapter"),
@@ -111,6 +116,9 @@ CASES = [
     Case("replay", router="mahalanobis", family="llama"),
     Case("ewc", family="llama"),
     Case("olora", family="llama"),
+    Case("inflora", family="llama"),
+    Case("merge", family="llama"),
+    Case("sdlora", family="llama"),
     Case("joint", family="llama"),
     Case("per_task", module="prompt", router="mahalanobis", family="llama"),
     Case("replay", module="prefix", router="mahalanobis", family="gpt2"),
@@ -318,14 +326,18 @@ def test_every_task_is_learned_into_its_slots(runs: Runs):
     assert list(runs.run.learned) == names and report["task_names"] == names
     assert report["status"] == "finished" and len(runs.run.records) == size
     modes = {"oracle"} | ({"routed"} if runs.case.router != "oracle" else set())
+    modes |= {"route_or_merge"} if runs.case.strategy == "route_or_merge" else set()
     assert set(report["accuracy_matrix"]) == modes
     for matrix in report["accuracy_matrix"].values():
         assert len(matrix) == size and all(len(row) == size for row in matrix)
         assert all(0 <= matrix[i][j] <= 1 for i in range(size) for j in range(i + 1))
     slots = [record["slot"] for record in runs.run.records]
-    shared = runs.case.strategy in SHARED_SLOT
-    assert slots == ([0] * size if shared else list(range(size)))
-    assert runs.run.bank.num_slots == (1 if shared else size)
+    shared, merged = runs.case.strategy in SHARED_SLOT, runs.case.strategy in MERGED_SLOT
+    if merged:  # the merged slot opens after the first task's
+        assert slots == [0, *range(2, size + 1)] and runs.run.strategy.merged == [1]
+    else:
+        assert slots == ([0] * size if shared else list(range(size)))
+    assert runs.run.bank.num_slots == (1 if shared else size + merged)
     kinds = dict(runs.case.task_modules)
     assert [t["module"] for t in report["tasks"]] == [kinds.get(n, runs.case.module) for n in names]
     for folder, done in ((runs.run_dir, size), (runs.saved, size - 1)):

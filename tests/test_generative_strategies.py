@@ -1,5 +1,6 @@
-"""Every strategy on a generative backbone: replay, ewc, olora and joint learn generation and
-label-scoring tasks (replay stores prompt token ids); l2p refuses a language model clearly.
+"""Every strategy on a generative backbone: replay, ewc, olora, inflora, sdlora and joint learn
+generation and label-scoring tasks (replay stores prompt token ids); l2p refuses a language model
+clearly.
 Their saving, loading and other shared invariants on a tiny Llama: test_cases.py."""
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ def tasks() -> list[Task]:
 
 @pytest.mark.parametrize(
     ("strategy", "options"),
-    [("replay", {"buffer_size": 12}), ("ewc", {"lam": 10.0}), ("olora", {}), ("joint", {})],
+    [
+        ("replay", {"buffer_size": 12}),
+        ("ewc", {"lam": 10.0}),
+        ("olora", {}),
+        ("inflora", {}),
+        ("merge", {"method": "task_arithmetic", "weight": "mean"}),
+        ("sdlora", {}),
+        ("joint", {}),
+    ],
 )
 def test_strategies_learn_generation_and_label_scoring_tasks(strategy, options):
     config = LearnerConfig.from_dict(

@@ -43,6 +43,7 @@ from continual_peft.metrics import METRIC_DEFINITIONS
 from continual_peft.reports.data import is_missing, matrix_of, metric_stats
 from continual_peft.reports.leaderboard import console_leaderboard, write_leaderboard
 from continual_peft.reports.run import load_report
+from continual_peft.store.checkpoint import CHECKPOINT_FILE
 from continual_peft.store.io import load_safetensors, load_versioned_json, nan_to_none, timestamp
 from continual_peft.store.rundir import check_free
 from continual_peft.strategies import check_config
@@ -54,10 +55,12 @@ ENTRY_METRICS = (
     "bwt",
     "forgetting",
     "routed_acc",
+    "route_or_merge_acc",
     "routing_acc",
     "routed_over_oracle",
     "dev_acc",
     "trainable_parameters",
+    "stored_parameters",
     "train_seconds",
     "eval_seconds",
 )
@@ -67,6 +70,11 @@ PARAMETER_RULE = (
     "(record's trainable_parameters minus that task's head), plus every task's head (its "
     "head.safetensors). per_task: T x (slot + head); a shared-slot strategy (seq): one slot + "
     "T heads."
+)
+STORED_RULE = (
+    "stored parameters = every number the run's final checkpoint holds in its safetensors "
+    "files: slots (a merged slot too), heads, the router's statistics and the strategy's state "
+    "(a replay buffer's token ids, EWC's Fisher, InfLoRA's subspace bases)"
 )
 TIME_RULE = "train/eval seconds: sums over the tasks of a run (per-task records)"
 
@@ -275,6 +283,7 @@ def _run_entry(entry: Entry, plan: _Plan, console, make_backbone) -> list[dict]:
             order=name,
             seed=seed,
             run_dir=str(d.relative_to(plan.out)),
+            stored=stored_parameters(d),
         )
         for name, seed, d in dirs
     ]
@@ -325,13 +334,30 @@ def parameter_counts(report: dict[str, Any], head_parameters: dict[str, int]) ->
     return {"slots": slots, "heads": heads, "total": sum(slots.values()) + heads}
 
 
+def stored_parameters(run_dir: str | Path) -> int | None:
+    """Numbers held by the safetensors files a run's `checkpoint.json` lists (`STORED_RULE`);
+    None when the run has no checkpoint (it failed before its first task ended)."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    files = json.loads(path.read_text(encoding="utf-8")).get("files") or {}
+    tensors = [Path(run_dir) / name for name in files if name.endswith(".safetensors")]
+    return sum(t.numel() for file in tensors for t in load_safetensors(file).values())
+
+
 def total_trainable_parameters(report: dict[str, Any], head_parameters: dict[str, int]) -> int:
     """Every parameter trained over the stream, each shared slot once (see `PARAMETER_RULE`)."""
     return parameter_counts(report, head_parameters)["total"]
 
 
 def run_row(
-    report: dict[str, Any], head_parameters: dict[str, int], *, order: str, seed: int, run_dir: str
+    report: dict[str, Any],
+    head_parameters: dict[str, int],
+    *,
+    order: str,
+    seed: int,
+    run_dir: str,
+    stored: int | None = None,
 ) -> dict[str, Any]:
     """One run's leaderboard record: the grid's run record plus parameters, times and curves."""
     row = run_record(order, seed, run_dir, report)
@@ -342,6 +368,7 @@ def run_row(
     return {
         **row,
         "trainable_parameters": counts["total"],
+        "stored_parameters": stored,
         "parameters": counts,
         "train_seconds": float(sum(r["train_seconds"] for r in records)),
         "eval_seconds": float(sum(r["eval_seconds"] for r in records)),
@@ -398,7 +425,8 @@ def leaderboard(
         entry["rank"] = rank
     definitions = {k: METRIC_DEFINITIONS[k] for k in ("acc", "bwt", "forgetting", "routing")}
     definitions |= {k: METRIC_DEFINITIONS[k] for k in ("routing_accuracy", "dev")}
-    definitions |= {"trainable_parameters": PARAMETER_RULE, "seconds": TIME_RULE, "std": STD_NOTE}
+    definitions |= {"trainable_parameters": PARAMETER_RULE, "stored_parameters": STORED_RULE}
+    definitions |= {"seconds": TIME_RULE, "std": STD_NOTE}
     return {
         "schema_version": LEADERBOARD_SCHEMA_VERSION,
         "kind": "leaderboard",

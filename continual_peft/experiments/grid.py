@@ -43,6 +43,8 @@ METRIC_SOURCES: dict[str, tuple[str, str, str]] = {
     "bwt": ("metrics", "oracle", "bwt"),
     "forgetting": ("metrics", "oracle", "forgetting"),
     "routed_acc": ("metrics", "routed", "acc"),  # null when the run had no router
+    # routed with route-or-merge's fallback (rejected or unsure rows through the merged slot)
+    "route_or_merge_acc": ("metrics", "route_or_merge", "acc"),
     "baseline_acc": ("baseline", "oracle", "acc"),
     "baseline_bwt": ("baseline", "oracle", "bwt"),
     "baseline_forgetting": ("baseline", "oracle", "forgetting"),

@@ -39,6 +39,7 @@ PERCENT_COLUMNS = (
     ("bwt", "BWT", True),
     ("forgetting", "Forgetting", False),
     ("routed_acc", "routed ACC", False),
+    ("route_or_merge_acc", "route-or-merge ACC", False),
     ("routing_acc", "routing", False),
     ("routed_over_oracle", "routed/oracle", False),
 )
@@ -46,11 +47,13 @@ PERCENT_COLUMNS = (
 _OPTIONAL = (
     ("dev_acc", "dev ACC"),
     ("routed_acc", "routed ACC"),
+    ("route_or_merge_acc", "route-or-merge ACC"),
     ("routing_acc", "routing"),
     ("routed_over_oracle", "routed/oracle"),
 )
 _COUNTS = (
     ("trainable_parameters", "trainable params", "{:,.0f}"),
+    ("stored_parameters", "stored params", "{:,.0f}"),
     ("train_seconds", "train s", "{:.1f}"),
     ("eval_seconds", "eval s", "{:.1f}"),
 )
@@ -122,16 +125,19 @@ def _title(board: dict[str, Any]) -> str:
     )
 
 
-_SHORT = {"trainable params": "params"}  # console headers: short, complete words
+# console headers: short, complete words
+_SHORT = {"trainable params": "params", "route-or-merge ACC": "RoM"}
 
 
 def _console_table(board: dict[str, Any], layout: str) -> Table:
     """The table in one of three layouts, widest first: "boxed" (rich's default box), "compact"
     (no box, one space between columns) and "stacked" (compact, each ± std on a second line).
-    Narrower than the Markdown table: no strategy column when every label is its strategy."""
+    Narrower than the Markdown table: no stored parameters or routed/oracle ratio, no strategy
+    column when every label is its strategy."""
     entries = board.get("entries") or []
     header, rows = _header(board), _rows(board)
-    hidden = set()
+    # in leaderboard.md, .csv and .json: a terminal is narrow (routed/oracle: the two ACCs')
+    hidden = {"stored params", "routed/oracle"}
     if all(e["label"] == e["strategy"] for e in entries):
         hidden.add("strategy")
     keep = [i for i, title in enumerate(header) if title not in hidden]

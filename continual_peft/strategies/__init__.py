@@ -17,22 +17,29 @@ from continual_peft.strategies.base import (
     strategy_options,
 )
 from continual_peft.strategies.ewc import EWC
+from continual_peft.strategies.inflora import InfLoRA
 from continual_peft.strategies.joint import Joint
 from continual_peft.strategies.l2p import L2P
+from continual_peft.strategies.merge import Merge, RouteOrMerge
 from continual_peft.strategies.olora import OLoRA
 from continual_peft.strategies.per_task import PerTask
 from continual_peft.strategies.replay import Replay
+from continual_peft.strategies.sdlora import SDLoRA
 from continual_peft.strategies.seq import Sequential
 
 __all__ = [
     "EWC",
+    "InfLoRA",
     "L2P",
+    "Merge",
     "STRATEGIES",
     "Joint",
     "Learner",
     "OLoRA",
     "PerTask",
     "Replay",
+    "RouteOrMerge",
+    "SDLoRA",
     "Sequential",
     "Strategy",
     "build_strategy",
