@@ -168,6 +168,33 @@ def test_two_processes_learn_what_one_process_learns(one, two):
     assert not (two_dir / ".lock").exists()
 
 
+# The field's methods, each with the state torchrun must keep the same on every rank: InfLoRA's
+# input covariances (summed over the ranks' shards), SD-LoRA's magnitudes (trained), the merged
+# slot and the router's fallback.
+METHODS = {
+    "inflora": ('strategy = "inflora"', 'router = "oracle"', "samples = 16"),
+    "sdlora": ('strategy = "sdlora"', 'router = "oracle"', ""),
+    "route_or_merge": ('strategy = "route_or_merge"', 'router = "mahalanobis"', "margin = 1.0"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_fields_methods_learn_under_two_processes_what_one_learns(setup, method):
+    strategy, router, option = METHODS[method]
+    text = setup["spec"].read_text(encoding="utf-8")
+    text = text.replace('strategy = "replay"', strategy).replace('router = "mahalanobis"', router)
+    text = text.replace("buffer_size = 20\nreplay_batch_size = 5", option)
+    spec = setup["root"] / f"{method}.toml"
+    spec.write_text(text, encoding="utf-8")
+    args = ["run", str(setup["stream"]), "--strategy", str(spec), "--baseline", "none"]
+    one_dir, two_dir = setup["root"] / f"{method}-one", setup["root"] / f"{method}-two"
+    in_process(*args, "--out", str(one_dir))
+    done = run(launch(*args, "--out", str(two_dir), script=setup["cli"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert outcome(two_dir) == outcome(one_dir)
+    assert_same_state(one_dir, two_dir)
+
+
 FLAKY = """
 import os, sys
 from pathlib import Path
