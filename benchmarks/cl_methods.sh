@@ -17,8 +17,7 @@ long=${3:-../shared/data/CL_Benchmark}
 orders=${4:-order4}
 routed=per_task,seq,replay,ewc,joint,l2p,strategies/route_or_merge_lora.toml
 summed=olora,inflora,sdlora,merge
-four=(streams/cl_benchmark.toml --data-root "$cl" --max-train 100 --max-test 100 --epochs 3
-      --batch-size 16 --max-length 64)
+four=(streams/cl_benchmark.toml --data-root "$cl" --budget cpu --batch-size 16 --max-length 64)
 continual-peft compare "${four[@]}" --strategies "$routed" --router mahalanobis \
     --out "$out/four/routed"
 continual-peft compare "${four[@]}" --strategies "$summed" --out "$out/four/summed"
