@@ -16,7 +16,8 @@ only decoder of its labels) under five backbone states, and the accuracy of each
 
 Run: python benchmarks/route_or_merge.py [--data-root ../shared/data/cl_benchmark]
      [--stream streams/cl_benchmark.toml] [--max-train 200] [--max-test 200] [--epochs 3]
-     [--reject-rate 0.02] [--margin 0.0] [--method ties] [--density 0.2]
+     [--max-length 64] [--lr 2e-3] [--reject-rate 0.02] [--margin 0.0] [--method ties]
+     [--density 0.2]
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--reject-rate", type=float, default=0.02)
     parser.add_argument("--margin", type=float, default=0.0)
     parser.add_argument("--method", default="ties")
     parser.add_argument("--density", type=float, default=0.2)
     args = parser.parse_args()
-    stream = load_stream(args.stream, args.data_root, args.max_train, args.max_test)
+    stream = load_stream(
+        args.stream, args.data_root, args.max_train, args.max_test, router_max_train=250
+    )
     tasks = stream.tasks
     options = {"margin": args.margin, "method": args.method, "density": args.density}
     config = LearnerConfig.from_dict(
@@ -56,7 +60,7 @@ def main() -> None:
             "router": "mahalanobis",
             "router_options": {"reject_rate": args.reject_rate},
             "backbone": {"max_length": args.max_length},
-            "train": {"epochs": args.epochs, "batch_size": 16, "lr": 2e-3},
+            "train": {"epochs": args.epochs, "batch_size": 16, "lr": args.lr},
         }
     )
     start = time.perf_counter()
