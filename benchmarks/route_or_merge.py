@@ -68,7 +68,8 @@ def main() -> None:
     for task in tasks:
         learner.learn(task)
     print(f"learned {len(tasks)} tasks in {time.perf_counter() - start:.0f} s")
-    features = {t.name: learner.features(t.router_inputs or t.train_inputs) for t in tasks}
+    layers = learner.router.layers  # the hidden layers the router reads ("auto": several)
+    features = {t.name: learner.features(t.router_inputs or t.train_inputs, layers) for t in tasks}
     columns = ["own slot", "bare", "per_task + router", "route_or_merge", "merged"]
     print(f"reject_rate {args.reject_rate}, margin {args.margin}, merge {options}")
     print("| unknown task | " + " | ".join(columns) + " | rejected | fell back |")
