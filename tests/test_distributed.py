@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -379,7 +380,9 @@ def test_the_primitives_against_a_plain_recomputation(tmp_path):
     script.write_text(textwrap.dedent(PRIMITIVES), encoding="utf-8")
     done = run(launch(script=script))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank ")) == [
+    # two processes share the pipe: a line of one may land in the middle of the other's
+    said = re.findall(r"rank \d: (?:all checks passed|the lost peer was named)", done.stdout)
+    assert sorted(said) == [
         "rank 0: all checks passed",
         "rank 0: the lost peer was named",
         "rank 1: all checks passed",

@@ -210,6 +210,9 @@ def test_a_task_that_fails_after_merging_leaves_no_trace(make_backbone, three_ta
         ("merge", {"strategy_options": {"density": 0}}, r"\(0, 1\]"),
         ("merge", {"strategy_options": {"weight": "half"}}, '"mean"'),
         ("merge", {"strategy_options": {"space": "factors", "slots": 2}}, "exactly 1"),
+        ("merge", {"strategy_options": {"weight": 1e30}}, "1000"),
+        ("merge", {"strategy_options": {"slots": 2**62}}, r"\[1, 64\]"),
+        ("sdlora", {"strategy_options": {"magnitude_init": 1e30}}, "magnitude_init"),
         ("route_or_merge", {"router": "prototype", "strategy_options": {"margin": -1}}, ">= 0"),
     ],
 )

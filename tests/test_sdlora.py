@@ -164,7 +164,10 @@ def test_rank_reduction_zeroes_the_rows_and_columns_past_each_tasks_rank(make_ba
         ({"strategy_options": {"ranks": [8, 16]}}, "r = 8: lower the ranks to at most 8"),
         ({"strategy_options": {"ranks": []}}, "ranks = \\[\\] is invalid; it must be a non-empty"),
         ({"strategy_options": {"ranks": [4, 0]}}, "integers >= 1"),
-        ({"strategy_options": {"magnitude_init": 0}}, "magnitude_init = 0 is invalid.*> 0"),
+        (
+            {"strategy_options": {"magnitude_init": 0}},
+            r"magnitude_init = 0 is invalid.*\(0, 1000\]",
+        ),
         ({"backbone": BackboneConfig(dtype="float16")}, 'overflows float16.*"bfloat16"'),
     ],
 )

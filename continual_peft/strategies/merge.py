@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from continual_peft.tasks.task import Task
 
 SPACES = ("delta", "factors")
+MAX_WEIGHT = 1e3  # larger λ overflow float32 in the merged update
+MAX_SLOTS = 64
 KIND = "lora"
 
 
@@ -85,12 +87,14 @@ class Merge(Strategy):
         check_option(name, "method", method, ok=method in MERGES, valid=" | ".join(MERGES))
         ok = is_number(density) and 0 < density <= 1
         check_option(name, "density", density, ok=ok, valid="a number in (0, 1]")
-        ok = weight == "mean" or (is_number(weight) and weight > 0 and weight < float("inf"))
-        check_option(name, "weight", weight, ok=ok, valid='a number > 0 or "mean"')
+        ok = weight == "mean" or (is_number(weight) and 0 < weight <= MAX_WEIGHT)
+        check_option(
+            name, "weight", weight, ok=ok, valid=f'a number in (0, {MAX_WEIGHT:g}] or "mean"'
+        )
         check_option(name, "space", space, ok=space in SPACES, valid=" | ".join(SPACES))
         check_option(name, "sign", sign, ok=sign in SIGN_METHODS, valid=" | ".join(SIGN_METHODS))
-        ok = is_int(slots) and slots >= 1 and (space == "delta" or slots == 1)
-        valid = "an integer >= 1 (exactly 1 with space = 'factors')"
+        ok = is_int(slots) and 1 <= slots <= MAX_SLOTS and (space == "delta" or slots == 1)
+        valid = f"an integer in [1, {MAX_SLOTS}] (exactly 1 with space = 'factors')"
         check_option(name, "slots", slots, ok=ok, valid=valid)
         self.method, self.density, self.weight = method, float(density), weight
         self.space, self.sign, self.slots = space, sign, int(slots)
@@ -167,6 +171,12 @@ class Merge(Strategy):
             seed=learner.task_seed(tasks[-1].task, "merge"),  # the same draws when rebuilt
             device=learner.backbone.placement.device,
         )
+        broken = [key for state in states for key, v in state.items() if not v.isfinite().all()]
+        if broken:
+            raise ContinualPeftError(
+                f"strategy {self.name!r}: the merged slot is not finite (at {broken[0]}): lower "
+                f"`weight` ({self.weight}) or raise `density` ({self.density})"
+            )
         if not self.merged:
             self.merged = [bank.load_slot(state, KIND) for state in states]
         else:
@@ -233,7 +243,7 @@ def merged_lora(
             up = torch.cat([up, up.new_zeros(up.shape[0], width - up.shape[1])], dim=1)
             down = torch.cat([down, down.new_zeros(width - down.shape[0], down.shape[1])])
         total = float(s.pow(2).sum())
-        kept.append(float(s[:width].pow(2).sum()) / total if total > 0 else 1.0)
+        kept.append(float(s[:width].pow(2).sum()) / total if total > 0 else 0.0)  # 0: none
         for k in range(slots):
             part = slice(k * rank, (k + 1) * rank)
             out[k] |= {

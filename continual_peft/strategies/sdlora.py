@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from continual_peft.strategies.base import Learner, SlotBank
     from continual_peft.tasks.task import Task
 
+MAX_SCALE = 1e3  # larger magnitudes overflow float32 through a site's delta
 EPS = 1e-6  # ε in α_t / sqrt(||ΔW_t||² + ε²): keeps the new slot's gain finite while B_t = 0
 
 
@@ -91,8 +92,8 @@ class SDLoRA(Strategy):
             "sdlora",
             "magnitude_init",
             magnitude_init,
-            ok=is_number(magnitude_init) and 0 < magnitude_init < float("inf"),
-            valid="a number > 0",
+            ok=is_number(magnitude_init) and 0 < magnitude_init <= MAX_SCALE,
+            valid=f"a number in (0, {MAX_SCALE:g}]",
         )
         check_option(
             "sdlora",
