@@ -249,5 +249,6 @@ def test_route_or_merge_sends_rejected_and_unsure_rows_to_the_merged_slot(
     assert everything.strategy.routing(everything, "colors") == ([0], [1.0])
     details = everything.predict_details(three_tasks[1].test_inputs)
     assert all(row["fallback"] for row in details)
+    assert [row["task"] for row in details] == ["animals"] * len(details)  # the head that answered
     answers = merged.predict(three_tasks[1].test_inputs, "animals")
     assert [row["label"] for row in details] == answers

@@ -299,10 +299,11 @@ class Predictor:
         features: torch.Tensor,
         answers: list[str | None],
         fallback: Fallback,
-    ) -> tuple[list[str | None], list[bool]]:
+    ) -> tuple[list[str | None], list[str | None]]:
         """Route-or-merge: `routed`'s answers with every row the router rejected (None) or
         whose top-two task scores differ by less than `fallback.margin` answered again through
-        `fallback.slots` and its best-scoring task's head; also which rows fell back."""
+        `fallback.slots` and its best-scoring task's head; also, per row, the task whose head
+        answered a row that fell back (None for the others)."""
         scores = router.scores(features).double().cpu()  # (B, T)
         best = scores.topk(min(2, scores.shape[1]), dim=1)
         gap = best.values[:, 0] - best.values[:, -1] if scores.shape[1] > 1 else None
@@ -311,7 +312,7 @@ class Predictor:
             for i, answer in enumerate(answers)
             if answer is None or (gap is not None and float(gap[i]) < fallback.margin)
         ]
-        fell = [False] * len(answers)
+        fell: list[str | None] = [None] * len(answers)
         if not unsure:
             return list(answers), fell
         names = [state.task.name for state in self.learned.values()]
@@ -330,8 +331,8 @@ class Predictor:
             batch_size=self.batch_size,
         )
         merged = list(answers)
-        for i, answer in zip(unsure, found, strict=True):
-            merged[i], fell[i] = answer, True
+        for i, answer, head in zip(unsure, found, heads, strict=True):
+            merged[i], fell[i] = answer, head
         return merged, fell
 
     def _prompted(self, inputs: list, items: list, heads: list[str | None]) -> list:
@@ -406,7 +407,7 @@ class Predictor:
         with meter(f"predicting {len(items)} input(s)", 2 * len(items)):
             features = self.features(items, router.layers)
             labels, indices, weights = self.routed(router, list(inputs), items, features)
-            fallback, fell = self.fallback(), [False] * len(labels)
+            fallback, fell = self.fallback(), [None] * len(labels)
             if fallback is not None:
                 labels, fell = self.fall_back(
                     router, list(inputs), items, features, labels, fallback
@@ -428,7 +429,9 @@ class Predictor:
                 "topk": [{"task": t, "weight": w} for t, w in top],
             }
             if fallback is not None:  # route-or-merge: answered through the merged slot
-                row["fallback"] = fell[i]
+                row["fallback"] = fell[i] is not None
+                if fell[i] is not None:
+                    row["task"] = fell[i]  # the task whose head (labels) answered
             rows.append(row)
         return rows
 
