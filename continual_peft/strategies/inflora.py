@@ -56,6 +56,7 @@ from continual_peft.distributed import shard, sum_over_ranks
 from continual_peft.errors import ContinualPeftError
 from continual_peft.strategies.base import STRATEGIES, Strategy
 from continual_peft.strategies.examples import check_option, is_int, is_number
+from continual_peft.strategies.olora import check_summed_lora
 
 if TYPE_CHECKING:
     from continual_peft.config import LearnerConfig
@@ -161,19 +162,13 @@ class InfLoRA(Strategy):
         self.bases: dict[str, torch.Tensor] = {}
 
     def check(self, config: LearnerConfig, where: str = "config") -> None:
-        kinds = {config.module, *config.task_modules.values()}
-        if kinds != {"lora"}:
-            raise ContinualPeftError(
-                f"{where}: strategy 'inflora' trains LoRA slots only (it designs LoRA's A from "
-                f"each site's input covariance); got module kind(s) {sorted(kinds)}: use "
-                'module = "lora" and no per-task module'
-            )
-        if config.router != "oracle":
-            raise ContinualPeftError(
-                f"{where}: strategy 'inflora' sends every row through all slots summed, as in "
-                f"the paper, so there is no slot for a router to choose; got router "
-                f'{config.router!r}: use router = "oracle"'
-            )
+        check_summed_lora(
+            config,
+            where,
+            "inflora",
+            "it designs LoRA's A from each site's input covariance",
+            "summed",
+        )
 
     def allocate(self, learner: Learner, task: Task) -> int:
         slot = learner.bank.add_slot(seed=learner.task_seed(task, "slot"), kind="lora")

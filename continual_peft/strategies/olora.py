@@ -36,6 +36,29 @@ if TYPE_CHECKING:
     from continual_peft.tasks.task import Task
 
 
+def check_summed_lora(
+    config: LearnerConfig, where: str, strategy: str, why_lora: str, how_summed: str
+) -> None:
+    """Refuse what a strategy that sends every row through all its LoRA slots cannot work with:
+    another module kind (`why_lora` says why LoRA) or a router (the slots are `how_summed`).
+
+    Raises:
+        ContinualPeftError: naming the setting and the fix.
+    """
+    kinds = {config.module, *config.task_modules.values()}
+    if kinds != {"lora"}:
+        raise ContinualPeftError(
+            f"{where}: strategy {strategy!r} trains LoRA slots only ({why_lora}); got module "
+            f'kind(s) {sorted(kinds)}: use module = "lora" and no per-task module'
+        )
+    if config.router != "oracle":
+        raise ContinualPeftError(
+            f"{where}: strategy {strategy!r} sends every row through all slots {how_summed}, as "
+            f"in the paper, so there is no slot for a router to choose; got router "
+            f'{config.router!r}: use router = "oracle"'
+        )
+
+
 def lora_a_stacks(bank: SlotBank) -> dict[str, torch.Tensor]:
     """Every LoRA site's A matrices (T, r, d_in) by site name; the newest slot, trainable or
     not, is last (so gradients reach it while it trains)."""
@@ -79,19 +102,7 @@ class OLoRA(Strategy):
         self.lam_l2 = float(lam_l2)
 
     def check(self, config: LearnerConfig, where: str = "config") -> None:
-        kinds = {config.module, *config.task_modules.values()}
-        if kinds != {"lora"}:
-            raise ContinualPeftError(
-                f"{where}: strategy 'olora' trains LoRA slots only (its penalty is on LoRA's A "
-                f'matrices); got module kind(s) {sorted(kinds)}: use module = "lora" and no '
-                "per-task module"
-            )
-        if config.router != "oracle":
-            raise ContinualPeftError(
-                f"{where}: strategy 'olora' sends every row through all slots summed, as in the "
-                f"paper, so there is no slot for a router to choose; got router "
-                f'{config.router!r}: use router = "oracle"'
-            )
+        check_summed_lora(config, where, "olora", "its penalty is on LoRA's A matrices", "summed")
 
     def allocate(self, learner: Learner, task: Task) -> int:
         return learner.bank.add_slot(seed=learner.task_seed(task, "slot"), kind="lora")

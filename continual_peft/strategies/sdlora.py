@@ -43,6 +43,7 @@ from torch import nn
 from continual_peft.errors import ContinualPeftError
 from continual_peft.strategies.base import STRATEGIES, Strategy
 from continual_peft.strategies.examples import check_option, is_int, is_number
+from continual_peft.strategies.olora import check_summed_lora
 
 if TYPE_CHECKING:
     from continual_peft.config import LearnerConfig
@@ -109,19 +110,13 @@ class SDLoRA(Strategy):
         self.training_slot = False  # between `allocate` and `after_task`: the newest slot trains
 
     def check(self, config: LearnerConfig, where: str = "config") -> None:
-        kinds = {config.module, *config.task_modules.values()}
-        if kinds != {"lora"}:
-            raise ContinualPeftError(
-                f"{where}: strategy 'sdlora' trains LoRA slots only (its direction ΔW/||ΔW|| "
-                f"and magnitude are those of a linear low-rank delta); got module kind(s) "
-                f'{sorted(kinds)}: use module = "lora" and no per-task module'
-            )
-        if config.router != "oracle":
-            raise ContinualPeftError(
-                f"{where}: strategy 'sdlora' sends every row through all slots weighted by "
-                f"their magnitudes, as in the paper, so there is no slot for a router to "
-                f'choose; got router {config.router!r}: use router = "oracle"'
-            )
+        check_summed_lora(
+            config,
+            where,
+            "sdlora",
+            "its direction ΔW/||ΔW|| and magnitude are those of a linear low-rank delta",
+            "weighted by their magnitudes",
+        )
         if config.backbone.dtype == "float16":
             raise _float16_error(where)
         r = config.kind_config("lora").r
