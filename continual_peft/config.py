@@ -15,6 +15,7 @@
     [backbone]
     name = ""                    # local folder or model name; "" = bundled all-MiniLM-L6-v2
     max_length = 128
+    quantize = "none"            # or "8bit" / "4bit": bitsandbytes base weights (extra [quant])
     [lora]                       # fields of LoRAConfig; likewise [adapter], [prompt], [prefix]
     r = 8
     [train]                      # fields of TrainConfig
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from continual_peft.backbones.placement import DTYPES
+from continual_peft.backbones.quantization import QUANT_TYPES, QUANTIZE
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules import MODULE_KINDS
 from continual_peft.registry import validate_task_name
@@ -58,6 +60,12 @@ class BackboneConfig:
     device: str = ""  # "" = CUDA when present, else CPU
     dtype: str = "auto"  # frozen weights: auto (bf16 on CUDA with bf16, else fp32), or a dtype
     threads: int = 0  # torch CPU threads; 0 = auto (`placement.set_threads`)
+    # frozen linear weights: "none", "8bit" (LLM.int8) or "4bit" (QLoRA), through bitsandbytes
+    quantize: str = "none"
+    quant_type: str = "nf4"  # 4bit: "nf4" or "fp4"
+    double_quant: bool = True  # 4bit: quantize the block scales too
+    int8_threshold: float = 6.0  # 8bit: LLM.int8's outlier threshold
+    quant_skip: list[str] = field(default_factory=list)  # layer names kept in full precision
 
 
 @dataclass
@@ -69,6 +77,8 @@ class GenerationConfig:
     max_new_tokens: int = 32  # longest greedy answer, in tokens (generation tasks, "generate")
 
 
+# the quantization details: recorded only for a quantized backbone
+QUANT_KEYS = ("quant_type", "double_quant", "int8_threshold", "quant_skip")
 DECODES = ("score", "generate")
 LABEL_SCORES = ("sum", "mean")
 
@@ -126,6 +136,9 @@ class LearnerConfig:
         """A nested dict in the spec file's layout (every registered kind's section included)."""
         data = {key: getattr(self, key) for key in ("strategy", "module", "router", "seed")}
         data["backbone"] = dataclasses.asdict(self.backbone)
+        if self.backbone.quantize == "none":  # absent = full precision (runs from before it)
+            for key in QUANT_KEYS:
+                data["backbone"].pop(key)
         data["train"] = dataclasses.asdict(self.train)
         if self.generation != GenerationConfig():  # absent = defaults (runs from before it)
             data["generation"] = dataclasses.asdict(self.generation)
@@ -212,6 +225,7 @@ class LearnerConfig:
                 f"{', '.join(DTYPES)} (auto = bfloat16 on a CUDA device that supports it, "
                 "float32 elsewhere)"
             )
+        _check_quantization(self.backbone, where)
         _check_generation(self.generation, where)
         kinds = [("module", self.module)]
         kinds += [(f"tasks.{task}.module", kind) for task, kind in self.task_modules.items()]
@@ -258,6 +272,56 @@ def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:
     return overrides
 
 
+def _check_quantization(backbone: BackboneConfig, where: str) -> None:
+    """Refuse an unknown `quantize`, and a detail the chosen quantization does not use (a
+    4-bit type on 8-bit weights, any detail without quantization): it would be ignored."""
+    _check_ranges(
+        where,
+        [
+            (
+                "backbone.quantize",
+                backbone.quantize,
+                backbone.quantize in QUANTIZE,
+                " or ".join(map(repr, QUANTIZE)),
+            ),
+            (
+                "backbone.quant_type",
+                backbone.quant_type,
+                backbone.quant_type in QUANT_TYPES,
+                " or ".join(map(repr, QUANT_TYPES)),
+            ),
+            (
+                "backbone.int8_threshold",
+                backbone.int8_threshold,
+                backbone.int8_threshold > 0,
+                "> 0",
+            ),
+        ],
+    )
+    bad = [name for name in backbone.quant_skip if not isinstance(name, str) or not name]
+    if bad:
+        raise ContinualPeftError(
+            f"{where}: backbone.quant_skip = {backbone.quant_skip!r} is invalid; it must list "
+            "layer names (e.g. ['lm_head'])"
+        )
+    default = BackboneConfig()
+    used = {"none": (), "8bit": ("int8_threshold", "quant_skip")}
+    used["4bit"] = ("quant_type", "double_quant", "quant_skip")
+    unused = [
+        key
+        for key in QUANT_KEYS
+        if key not in used[backbone.quantize] and getattr(backbone, key) != getattr(default, key)
+    ]
+    if unused:
+        setting = ", ".join(f"backbone.{key} = {getattr(backbone, key)!r}" for key in unused)
+        needs = "quantize = '4bit' or '8bit'" if backbone.quantize == "none" else "the other one"
+        raise ContinualPeftError(
+            f"{where}: {setting} has no effect with quantize = {backbone.quantize!r} (it applies "
+            f"to {needs}: quant_type and double_quant to 4bit, int8_threshold to 8bit); set "
+            "the quantization it belongs to, or leave it out"
+        )
+
+
 def _check_generation(generation: GenerationConfig, where: str) -> None:
     _check_ranges(
         where,
@@ -291,7 +355,8 @@ def _check_ranges(where: str, checks: list[tuple[str, Any, bool, str]]) -> None:
         finite = not isinstance(value, float) or math.isfinite(value)
         if not ok or not finite:
             raise ContinualPeftError(
-                f"{where}: {key} = {value!r} is invalid; it must be {rule} and finite"
+                f"{where}: {key} = {value!r} is invalid; it must be {rule}"
+                + (" and finite" if isinstance(value, int | float) else "")
             )
 
 

@@ -43,6 +43,7 @@ def check_fingerprint(saved: dict, backbone: Backbone, where: str) -> None:
         ContinualPeftError: Naming both backbones, what differs and what to do.
     """
     now = {"name": backbone.name, **backbone.fingerprint()}
+    check_quantization(saved, now, where)
     differ = [
         word
         for key, word in CHECKED.items()
@@ -59,6 +60,28 @@ def check_fingerprint(saved: dict, backbone: Backbone, where: str) -> None:
         f"the backbone they were trained on: use {wanted!r} (pass it as backbone=... or "
         "--backbone)."
     )
+
+
+def check_quantization(saved: dict, now: dict, where: str) -> None:
+    """Refuse a backbone whose linear weights are stored otherwise than in the run (full
+    precision vs 8-bit vs 4-bit, or other 4-bit settings), naming both. A fingerprint written
+    before quantization existed is of a full-precision backbone. Checked before the weights:
+    a quantized backbone's hashes are read otherwise (`Backbone.hashed_from`)."""
+    ran, given = saved.get("quantization") or "none", now.get("quantization") or "none"
+    if ran == given:
+        return
+    name = saved.get("name") or "the original model"
+    setting = ran.split(" ", 1)[0]
+    raise ContinualPeftError(
+        f"{where} was trained on backbone {name!r} quantized {_words(ran)}, but the backbone "
+        f"given is quantized {_words(given)}. Its modules were trained against those frozen "
+        f"weights: load the backbone with the run's quantization (quantize = {setting!r}, "
+        "as the run's config.json records it; a run's own commands load it so)."
+    )
+
+
+def _words(quantization: str) -> str:
+    return "none (full precision)" if quantization == "none" else quantization
 
 
 def full_config_sha256(backbone: Backbone) -> str:

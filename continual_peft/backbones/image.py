@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from continual_peft.backbones.load import family, load_model, model_name
-from continual_peft.backbones.placement import CPU
+from continual_peft.backbones.load import family, load_model, model_name, quantization_for
+from continual_peft.backbones.placement import CPU, Placement
+from continual_peft.backbones.quantization import Quantization
 from continual_peft.backbones.text import Backbone, Encoded
 from continual_peft.errors import ContinualPeftError
 
@@ -82,15 +83,18 @@ class ImageBackbone(Backbone):
         max_length: int = 128,
         device: str | None = None,
         dtype: str = "auto",
+        quantization: Quantization | None = None,
     ) -> ImageBackbone:
-        """Load `AutoModel` (and `AutoImageProcessor`, when the folder has one) offline."""
+        """Load `AutoModel` (and `AutoImageProcessor`, when the folder has one) offline; with
+        `quantization`, its linear layers quantized (`backbones.quantization`)."""
         from transformers import AutoImageProcessor
 
         if name_or_path is None:
             raise ContinualPeftError("an image backbone needs a model folder or name")
         path = name_or_path
         try:
-            model = load_model(path)
+            quantization = quantization_for(path, quantization)
+            model = load_model(path, "image", quantization, Placement.of(device, dtype))
             processor = None
             if not Path(path).is_dir() or (Path(path) / "preprocessor_config.json").is_file():
                 processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
@@ -99,7 +103,7 @@ class ImageBackbone(Backbone):
                 f"cannot load image backbone {path!r}: {err}. Give a local model folder or a "
                 "model name that is already in the Hugging Face cache (this tool never downloads)."
             ) from err
-        return cls(
+        backbone = cls(
             model,
             processor,
             max_length=max_length,
@@ -107,6 +111,7 @@ class ImageBackbone(Backbone):
             device=device,
             dtype=dtype,
         )
+        return backbone.hashed_from(path)
 
     def encode(self, images: list, where: str = "input") -> Encoded:
         """One float tensor (C, H, W) per image; nothing is truncated.

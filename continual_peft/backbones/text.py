@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,16 @@ from continual_peft.backbones.load import (
     family,
     load_model,
     model_name,
+    quantization_for,
 )
 from continual_peft.backbones.placement import Placement, dtype_name
+from continual_peft.backbones.quantization import (
+    Quantization,
+    memory_bytes,
+    model_quantization,
+    parameter_count,
+    quantized_layers,
+)
 from continual_peft.errors import ContinualPeftError
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2 (bundled)"
@@ -34,6 +43,8 @@ DEFAULT_BACKBONE = "all-MiniLM-L6-v2 (bundled)"
 PREFIX_CHARS_PER_TOKEN = 32
 # config keys that say where and with what a model was loaded, not what it is
 VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version")
+# ... and, in a quantized model's config, how it was loaded (compared apart: `quantization`)
+QUANTIZED_LOAD_KEYS = ("quantization_config", "dtype", "torch_dtype")
 
 # (embeds (B, L, d), mask (B, L), position ids (B, L)) -> the same, longer, + number of tokens added
 InputHook = Callable[
@@ -91,15 +102,21 @@ class Backbone(nn.Module):
             _check_positions(model, tokenizer, max_length, name)
         self.input_hooks: list[InputHook] = []
         self.placement = Placement.of(device, dtype)
+        # bitsandbytes-quantized linear layers (`backbones.quantization`), or None
+        self.quantization = model_quantization(model)
         # hashed as loaded, so a run in bfloat16 and one in float32 name the same weights
         self._weights_sha256 = _weights_hash(model)
         self._layers_sha256 = _layers_hash(model)
         # counted as loaded: module kinds later wrap layers inside the model and add their own
-        self._parameter_count = sum(p.numel() for p in model.parameters())
+        self._parameter_count = parameter_count(model)
         # The one place where the backbone is frozen, moved and cast.
         self.model.requires_grad_(False)
-        self.model.to(device=self.placement.device, dtype=self.placement.dtype)
-        self.to(self.placement.device)
+        if self.quantization is None:
+            self.model.to(device=self.placement.device, dtype=self.placement.dtype)
+            self.to(self.placement.device)
+        else:  # loaded in place and precision (`load_model`): it cannot be moved or cast
+            _check_quantized_placement(model, self.placement, name)
+        self._memory_bytes = memory_bytes(model)
         self.eval()  # inference until a training loop says otherwise
 
     @classmethod
@@ -109,11 +126,14 @@ class Backbone(nn.Module):
         max_length: int = 128,
         device: str | None = None,
         dtype: str = "auto",
+        quantization: Quantization | None = None,
     ) -> Backbone:
         """Load an encoder by local path or model name; None loads the bundled MiniLM offline.
 
         A model of another family (`backbones.load.family`: an image encoder, whose config
         has an image size and channels) loads as that family's class (`ImageBackbone`).
+        With `quantization`, its linear layers load quantized (`backbones.quantization`); a
+        folder saved quantized by bitsandbytes loads as it was saved.
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -124,10 +144,11 @@ class Backbone(nn.Module):
                 config = AutoConfig.from_pretrained(path, local_files_only=True)
                 for other in _descendants(cls):  # ImageBackbone, CausalBackbone, ...
                     if other.kind == family(config):
-                        return other.from_pretrained(path, max_length, device, dtype)
+                        return other.from_pretrained(path, max_length, device, dtype, quantization)
             _check_tokenizer_files(path)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = load_model(path, cls.kind)
+            quantization = quantization_for(path, quantization)
+            model = load_model(path, cls.kind, quantization, Placement.of(device, dtype))
         except (OSError, ValueError) as err:
             where = (
                 ""
@@ -140,7 +161,21 @@ class Backbone(nn.Module):
             ) from err
         check_vocabulary(model, tokenizer, path)
         name = DEFAULT_BACKBONE if name_or_path is None else model_name(name_or_path)
-        return cls(model, tokenizer, max_length=max_length, name=name, device=device, dtype=dtype)
+        backbone = cls(
+            model, tokenizer, max_length=max_length, name=name, device=device, dtype=dtype
+        )
+        return backbone.hashed_from(path)
+
+    def hashed_from(self, path: str) -> Backbone:
+        """This backbone, its fingerprint's weight hashes read from the model folder's
+        safetensors files when its layers were quantized at load: the quantized values are
+        what this bitsandbytes build made of the weights, the folder's are the model itself
+        (the same on every device and build). Unchanged otherwise."""
+        if self.quantization is not None:
+            hashes = folder_hashes(path)
+            if hashes is not None:
+                self._weights_sha256, self._layers_sha256 = hashes
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -312,7 +347,7 @@ class Backbone(nn.Module):
         version wrote it: the same model in another folder is the same backbone.
         """
         config = self.model.config.to_dict()
-        for key in VOLATILE_CONFIG_KEYS:
+        for key in VOLATILE_CONFIG_KEYS + (QUANTIZED_LOAD_KEYS if self.quantization else ()):
             config.pop(key, None)
         config_json = json.dumps(config, sort_keys=True, default=str)
         return {
@@ -321,18 +356,73 @@ class Backbone(nn.Module):
             "weights_sha256": self._weights_sha256,
             "layers_sha256": self._layers_sha256,
             "dtype": dtype_name(self.dtype),  # recorded, not compared: a run may move devices
+            "quantization": self.quantization_name,
         }
+
+    @property
+    def quantization_name(self) -> str:
+        """How the frozen linear weights are stored, in words: "none" (full precision) or,
+        e.g., "4bit (nf4, double quantization)"."""
+        return "none" if self.quantization is None else self.quantization.describe()
 
     def describe(self) -> dict[str, str | int]:
         """What the backbone is, for reports and `config.json`: its family (`kind`, as
         `backbones.load.family` reads it from the config), the config's model type, how many
-        parameters the frozen model has (counted as loaded) and the dtype it computes in."""
+        parameters the frozen model has (counted as loaded), the dtype it computes in, how its
+        linear weights are stored (`quantization_name`) and the frozen weights' size in memory
+        (bytes, as loaded: `quantization.memory_bytes`)."""
         return {
             "family": self.kind,
             "model_type": str(getattr(self.model.config, "model_type", None) or "unknown"),
             "parameters": self._parameter_count,
             "dtype": dtype_name(self.dtype),
+            "quantization": self.quantization_name,
+            "weights_bytes": self._memory_bytes,
         }
+
+
+def _check_quantized_placement(model: nn.Module, placement: Placement, name: str) -> None:
+    """Refuse a quantized model whose weights are not on `placement`'s device (it cannot be
+    moved once quantized), and make its 4-bit layers compute in `placement`'s dtype."""
+    devices = {p.device for p in model.parameters()}
+    wrong = [d for d in devices if d.type != placement.device.type]
+    if wrong:
+        raise ContinualPeftError(
+            f"backbone {name!r} was quantized on {wrong[0]}, but it is to run on "
+            f"{placement.device}; a quantized model cannot be moved: load it on that device "
+            "(Backbone.from_pretrained(..., device=...), or --device)"
+        )
+    for layer in quantized_layers(model):
+        if hasattr(layer, "compute_dtype"):  # 4-bit: the precision policy's dtype
+            layer.compute_dtype = placement.dtype
+
+
+def folder_hashes(path: str, values: int = 256) -> tuple[str, str] | None:
+    """(weights, layers) hashes of a model folder's safetensors files as saved, in the manner
+    of `_weights_hash` and `_layers_hash` (the first four tensors; every tensor's name and
+    first `values` values, in float32), read lazily (`safetensors.safe_open`); None for a
+    folder without safetensors files."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).expanduser().glob("*.safetensors"))
+    if not files:
+        return None
+    weights, layers, seen = hashlib.sha256(), hashlib.sha256(), 0
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as tensors:
+            for key in sorted(tensors.keys()):
+                part = tensors.get_slice(key)
+                shape = part.get_shape()
+                rows = -(-values // max(1, math.prod(shape[1:]))) if shape else 0
+                head = (part[:rows] if shape else tensors.get_tensor(key)).reshape(-1)[:values]
+                data = head.float().numpy().tobytes()
+                if seen < 4:
+                    weights.update(data)
+                    seen += 1
+                if "pooler" not in key and "lm_head" not in key:
+                    layers.update(key.encode())
+                    layers.update(data)
+    return weights.hexdigest()[:16], layers.hexdigest()[:16]
 
 
 def _descendants(cls: type) -> list[type]:

@@ -77,6 +77,13 @@ DTYPE_HELP = (
     "Frozen weights' dtype: auto (bfloat16 on a CUDA device that supports it, float32 on the CPU), "
     "bfloat16, float16 or float32. Trainable slot and head stay float32 (docs/devices.md)."
 )
+QUANTIZE = typer.Option(
+    None,
+    help="Store the frozen linear weights in 8 bits (LLM.int8) or 4 bits (NF4 with double "
+    "quantization, QLoRA's) through bitsandbytes: none, 8bit or 4bit. Needs the [quant] extra; "
+    "slots and heads train in full precision (docs/devices.md). Default: none.",
+    metavar="BITS",
+)
 MOVED_BACKBONE_HELP = (
     "The run's backbone from another folder (a moved model); it must be the same model: its "
     "fingerprint is checked. Default: the folder the run recorded."

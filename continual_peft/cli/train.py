@@ -17,6 +17,7 @@ from continual_peft.cli.base import (
     EXCLUDE,
     MAX_TEST,
     MAX_TRAIN,
+    QUANTIZE,
     STRICT_LABELS,
     THREADS,
     StreamOptions,
@@ -113,6 +114,7 @@ def run(
         None, help="Model folder or name. Default: bundled all-MiniLM-L6-v2.", metavar="PATH"
     ),
     dtype: str = typer.Option(None, help=DTYPE_HELP, metavar="DTYPE"),
+    quantize: str = QUANTIZE,
     device: str = DEVICE,
     threads: int = THREADS,
     resume: Path = typer.Option(
@@ -141,6 +143,7 @@ def run(
         "backbone.max_length": max_length,
         "backbone.name": backbone,
         "backbone.dtype": dtype,
+        "backbone.quantize": quantize,
         "backbone.device": device,
         "backbone.threads": threads,
     }
@@ -284,6 +287,7 @@ def compare_(
         None, help="Model folder or name, for every entry.", metavar="PATH"
     ),
     dtype: str = typer.Option(None, help=DTYPE_HELP, metavar="DTYPE"),
+    quantize: str = QUANTIZE,
     device: str = DEVICE,
     threads: int = THREADS,
 ) -> None:
@@ -302,6 +306,7 @@ def compare_(
         "backbone.max_length": max_length,
         "backbone.name": backbone,
         "backbone.dtype": dtype,
+        "backbone.quantize": quantize,
         "backbone.device": device,
         "backbone.threads": threads,
     }

@@ -7,13 +7,15 @@ import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from continual_peft.backbones.placement import dtype_name
+from continual_peft.backbones.quantization import Quantization
 from continual_peft.backbones.text import DEFAULT_BACKBONE, Backbone
-from continual_peft.config import BackboneConfig, LearnerConfig
+from continual_peft.config import QUANT_KEYS, BackboneConfig, LearnerConfig
 from continual_peft.engine.heads import TaskHeads
 from continual_peft.errors import ContinualPeftError
 from continual_peft.routers import Router, build_router
@@ -90,6 +92,7 @@ def build_backbone(settings: BackboneConfig, name: str | None = None) -> Backbon
         settings.max_length,
         settings.device or None,
         settings.dtype,
+        Quantization.of(settings),
     )
 
 
@@ -99,8 +102,9 @@ def resolve_backbone(
     """The learner's backbone (`backbone` if built, else loaded from it or from
     `config.backbone`) and the configuration as a run records it, a new value: the backbone's
     name ("" = the bundled default; a local folder by its absolute path), the max_length it
-    really cuts at, and the dtype it really computes in ("auto" means bfloat16 on one machine,
-    float32 on another: a resumed or reloaded run keeps it)."""
+    really cuts at, the dtype it really computes in ("auto" means bfloat16 on one machine,
+    float32 on another: a resumed or reloaded run keeps it) and how its weights are quantized
+    (a folder saved quantized loads as it was saved)."""
     if not isinstance(backbone, Backbone):
         backbone = build_backbone(config.backbone, backbone)
     settings = dataclasses.replace(
@@ -108,8 +112,24 @@ def resolve_backbone(
         name="" if backbone.name == DEFAULT_BACKBONE else backbone.name,
         max_length=backbone.max_length,
         dtype=dtype_name(backbone.dtype),
+        **quantization_settings(backbone.quantization),
     )
     return backbone, dataclasses.replace(copy.deepcopy(config), backbone=settings)
+
+
+def quantization_settings(quantization: Quantization | None) -> dict[str, Any]:
+    """The `BackboneConfig` fields that record `quantization` (the defaults for none)."""
+    default = BackboneConfig()
+    if quantization is None:
+        return {key: getattr(default, key) for key in ("quantize", *QUANT_KEYS)}
+    four = quantization.bits == 4
+    return {
+        "quantize": quantization.name,
+        "quant_type": quantization.quant_type if four else default.quant_type,
+        "double_quant": quantization.double_quant if four else default.double_quant,
+        "int8_threshold": default.int8_threshold if four else quantization.int8_threshold,
+        "quant_skip": list(quantization.skip),
+    }
 
 
 def make_router(config: LearnerConfig, backbone: Backbone) -> Router | None:

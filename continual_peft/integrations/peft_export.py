@@ -46,6 +46,7 @@ from pathlib import Path
 from continual_peft.backbones.causal import CausalBackbone
 from continual_peft.backbones.fingerprint import check_fingerprint
 from continual_peft.backbones.load import AUTO_CLASSES
+from continual_peft.backbones.quantization import Quantization
 from continual_peft.backbones.seq2seq import Seq2SeqBackbone
 from continual_peft.backbones.text import model_name
 from continual_peft.config import BackboneConfig
@@ -91,6 +92,16 @@ def export_task(
         )
     out = _check_out(Path(out))
     source = read_task(Path(run_dir), task)
+    quantization = Quantization.of(source.config.backbone)
+    if format == "merged" and quantization is not None:
+        raise ContinualPeftError(
+            f"run {run_dir} was trained on a backbone quantized {quantization.describe()}: a "
+            "merged export is refused. Added into quantized weights, a LoRA's delta is mostly "
+            "lost (it is far smaller than the quantization step), and merged into the "
+            "full-precision weights it meets other weights than it was trained against. Export "
+            "--format peft instead and load it onto the same quantized base (its README says "
+            "how); merge it yourself with peft's merge_and_unload if you accept the change."
+        )
     if backbone is not None:
         source.moved_backbone = model_name(backbone)
         if format == "peft":  # `merged` loads and checks it anyway
@@ -233,6 +244,7 @@ def _write_extras(source: ExportSource, out: Path, format: str) -> None:
         "module": source.record.get("module", "lora"),
         "base_model_name_or_path": source.backbone_path,
         "backbone": source.fingerprint,
+        "quantization": _quantization_info(source),
     }
     if source.layout.generative:  # no head file: an empty one would only puzzle
         info["head"] = "none (no head file): the model's own LM head answers every task"
@@ -259,11 +271,38 @@ def _lm_answers(source: ExportSource) -> dict:
     }
 
 
+def _quantization_info(source: ExportSource) -> dict | str:
+    """How the run's backbone was quantized (`BitsAndBytesConfig`'s keyword arguments, the
+    compute dtype aside), or "none"."""
+    quantization = Quantization.of(source.config.backbone)
+    if quantization is None:
+        return "none"
+    return {"describe": quantization.describe(), "bitsandbytes_config": _bnb_arguments(source)}
+
+
+def _bnb_arguments(source: ExportSource) -> dict:
+    quantization = Quantization.of(source.config.backbone)
+    if quantization.bits == 4:
+        arguments = {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": quantization.quant_type,
+            "bnb_4bit_use_double_quant": quantization.double_quant,
+        }
+    else:
+        arguments = {"load_in_8bit": True, "llm_int8_threshold": quantization.int8_threshold}
+    if quantization.skip:
+        arguments["llm_int8_skip_modules"] = list(quantization.skip)
+    return arguments
+
+
 def _readme(source: ExportSource, format: str, info: dict) -> str:
     auto = AUTO_CLASSES.get(source.layout.family, "AutoModel")
+    base = repr(source.backbone_path)
+    if Quantization.of(source.config.backbone) is not None:  # the run's own quantized base
+        arguments = ", ".join(f"{k}={v!r}" for k, v in _bnb_arguments(source).items())
+        base += f", quantization_config=BitsAndBytesConfig({arguments})"
     load = {
-        "peft": f"PeftModel.from_pretrained({auto}.from_pretrained({source.backbone_path!r}), "
-        "this_folder)",
+        "peft": f"PeftModel.from_pretrained({auto}.from_pretrained({base}), this_folder)",
         "merged": f"{auto}.from_pretrained(this_folder)",
     }[format]
     return (

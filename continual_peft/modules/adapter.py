@@ -141,7 +141,7 @@ class Adapter:
         config = AdapterConfig(**options)
         self.config = config
 
-    def _site(self, layer: nn.Module, routing: Routing) -> LowRankSite:
+    def _site(self, layer: nn.Module, routing: Routing, dtype: torch.dtype) -> LowRankSite:
         rank = self.config.width(layer_sizes(layer)[0])
         return LowRankSite(
             base_layer=layer,
@@ -152,6 +152,7 @@ class Adapter:
             on_output=True,
             activation=ACTIVATIONS[self.config.activation](),
             dropout=self.config.dropout,
+            dtype=dtype,
         )
 
     def inject(self, backbone, routing: Routing) -> dict[str, nn.Module]:
@@ -159,7 +160,9 @@ class Adapter:
         placement = self.config.placement
         try:
             return wrap_linear_layers(
-                backbone.model, PLACEMENTS[placement], lambda layer: self._site(layer, routing)
+                backbone.model,
+                PLACEMENTS[placement],
+                lambda layer: self._site(layer, routing, backbone.dtype),
             )
         except ContinualPeftError:
             families = "; ".join(f"{k} {v}" for k, v in LAYER_NAMES.items())

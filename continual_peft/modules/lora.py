@@ -71,5 +71,6 @@ class LoRA:
                 names=NAMES,
                 init=init,
                 dropout=self.config.dropout,
+                dtype=backbone.dtype,
             ),
         )

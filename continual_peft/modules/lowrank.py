@@ -1,6 +1,7 @@
 """A wrapped layer plus every slot's low-rank delta: the shared engine of LoRA and adapters.
 
-The wrapped layer is an `nn.Linear` (`x W^T + b`, weight (d_out, d_in)), transformers' `Conv1D`
+The wrapped layer is an `nn.Linear` (`x W^T + b`, weight (d_out, d_in); bitsandbytes' 8-bit and
+4-bit layers of a quantized backbone are `nn.Linear`s too), transformers' `Conv1D`
 (GPT-2: `x W + b`, weight (d_in, d_out)) or another site (two kinds on one layer); the site reads
 its sizes from the layer's kind (`layer_sizes`), never from the weight's shape.
 
@@ -24,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from continual_peft.backbones.quantization import compute_dtype
 from continual_peft.modules.routing import Routing
 from continual_peft.modules.stack import SlotStack, StackedSite
 
@@ -68,6 +70,9 @@ class LowRankSite(StackedSite):
         on_output: Apply the delta to the layer's output (adapter) rather than its input (LoRA).
         activation: Nonlinearity between down and up projection.
         dropout: Dropout on the delta's input, active in training only.
+        dtype: The frozen slots' dtype where the wrapped layer's weight does not tell it (a
+            bitsandbytes 8-bit layer's int8 weight): the backbone's compute dtype. A 4-bit
+            layer's compute dtype and a floating weight's dtype come first.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class LowRankSite(StackedSite):
         on_output: bool = False,
         activation: nn.Module | None = None,
         dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -99,10 +105,17 @@ class LowRankSite(StackedSite):
             shapes[down_bias] = (rank,)
         if up_bias:
             shapes[up_bias] = (d_out,)
-        self.stack = SlotStack(shapes, base_layer.weight, fixed=("scale",))
+        weight = base_layer.weight  # for its device; a quantized weight's dtype is no float
+        like = torch.empty(0, dtype=compute_dtype(base_layer, dtype), device=weight.device)
+        self.stack = SlotStack(shapes, like, fixed=("scale",))
         # (T,) per-slot multipliers of this site's deltas, recomputed every forward, that a
         # strategy may set (SD-LoRA's magnitude over each direction's norm); None: all 1
         self.gain: Callable[[LowRankSite], torch.Tensor] | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the frozen slots are stored and the deltas computed in."""
+        return getattr(self.stack, self.stack.names[0]).dtype
 
     @property
     def weight(self) -> torch.Tensor:

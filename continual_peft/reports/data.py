@@ -140,8 +140,10 @@ def md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[st
 
 def backbone_summary(report: dict[str, Any]) -> str | None:
     """The backbone in one line: "all-MiniLM-L6-v2 (encoder, bert, 22.7 M parameters,
-    float32)". A report written before reports described their backbone is named from its
-    config's fingerprint (name and dtype only); None when neither names it."""
+    float32, weights 86.9 MB)", with its quantization when it has one ("4bit (nf4, double
+    quantization)"; the size is the frozen weights' in memory, as loaded). A report written
+    before reports described their backbone is named from its config's fingerprint (name and
+    dtype only); None when neither names it."""
     info = report.get("backbone") if isinstance(report.get("backbone"), dict) else {}
     config = report.get("config") if isinstance(report.get("config"), dict) else {}
     fingerprint = config.get("backbone_fingerprint")
@@ -149,12 +151,15 @@ def backbone_summary(report: dict[str, Any]) -> str | None:
     name = info.get("name") or fingerprint.get("name")
     if not name:
         return None
-    parameters = info.get("parameters")
+    parameters, size = info.get("parameters"), info.get("weights_bytes")
+    quantization = info.get("quantization")
     facts = [
         info.get("family"),
         info.get("model_type"),
         f"{short_count(parameters)} parameters" if isinstance(parameters, int) else None,
         info.get("dtype") or fingerprint.get("dtype"),
+        f"quantized {quantization}" if quantization and quantization != "none" else None,
+        f"weights {size / 1e6:.1f} MB in memory" if isinstance(size, int) else None,
     ]
     shown = ", ".join(str(fact) for fact in facts if fact)
     return f"{name} ({shown})" if shown else str(name)
