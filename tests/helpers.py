@@ -188,6 +188,36 @@ def tiny_lm(architecture: str, max_length: int = 32, seed: int = 0, name: str | 
     )
 
 
+# ---------------------------------------------------------------- quantized backbones
+
+QUANT_REQUIRED = os.environ.get("CONTINUAL_PEFT_REQUIRE_QUANT") == "1"
+
+
+def require_bitsandbytes() -> None:
+    """Skip the calling test without the [quant] extra (bitsandbytes, accelerate), unless
+    CONTINUAL_PEFT_REQUIRE_QUANT=1 (CI, scripts/test.sh) makes a missing extra a failure."""
+    import importlib.util
+
+    import pytest
+
+    missing = [n for n in ("bitsandbytes", "accelerate") if importlib.util.find_spec(n) is None]
+    if missing and QUANT_REQUIRED:
+        pytest.fail(f"CONTINUAL_PEFT_REQUIRE_QUANT=1 but {missing} are not installed")
+    if missing:
+        pytest.skip(f"the [quant] extra is not installed ({', '.join(missing)} missing)")
+
+
+def quantized_backbone(folder: Path, bits: int, max_length: int = 32, **settings) -> Backbone:
+    """The model saved in `folder` (`save_tiny`, `save_tiny_bert`) loaded with its linear
+    layers quantized by bitsandbytes to `bits` (4: NF4 with double quantization unless
+    `settings` say otherwise), on the session's device, computing in float32."""
+    from continual_peft.backbones.quantization import Quantization
+
+    require_bitsandbytes()
+    quantization = Quantization(bits, **settings)
+    return Backbone.from_pretrained(str(folder), max_length, DEVICE, "float32", quantization)
+
+
 # ---------------------------------------------------------------- tiny tasks and streams
 
 

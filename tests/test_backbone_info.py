@@ -1,5 +1,6 @@
-"""A run says what it ran on: the backbone's family, model type, parameter count and dtype, in
-`Backbone.describe()`, report.json, report.md, the console report and config.json."""
+"""A run says what it ran on: the backbone's family, model type, parameter count, dtype,
+quantization and the frozen weights' size in memory, in `Backbone.describe()`, report.json,
+report.md, the console report and config.json."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ from continual_peft.reports.run import console_report, render_markdown
 
 def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def size(model) -> int:
+    """Bytes of the model's parameters and buffers, as they are now (a plain recomputation of
+    transformers' `get_memory_footprint`)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def generative(architecture: str):
@@ -67,6 +74,8 @@ def test_describe_names_family_model_type_parameters_and_dtype(family, tokenizer
         "model_type": model_type,
         "parameters": count(model),
         "dtype": "float32",
+        "quantization": "none",
+        "weights_bytes": size(model),
     }
     assert json.loads(json.dumps(backbone.describe())) == backbone.describe()  # plain JSON
 
@@ -78,18 +87,21 @@ def finished(tmp_path_factory, tokenizer):
     model = tiny_bert(tokenizer)
     parameters = count(model)
     backbone = Backbone(model, tokenizer, max_length=32, name="tiny-bert", device=DEVICE)
+    weights = size(model)  # as loaded and cast, before any slot is put into the model
     learner = ContinualLearner(backbone, config=LearnerConfig(train=FAST_TRAIN), run_dir=run_dir)
     learner.learn(word_task("colors", n_train=16, n_test=8))
-    return run_dir, parameters
+    return run_dir, parameters, weights
 
 
 def test_the_run_records_its_backbone_in_report_json_and_config_json(finished):
-    run_dir, parameters = finished
+    run_dir, parameters, weights = finished
     expected = {
         "family": "encoder",
         "model_type": "bert",
         "parameters": parameters,
         "dtype": dtype_name(compute_dtype()),
+        "quantization": "none",
+        "weights_bytes": weights,
     }
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     # counted as loaded: the LoRA slots the run put into the model are not the backbone's
@@ -99,10 +111,10 @@ def test_the_run_records_its_backbone_in_report_json_and_config_json(finished):
 
 
 def test_report_md_and_the_console_show_the_backbone(finished):
-    run_dir, parameters = finished
+    run_dir, parameters, weights = finished
     line = (
         f"- backbone: tiny-bert (encoder, bert, {short_count(parameters)} parameters, "
-        f"{dtype_name(compute_dtype())})"
+        f"{dtype_name(compute_dtype())}, weights {weights / 1e6:.1f} MB in memory)"
     )
     assert line in (run_dir / "report.md").read_text(encoding="utf-8").splitlines()
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
@@ -112,7 +124,7 @@ def test_report_md_and_the_console_show_the_backbone(finished):
 
 
 def test_reports_written_before_the_backbone_key_still_render(finished):
-    run_dir, _ = finished
+    run_dir, _, _ = finished
     report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     del report["backbone"]  # an older report: only the config's fingerprint names it
     dtype = dtype_name(compute_dtype())

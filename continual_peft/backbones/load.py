@@ -11,7 +11,11 @@ from pathlib import Path
 import torch
 
 from continual_peft.backbones.placement import Placement
-from continual_peft.backbones.quantization import Quantization, saved_quantization
+from continual_peft.backbones.quantization import (
+    Quantization,
+    saved_quantization,
+    unquantize_missing_in_place,
+)
 from continual_peft.backbones.quantization import check_device as check_quantized_device
 from continual_peft.errors import ContinualPeftError
 
@@ -79,7 +83,8 @@ def load_model(
     With `quantization` (`backbones.quantization`), the linear layers load quantized by
     bitsandbytes straight onto `placement`'s device, the other weights in its dtype (a
     quantized model cannot be cast or moved afterwards); a folder saved quantized loads as
-    it is (`quantization` must then be its own, `quantization_for`).
+    it is (`quantization` must then be its own, `quantization_for`). A linear layer whose
+    weights the folder lacks stays in full precision (`unquantize_missing_in_place`).
     """
     import transformers
     from transformers.utils import logging as hf_logging
@@ -105,6 +110,8 @@ def load_model(
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    if quantization is not None:  # a layer the folder lacks starts at random, unquantized
+        unquantize_missing_in_place(model)
     missing = [k for k in info.get("missing_keys", []) if "pooler" not in k.split(".")[0]]
     missing += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
     if missing:

@@ -196,6 +196,27 @@ def quantized_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, kinds)]
 
 
+def unquantize_missing_in_place(model: nn.Module) -> list[str]:
+    """Make each bitsandbytes layer whose weight the folder lacked a plain `nn.Linear` again,
+    and return their names. transformers starts such a weight at random, in full precision,
+    inside a quantized layer that cannot run it (e.g. the pooler of a BERT or ViT folder saved
+    without one, which the model's forward still calls); kept in full precision, it runs."""
+    import bitsandbytes as bnb
+
+    layers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    packed = (bnb.nn.Params4bit, bnb.nn.Int8Params)  # their weights, once quantized
+    kept = []
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, layers) and not isinstance(layer.weight, packed):
+            linear = nn.Linear(
+                layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
+            )
+            linear.weight, linear.bias = layer.weight, layer.bias
+            model.set_submodule(name, linear)
+            kept.append(name)
+    return kept
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether `model` holds bitsandbytes-quantized layers."""
     return bool(getattr(model, "is_quantized", False)) or bool(quantized_layers(model))
