@@ -8,7 +8,8 @@ are compared with run the command line in the test's own process.
   routed and routing matrices of a 1-process run with the same global batch, and slots and
   heads within 1e-5. Why not bit-equal tensors: the 2-process gradient is the sum of two shard
   sums (float32 addition in another order, ~1e-7 apart per step); the matrices, compared exactly,
-  are where that would show.
+  are where that would show. Likewise for the field's methods, and on a backbone quantized to
+  4 bits by bitsandbytes.
 - A failing rank stops every rank with its error, and the run resumes (same N); a run killed
   from outside resumes with another N. Both end with the uninterrupted matrices.
 - The primitives (`shard_mean`, `average_gradients`, `map_shards`, `on_writer`, ...) against a
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_tokenizer, word_task, write_stream
+from helpers import load_tokenizer, require_bitsandbytes, word_task, write_stream
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 from typer.testing import CliRunner
@@ -176,7 +177,16 @@ METHODS = {
     "inflora": ('strategy = "inflora"', 'router = "oracle"', "samples = 16"),
     "sdlora": ('strategy = "sdlora"', 'router = "oracle"', ""),
     "route_or_merge": ('strategy = "route_or_merge"', 'router = "mahalanobis"', "margin = 1.0"),
+    # the spec's own replay on a frozen backbone quantized to 4 bits (QUANTIZED): every rank
+    # quantizes the same folder alike, so the ranks agree as in full precision
+    "replay_4bit": (
+        'strategy = "replay"',
+        'router = "mahalanobis"',
+        "buffer_size = 20\nreplay_batch_size = 5",
+    ),
 }
+# methods whose [backbone] table gets a line more
+QUANTIZED = {"replay_4bit": 'quantize = "4bit"  # NF4 with double quantization (bitsandbytes)'}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -185,6 +195,9 @@ def test_the_fields_methods_learn_under_two_processes_what_one_learns(setup, met
     text = setup["spec"].read_text(encoding="utf-8")
     text = text.replace('strategy = "replay"', strategy).replace('router = "mahalanobis"', router)
     text = text.replace("buffer_size = 20\nreplay_batch_size = 5", option)
+    if method in QUANTIZED:
+        require_bitsandbytes()
+        text = text.replace("max_length = 32\n", f"max_length = 32\n{QUANTIZED[method]}\n")
     spec = setup["root"] / f"{method}.toml"
     spec.write_text(text, encoding="utf-8")
     args = ["run", str(setup["stream"]), "--strategy", str(spec), "--baseline", "none"]
@@ -194,6 +207,8 @@ def test_the_fields_methods_learn_under_two_processes_what_one_learns(setup, met
     assert done.returncode == 0, done.stdout + done.stderr
     assert outcome(two_dir) == outcome(one_dir)
     assert_same_state(one_dir, two_dir)
+    ran = json.loads((two_dir / "config.json").read_text(encoding="utf-8"))["config"]["backbone"]
+    assert ran.get("quantize", "none") == ("4bit" if method in QUANTIZED else "none")
 
 
 FLAKY = """

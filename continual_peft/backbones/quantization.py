@@ -54,6 +54,16 @@ class Quantization:
     int8_threshold: float = 6.0
     skip: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        """The other setting's details at their defaults, so that equal settings compare equal
+        however they were read (a saved 8-bit config also holds 4-bit fields)."""
+        if self.bits not in (4, 8):
+            raise ContinualPeftError(f"quantization bits must be 4 or 8, got {self.bits!r}")
+        unused = ("quant_type", "double_quant") if self.bits == 8 else ("int8_threshold",)
+        for name in unused:
+            object.__setattr__(self, name, type(self).__dataclass_fields__[name].default)
+        object.__setattr__(self, "skip", tuple(self.skip))
+
     @classmethod
     def of(cls, settings: Any) -> Quantization | None:
         """The quantization a `BackboneConfig` (or anything with its quantization fields)
@@ -134,7 +144,9 @@ def _importable(name: str) -> bool:
 
 def check_device(quantization: Quantization, device: torch.device) -> None:
     """Refuse a device this bitsandbytes build cannot quantize on, before any weights load:
-    quantizes one small block there and names the failure."""
+    quantizes one small block there and names the failure (a missing bitsandbytes first:
+    `require_bitsandbytes`)."""
+    require_bitsandbytes(quantization.name)
     import bitsandbytes.functional as bnbf
 
     probe = torch.linspace(-1.0, 1.0, 64, device=device, dtype=torch.float32)

@@ -273,7 +273,7 @@ def _lm_answers(source: ExportSource) -> dict:
 
 def _quantization_info(source: ExportSource) -> dict | str:
     """How the run's backbone was quantized (`BitsAndBytesConfig`'s keyword arguments, the
-    compute dtype aside), or "none"."""
+    4-bit compute dtype the run's), or "none"."""
     quantization = Quantization.of(source.config.backbone)
     if quantization is None:
         return "none"
@@ -287,6 +287,7 @@ def _bnb_arguments(source: ExportSource) -> dict:
             "load_in_4bit": True,
             "bnb_4bit_quant_type": quantization.quant_type,
             "bnb_4bit_use_double_quant": quantization.double_quant,
+            "bnb_4bit_compute_dtype": source.config.backbone.dtype,  # as the run computed
         }
     else:
         arguments = {"load_in_8bit": True, "llm_int8_threshold": quantization.int8_threshold}
@@ -298,7 +299,8 @@ def _bnb_arguments(source: ExportSource) -> dict:
 def _readme(source: ExportSource, format: str, info: dict) -> str:
     auto = AUTO_CLASSES.get(source.layout.family, "AutoModel")
     base = repr(source.backbone_path)
-    if Quantization.of(source.config.backbone) is not None:  # the run's own quantized base
+    quantized = Quantization.of(source.config.backbone) is not None
+    if quantized:  # the run's own quantized base
         arguments = ", ".join(f"{k}={v!r}" for k, v in _bnb_arguments(source).items())
         base += f", quantization_config=BitsAndBytesConfig({arguments})"
     load = {
@@ -310,7 +312,16 @@ def _readme(source: ExportSource, format: str, info: dict) -> str:
         f"base_model: {source.backbone_path}\n---\n\n"
         f"# {source.task} ({format} export of continual-peft run {source.run_dir.name})\n\n"
         f"Load: `{load}`.\n\n"
+        + (_pooler_words() if quantized and not source.layout.generative else "")
         + (_lm_words(info["answers"]) if source.layout.generative else _head_words())
+    )
+
+
+def _pooler_words() -> str:
+    return (
+        "A model folder saved without its pooler's weights (this package never uses the "
+        "pooler) gets a random pooler from transformers, which bitsandbytes cannot run: pass "
+        "`add_pooling_layer=False` to `from_pretrained` for such a folder.\n\n"
     )
 
 

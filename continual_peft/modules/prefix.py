@@ -29,10 +29,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from continual_peft.backbones.placement import CPU
+from continual_peft.backbones.quantization import compute_dtype
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.base import MODULE_KINDS
 from continual_peft.modules.cache_prefix import inject_cache_prefix
-from continual_peft.modules.lowrank import LowRankSite
+from continual_peft.modules.lowrank import LowRankSite, layer_sizes
 from continual_peft.modules.routing import Routing
 from continual_peft.modules.stack import SlotStack, StackedSite
 
@@ -93,6 +94,9 @@ class PrefixSite(StackedSite):
         base_layer: The frozen original attention module (BertSelfAttention or alike).
         routing: The bank's routing state for the prefix kind.
         config: Prefix length and initialisation.
+        layout: Where the attention module keeps its projections (`LAYOUTS`).
+        dtype: The frozen slots' dtype where the key projection's weight does not tell it (a
+            bitsandbytes 8-bit layer's int8 weight): the backbone's compute dtype.
     """
 
     def __init__(
@@ -102,18 +106,26 @@ class PrefixSite(StackedSite):
         routing: Routing,
         config: PrefixConfig,
         layout: Layout = LAYOUTS[0],
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.routing = routing
         self.config = config
         self.layout = layout
-        weight = self._part("key").weight
-        shape = (config.num_virtual_tokens, weight.shape[0])
-        self.stack = SlotStack({"prefix_key": shape, "prefix_value": shape}, weight)
+        # sizes from the key projection's kind and dtype from what it computes in: a quantized
+        # layer's weight is packed (4-bit: (d_out · d_in / 2, 1) bytes) or int8
+        key = self._part("key")
+        like = torch.empty(0, dtype=compute_dtype(key, dtype), device=key.weight.device)
+        shape = self._shape()
+        self.stack = SlotStack({"prefix_key": shape, "prefix_value": shape}, like)
+
+    def _shape(self) -> tuple[int, int]:
+        """(N, d) one slot's prefix keys (or values): d is the key projection's output."""
+        return self.config.num_virtual_tokens, layer_sizes(self._part("key"))[0]
 
     def add_slot(self, generator: torch.Generator) -> None:
-        shape = (self.config.num_virtual_tokens, self._part("key").weight.shape[0])
+        shape = self._shape()
         self.stack.open(
             {
                 name: torch.randn(shape, generator=generator, device=CPU) * self.config.init_std
@@ -263,7 +275,13 @@ class Prefix:
         sites = {}
         for name, module, layout in found:
             parent_name, _, child = name.rpartition(".")
-            site = PrefixSite(base_layer=module, routing=routing, config=self.config, layout=layout)
+            site = PrefixSite(
+                base_layer=module,
+                routing=routing,
+                config=self.config,
+                layout=layout,
+                dtype=backbone.dtype,
+            )
             setattr(model.get_submodule(parent_name) if parent_name else model, child, site)
             sites[name] = site
         return sites
