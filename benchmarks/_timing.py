@@ -1,10 +1,42 @@
-"""Timing helper shared by the benchmarks."""
+"""Timing helpers shared by the benchmarks, and the name of the machine they ran on."""
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
+
+
+def resolve_device(args) -> None:
+    """Set `args.torch_device` from `args.device` (the library's choice when empty) and
+    `args.device` to its name; exit with the library's message for a device this machine
+    lacks."""
+    import sys
+
+    from continual_peft.backbones.placement import pick_device
+    from continual_peft.errors import ContinualPeftError
+
+    try:
+        args.torch_device = pick_device(args.device)
+    except ContinualPeftError as err:
+        sys.exit(f"error: {err}")
+    args.device = str(args.torch_device)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            found = [line.split(":", 1)[1].strip() for line in info if "model name" in line]
+        name = found[0] if found else name
+    return name
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5) -> float:

@@ -42,8 +42,6 @@ import copy
 import importlib.metadata
 import importlib.util
 import os
-import platform
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -51,13 +49,11 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-from _timing import paired_seconds
+from _timing import device_name, paired_seconds, resolve_device
 
 from continual_peft import CausalBackbone, ModuleBank
 from continual_peft.backbones.lm import gather_logprobs, padded_targets
-from continual_peft.backbones.placement import pick_device
 from continual_peft.backbones.tiny import word_tokenizer
-from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.lora import LoRAConfig
 
 SHAPES = {
@@ -363,14 +359,7 @@ def table_row(slots: int, values: list[float | None]) -> str:
 
 def machine(args, dtype: str) -> str:
     """The device, library versions, threads and dtype, in one line."""
-    if args.torch_device.type == "cuda":
-        name = torch.cuda.get_device_name(args.torch_device)
-    else:
-        name = platform.processor() or platform.machine()
-        if os.path.exists("/proc/cpuinfo"):
-            with open("/proc/cpuinfo", encoding="utf-8") as info:
-                found = [line.split(":", 1)[1].strip() for line in info if "model name" in line]
-            name = found[0] if found else name
+    name = device_name(args.torch_device)
     peft = "absent" if args.no_peft else importlib.metadata.version("peft")
     return (
         f"{args.device} ({name}), torch {torch.__version__}, transformers "
@@ -410,11 +399,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads; 0: torch's choice")
     args = parser.parse_args()
-    try:
-        args.torch_device = pick_device(args.device)
-    except ContinualPeftError as err:
-        sys.exit(f"error: {err}")
-    args.device = str(args.torch_device)
+    resolve_device(args)
     args.slot_counts = sorted(int(s) for s in args.slots.split(","))
     args.no_peft = importlib.util.find_spec("peft") is None
     return args

@@ -252,13 +252,35 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def memory_bytes(model: nn.Module) -> int:
-    """The frozen model's parameters and buffers in memory, in bytes, quantized as loaded
-    (`transformers`' `get_memory_footprint`; a packed 4-bit weight counts its real bytes)."""
+    """The frozen model's parameters, buffers and quantization scales in memory, in bytes, as
+    loaded: `transformers`' `get_memory_footprint` (a packed 4-bit weight counts its real
+    bytes) plus what it leaves out, the scales bitsandbytes keeps beside each quantized
+    weight (`scale_bytes`)."""
     footprint = getattr(model, "get_memory_footprint", None)
     if footprint is not None:
-        return int(footprint())
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+        held = int(footprint())
+    else:
+        held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return held + scale_bytes(model)[0]
+
+
+def scale_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the quantization scales beside the quantized weights, how many linear weights
+    are quantized): an 8-bit layer's float32 scale per output row (`SCB`); a 4-bit layer's
+    block absmax and code book, and with double quantization their own (nested) scales."""
+    scales = weights = 0
+    for layer in quantized_layers(model):
+        state = getattr(layer.weight, "quant_state", None)
+        if state is None:  # 8-bit: int8 weight, one float32 scale per output row
+            tensors = [getattr(layer.weight, "SCB", None)]
+            weights += layer.weight.numel()
+        else:  # 4-bit: block absmax (nested: quantized, with its own scales) and code book
+            tensors = [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code]
+            weights += state.shape.numel()
+        scales += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return scales, weights
 
 
 def compute_dtype(layer: nn.Module, fallback: torch.dtype) -> torch.dtype:
