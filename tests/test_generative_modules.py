@@ -88,9 +88,14 @@ def _load_peft_slots(sites: dict, peft_model, adapters: list[str]) -> None:
             )
 
 
+def _stand_in(model: torch.nn.Module) -> SimpleNamespace:
+    """What a module kind's `inject` reads of a backbone: its model and compute dtype."""
+    return SimpleNamespace(model=model, dtype=torch.float32)
+
+
 def _lora(model: torch.nn.Module, targets: list[str], routing: Routing) -> dict:
     kind = LoRA(r=R, alpha=ALPHA, dropout=0.0, targets=targets)
-    return kind.inject(SimpleNamespace(model=model, dtype=torch.float32), routing)
+    return kind.inject(_stand_in(model), routing)
 
 
 @pytest.mark.parametrize("targets", list(TARGETS))
@@ -131,7 +136,7 @@ def test_lora_wraps_an_adapter_site_on_gpt2_conv1d():
     model = _model("gpt2")
     peft_model = _peft_model(model, "gpt2", "all-linear", ["task"])
     adapter_routing, lora_routing = Routing(), Routing()
-    adapters = Adapter(placement="houlsby").inject(SimpleNamespace(model=model, dtype=torch.float32), adapter_routing)
+    adapters = Adapter(placement="houlsby").inject(_stand_in(model), adapter_routing)
     sites = _lora(model, ["all-linear"], lora_routing)
     mlp_out = sites["transformer.h.0.mlp.c_proj"]
     assert mlp_out.base_layer is adapters["transformer.h.0.mlp.c_proj"]
@@ -186,7 +191,7 @@ def _trained_looking(site: LowRankSite) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_adapter_placements_wrap_the_expected_layers(architecture, placement):
     model = _model(architecture)
-    sites = Adapter(placement=placement).inject(SimpleNamespace(model=model, dtype=torch.float32), Routing())
+    sites = Adapter(placement=placement).inject(_stand_in(model), Routing())
     assert set(sites) == _expected(architecture, placement)
     kind = "Conv1D" if architecture == "gpt2" else "Linear"
     assert all(type(site.base_layer).__name__ == kind for site in sites.values())
@@ -197,7 +202,7 @@ def test_a_fresh_adapter_leaves_logits_bit_identical_and_a_trained_one_changes_t
     model = _model(architecture)
     base = _logits(model, architecture)
     routing = Routing()
-    sites = Adapter(placement="houlsby").inject(SimpleNamespace(model=model, dtype=torch.float32), routing)
+    sites = Adapter(placement="houlsby").inject(_stand_in(model), routing)
     for site in sites.values():
         site.add_slot(torch.Generator().manual_seed(2))
         site.freeze_slot()
@@ -223,7 +228,7 @@ def test_no_match_names_the_conv1d_endings_on_gpt2():
 def test_an_adapter_placement_without_its_layers_names_every_family():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ContinualPeftError) as info:
-        Adapter(placement="houlsby").inject(SimpleNamespace(model=model, dtype=torch.float32), Routing())
+        Adapter(placement="houlsby").inject(_stand_in(model), Routing())
     message = str(info.value)
     assert "GPT-2 'h.N.attn.c_proj' / 'h.N.mlp.c_proj'" in message
     assert "T5 'SelfAttention.o'" in message and "Sequential has none" in message

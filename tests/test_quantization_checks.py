@@ -229,6 +229,30 @@ def test_a_folder_quantized_by_gptq_is_refused_before_loading(
         Backbone.from_pretrained(str(folder), 32, DEVICE, "float32", asked)
 
 
+@pytest.mark.parametrize(
+    ("field", "named"),
+    [
+        ("4bit", r"quantization_config is a str \('4bit'\), not a table"),
+        (4, r"quantization_config is a int \(4\), not a table"),
+        (["bitsandbytes"], r"quantization_config is a list"),
+        ({"bits": 4}, r"already quantized by 'unknown'"),
+    ],
+    ids=["str", "int", "list", "no-method"],
+)
+def test_a_broken_quantization_config_is_named_not_a_traceback(
+    folders, tmp_path, no_weights_load, field, named
+):
+    folder = Path(shutil.copytree(folders.llama, tmp_path / "llama-broken"))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"] = field
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ContinualPeftError, match=named):
+        Backbone.from_pretrained(str(folder), 32, DEVICE, "float32")
+    result = invoke("run", "--backbone", folder, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "quantiz" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- a run trained 4-bit
 
 

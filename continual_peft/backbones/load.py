@@ -184,12 +184,35 @@ def check_model_folder(path: str) -> None:
                 f"backbone folder {path!r} holds no model (no config.json); give the folder a "
                 "Hugging Face model was saved to (config.json, weights, tokenizer files)"
             )
+        _check_quantization_field(folder / "config.json", path)
     elif folder.exists():
         raise ContinualPeftError(f"backbone {path!r} is a file; give the model's folder")
     elif looks_like_path:
         raise ContinualPeftError(
             f"backbone folder {path!r} does not exist (absolute: {folder.absolute()}); give "
             "the folder a Hugging Face model was saved to"
+        )
+
+
+def _check_quantization_field(config_file: Path, path: str) -> None:
+    """Refuse a config.json whose `quantization_config` is no table of settings (transformers
+    would fail on it with a bare AttributeError); an unreadable file is left to transformers,
+    which names it."""
+    import json
+
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(saved, dict) or "quantization_config" not in saved:
+        return
+    field = saved["quantization_config"]
+    if not isinstance(field, dict):
+        raise ContinualPeftError(
+            f"backbone folder {path!r}: its config.json's quantization_config is a "
+            f"{type(field).__name__} ({field!r:.60}), not a table of settings; a model saved "
+            "quantized records one there (quant_method, ...), a full-precision model none: fix "
+            "or remove it"
         )
 
 
