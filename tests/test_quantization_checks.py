@@ -390,3 +390,15 @@ def test_a_tiny_vit_loads_4bit(tmp_path):
     with torch.no_grad():
         out = backbone.embed(backbone.collate(backbone.encode(images).items))
     assert out.shape == (3, 64) and out.isfinite().all()
+
+
+def test_the_8bit_cast_notice_is_not_logged_and_other_messages_pass(llamas, caplog):
+    """bitsandbytes logs that it casts to float16 on every 8-bit matmul: silenced, as news of
+    nothing; its logger still passes other records."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        embedded(llamas[8], ["red apple"])
+        logging.getLogger("bitsandbytes.autograd._functions").warning("something else")
+    assert "MatMul8bitLt" not in caplog.text
+    assert "something else" in caplog.text

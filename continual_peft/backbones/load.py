@@ -13,6 +13,7 @@ import torch
 from continual_peft.backbones.placement import Placement
 from continual_peft.backbones.quantization import (
     Quantization,
+    quiet_expected_warnings,
     saved_quantization,
     unquantize_missing_in_place,
 )
@@ -92,6 +93,7 @@ def load_model(
     auto = getattr(transformers, AUTO_CLASSES.get(kind, "AutoModel"))
     options: dict = {}
     if quantization is not None:
+        quiet_expected_warnings()
         placement = placement or Placement.of()
         check_quantized_device(quantization, placement.device)
         device = placement.device

@@ -35,6 +35,7 @@ from continual_peft.backbones.quantization import (
     model_quantization,
     parameter_count,
     quantized_layers,
+    quiet_expected_warnings,
 )
 from continual_peft.errors import ContinualPeftError
 
@@ -392,6 +393,7 @@ def _check_quantized_placement(model: nn.Module, placement: Placement, name: str
             f"{placement.device}; a quantized model cannot be moved: load it on that device "
             "(Backbone.from_pretrained(..., device=...), or --device)"
         )
+    quiet_expected_warnings()
     for layer in quantized_layers(model):
         if hasattr(layer, "compute_dtype"):  # 4-bit: the precision policy's dtype
             layer.compute_dtype = placement.dtype
