@@ -275,6 +275,19 @@ def _task_modules(tasks: dict[str, Any], where: str) -> dict[str, str]:
 def _check_quantization(backbone: BackboneConfig, where: str) -> None:
     """Refuse an unknown `quantize`, and a detail the chosen quantization does not use (a
     4-bit type on 8-bit weights, any detail without quantization): it would be ignored."""
+    typed = [
+        ("quantize", str, "a text: 'none', '8bit' or '4bit'"),
+        ("quant_type", str, "a text: 'nf4' or 'fp4'"),
+        ("double_quant", bool, "true or false"),
+        ("int8_threshold", (int, float), "a number"),
+        ("quant_skip", list, "a list of layer names"),
+    ]
+    for key, kind, rule in typed:
+        value = getattr(backbone, key)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ContinualPeftError(
+                f"{where}: backbone.{key} = {value!r} is invalid; it must be {rule}"
+            )
     _check_ranges(
         where,
         [
@@ -356,7 +369,7 @@ def _check_ranges(where: str, checks: list[tuple[str, Any, bool, str]]) -> None:
         if not ok or not finite:
             raise ContinualPeftError(
                 f"{where}: {key} = {value!r} is invalid; it must be {rule}"
-                + (" and finite" if isinstance(value, int | float) else "")
+                + (" and finite" if isinstance(value, float) else "")
             )
 
 

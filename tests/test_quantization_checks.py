@@ -232,9 +232,9 @@ def test_a_folder_quantized_by_gptq_is_refused_before_loading(
 @pytest.mark.parametrize(
     ("field", "named"),
     [
-        ("4bit", r"quantization_config is a str \('4bit'\), not a table"),
-        (4, r"quantization_config is a int \(4\), not a table"),
-        (["bitsandbytes"], r"quantization_config is a list"),
+        ("4bit", r"quantization_config is of type str \('4bit'\), not a table"),
+        (4, r"quantization_config is of type int \(4\), not a table"),
+        (["bitsandbytes"], r"quantization_config is of type list"),
         ({"bits": 4}, r"already quantized by 'unknown'"),
     ],
     ids=["str", "int", "list", "no-method"],
@@ -295,7 +295,7 @@ def test_a_4bit_run_refuses_a_backbone_quantized_otherwise_naming_both(
     with pytest.raises(ContinualPeftError) as info:
         ContinualLearner.load(quant_run, backbone=backbone, device=DEVICE)
     message = str(info.value)
-    assert f"quantized {NF4}, but the backbone given is quantized {given}" in message
+    assert f"quantized {NF4}" in message and f"the backbone given is quantized {given}" in message
     assert "quantize = '4bit'" in message
 
 
@@ -402,3 +402,97 @@ def test_the_8bit_cast_notice_is_not_logged_and_other_messages_pass(llamas, capl
         logging.getLogger("bitsandbytes.autograd._functions").warning("something else")
     assert "MatMul8bitLt" not in caplog.text
     assert "something else" in caplog.text
+
+
+# ---------------------------------------------------------------- settings that would do nothing
+
+
+def test_a_folder_claiming_quantization_over_full_precision_weights_is_refused(folders, tmp_path):
+    """A config.json that says bitsandbytes but weights that are full precision (a copied
+    config): nothing would be quantized while the run says it is."""
+    folder = Path(shutil.copytree(folders.bert, tmp_path / "claims-4bit"))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    for asked in (None, Quantization(4, quant_type="fp4", double_quant=False)):
+        with pytest.raises(ContinualPeftError, match=r"saved quantized \(4bit \(fp4\)\).*full"):
+            Backbone.from_pretrained(str(folder), 32, DEVICE, "float32", asked)
+
+
+@pytest.mark.parametrize(
+    ("skip", "named"),
+    [
+        ([".*"], r"quantized no layer.*keeps them all"),
+        (["encoder", "pooler"], r"quantized no layer.*keeps them all"),
+        (["does_not_exist"], r"quant_skip entry 'does_not_exist' keeps no layer"),
+    ],
+    ids=["regex-all", "names-all", "unknown"],
+)
+def test_a_quant_skip_that_keeps_everything_or_nothing_is_refused(folders, skip, named):
+    with pytest.raises(ContinualPeftError, match=named):
+        quantized_backbone(folders.bert, 8, skip=tuple(skip))
+
+
+def test_a_skip_that_keeps_some_layers_loads_them_in_full_precision(folders):
+    backbone = quantized_backbone(folders.bert, 8, skip=("encoder.layer.0",))
+    kept = [n for n, m in backbone.model.named_modules() if type(m) is nn.Linear]
+    assert kept and all(".layer.0." in n or "pooler" in n for n in kept)
+    assert "encoder.layer.0 kept in full precision" in backbone.quantization_name
+
+
+def test_a_built_backbone_quantized_otherwise_than_the_config_is_refused(folders):
+    """`ContinualLearner(backbone=<built>, config=<quantize 4bit>)` would train unquantized
+    and record none: refused, naming both."""
+    from continual_peft import BackboneConfig
+
+    plain = Backbone.from_pretrained(str(folders.bert), 32, DEVICE, "float32")
+    config = LearnerConfig(backbone=BackboneConfig(quantize="4bit"))
+    with pytest.raises(ContinualPeftError, match=r"quantized 4bit .*quantized none"):
+        ContinualLearner(plain, config=config)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("double_quant", "no"),
+        ("int8_threshold", "6"),
+        ("int8_threshold", True),
+        ("quant_skip", None),
+        ("quant_skip", "query"),
+        ("quantize", 4),
+    ],
+)
+def test_a_library_config_of_the_wrong_type_is_named(key, value):
+    from continual_peft import BackboneConfig
+
+    quantize = "8bit" if key in ("int8_threshold", "quant_skip") else "4bit"
+    settings = {"quantize": quantize, key: value}
+    config = LearnerConfig(backbone=BackboneConfig(**settings))
+    with pytest.raises(ContinualPeftError, match=rf"backbone\.{key} = .* is invalid") as info:
+        config.validate()
+    assert "finite" not in str(info.value)
+
+
+def test_a_model_quantized_in_memory_is_the_model_loaded_quantized_by_name(folders):
+    """Both are named by the folder's files, so a run made one way loads the other way."""
+    from transformers import AutoModel
+
+    quantization = Quantization(4)
+    model = AutoModel.from_pretrained(
+        str(folders.bert),
+        quantization_config=quantization.hf_config(torch.float32),
+        device_map={"": DEVICE},
+        dtype=torch.float32,
+        add_pooling_layer=False,
+    )
+    by_hand = Backbone(model, load_tokenizer(), max_length=32, device=DEVICE, dtype="float32")
+    by_name = quantized_backbone(folders.bert, 4)
+    for key in ("weights_sha256", "layers_sha256", "quantization"):
+        assert by_hand.fingerprint()[key] == by_name.fingerprint()[key], key
+
+
+def test_compare_keeps_the_quantization_and_dtype_for_every_entry():
+    from continual_peft.experiments.entries import BUDGET_KEYS
+
+    assert BUDGET_KEYS["backbone.quantize"] == "--quantize"
+    assert BUDGET_KEYS["backbone.dtype"] == "--dtype"

@@ -66,7 +66,7 @@ def check_quantization(saved: dict, now: dict, where: str) -> None:
     """Refuse a backbone whose linear weights are stored otherwise than in the run (full
     precision vs 8-bit vs 4-bit, or other 4-bit settings), naming both. A fingerprint written
     before quantization existed is of a full-precision backbone. Checked before the weights:
-    a quantized backbone's hashes are read otherwise (`Backbone.hashed_from`)."""
+    a quantized backbone's hashes are read otherwise (`text._source_hashes`)."""
     ran, given = saved.get("quantization") or "none", now.get("quantization") or "none"
     if ran == given:
         return

@@ -103,7 +103,7 @@ class ImageBackbone(Backbone):
                 f"cannot load image backbone {path!r}: {err}. Give a local model folder or a "
                 "model name that is already in the Hugging Face cache (this tool never downloads)."
             ) from err
-        backbone = cls(
+        return cls(
             model,
             processor,
             max_length=max_length,
@@ -111,7 +111,6 @@ class ImageBackbone(Backbone):
             device=device,
             dtype=dtype,
         )
-        return backbone.hashed_from(path)
 
     def encode(self, images: list, where: str = "input") -> Encoded:
         """One float tensor (C, H, W) per image; nothing is truncated.

@@ -13,6 +13,7 @@ import torch
 from continual_peft.backbones.placement import Placement
 from continual_peft.backbones.quantization import (
     Quantization,
+    quantized_layers,
     quiet_expected_warnings,
     saved_quantization,
     unquantize_missing_in_place,
@@ -114,6 +115,7 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
     if quantization is not None:  # a layer the folder lacks starts at random, unquantized
         unquantize_missing_in_place(model)
+        check_quantized(model, quantization, path)
     missing = [k for k in info.get("missing_keys", []) if "pooler" not in k.split(".")[0]]
     missing += [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
     if missing:
@@ -128,10 +130,71 @@ def load_model(
     return model
 
 
+def check_quantized(model: torch.nn.Module, quantization: Quantization, path: str) -> None:
+    """Refuse a load that `quantization` asked for (or the folder's config claimed) but that
+    quantized no layer, and a `quant_skip` entry that keeps no layer: the run would say
+    "quantized" of full-precision weights, or name a skip that does nothing.
+
+    Raises:
+        ContinualPeftError: Naming what happened and what to change.
+    """
+    import re
+
+    if not quantized_layers(model):
+        saved = _saved_quantization(path)
+        if saved is not None:
+            raise ContinualPeftError(
+                f"backbone folder {path!r}: its config.json says it was saved quantized "
+                f"({saved.describe()}), but no layer loaded quantized: its weights are full "
+                "precision. Remove quantization_config from its config.json (then --quantize "
+                "quantizes it), or save the quantized model again."
+            )
+        raise ContinualPeftError(
+            f"quantize = {quantization.name!r} quantized no layer of backbone {path!r}"
+            + (
+                f" (quant_skip {list(quantization.skip)} keeps them all)"
+                if quantization.skip
+                else ""
+            )
+            + "; keep fewer layers in full precision, or use quantize = 'none'"
+        )
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    linear = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    for entry in quantization.skip:  # matched as transformers matches llm_int8_skip_modules
+        try:
+            keeps = [n for n in linear if not should_convert_module(n, [entry])]
+        except re.error:
+            keeps = []
+        if not keeps:
+            raise ContinualPeftError(
+                f"quant_skip entry {entry!r} keeps no layer of backbone {path!r} in full "
+                "precision (it matches no linear layer's name as transformers matches it: from "
+                "the name's start, or its end); give names such as 'lm_head', 'mlp.down_proj' "
+                "or 'model.layers.0', or leave it out"
+            )
+
+
 def _saved_quantization(path: str) -> Quantization | None:
     from transformers import AutoConfig
 
     return saved_quantization(AutoConfig.from_pretrained(path, local_files_only=True), path)
+
+
+def _holds_quantized_weights(path: str) -> bool:
+    """Whether the folder's safetensors files hold bitsandbytes' tensors (4-bit quantization
+    states, 8-bit row scales `SCB`); True where there are no such files to read."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).expanduser().glob("*.safetensors"))
+    if not files:
+        return True
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as tensors:
+            names = list(tensors.keys())  # a safetensors handle is no mapping
+        if any("quant_state" in k or k.endswith((".absmax", ".SCB")) for k in names):
+            return True
+    return False
 
 
 def quantization_for(path: str, asked: Quantization | None) -> Quantization | None:
@@ -145,6 +208,13 @@ def quantization_for(path: str, asked: Quantization | None) -> Quantization | No
             (naming both), or quantized by another method (`saved_quantization`).
     """
     saved = _saved_quantization(path)
+    if saved is not None and not _holds_quantized_weights(path):
+        raise ContinualPeftError(
+            f"backbone folder {path!r}: its config.json says it was saved quantized "
+            f"({saved.describe()}), but its weight files hold no quantized tensor: they are "
+            "full precision. Remove quantization_config from its config.json (then --quantize "
+            "quantizes it), or save the quantized model again."
+        )
     if saved is None or asked is None or asked == saved:
         return saved or asked
     raise ContinualPeftError(
@@ -211,7 +281,7 @@ def _check_quantization_field(config_file: Path, path: str) -> None:
     field = saved["quantization_config"]
     if not isinstance(field, dict):
         raise ContinualPeftError(
-            f"backbone folder {path!r}: its config.json's quantization_config is a "
+            f"backbone folder {path!r}: its config.json's quantization_config is of type "
             f"{type(field).__name__} ({field!r:.60}), not a table of settings; a model saved "
             "quantized records one there (quant_method, ...), a full-precision model none: fix "
             "or remove it"

@@ -209,7 +209,7 @@ def saved_quantization(config: Any, path: str) -> Quantization | None:
     four = bool(saved.get("load_in_4bit") or saved.get("_load_in_4bit"))
     return Quantization(
         bits=4 if four else 8,
-        quant_type=str(saved.get("bnb_4bit_quant_type") or "nf4"),
+        quant_type=str(saved.get("bnb_4bit_quant_type") or "fp4"),  # BitsAndBytesConfig's
         double_quant=bool(saved.get("bnb_4bit_use_double_quant", False)),
         int8_threshold=float(saved.get("llm_int8_threshold") or 6.0),
         skip=tuple(saved.get("llm_int8_skip_modules") or ()),
@@ -287,6 +287,7 @@ def scale_bytes(model: nn.Module) -> tuple[int, int]:
     are quantized): an 8-bit layer's float32 scale per output row (`SCB`); a 4-bit layer's
     block absmax and code book, and with double quantization their own (nested) scales."""
     scales = weights = 0
+    seen: set[int] = set()  # a code book may be one tensor shared by every layer
     for layer in quantized_layers(model):
         state = getattr(layer.weight, "quant_state", None)
         if state is None:  # 8-bit: int8 weight, one float32 scale per output row
@@ -297,7 +298,10 @@ def scale_bytes(model: nn.Module) -> tuple[int, int]:
             if state.nested:
                 tensors += [state.state2.absmax, state.state2.code]
             weights += state.shape.numel()
-        scales += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        for tensor in tensors:
+            if tensor is not None and tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                scales += tensor.numel() * tensor.element_size()
     return scales, weights
 
 

@@ -105,9 +105,9 @@ class Backbone(nn.Module):
         self.placement = Placement.of(device, dtype)
         # bitsandbytes-quantized linear layers (`backbones.quantization`), or None
         self.quantization = model_quantization(model)
-        # hashed as loaded, so a run in bfloat16 and one in float32 name the same weights
-        self._weights_sha256 = _weights_hash(model)
-        self._layers_sha256 = _layers_hash(model)
+        # hashed as loaded, so a run in bfloat16 and one in float32 name the same weights; a
+        # quantized model, as its folder saved them (`_source_hashes`)
+        self._weights_sha256, self._layers_sha256 = _source_hashes(model, self.quantization)
         # counted as loaded: module kinds later wrap layers inside the model and add their own
         self._parameter_count = parameter_count(model)
         # The one place where the backbone is frozen, moved and cast.
@@ -165,18 +165,7 @@ class Backbone(nn.Module):
         backbone = cls(
             model, tokenizer, max_length=max_length, name=name, device=device, dtype=dtype
         )
-        return backbone.hashed_from(path)
-
-    def hashed_from(self, path: str) -> Backbone:
-        """This backbone, its fingerprint's weight hashes read from the model folder's
-        safetensors files when its layers were quantized at load: the quantized values are
-        what this bitsandbytes build made of the weights, the folder's are the model itself
-        (the same on every device and build). Unchanged otherwise."""
-        if self.quantization is not None:
-            hashes = folder_hashes(path)
-            if hashes is not None:
-                self._weights_sha256, self._layers_sha256 = hashes
-        return self
+        return backbone
 
     @property
     def device(self) -> torch.device:
@@ -397,6 +386,21 @@ def _check_quantized_placement(model: nn.Module, placement: Placement, name: str
     for layer in quantized_layers(model):
         if hasattr(layer, "compute_dtype"):  # 4-bit: the precision policy's dtype
             layer.compute_dtype = placement.dtype
+
+
+def _source_hashes(model: nn.Module, quantization: Quantization | None) -> tuple[str, str]:
+    """(weights, layers) hashes that name the model. A full-precision model: its state tensors
+    as loaded. A quantized one: its folder's safetensors files as saved (`folder_hashes`; the
+    folder its config names, `_name_or_path`), since the quantized values are what this
+    bitsandbytes build made of the weights and the folder's are the model itself, the same on
+    every device and build, and a model quantized in memory and one loaded quantized by name
+    match; its quantized state only where no such folder is known."""
+    if quantization is not None:
+        source = str(getattr(model.config, "_name_or_path", "") or "")
+        hashes = folder_hashes(source) if source and Path(source).is_dir() else None
+        if hashes is not None:
+            return hashes
+    return _weights_hash(model), _layers_hash(model)
 
 
 def folder_hashes(path: str, values: int = 256) -> tuple[str, str] | None:

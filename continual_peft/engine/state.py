@@ -107,6 +107,8 @@ def resolve_backbone(
     (a folder saved quantized loads as it was saved)."""
     if not isinstance(backbone, Backbone):
         backbone = build_backbone(config.backbone, backbone)
+    else:
+        _check_given_quantization(backbone, config)
     settings = dataclasses.replace(
         config.backbone,
         name="" if backbone.name == DEFAULT_BACKBONE else backbone.name,
@@ -115,6 +117,21 @@ def resolve_backbone(
         **quantization_settings(backbone.quantization),
     )
     return backbone, dataclasses.replace(copy.deepcopy(config), backbone=settings)
+
+
+def _check_given_quantization(backbone: Backbone, config: LearnerConfig) -> None:
+    """Refuse a built backbone whose quantization differs from the one the config asks for
+    (the config would be silently ignored); a config that asks for none takes the backbone's."""
+    asked = Quantization.of(config.backbone)
+    if asked is not None and asked != backbone.quantization:
+        given = backbone.quantization_name
+        raise ContinualPeftError(
+            f"the configuration asks for a backbone quantized {asked.describe()} (quantize = "
+            f"{asked.name!r}), but the backbone given is quantized "
+            f"{given if backbone.quantization else 'none (full precision)'}; a "
+            "built backbone is used as it is: load it with those settings "
+            "(Backbone.from_pretrained(..., quantization=...)), or pass its folder instead"
+        )
 
 
 def quantization_settings(quantization: Quantization | None) -> dict[str, Any]:

@@ -40,6 +40,8 @@ BUDGET_KEYS: dict[str, str] = {
     "train.batch_size": "--batch-size",
     "backbone.name": "--backbone",
     "backbone.max_length": "--max-length",
+    "backbone.dtype": "--dtype",
+    "backbone.quantize": "--quantize",
 }
 SWEEP_EXAMPLE = "e.g. --sweep lora.r=1,2,4,8,16"
 

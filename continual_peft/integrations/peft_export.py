@@ -300,9 +300,10 @@ def _readme(source: ExportSource, format: str, info: dict) -> str:
     auto = AUTO_CLASSES.get(source.layout.family, "AutoModel")
     base = repr(source.backbone_path)
     quantized = Quantization.of(source.config.backbone) is not None
-    if quantized:  # the run's own quantized base
+    if quantized:  # the run's own quantized base, in the run's dtype
         arguments = ", ".join(f"{k}={v!r}" for k, v in _bnb_arguments(source).items())
         base += f", quantization_config=BitsAndBytesConfig({arguments})"
+        base += f", dtype=torch.{source.config.backbone.dtype}"
     load = {
         "peft": f"PeftModel.from_pretrained({auto}.from_pretrained({base}), this_folder)",
         "merged": f"{auto}.from_pretrained(this_folder)",
