@@ -291,18 +291,8 @@ def _check_quantization(backbone: BackboneConfig, where: str) -> None:
     _check_ranges(
         where,
         [
-            (
-                "backbone.quantize",
-                backbone.quantize,
-                backbone.quantize in QUANTIZE,
-                " or ".join(map(repr, QUANTIZE)),
-            ),
-            (
-                "backbone.quant_type",
-                backbone.quant_type,
-                backbone.quant_type in QUANT_TYPES,
-                " or ".join(map(repr, QUANT_TYPES)),
-            ),
+            _choice("backbone.quantize", backbone.quantize, QUANTIZE),
+            _choice("backbone.quant_type", backbone.quant_type, QUANT_TYPES),
             (
                 "backbone.int8_threshold",
                 backbone.int8_threshold,
@@ -339,18 +329,8 @@ def _check_generation(generation: GenerationConfig, where: str) -> None:
     _check_ranges(
         where,
         [
-            (
-                "generation.decode",
-                generation.decode,
-                generation.decode in DECODES,
-                " or ".join(map(repr, DECODES)),
-            ),
-            (
-                "generation.label_score",
-                generation.label_score,
-                generation.label_score in LABEL_SCORES,
-                " or ".join(map(repr, LABEL_SCORES)),
-            ),
+            _choice("generation.decode", generation.decode, DECODES),
+            _choice("generation.label_score", generation.label_score, LABEL_SCORES),
             (
                 "generation.max_new_tokens",
                 generation.max_new_tokens,
@@ -359,6 +339,11 @@ def _check_generation(generation: GenerationConfig, where: str) -> None:
             ),
         ],
     )
+
+
+def _choice(key: str, value: Any, choices: tuple) -> tuple[str, Any, bool, str]:
+    """A `_check_ranges` check that `value` is one of `choices`, naming them."""
+    return key, value, value in choices, " or ".join(map(repr, choices))
 
 
 def _check_ranges(where: str, checks: list[tuple[str, Any, bool, str]]) -> None:

@@ -143,12 +143,7 @@ def check_quantized(model: torch.nn.Module, quantization: Quantization, path: st
     if not quantized_layers(model):
         saved = _saved_quantization(path)
         if saved is not None:
-            raise ContinualPeftError(
-                f"backbone folder {path!r}: its config.json says it was saved quantized "
-                f"({saved.describe()}), but no layer loaded quantized: its weights are full "
-                "precision. Remove quantization_config from its config.json (then --quantize "
-                "quantizes it), or save the quantized model again."
-            )
+            raise _claims_quantization(path, saved, "no layer loaded quantized")
         raise ContinualPeftError(
             f"quantize = {quantization.name!r} quantized no layer of backbone {path!r}"
             + (
@@ -173,6 +168,17 @@ def check_quantized(model: torch.nn.Module, quantization: Quantization, path: st
                 "the name's start, or its end); give names such as 'lm_head', 'mlp.down_proj' "
                 "or 'model.layers.0', or leave it out"
             )
+
+
+def _claims_quantization(path: str, saved: Quantization, found: str) -> ContinualPeftError:
+    """The refusal of a folder whose config.json says it was saved quantized over weights that
+    are full precision (`found` says how that showed)."""
+    return ContinualPeftError(
+        f"backbone folder {path!r}: its config.json says it was saved quantized "
+        f"({saved.describe()}), but {found}: its weights are full precision. Remove "
+        "quantization_config from its config.json (then --quantize quantizes it), or save the "
+        "quantized model again."
+    )
 
 
 def _saved_quantization(path: str) -> Quantization | None:
@@ -209,12 +215,7 @@ def quantization_for(path: str, asked: Quantization | None) -> Quantization | No
     """
     saved = _saved_quantization(path)
     if saved is not None and not _holds_quantized_weights(path):
-        raise ContinualPeftError(
-            f"backbone folder {path!r}: its config.json says it was saved quantized "
-            f"({saved.describe()}), but its weight files hold no quantized tensor: they are "
-            "full precision. Remove quantization_config from its config.json (then --quantize "
-            "quantizes it), or save the quantized model again."
-        )
+        raise _claims_quantization(path, saved, "its weight files hold no quantized tensor")
     if saved is None or asked is None or asked == saved:
         return saved or asked
     raise ContinualPeftError(

@@ -93,14 +93,21 @@ class Quantization:
         skip = f", {', '.join(self.skip)} kept in full precision" if self.skip else ""
         return f"{self.name} ({facts}{skip})"
 
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a run's fingerprint records them (compared on load)."""
-        data: dict[str, Any] = {"quantize": self.name, "skip": list(self.skip)}
+    def bnb_arguments(self, compute_dtype: torch.dtype | str) -> dict[str, Any]:
+        """`transformers.BitsAndBytesConfig`'s keyword arguments for these settings, a 4-bit
+        layer computing in `compute_dtype` (a dtype, or its name as a run records it)."""
         if self.bits == 4:
-            data |= {"quant_type": self.quant_type, "double_quant": self.double_quant}
+            arguments = {
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": self.quant_type,
+                "bnb_4bit_use_double_quant": self.double_quant,
+                "bnb_4bit_compute_dtype": compute_dtype,
+            }
         else:
-            data["int8_threshold"] = self.int8_threshold
-        return data
+            arguments = {"load_in_8bit": True, "llm_int8_threshold": self.int8_threshold}
+        if self.skip:
+            arguments["llm_int8_skip_modules"] = list(self.skip)
+        return arguments
 
     def hf_config(self, compute_dtype: torch.dtype):
         """`transformers.BitsAndBytesConfig` for these settings, computing in `compute_dtype`.
@@ -111,18 +118,7 @@ class Quantization:
         require_bitsandbytes(self.name)
         from transformers import BitsAndBytesConfig
 
-        skip = list(self.skip) or None
-        if self.bits == 4:
-            return BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=self.quant_type,
-                bnb_4bit_use_double_quant=self.double_quant,
-                bnb_4bit_compute_dtype=compute_dtype,
-                llm_int8_skip_modules=skip,
-            )
-        return BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=self.int8_threshold, llm_int8_skip_modules=skip
-        )
+        return BitsAndBytesConfig(**self.bnb_arguments(compute_dtype))
 
 
 def quiet_expected_warnings() -> None:

@@ -425,9 +425,7 @@ def folder_hashes(path: str, values: int = 256) -> tuple[str, str] | None:
                 if seen < 4:
                     weights.update(data)
                     seen += 1
-                if "pooler" not in key and "lm_head" not in key:
-                    layers.update(key.encode())
-                    layers.update(data)
+                _add_layer(layers, key, data)
     return weights.hexdigest()[:16], layers.hexdigest()[:16]
 
 
@@ -450,11 +448,18 @@ def _layers_hash(model: nn.Module, values: int = 256) -> str:
     for the cost of reading a few values per tensor."""
     layers = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        if "pooler" in name or "lm_head" in name:  # heads a model folder may leave to chance
-            continue
-        layers.update(name.encode())
-        layers.update(tensor.detach().reshape(-1)[:values].float().cpu().numpy().tobytes())
+        values_read = tensor.detach().reshape(-1)[:values].float().cpu().numpy().tobytes()
+        _add_layer(layers, name, values_read)
     return layers.hexdigest()[:16]
+
+
+def _add_layer(layers, name: str, values: bytes) -> None:
+    """Add a tensor's name and first values to the layers hash, unless it is a head a model
+    folder may leave to chance (a pooler, an LM head)."""
+    if "pooler" in name or "lm_head" in name:
+        return
+    layers.update(name.encode())
+    layers.update(values)
 
 
 # One of these holds a tokenizer's vocabulary (WordPiece, BPE, SentencePiece, fast tokenizers).

@@ -281,19 +281,9 @@ def _quantization_info(source: ExportSource) -> dict | str:
 
 
 def _bnb_arguments(source: ExportSource) -> dict:
-    quantization = Quantization.of(source.config.backbone)
-    if quantization.bits == 4:
-        arguments = {
-            "load_in_4bit": True,
-            "bnb_4bit_quant_type": quantization.quant_type,
-            "bnb_4bit_use_double_quant": quantization.double_quant,
-            "bnb_4bit_compute_dtype": source.config.backbone.dtype,  # as the run computed
-        }
-    else:
-        arguments = {"load_in_8bit": True, "llm_int8_threshold": quantization.int8_threshold}
-    if quantization.skip:
-        arguments["llm_int8_skip_modules"] = list(quantization.skip)
-    return arguments
+    """The run's `BitsAndBytesConfig` arguments, a 4-bit layer computing in the run's dtype."""
+    backbone = source.config.backbone
+    return Quantization.of(backbone).bnb_arguments(backbone.dtype)
 
 
 def _readme(source: ExportSource, format: str, info: dict) -> str:
