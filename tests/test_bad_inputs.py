@@ -489,9 +489,10 @@ def test_a_non_empty_export_folder_is_refused(run: Path, tmp_path: Path):
         (lambda c: c.update(tasks=c["tasks"][:1]), "tasks_done is 2 but it lists 1 task(s)"),
         (lambda c: c.update(files={}), "files it needs have no sha256 in 'files'"),
         (lambda c: c["tasks"][1].update(slot=7), "uses slot 7 of 2"),
-        (lambda c: c.pop("records"), "'records' is missing"),
+        (lambda c: c.pop("retired"), "'retired' is missing"),
+        (lambda c: c["router"].update(task_rows=["x"]), "one file of rows per task"),
     ],
-    ids=["task-list-cut", "files-emptied", "slot-out-of-range", "records-removed"],
+    ids=["task-list-cut", "files-emptied", "slot-out-of-range", "retired-removed", "rows-cut"],
 )
 def test_a_hand_edited_checkpoint_is_named_not_trusted(run: Path, tmp_path: Path, edit, expected):
     path = run / "checkpoint.json"

@@ -343,8 +343,10 @@ def test_every_task_is_learned_into_its_slots(runs: Runs):
     for folder, done in ((runs.run_dir, size), (runs.saved, size - 1)):
         saved = json.loads((folder / "checkpoint.json").read_text(encoding="utf-8"))
         assert saved["tasks_done"] == done and saved["last_task"] == names[done - 1]
-        if runs.case.router != "oracle":
-            assert f"tasks/{names[done - 1]}/router.safetensors" in saved["files"]
+        if runs.case.router != "oracle":  # each task's rows once, the shared part per run
+            rows = [f"tasks/{name}/router-rows.safetensors" for name in names[:done]]
+            assert saved["router"]["task_rows"] == rows and set(rows) <= set(saved["files"])
+            assert saved["router"]["tensors"] == f"state/router-{done}.safetensors"
 
 
 def _tensors(learner: ContinualLearner) -> dict[str, torch.Tensor]:

@@ -41,9 +41,10 @@ from continual_peft.engine.state import (
 from continual_peft.engine.training import TrainResult, train_task
 from continual_peft.errors import ContinualPeftError
 from continual_peft.reports.run import console_report, write_reports
-from continual_peft.routers import ROUTERS, Router, load_router, router_state
+from continual_peft.routers import ROUTERS, Router, load_router_files, router_parts
 from continual_peft.store.checkpoint import (
     Checkpoint,
+    RouterParts,
     Routing,
     Snapshot,
     TaskEntry,
@@ -431,8 +432,10 @@ class ContinualLearner:
         files = {slot: f"tasks/{name}/module.safetensors" for slot, name in owner.items()}
         derived = self.strategy.derived_slots(self)  # into the newest task's folder
         files |= {slot: f"tasks/{names[-1]}/{stem}.safetensors" for slot, stem in derived.items()}
+        retired = []
         if written is None:
             written = dict(self.last_checkpoint.files) if self.last_checkpoint else {}
+            retired = list(self.last_checkpoint.retired) if self.last_checkpoint else []
         tasks = [
             TaskFiles(
                 name=name,
@@ -477,10 +480,11 @@ class ContinualLearner:
             slot_files=[files[slot] for slot in range(self.bank.num_slots)],
             slot_kinds=list(self.bank.slot_kinds),
             trainable_slot=self.bank.num_slots - 1 if self.bank.has_trainable else None,
-            router=router_state(self.router) if self.router is not None else None,
+            router=RouterParts(*router_parts(self.router)) if self.router is not None else None,
             strategy=self.strategy.state(),
             header=header,
             saved_files=written,
+            saved_retired=retired,
         )
 
     def load_state_dict(self, checkpoint: Checkpoint, folder: Path, tasks: list[Task]) -> None:
@@ -506,8 +510,13 @@ class ContinualLearner:
             self.learned[entry.name] = learned_from(entry, index, record, task, self.heads)
         self.monitor = ForgettingMonitor.from_state(checkpoint.monitor)
         if checkpoint.router is not None:
-            where = folder / Path(checkpoint.router.tensors).parent
-            self.router = load_router(where, self.backbone.device)
+            files = checkpoint.router
+            self.router = load_router_files(
+                folder / files.tensors,
+                folder / files.meta,
+                [folder / path for path in files.task_rows],
+                self.backbone.device,
+            )
         if checkpoint.strategy is not None:
             tensors = load_safetensors(folder / checkpoint.strategy.tensors, device)
             self.strategy.load_state(tensors, load_json(folder / checkpoint.strategy.meta))

@@ -115,7 +115,7 @@ class ForgettingMonitor:
         monitor.rows = {m: [_floats(row) for row in rows] for m, rows in state["rows"].items()}
         monitor.before = {m: _floats(values) for m, values in state["before"].items()}
         monitor.initial = _floats(state["initial"])
-        monitor.routing_rows = [_floats(row) for row in state["routing_rows"]]
+        monitor.routing_rows = [_floats(row) for row in state.get("routing_rows", [])]
         # a state saved before rejection was recorded has none
         for key in ("rejected_rows", "accepted_rows"):
             saved = [_floats(row) for row in state.get(key, [])]

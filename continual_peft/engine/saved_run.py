@@ -8,6 +8,7 @@ this version's format (`store.migration`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,24 @@ def read_config_json(run: Path) -> dict:
     except CorruptFileError:
         recorded = None  # named by whoever reads the checkpoint; `run --resume` repairs it
     recorded = recorded.get("run_config_sha256") if isinstance(recorded, dict) else None
-    if recorded and run_config_sha256(saved["config"]) != recorded:
+    upgraded = upgrade_config(saved)
+    if recorded and recorded not in _config_hashes(saved["config"], upgraded["config"]):
         raise ContinualPeftError(
             f"{path} was edited: its configuration differs from the one {checkpoint} records, "
             "so the run's tasks were not made with it. Restore it from a copy of the run; to "
             "change settings, start a new run."
         )
-    return upgrade_config(saved)
+    return upgraded
+
+
+def _config_hashes(saved: dict, upgraded: dict) -> set[str]:
+    """The run-config hashes a checkpoint may record for a config.json: its own, and, for a
+    run an older version started and this one resumed, that of the config as this version
+    writes it."""
+    hashes = {run_config_sha256(saved), run_config_sha256(upgraded)}
+    with contextlib.suppress(ContinualPeftError):  # an invalid config is named by its reader
+        hashes.add(run_config_sha256(LearnerConfig.from_dict(upgraded, "config.json").to_dict()))
+    return hashes
 
 
 def check_same_config(run: Path, saved: LearnerConfig, given: LearnerConfig) -> None:

@@ -28,7 +28,13 @@ from continual_peft.routers.base import (
 from continual_peft.routers.gate import GateRouter
 from continual_peft.routers.gaussian import GaussianStats, MahalanobisRouter, ledoit_wolf, oas
 from continual_peft.routers.oracle import OracleRouter
-from continual_peft.routers.persist import load_router, router_state, save_router
+from continual_peft.routers.persist import (
+    load_router,
+    load_router_files,
+    router_parts,
+    router_state,
+    save_router,
+)
 from continual_peft.routers.prototype import PrototypeRouter
 from continual_peft.routers.topk import TopKRouter
 
@@ -46,7 +52,9 @@ __all__ = [
     "build_router",
     "ledoit_wolf",
     "load_router",
+    "load_router_files",
     "oas",
+    "router_parts",
     "router_state",
     "save_router",
     "scoring_router_names",

@@ -201,6 +201,15 @@ class Router(abc.ABC):
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Statistics as tensors, plus JSON-able metadata that includes `options`."""
 
+    def task_rows(self) -> dict[str, list[int]]:
+        """The tensors of `state()` that are stacked per task on dimension 0 and whose rows
+        never change once their task is added: name -> rows per task, in task order.
+
+        A checkpoint stores each task's rows once, in that task's own folder, and only the
+        rest of the state (which later tasks change, such as a shared covariance) is
+        rewritten after every task (`routers.persist.split_rows`). None by default."""
+        return {}
+
     @classmethod
     @abc.abstractmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Router:
@@ -346,6 +355,16 @@ class ScoringRouter(Router):
     @abc.abstractmethod
     def _tensors(self) -> dict[str, torch.Tensor]:
         """The subclass's statistics."""
+
+    def _task_rows(self) -> dict[str, list[int]]:
+        """Which of `_tensors()` are stacked per task (see `Router.task_rows`)."""
+        return {}
+
+    def task_rows(self) -> dict[str, list[int]]:
+        rows = {"calibration": list(self.calibration_sizes)}
+        if self.neighbours.sizes:  # fitted rows kept for "knn" familiarity
+            rows["neighbours"] = list(self.neighbours.sizes)
+        return rows | self._task_rows()
 
     @abc.abstractmethod
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:

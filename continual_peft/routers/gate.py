@@ -158,6 +158,9 @@ class GateRouter(ScoringRouter):
         gate = {f"gate.{key}": value.clone() for key, value in self.params.items()}
         return self.stats.tensors() | gate
 
+    def _task_rows(self) -> dict[str, list[int]]:
+        return self.stats.task_rows()  # the gate itself is retrained after every task: shared
+
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:
         self.stats.load(tensors, self.num_tasks, self.dim)
         if self.num_tasks:

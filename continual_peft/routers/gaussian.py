@@ -187,6 +187,11 @@ class GaussianStats:
             "scatter": self.scatter.clone(),
         }
 
+    def task_rows(self) -> dict[str, list[int]]:
+        """One row per task in each per-task tensor (see `Router.task_rows`); the pooled
+        scatter, which every task changes, is shared."""
+        return dict.fromkeys(("sums", "counts", "fourth_moments"), [1] * self.num_tasks)
+
     def load(self, tensors: dict[str, torch.Tensor], num_tasks: int, dim: int | None) -> None:
         """Take back `tensors()`'s output; the statistics live where those tensors are."""
         d = dim or 0
@@ -250,6 +255,9 @@ class MahalanobisRouter(ScoringRouter):
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return self.stats.tensors()
+
+    def _task_rows(self) -> dict[str, list[int]]:
+        return self.stats.task_rows()
 
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:
         self.stats.load(tensors, self.num_tasks, self.dim)

@@ -57,6 +57,9 @@ class PrototypeRouter(ScoringRouter):
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {"means": self.means.clone(), "counts": self.counts.clone()}
 
+    def _task_rows(self) -> dict[str, list[int]]:
+        return dict.fromkeys(("means", "counts"), [1] * self.num_tasks)
+
     def _load(self, tensors: dict[str, torch.Tensor]) -> None:
         self.means = take(tensors, "means", (self.num_tasks, self.dim or 0))
         self.counts = take(tensors, "counts", (self.num_tasks,))

@@ -97,6 +97,9 @@ class TopKRouter(Router):
         tensors, base_meta = self.base.state()
         return tensors, {"options": dict(self.options), "base": base_meta}
 
+    def task_rows(self) -> dict[str, list[int]]:
+        return self.base.task_rows()
+
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Router:
         router = build_router(cls.name, **meta["options"])

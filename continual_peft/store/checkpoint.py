@@ -1,21 +1,27 @@
 """The checkpoint: `checkpoint.json`, the one file that says what a run directory holds.
 
 After every task the learner hands a `Snapshot` (plain tensors and JSON-ready values) to
-`write_checkpoint`, which writes that task's files (slot, head, record, router and strategy
-state, each atomically) and then, last, `checkpoint.json` (atomically too): the number of
-finished tasks, every file a reader needs with its sha256, and the state that is small enough
-for JSON (accuracy matrices, task records, RNG states, the config's hash, the stream's task
-names and data hashes). A kill at any moment therefore leaves either the previous checkpoint or
-the new one; files written after the last `checkpoint.json` are ignored by readers and
-overwritten when the task is learned again. `learner.save(dir)` writes the same files at once.
+`write_checkpoint`, which writes that task's files (slot, head, record, its row of the accuracy
+matrices, its rows of the router's statistics, each atomically), the router's and strategy's
+shared state, and then, last, `checkpoint.json` (atomically too): the number of finished
+tasks, every file a reader needs with its sha256, and the small run-wide state (RNG states, the
+config's hash, the stream's task names and data hashes, which slot and routing each task
+uses). A kill at any moment therefore leaves either the previous checkpoint or the new one;
+files written after the last `checkpoint.json` are ignored by readers and overwritten when the
+task is learned again. `learner.save(dir)` writes the same files at once.
 
-Files a checkpoint names never change afterwards (state that changes from task to task, the
-router's and the strategy's, is written into the newest task's folder), so a checkpoint stays
-valid while the next task's files are being written.
+A run directory grows by each task's own bytes: what belongs to one task (its record, its row
+of the matrices, its rows of per-task router statistics) is written once, into its folder, and
+the state every task changes (a shared covariance, a replay buffer) is written once per run
+into `state/`, named by the number of tasks done. Files a checkpoint names never change
+afterwards, so a checkpoint stays valid while the next task's files are being written; once the
+new checkpoint is written, files that neither it nor the one before it names are deleted
+(`collect_garbage`): the previous checkpoint stays whole, for `run --resume` to roll back to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -26,7 +32,7 @@ import torch
 
 from continual_peft.errors import ContinualPeftError, CorruptFileError, RunFileError
 from continual_peft.store.io import atomic_write_json, file_sha256, load_json, timestamp
-from continual_peft.store.migration import upgrade_checkpoint
+from continual_peft.store.migration import CHECKPOINT, upgrade_checkpoint
 from continual_peft.store.rng import rng_state
 from continual_peft.store.rundir import RunDir
 
@@ -45,25 +51,34 @@ class TaskFiles:
     derived: dict[str, Tensors] = field(default_factory=dict)
 
 
+class RouterParts(NamedTuple):
+    """A router's state as a run directory stores it (`routers.persist.router_parts`)."""
+
+    shared: Tensors  # what later tasks change: written once per run (`state/`)
+    meta: dict[str, Any]  # its JSON
+    task_rows: list[Tensors]  # per task, in learning order: its own rows (its folder)
+
+
 @dataclass(kw_only=True)
 class Snapshot:
     """A learner's state after a task, as plain values: the engine builds it, the store writes it.
 
     A slot shared by several tasks is written into the folder of the last task that trained it
-    (`slot_files`); a slot the strategy derives from others (`TaskFiles.derived`), the router's
-    and the strategy's state into the newest task's folder.
+    (`slot_files`), a slot the strategy derives from others (`TaskFiles.derived`) into the
+    newest task's folder; the router's and the strategy's shared state into `state/`.
     """
 
     tasks: list[TaskFiles]  # the tasks whose files are written now, the newest last
     slot_files: list[str]  # per slot: its file, relative to the run (tasks/<task>/<name>)
     slot_kinds: list[str]  # per slot: its module kind
     trainable_slot: int | None  # the slot still training (shared slots), if any
-    router: tuple[Tensors, dict[str, Any]] | None  # router.safetensors, router.json
+    router: RouterParts | None  # None: oracle routing
     strategy: tuple[Tensors, dict[str, Any]]  # the strategy's state; ({}, {}) if none
     # everything else the checkpoint holds, JSON-ready: status, config hashes, backbone, stream,
     # every learned task's entry, records, matrices; its files, slots and rng are set on writing
     header: Checkpoint
     saved_files: dict[str, str] = field(default_factory=dict)  # on disk already: path -> sha256
+    saved_retired: list[str] = field(default_factory=list)  # the last checkpoint's `retired`
 
 
 class Routing(NamedTuple):
@@ -91,10 +106,12 @@ class SlotEntry(NamedTuple):
 
 
 class StateFiles(NamedTuple):
-    """A router's or strategy's state: its tensors and its JSON, relative to the run."""
+    """A router's or strategy's state: its tensors and its JSON, relative to the run, and for
+    a router each task's own rows of its statistics (in learning order; `RouterParts`)."""
 
     tensors: str
     meta: str
+    task_rows: list[str] = []  # noqa: RUF012 (a NamedTuple field: never mutated)
 
 
 @dataclass(kw_only=True)
@@ -115,23 +132,31 @@ class Checkpoint:
     stream_plan: dict[str, Any] | None  # every task of the stream: names and data hashes
     baseline: str | None  # the strategy run beside this one, if any
     tasks: list[TaskEntry]  # the learned tasks, in learning order
-    records: list[dict[str, Any]]  # per task: its record (task.json)
-    monitor: dict[str, Any]  # the accuracy matrices (`ForgettingMonitor.state`)
+    # per task: its record (its task.json, read from there)
+    records: list[dict[str, Any]]
+    # the accuracy matrices (`ForgettingMonitor.state`); on disk each task's row is in its
+    # folder (`MONITOR_ROW`)
+    monitor: dict[str, Any]
     slots: list[SlotEntry]  # every slot, in slot order
     router: StateFiles | None  # the router's state; None: oracle routing
     strategy: StateFiles | None  # the strategy's state; None: it keeps none
     files: dict[str, str]  # every file it names: path (relative to the run) -> sha256
     rng: dict[str, Any]  # random number generators' states after the last task
+    # files the checkpoint before named and this one does not: deleted by the next checkpoint
+    retired: list[str] = field(default_factory=list)
 
     @property
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object `checkpoint.json` holds (format `CHECKPOINT_FORMAT`)."""
+        """The JSON object `checkpoint.json` holds (format `CHECKPOINT_FORMAT`): all but the
+        records and the matrices, which the tasks' folders hold."""
         data = {"format": CHECKPOINT_FORMAT, "tasks_done": len(self.tasks)}
         data["last_task"] = self.tasks[-1].name if self.tasks else None
         for item in dataclasses.fields(self):
+            if item.name in IN_TASK_FOLDERS:
+                continue
             value = getattr(self, item.name)
             if item.name == "tasks":
                 value = [{**t._asdict(), "routing": t.routing._asdict()} for t in value]
@@ -144,7 +169,8 @@ class Checkpoint:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Checkpoint:
-        """A checkpoint from its JSON (format `CHECKPOINT_FORMAT`, already checked)."""
+        """A checkpoint from its JSON (format `CHECKPOINT_FORMAT`, already checked) with its
+        records and matrices added (`read_checkpoint_file` reads them from the tasks' folders)."""
         tasks = [
             TaskEntry(
                 name=t["name"],
@@ -169,15 +195,26 @@ class Checkpoint:
             records=list(data["records"]),
             monitor=data["monitor"],
             slots=[SlotEntry(**slot) for slot in data["slots"]],
-            router=StateFiles(**data["router"]) if data["router"] else None,
-            strategy=StateFiles(**data["strategy"]) if data["strategy"] else None,
+            router=_state_files(data["router"]),
+            strategy=_state_files(data["strategy"]),
             files=dict(data["files"]),
             rng=data["rng"],
+            retired=list(data["retired"]),
         )
 
 
+def _state_files(value: dict[str, Any] | None) -> StateFiles | None:
+    if not value:
+        return None
+    return StateFiles(value["tensors"], value["meta"], list(value.get("task_rows", [])))
+
+
 CHECKPOINT_FILE = "checkpoint.json"
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = CHECKPOINT
+IN_TASK_FOLDERS = ("records", "monitor")  # fields each task's folder holds its part of
+MONITOR_ROW = "matrices.json"  # a task's row of every accuracy matrix, in its folder
+ROUTER_ROWS = "router-rows.safetensors"  # a task's own rows of the router's statistics
+STATE_FOLDER = "state"  # the router's and strategy's shared state, once per run
 
 
 def set_status(folder: Path, status: str) -> None:
@@ -234,7 +271,18 @@ def read_checkpoint_file(folder: Path, path: Path) -> Checkpoint:
         if file_sha256(target) != sha:
             problem = f"was altered (its sha256 differs from the one {path} records)"
             raise RunFileError(target, folder, problem)
-    return Checkpoint.from_json(data)
+    return Checkpoint.from_json(data | _task_parts(folder, data))
+
+
+def _task_parts(folder: Path, data: dict) -> dict[str, Any]:
+    """The records and matrices a checkpoint's tasks' folders hold (none to read when an
+    older format held them inline). Their files passed their checksums already."""
+    if "records" in data:
+        return {}
+    names = [task["name"] for task in data["tasks"]]
+    rows = [load_json(folder / "tasks" / name / MONITOR_ROW) for name in names]
+    records = [load_json(folder / "tasks" / name / "task.json") for name in names]
+    return {"records": records, "monitor": join_monitor_rows(rows)}
 
 
 def recorded_baseline(folder: str | Path) -> str | None:
@@ -264,8 +312,11 @@ def baseline_folders(folder: str | Path) -> list[Path]:
 
 def _inconsistency(checkpoint: dict) -> str | None:
     """What makes a checkpoint disagree with itself, or None: its parts must describe the same
-    tasks, and every file a reader needs must be named with a sha256 (so none goes unchecked)."""
-    kinds = {"tasks": list, "slots": list, "files": dict, "records": list, "tasks_done": int}
+    tasks, and every file a reader needs must be named with a sha256 (so none goes unchecked).
+    Records and matrices are in the tasks' folders (older formats held them inline)."""
+    kinds = {"tasks": list, "slots": list, "files": dict, "tasks_done": int, "retired": list}
+    inline = "records" in checkpoint or "monitor" in checkpoint
+    kinds |= {"records": list, "monitor": dict} if inline else {}
     for key, kind in kinds.items():
         if not isinstance(checkpoint.get(key), kind):
             return f"{key!r} is missing or not a {kind.__name__}"
@@ -273,30 +324,39 @@ def _inconsistency(checkpoint: dict) -> str | None:
     if missing:
         return f"it has no {missing}"
     tasks, slots, files = checkpoint["tasks"], checkpoint["slots"], checkpoint["files"]
-    if not len(tasks) == len(checkpoint["records"]) == checkpoint["tasks_done"]:
+    records = len(checkpoint["records"]) if inline else len(tasks)
+    if not len(tasks) == records == checkpoint["tasks_done"]:
         return (
             f"tasks_done is {checkpoint['tasks_done']} but it lists {len(tasks)} task(s) and "
-            f"{len(checkpoint['records'])} record(s)"
+            f"{records} record(s)"
         )
     needed = []
     for slot in slots:
         if not isinstance(slot, dict) or set(slot) != set(SlotEntry._fields):
             return f"slot entry {slot!r} is not {list(SlotEntry._fields)}"
         needed.append(slot["file"])
+    own = ("head.safetensors", "task.json") + (() if inline else (MONITOR_ROW,))
     for task in tasks:
         if not isinstance(task, dict) or set(task) != set(TaskEntry._fields):
             return f"task entry {task!r} is not {list(TaskEntry._fields)}"
         if not _is_number(task["slot"], int) or not 0 <= task["slot"] < len(slots):
             return f"task {task['name']!r} uses slot {task['slot']!r} of {len(slots)}"
-        needed += [f"tasks/{task['name']}/{f}" for f in ("head.safetensors", "task.json")]
+        needed += [f"tasks/{task['name']}/{f}" for f in own]
         problem = _routing_problem(task, len(slots))
         if problem:
             return problem
     for key in ("router", "strategy"):
         value = checkpoint[key]
-        if value is not None and (not isinstance(value, dict) or set(value) != {"tensors", "meta"}):
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not {"tensors", "meta"} <= set(value) <= STATE_KEYS:
             return f"{key!r} must name its 'tensors' and 'meta' files"
-        needed += list(value.values()) if value else []
+        rows = value.get("task_rows", [])
+        if not isinstance(rows, list) or len(rows) not in (0, len(tasks)):
+            return f"{key!r} must name one file of rows per task, or none"
+        needed += [value["tensors"], value["meta"], *rows]
+    if not all(isinstance(path, str) for path in needed):
+        return "a file it names is not a path"
     outside = [p for p in files if Path(p).is_absolute() or ".." in Path(p).parts]
     if outside:
         return f"file {outside[0]!r} is outside the run directory"
@@ -306,7 +366,8 @@ def _inconsistency(checkpoint: dict) -> str | None:
     return None
 
 
-REQUIRED = [f.name for f in dataclasses.fields(Checkpoint)]
+STATE_KEYS = set(StateFiles._fields)
+REQUIRED = [f.name for f in dataclasses.fields(Checkpoint) if f.name not in IN_TASK_FOLDERS]
 
 
 def _differs_from_copy(folder: Path, path: Path, data: dict) -> str | None:
@@ -353,45 +414,109 @@ def _is_number(value: Any, kind: type) -> bool:
 
 
 def write_checkpoint(run: RunDir, snapshot: Snapshot) -> Checkpoint:
-    """Write the snapshot's task files, the router's and strategy's state, then, last,
-    `checkpoint.json` (and its copy in the newest task's folder). On the writing process only:
-    callers go through `RunDir.write`.
+    """Write the snapshot's task files, each task's part of the run-wide state that is not on
+    disk yet, the router's and strategy's shared state, then, last, `checkpoint.json` (and its
+    copy in the newest task's folder); then delete what only older checkpoints named
+    (`collect_garbage`). On the writing process only: callers go through `RunDir.write`.
 
     Files of earlier tasks must already be on disk and in `snapshot.saved_files` (a run writes
-    one task at a time; `learner.save` writes every task into an empty folder).
+    one task at a time; `learner.save` writes every task into an empty folder). What is
+    written costs the new task's own files plus the shared state, not the tasks before it.
 
     Returns:
         The checkpoint written; its `files` are every file it names: path -> sha256.
     """
+    header = snapshot.header
     files = dict(snapshot.saved_files)
     for task in snapshot.tasks:
         files |= run.save_task(task.name, task.module, task.head, task.record, task.derived)
-    newest = run.task_folder(snapshot.tasks[-1].name)
+    names = header.task_names
+    # each task's own part of the run-wide state, written once: the new tasks', and every
+    # task's of a run that an older version wrote (which kept them in checkpoint.json)
+    for index, name in enumerate(names):
+        path = f"tasks/{name}/{MONITOR_ROW}"
+        if path not in files:
+            files[path] = run.save_json(path, monitor_row(header.monitor, index))
     state_files: dict[str, StateFiles] = {}
-    for kind, payload in (("router", snapshot.router), ("strategy", snapshot.strategy)):
-        if payload is not None and (payload[0] or payload[1]):
-            state_files[kind] = StateFiles(*run.save_state(newest, kind, *payload))
-    for paths in state_files.values():
-        files |= {path: file_sha256(run.path / path) for path in paths}
+    done = len(names)
+    if snapshot.router is not None:
+        shared, meta, task_rows = snapshot.router
+        paths = [f"tasks/{name}/{ROUTER_ROWS}" for name in names] if task_rows else []
+        for path, rows in zip(paths, task_rows, strict=True):
+            if path not in files:
+                files[path] = run.save_tensors(path, rows)
+        stem = f"{STATE_FOLDER}/router-{done}"
+        state_files["router"] = StateFiles(*run.save_state(stem, shared, meta), task_rows=paths)
+    if snapshot.strategy[0] or snapshot.strategy[1]:
+        stem = f"{STATE_FOLDER}/strategy-{done}"
+        state_files["strategy"] = StateFiles(*run.save_state(stem, *snapshot.strategy))
+    for state in state_files.values():
+        files |= {path: file_sha256(run.path / path) for path in (state.tensors, state.meta)}
     slots = [
         SlotEntry(file=file, kind=kind, trainable=slot == snapshot.trainable_slot)
         for slot, (file, kind) in enumerate(
             zip(snapshot.slot_files, snapshot.slot_kinds, strict=True)
         )
     ]
-    keep = {s.file for s in slots} | {p for paths in state_files.values() for p in paths}
-    order = snapshot.header.task_names
-    keep |= {f"tasks/{n}/{f}" for n in order for f in ("head.safetensors", "task.json")}
+    keep = {s.file for s in slots}
+    for state in state_files.values():
+        keep |= {state.tensors, state.meta, *state.task_rows}
+    own = ("head.safetensors", "task.json", MONITOR_ROW)
+    keep |= {f"tasks/{n}/{f}" for n in names for f in own}
+    named = {path: sha for path, sha in sorted(files.items()) if path in keep}
     checkpoint = dataclasses.replace(
-        snapshot.header,
+        header,
         written=timestamp(),
         slots=slots,
         router=state_files.get("router"),
         strategy=state_files.get("strategy"),
-        files={path: sha for path, sha in sorted(files.items()) if path in keep},
+        files=named,
         rng=rng_state(),
+        retired=sorted(set(snapshot.saved_files) - set(named)),
     )
     # the newest task keeps a copy: what `run --resume` rolls back to if a later file is lost
+    newest = run.task_folder(snapshot.tasks[-1].name)
     atomic_write_json(newest / CHECKPOINT_FILE, checkpoint.to_json())
     atomic_write_json(run.path / CHECKPOINT_FILE, checkpoint.to_json())
+    collect_garbage(run.path, checkpoint, snapshot.saved_retired)
     return checkpoint
+
+
+def collect_garbage(folder: Path, checkpoint: Checkpoint, retired: list[str]) -> None:
+    """Delete what only checkpoints older than the previous one named, once `checkpoint` is
+    written: the files the previous checkpoint had retired (named by the one before it, not
+    by it) that `checkpoint` does not name again, and the copy of the checkpoint three tasks
+    back. The previous checkpoint stays whole, so `run --resume` can roll back to it. A file
+    that cannot be deleted is left (it costs disk, never correctness)."""
+    doomed = [folder / path for path in retired if path not in checkpoint.files]
+    names = checkpoint.task_names
+    if len(names) > 2:
+        doomed.append(folder / "tasks" / names[-3] / CHECKPOINT_FILE)
+    for path in doomed:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def monitor_row(monitor: dict[str, Any], task: int) -> dict[str, Any]:
+    """Task `task`'s part of a monitor's state (`ForgettingMonitor.state`: lists indexed by
+    task, or per mode dicts of them): its entry of each list it reaches."""
+    row: dict[str, Any] = {}
+    for key, value in monitor.items():
+        if isinstance(value, dict):
+            row[key] = {mode: items[task] for mode, items in value.items() if task < len(items)}
+        elif task < len(value):
+            row[key] = value[task]
+    return row
+
+
+def join_monitor_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The monitor's state from every task's `monitor_row`, in learning order."""
+    state: dict[str, Any] = {}
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, dict):
+                for mode, item in value.items():
+                    state.setdefault(key, {}).setdefault(mode, []).append(item)
+            else:
+                state.setdefault(key, []).append(value)
+    return state

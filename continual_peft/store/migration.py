@@ -4,6 +4,11 @@ The one place that knows older formats. A reader hands the JSON it loaded to `up
 or `upgrade_config` and gets this version's layout back; nothing on disk is rewritten (a
 resumed run writes its next checkpoint in the current format).
 
+`checkpoint.json` format 2 differs from format 3 in: the records and the accuracy matrices are
+inline (`records`, `monitor`) rather than in the tasks' folders; the router's state is one file
+pair in the newest task's folder (no `task_rows`); there is no `retired` list. Readers take the
+inline values; the next checkpoint a resumed run writes puts each task's part in its folder.
+
 Format 1 differs from format 2 in:
 - `checkpoint.json`: `router` and `strategy` are `[tensors, meta]` lists, not objects; a task
   may lack its `routing` (runs made before routings were recorded: its own slot, or every slot
@@ -22,7 +27,8 @@ from typing import Any
 from continual_peft.errors import ContinualPeftError
 from continual_peft.store.io import load_json
 
-CURRENT = 2
+CURRENT = 2  # config.json's format
+CHECKPOINT = 3  # checkpoint.json's format
 
 
 def upgrade_checkpoint(data: dict[str, Any], folder: Path, path: Path) -> dict[str, Any]:
@@ -33,8 +39,10 @@ def upgrade_checkpoint(data: dict[str, Any], folder: Path, path: Path) -> dict[s
         ContinualPeftError: a format this version does not know.
     """
     found = data.get("format")
-    if found == CURRENT:
+    if found == CHECKPOINT:
         return data
+    if found == 2:
+        return _from_format_2(data)
     if not isinstance(found, int) or isinstance(found, bool) or found < 1:
         raise ContinualPeftError(
             f"{path} is damaged: its format is {found!r}, not a version number; restore it "
@@ -43,10 +51,9 @@ def upgrade_checkpoint(data: dict[str, Any], folder: Path, path: Path) -> dict[s
     if found != 1:
         raise ContinualPeftError(
             f"{path}: checkpoint format {found!r} is not supported (this version reads formats "
-            f"1 and {CURRENT}); a newer continual-peft wrote it: upgrade continual-peft."
+            f"1 to {CHECKPOINT}); a newer continual-peft wrote it: upgrade continual-peft."
         )
     data = copy.deepcopy(data)
-    data["format"] = CURRENT
     data.setdefault("stream_plan", None)
     if "baseline" not in data:
         folders = sorted(sub.name for sub in folder.glob("baseline-*") if sub.is_dir())
@@ -61,7 +68,12 @@ def upgrade_checkpoint(data: dict[str, Any], folder: Path, path: Path) -> dict[s
     for task in unrouted:
         own = [task.get("slot")] if strategy != "olora" else list(range(len(slots)))
         task["routing"] = {"slots": own, "weights": [1.0] * len(own)}
-    return data
+    return _from_format_2(data)
+
+
+def _from_format_2(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 as format 3: no retired files; records and matrices stay inline."""
+    return {**data, "format": CHECKPOINT, "retired": data.get("retired", [])}
 
 
 def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """Repairing a run that lost a file: `run --resume` rolls back to the newest intact task.
 
-Every task's folder keeps a copy of the checkpoint written when that task finished
-(`tasks/<name>/checkpoint.json`), and files a checkpoint names never change afterwards. When the
-run's `checkpoint.json`, or a file it names, is missing, damaged or altered, the newest copy whose
-own files are all intact is the state of an uninterrupted run after that task: it becomes the
-run's checkpoint, and resuming re-trains the tasks after it exactly as the run first did (later
-tasks were trained on top of the lost one, so they are re-trained too).
+The newest two tasks' folders keep a copy of the checkpoint written when that task finished
+(`tasks/<name>/checkpoint.json`), with every file it names (files a checkpoint names never
+change afterwards; older ones are deleted, `store.checkpoint.collect_garbage`). When the run's
+`checkpoint.json`, or a file it names, is missing, damaged or altered, the newer of the two
+copies whose own files are all intact is the state of an uninterrupted run after that task: it
+becomes the run's checkpoint, and resuming re-trains the tasks after it exactly as the run first
+did (later tasks were trained on top of the lost one, so they are re-trained too). Damage that
+reaches both copies' files makes the run start again from its first task (runs an older version
+wrote kept a copy in every task's folder, and roll back further).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def resume_point(run: Path, stream: Stream, say: Callable[[str], None]) -> Check
     else:
         check_stream(run, checkpoint.stream_plan, stream, checkpoint.tasks)
         return checkpoint
-    intact = _newest_intact(run, copies)
+    intact, copy_path = _newest_intact(run, copies)
     plan = intact.stream_plan if intact else _readable_plan(main)
     check_stream(run, plan, stream, intact.tasks if intact else [])
     names = [task.name for task in stream.tasks]
@@ -63,15 +66,15 @@ def resume_point(run: Path, stream: Stream, say: Callable[[str], None]) -> Check
     if intact is None:
         main.unlink(missing_ok=True)
         return None
-    intact = dataclasses.replace(intact, status="interrupted")
-    atomic_write_json(main, intact.to_json())
-    return intact
+    # the copy as it is on disk (an older version's format stays as it was written)
+    atomic_write_json(main, {**load_json(copy_path), "status": "interrupted"})
+    return dataclasses.replace(intact, status="interrupted")
 
 
-def _newest_intact(run: Path, copies: list[Path]) -> Checkpoint | None:
+def _newest_intact(run: Path, copies: list[Path]) -> tuple[Checkpoint | None, Path | None]:
     """The task copy of the checkpoint with the most finished tasks whose own files are all
-    intact (and that is the copy of its last task), or None."""
-    best = None
+    intact (and that is the copy of its last task), and its path; (None, None) if none is."""
+    best, where = None, None
     for path in copies:
         try:
             checkpoint = read_checkpoint_file(run, path)
@@ -80,8 +83,8 @@ def _newest_intact(run: Path, copies: list[Path]) -> Checkpoint | None:
         names = checkpoint.task_names
         newer = best is None or len(checkpoint.tasks) > len(best.tasks)
         if names and path.parent.name == names[-1] and newer:
-            best = checkpoint
-    return best
+            best, where = checkpoint, path
+    return best, where
 
 
 def _readable_plan(path: Path) -> dict | None:

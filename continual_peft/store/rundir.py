@@ -9,10 +9,14 @@ runs/<YYYYmmdd-HHMMSS>-<stream>/
     tasks/<task>/module.safetensors   the task's slot after its training
     tasks/<task>/head.safetensors     the task's head
     tasks/<task>/task.json            labels, slot index, training record
-    tasks/<task>/router.safetensors, router.json      router statistics after the task
-                                (task-agnostic runs)
-    tasks/<task>/strategy.safetensors, strategy.json  the strategy's state after the task (a
-                                replay buffer, EWC's Fisher, ...), if it keeps any
+    tasks/<task>/matrices.json        its row of every accuracy matrix (and its "before" values)
+    tasks/<task>/router-rows.safetensors  its own rows of the router's per-task statistics
+                                (task-agnostic runs: its mean, count, kept calibration rows)
+    tasks/<task>/checkpoint.json      a copy of the checkpoint after it (the newest two tasks)
+    state/router-<n>.safetensors, .json    the router's shared statistics after n tasks (a
+                                pooled covariance, thresholds): the newest two kept
+    state/strategy-<n>.safetensors, .json  the strategy's state after n tasks (a replay
+                                buffer, EWC's Fisher, ...), if it keeps any: the newest two
     baseline-<strategy>/        a baseline run on the same stream (same layout), if asked for
 
 Every file is written to a temporary file in its folder, fsynced, and renamed onto its name (the
@@ -21,7 +25,9 @@ tasks and every file that holds them, with their sha256: a reader (resume, `load
 `ContinualLearner.load`) trusts only what it names, so a task interrupted at any point, even
 halfway through writing its files, costs only that task. A slot shared by several tasks (seq,
 replay, ewc, joint, l2p) is read from the folder of the last task that trained it; the router's
-and strategy's state from the newest task's folder. See `continual_peft.store.checkpoint`.
+and strategy's shared state from `state/`. A run grows by each task's own files: state that
+every task changes is kept for the newest two checkpoints only. See
+`continual_peft.store.checkpoint`.
 
 One process writes a run directory at a time (`.lock`, see `store.lock`); readers need no lock.
 """
@@ -159,14 +165,23 @@ class RunDir:
         written += ["head.safetensors", "task.json"]
         return {f"tasks/{name}/{f}": file_sha256(folder / f) for f in written}
 
-    def save_state(
-        self, folder: Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict
-    ) -> list[str]:
-        """A router's or strategy's state into `folder` as `<kind>.safetensors` and then
-        `<kind>.json`; the paths written, relative to the run."""
-        atomic_save_safetensors(tensors, folder / f"{kind}.safetensors")
-        atomic_write_json(folder / f"{kind}.json", meta)
-        return [
-            (folder / name).relative_to(self.path).as_posix()
-            for name in (f"{kind}.safetensors", f"{kind}.json")
-        ]
+    def save_state(self, stem: str, tensors: dict[str, torch.Tensor], meta: dict) -> list[str]:
+        """A router's or strategy's shared state as `<stem>.safetensors` and then
+        `<stem>.json` (`stem` relative to the run, e.g. `state/router-3`); the paths written,
+        relative to the run."""
+        (self.path / stem).parent.mkdir(parents=True, exist_ok=True)
+        paths = [f"{stem}.safetensors", f"{stem}.json"]
+        atomic_save_safetensors(tensors, self.path / paths[0])
+        atomic_write_json(self.path / paths[1], meta)
+        return paths
+
+    def save_json(self, path: str, value: object) -> str:
+        """`value` as JSON at `path` (relative to the run, its folder existing); its sha256."""
+        atomic_write_json(self.path / path, value)
+        return file_sha256(self.path / path)
+
+    def save_tensors(self, path: str, tensors: dict[str, torch.Tensor]) -> str:
+        """`tensors` as safetensors at `path` (relative to the run, its folder existing); its
+        sha256."""
+        atomic_save_safetensors(tensors, self.path / path)
+        return file_sha256(self.path / path)
