@@ -4,6 +4,7 @@
     strategy = "per_task"        # a registered strategy (continual-peft list strategies)
     module = "lora"              # a registered module kind
     router = "oracle"            # oracle (task given), prototype, mahalanobis, gate, topk
+    max_slots = 50               # per_task: at most 50 slots, the most similar two merged beyond
     [strategy_options]           # keyword arguments of the strategy, e.g. for replay:
     buffer_size = 200
     [router_options]             # keyword arguments of the router, e.g. for topk:
@@ -20,6 +21,8 @@
     r = 8
     [train]                      # fields of TrainConfig
     epochs = 3
+    [evaluation]                 # fields of EvaluationConfig; absent = every entry measured
+    every = 5                    # old tasks re-evaluated after every 5th task only
 """
 
 from __future__ import annotations
@@ -77,6 +80,15 @@ class GenerationConfig:
     max_new_tokens: int = 32  # longest greedy answer, in tokens (generation tasks, "generate")
 
 
+@dataclass
+class EvaluationConfig:
+    """Which entries of the accuracy matrices are measured after each task. The newest task is
+    always measured on all its test rows, and the last task of a known stream gets a full row."""
+
+    every: int = 1  # re-evaluate the old tasks after every k-th task only (others: not measured)
+    sample: int = 0  # old tasks on a fixed seeded sample of at most this many test rows; 0 = all
+
+
 # the quantization details: recorded only for a quantized backbone
 QUANT_KEYS = ("quant_type", "double_quant", "int8_threshold", "quant_skip")
 DECODES = ("score", "generate")
@@ -92,9 +104,11 @@ class LearnerConfig:
     module: str = "lora"  # module kind
     router: str = "oracle"  # how inputs reach slots
     seed: int = 0  # seeds slot/head init, shuffling and dropout
+    max_slots: int = 0  # slot budget: consolidate the most similar pair beyond it; 0 = none
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     modules: dict[str, Any] = field(default_factory=dict)  # kind -> its config (default if absent)
     task_modules: dict[str, str] = field(default_factory=dict)  # task -> kind, per-task override
     router_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the router
@@ -135,6 +149,8 @@ class LearnerConfig:
     def to_dict(self) -> dict[str, Any]:
         """A nested dict in the spec file's layout (every registered kind's section included)."""
         data = {key: getattr(self, key) for key in ("strategy", "module", "router", "seed")}
+        if self.max_slots:  # absent = no budget: unbudgeted configs keep their hashes
+            data["max_slots"] = self.max_slots
         data["backbone"] = dataclasses.asdict(self.backbone)
         if self.backbone.quantize == "none":  # absent = full precision (runs from before it)
             for key in QUANT_KEYS:
@@ -142,6 +158,8 @@ class LearnerConfig:
         data["train"] = dataclasses.asdict(self.train)
         if self.generation != GenerationConfig():  # absent = defaults (runs from before it)
             data["generation"] = dataclasses.asdict(self.generation)
+        if self.evaluation != EvaluationConfig():  # absent = every entry measured in full
+            data["evaluation"] = dataclasses.asdict(self.evaluation)
         for kind in MODULE_KINDS.names():
             data[kind] = dataclasses.asdict(self.kind_config(kind))
         data["tasks"] = {task: {"module": kind} for task, kind in self.task_modules.items()}
@@ -153,19 +171,23 @@ class LearnerConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> LearnerConfig:
         """Build from a nested dict (a parsed spec), naming any bad key."""
         fixed = {"strategy", "module", "router", "seed", "backbone", "train", "tasks"}
-        fixed |= {"generation"}
-        fixed |= {"router_options", "strategy_options"}
+        fixed |= {"generation", "evaluation"}
+        fixed |= {"router_options", "strategy_options", "max_slots"}
         top = Section(data, where, fixed | set(MODULE_KINDS.names()))
         values: dict[str, Any] = {}
         for key in ("strategy", "module", "router"):
             values[key] = top.get(key, str, getattr(cls, key))
         values["seed"] = top.get("seed", int, 0)
+        values["max_slots"] = top.get("max_slots", int, 0)
         values["backbone"] = _fill(
             BackboneConfig, top.get("backbone", dict, {}), f"{where}: [backbone]"
         )
         values["train"] = _fill(TrainConfig, top.get("train", dict, {}), f"{where}: [train]")
         values["generation"] = _fill(
             GenerationConfig, top.get("generation", dict, {}), f"{where}: [generation]"
+        )
+        values["evaluation"] = _fill(
+            EvaluationConfig, top.get("evaluation", dict, {}), f"{where}: [evaluation]"
         )
         read = {
             kind: _kind_options(kind, top.get(kind, dict), f"{where}: [{kind}]")
@@ -227,6 +249,8 @@ class LearnerConfig:
             )
         _check_quantization(self.backbone, where)
         _check_generation(self.generation, where)
+        _check_max_slots(self.max_slots, where)
+        _check_evaluation(self.evaluation, where)
         kinds = [("module", self.module)]
         kinds += [(f"tasks.{task}.module", kind) for task, kind in self.task_modules.items()]
         for key, kind in kinds:
@@ -339,6 +363,33 @@ def _check_generation(generation: GenerationConfig, where: str) -> None:
             ),
         ],
     )
+
+
+def _check_evaluation(evaluation: EvaluationConfig, where: str) -> None:
+    """Whole numbers only (a bool is not one): `every` >= 1, `sample` >= 0."""
+    rules = {
+        "every": (1, "1 re-evaluates every old task after every task"),
+        "sample": (0, "0 measures every test row"),
+    }
+    for key, (least, meaning) in rules.items():
+        value = getattr(evaluation, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ContinualPeftError(
+                f"{where}: evaluation.{key} = {value!r} is invalid; it must be an integer "
+                f">= {least} ({meaning})"
+            )
+
+
+def _check_max_slots(max_slots: Any, where: str) -> None:
+    """A whole number (a bool is not one): 0 (no budget) or at least 2, since making room
+    merges two slots into one. Whether the strategy takes a budget: `strategies.check_config`."""
+    whole = isinstance(max_slots, int) and not isinstance(max_slots, bool)
+    if not whole or not (max_slots == 0 or max_slots >= 2):
+        raise ContinualPeftError(
+            f"{where}: max_slots = {max_slots!r} is invalid; it must be an integer >= 2 (the "
+            "most slots the bank holds: beyond it the two most similar slots are merged into "
+            "one) or 0 for no budget (--max-slots N)"
+        )
 
 
 def _choice(key: str, value: Any, choices: tuple) -> tuple[str, Any, bool, str]:

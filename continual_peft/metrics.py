@@ -3,7 +3,10 @@
 ``R[i, j]`` is the accuracy on task ``j`` after training task ``i``. Code indexes from 0; the
 formulas in :data:`METRIC_DEFINITIONS` (copied into every report) index from 1, as in the papers.
 Entries that were not measured are NaN: everything above the diagonal, except the superdiagonal
-``R[j-1, j]``, which the engine measures just before training task ``j`` for forward transfer.
+``R[j-1, j]``, which the engine measures just before training task ``j`` for forward transfer;
+and under a re-evaluation schedule (`config.EvaluationConfig`) old tasks' entries of the rows
+in between. The diagonal is always measured. A metric that needs an entry not measured is
+``None``; forgetting's peak is taken over the entries measured.
 
 Metrics that need at least two tasks return ``None`` for a single task rather than NaN or 0, so a
 report never shows a made-up number.
@@ -30,13 +33,18 @@ METRIC_DEFINITIONS: dict[str, str] = {
         "module; a fresh zero-initialised slot gives the same output), measured before training "
         "task j: what no training at all would give (the forward-transfer baseline)."
     ),
-    "acc": "ACC = mean_j R[T, j]: average accuracy over all tasks after the last task.",
+    "acc": (
+        "ACC = mean_j R[T, j]: average accuracy over all tasks after the last task (blank while "
+        "an entry of that row is not measured)."
+    ),
     "avg_incremental_acc": (
-        "Average incremental accuracy = mean_i mean_{j<=i} R[i, j]: ACC after every task, averaged."
+        "Average incremental accuracy = mean_i mean_{j<=i} R[i, j]: ACC after every task, "
+        "averaged (over the rows i whose every entry was measured)."
     ),
     "bwt": (
         "BWT = 1/(T-1) * sum_{j<T} (R[T, j] - R[j, j]) (Lopez-Paz & Ranzato 2017); "
-        "negative means later tasks hurt earlier ones. Undefined (blank) for T = 1."
+        "negative means later tasks hurt earlier ones. Undefined (blank) for T = 1 or while an "
+        "R[T, j] is not measured."
     ),
     "fwt": (
         "FWT = 1/(T-1) * sum_{j>1} (R[j-1, j] - b[j]): accuracy on task j just before training "
@@ -45,12 +53,13 @@ METRIC_DEFINITIONS: dict[str, str] = {
     ),
     "forgetting": (
         "F = 1/(T-1) * sum_{j<T} (max_{l<T} R[l, j] - R[T, j]) (Chaudhry et al. 2018), where the "
-        "max runs over rows l = j..T-1, i.e. only after task j was trained. Undefined (blank) for "
-        "T = 1."
+        "max runs over rows l = j..T-1, i.e. only after task j was trained, that measured task j "
+        "(R[j, j] always is). Undefined (blank) for T = 1 or while an R[T, j] is not measured."
     ),
     "avalanche_forgetting": (
         "Avalanche forgetting, per task j < T: R[j, j] - R[T, j] (= minus the per-task BWT term); "
-        "blank for the last task. Reported under this name for interoperability with Avalanche."
+        "blank for the last task and where R[T, j] is not measured. Reported under this name for "
+        "interoperability with Avalanche."
     ),
     "routing": (
         "R under 'oracle' gives each input its own task's slot and head; R under 'routed' lets the "
@@ -80,7 +89,8 @@ METRIC_DEFINITIONS: dict[str, str] = {
 
 
 def _as_matrix(R: ArrayLike) -> np.ndarray:
-    """Convert ``R`` to a float matrix (``None`` becomes NaN) and check what every metric needs."""
+    """Convert ``R`` to a float matrix (``None`` becomes NaN) and check what every metric needs:
+    a measured diagonal; below it NaN means not measured."""
     mat = np.asarray(R, dtype=float)
     if mat.ndim != 2 or mat.shape[0] != mat.shape[1] or mat.shape[0] == 0:
         raise ContinualPeftError(
@@ -88,27 +98,35 @@ def _as_matrix(R: ArrayLike) -> np.ndarray:
             "pass R[:t, :t] for the first t tasks."
         )
     rows, cols = np.tril_indices(mat.shape[0])
-    missing = ~np.isfinite(mat[rows, cols])
-    if missing.any():
-        i, j = int(rows[missing][0]), int(cols[missing][0])
+    values = mat[rows, cols]
+    wrong = np.isinf(values) | ((rows == cols) & np.isnan(values))
+    if wrong.any():
+        i, j = int(rows[wrong][0]), int(cols[wrong][0])
         raise ContinualPeftError(
-            f"accuracy matrix entry R[{i}, {j}] (0-based) is {mat[i, j]}; every entry on or below "
-            "the diagonal must be a measured accuracy."
+            f"accuracy matrix entry R[{i}, {j}] (0-based) is {mat[i, j]}; every diagonal entry "
+            "must be a measured accuracy (each task is measured just after its training), and "
+            "one below it a measured accuracy or NaN (not measured)."
         )
     return mat
 
 
-def average_accuracy(R: ArrayLike) -> float:
+def _last_row(mat: np.ndarray) -> np.ndarray | None:
+    """R[T, :], or None while an entry of it is not measured."""
+    last = mat[-1]
+    return None if np.isnan(last).any() else last
+
+
+def average_accuracy(R: ArrayLike) -> float | None:
     """ACC: mean accuracy over all tasks after training the last one.
 
     Args:
         R: Accuracy matrix, T x T.
 
     Returns:
-        ``mean_j R[T, j]``.
+        ``mean_j R[T, j]``, or None while an entry of the last row is not measured.
     """
-    mat = _as_matrix(R)
-    return float(mat[-1].mean())
+    last = _last_row(_as_matrix(R))
+    return None if last is None else float(last.mean())
 
 
 def average_incremental_accuracy(R: ArrayLike) -> float:
@@ -118,10 +136,12 @@ def average_incremental_accuracy(R: ArrayLike) -> float:
         R: Accuracy matrix, T x T.
 
     Returns:
-        ``mean_i mean_{j<=i} R[i, j]``.
+        ``mean_i mean_{j<=i} R[i, j]`` over the rows i whose entries j <= i were all measured
+        (the first row always is: its one entry is on the diagonal).
     """
     mat = _as_matrix(R)
-    return float(np.mean([mat[i, : i + 1].mean() for i in range(mat.shape[0])]))
+    rows = [mat[i, : i + 1] for i in range(mat.shape[0])]
+    return float(np.mean([row.mean() for row in rows if not np.isnan(row).any()]))
 
 
 def backward_transfer(R: ArrayLike) -> float | None:
@@ -131,14 +151,15 @@ def backward_transfer(R: ArrayLike) -> float | None:
         R: Accuracy matrix, T x T.
 
     Returns:
-        ``1/(T-1) * sum_{j<T} (R[T, j] - R[j, j])``, or None when T = 1.
+        ``1/(T-1) * sum_{j<T} (R[T, j] - R[j, j])``, or None when T = 1 or an entry of the
+        last row is not measured.
     """
     mat = _as_matrix(R)
-    n = mat.shape[0]
-    if n == 1:
+    n, last = mat.shape[0], _last_row(mat)
+    if n == 1 or last is None:
         return None
     earlier = np.arange(n - 1)
-    return float(np.mean(mat[-1, earlier] - mat[earlier, earlier]))
+    return float(np.mean(last[earlier] - mat[earlier, earlier]))
 
 
 def forward_transfer(R: ArrayLike, b: ArrayLike | None) -> float | None:
@@ -172,19 +193,21 @@ def forgetting(R: ArrayLike) -> float | None:
     """F (Chaudhry et al. 2018): drop from each task's best accuracy to its final accuracy.
 
     The best accuracy of task j is taken over rows l = j..T-1 (1-based), i.e. only after task j
-    was trained, so the pre-training measurement ``R[j-1, j]`` never counts as a peak.
+    was trained, so the pre-training measurement ``R[j-1, j]`` never counts as a peak; over the
+    entries measured there (``R[j, j]`` always is).
 
     Args:
         R: Accuracy matrix, T x T.
 
     Returns:
-        ``1/(T-1) * sum_{j<T} (max_{l<T} R[l, j] - R[T, j])``, or None when T = 1.
+        ``1/(T-1) * sum_{j<T} (max_{l<T} R[l, j] - R[T, j])``, or None when T = 1 or an entry
+        of the last row is not measured.
     """
     mat = _as_matrix(R)
-    n = mat.shape[0]
-    if n == 1:
+    n, last = mat.shape[0], _last_row(mat)
+    if n == 1 or last is None:
         return None
-    drops = [mat[j : n - 1, j].max() - mat[-1, j] for j in range(n - 1)]
+    drops = [np.nanmax(mat[j : n - 1, j]) - last[j] for j in range(n - 1)]
     return float(np.mean(drops))
 
 
@@ -195,11 +218,14 @@ def avalanche_forgetting(R: ArrayLike) -> list[float | None]:
         R: Accuracy matrix, T x T.
 
     Returns:
-        ``R[j, j] - R[T, j]`` for every task j, with None for the last task (never forgotten).
+        ``R[j, j] - R[T, j]`` for every task j, with None for the last task (never forgotten)
+        and where ``R[T, j]`` is not measured.
     """
     mat = _as_matrix(R)
     n = mat.shape[0]
-    per_task: list[float | None] = [float(mat[j, j] - mat[-1, j]) for j in range(n - 1)]
+    per_task: list[float | None] = [
+        None if np.isnan(mat[-1, j]) else float(mat[j, j] - mat[-1, j]) for j in range(n - 1)
+    ]
     return [*per_task, None]
 
 
@@ -212,7 +238,8 @@ def compute_metrics(R: ArrayLike, b: ArrayLike | None) -> dict[str, Any]:
 
     Returns:
         JSON-ready dict with keys ``acc``, ``avg_incremental_acc``, ``bwt``, ``fwt``,
-        ``forgetting`` (float or None) and ``avalanche_forgetting`` (list of float or None).
+        ``forgetting`` (float or None) and ``avalanche_forgetting`` (list of float or None);
+        None where an entry a metric needs was not measured.
     """
     mat = _as_matrix(R)
     return {

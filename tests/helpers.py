@@ -168,14 +168,20 @@ LM_WORDS = ["red", "blue", "green", "apple", "plum", "fox", "crow", "fruit", "an
 LM_WORDS += ["Input", "Output", "yes", "no"]  # a template's words, yes/no labels
 
 
-def tiny_lm(architecture: str, max_length: int = 32, seed: int = 0, name: str | None = None):
-    """A tiny generative backbone of `architecture` (llama, qwen2, gpt2 or t5) over LM_WORDS,
-    built in memory, in float32; the same model `save_tiny(folder, architecture, LM_WORDS)`
-    saves, so it may be named by that folder."""
+def tiny_lm(
+    architecture: str,
+    max_length: int = 32,
+    seed: int = 0,
+    name: str | None = None,
+    words: list[str] | None = None,
+):
+    """A tiny generative backbone of `architecture` (llama, qwen2, gpt2 or t5) over `words`
+    (LM_WORDS by default), built in memory, in float32; the same model
+    `save_tiny(folder, architecture, LM_WORDS)` saves, so it may be named by that folder."""
     from continual_peft import CausalBackbone, Seq2SeqBackbone
     from continual_peft.backbones.tiny import tiny_model, word_tokenizer
 
-    tokenizer = word_tokenizer(LM_WORDS)
+    tokenizer = word_tokenizer(LM_WORDS if words is None else words)
     model = tiny_model(architecture, len(tokenizer), seed)
     kind = Seq2SeqBackbone if architecture == "t5" else CausalBackbone
     return kind(

@@ -3,10 +3,9 @@ exact match on every task and forgets nothing, while one shared LoRA (seq) forge
 
 from __future__ import annotations
 
-from helpers import DEVICE
+from helpers import tiny_lm
 
-from continual_peft import CausalBackbone, ContinualLearner, LearnerConfig
-from continual_peft.backbones.tiny import tiny_model, word_tokenizer
+from continual_peft import ContinualLearner, LearnerConfig
 from continual_peft.tasks.toy import TOY_WORDS, toy_generative_stream
 
 SETTINGS = {
@@ -18,15 +17,7 @@ SETTINGS = {
 
 
 def learn(strategy: str) -> dict:
-    tokenizer = word_tokenizer(TOY_WORDS)
-    backbone = CausalBackbone(
-        tiny_model("llama", len(tokenizer)),
-        tokenizer,
-        max_length=32,
-        name="tiny-llama",
-        device=DEVICE,
-        dtype="float32",
-    )
+    backbone = tiny_lm("llama", name="tiny-llama", words=TOY_WORDS)
     learner = ContinualLearner(
         backbone, config=LearnerConfig.from_dict({**SETTINGS, "strategy": strategy})
     )

@@ -141,7 +141,14 @@ def test_compute_metrics_is_json_ready() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [np.zeros((2, 3)), np.zeros((0, 0)), np.zeros(3), [[0.5, NAN], [NAN, 0.5]], [[NAN]]],
+    [
+        np.zeros((2, 3)),
+        np.zeros((0, 0)),
+        np.zeros(3),
+        [[0.5, NAN], [0.4, NAN]],  # a diagonal entry is always measured
+        [[0.5, NAN], [np.inf, 0.5]],
+        [[NAN]],
+    ],
 )
 def test_invalid_matrix_raises_clear_error(bad: object) -> None:
     with pytest.raises(ContinualPeftError, match="accuracy matrix"):

@@ -188,3 +188,16 @@ def test_damage_to_both_kept_checkpoints_restarts_from_the_first_task(
     assert resume_point(run, Stream("many", tasks), said.append) is None
     assert "from the start" in said[0] and len(names) == TASKS
     assert not (run / CHECKPOINT_FILE).exists()
+
+
+def test_routing_in_chunks_equals_one_call():
+    """Re-evaluating hundreds of tasks routes their rows in chunks (bounded temporaries)."""
+    from continual_peft.engine.prediction import ROUTE_CHUNK, in_chunks
+
+    router = build_router("mahalanobis", layers="last")
+    generator = torch.Generator().manual_seed(0)
+    for task in range(3):
+        router.add_task(torch.randn(40, 5, generator=generator) + task)
+    rows = torch.randn(2 * ROUTE_CHUNK + 7, 5, generator=generator)
+    for got, want in zip(in_chunks(router.route, rows), router.route(rows), strict=True):
+        assert torch.equal(got, want)

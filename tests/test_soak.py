@@ -1,60 +1,88 @@
-"""Soak: a stream of 30 tiny tasks runs to the end with bounded memory and correct reports.
+"""Soak: a stream of 30 tiny tasks through per-task LoRA and the Mahalanobis router (its default
+"auto" layers: three depths side by side) leaves a run directory that grows by each task's own
+files, holds bounded memory and writes correct reports; with a slot budget the bank stays at it.
 
-Each task is a two-label keyword task on the tiny BERT (1 epoch, per-task LoRA r=1, a prototype
-router), written to a run directory after every task. Memory: the process's resident set is
-sampled after each task; what a task legitimately adds (its LoRA slot, head, router prototype,
-an accuracy-matrix row, its cached test items and features) is a few kB, so the growth from task
-10 to task 30 must stay far below anything a leak of activations, graphs or whole copies of the
-bank would cost (benchmarks/soak.py runs longer streams). Reports: ACC, BWT, FWT and forgetting
-are recomputed from the saved matrices with plain numpy and compared with the saved metrics.
+The CI-short version of benchmarks/soak.py, whose model, tasks, run-directory census and
+untimed checks it imports (timed assertions belong to the benchmark, not the suite). A task's own
+files are those of its folder that are not the run's shared state (`soak.SHARED_FILES`: the
+router's and strategy's state and the checkpoint's copy): its slot, head, record and any
+per-task rows. A run that copies the router's shared covariance (d x d float64, d = 3 x 64)
+into every task folder grows by ~10x a task's own bytes and fails the growth checks.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import random
 import struct
+import sys
+from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
-from continual_peft import ContinualLearner, LearnerConfig, LoRAConfig, Task, TrainConfig
-from continual_peft.config import BackboneConfig
+from continual_peft import ContinualLearner
 from continual_peft.reports.plots import heatmap_png
 
+
+def load_benchmark():
+    """benchmarks/soak.py as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+    spec = importlib.util.spec_from_file_location("soak_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+soak = load_benchmark()
 N_TASKS = 30  # each task re-evaluates every earlier one: the cost grows as N_TASKS²
-WORDS = ["red", "blue", "cat", "dog", "sun", "rain", "tea", "milk", "car", "bus", "oak", "elm"]
-FILLER = ["the", "a", "big", "small", "old", "new", "one", "two", "here", "there", "now"]
-# Measured on the 2-core CPU box: RSS after task 10 and after task 30 differ by about 1 MB
-# (454 -> 455 MB; 455 -> 456 MB from task 10 to 50): each task's state is a few kB. 24 MB is far
-# above that noise and far below what a leak would cost over 20 tasks: a copy of the tiny
-# backbone per task (~4 MB each) or of the bank would add 80 MB or more.
-RSS_GROWTH_LIMIT_MB = 24
+# 64 wide and 4 blocks deep: "auto" reads blocks 1, 3 and 4 (192 features), as on a real model
+SHAPE = soak.Shape(hidden=64, layers=4, heads=2, intermediate=128, train_rows=16, test_rows=4)
+BUDGET = 4  # slots the budgeted run may hold
+BUDGET_TASKS = 8
 
 
-def soak_task(k: int) -> Task:
-    """Task k: which of two keywords (its own pair) a short sentence holds."""
-    rng = random.Random(k)
-    labels = rng.sample(WORDS, 2)
-
-    def sample(n: int) -> list[tuple[str, str]]:
-        rows = []
-        for i in range(n):
-            words = [labels[i % 2], *rng.sample(FILLER, 2)]
-            rng.shuffle(words)
-            rows.append((" ".join(words), labels[i % 2]))
-        return rows
-
-    return Task.from_examples(f"t{k:03d}", train=sample(8), test=sample(4), labels=labels)
+@pytest.fixture(scope="module")
+def soaked(tmp_path_factory) -> soak.Soak:
+    """The 30-task soak, finished (PNG plots off, as in the whole suite: conftest.py)."""
+    config = soak.soak_config(SHAPE, threads=1)
+    run = tmp_path_factory.mktemp("soak") / "run"
+    learner = ContinualLearner(soak.soak_backbone(N_TASKS, SHAPE), config=config, run_dir=run)
+    runner = soak.Soak(learner)
+    for k in range(N_TASKS):
+        runner.learn(soak.soak_task(k, SHAPE))
+    learner.finish()
+    return runner
 
 
-def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
+def test_the_router_reads_several_depths(soaked):
+    assert soaked.learner.router.dim == 3 * SHAPE.hidden
+
+
+def test_the_run_directory_grows_by_each_task_own_bytes(soaked):
+    check = soak.growth_check(soaked.rows)
+    print(f"\n{check.detail}")
+    assert check.passed, check.detail
+
+
+def test_no_shared_state_is_written_per_task(soaked):
+    check = soak.copies_check(soaked.rows, soaked.run)
+    print(f"\n{check.detail}")
+    assert check.passed, check.detail
+
+
+def test_resident_memory_stays_bounded(soaked):
+    # The bound allows 64 MB of allocator noise plus twice the bytes the later tasks' slots and
+    # heads hold (about 35 kB a task here); a leak of features, graphs or router copies per task
+    # (a d x d covariance is 295 kB) over 22 tasks stays below it only if far smaller than those.
+    check = soak.memory_check(soaked.rows)
+    print(f"\n{check.detail}")
+    assert check.passed, check.detail
 
 
 def recompute(R: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """The metrics of DESIGN.md, from the matrix alone (0-based indices)."""
+    """The metrics of docs/metrics.md, from the matrix alone (0-based indices)."""
     T = len(R)
     return {
         "acc": R[-1].mean(),
@@ -65,29 +93,11 @@ def recompute(R: np.ndarray, b: np.ndarray) -> dict[str, float]:
     }
 
 
-def test_a_long_stream_runs_to_the_end_with_bounded_memory(make_backbone, tmp_path):
-    # No PNGs here (conftest.py): the heatmap alone cost ~1.5 s a task past 20 tasks; its size
-    # is bounded (test below), and benchmarks/soak.py keeps the plots in.
-    config = LearnerConfig(
-        router="prototype",
-        modules={"lora": LoRAConfig(r=1)},
-        train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0),
-        backbone=BackboneConfig(max_length=16),
-    )
-    learner = ContinualLearner(make_backbone(16), config=config, run_dir=tmp_path / "run")
-    rss = []
-    for k in range(N_TASKS):
-        learner.learn(soak_task(k))
-        rss.append(rss_mb())
-    learner.finish()
-    growth = rss[-1] - rss[9]
-    print(f"\nRSS after task 1/10/20/30: {rss[0]:.0f}/{rss[9]:.0f}/{rss[19]:.0f}/{rss[-1]:.0f} MB")
-    assert growth < RSS_GROWTH_LIMIT_MB, rss
-
-    report = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
+def test_the_saved_report_holds_every_task_and_its_metrics(soaked):
+    report = json.loads((soaked.run / "report.json").read_text(encoding="utf-8"))
     assert report["status"] == "finished"
-    assert report["task_names"] == [f"t{k:03d}" for k in range(N_TASKS)]
-    assert len(list((tmp_path / "run" / "tasks").iterdir())) == N_TASKS
+    assert report["task_names"] == [f"t{k:04d}" for k in range(N_TASKS)]
+    assert len(list((soaked.run / "tasks").iterdir())) == N_TASKS
     b = np.array(report["initial_accuracy"], dtype=float)
     for mode in ("oracle", "routed"):
         R = np.array(report["accuracy_matrix"][mode], dtype=float)  # None -> nan
@@ -104,10 +114,23 @@ def test_a_long_stream_runs_to_the_end_with_bounded_memory(make_backbone, tmp_pa
     assert report["metrics"]["oracle"]["forgetting"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_slot_budget_holds_the_bank_at_max_slots(tmp_path):
+    if not soak.has_config_field("max_slots"):
+        pytest.skip("LearnerConfig has no max_slots field in this tree (no slot budget yet)")
+    config = soak.soak_config(SHAPE, threads=1, **soak.optional_settings(max_slots=BUDGET))
+    backbone = soak.soak_backbone(BUDGET_TASKS, SHAPE)
+    with ContinualLearner(backbone, config=config, run_dir=tmp_path / "run") as learner:
+        for k in range(BUDGET_TASKS):
+            learner.learn(soak.soak_task(k, SHAPE))
+    check = soak.budget_check(learner, BUDGET, BUDGET_TASKS)
+    assert check.passed, check.detail
+    assert soak.consolidations(learner), "a budget exceeded must record its consolidations"
+
+
 def test_the_heatmap_stays_bounded_for_long_streams():
     """The PNG's pixels stop growing past 20 tasks (they grew with T², ~70 Mpixel at 50 tasks)."""
     sizes = []
-    for t in (21, 50, 100):
+    for t in (21, 100):
         rows = [[0.5] * (i + 1) + [None] * (t - i - 1) for i in range(t)]
         report = {
             "strategy": "per_task",
@@ -118,4 +141,4 @@ def test_the_heatmap_stays_bounded_for_long_streams():
         png = heatmap_png(report)
         width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR
         sizes.append(width * height)
-    assert sizes[0] == sizes[1] == sizes[2] < 10e6, sizes
+    assert sizes[0] == sizes[1] < 10e6, sizes

@@ -503,13 +503,19 @@ def test_docs_name_every_spec_key_and_nothing_else():
     """docs/specs.md documents every key the loaders accept, and no key they would refuse."""
     from dataclasses import fields
 
-    from continual_peft.config import BackboneConfig, GenerationConfig, TrainConfig
+    from continual_peft.config import (
+        BackboneConfig,
+        EvaluationConfig,
+        GenerationConfig,
+        TrainConfig,
+    )
     from continual_peft.strategies import strategy_options
     from continual_peft.tasks.streams import SPLIT_KEYS, STREAM_KEYS, TASK_KEYS
 
     doc = (REPO / "docs" / "specs.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"`([a-z0-9_]+)`", doc))
     accepted = STREAM_KEYS | TASK_KEYS | SPLIT_KEYS | {"strategy", "module", "router", "seed"}
+    accepted |= {"max_slots"} | {f.name for f in fields(EvaluationConfig)}
     accepted |= {f.name for f in fields(TrainConfig)} | {f.name for f in fields(BackboneConfig)}
     accepted |= {f.name for f in fields(GenerationConfig)}
     for kind in MODULE_KINDS.names():
@@ -519,4 +525,4 @@ def test_docs_name_every_spec_key_and_nothing_else():
     assert accepted - documented == set()
     tables = set(re.findall(r"^\| `\[?([a-z0-9_]+)", doc, flags=re.M))  # first column of the tables
     tables -= set(MODULE_KINDS.names()) | {"router_options", "strategy_options", "tasks"}
-    assert tables - accepted - {"backbone", "generation"} == set()
+    assert tables - accepted - {"backbone", "generation", "evaluation"} == set()

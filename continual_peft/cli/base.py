@@ -77,6 +77,13 @@ DTYPE_HELP = (
     "Frozen weights' dtype: auto (bfloat16 on a CUDA device that supports it, float32 on the CPU), "
     "bfloat16, float16 or float32. Trainable slot and head stay float32 (docs/devices.md)."
 )
+MAX_SLOTS = typer.Option(
+    None,
+    help="A slot budget for strategy per_task: at most N slots; a task that would open slot N+1 "
+    "first merges the two most similar slots (docs/strategies.md#a-slot-budget-max_slots). "
+    "Default: no budget.",
+    metavar="N",
+)
 QUANTIZE = typer.Option(
     None,
     help="Store the frozen linear weights in 8 bits (LLM.int8) or 4 bits (NF4 with double "

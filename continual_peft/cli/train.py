@@ -15,6 +15,7 @@ from continual_peft.cli.base import (
     DEVICE,
     DTYPE_HELP,
     EXCLUDE,
+    MAX_SLOTS,
     MAX_TEST,
     MAX_TRAIN,
     QUANTIZE,
@@ -82,6 +83,7 @@ def run(
     lr: float = typer.Option(None, metavar="LR", help="Peak learning rate (AdamW)."),
     batch_size: int = typer.Option(None, metavar="N", help="Training examples per step."),
     rank: int = typer.Option(None, metavar="R", help="LoRA rank."),
+    max_slots: int = MAX_SLOTS,
     seed: int = typer.Option(
         None, help="Seeds slot/head init, shuffling and dropout.", metavar="N"
     ),
@@ -117,6 +119,18 @@ def run(
     quantize: str = QUANTIZE,
     device: str = DEVICE,
     threads: int = THREADS,
+    eval_every: int = typer.Option(
+        None,
+        help="Re-evaluate the old tasks after every K-th task only (the newest task always; "
+        "after the last task every task): unmeasured entries are blank. Default 1.",
+        metavar="K",
+    ),
+    eval_sample: int = typer.Option(
+        None,
+        help="Re-evaluate old tasks on a fixed seeded sample of at most N test rows each (the "
+        "newest task and the last task's row on all rows). Default 0: every row.",
+        metavar="N",
+    ),
     resume: Path = typer.Option(
         None,
         help="Continue this run directory (or grid folder) from its last finished task (after "
@@ -140,12 +154,15 @@ def run(
         "train.lr": lr,
         "train.batch_size": batch_size,
         "lora.r": rank,
+        "max_slots": max_slots,
         "backbone.max_length": max_length,
         "backbone.name": backbone,
         "backbone.dtype": dtype,
         "backbone.quantize": quantize,
         "backbone.device": device,
         "backbone.threads": threads,
+        "evaluation.every": eval_every,
+        "evaluation.sample": eval_sample,
     }
     here = World()
     try:
@@ -273,6 +290,12 @@ def compare_(
     router: str = typer.Option(
         None, help="Router for every entry (default: each entry's).", metavar="NAME"
     ),
+    max_slots: int = typer.Option(
+        None,
+        help="A slot budget for every entry (each must be a per_task one): at most N slots, the "
+        "two most similar merged beyond it. Default: each entry's.",
+        metavar="N",
+    ),
     reject_rate: float = typer.Option(
         None,
         help="Turn away inputs unfamiliar to every task, at most this share of a known task's "
@@ -299,6 +322,7 @@ def compare_(
     """
     overrides = {
         "router": router,
+        "max_slots": max_slots,
         "router_options.reject_rate": reject_rate,
         "train.epochs": epochs,
         "train.lr": lr,

@@ -1,8 +1,10 @@
 """The ModuleBank: every task's module on one frozen backbone, addressed by slot index.
 
 Slots are numbered in the order they were opened, and each has a module kind (LoRA, adapter,
-prompt, ...); kinds can be mixed in one bank. At most one slot is trainable at a time (the newest);
-all others are frozen. Which slot each row uses is set with a context manager:
+prompt, ...); kinds can be mixed in one bank. At most one slot is trainable at a time (the newest,
+or a released slot reopened); all others are frozen. Under a slot budget (`engine.budget`) a slot
+whose task moved to another is `release`d, and the next `add_slot` reopens that index instead of
+appending one. Which slot each row uses is set with a context manager:
 
     with bank.route(indices, weights):   # per-row slots, (B,) or (B, k), mixed in ONE forward
         ...
@@ -16,7 +18,9 @@ all others are frozen. Which slot each row uses is set with a context manager:
 Each kind keeps its own stacks and its own `Routing`; the bank translates global slot ids into
 each kind's local ids, giving -1 (no module) to rows whose slot is of another kind. It does so
 once per forward, on the CPU, and sends the result to the device in one copy per kind: the
-sites inside the forward never synchronise with the host.
+sites inside the forward never synchronise with the host. A kind's local ids are a permutation of
+0..n-1 whose trainable slot, if any, is always the newest row of the kind's stacks (the sites
+train only that row), which is why a reopened slot's row moves to the end of its kind's stacks.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ class ModuleBank:
         self.slot_kinds: list[str] = []  # kind of each global slot
         self.slot_local: list[int] = []  # index of each global slot within its kind's stacks
         self.slot_scale: list[float] = []  # each slot's fixed scale (1 for kinds without one)
-        self.has_trainable = False
+        self.training_slot: int | None = None  # the trainable slot's index, if one is open
+        self.released: list[int] = []  # slots `add_slot` reopens before appending (a budget)
         self._inject(kind)
 
     @property
@@ -77,6 +82,10 @@ class ModuleBank:
     def num_slots(self) -> int:
         return len(self.slot_kinds)
 
+    @property
+    def has_trainable(self) -> bool:
+        return self.training_slot is not None
+
     def _inject(self, kind: str) -> dict[str, nn.Module]:
         if kind not in self.kind_sites:
             config = self.configs.setdefault(kind, MODULE_KINDS.options_type(kind)())
@@ -89,37 +98,75 @@ class ModuleBank:
         return self.kind_sites[kind]
 
     def add_slot(self, seed: int, kind: str | None = None) -> int:
-        """Open a new trainable slot of `kind` (default kind if None); returns its index."""
+        """Open a trainable slot of `kind` (default kind if None), initialised from `seed`:
+        the lowest released slot reopened, else a new one; returns its index."""
         if self.has_trainable:
             raise RuntimeError("freeze the trainable slot before opening another")
         kind = kind or self.kind
         sites = self._inject(kind)
+        slot = min(self.released) if self.released else None
+        if slot is not None:
+            self._remove_row(slot)
+            self.released.remove(slot)
         generator = self.backbone.placement.generator(seed)  # drawn on the CPU, then moved
         for site in sites.values():
             site.add_slot(generator)
-        self.has_trainable = True
-        return self._append(kind)
+        slot = self._append(kind) if slot is None else self._place(slot, kind)
+        self.training_slot = slot
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Mark frozen `slot` free: no task uses it any more, and the next `add_slot` reopens
+        it (its values stay until then)."""
+        self._check_slot(slot)
+        if slot == self.training_slot:
+            raise ContinualPeftError(f"slot {slot} is training: only a frozen slot is released")
+        if slot not in self.released:
+            self.released.append(slot)
+
+    def replace_slot(self, slot: int, state: dict[str, torch.Tensor], kind: str) -> None:
+        """Put `slot_state`-shaped frozen values of `kind` into `slot`, whatever it holds now,
+        trainable or not, and unrelease it: how a failed task's undo gives back a slot that a
+        budget released and reopened.
+
+        Raises:
+            RuntimeError: another slot is training.
+        """
+        self._check_slot(slot)
+        if self.has_trainable and slot != self.training_slot:
+            raise RuntimeError("cannot replace a slot while another one is being trained")
+        self._remove_row(slot)  # a trainable slot's row is its kind's newest
+        self.training_slot = None
+        for name, site in self._inject(kind).items():
+            prefix = name + "."
+            site.load_slot({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        self._place(slot, kind)
+        if slot in self.released:
+            self.released.remove(slot)
 
     def freeze_slot(self) -> None:
         """Freeze the trainable slot; its tensors never change after this."""
-        for site in self.kind_sites[self.slot_kinds[-1]].values():
+        for site in self.kind_sites[self.slot_kinds[self.training_slot]].values():
             site.freeze_slot()
-        self.has_trainable = False
+        self.training_slot = None
 
     def truncate(self, num_slots: int) -> None:
         """Drop every slot from index `num_slots` on, newest first (a failed task's rollback)."""
         while self.num_slots > num_slots:
-            for site in self.kind_sites[self.slot_kinds[-1]].values():
-                site.drop_newest_slot()  # the trainable slot, if any, is always the newest
+            slot = self.num_slots - 1
+            self._remove_row(slot)
             self.slot_kinds.pop()
             self.slot_local.pop()
             self.slot_scale.pop()
-            self.has_trainable = False
+            if self.training_slot == slot:
+                self.training_slot = None
+            if slot in self.released:
+                self.released.remove(slot)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if not self.has_trainable:
             return []
-        sites = self.kind_sites[self.slot_kinds[-1]].values()
+        sites = self.kind_sites[self.slot_kinds[self.training_slot]].values()
         return [p for site in sites for p in site.trainable_parameters()]
 
     def slot_state(self, slot: int) -> dict[str, torch.Tensor]:
@@ -144,8 +191,9 @@ class ModuleBank:
             prefix = name + "."
             tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             site.load_slot(tensors, trainable=trainable)
-        self.has_trainable = trainable
-        return self._append(kind)
+        slot = self._append(kind)
+        self.training_slot = slot if trainable else None
+        return slot
 
     def overwrite_slot(self, slot: int, state: dict[str, torch.Tensor]) -> None:
         """Replace frozen `slot`'s values with `slot_state`-shaped `state` (a merged slot that
@@ -155,7 +203,7 @@ class ModuleBank:
             ContinualPeftError: no such slot, or it is the one training.
         """
         self._check_slot(slot)
-        if self.has_trainable and slot == self.num_slots - 1:
+        if slot == self.training_slot:
             raise ContinualPeftError(f"slot {slot} is training: only a frozen slot is replaced")
         kind, local = self.slot_kinds[slot], self.slot_local[slot]
         for name, site in self.kind_sites[kind].items():
@@ -168,13 +216,44 @@ class ModuleBank:
 
     def _append(self, kind: str) -> int:
         """Register the slot just opened or loaded in `kind`'s stacks; returns its index."""
-        local = self.slot_kinds.count(kind)
+        self.slot_kinds.append(kind)
+        self.slot_local.append(-1)
+        self.slot_scale.append(1.0)
+        return self._place(self.num_slots - 1, kind)
+
+    def _place(self, slot: int, kind: str) -> int:
+        """Make `slot` the row just opened or loaded at the end of `kind`'s stacks (its local
+        id, the kind's count of other slots); returns `slot`."""
+        local = sum(1 for s, k in enumerate(self.slot_kinds) if k == kind and s != slot)
         first = next(iter(self.kind_sites[kind].values()))
         scale = first.slot_tensors(local).get("scale")  # LoRA: alpha / r; adapters: 1
-        self.slot_local.append(local)
-        self.slot_kinds.append(kind)
-        self.slot_scale.append(1.0 if scale is None else float(scale))
-        return self.num_slots - 1
+        self.slot_kinds[slot], self.slot_local[slot] = kind, local
+        self.slot_scale[slot] = 1.0 if scale is None else float(scale)
+        return slot
+
+    def _remove_row(self, slot: int) -> None:
+        """Take `slot`'s row out of its kind's stacks, keeping the other slots' values: the
+        kind's newest row moves into its place (its slot's local id follows), then the newest
+        row is dropped. `slot` keeps its index and must be placed again (`_place`)."""
+        kind, local = self.slot_kinds[slot], self.slot_local[slot]
+        sites = self.kind_sites[kind]
+        newest = self.slot_kinds.count(kind) - 1
+        if local != newest:
+            training = self.training_slot
+            # the sites train only their newest row: a trainable one cannot move
+            assert training is None or self.slot_kinds[training] != kind, "moving a training row"
+            moved = next(
+                s
+                for s, k in enumerate(self.slot_kinds)
+                if k == kind and self.slot_local[s] == newest
+            )
+            for site in sites.values():
+                site.overwrite_slot(local, site.slot_tensors(newest))
+            self.slot_local[moved] = local
+        for site in sites.values():
+            site.drop_newest_slot()
+        self.slot_local[slot] = -1
+        self.slot_kinds[slot] = ""  # counted in no kind until placed again
 
     @contextlib.contextmanager
     def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> Iterator[None]:

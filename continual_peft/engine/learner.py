@@ -24,6 +24,7 @@ from continual_peft.backbones.text import Backbone
 from continual_peft.config import LearnerConfig, TrainConfig
 from continual_peft.distributed import world
 from continual_peft.engine.bank import ModuleBank
+from continual_peft.engine.budget import Consolidation, make_room, merged_slots_from
 from continual_peft.engine.heads import check_new_task, make_heads
 from continual_peft.engine.monitor import ForgettingMonitor
 from continual_peft.engine.prediction import FALLBACK_MODE, Predictor, evaluating
@@ -31,6 +32,7 @@ from continual_peft.engine.progress import meter
 from continual_peft.engine.report import learner_report
 from continual_peft.engine.rollback import Undo
 from continual_peft.engine.saved_run import read_run
+from continual_peft.engine.schedule import reevaluation_record, reevaluation_rows
 from continual_peft.engine.state import (
     LearnedTask,
     TaskSession,
@@ -110,6 +112,10 @@ class ContinualLearner:
         self.router = make_router(config, self.backbone)
         self.monitor = ForgettingMonitor(monitor_modes(self.router, self.strategy))
         self.learned: dict[str, LearnedTask] = {}
+        # a slot budget (`engine.budget`): slot -> the task during whose `learn` a consolidation
+        # rewrote it (saved as a new file), and the consolidation for the task being learned
+        self.merged_slots: dict[int, str] = {}
+        self.consolidation: Consolidation | None = None
         self.predictor = Predictor(
             backbone=backbone,
             bank=self.bank,
@@ -238,6 +244,7 @@ class ContinualLearner:
             router=self.router,
             monitor=self.monitor,
             derived=list(self.strategy.derived_slots(self)),
+            merged_slots=self.merged_slots,
         )
         try:
             session = self.begin_task(task)
@@ -246,8 +253,9 @@ class ContinualLearner:
         except BaseException:
             if not self.checkpointed(task.name):  # a checkpoint that holds it keeps it
                 parts = {"bank": self.bank, "heads": self.heads, "learned": self.learned}
-                undo.restore_parts(**parts, records=self.records)
+                undo.restore_parts(**parts, records=self.records, consolidation=self.consolidation)
                 self.strategy, self.router, self.monitor = undo.strategy, undo.router, undo.monitor
+                self.merged_slots, self.consolidation = undo.merged_slots, None
                 self.backbone.eval()
             raise
 
@@ -284,10 +292,16 @@ class ContinualLearner:
         task under `use_task(task.name)` with `session.adjust_loss` applied to each batch's
         loss, then call `end_task`.
         """
+        self.consolidation = None
         check_new_task(task, self.learned, self.heads)
         self.strategy.before_task(self, task)
         # the head first: a strategy may run the task's rows through it to shape its new slot
         head = self.heads.open(task, seed=self.task_seed(task, "head"))
+        # a full slot budget: two slots merge, and the strategy's new slot reopens the freed one
+        self.consolidation = make_room(self.bank, self.learned, self.config.max_slots, task.name)
+        if self.consolidation is not None:
+            self.merged_slots.pop(self.consolidation.freed, None)
+            self.merged_slots[self.consolidation.kept] = task.name
         slot = self.strategy.allocate(self, task)
         where = f"task {task.name!r}: %s input"
         train_enc = self.heads.prompt_items(task.name, task.train_inputs, where % "train")
@@ -328,7 +342,8 @@ class ContinualLearner:
         return record
 
     def evaluate_task(self, session: TaskSession, result: TrainResult) -> dict:
-        """Freeze the task, re-evaluate every task (a new row of each matrix), its record."""
+        """Freeze the task, re-evaluate the tasks the schedule measures (`config.evaluation`; by
+        default every task: a new row of each matrix), its record."""
         task, slot = session.task, session.slot
         strategy_facts = self.strategy.after_task(self, task)
         self.heads.freeze(task.name)
@@ -337,12 +352,22 @@ class ContinualLearner:
         if task.router_inputs and self.router is not None:  # oracle: no router to fit
             where = f"task {task.name!r}: router input"
             router_items = self.backbone.encode(task.router_inputs, where).items
-        where = f"task {len(self.learned)} {task.name}: re-evaluating {len(self.learned)} task(s)"
+        sizes = {name: len(state.test_items) for name, state in self.learned.items()}
+        planned = (self.stream_plan or {}).get("tasks") or []
+        rows = reevaluation_rows(
+            self.config.evaluation,
+            sizes,
+            {name: self.task_seed(s.task, "reevaluation") for name, s in self.learned.items()},
+            last=bool(planned) and planned[-1] == task.name,  # the final row: every entry, exact
+        )
+        where = f"task {len(self.learned)} {task.name}: re-evaluating {len(rows)} task(s)"
         with (
             evaluating(self.backbone),
-            meter(where, self.predictor.evaluation_rows(self.router, router_items)),
+            meter(where, self.predictor.evaluation_rows(self.router, router_items, rows)),
         ):
-            accuracies, routing, rejection = self.predictor.evaluate(self.router, router_items)
+            accuracies, routing, rejection = self.predictor.evaluate(
+                self.router, router_items, rows
+            )
         self.monitor.after_task(accuracies, routing=routing, rejection=rejection)
         record = {
             "name": task.name,
@@ -359,6 +384,7 @@ class ContinualLearner:
             "train_steps": result.steps,
             "final_train_loss": result.final_loss,
             "truncated_inputs": session.truncated,
+            "reevaluation": reevaluation_record(rows, sizes),
         }
         if task.dev_inputs:
             record["dev_examples"] = len(task.dev_inputs)
@@ -373,6 +399,8 @@ class ContinualLearner:
             record["loss_curve"] = result.loss_curve
         if strategy_facts:
             record["strategy"] = strategy_facts
+        if self.consolidation is not None:  # a slot budget made room for it (`engine.budget`)
+            record["consolidation"] = self.consolidation.record()
         self.records.append(record)
         return record
 
@@ -430,6 +458,11 @@ class ContinualLearner:
         """
         owner = {state.slot: name for name, state in self.learned.items()}  # last per slot
         files = {slot: f"tasks/{name}/module.safetensors" for slot, name in owner.items()}
+        # a slot a budget's consolidation rewrote: into the folder of the task it made room for
+        merged = {slot: f"merged-slot{slot}" for slot in self.merged_slots}
+        files |= {
+            slot: f"tasks/{self.merged_slots[slot]}/{merged[slot]}.safetensors" for slot in merged
+        }
         derived = self.strategy.derived_slots(self)  # into the newest task's folder
         files |= {slot: f"tasks/{names[-1]}/{stem}.safetensors" for slot, stem in derived.items()}
         retired = []
@@ -441,10 +474,17 @@ class ContinualLearner:
                 name=name,
                 head=dict(self.heads.heads[name].state_dict()),
                 record=self.records[self.learned[name].index],
-                module=self.bank.slot_state(slot) if owner[slot] == name else None,
-                derived={s: self.bank.slot_state(k) for k, s in derived.items()}
-                if name == names[-1]
-                else {},
+                module=self.bank.slot_state(slot)
+                if owner[slot] == name and slot not in merged
+                else None,
+                derived={
+                    **{s: self.bank.slot_state(k) for k, s in derived.items() if name == names[-1]},
+                    **{
+                        merged[k]: self.bank.slot_state(k)
+                        for k, holder in self.merged_slots.items()
+                        if holder == name
+                    },
+                },
             )
             for name, slot in ((n, self.learned[n].slot) for n in names)
         ]
@@ -479,7 +519,7 @@ class ContinualLearner:
             tasks=tasks,
             slot_files=[files[slot] for slot in range(self.bank.num_slots)],
             slot_kinds=list(self.bank.slot_kinds),
-            trainable_slot=self.bank.num_slots - 1 if self.bank.has_trainable else None,
+            trainable_slot=self.bank.training_slot,
             router=RouterParts(*router_parts(self.router)) if self.router is not None else None,
             strategy=self.strategy.state(),
             header=header,
@@ -502,6 +542,7 @@ class ContinualLearner:
             if self.bank.load_slot(tensors, entry.kind, trainable=entry.trainable) != slot:
                 raise ContinualPeftError(f"{folder}: slots are not numbered 0..n-1; it is damaged.")
         self.records = list(checkpoint.records)
+        self.merged_slots = merged_slots_from(self.records)  # a slot budget's (`engine.budget`)
         for index, entry in enumerate(checkpoint.tasks):
             record = self.records[index]
             head = load_safetensors(folder / "tasks" / entry.name / "head.safetensors", device)

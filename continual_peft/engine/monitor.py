@@ -133,6 +133,25 @@ class ForgettingMonitor:
             "accepted_rows": self.accepted_rows,
         }
 
+    def lengths(self) -> dict:
+        """How many entries each list of `state()` holds: what `truncate` goes back to. The
+        monitor only ever appends, so this is all an undo needs (a copy would cost T²)."""
+        return {
+            key: {mode: len(v) for mode, v in value.items()}
+            if isinstance(value, dict)
+            else len(value)
+            for key, value in self.state().items()
+        }
+
+    def truncate(self, lengths: dict) -> None:
+        """Drop every entry appended since `lengths()` was taken, in place."""
+        for key, value in self.state().items():
+            if isinstance(value, dict):
+                for mode, items in value.items():
+                    del items[lengths[key].get(mode, 0) :]
+            else:
+                del value[lengths[key] :]
+
 
 def _square(rows: list[list[float]]) -> np.ndarray:
     """Lower-triangular rows (row i has i + 1 entries) as a T x T matrix, NaN above."""

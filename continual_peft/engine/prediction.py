@@ -177,6 +177,26 @@ def evaluating(backbone: Backbone) -> Iterator[None]:
 
 
 Routing = Callable[[str], tuple[list[int], list[float]]]  # task -> its slots and weights
+# rows per router call: a router's float64 temporaries ((rows, d) whitened features, (rows, T)
+# scores) stay this size however many rows a re-evaluation of hundreds of tasks routes
+ROUTE_CHUNK = 1024
+
+
+def in_chunks(
+    call: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], features: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """`call` over (N, d) features in chunks of `ROUTE_CHUNK` rows, its outputs (each (N, ...))
+    joined on the CPU. Routers decide each row alone, so this equals one call on all rows."""
+    parts = [
+        call(features[start : start + ROUTE_CHUNK])
+        for start in range(0, len(features), ROUTE_CHUNK)
+    ]
+    if not parts:
+        parts = [call(features)]
+    return tuple(torch.cat([part[i].cpu() for part in parts]) for i in range(len(parts[0])))
+
+
+Picks = list[tuple[LearnedTask, list[int]]]  # measured tasks, each with its test rows
 
 
 class RoutedScore(NamedTuple):
@@ -247,7 +267,8 @@ class Predictor:
         """(B, m) slots and weights for rows whose tasks are given (oracle routing)."""
         names = [self.learned_task(t).task.name for t in dict.fromkeys(tasks)]  # unknown: refused
         slots, weights = routing_table([self.routing(task) for task in names])
-        rows = torch.tensor([names.index(t) for t in tasks], dtype=torch.long, device="cpu")
+        position = {name: i for i, name in enumerate(names)}
+        rows = torch.tensor([position[t] for t in tasks], dtype=torch.long, device="cpu")
         return slots[rows], weights[rows]
 
     def accuracy(self, state: LearnedTask, base_only: bool = False) -> float:
@@ -271,7 +292,7 @@ class Predictor:
     ) -> tuple[list[str | None], torch.Tensor, torch.Tensor]:
         """Routed answers: label strings or texts (None if rejected), and the router's (B, k)
         task indices and weights. `items` are the inputs as encoded for `features`."""
-        indices, weights = (t.cpu() for t in router.route(features))  # one copy per set
+        indices, weights = in_chunks(router.route, features)
         order = list(self.learned.values())
         # each of a row's k tasks brings its own routing (m slots): k·m entries per row
         table_slots, table_weights = routing_table([self.routing(s.task.name) for s in order])
@@ -304,7 +325,7 @@ class Predictor:
         whose top-two task scores differ by less than `fallback.margin` answered again through
         `fallback.slots` and its best-scoring task's head; also, per row, the task whose head
         answered a row that fell back (None for the others)."""
-        scores = router.scores(features).double().cpu()  # (B, T)
+        (scores,) = in_chunks(lambda x: (router.scores(x).double(),), features)  # (B, T)
         best = scores.topk(min(2, scores.shape[1]), dim=1)
         gap = best.values[:, 0] - best.values[:, -1] if scores.shape[1] > 1 else None
         unsure = [
@@ -352,20 +373,61 @@ class Predictor:
     def routed_scores(self, router: Router, state: LearnedTask) -> RoutedScore:
         """Routed metric and routing accuracy on a task's test set; an answer counts when it
         matches (the same label string; for generation, exact match)."""
-        features = self.test_features(state, router.layers)
-        inputs, items = state.task.test_inputs, state.feature_items
+        return self.routed_results(router, [(state, list(range(len(state.test_items))))])[0]
+
+    def routed_results(self, router: Router, picks: Picks) -> list[RoutedScore]:
+        """`RoutedScore` of each picked task on its picked test rows: every row of every task
+        routed by ONE `router.route` call and answered in one routed forward (and one fallback
+        pass); each row is routed and answered as it would be alone."""
+        if not picks:
+            return []
+        parts = []
+        for state, rows in picks:
+            features = self.test_features(state, router.layers)  # (N_task, d), kept per task
+            if len(rows) != len(features):
+                features = features[torch.as_tensor(rows, dtype=torch.long, device=features.device)]
+            parts.append(features)
+        features = torch.cat(parts)  # (N, d): the picked rows of every task, in pick order
+        inputs = [state.task.test_inputs[i] for state, rows in picks for i in rows]
+        items = [state.feature_items[i] for state, rows in picks for i in rows]
         answers, indices, _ = self.routed(router, inputs, items, features)
-        metric = self.heads.metric(state.task.name)
-        value, _ = task_scores(metric, answers, state.task)
-        fallback, fell_back = self.fallback(), float("nan")
+        fallback, merged = self.fallback(), None
         if fallback is not None:
             merged, _ = self.fall_back(router, inputs, items, features, answers, fallback)
-            fell_back = task_scores(metric, merged, state.task)[0]
+        results = []
+        for (state, rows), part in zip(picks, _parts(picks), strict=True):
+            results.append(
+                self._routed_score(
+                    state,
+                    rows,
+                    answers[part],
+                    indices[part],
+                    merged=None if merged is None else merged[part],
+                )
+            )
+        return results
+
+    def _routed_score(
+        self,
+        state: LearnedTask,
+        rows: list[int],
+        answers: list[str | None],
+        indices: torch.Tensor,
+        merged: list[str | None] | None,
+    ) -> RoutedScore:
+        """A task's `RoutedScore` from the routed answers of its test rows `rows`, the router's
+        (n, k) task indices and, with a fallback, the answers after it."""
+        metric = self.heads.metric(state.task.name)
+        value, _ = task_scores(metric, answers, state.task, rows)
+        fell_back = float("nan")
+        if merged is not None:
+            fell_back = task_scores(metric, merged, state.task, rows)[0]
         routing = float((indices[:, 0] == state.index).double().mean())
         kept = [i for i, answer in enumerate(answers) if answer is not None]
         accepted = float("nan")
         if kept:
-            accepted = task_scores(metric, [answers[i] for i in kept], state.task, kept)[0]
+            kept_answers, kept_rows = [answers[i] for i in kept], [rows[i] for i in kept]
+            accepted = task_scores(metric, kept_answers, state.task, kept_rows)[0]
         rejected = 1.0 - len(kept) / len(answers) if answers else 0.0
         return RoutedScore(
             metric=value,
@@ -412,7 +474,7 @@ class Predictor:
                 labels, fell = self.fall_back(
                     router, list(inputs), items, features, labels, fallback
                 )
-        scores = router.scores(features).cpu()
+        (scores,) = in_chunks(lambda x: (router.scores(x),), features)
         names = list(self.learned)
         rows = []
         for i, label in enumerate(labels):
@@ -435,33 +497,95 @@ class Predictor:
             rows.append(row)
         return rows
 
-    def evaluation_rows(self, router: Router | None, router_items: list) -> int:
+    def measured(self, rows: dict[str, list[int] | None] | None = None) -> Picks:
+        """The learned tasks a re-evaluation measures, in learning order, each with its test
+        rows: those `rows` names (task -> its rows, None: all of them; a task it leaves out is
+        not measured), or with `rows` None every task on all its rows."""
+        assert rows is None or set(rows) <= set(self.learned), "rows of tasks not learned"
+        picks = []
+        for name, state in self.learned.items():
+            if rows is not None and name not in rows:
+                continue
+            chosen = None if rows is None else rows[name]
+            picks.append((state, list(range(len(state.test_items))) if chosen is None else chosen))
+        return picks
+
+    def oracle_scores(self, picks: Picks) -> list[float]:
+        """Each picked task's metric on its picked test rows through its own routing and head:
+        the rows of every task in one routed pass (`routed_predict`, per-row slots), each
+        answered as `accuracy` answers it. Keeps each task's other scores (`text_scores`)."""
+        names = [state.task.name for state, rows in picks for _ in rows]
+        items = [state.test_items[i] for state, rows in picks for i in rows]
+        answers: list[str | None] = []
+        if items:
+            slots, weights = self.rows_routing(names)
+            answers = routed_predict(
+                self.bank,
+                self.heads,
+                items,
+                slots=slots,
+                weights=weights,
+                head_tasks=list(names),
+                batch_size=self.batch_size,
+            )
+        values = []
+        for (state, rows), part in zip(picks, _parts(picks), strict=True):
+            name = state.task.name
+            value, others = task_scores(self.heads.metric(name), answers[part], state.task, rows)
+            self.text_scores[name] = others
+            values.append(value)
+        return values
+
+    def evaluation_rows(
+        self,
+        router: Router | None,
+        router_items: list,
+        rows: dict[str, list[int] | None] | None = None,
+    ) -> int:
         """Rows `evaluate` runs through the backbone (what its progress counts)."""
-        tests = [len(state.test_items) for state in self.learned.values()]
+        picks = self.measured(rows)
+        tests = sum(len(picked) for _, picked in picks)
         if router is None:
-            return sum(tests)
-        key, states = repr(router.layers), self.learned.values()
-        uncached = sum(len(s.test_items) for s in states if key not in s.test_features)
-        return 2 * sum(tests) + len(router_items) + uncached
+            return tests
+        key = repr(router.layers)
+        uncached = sum(len(s.feature_items) for s, _ in picks if key not in s.test_features)
+        return 2 * tests + len(router_items) + uncached
 
     def evaluate(
-        self, router: Router | None, router_items: list
+        self,
+        router: Router | None,
+        router_items: list,
+        rows: dict[str, list[int] | None] | None = None,
     ) -> tuple[dict[str, list[float]], list[float] | None, Rejection | None]:
         """A new row of every matrix, after the router (if any) learns the newest task from
         `router_items`: oracle accuracy per task, and with a router routed and routing accuracy
-        and what rejection did.
+        and what rejection did. Every measured row of every task goes through one oracle pass,
+        one routing and one routed pass (`oracle_scores`, `routed_results`).
+
+        Args:
+            rows: The tasks measured, each with its test rows (`measured`; an
+                `engine.schedule.reevaluation_rows` plan); None: every task on all its rows.
 
         Returns:
             {"oracle": [...], "routed": [...]}, the routing accuracies and the `Rejection`
-            (both None without a router).
+            (both None without a router); NaN for a task not measured.
         """
-        states = list(self.learned.values())
-        oracle = [self.accuracy(s) for s in states]
+        picks = self.measured(rows)
+        measured = [state.task.name for state, _ in picks]
+        nan = float("nan")
+
+        def spread(values: list) -> dict:
+            return dict(zip(measured, values, strict=True))
+
+        found = spread(self.oracle_scores(picks))
+        oracle = [found.get(name, nan) for name in self.learned]
         if router is None:
             return {"oracle": oracle}, None, None
         router.add_task(self.features(router_items, router.layers))  # statistics only
         router.agree()  # under torchrun: the same statistics on every rank
-        results = [self.routed_scores(router, state) for state in states]
+        scored = spread(self.routed_results(router, picks))
+        unmeasured = RoutedScore(metric=nan, routing=nan, rejected=nan, accepted=nan)
+        results = [scored.get(name, unmeasured) for name in self.learned]
         rejection = Rejection([r.rejected for r in results], [r.accepted for r in results])
         routed, routing = [r.metric for r in results], [r.routing for r in results]
         modes = {"oracle": oracle, "routed": routed}
@@ -472,8 +596,17 @@ class Predictor:
     def routed_accuracy(self, router: Router) -> tuple[list[float], list[float]]:
         """Per learned task, in learning order: routed accuracy and routing accuracy on its
         test set under `router` (which must know every learned task)."""
-        results = [self.routed_scores(router, state) for state in self.learned.values()]
+        results = self.routed_results(router, self.measured())
         return [r.metric for r in results], [r.routing for r in results]
+
+
+def _parts(picks: Picks) -> list[slice]:
+    """Each picked task's slice of its rows concatenated in pick order."""
+    parts, start = [], 0
+    for _, rows in picks:
+        parts.append(slice(start, start + len(rows)))
+        start += len(rows)
+    return parts
 
 
 def task_scores(

@@ -9,6 +9,7 @@ import numpy as np
 from continual_peft._version import __version__
 from continual_peft.config import LearnerConfig
 from continual_peft.engine.monitor import ForgettingMonitor
+from continual_peft.engine.schedule import schedule_note
 from continual_peft.metrics import METRIC_DEFINITIONS
 from continual_peft.reports.run import SCHEMA_VERSION
 from continual_peft.store.io import nan_to_none, timestamp
@@ -29,7 +30,8 @@ def learner_report(
     data: dict[str, Any] | None = None,
     rejection: dict[str, Any] | None = None,
 ) -> dict:
-    """The report as a JSON-ready dict (schema version 1); unmeasured entries are None.
+    """The report as a JSON-ready dict (schema version 1); unmeasured entries are None, and
+    under a re-evaluation schedule other than the default its "reevaluation" says it in words.
 
     Args:
         monitor: The run's forgetting monitor (its matrices and metrics).
@@ -53,8 +55,11 @@ def learner_report(
     matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}
     metrics = {m: monitor.metrics(m) for m in monitor.modes} if records else {}
     routed_ratio = None
-    if routed and records and metrics["oracle"]["acc"] > 0:
-        routed_ratio = metrics["routed"]["acc"] / metrics["oracle"]["acc"]
+    oracle_acc = (metrics.get("oracle") or {}).get("acc")
+    routed_acc = (metrics.get("routed") or {}).get("acc")
+    if routed and records and oracle_acc and routed_acc is not None:  # both measured, oracle > 0
+        routed_ratio = routed_acc / oracle_acc
+    schedule = schedule_note(config.evaluation)  # None: every entry measured, nothing to say
     return {
         "schema_version": SCHEMA_VERSION,
         "status": status,
@@ -67,6 +72,7 @@ def learner_report(
         "task_names": [r["name"] for r in records],
         "tasks": records,
         "accuracy_matrix": matrices,
+        **({"reevaluation": schedule} if schedule else {}),
         "initial_accuracy": monitor.initial[: len(records)],
         "metrics": metrics,
         "metric_definitions": METRIC_DEFINITIONS,

@@ -69,7 +69,8 @@ def override(config: LearnerConfig, values: dict[str, Any], where: str) -> Learn
     for key, value in values.items():
         if value is not None:
             section, _, field = key.rpartition(".")
-            (data[section] if section else data)[field] = value
+            # a section at its defaults may be absent from the dict ([generation], [evaluation])
+            (data.setdefault(section, {}) if section else data)[field] = value
     config = LearnerConfig.from_dict(data, where)
     check_strategy(config, where)
     return config

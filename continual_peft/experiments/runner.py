@@ -31,7 +31,7 @@ from continual_peft.store.checkpoint import (
     read_checkpoint,
     recorded_baseline,
 )
-from continual_peft.store.digests import check_stream
+from continual_peft.store.digests import check_stream, stream_plan
 from continual_peft.store.rundir import RunDir, check_free
 from continual_peft.strategies import check_config
 from continual_peft.tasks.streams import Stream
@@ -127,6 +127,7 @@ def _learn_all(
     backbone = make_backbone() if make_backbone else None
     if run_dir is None:
         learner = ContinualLearner(backbone, config=config, stream=stream.name, console=console)
+        learner.resume_into(None, stream_plan(stream), baseline)  # its last task: a full row
     else:
         learner = open_run(
             run_dir,

@@ -154,6 +154,8 @@ def console_report(report: dict[str, Any]) -> Group:
     )
     backbone = backbone_summary(report)
     tables = [Text(f"backbone: {backbone}")] if backbone else []
+    if report.get("reevaluation"):
+        tables.append(Text(f"re-evaluation: {report['reevaluation']}"))
     tables += [_console_matrix(report, *named) for named in named_matrices(report)]
     if report.get("metrics"):
         tables.append(_console_metrics(report))
@@ -303,8 +305,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- tasks trained: {', '.join(report.get('task_names') or []) or 'none yet'}",
         f"- backbone: {backbone_summary(report) or 'not recorded'}",
         f"- written by {tool.get('name', 'continual-peft')} {tool.get('version', '?')}",
-        "",
     ]
+    if report.get("reevaluation"):  # a schedule that leaves entries unmeasured or sampled
+        lines.append(f"- re-evaluation: {report['reevaluation']}")
+    lines += [""]
     lines += _md_tasks(report)
     for named in named_matrices(report):
         lines += _md_matrix(report, *named)

@@ -95,6 +95,9 @@ class Strategy:
 
     description = ""
     falls_back = False  # whether `fallback` may send routed rows elsewhere (route-or-merge)
+    # why a slot budget (`max_slots`) cannot apply, completing "strategy X ..."; "" = it can:
+    # every task opens its own slot and is routed to it alone (`engine.budget`)
+    no_budget = "does not give every task a slot of its own that its rows use alone"
 
     def allocate(self, learner: Learner, task: Task) -> int:
         """The slot that `task` trains and is routed to."""
@@ -172,6 +175,14 @@ def check_strategy(config: LearnerConfig, where: str = "config") -> Strategy:
         )
     strategy = build_strategy(config.strategy, config.strategy_options, where)
     strategy.check(config, where)
+    if config.max_slots and strategy.no_budget:
+        raise ContinualPeftError(
+            f"{where}: max_slots = {config.max_slots} does not apply to strategy "
+            f"{config.strategy!r}, which {strategy.no_budget}. A slot budget merges two tasks' "
+            "slots into one, which is sound only where every task opens its own slot and is "
+            'routed to it alone (strategy "per_task"): leave max_slots out (or 0), or use '
+            "per_task"
+        )
     return strategy
 
 

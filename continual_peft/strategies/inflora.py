@@ -147,6 +147,10 @@ class InfLoRA(Strategy):
         "a LoRA per task whose fixed A avoids earlier tasks' input subspace; every slot summed "
         "(InfLoRA)"
     )
+    no_budget = (
+        "sends every row through the sum of all slots, each A fixed off the earlier tasks' "
+        "input subspace: a merged slot would leave that subspace and change every task's output"
+    )
 
     def __init__(self, lamb: float = 0.95, lame: float = 1.0, samples: int = 256) -> None:
         ok = is_number(lamb) and 0 < lamb <= 1

@@ -48,6 +48,7 @@ class Joint(Strategy):
     """
 
     description = "upper bound: one slot retrained from its initial values on all tasks so far"
+    no_budget = "retrains one shared slot on every task so far: the bank holds one slot"
 
     def __init__(self, fresh_slot: bool = True) -> None:
         check_option(

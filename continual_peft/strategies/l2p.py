@@ -56,6 +56,8 @@ class L2P(Strategy):
             raise ValueError(f"pull_weight must be >= 0, got {pull_weight}")
         self.pull_weight = float(pull_weight)
 
+    no_budget = "trains one shared prompt pool for every task: the bank holds one slot"
+
     def check(self, config: LearnerConfig, where: str = "config") -> None:
         kinds = {config.module, *config.task_modules.values()} - {KIND}
         if kinds:

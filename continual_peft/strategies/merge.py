@@ -73,6 +73,10 @@ class Merge(Strategy):
 
     name = "merge"
     description = "a LoRA per task, all merged into one slot after each task (TIES/DARE/TA)"
+    no_budget = (
+        "rebuilds its merged slot from every task slot after each task, so each task slot must "
+        "stay as trained (the merge's size is its `slots` option)"
+    )
 
     def __init__(
         self,

@@ -94,6 +94,11 @@ class OLoRA(Strategy):
     """
 
     description = "a fresh LoRA per task, orthogonal to earlier ones; every slot summed (O-LoRA)"
+    no_budget = (
+        "sends every row through the sum of all slots, with each new A kept orthogonal to the "
+        "earlier ones: merging two slots would change every task's output and undo that "
+        "orthogonality"
+    )
 
     def __init__(self, lam_orth: float = 0.5, lam_l2: float = 0.0) -> None:
         if lam_orth < 0 or lam_l2 < 0:

@@ -11,6 +11,7 @@ class PerTask(Strategy):
     """A fresh slot per task, frozen once the task is learned: no oracle forgetting by design."""
 
     description = "a fresh slot per task, frozen after it"
+    no_budget = ""  # takes `max_slots`: beyond it two slots merge (`engine.budget`)
 
     def allocate(self, learner: Learner, task: Task) -> int:
         kind = learner.config.module_for(task.name)

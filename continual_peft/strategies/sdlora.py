@@ -87,6 +87,10 @@ class SDLoRA(Strategy):
     description = (
         "a LoRA direction per task, frozen; every task's magnitude keeps learning (SD-LoRA)"
     )
+    no_budget = (
+        "sends every row through all slots weighted by one trained magnitude per task over "
+        "unit directions: a merged slot is no unit direction and has no single magnitude"
+    )
 
     def __init__(self, magnitude_init: float = 0.8, ranks: list[int] | None = None) -> None:
         check_option(

@@ -13,6 +13,7 @@ class Sequential(Strategy):
     """One shared slot trained on every task in turn: the forgetting baseline."""
 
     description = "one shared slot trained on each task in turn (forgetting baseline)"
+    no_budget = "trains one shared slot for every task: the bank never holds more than one"
 
     def allocate(self, learner: Learner, task: Task) -> int:
         if learner.bank.num_slots == 0:
