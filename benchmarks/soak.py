@@ -22,8 +22,9 @@ checkpoint's copy). Then it checks, and prints PASS or FAIL with the numbers:
 
 The script exits with status 1 if a check fails. `tests/test_soak.py` imports this file for the
 model, the tasks, the run-directory census and the checks that take no timing. Timings come from
-one torch thread (`--threads`), which stays steady on a shared machine, and without the report's
-PNG plots (`--plots` draws them: about 1.5 s a task).
+one torch thread (`--threads`), which stays steady on a shared machine; the report's PNG plots are
+drawn as the library draws them (after each of the first 20 tasks, then every 10th: about 1.5 s
+each; `--no-plots` skips them).
 
 Re-evaluating every task after every task costs a + b*T per task, so N tasks cost about
 b*N^2/2 in all: with b near 20 ms on a 2-core CPU, 500 tasks take about 40 minutes, and a run
@@ -602,7 +603,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steady on a shared box)"
     )
-    parser.add_argument("--plots", action="store_true", help="draw the report's PNG plots")
+    parser.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="draw no PNG plots (the library redraws them after each of the first 20 tasks, "
+        "then every 10th)",
+    )
     parser.add_argument("--print-every", type=int, default=0, help="table line every N tasks")
     args = parser.parse_args()
     if args.tasks < 8:
@@ -615,7 +621,7 @@ def main() -> None:
         parser.error(str(err))
     from _timing import device_name  # benchmarks/ is on the path when this runs as a script
 
-    if not args.plots:
+    if args.no_plots:
         skip_plots()
     out = Path(args.out or tempfile.mkdtemp(prefix="soak-"))
     print(

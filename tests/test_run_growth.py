@@ -201,3 +201,9 @@ def test_routing_in_chunks_equals_one_call():
     rows = torch.randn(2 * ROUTE_CHUNK + 7, 5, generator=generator)
     for got, want in zip(in_chunks(router.route, rows), router.route(rows), strict=True):
         assert torch.equal(got, want)
+
+
+def test_plots_are_redrawn_every_task_early_then_every_tenth():
+    from continual_peft.reports.run import plots_due
+
+    assert [t for t in range(1, 61) if plots_due(t)] == [*range(1, 21), 30, 40, 50, 60]

@@ -112,6 +112,12 @@ def test_the_saved_report_holds_every_task_and_its_metrics(soaked):
                 assert saved[name] == pytest.approx(value, abs=1e-12), (mode, name)
     # per-task slots are frozen: no oracle forgetting at all
     assert report["metrics"]["oracle"]["forgetting"] == pytest.approx(0.0, abs=1e-12)
+    # a long stream's Markdown shows each matrix's last row; the CSV holds every row
+    markdown = (soaked.run / "report.md").read_text(encoding="utf-8")
+    assert f"The last row only (after task {N_TASKS}" in markdown
+    assert f"\n| t{0:04d} |" not in markdown.split("## Metrics")[0]  # no row of task 1
+    csv_rows = (soaked.run / "accuracy_matrix.csv").read_text(encoding="utf-8").splitlines()
+    assert len(csv_rows) > N_TASKS
 
 
 def test_a_slot_budget_holds_the_bank_at_max_slots(tmp_path):

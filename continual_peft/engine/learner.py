@@ -42,7 +42,7 @@ from continual_peft.engine.state import (
 )
 from continual_peft.engine.training import TrainResult, train_task
 from continual_peft.errors import ContinualPeftError
-from continual_peft.reports.run import console_report, write_reports
+from continual_peft.reports.run import console_report, plots_due, write_reports
 from continual_peft.routers import ROUTERS, Router, load_router_files, router_parts
 from continual_peft.store.checkpoint import (
     Checkpoint,
@@ -585,10 +585,11 @@ class ContinualLearner:
         }
 
     def write_report(self) -> None:
-        """The report into the run directory, if any."""
+        """The report into the run directory, if any (its plots as `reports.run.plots_due`
+        says; `finish` always draws them)."""
         if self.run_dir:
-            run, report = self.run_dir, self.report
-            run.write(lambda: write_reports(report, run.path))
+            run, report, plots = self.run_dir, self.report, plots_due(len(self.records))
+            run.write(lambda: write_reports(report, run.path, plots))
 
     def features(self, inputs: list, layers: str | list[int] = "last") -> torch.Tensor:
         """(N, d) frozen features, all routers see: the bare backbone's pooled states of the

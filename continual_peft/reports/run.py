@@ -224,10 +224,20 @@ def _md_data_notes(report: dict[str, Any]) -> list[str]:
     return [*notes, ""] if notes else []
 
 
+# report.md shows whole matrices up to this many tasks, and beyond it their last row only
+MD_MATRIX_TASKS = 20
+
+
 def _md_matrix(report: dict[str, Any], title: str, data: np.ndarray) -> list[str]:
     names = _names(report, max(data.shape))
     rows = [[names[i], *(_pct(v) for v in row)] for i, row in enumerate(data)]
     intro = "Row: after training task; column: evaluated on task; blank: not measured."
+    if len(rows) > MD_MATRIX_TASKS:  # T² cells nobody reads in Markdown: the CSV has them all
+        rows = rows[-1:]
+        intro = (
+            f"The last row only (after task {len(data)}: accuracy on every task); every row is "
+            "in accuracy_matrix.csv and report.json. Blank: not measured."
+        )
     table = md_table(["after \\ on", *names[: data.shape[1]]], rows)
     return [f"## {title}", "", intro, "", *table]
 
@@ -361,9 +371,10 @@ def write_accuracy_csv(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- files
 
 
-def write_reports(report: dict[str, Any], run_dir: str | Path) -> None:
-    """Write ``report.json``, ``accuracy_matrix.csv``, ``report.md``, ``accuracy_matrix.png`` and,
-    once a finished task has recorded its training loss, ``loss_curves.png``.
+def write_reports(report: dict[str, Any], run_dir: str | Path, plots: bool = True) -> None:
+    """Write ``report.json``, ``accuracy_matrix.csv``, ``report.md``, and with `plots`
+    ``accuracy_matrix.png`` and, once a finished task has recorded its training loss,
+    ``loss_curves.png``.
 
     Each file is replaced atomically, so a reader (or a resumed run) never sees a partial file.
     The JSON goes first: it is the record every other format can be re-rendered from.
@@ -371,14 +382,30 @@ def write_reports(report: dict[str, Any], run_dir: str | Path) -> None:
     Args:
         report: A report dict (schema version 1).
         run_dir: The run directory; created if missing.
+        plots: Redraw the PNG plots too (about a second and a half of matplotlib; see
+            `plots_due`).
     """
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "report.json", report)
+    # the matrices hold T² numbers: indented for a short stream, one line beyond
+    long = len(report.get("tasks") or []) > PLOT_EVERY_TASK_UP_TO
+    atomic_write_json(out / "report.json", report, compact=long)
     atomic_write_text(out / "accuracy_matrix.csv", write_accuracy_csv(report))
     atomic_write_text(out / "report.md", render_markdown(report))
-    plot_accuracy_matrix(report, out / "accuracy_matrix.png")
-    plot_loss_curves(report, out / LOSS_CURVES_FILE)
+    if plots:
+        plot_accuracy_matrix(report, out / "accuracy_matrix.png")
+        plot_loss_curves(report, out / LOSS_CURVES_FILE)
+
+
+PLOT_EVERY_TASK_UP_TO = 20  # then every `PLOT_EVERY`-th task, and when the run ends
+PLOT_EVERY = 10
+
+
+def plots_due(tasks_done: int) -> bool:
+    """Whether the report after `tasks_done` tasks redraws its PNG plots: after each of the
+    first 20 tasks, then after every 10th (and always when the run ends), so that on a stream
+    of hundreds of small tasks drawing does not cost more than learning."""
+    return tasks_done <= PLOT_EVERY_TASK_UP_TO or tasks_done % PLOT_EVERY == 0
 
 
 def load_report(run_dir_or_file: str | Path) -> dict[str, Any]:

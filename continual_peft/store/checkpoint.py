@@ -223,7 +223,7 @@ def set_status(folder: Path, status: str) -> None:
     if path.is_file():
         checkpoint = load_json(path)
         checkpoint["status"] = status
-        atomic_write_json(path, checkpoint)
+        atomic_write_json(path, checkpoint, compact=True)
 
 
 def read_checkpoint(folder: str | Path) -> Checkpoint:
@@ -476,8 +476,9 @@ def write_checkpoint(run: RunDir, snapshot: Snapshot) -> Checkpoint:
     )
     # the newest task keeps a copy: what `run --resume` rolls back to if a later file is lost
     newest = run.task_folder(snapshot.tasks[-1].name)
-    atomic_write_json(newest / CHECKPOINT_FILE, checkpoint.to_json())
-    atomic_write_json(run.path / CHECKPOINT_FILE, checkpoint.to_json())
+    data = checkpoint.to_json()  # a few hundred bytes a task: written compact
+    atomic_write_json(newest / CHECKPOINT_FILE, data, compact=True)
+    atomic_write_json(run.path / CHECKPOINT_FILE, data, compact=True)
     collect_garbage(run.path, checkpoint, snapshot.saved_retired)
     return checkpoint
 

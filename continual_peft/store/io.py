@@ -116,6 +116,8 @@ def nan_to_none(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {key: nan_to_none(value) for key, value in obj.items()}
     if isinstance(obj, list | tuple):
+        if all(type(value) in (float, int) for value in obj):  # a row of numbers: no recursion
+            return [value if math.isfinite(value) else None for value in obj]
         return [nan_to_none(value) for value in obj]
     return obj
 
@@ -130,8 +132,8 @@ def timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    """Atomically write ``obj`` as strict, indented JSON.
+def atomic_write_json(path: PathLike, obj: Any, compact: bool = False) -> None:
+    """Atomically write ``obj`` as strict JSON, indented unless `compact`.
 
     Float NaN and infinities (e.g. unmeasured entries of an accuracy matrix) become ``null``:
     Python's default would emit the non-standard token ``NaN``, which other JSON readers reject.
@@ -140,8 +142,12 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     Args:
         path: Target file; its parent directory must exist.
         obj: A JSON-ready value (dicts, lists, str, int, float, bool, None).
+        compact: One line, no indentation: for files that grow with the number of tasks and
+            are written after every task (the standard library's C encoder writes them about
+            ten times faster than its indenting one).
     """
-    text = json.dumps(nan_to_none(obj), indent=2, allow_nan=False, ensure_ascii=False)
+    indent = None if compact else 2
+    text = json.dumps(nan_to_none(obj), indent=indent, allow_nan=False, ensure_ascii=False)
     atomic_write_text(path, text + "\n")
 
 

@@ -67,7 +67,7 @@ def resume_point(run: Path, stream: Stream, say: Callable[[str], None]) -> Check
         main.unlink(missing_ok=True)
         return None
     # the copy as it is on disk (an older version's format stays as it was written)
-    atomic_write_json(main, {**load_json(copy_path), "status": "interrupted"})
+    atomic_write_json(main, {**load_json(copy_path), "status": "interrupted"}, compact=True)
     return dataclasses.replace(intact, status="interrupted")
 
 
