@@ -207,3 +207,29 @@ def test_plots_are_redrawn_every_task_early_then_every_tenth():
     from continual_peft.reports.run import plots_due
 
     assert [t for t in range(1, 61) if plots_due(t)] == [*range(1, 21), 30, 40, 50, 60]
+
+
+def test_at_500_tasks_a_router_keeps_statistics_only_and_routes_each_row_alone():
+    """500 tasks: the state holds no feature row (its size does not follow the rows fitted),
+    and a row's route is the same alone as in a batch of rows of every task."""
+    router = build_router("mahalanobis", layers="last")
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(500, 8, generator=generator) * 3
+    for task in range(500):
+        rows = 5 + task % 7  # tasks of different sizes
+        router.add_task(centres[task] + torch.randn(rows, 8, generator=generator))
+    tensors, _ = router.state()
+    assert {k: tuple(v.shape) for k, v in tensors.items() if v.numel()} == {
+        "thresholds": (500,),
+        "sums": (500, 8),
+        "counts": (500,),
+        "fourth_moments": (500,),
+        "scatter": (8, 8),
+    }
+    batch = centres[::5] + 0.1 * torch.randn(100, 8, generator=generator)
+    together = router.route(batch)
+    for i in (0, 37, 99):
+        alone = router.route(batch[i : i + 1])
+        assert all(torch.equal(a[0], b[i]) for a, b in zip(alone, together, strict=True))
+    hits = (together[0][:, 0] == torch.arange(0, 500, 5)).float().mean()
+    assert hits > 0.9  # the statistics still tell 500 tasks apart
