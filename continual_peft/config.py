@@ -373,22 +373,28 @@ def _check_evaluation(evaluation: EvaluationConfig, where: str) -> None:
     }
     for key, (least, meaning) in rules.items():
         value = getattr(evaluation, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if not whole or not least <= value <= MOST:
             raise ContinualPeftError(
                 f"{where}: evaluation.{key} = {value!r} is invalid; it must be an integer "
-                f">= {least} ({meaning})"
+                f"from {least} to {MOST:,} ({meaning})"
             )
+
+
+# the largest count a setting takes (slots, tasks between re-evaluations, sampled rows): beyond
+# it a value means "never" or "all", which 0 and 1 already say; JSON and int64 hold it exactly
+MOST = 1_000_000
 
 
 def _check_max_slots(max_slots: Any, where: str) -> None:
     """A whole number (a bool is not one): 0 (no budget) or at least 2, since making room
     merges two slots into one. Whether the strategy takes a budget: `strategies.check_config`."""
     whole = isinstance(max_slots, int) and not isinstance(max_slots, bool)
-    if not whole or not (max_slots == 0 or max_slots >= 2):
+    if not whole or not (max_slots == 0 or 2 <= max_slots <= MOST):
         raise ContinualPeftError(
-            f"{where}: max_slots = {max_slots!r} is invalid; it must be an integer >= 2 (the "
-            "most slots the bank holds: beyond it the two most similar slots are merged into "
-            "one) or 0 for no budget (--max-slots N)"
+            f"{where}: max_slots = {max_slots!r} is invalid; it must be an integer from 2 to "
+            f"{MOST:,} (the most slots the bank holds: beyond it the two most similar slots are "
+            "merged into one) or 0 for no budget (--max-slots N)"
         )
 
 

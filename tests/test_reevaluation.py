@@ -353,8 +353,8 @@ def test_forgetting_peak_skips_unmeasured_rows():
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"every": 0}, r"evaluation\.every = 0 is invalid; it must be an integer >= 1"),
-        ({"sample": -1}, r"evaluation\.sample = -1 is invalid; it must be an integer >= 0"),
+        ({"every": 0}, r"evaluation\.every = 0 is invalid; it must be an integer from 1 to"),
+        ({"sample": -1}, r"evaluation\.sample = -1 is invalid; it must be an integer from 0 to"),
         ({"every": True}, r"\[evaluation\]: key 'every' must be int, got True"),
         ({"sample": 2.5}, r"\[evaluation\]: key 'sample' must be int"),
         ({"rows": 5}, r"\[evaluation\]: unknown key\(s\) \['rows'\]; valid keys"),
@@ -389,8 +389,18 @@ def test_resuming_with_another_schedule_is_refused(finished_run, run_copy):
     """The schedule is part of the run's configuration: a resume keeps the run's own."""
     config = saved_config(run_copy)
     config.evaluation = EvaluationConfig(every=2)
-    with pytest.raises(ContinualPeftError, match=r"evaluation\.every: None in the run, 2 here"):
+    with pytest.raises(ContinualPeftError, match=r"evaluation\.every: 1 in the run, 2 here") as err:
         run_stream(load_stream(finished_run.spec), config, run_dir=run_copy, resume=True)
+    assert "evaluation.sample" not in str(err.value)  # the same on both sides: not named
+
+
+@pytest.mark.parametrize("key", ["every", "sample"])
+def test_a_count_beyond_a_million_is_refused(key):
+    from continual_peft.strategies import check_config
+
+    config = LearnerConfig(evaluation=EvaluationConfig(**{key: 10**21}))
+    with pytest.raises(ContinualPeftError, match=f"evaluation.{key} = 10+ is invalid.*1,000,000"):
+        check_config(config)
 
 
 def test_run_options_set_the_schedule():
@@ -402,3 +412,17 @@ def test_run_options_set_the_schedule():
     assert "evaluation.every = 0 is invalid" in result.output
     result = invoke("--eval-sample", "-3")
     assert "evaluation.sample = -3 is invalid" in result.output
+
+
+def test_sampled_rows_are_left_out_of_the_metrics():
+    """A sampled estimate above the full-set value must not read as forgetting."""
+    from continual_peft.engine.monitor import ForgettingMonitor
+
+    monitor = ForgettingMonitor(("oracle",))
+    for j, row in enumerate([[0.75], [1.0, 0.5], [0.75, 0.5, 0.9]]):  # row 2 sampled: 1.0
+        monitor.before_task(0.3, {"oracle": 0.3 if j else float("nan")})
+        monitor.after_task({"oracle": row})
+    assert monitor.metrics("oracle")["forgetting"] > 0  # the estimate taken at face value
+    honest = monitor.metrics("oracle", estimated=[1])
+    assert honest["forgetting"] == pytest.approx(0.0)
+    assert honest["acc"] == pytest.approx(np.mean([0.75, 0.5, 0.9]))

@@ -25,6 +25,9 @@ from continual_peft.engine.budget import (
     task_vector_dot,
 )
 from continual_peft.experiments.entries import entry_from
+from continual_peft.integrations.export_source import read_task
+from continual_peft.integrations.peft_export import _merged_words
+from continual_peft.reports.run import consolidation_line, render_markdown
 from continual_peft.store.checkpoint import read_checkpoint
 from continual_peft.store.digests import config_sha256
 from continual_peft.store.rundir import RunDir
@@ -248,6 +251,18 @@ def test_a_budgeted_run_directory_reads_back_its_merged_slots(tmp_path):
     learner.learn(TASKS[4])
     _same_learner(resumed, learner)
     resumed.close()
+    # what merged is stated: report.md, the console report, and an export of a merged slot
+    learner.finish()  # in memory: its report only
+    markdown = render_markdown(learner.report)
+    assert "## Slot budget: at most 2 slots" in markdown and "merged into slot" in markdown
+    merged_task = next(r for r in learner.records if r.get("consolidation"))
+    assert consolidation_line(merged_task).startswith(f"slot budget: before {merged_task['name']}")
+    shared = merged_task["consolidation"]["tasks"][0]
+    merged = read_task(run, shared).record["merged"]  # what the export writes and says
+    slot = learner.learned[shared].slot
+    together = {name for name, state in learner.learned.items() if state.slot == slot}
+    assert set(merged["with_tasks"]) == together - {shared} and merged["slots"][0] == slot
+    assert "This LoRA is shared" in _merged_words(merged)
 
 
 # ---------------------------------------------------------------- the math, alone
@@ -379,7 +394,7 @@ def test_without_a_budget_the_config_and_its_hash_do_not_change():
 
 @pytest.mark.parametrize("value", [1, -1, True, 2.5])
 def test_a_bad_budget_is_refused_naming_the_key(value):
-    with pytest.raises(ContinualPeftError, match=rf"max_slots = {value!r} is invalid; .*>= 2"):
+    with pytest.raises(ContinualPeftError, match=rf"max_slots = {value!r} is invalid; .*from 2 to"):
         LearnerConfig(max_slots=value).validate()
 
 
@@ -424,4 +439,9 @@ def test_a_run_resumes_only_with_its_own_budget(finished_run, run_copy):
     result = invoke("run", finished_run.spec, "--resume", run_copy, "--max-slots", "3")
     assert result.exit_code == 2, result.output
     text = " ".join(result.stderr.split())
-    assert "max_slots: None in the run, 3 here" in text and "started with another" in text
+    assert "max_slots: 0 in the run, 3 here" in text and "started with another" in text
+
+
+def test_a_budget_beyond_a_million_slots_is_refused():
+    with pytest.raises(ContinualPeftError, match="max_slots = 10+ is invalid.*1,000,000"):
+        check_config(budget_config(10**20))

@@ -88,9 +88,21 @@ class ForgettingMonitor:
             r[j - 1, j] = self.before[mode][j]
         return r
 
-    def metrics(self, mode: str = "oracle") -> dict:
+    def metrics(self, mode: str = "oracle", estimated: list[int] = ()) -> dict:
+        """The metrics of matrix `mode` (`metrics.compute_metrics`).
+
+        Args:
+            estimated: Rows (0-based) whose old tasks were measured on a sample of their test
+                rows: their entries left of the diagonal count as not measured, since a peak
+                taken over estimates overstates forgetting (and biases average incremental
+                accuracy). The diagonal and the "before" entries are always measured in full.
+        """
         t = len(self.rows[mode])
-        return compute_metrics(self.matrix(mode), np.array(self.initial[:t]))
+        matrix = self.matrix(mode)
+        for i in estimated:
+            if i < t:
+                matrix[i, :i] = np.nan
+        return compute_metrics(matrix, np.array(self.initial[:t]))
 
     @classmethod
     def from_report(cls, report: dict) -> ForgettingMonitor:

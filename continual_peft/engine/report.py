@@ -53,7 +53,9 @@ def learner_report(
             last task (`rejection_summary`).
     """
     matrices = {m: nan_to_none(monitor.matrix(m)) for m in monitor.modes}
-    metrics = {m: monitor.metrics(m) for m in monitor.modes} if records else {}
+    # rows whose old tasks were measured on a sample: estimates, left out of the metrics
+    estimated = [i for i, r in enumerate(records) if (r.get("reevaluation") or {}).get("sampled")]
+    metrics = {m: monitor.metrics(m, estimated) for m in monitor.modes} if records else {}
     routed_ratio = None
     oracle_acc = (metrics.get("oracle") or {}).get("acc")
     routed_acc = (metrics.get("routed") or {}).get("acc")

@@ -9,6 +9,7 @@ this version's format (`store.migration`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,11 +114,19 @@ def _config_hashes(saved: dict, upgraded: dict) -> set[str]:
     return hashes
 
 
+def _every_key(config: LearnerConfig) -> dict:
+    """`config.to_dict()` with the keys it leaves out at their defaults put back (a slot budget,
+    the re-evaluation schedule), so a difference names both values, never a missing one."""
+    data = config.to_dict()
+    data.setdefault("max_slots", config.max_slots)
+    data.setdefault("evaluation", dataclasses.asdict(config.evaluation))
+    return data
+
+
 def check_same_config(run: Path, saved: LearnerConfig, given: LearnerConfig) -> None:
     """Refuse resuming run `run` (started with `saved`) with another configuration, naming each
     difference; where a run computes (device, threads) may differ."""
-    saved_dict = saved.to_dict()
-    given_dict = given.to_dict()
+    saved_dict, given_dict = _every_key(saved), _every_key(given)
     saved_dict["backbone"] = without_place(saved_dict["backbone"])
     given_dict["backbone"] = without_place(given_dict["backbone"])
     differences = config_differences(saved_dict, given_dict)

@@ -75,7 +75,8 @@ def schedule_note(settings: EvaluationConfig) -> str | None:
     if settings.sample:
         text += (
             f", on a fixed sample of at most {settings.sample} test rows each (the same rows "
-            "each time: those entries are estimates)"
+            "each time: where a test set is larger, its entries are estimates, shown but left "
+            "out of the metrics)"
         )
     text += (
         "; the newest task is always measured on all its test rows, and after the last task "

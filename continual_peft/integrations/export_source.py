@@ -67,6 +67,12 @@ def read_task(run_dir: Path, task: str) -> ExportSource:
         path = run_dir / checkpoint.slots[slot].file
         parts.append(_lora_sites(load_safetensors(path), path))
     record = dict(checkpoint.records[names.index(task)], slots=slots, weights=weights)
+    # a slot budget may have merged other tasks into these slots: say so with the export
+    sharing = [t.name for t in checkpoint.tasks if t.name != task and t.slot in slots]
+    merges = [r["consolidation"] for r in checkpoint.records if r.get("consolidation")]
+    merges = [m for m in merges if m["slots"][0] in slots]
+    if sharing and merges:
+        record["merged"] = {"with_tasks": sharing, **merges[-1]}
     return ExportSource(
         run_dir=run_dir,
         task=task,

@@ -246,6 +246,8 @@ def _write_extras(source: ExportSource, out: Path, format: str) -> None:
         "backbone": source.fingerprint,
         "quantization": _quantization_info(source),
     }
+    if source.record.get("merged"):  # a slot budget merged other tasks' slots into this one
+        info["merged"] = source.record["merged"]
     if source.layout.generative:  # no head file: an empty one would only puzzle
         info["head"] = "none (no head file): the model's own LM head answers every task"
         info["answers"] = _lm_answers(source)
@@ -303,8 +305,19 @@ def _readme(source: ExportSource, format: str, info: dict) -> str:
         f"base_model: {source.backbone_path}\n---\n\n"
         f"# {source.task} ({format} export of continual-peft run {source.run_dir.name})\n\n"
         f"Load: `{load}`.\n\n"
+        + (_merged_words(info["merged"]) if info.get("merged") else "")
         + (_pooler_words() if quantized and not source.layout.generative else "")
         + (_lm_words(info["answers"]) if source.layout.generative else _head_words())
+    )
+
+
+def _merged_words(merged: dict) -> str:
+    energy = merged.get("kept_energy")
+    kept = f" (the rank-r merge kept {100 * energy:.1f} % of their mean update)" if energy else ""
+    return (
+        "This LoRA is shared: the run's slot budget (`max_slots`) merged it with the slots of "
+        f"{', '.join(merged['with_tasks'])}{kept}, so it is not the task's own trained "
+        "update; `continual_peft.json` records the merge.\n\n"
     )
 
 

@@ -156,6 +156,9 @@ def console_report(report: dict[str, Any]) -> Group:
     tables = [Text(f"backbone: {backbone}")] if backbone else []
     if report.get("reevaluation"):
         tables.append(Text(f"re-evaluation: {report['reevaluation']}"))
+    tasks = report.get("tasks") or []
+    if tasks and tasks[-1].get("consolidation"):  # the slot budget made room for the newest
+        tables.append(Text(consolidation_line(tasks[-1]), style="bold"))
     tables += [_console_matrix(report, *named) for named in named_matrices(report)]
     if report.get("metrics"):
         tables.append(_console_metrics(report))
@@ -168,6 +171,20 @@ def console_report(report: dict[str, Any]) -> Group:
     if headline is not None:
         tables.append(headline)
     return Group(header, *tables)
+
+
+def consolidation_line(task: dict[str, Any]) -> str:
+    """What the slot budget merged to make room for a task (its record's `consolidation`)."""
+    facts = task["consolidation"]
+    kept, freed = facts["slots"]
+    line = (
+        f"slot budget: before {task.get('name')}, slots {kept} and {freed} merged into slot "
+        f"{kept} (cosine similarity {facts['similarity']:.3f}); it now serves "
+        f"{', '.join(facts['tasks'])}"
+    )
+    if facts.get("kept_energy") is not None:
+        line += f"; the rank-r merge keeps {100 * facts['kept_energy']:.1f} % of their mean update"
+    return line + ". What it cost shows in the next row of the matrices."
 
 
 def _console_rejection(report: dict[str, Any]) -> Table | None:
@@ -320,6 +337,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- re-evaluation: {report['reevaluation']}")
     lines += [""]
     lines += _md_tasks(report)
+    merged = [consolidation_line(t) for t in report.get("tasks") or [] if t.get("consolidation")]
+    if merged:
+        budget = (report.get("config") or {}).get("max_slots")
+        lines += [f"## Slot budget: at most {budget} slots", ""]
+        lines += [f"- {line}" for line in merged] + [""]
     for named in named_matrices(report):
         lines += _md_matrix(report, *named)
     lines += _md_metrics(report) + _md_baseline(report)
