@@ -112,9 +112,7 @@ class ContinualLearner:
         self.router = make_router(config, self.backbone)
         self.monitor = ForgettingMonitor(monitor_modes(self.router, self.strategy))
         self.learned: dict[str, LearnedTask] = {}
-        # a slot budget (`engine.budget`): slot -> the task during whose `learn` a consolidation
-        # rewrote it (saved as a new file), and the consolidation for the task being learned
-        self.merged_slots: dict[int, str] = {}
+        # a slot budget (`engine.budget`): the consolidation for the task being learned
         self.consolidation: Consolidation | None = None
         self.predictor = Predictor(
             backbone=backbone,
@@ -244,7 +242,6 @@ class ContinualLearner:
             router=self.router,
             monitor=self.monitor,
             derived=list(self.strategy.derived_slots(self)),
-            merged_slots=self.merged_slots,
         )
         try:
             session = self.begin_task(task)
@@ -255,9 +252,15 @@ class ContinualLearner:
                 parts = {"bank": self.bank, "heads": self.heads, "learned": self.learned}
                 undo.restore_parts(**parts, records=self.records, consolidation=self.consolidation)
                 self.strategy, self.router, self.monitor = undo.strategy, undo.router, undo.monitor
-                self.merged_slots, self.consolidation = undo.merged_slots, None
+                self.consolidation = None
                 self.backbone.eval()
             raise
+
+    @property
+    def merged_slots(self) -> dict[int, str]:
+        """Slot -> the task during whose `learn` a slot budget's consolidation last rewrote it
+        (saved as a new file in that task's folder), as the records tell it."""
+        return merged_slots_from(self.records)
 
     def checkpointed(self, task: str) -> bool:
         """Whether the newest checkpoint written or read holds `task`."""
@@ -299,9 +302,6 @@ class ContinualLearner:
         head = self.heads.open(task, seed=self.task_seed(task, "head"))
         # a full slot budget: two slots merge, and the strategy's new slot reopens the freed one
         self.consolidation = make_room(self.bank, self.learned, self.config.max_slots, task.name)
-        if self.consolidation is not None:
-            self.merged_slots.pop(self.consolidation.freed, None)
-            self.merged_slots[self.consolidation.kept] = task.name
         slot = self.strategy.allocate(self, task)
         where = f"task {task.name!r}: %s input"
         train_enc = self.heads.prompt_items(task.name, task.train_inputs, where % "train")
@@ -542,7 +542,6 @@ class ContinualLearner:
             if self.bank.load_slot(tensors, entry.kind, trainable=entry.trainable) != slot:
                 raise ContinualPeftError(f"{folder}: slots are not numbered 0..n-1; it is damaged.")
         self.records = list(checkpoint.records)
-        self.merged_slots = merged_slots_from(self.records)  # a slot budget's (`engine.budget`)
         for index, entry in enumerate(checkpoint.tasks):
             record = self.records[index]
             head = load_safetensors(folder / "tasks" / entry.name / "head.safetensors", device)

@@ -29,7 +29,6 @@ class Undo:
 
     learned: list[str]  # the tasks learned before
     task_slots: dict[str, int]  # each of them: its slot (a consolidation moves some)
-    merged_slots: dict[int, str]  # the learner's slots rewritten by consolidations
     records: int  # how many records there were
     slots: int  # how many slots there were
     trainable: list[torch.Tensor]  # the shared trainable slot's values, if one is open
@@ -50,14 +49,12 @@ class Undo:
         router: Router | None,
         monitor: ForgettingMonitor,
         derived: list[int] = (),
-        merged_slots: dict[int, str] | None = None,
     ) -> Undo:
         """The state before a task: counts, the tasks' slots, the trainable slot's values, the
         values of the `derived` slots (which a strategy rewrites after a task), deep copies."""
         return cls(
             learned=list(learned),
             task_slots={name: state.slot for name, state in learned.items()},
-            merged_slots=dict(merged_slots or {}),
             records=len(records),
             slots=bank.num_slots,
             trainable=[p.detach().clone() for p in bank.trainable_parameters()],
@@ -80,7 +77,7 @@ class Undo:
         """Undo the task in the learner's parts, in place: its learned entry, head, slot,
         record, the shared slot's values, the derived slots' (a merged slot) and the slots a
         budget's `consolidation` for it merged and reopened, the monitor's new entries. The
-        learner takes back `strategy`, `router`, `monitor` and `merged_slots` itself."""
+        learner takes back `strategy`, `router` and `monitor` itself."""
         for name in [n for n in learned if n not in self.learned]:
             del learned[name]
         for name in [n for n in heads.heads if n not in self.learned]:
