@@ -5,13 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # 1. The main environment: torch's CPU build named first (so pip does not resolve a CUDA build),
-#    then the package with its test extra and the quantization extra (bitsandbytes runs on the
-#    CPU too).
+#    then the package with its test extra and the optional extras CI tests: quantization
+#    (bitsandbytes runs on the CPU too) and serving.
 python3 -m venv .venv
-.venv/bin/pip install -q torch==2.13.0 -e ".[test,quant]"
+.venv/bin/pip install -q torch==2.13.0 -e ".[test,quant,serve]"
 
-# 2. The test suite; the variable makes the quantization tests fail, not skip, without the extra.
-CONTINUAL_PEFT_REQUIRE_QUANT=1 .venv/bin/python -m pytest
+# 2. The test suite; the variables make the quantization and serving tests fail, not skip,
+#    without their extras.
+CONTINUAL_PEFT_REQUIRE_QUANT=1 CONTINUAL_PEFT_REQUIRE_SERVE=1 .venv/bin/python -m pytest
 
 # 3. The linter and the formatter's check.
 .venv/bin/ruff check .

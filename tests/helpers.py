@@ -196,21 +196,31 @@ def tiny_lm(
 
 # ---------------------------------------------------------------- quantized backbones
 
-QUANT_REQUIRED = os.environ.get("CONTINUAL_PEFT_REQUIRE_QUANT") == "1"
 
-
-def require_bitsandbytes() -> None:
-    """Skip the calling test without the [quant] extra (bitsandbytes, accelerate), unless
-    CONTINUAL_PEFT_REQUIRE_QUANT=1 (CI, scripts/test.sh) makes a missing extra a failure."""
+def require_extra(extra: str, modules: tuple[str, ...]) -> None:
+    """Skip the calling test when an optional extra's modules are missing, unless
+    CONTINUAL_PEFT_REQUIRE_<EXTRA>=1 (CI, scripts/test.sh) makes a missing extra a failure."""
     import importlib.util
 
     import pytest
 
-    missing = [n for n in ("bitsandbytes", "accelerate") if importlib.util.find_spec(n) is None]
-    if missing and QUANT_REQUIRED:
-        pytest.fail(f"CONTINUAL_PEFT_REQUIRE_QUANT=1 but {missing} are not installed")
+    variable = f"CONTINUAL_PEFT_REQUIRE_{extra.upper()}"
+    missing = [n for n in modules if importlib.util.find_spec(n) is None]
+    if missing and os.environ.get(variable) == "1":
+        pytest.fail(f"{variable}=1 but {missing} are not installed")
     if missing:
-        pytest.skip(f"the [quant] extra is not installed ({', '.join(missing)} missing)")
+        pytest.skip(f"the [{extra}] extra is not installed ({', '.join(missing)} missing)")
+
+
+def require_bitsandbytes() -> None:
+    """Skip without the [quant] extra (bitsandbytes, accelerate); see `require_extra`."""
+    require_extra("quant", ("bitsandbytes", "accelerate"))
+
+
+def require_serve() -> None:
+    """Skip without the [serve] extra (FastAPI, uvicorn, prometheus_client, and httpx for the
+    test client); see `require_extra`."""
+    require_extra("serve", ("fastapi", "uvicorn", "prometheus_client", "httpx"))
 
 
 def quantized_backbone(folder: Path, bits: int, max_length: int = 32, **settings) -> Backbone:

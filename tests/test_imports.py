@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "continual_peft"
 LAYERS = [
     {"__main__"},
     {"cli", "__init__", "avalanche"},  # the command line; the public API and import paths
-    {"experiments", "integrations"},
+    {"experiments", "integrations", "serve"},
     {"engine"},
     {"strategies"},
     {"config"},

@@ -1,10 +1,10 @@
 """The `continual-peft` command line. Each command parses options and calls one library function.
 
 Every command is registered here, in the order `--help` lists them; `base` holds what they
-share, `train`, `use` and `show` the commands.
+share, `train`, `use`, `show` and `serve` the commands.
 """
 
-from continual_peft.cli import show, train, use
+from continual_peft.cli import serve, show, train, use
 from continual_peft.cli.base import app, main
 
 app.callback()(main)
@@ -20,6 +20,9 @@ app.command(short_help="Predict task and label per input (the router's or a give
     use.predict
 )
 app.command("eval", short_help="Score a trained run on labelled data, without training.")(use.eval_)
+app.command(short_help="Serve a run over HTTP: predictions, OpenAI endpoints, metrics.")(
+    serve.serve
+)
 app.command("list", short_help="List module kinds, strategies, routers or shipped streams.")(
     show.list_
 )

@@ -1,0 +1,220 @@
+"""A run as the server holds it: the loaded learner, which checkpoint it is, and how a batch of
+requests is answered by it.
+
+The server answers every row exactly as `predict` does (`engine.evaluation.predict_records`):
+rows with a task go through that task, the others through the router, all rows of a batch
+together. What belongs to one request (an unknown task, rows without a task on a run without a
+router) is checked per request first, so it fails that request alone.
+
+A run that another process is still learning is served as its last checkpoint has it;
+`RunWatcher` notices a newer checkpoint and loads it beside the one being served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from continual_peft.backbones.image import ImageBackbone
+from continual_peft.backbones.lm import LanguageModelBackbone
+from continual_peft.engine.evaluation import predict_records
+from continual_peft.engine.learner import ContinualLearner
+from continual_peft.engine.loading import load_learner
+from continual_peft.errors import ContinualPeftError
+from continual_peft.store.checkpoint import CHECKPOINT_FILE, read_checkpoint
+
+
+class RequestError(ContinualPeftError):
+    """What is wrong with one request (answered 4xx; the rest of its batch goes on).
+
+    Attributes:
+        status: The HTTP status to answer with.
+        param: The request field at fault, if one is.
+    """
+
+    def __init__(self, message: str, param: str | None = None, status: int = 422) -> None:
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    """One text to answer: with its task, or None for the router; `max_tokens` caps a
+    completion's answer (OpenAI endpoints; None: the whole answer)."""
+
+    text: str
+    task: str | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServedRun:
+    """A loaded run and the checkpoint it was loaded from."""
+
+    learner: ContinualLearner
+    folder: Path
+    version: str  # the first 12 hex digits of checkpoint.json's sha256
+    tasks: tuple[str, ...]  # learned tasks, in learning order
+    status: str  # the checkpoint's: running (another process is learning), finished, ...
+    loaded_at: float  # time.time() when loaded
+
+    @property
+    def generative(self) -> bool:
+        """Whether the backbone writes text (the OpenAI endpoints answer then)."""
+        return isinstance(self.learner.backbone, LanguageModelBackbone)
+
+    @property
+    def routed(self) -> bool:
+        """Whether the run has a router (rows without a task can be answered)."""
+        return self.learner.router is not None
+
+    def describe(self) -> dict[str, Any]:
+        """What `GET /tasks` shows: the tasks, their kinds, and the checkpoint."""
+        learned = self.learner.learned
+        return {
+            "run": str(self.folder),
+            "checkpoint": self.version,
+            "status": self.status,
+            "loaded_at": self.loaded_at,
+            "router": self.learner.config.router if self.routed else None,
+            "generative": self.generative,
+            "tasks": [
+                {
+                    "name": name,
+                    "kind": learned[name].task.kind,
+                    "labels": len(learned[name].task.labels),
+                    "slot": learned[name].slot,
+                }
+                for name in self.tasks
+            ],
+        }
+
+    def check(self, rows: list[Row]) -> None:
+        """Refuse a request this run cannot answer (`RequestError`, naming the fix)."""
+        unknown = sorted({r.task for r in rows if r.task is not None and r.task not in self.tasks})
+        if unknown:
+            raise RequestError(
+                f"unknown task(s) {unknown}; this run has learned {list(self.tasks)} "
+                "(GET /tasks), or leave the task out to let the router choose",
+                status=404,
+                param="task",
+            )
+        if not self.routed and any(r.task is None for r in rows):
+            raise RequestError(
+                "this run has no router (router 'oracle'), so every text needs its task: give "
+                f"one of {list(self.tasks)}",
+                param="task",
+            )
+
+    def answer(self, requests: list[list[Row]]) -> list[list[dict] | RequestError]:
+        """Each request's rows answered as `predict` answers them, all valid requests' rows in
+        one routed pass; a request this run cannot answer gets its `RequestError` instead."""
+        results: list[list[dict] | RequestError] = []
+        valid: list[int] = []
+        for i, rows in enumerate(requests):
+            try:
+                self.check(rows)
+                valid.append(i)
+                results.append([])
+            except RequestError as err:
+                results.append(err)
+        flat = [row for i in valid for row in requests[i]]
+        records = [{"text": row.text, "task": row.task} for row in flat]
+        answers = iter(predict_records(self.learner, records) if records else [])
+        for i in valid:
+            results[i] = [self._finished(row, next(answers)) for row in requests[i]]
+        return results
+
+    def _finished(self, row: Row, answer: dict) -> dict:
+        """A completion row's token counts and its answer cut at `max_tokens` (OpenAI's
+        `usage` and `finish_reason`); other rows as `predict` gives them."""
+        if row.max_tokens is None:
+            return answer
+        tokenizer = self.learner.backbone.tokenizer
+        prompt = len(tokenizer(row.text, add_special_tokens=False)["input_ids"])
+        text = answer["label"] or ""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut = len(ids) > row.max_tokens
+        if cut:
+            text = tokenizer.decode(ids[: row.max_tokens], skip_special_tokens=True)
+        return {
+            **answer,
+            "text": text,
+            "prompt_tokens": prompt,
+            "completion_tokens": min(len(ids), row.max_tokens),
+            "finish_reason": "length" if cut else "stop",
+        }
+
+
+def checkpoint_version(folder: Path) -> str | None:
+    """The first 12 hex digits of the run's checkpoint.json sha256; None when it has none."""
+    try:
+        return hashlib.sha256((folder / CHECKPOINT_FILE).read_bytes()).hexdigest()[:12]
+    except FileNotFoundError:
+        return None
+
+
+def load_served(
+    folder: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    attempts: int = 3,
+) -> ServedRun:
+    """Load a run's last checkpoint to serve.
+
+    A checkpoint that a running process replaces during the load is loaded again (up to
+    `attempts` times), so the version named is the one loaded.
+
+    Raises:
+        ContinualPeftError: no task of the run has finished yet, a damaged run (naming the
+            file and the repair), an image backbone (the server answers texts), or a run that
+            kept changing while it was loaded.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ContinualPeftError(f"run directory {folder} does not exist; check the path.")
+    for _ in range(attempts):
+        before = checkpoint_version(folder)
+        learner = load_learner(folder, device=device, dtype=dtype, batch_size=batch_size)
+        checkpoint = read_checkpoint(folder)
+        if checkpoint_version(folder) != before:
+            continue  # a newer checkpoint landed while the files were read
+        if isinstance(learner.backbone, ImageBackbone):
+            raise ContinualPeftError(
+                f"{folder}: the run's backbone reads images; the server answers texts. Use "
+                "`continual-peft predict` for image runs."
+            )
+        return ServedRun(
+            learner=learner,
+            folder=folder,
+            version=before or "",
+            tasks=tuple(learner.learned),
+            status=checkpoint.status,
+            loaded_at=time.time(),
+        )
+    raise ContinualPeftError(
+        f"{folder}: its checkpoint changed during each of {attempts} loads; try again"
+    )
+
+
+class RunWatcher:
+    """Tells when a run directory holds a checkpoint other than the one served.
+
+    Args:
+        folder: The run directory.
+        version: The served checkpoint's version.
+    """
+
+    def __init__(self, folder: Path, version: str) -> None:
+        self.folder, self.version = folder, version
+        self.failed: str | None = None  # the last failed load's message (shown by /health)
+
+    def newer(self) -> bool:
+        """Whether checkpoint.json now differs from the served one (cheap: one file read)."""
+        found = checkpoint_version(self.folder)
+        return found is not None and found != self.version
