@@ -105,8 +105,9 @@ class PredictRequest(BaseModel):
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes is answered 413 before it is read whole (by
-    its Content-Length, or by counting a chunked body as it arrives)."""
+    """ASGI middleware: a body over `limit` bytes is answered 413, by its Content-Length before
+    any of it is read, else (a chunked body) as soon as the bytes read pass the limit. A body
+    within the limit is read whole here and handed on unchanged."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -117,26 +118,21 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send)
-        seen, started = 0, False
-
-        async def counted() -> dict:
-            nonlocal seen
+        messages, seen = [], 0
+        while True:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise _TooLarge
-            return message
+                return await self._refuse(send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        queued = iter(messages)
 
-        async def watched(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> dict:
+            return next(queued, None) or await receive()
 
-        try:
-            await self.app(scope, counted, watched)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Any) -> None:
         response = JSONResponse(
@@ -148,10 +144,6 @@ class BodyLimit:
             status_code=413,
         )
         await response({"type": "http"}, _no_body, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _no_body() -> dict:
