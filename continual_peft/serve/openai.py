@@ -62,7 +62,10 @@ class CompletionRequest(_Request):
     def rows(self) -> list[Row]:
         self.check()
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        return [Row(text=p, task=task_of(self.model), max_tokens=self.max_tokens) for p in prompts]
+        return [
+            Row(text=p, task=task_of(self.model), completion=True, max_tokens=self.max_tokens)
+            for p in prompts
+        ]
 
 
 class Message(BaseModel):
@@ -92,7 +95,9 @@ class ChatRequest(_Request):
         if not users:
             raise RequestError("no message with role 'user' to answer", "messages")
         cap = self.max_completion_tokens or self.max_tokens
-        return [Row(text=users[-1].text(), task=task_of(self.model), max_tokens=cap)]
+        return [
+            Row(text=users[-1].text(), task=task_of(self.model), completion=True, max_tokens=cap)
+        ]
 
 
 def task_of(model: str) -> str | None:

@@ -42,11 +42,13 @@ class RequestError(ContinualPeftError):
 
 @dataclass(frozen=True, kw_only=True)
 class Row:
-    """One text to answer: with its task, or None for the router; `max_tokens` caps a
-    completion's answer (OpenAI endpoints; None: the whole answer)."""
+    """One text to answer: with its task, or None for the router. A `completion` row (OpenAI
+    endpoints) also gets its text and token counts, its answer cut at `max_tokens` (None: the
+    whole answer)."""
 
     text: str
     task: str | None = None
+    completion: bool = False
     max_tokens: int | None = None
 
 
@@ -131,20 +133,21 @@ class ServedRun:
     def _finished(self, row: Row, answer: dict) -> dict:
         """A completion row's token counts and its answer cut at `max_tokens` (OpenAI's
         `usage` and `finish_reason`); other rows as `predict` gives them."""
-        if row.max_tokens is None:
+        if not row.completion:
             return answer
         tokenizer = self.learner.backbone.tokenizer
         prompt = len(tokenizer(row.text, add_special_tokens=False)["input_ids"])
         text = answer["label"] or ""
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        cut = len(ids) > row.max_tokens
+        keep = len(ids) if row.max_tokens is None else min(len(ids), row.max_tokens)
+        cut = keep < len(ids)
         if cut:
-            text = tokenizer.decode(ids[: row.max_tokens], skip_special_tokens=True)
+            text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
         return {
             **answer,
             "text": text,
             "prompt_tokens": prompt,
-            "completion_tokens": min(len(ids), row.max_tokens),
+            "completion_tokens": keep,
             "finish_reason": "length" if cut else "stop",
         }
 
