@@ -300,6 +300,17 @@ def check_pip(args: list[str]) -> list[str]:
     return problems
 
 
+def check_curl(args: list[str]) -> list[str]:
+    """`curl localhost:PORT/PATH ...`: PATH is an endpoint of `continual-peft serve`."""
+    from continual_peft.serve.app import KNOWN
+
+    urls = [a for a in args if re.match(r"^(https?://)?(localhost|127\.0\.0\.1)[:/]", a)]
+    paths = [re.sub(r"^(https?://)?[^/]+", "", url) for url in urls]
+    return [
+        f"curl: {path or '/'} is no endpoint of the server" for path in paths if path not in KNOWN
+    ]
+
+
 def check_command(tokens: list[str]) -> list[str]:
     while tokens and re.match(r"^[A-Z_][A-Z0-9_]*=", tokens[0]):
         tokens = tokens[1:]  # VAR=value before the program
@@ -314,6 +325,8 @@ def check_command(tokens: list[str]) -> list[str]:
         return check_module(args[args.index("-m") + 1 :]) if "-m" in args else check_python(args)
     if program in ("bash", "sh"):
         return [] if (REPO / args[0]).is_file() else [f"{program} {args[0]}: no such script"]
+    if program == "curl":
+        return check_curl(args)
     if program in PLAIN_PROGRAMS:
         return []
     return [f"{program}: a program tests/test_docs.py does not know how to check"]

@@ -277,9 +277,12 @@ def create_app(served: ServedRun, settings: ServeSettings | None = None) -> Fast
             p.get("type") == "json_invalid" or tuple(p.get("loc", ())) == ("body",)
             for p in problems
         ):
+            kind = request.headers.get("content-type", "")
             message = (
-                "the body is not a JSON object; send one with Content-Type: application/json, "
-                'e.g. {"texts": ["a text"]}'
+                f"the body was sent as {kind or 'no Content-Type'}; send it as JSON with "
+                "Content-Type: application/json (curl: -H 'content-type: application/json')"
+                if not kind.startswith("application/json")
+                else 'the body is not a JSON object; send one, e.g. {"texts": ["a text"]}'
             )
             return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
         parts = [
