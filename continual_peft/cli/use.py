@@ -40,7 +40,9 @@ from continual_peft.engine.evaluation import (
 from continual_peft.engine.loading import load_learner, saved_config
 from continual_peft.engine.state import build_backbone
 from continual_peft.errors import ContinualPeftError
+from continual_peft.integrations.export_source import FORMATS, SERVER_FORMAT
 from continual_peft.integrations.peft_export import export_task
+from continual_peft.integrations.vllm_export import export_adapters
 from continual_peft.store.digests import task_digest
 from continual_peft.store.io import atomic_write_text
 from continual_peft.tasks.records import read_records
@@ -48,11 +50,15 @@ from continual_peft.tasks.records import read_records
 
 def export(
     run: Path = typer.Option(..., help="The run directory.", metavar="PATH"),
-    task: str = typer.Option(..., help="The task to export.", metavar="NAME"),
+    task: str = typer.Option(
+        None, help="The task to export (peft, merged); vllm exports every task.", metavar="NAME"
+    ),
     format_: str = typer.Option(
         "peft",
         "--format",
-        help="peft (a LoRA adapter for peft.PeftModel) or merged (a standalone HF model folder).",
+        help="peft (a task's LoRA adapter for peft.PeftModel), merged (a task's standalone HF "
+        "model folder) or vllm (every task's LoRA adapter, named by its task, and the router: "
+        "for multi-LoRA servers such as vLLM and LoRAX).",
         metavar="TEXT",
     ),
     out: Path = typer.Option(
@@ -60,14 +66,27 @@ def export(
     ),
     backbone: str = MOVED_BACKBONE,
 ) -> None:
-    """Export one task's module (and head) for use outside continual-peft."""
+    """Export one task's module (and head), or every task's LoRA and the router (vllm), for use
+    outside continual-peft."""
     try:
-        path = export_task(run, task, format_, out, backbone=backbone)
+        if format_ == SERVER_FORMAT:
+            if task is not None:
+                raise ContinualPeftError(
+                    f"--format {SERVER_FORMAT} exports every task of the run (one adapter each, "
+                    "and the router); leave out --task, or give --format peft for one task"
+                )
+            path = export_adapters(run, out, backbone=backbone)
+        else:
+            if task is None and format_ in FORMATS:  # an unknown format is named by export_task
+                raise ContinualPeftError(
+                    f"--format {format_} exports one task: give --task NAME, or --format "
+                    f"{SERVER_FORMAT} for every task of the run"
+                )
+            path = export_task(run, task, format_, out, backbone=backbone)
     except ContinualPeftError as err:
         fail(str(err))
-    console.print(
-        f"exported task {task} ({format_}) to [bold]{escape(str(path))}[/]", highlight=False
-    )
+    what = f"task {task}" if task is not None else "every task and the router"
+    console.print(f"exported {what} ({format_}) to [bold]{escape(str(path))}[/]", highlight=False)
 
 
 RUN_HELP = "The run directory."

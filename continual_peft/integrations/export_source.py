@@ -10,12 +10,13 @@ import torch
 
 from continual_peft.backbones.text import DEFAULT_BACKBONE, default_model_path
 from continual_peft.config import LearnerConfig
-from continual_peft.engine.saved_run import read_run
+from continual_peft.engine.saved_run import SavedRun, read_run
 from continual_peft.errors import ContinualPeftError, CorruptFileError
 from continual_peft.integrations.lora_layers import Layout
 from continual_peft.store.io import load_safetensors
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged")  # one task each (integrations.peft_export)
+SERVER_FORMAT = "vllm"  # every task's LoRA for multi-LoRA servers (integrations.vllm_export)
 EXPORTABLE_KINDS = ("lora",)  # module kinds these formats can express
 LORA_KEYS = {"lora_A", "lora_B", "scale"}
 
@@ -45,18 +46,19 @@ class ExportSource:
         return str(Path(name).resolve()) if Path(name).exists() else name
 
 
-def read_task(run_dir: Path, task: str) -> ExportSource:
+def read_task(run_dir: Path, task: str, saved: SavedRun | None = None) -> ExportSource:
     """The task as the run's last checkpoint evaluates it, read through the same reader as
     `predict` and `--resume` (`engine.saved_run.read_run`): an edited config.json or a damaged
-    file is refused the same way, and every file's sha256 is checked."""
-    saved = read_run(run_dir)
+    file is refused the same way, and every file's sha256 is checked. `saved`: the run as
+    `read_run` already read it (an export of several tasks reads it once)."""
+    saved = saved or read_run(run_dir)
     checkpoint = saved.checkpoint
     names = checkpoint.task_names
     if task not in names:
         raise ContinualPeftError(f"unknown task {task!r} in {run_dir}; its tasks: {names}")
     entry = checkpoint.tasks[names.index(task)]
     slots, weights = [int(s) for s in entry.routing.slots], list(entry.routing.weights)
-    kinds = {checkpoint.slots[slot].kind for slot in slots}
+    kinds = module_kinds(saved, task)
     if not kinds <= set(EXPORTABLE_KINDS):
         raise ContinualPeftError(
             f"task {task!r} goes through {sorted(kinds)} module(s); formats {FORMATS} can "
@@ -82,6 +84,13 @@ def read_task(run_dir: Path, task: str) -> ExportSource:
         sites=_sum(parts, weights),
         head=load_safetensors(run_dir / "tasks" / task / "head.safetensors"),
     )
+
+
+def module_kinds(saved: SavedRun, task: str) -> set[str]:
+    """The module kinds of the slots a learned task's rows go through."""
+    checkpoint = saved.checkpoint
+    entry = checkpoint.tasks[checkpoint.task_names.index(task)]
+    return {checkpoint.slots[int(slot)].kind for slot in entry.routing.slots}
 
 
 def _sum(parts: list[dict[str, dict]], weights: list[float]) -> dict[str, dict]:

@@ -7,7 +7,8 @@
 `PeftModel.from_pretrained(AutoModel.from_pretrained(base), out)` reproduces our hidden states
 (`AutoModelForCausalLM` / `AutoModelForSeq2SeqLM` and our logits for a generative backbone, whose
 adapter has peft's task type `CAUSAL_LM` / `SEQ_2_SEQ_LM`; the two files are laid out as
-multi-LoRA servers such as vLLM, TGI and LoRAX read them, untested here):
+multi-LoRA servers such as vLLM, TGI and LoRAX read them, untested here; `vllm_export` writes
+every task's adapter, named by its task, with the run's router):
 
     adapter_config.json         peft's LoraConfig (peft_type "LORA", task_type, r, lora_alpha, ...;
                                 fan_in_fan_out true on GPT-2's Conv1D layers)
@@ -35,12 +36,14 @@ against peft itself. Nothing is written to `out` unless the whole export succeed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from continual_peft.backbones.causal import CausalBackbone
@@ -52,7 +55,12 @@ from continual_peft.backbones.text import model_name
 from continual_peft.config import BackboneConfig
 from continual_peft.engine.state import build_backbone
 from continual_peft.errors import ContinualPeftError
-from continual_peft.integrations.export_source import FORMATS, ExportSource, read_task
+from continual_peft.integrations.export_source import (
+    FORMATS,
+    SERVER_FORMAT,
+    ExportSource,
+    read_task,
+)
 from continual_peft.integrations.lora_layers import Layout, merge_lora, read_layout
 from continual_peft.store.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
@@ -83,14 +91,17 @@ def export_task(
             LoRA wraps.
         CorruptFileError: A run file that cannot be read back.
     """
-    if format not in FORMATS:
-        raise ContinualPeftError(f"unknown export format {format!r}; valid formats: {FORMATS}")
-    if Path(out).resolve().is_relative_to(Path(run_dir).resolve()):
+    if format == SERVER_FORMAT:
         raise ContinualPeftError(
-            f"export folder {out} is inside the run directory {run_dir}, whose files only the "
-            "run writes; choose a folder outside it"
+            f"format {SERVER_FORMAT!r} exports every task of a run at once, with its router: "
+            "call continual_peft.integrations.vllm_export.export_adapters(run_dir, out)"
         )
-    out = _check_out(Path(out))
+    if format not in FORMATS:
+        raise ContinualPeftError(
+            f"unknown export format {format!r}; valid formats: {FORMATS} for one task, or "
+            f"{SERVER_FORMAT!r} for every task of a run"
+        )
+    out = check_out(Path(run_dir), Path(out))
     source = read_task(Path(run_dir), task)
     quantization = Quantization.of(source.config.backbone)
     if format == "merged" and quantization is not None:
@@ -105,25 +116,25 @@ def export_task(
     if backbone is not None:
         source.moved_backbone = model_name(backbone)
         if format == "peft":  # `merged` loads and checks it anyway
-            moved = build_backbone(on_cpu(source.config.backbone), name=backbone)
-            check_fingerprint(source.fingerprint, moved, f"run {source.run_dir}")
+            check_moved_backbone(source, backbone)
     source.layout = read_layout(source.backbone_path, source.fingerprint.get("model_class", ""))
     source.layout.check(list(source.sites), task)
-    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging.mkdir()
-    try:
-        (_write_peft if format == "peft" else _write_merged)(source, staging)
-        _write_extras(source, staging, format)
-        if out.exists():
-            out.rmdir()  # empty, checked above; rename cannot replace a folder everywhere
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged(out) as folder:
+        write_task(source, folder, format)
     return out
 
 
-def _check_out(out: Path) -> Path:
+def check_out(run_dir: Path, out: Path) -> Path:
+    """`out`, checked to be a new or empty folder outside the run directory; its parent made.
+
+    Raises:
+        ContinualPeftError: `out` is inside `run_dir`, holds something, or cannot be made.
+    """
+    if out.resolve().is_relative_to(run_dir.resolve()):
+        raise ContinualPeftError(
+            f"export folder {out} is inside the run directory {run_dir}, whose files only the "
+            "run writes; choose a folder outside it"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ContinualPeftError(
             f"export folder {out} already exists and is not empty; choose a new --out folder "
@@ -134,6 +145,35 @@ def _check_out(out: Path) -> Path:
     except OSError as err:
         raise ContinualPeftError(f"cannot create {out.parent}: {err}") from None
     return out
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A staging folder beside `out` to write into; renamed to `out` when the block succeeds,
+    removed when it fails, so nothing is left at `out` unless the whole export succeeds."""
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()  # empty, checked by `check_out`; rename cannot replace a folder everywhere
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def check_moved_backbone(source: ExportSource, backbone: str) -> None:
+    """Refuse a moved backbone (`--backbone`) that is not the model the run was trained on."""
+    moved = build_backbone(on_cpu(source.config.backbone), name=backbone)
+    check_fingerprint(source.fingerprint, moved, f"run {source.run_dir}")
+
+
+def write_task(source: ExportSource, folder: Path, format: str) -> None:
+    """The task's files in `format` ("peft" or "merged") into the existing folder `folder`;
+    `source.layout` must be read and checked."""
+    (_write_peft if format == "peft" else _write_merged)(source, folder)
+    _write_extras(source, folder, format)
 
 
 def _write_peft(source: ExportSource, out: Path) -> None:
