@@ -130,7 +130,10 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         run = args.run or train_run(Path(folder))
-        tasks = len(json.loads((run / "checkpoint.json").read_text())["tasks"])
+        checkpoint = json.loads((run / "checkpoint.json").read_text())
+        if checkpoint["status"] != "finished":
+            raise SystemExit(f"{run} is not finished ({checkpoint['status']}); resume it first")
+        tasks = len(checkpoint["tasks"])
         print(
             f"machine: {device_name(torch.device('cpu'))}, {os.cpu_count()} CPU(s); server "
             f"torch threads {args.server_threads}; run: {tasks} tasks, MiniLM, one text per "
@@ -159,6 +162,7 @@ def main() -> None:
             finally:
                 code = server.stop()
             print(f"server ({mode}) exited {code} on SIGTERM")
+        print(f"load average after: {os.getloadavg()[0]:.2f} (other processes share the CPUs)")
 
 
 def _batches(url: str) -> tuple[float, float]:
