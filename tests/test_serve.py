@@ -107,6 +107,42 @@ def test_an_error_of_one_request_leaves_its_batch_alone(served, expected):
     assert empty == []
 
 
+def test_an_input_the_backbone_refuses_fails_its_request_alone(served, expected):
+    """The batch's pass fails on one request's text: each request is answered alone."""
+    good, bad, also = served.answer(
+        [[Row(text=TEXTS[0])], [Row(text="red \udc00")], [Row(text=TEXTS[1])]]
+    )
+    same_answer(good[0], expected[0])
+    same_answer(also[0], expected[1])
+    assert isinstance(bad, RequestError) and bad.status == 422
+    assert "not valid Unicode" in str(bad)
+
+
+def test_a_surrogate_is_refused_before_it_joins_a_batch(served):
+    body = b'{"texts": ["red \\udc00"]}'
+    settings = ServeSettings(batching=BatchSettings(wait_ms=300))
+    with TestClient(create_app(served, settings)) as client, ThreadPoolExecutor(4) as pool:
+        good = [pool.submit(client.post, "/predict", json={"texts": ["red"]}) for _ in range(3)]
+        bad = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert [f.result().status_code for f in good] == [200, 200, 200]
+    assert bad.status_code == 422 and "not valid Unicode" in bad.json()["error"]["message"]
+
+
+def test_a_server_failure_is_a_counted_500(served):
+    def broken(requests):
+        raise RuntimeError("out of memory")
+
+    failing = type(served).__new__(type(served))
+    failing.__dict__.update(served.__dict__)
+    object.__setattr__(failing, "answer", broken)
+    with TestClient(create_app(failing)) as client:
+        response = client.post("/predict", json={"texts": ["red"]})
+        metrics = client.get("/metrics").text
+    assert response.status_code == 500
+    assert "RuntimeError: out of memory" in response.json()["error"]["message"]
+    assert 'continual_peft_requests_total{endpoint="/predict",status="500"} 1.0' in metrics
+
+
 def test_a_full_queue_is_refused_with_retry_after():
     release = threading.Event()
 
@@ -191,6 +227,22 @@ def test_bad_requests_get_clear_answers(served, body, status, says):
     assert after.status_code == 200  # the server stays up for everyone else
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "says"),
+    [
+        ("GET", "/nowhere", {}, 404, "the endpoints are"),
+        ("GET", "/predict", {}, 405, "Method Not Allowed"),
+        ("POST", "/predict", {"content-encoding": "gzip"}, 415, "send the body uncompressed"),
+        ("POST", "/v1/completions", {"content-type": "application/json"}, 400, '"prompt"'),
+    ],
+)
+def test_every_error_is_the_same_envelope(served, method, path, headers, status, says):
+    with TestClient(create_app(served)) as client:
+        response = client.request(method, path, content=b"[]", headers=headers)
+    assert response.status_code == status, response.text
+    assert says in response.json()["error"]["message"]
+
+
 def test_a_chunked_body_over_the_limit_is_refused(served):
     def chunks():
         for _ in range(64):
@@ -253,6 +305,13 @@ def test_start_up_errors_name_the_problem(tmp_path, run_copy):
         taken.close()
     assert in_use.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in in_use.stderr
 
+    level = runner.invoke(cli, ["serve", str(run_copy), "--log-level", "loud"])
+    assert level.exit_code == 2 and "--log-level 'loud': choose one of critical" in level.stderr
+
+    (tmp_path / "a-file").write_text("x")
+    a_file = runner.invoke(cli, ["serve", str(tmp_path / "a-file"), "--port", "0"])
+    assert a_file.exit_code == 2 and "is a file, not a run directory" in a_file.stderr
+
     (tmp_path / "fresh").mkdir()
     fresh = runner.invoke(cli, ["serve", str(tmp_path / "fresh"), "--port", "0"])
     assert fresh.exit_code == 2 and "not a run directory" in fresh.stderr
@@ -265,6 +324,34 @@ def test_start_up_errors_name_the_problem(tmp_path, run_copy):
     assert damaged.exit_code == 2, damaged.output
     assert heads[0].name in damaged.stderr and "--resume" in damaged.stderr
     assert "Traceback" not in damaged.output
+
+
+def test_the_watcher_picks_up_only_the_same_run(run_copy):
+    from continual_peft.serve.served import RunWatcher
+
+    watcher = RunWatcher(load_served(run_copy))
+    checkpoint = run_copy / "checkpoint.json"
+    original = checkpoint.read_text(encoding="utf-8")
+    assert watcher.poll() is False and watcher.failed is None
+
+    data = json.loads(original)
+    data["written"] = "later"  # the same run, a newer checkpoint
+    checkpoint.write_text(json.dumps(data), encoding="utf-8")
+    assert watcher.poll() is True
+
+    data["run_config_sha256"] = "0" * 64  # another run's checkpoint in the folder
+    checkpoint.write_text(json.dumps(data), encoding="utf-8")
+    assert watcher.poll() is False and "now holds another run" in watcher.failed
+
+    data = json.loads(original)
+    data["tasks"][0]["data_sha256"] = "1" * 64  # the same configuration, other data
+    checkpoint.write_text(json.dumps(data), encoding="utf-8")
+    assert watcher.poll() is False and "now holds another run" in watcher.failed
+
+    checkpoint.unlink()
+    assert watcher.poll() is False and "checkpoint.json is missing" in watcher.failed
+    checkpoint.write_text(original, encoding="utf-8")
+    assert watcher.poll() is False and watcher.failed is None
 
 
 # ---------------------------------------------------------------- real processes
@@ -301,21 +388,40 @@ class Served:
 
 
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(finished_run):
-    server = Served(finished_run.run, "--batch-wait-ms", "1500")
+    server = Served(finished_run.run, "--batch-wait-ms", "10000")
     try:
         with ThreadPoolExecutor(3) as pool:
             pending = [
                 pool.submit(httpx.post, f"{server.url}/predict", json={"texts": [t]}, timeout=60)
                 for t in TEXTS[:3]
             ]
-            time.sleep(0.5)  # received, waiting in the batching window
+            time.sleep(1.0)  # received, waiting in a 10 s batching window
+            stopped = time.monotonic()
             code = server.stop()
             answers = [f.result() for f in pending]
+            drained = time.monotonic() - stopped
     finally:
         server.process.kill()
     assert code == 0, "".join(server.lines)
+    assert drained < 8  # the window was cut short, not waited out
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert all(len(a.json()["predictions"]) == 1 for a in answers)
+
+
+def test_a_client_that_hangs_up_costs_no_forward(finished_run):
+    server = Served(finished_run.run, "--batch-wait-ms", "3000")
+    try:
+        with pytest.raises(httpx.TimeoutException):  # the client leaves while it waits
+            httpx.post(f"{server.url}/predict", json={"texts": TEXTS}, timeout=0.5)
+        time.sleep(1.0)
+        answered = httpx.post(f"{server.url}/predict", json={"texts": ["red"]}, timeout=60)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert server.stop() == 0
+    finally:
+        server.process.kill()
+    assert answered.status_code == 200
+    assert _metric(metrics, "continual_peft_batch_rows_sum") == 1  # only the request that stayed
+    assert 'continual_peft_requests_total{endpoint="/predict",status="499"} 1.0' in metrics
 
 
 def test_tasks_a_running_run_adds_are_picked_up_between_batches(finished_run, tmp_path):

@@ -135,7 +135,12 @@ def check_out(run_dir: Path, out: Path) -> Path:
             f"export folder {out} is inside the run directory {run_dir}, whose files only the "
             "run writes; choose a folder outside it"
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ContinualPeftError(
+            f"export folder {out} is a file; give a folder that does not exist yet or is empty "
+            "(nothing was overwritten)."
+        )
+    if out.exists() and any(out.iterdir()):
         raise ContinualPeftError(
             f"export folder {out} already exists and is not empty; choose a new --out folder "
             "(nothing was overwritten)."

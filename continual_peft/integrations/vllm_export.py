@@ -109,8 +109,9 @@ def export_adapters(run_dir: str | Path, out: str | Path, *, backbone: str | Non
             write_task(source, adapter, "peft")
         save_router(router, folder / ROUTER)
         atomic_write_json(folder / INFO_FILE, info)
-        final = out.resolve()  # the paths a server is given: where the folder ends up
-        modules = [f"{name}={final / ADAPTERS / name}" for name in names]
+        final = out.resolve()
+        # relative to the folder, so it still holds after a move or a copy to the server
+        modules = [f"{name}={ADAPTERS}/{name}" for name in names]
         atomic_write_text(folder / "lora-modules.txt", "\n".join(modules) + "\n")
         atomic_write_text(folder / "route.py", ROUTE_EXAMPLE)
         atomic_write_text(folder / "README.md", _readme(info, final))
@@ -379,10 +380,12 @@ def _server_words(info: dict, folder: Path) -> str:
     return (
         "## vLLM\n\n"
         "```text\n"
+        "cd <this folder>\n"
         f"vllm serve {base} --enable-lora --max-lora-rank {rank} --max-loras {count} \\\n"
         "    --lora-modules $(cat lora-modules.txt)\n```\n\n"
-        f"`lora-modules.txt` holds `name=path` for each adapter (paths under {folder}; write "
-        f"it again if the folder moves). The largest rank is {info['max_lora_rank']}; "
+        "`lora-modules.txt` holds `name=adapters/name` for each adapter, relative to this "
+        "folder (start vLLM in it, wherever the folder was moved or copied). "
+        f"The largest rank is {info['max_lora_rank']}; "
         f"`--max-lora-rank {rank}` is the smallest value vLLM accepts at or above it. A "
         "request names its adapter as the model: `model=name` (the base model's name where the "
         "router gave None), `prompt=router.prompt(name, text)`.\n\n"

@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from continual_peft.errors import ContinualPeftError
 from continual_peft.serve.batching import Batcher, BatchSettings, Overloaded
@@ -73,7 +74,12 @@ class ServeSettings:
                 f"at least --max-batch and --max-texts ({max(b.max_rows, self.max_texts)})",
             ),
             ("--max-body", self.max_body, self.max_body >= 1024, "at least 1024 bytes"),
-            ("--poll", self.poll_seconds, 0 < self.poll_seconds <= 3600, "0..3600 seconds"),
+            (
+                "--poll",
+                self.poll_seconds,
+                0 < self.poll_seconds <= 3600,
+                "more than 0 seconds, at most 3600",
+            ),
         ]
         for option, value, ok, wanted in checks:
             if not ok:
@@ -115,7 +121,12 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip()
+        if encoding.lower() not in ("", "identity"):
+            message = f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
+            return await _refuse(send, 415, message)
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send)
         messages, seen = [], 0
@@ -135,19 +146,51 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Any) -> None:
-        response = JSONResponse(
-            error_body(
-                f"the request body is over the limit of {self.limit} bytes; send fewer or "
-                "shorter texts per request (the server's --max-body)",
-                "invalid_request_error",
-            ),
-            status_code=413,
+        message = (
+            f"the request body is over the limit of {self.limit} bytes; send fewer or shorter "
+            "texts per request (the server's --max-body)"
         )
-        await response({"type": "http"}, _no_body, send)
+        await _refuse(send, 413, message)
+
+
+async def _refuse(send: Any, status: int, message: str) -> None:
+    """Answer a request with an error before the app sees it."""
+    response = JSONResponse(error_body(message, "invalid_request_error"), status_code=status)
+    await response({"type": "http"}, _no_body, send)
 
 
 async def _no_body() -> dict:
     return {"type": "http.request", "body": b"", "more_body": False}
+
+
+class Counted:
+    """ASGI middleware: counts every answer by endpoint and status, with its latency; a request
+    the app failed on is answered 500 here (and counted), the server staying up."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, answering = time.perf_counter(), 500, False
+
+        async def watched(message: dict) -> None:
+            nonlocal status, answering
+            if message["type"] == "http.response.start":
+                status, answering = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as err:
+            if answering:  # the answer is under way: the connection is all there is to drop
+                raise
+            await server_error(err)(scope, _no_body, send)
+        finally:
+            endpoint = scope["path"] if scope["path"] in KNOWN else "other"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
 
 
 class Server:
@@ -160,9 +203,9 @@ class Server:
         self.batcher: Batcher[ServedRun] = Batcher(
             served, _answer, settings.batching, on_batch=self.metrics.batch
         )
-        self.watcher = RunWatcher(served.folder, served.version)
+        self.watcher = RunWatcher(served)
         self.switches = 0
-        self._retry_at = 0.0
+        self._retry_at, self._failed_version = 0.0, None
         self.metrics.tasks.set(len(served.tasks))
 
     @property
@@ -177,8 +220,10 @@ class Server:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.settings.poll_seconds)
-            if not self.watcher.newer() or time.monotonic() < self._retry_at:
+            if not self.watcher.poll():
                 continue
+            if self.watcher.latest == self._failed_version and time.monotonic() < self._retry_at:
+                continue  # the checkpoint that failed, not yet tried again
             s = self.settings
             load = functools.partial(
                 load_served,
@@ -191,9 +236,15 @@ class Server:
                 served = await loop.run_in_executor(None, load)
             except Exception as err:  # keep serving what is loaded; say why on /health
                 self.watcher.failed = f"{type(err).__name__}: {err}"
+                self._failed_version = self.watcher.latest
                 self._retry_at = time.monotonic() + s.retry_failed_seconds
                 continue
-            self.watcher.version, self.watcher.failed = served.version, None
+            tasks = list(zip(served.tasks, served.data_sha256, strict=True))
+            problem = self.watcher.mismatch(served.run_config_sha256, tasks)
+            if problem:  # replaced between the check and the load
+                self.watcher.refuse(problem)
+                continue
+            self.watcher.served(served)
             self.batcher.swap(served)
             self.switches += 1
             self.metrics.switches.inc()
@@ -209,6 +260,13 @@ class Server:
                 "into several requests (the server's --max-texts)",
                 status=413,
             )
+        broken = [i for i, row in enumerate(rows) if not _is_unicode(row.text)]
+        if broken:
+            raise RequestError(
+                f"text(s) {broken[:10]} are not valid Unicode (a lone surrogate such as "
+                "\\udc00); fix or drop them",
+                "texts",
+            )
         empty = [i for i, row in enumerate(rows) if not row.text.strip()]
         if empty:
             raise RequestError(f"text(s) {empty[:10]} are empty; send text to answer", "texts")
@@ -218,6 +276,35 @@ class Server:
         self.metrics.queue_rows.set(self.batcher.queued_rows)
         self.metrics.answered(answers)
         return answers, version
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` can be encoded (a JSON body may carry lone surrogates, which cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def answered(server: Server, request: Request, rows: list[Row]) -> tuple[list[dict], str]:
+    """`server.submit(rows)`, given up (its rows leave the queue) if the client disconnects
+    while it waits, so a client that hung up costs no forward."""
+    task = asyncio.ensure_future(server.submit(rows))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_CHECK_SECONDS)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise ClientGone
+
+
+DISCONNECT_CHECK_SECONDS = 0.1
 
 
 def _answer(served: ServedRun, requests: list[list[Row]]) -> list[Any]:
@@ -246,15 +333,7 @@ def create_app(served: ServedRun, settings: ServeSettings | None = None) -> Fast
     app = FastAPI(title="continual-peft", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit, limit=server.settings.max_body)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.url.path if request.url.path in KNOWN else "other"
-        server.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        server.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(Counted, metrics=server.metrics)  # outermost: counts every answer
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, err: RequestError) -> JSONResponse:
@@ -282,7 +361,7 @@ def create_app(served: ServedRun, settings: ServeSettings | None = None) -> Fast
                 f"the body was sent as {kind or 'no Content-Type'}; send it as JSON with "
                 "Content-Type: application/json (curl: -H 'content-type: application/json')"
                 if not kind.startswith("application/json")
-                else 'the body is not a JSON object; send one, e.g. {"texts": ["a text"]}'
+                else f"the body is not a JSON object; send one, e.g. {_example(request.url.path)}"
             )
             return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
         parts = [
@@ -294,26 +373,34 @@ def create_app(served: ServedRun, settings: ServeSettings | None = None) -> Fast
             status_code=422,
         )
 
-    @app.exception_handler(Exception)
-    async def failed(request: Request, err: Exception) -> JSONResponse:
-        message = f"the server failed on this request ({type(err).__name__}: {err})"
-        return JSONResponse(error_body(message, "server_error"), status_code=500)
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, err: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": never delivered
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        status = err.status_code
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        if status == 404:
+            message += f"; the endpoints are {', '.join(sorted(KNOWN))}"
+        body = error_body(message, "invalid_request_error" if status < 500 else "server_error")
+        return JSONResponse(body, status_code=status, headers=getattr(err, "headers", None))
 
     @app.post("/predict")
-    async def predict(body: PredictRequest) -> dict:
-        answers, version = await server.submit(body.rows())
+    async def predict(body: PredictRequest, request: Request) -> dict:
+        answers, version = await answered(server, request, body.rows())
         return {"predictions": answers, "checkpoint": version}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> dict:
+    async def completions(body: CompletionRequest, request: Request) -> dict:
         _check_model(server.served, body.model)
-        answers, version = await server.submit(body.rows())
+        answers, version = await answered(server, request, body.rows())
         return completion_response(body, answers, version)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> dict:
+    async def chat(body: ChatRequest, request: Request) -> dict:
         _check_model(server.served, body.model)
-        answers, version = await server.submit(body.rows())
+        answers, version = await answered(server, request, body.rows())
         return chat_response(body, answers, version)
 
     @app.get("/v1/models")
@@ -360,6 +447,12 @@ KNOWN = {
 }
 
 
+def server_error(err: Exception) -> JSONResponse:
+    """The 500 answer to a request the server failed on."""
+    message = f"the server failed on this request ({type(err).__name__}: {err})"
+    return JSONResponse(error_body(message, "server_error"), status_code=500)
+
+
 def _check_model(served: ServedRun, model: str) -> None:
     """Refuse the OpenAI endpoints on an encoder run, and a model that is no task."""
     if not served.generative:
@@ -381,6 +474,15 @@ def _check_model(served: ServedRun, model: str) -> None:
             status=404,
             param="model",
         )
+
+
+def _example(path: str) -> str:
+    """A minimal body for an endpoint, to show in a message."""
+    if path == "/v1/completions":
+        return '{"model": "auto", "prompt": "a text"}'
+    if path == "/v1/chat/completions":
+        return '{"model": "auto", "messages": [{"role": "user", "content": "a text"}]}'
+    return '{"texts": ["a text"]}'
 
 
 def _field(problems: list[dict]) -> str | None:

@@ -109,11 +109,18 @@ class Batcher(Generic[Model]):
                 self.retry_after(),
             )
         future = asyncio.get_running_loop().create_future()
-        self.queue.append(Pending(rows=rows, future=future))
+        pending = Pending(rows=rows, future=future)
+        self.queue.append(pending)
         self.queued_rows += len(rows)
         assert self._arrived is not None, "Batcher.start() was not called"
         self._arrived.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # the client left: its rows leave the queue too
+            if pending in self.queue:
+                self.queue.remove(pending)
+                self.queued_rows -= len(rows)
+            raise
 
     def retry_after(self) -> int:
         """Seconds until the rows queued now should be answered, at the recent rate (>= 1)."""
@@ -133,11 +140,16 @@ class Batcher(Generic[Model]):
         if self._pending_model is not None:
             self.model, self._pending_model = self._pending_model, None
 
-    async def drain(self) -> None:
-        """Refuse new requests, answer every queued one, then stop the loop and the worker."""
+    def stop_waiting(self) -> None:
+        """Refuse new requests and stop waiting for more in a batching window: the requests
+        queued are answered at once (the first step of a drain)."""
         self.draining = True
         if self._arrived is not None:
             self._arrived.set()
+
+    async def drain(self) -> None:
+        """Refuse new requests, answer every queued one, then stop the loop and the worker."""
+        self.stop_waiting()
         if self._loop_task is not None:
             await self._loop_task
         self._executor.shutdown(wait=True)

@@ -25,6 +25,7 @@ from continual_peft.engine.learner import ContinualLearner
 from continual_peft.engine.loading import load_learner
 from continual_peft.errors import ContinualPeftError
 from continual_peft.store.checkpoint import CHECKPOINT_FILE, read_checkpoint
+from continual_peft.store.io import load_json
 
 
 class RequestError(ContinualPeftError):
@@ -62,6 +63,8 @@ class ServedRun:
     tasks: tuple[str, ...]  # learned tasks, in learning order
     status: str  # the checkpoint's: running (another process is learning), finished, ...
     loaded_at: float  # time.time() when loaded
+    run_config_sha256: str  # the run's configuration (a newer checkpoint must share it)
+    data_sha256: tuple[str, ...]  # each task's data hash, in learning order
 
     @property
     def generative(self) -> bool:
@@ -111,10 +114,16 @@ class ServedRun:
                 param="task",
             )
 
-    def answer(self, requests: list[list[Row]]) -> list[list[dict] | RequestError]:
+    def answer(self, requests: list[list[Row]]) -> list[list[dict] | Exception]:
         """Each request's rows answered as `predict` answers them, all valid requests' rows in
-        one routed pass; a request this run cannot answer gets its `RequestError` instead."""
-        results: list[list[dict] | RequestError] = []
+        one routed pass; a request this run cannot answer gets its `RequestError` instead.
+
+        If the pass fails (an input the backbone refuses, which the checks before batching
+        did not catch), each request is answered alone, so the failure reaches only the
+        request that caused it: a `ContinualPeftError` as its `RequestError` (422), anything
+        else as the exception itself (500).
+        """
+        results: list[list[dict] | Exception] = []
         valid: list[int] = []
         for i, rows in enumerate(requests):
             try:
@@ -123,12 +132,34 @@ class ServedRun:
                 results.append([])
             except RequestError as err:
                 results.append(err)
-        flat = [row for i in valid for row in requests[i]]
+        try:
+            answered = self._together([requests[i] for i in valid])
+        except Exception:
+            if len(valid) < 2:
+                raise
+            answered = [self._alone(requests[i]) for i in valid]
+        for i, answer in zip(valid, answered, strict=True):
+            results[i] = answer
+        return results
+
+    def _together(self, requests: list[list[Row]]) -> list[list[dict]]:
+        """The requests' rows in one `predict_records` call, split back per request."""
+        flat = [row for rows in requests for row in rows]
         records = [{"text": row.text, "task": row.task} for row in flat]
         answers = iter(predict_records(self.learner, records) if records else [])
-        for i in valid:
-            results[i] = [self._finished(row, next(answers)) for row in requests[i]]
-        return results
+        return [[self._finished(row, next(answers)) for row in rows] for rows in requests]
+
+    def _alone(self, rows: list[Row]) -> list[dict] | Exception:
+        """One request's answer, or what it failed with."""
+        try:
+            (answer,) = self._together([rows])
+            return answer
+        except RequestError as err:
+            return err
+        except ContinualPeftError as err:
+            return RequestError(str(err))
+        except Exception as err:
+            return err
 
     def _finished(self, row: Row, answer: dict) -> dict:
         """A completion row's token counts and its answer cut at `max_tokens` (OpenAI's
@@ -179,6 +210,8 @@ def load_served(
             kept changing while it was loaded.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ContinualPeftError(f"{folder} is a file, not a run directory; give the run's folder.")
     if not folder.is_dir():
         raise ContinualPeftError(f"run directory {folder} does not exist; check the path.")
     for _ in range(attempts):
@@ -199,6 +232,8 @@ def load_served(
             tasks=tuple(learner.learned),
             status=checkpoint.status,
             loaded_at=time.time(),
+            run_config_sha256=checkpoint.run_config_sha256,
+            data_sha256=tuple(entry.data_sha256 for entry in checkpoint.tasks),
         )
     raise ContinualPeftError(
         f"{folder}: its checkpoint changed during each of {attempts} loads; try again"
@@ -206,18 +241,68 @@ def load_served(
 
 
 class RunWatcher:
-    """Tells when a run directory holds a checkpoint other than the one served.
+    """Tells when the run directory holds a newer checkpoint of the run being served.
+
+    A checkpoint of the same run has its configuration and continues (or, repaired, rolls
+    back) its tasks with the same data. One of another run (the folder emptied and refilled)
+    is not picked up: `failed` says why, as it does while checkpoint.json is missing.
 
     Args:
-        folder: The run directory.
-        version: The served checkpoint's version.
+        served: The run being served.
     """
 
-    def __init__(self, folder: Path, version: str) -> None:
-        self.folder, self.version = folder, version
-        self.failed: str | None = None  # the last failed load's message (shown by /health)
+    def __init__(self, served: ServedRun) -> None:
+        self.folder = served.folder
+        self.failed: str | None = None  # why the newest checkpoint is not served (/tasks)
+        self._refused: str | None = None  # the version `failed` is about
+        self.latest: str | None = None  # the version `poll` found
+        self.served(served)
 
-    def newer(self) -> bool:
-        """Whether checkpoint.json now differs from the served one (cheap: one file read)."""
-        found = checkpoint_version(self.folder)
-        return found is not None and found != self.version
+    def served(self, served: ServedRun) -> None:
+        """Note that `served` is now the run answering."""
+        self.version, self._config = served.version, served.run_config_sha256
+        self._tasks = list(zip(served.tasks, served.data_sha256, strict=True))
+        self.failed = self._refused = None
+
+    def poll(self) -> bool:
+        """Whether a newer checkpoint of the served run waits to be loaded (one small read)."""
+        found = self.latest = checkpoint_version(self.folder)
+        if found is None:
+            self.failed = (
+                f"{self.folder / CHECKPOINT_FILE} is missing; serving the checkpoint loaded before"
+            )
+            return False
+        if found == self.version:
+            self.failed = None
+            return False
+        if found == self._refused:
+            return False
+        problem = self._other_run()
+        if problem:
+            self.refuse(problem)
+        return problem is None
+
+    def refuse(self, problem: str) -> None:
+        """Serve on, and keep `poll` from offering the checkpoint found last again."""
+        self.failed, self._refused = problem, self.latest
+
+    def _other_run(self) -> str | None:
+        """Why the checkpoint now in the folder is not of the served run, or None."""
+        try:
+            data = load_json(self.folder / CHECKPOINT_FILE)
+            config = data["run_config_sha256"]
+            tasks = [(t["name"], t["data_sha256"]) for t in data["tasks"]]
+        except (ContinualPeftError, KeyError, TypeError):
+            return None  # being replaced, or damaged: the load names it
+        return self.mismatch(config, tasks)
+
+    def mismatch(self, config: str, tasks: list[tuple[str, str]]) -> str | None:
+        """Why a checkpoint of this configuration and these (name, data hash) tasks is not of
+        the served run, or None."""
+        shared = min(len(tasks), len(self._tasks))
+        if config != self._config or tasks[:shared] != self._tasks[:shared]:
+            return (
+                f"{self.folder} now holds another run (its configuration or its tasks differ "
+                "from the run served); restart the server to serve it"
+            )
+        return None

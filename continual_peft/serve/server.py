@@ -15,12 +15,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
+import uvicorn.config
 
 from continual_peft.errors import ContinualPeftError
 from continual_peft.serve.app import ServeSettings, create_app
+from continual_peft.serve.batching import Batcher
 from continual_peft.serve.served import ServedRun, load_served
 
 LOOPBACK = "127.0.0.1"
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that, when it starts shutting down, also cuts short the batching window
+    of the requests already received (they are answered at once, not after the window)."""
+
+    def __init__(self, config: uvicorn.Config, batcher: Batcher) -> None:
+        super().__init__(config)
+        self.batcher = batcher
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.batcher.stop_waiting()
+        await super().shutdown(sockets)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -76,17 +91,21 @@ def serve(
         ContinualPeftError: a port in use, a run with no finished task, a damaged run (naming
             the file and the repair), an image backbone.
     """
+    if log_level not in uvicorn.config.LOG_LEVELS:
+        raise ContinualPeftError(
+            f"--log-level {log_level!r}: choose one of {', '.join(uvicorn.config.LOG_LEVELS)}"
+        )
     sock = bind(host, port)
     try:
         served = load_served(
             run, device=settings.device, dtype=settings.dtype, batch_size=settings.batch_size
         )
         bound_host, bound_port = sock.getsockname()[:2]
+        bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host  # IPv6
         url = f"http://{bound_host}:{bound_port}"
         ready(served, url)
-        config = uvicorn.Config(
-            create_app(served, settings), log_level=log_level, timeout_graceful_shutdown=None
-        )
+        app = create_app(served, settings)
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None)
         stopped: list[int] = []
         # uvicorn drains on SIGTERM/SIGINT, then raises the signal again under the handlers it
         # found: these note it, so a drained server returns (exit 0) instead of dying by it
@@ -95,7 +114,7 @@ def serve(
             for s in (signal.SIGTERM, signal.SIGINT)
         }
         try:
-            asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+            asyncio.run(DrainingServer(config, app.state.server.batcher).serve(sockets=[sock]))
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
