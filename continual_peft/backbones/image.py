@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from continual_peft.backbones.features import states_upto
 from continual_peft.backbones.load import family, load_model, model_name, quantization_for
 from continual_peft.backbones.placement import CPU, Placement
 from continual_peft.backbones.quantization import Quantization
@@ -201,13 +202,16 @@ class ImageBackbone(Backbone):
         """
         return self._states(pixel_values)[-1]
 
-    def _states(self, pixel_values: torch.Tensor, every: bool = False) -> tuple[torch.Tensor, ...]:
-        """The real tokens' last states, or (`every`) those after the embeddings (0) and after
-        each block (1..n), each (B, L, d)."""
-        options = {"output_hidden_states": True} if every else {}
+    def _states(
+        self, pixel_values: torch.Tensor, upto: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The real tokens' last states, or (with `upto`) those after the embeddings (0) and
+        after blocks 1..upto, from a pass that stops there (`backbones.features.states_upto`),
+        each (B, L, d)."""
         if not self.input_hooks:
-            out = self.model(pixel_values=pixel_values, **options)
-            return out.hidden_states if every else (out.last_hidden_state,)
+            return self._run(
+                lambda **options: self.model(pixel_values=pixel_values, **options), upto
+            )
         tokens = self.model.embeddings(pixel_values)  # (B, S + P, d), positions already added
         lead = tokens.shape[1] - self.num_patches  # S leading tokens (CLS, distillation, ...)
         patches = tokens[:, lead:]  # (B, P, d)
@@ -219,22 +223,34 @@ class ImageBackbone(Backbone):
             added += extra
         full = torch.cat([tokens[:, :lead], patches], dim=1)  # (B, S + N + P, d)
         lead_mask = torch.ones(mask.shape[0], lead, dtype=mask.dtype, device=mask.device)
+        full_mask = torch.cat([lead_mask, mask], dim=1)  # (B, S + N + P)
         # The model computes its embeddings again; the hook swaps in ours (one patch projection).
         handle = self.model.embeddings.register_forward_hook(lambda *_: full)
         try:
-            out = self.model(
-                pixel_values=pixel_values,
-                attention_mask=torch.cat([lead_mask, mask], dim=1),
-                **options,
+            states = self._run(
+                lambda **options: self.model(
+                    pixel_values=pixel_values, attention_mask=full_mask, **options
+                ),
+                upto,
             )
         finally:
             handle.remove()
-        states = out.hidden_states if every else (out.last_hidden_state,)
         return tuple(torch.cat([h[:, :lead], h[:, lead + added :]], dim=1) for h in states)
 
-    def layer_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The real tokens' states after the embeddings (0) and each block (1..n), (B, L, d)."""
-        return self._states(batch["pixel_values"], every=True)
+    def _run(self, forward, upto: int | None) -> tuple[torch.Tensor, ...]:
+        """`forward(**options)`'s last hidden states alone (`upto` None), or its states at
+        depths 0..upto."""
+        if upto is None:
+            return (forward().last_hidden_state,)
+        return states_upto(lambda: forward(output_hidden_states=True), self.blocks, upto)
+
+    def layer_states(
+        self, batch: dict[str, torch.Tensor], upto: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The real tokens' states after the embeddings (0) and each block (1..n), (B, L, d);
+        with `upto`, those at depths 0..upto only, from a pass that stops there."""
+        depth = self.block_count if upto is None else upto
+        return self._states(batch["pixel_values"], upto=depth)
 
     def _last_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self(batch["pixel_values"])

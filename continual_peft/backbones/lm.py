@@ -28,6 +28,7 @@ import inspect
 import torch
 from torch import nn
 
+from continual_peft.backbones.features import states_upto
 from continual_peft.backbones.text import Backbone, pad_rows, position_limit
 from continual_peft.errors import ContinualPeftError
 
@@ -158,14 +159,20 @@ class LanguageModelBackbone(Backbone):
         inputs.pop("prefix")
         return self.prompt_states(inputs).last_hidden_state[:, added:]
 
-    def layer_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def layer_states(
+        self, batch: dict[str, torch.Tensor], upto: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """The prompt's states (the encoder's, for seq2seq) after the embeddings (0) and each
-        block (1..n), each (B, L, d)."""
+        block (1..n), each (B, L, d); with `upto`, those at depths 0..upto only, from a pass
+        that stops there (`backbones.features.states_upto`)."""
         inputs = self.inputs(batch)
         added = inputs.pop("added")
         inputs.pop("prefix")
-        out = self.prompt_states(inputs | {"output_hidden_states": True})
-        return tuple(h[:, added:] for h in out.hidden_states)
+        depth = self.block_count if upto is None else upto
+        states = states_upto(
+            lambda: self.prompt_states(inputs | {"output_hidden_states": True}), self.blocks, depth
+        )
+        return tuple(h[:, added:] for h in states)
 
     def prompt_states(self, inputs: dict[str, torch.Tensor]):
         """The model output whose `last_hidden_state` holds the prompt's states."""

@@ -9,7 +9,9 @@ routers' frozen features are the mean of the encoder's last hidden states.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from continual_peft.backbones.features import find_blocks
 from continual_peft.backbones.lm import LanguageModelBackbone, gather_logprobs, padded_targets
 from continual_peft.errors import ContinualPeftError
 
@@ -30,6 +32,11 @@ class Seq2SeqBackbone(LanguageModelBackbone):
                 "config.json (T5: the pad id, BART: the EOS id) and load it again"
             )
         super().__init__(model, tokenizer, *args, **kwargs)
+
+    @property
+    def blocks(self) -> nn.ModuleList | None:
+        """The encoder's blocks (`Backbone.blocks`): the features pass reads the encoder."""
+        return find_blocks(self.model.get_encoder(), self.block_count)
 
     def prompt_states(self, inputs: dict[str, torch.Tensor]):
         inputs.pop("position_ids")  # T5's relative positions, BART's own: not taken here

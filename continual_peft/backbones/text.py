@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from continual_peft.backbones.features import feature_depths
+from continual_peft.backbones.features import feature_depths, find_blocks, states_upto
 from continual_peft.backbones.load import (
     _check_tokenizer_files,
     check_model_folder,
@@ -180,6 +180,18 @@ class Backbone(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def block_count(self) -> int:
+        """How many blocks the features pass runs through (an encoder-decoder's: its
+        encoder's), from the config."""
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def blocks(self) -> nn.ModuleList | None:
+        """The model's blocks, which a shallow features pass stops in
+        (`backbones.features.find_blocks`); None where they cannot be told apart."""
+        return find_blocks(self.model, self.block_count)
+
     def feature_depths(self, layers: str | list[int]) -> list[int]:
         """The hidden-state depths a `layers` setting reads here (`backbones.features`), from
         the config's block count (an encoder-decoder's: its encoder's).
@@ -187,8 +199,7 @@ class Backbone(nn.Module):
         Raises:
             ContinualPeftError: a depth the backbone does not have.
         """
-        blocks = int(self.model.config.num_hidden_layers)
-        return feature_depths(layers, blocks, self.hidden_size)
+        return feature_depths(layers, self.block_count, self.hidden_size)
 
     def feature_width(self, layers: str | list[int]) -> int:
         """How wide `embed(batch, layers)`'s features are."""
@@ -275,46 +286,54 @@ class Backbone(nn.Module):
 
         Input hooks may prepend virtual tokens; their positions are cut from the output again.
         """
-        out, added = self._output(input_ids, attention_mask)
-        return out.last_hidden_state[:, added:]
+        inputs, added = self._model_inputs(input_ids, attention_mask)
+        return self.model(**inputs).last_hidden_state[:, added:]
 
-    def _output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **options):
-        """The model's output after the input hooks, and how many virtual tokens they put in
-        front; `options` go to the model (e.g. `output_hidden_states`)."""
+    def _model_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """The model's inputs after the input hooks (ids, or embeddings with virtual tokens),
+        and how many virtual tokens they put in front."""
         if not self.input_hooks:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **options), 0
+            return {"input_ids": input_ids, "attention_mask": attention_mask}, 0
         embeds = self.model.get_input_embeddings()(input_ids)  # (B, L, d)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         added = 0
         for hook in self.input_hooks:
             embeds, attention_mask, positions, extra = hook(embeds, attention_mask, positions)
             added += extra
-        out = self.model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **options
-        )
-        return out, added
+        inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask}
+        inputs["position_ids"] = positions
+        return inputs, added
 
-    def layer_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def layer_states(
+        self, batch: dict[str, torch.Tensor], upto: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """The real tokens' states after the embeddings (0) and after each block (1..n), each
-        (B, L, d): one forward."""
-        out, added = self._output(
-            batch["input_ids"], batch["attention_mask"], output_hidden_states=True
+        (B, L, d), from one forward; with `upto`, those at depths 0..upto only, from a pass
+        that stops there (`backbones.features.states_upto`)."""
+        inputs, added = self._model_inputs(batch["input_ids"], batch["attention_mask"])
+        depth = self.block_count if upto is None else upto
+        states = states_upto(
+            lambda: self.model(**inputs, output_hidden_states=True), self.blocks, depth
         )
-        return tuple(h[:, added:] for h in out.hidden_states)
+        return tuple(h[:, added:] for h in states)
 
     def embed(
         self, batch: dict[str, torch.Tensor], layers: str | list[int] = "last"
     ) -> torch.Tensor:
         """Pooled states of a collated batch in float32: (B, d) from the last layer, or
-        (B, k·d) from the k depths of a `layers` setting side by side (`backbones.features`).
+        (B, k·d) from the k depths of a `layers` setting side by side (`backbones.features`),
+        through blocks 1..k only where the deepest depth read is k.
 
         Raises:
             ContinualPeftError: a depth the backbone does not have.
         """
         if layers == "last":
             return self._pool_batch(self._last_states(batch).float(), batch)
-        states = self.layer_states(batch)
-        pooled = [self._pool_batch(states[d].float(), batch) for d in self.feature_depths(layers)]
+        depths = self.feature_depths(layers)
+        states = self.layer_states(batch, upto=max(depths))  # a shallow pass below the last
+        pooled = [self._pool_batch(states[d].float(), batch) for d in depths]
         return torch.cat(pooled, dim=1)
 
     def _last_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
