@@ -27,6 +27,7 @@ from typer.testing import CliRunner  # noqa: E402
 from continual_peft.cli import app as cli  # noqa: E402
 from continual_peft.engine.evaluation import predict_records  # noqa: E402
 from continual_peft.engine.loading import load_learner  # noqa: E402
+from continual_peft.errors import ContinualPeftError  # noqa: E402
 from continual_peft.serve.app import ServeSettings, create_app  # noqa: E402
 from continual_peft.serve.batching import Batcher, BatchSettings, Overloaded  # noqa: E402
 from continual_peft.serve.served import RequestError, Row, load_served  # noqa: E402
@@ -118,6 +119,30 @@ def test_an_input_the_backbone_refuses_fails_its_request_alone(served, expected)
     assert "not valid Unicode" in str(bad)
 
 
+def patched(served, **methods):
+    """A copy of a served run with some methods replaced (the original stays as it is)."""
+    copy = type(served).__new__(type(served))
+    copy.__dict__.update(served.__dict__)
+    for name, method in methods.items():
+        object.__setattr__(copy, name, method)
+    return copy
+
+
+def test_a_failed_pass_is_answered_request_by_request(served, expected):
+    def together(requests):
+        if any(row.text == "boom" for rows in requests for row in rows):
+            raise ContinualPeftError("input 'boom' refused by the backbone")
+        return served._together(requests)
+
+    failing = patched(served, _together=together)
+    good, bad, also = failing.answer(
+        [[Row(text=TEXTS[0])], [Row(text="boom")], [Row(text=TEXTS[1])]]
+    )
+    same_answer(good[0], expected[0])
+    same_answer(also[0], expected[1])
+    assert isinstance(bad, RequestError) and bad.status == 422 and "'boom' refused" in str(bad)
+
+
 def test_a_surrogate_is_refused_before_it_joins_a_batch(served):
     body = b'{"texts": ["red \\udc00"]}'
     settings = ServeSettings(batching=BatchSettings(wait_ms=300))
@@ -132,10 +157,7 @@ def test_a_server_failure_is_a_counted_500(served):
     def broken(requests):
         raise RuntimeError("out of memory")
 
-    failing = type(served).__new__(type(served))
-    failing.__dict__.update(served.__dict__)
-    object.__setattr__(failing, "answer", broken)
-    with TestClient(create_app(failing)) as client:
+    with TestClient(create_app(patched(served, answer=broken))) as client:
         response = client.post("/predict", json={"texts": ["red"]})
         metrics = client.get("/metrics").text
     assert response.status_code == 500
@@ -182,9 +204,7 @@ def test_the_app_answers_503_with_retry_after_when_full(served):
     settings = ServeSettings(
         batching=BatchSettings(wait_ms=0, max_rows=1, max_queue=2), max_texts=2
     )
-    gated = type(served).__new__(type(served))
-    gated.__dict__.update(served.__dict__)
-    object.__setattr__(gated, "answer", slow)
+    gated = patched(served, answer=slow)
     with TestClient(create_app(gated, settings)) as client, ThreadPoolExecutor(4) as pool:
         waiting = [pool.submit(client.post, "/predict", json={"texts": ["red"]}) for _ in range(3)]
         time.sleep(0.5)  # one in the worker, two queued: the queue is full
@@ -209,6 +229,7 @@ def test_the_app_answers_503_with_retry_after_when_full(served):
         (b'{"text": ["a"]}', 422, "texts: Field required; text: Extra inputs"),
         (b'{"texts": []}', 422, "no texts given"),
         (b'{"texts": ["red", "  "]}', 422, "text(s) [1] are empty"),
+        ('{"texts": ["red", "\u200b\u0301", "\ue000"]}'.encode(), 422, "[1, 2] hold nothing"),
         (b'{"texts": ["red"], "task": "nope"}', 404, "unknown task(s) ['nope']"),
         (b'{"texts": ["red"], "tasks": ["colors", null]}', 422, "tasks has 2 entries for 1"),
         (b'{"texts": ["red"], "task": "colors", "tasks": ["colors"]}', 422, "not both"),
@@ -257,12 +278,14 @@ def test_tasks_health_models_and_metrics(served):
     with TestClient(create_app(served)) as client:
         tasks = client.get("/tasks").json()
         health = client.get("/health")
+        assert client.head("/health").status_code == 200  # load balancers ask with HEAD
         models = client.get("/v1/models").json()
         client.post("/predict", json={"texts": ["red"]})
         metrics = client.get("/metrics")
         completion = client.post("/v1/completions", json={"model": "auto", "prompt": "red"})
     assert [t["name"] for t in tasks["tasks"]] == ["colors", "animals"]
     assert tasks["checkpoint"] == served.version and tasks["router"] == "prototype"
+    assert tasks["router_layers"] == served.learner.router.layers
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert [m["id"] for m in models["data"]] == ["auto", "colors", "animals"]
     assert metrics.headers["content-type"].startswith("text/plain")
@@ -287,8 +310,6 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_settings_that_cannot_work_are_refused():
-    from continual_peft.errors import ContinualPeftError
-
     with pytest.raises(ContinualPeftError, match="--max-queue 8: give at least --max-batch"):
         ServeSettings(batching=BatchSettings(max_rows=16, max_queue=8))
     with pytest.raises(ContinualPeftError, match="--poll 0"):
@@ -305,7 +326,7 @@ def test_start_up_errors_name_the_problem(tmp_path, run_copy):
         taken.close()
     assert in_use.exit_code == 2 and f"port {port} on 127.0.0.1 is in use" in in_use.stderr
 
-    level = runner.invoke(cli, ["serve", str(run_copy), "--log-level", "loud"])
+    level = runner.invoke(cli, ["serve", str(run_copy), "--log-level", "loud", "--port", "0"])
     assert level.exit_code == 2 and "--log-level 'loud': choose one of critical" in level.stderr
 
     (tmp_path / "a-file").write_text("x")
@@ -409,11 +430,11 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(finished_run):
 
 
 def test_a_client_that_hangs_up_costs_no_forward(finished_run):
-    server = Served(finished_run.run, "--batch-wait-ms", "3000")
+    server = Served(finished_run.run, "--batch-wait-ms", "1500")
     try:
         with pytest.raises(httpx.TimeoutException):  # the client leaves while it waits
             httpx.post(f"{server.url}/predict", json={"texts": TEXTS}, timeout=0.5)
-        time.sleep(1.0)
+        time.sleep(2.0)  # the window ends with nobody left in it
         answered = httpx.post(f"{server.url}/predict", json={"texts": ["red"]}, timeout=60)
         metrics = httpx.get(f"{server.url}/metrics").text
         assert server.stop() == 0

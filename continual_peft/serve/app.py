@@ -45,7 +45,14 @@ from continual_peft.serve.openai import (
     error_body,
     models_response,
 )
-from continual_peft.serve.served import RequestError, Row, RunWatcher, ServedRun, load_served
+from continual_peft.serve.served import (
+    RequestError,
+    Row,
+    RunWatcher,
+    ServedRun,
+    check_unicode,
+    load_served,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +190,12 @@ class Counted:
 
         try:
             await self.app(scope, receive, watched)
+        except asyncio.CancelledError:  # a forced shutdown (a second Ctrl-C) cut it short
+            if not answering:
+                status = 503
+                with contextlib.suppress(Exception):
+                    await _refuse(send, 503, "the server was stopped before it answered; retry")
+            raise
         except Exception as err:
             if answering:  # the answer is under way: the connection is all there is to drop
                 raise
@@ -260,13 +273,7 @@ class Server:
                 "into several requests (the server's --max-texts)",
                 status=413,
             )
-        broken = [i for i, row in enumerate(rows) if not _is_unicode(row.text)]
-        if broken:
-            raise RequestError(
-                f"text(s) {broken[:10]} are not valid Unicode (a lone surrogate such as "
-                "\\udc00); fix or drop them",
-                "texts",
-            )
+        check_unicode(rows)
         empty = [i for i, row in enumerate(rows) if not row.text.strip()]
         if empty:
             raise RequestError(f"text(s) {empty[:10]} are empty; send text to answer", "texts")
@@ -276,15 +283,6 @@ class Server:
         self.metrics.queue_rows.set(self.batcher.queued_rows)
         self.metrics.answered(answers)
         return answers, version
-
-
-def _is_unicode(text: str) -> bool:
-    """Whether `text` can be encoded (a JSON body may carry lone surrogates, which cannot)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class ClientGone(Exception):
@@ -416,7 +414,7 @@ def create_app(served: ServedRun, settings: ServeSettings | None = None) -> Fast
             "pickup_failed": server.watcher.failed,
         }
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         s, draining = server.served, server.batcher.draining
         body = {

@@ -166,7 +166,6 @@ class Batcher(Generic[Model]):
 
     async def _run(self) -> None:
         assert self._arrived is not None
-        loop = asyncio.get_running_loop()
         while True:
             self._install()
             if not self.queue:
@@ -177,28 +176,34 @@ class Batcher(Generic[Model]):
                 continue
             if not self.draining and self.settings.wait_ms > 0:
                 await self._gather(self.queue[0].arrived + self.settings.wait_ms / 1000)
+            if not self.queue:  # every request of the window left while it waited
+                continue
             self._install()  # between batches: no request sees two models
             batch = [p for p in self._take() if not p.future.done()]  # done: the client left
-            if not batch:
+            if batch:
+                await self._answer(batch)
+
+    async def _answer(self, batch: list[Pending]) -> None:
+        """Run one batch in the worker and hand each request its answer; whatever goes wrong
+        reaches the batch's requests, never the loop, which goes on with the next batch."""
+        started = time.perf_counter()
+        try:
+            answers = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.work, self.model, [p.rows for p in batch]
+            )
+        except Exception as err:  # the whole batch failed: every request hears why
+            answers = [err] * len(batch)
+        seconds = time.perf_counter() - started
+        rows = sum(len(p.rows) for p in batch)
+        self._rows_per_second = rows / max(seconds, 1e-6)
+        self.on_batch(rows, seconds)
+        for pending, answer in zip(batch, answers, strict=True):
+            if pending.future.done():
                 continue
-            started = time.perf_counter()
-            try:
-                answers = await loop.run_in_executor(
-                    self._executor, self.work, self.model, [p.rows for p in batch]
-                )
-            except Exception as err:  # the whole batch failed: every request hears why
-                answers = [err] * len(batch)
-            seconds = time.perf_counter() - started
-            rows = sum(len(p.rows) for p in batch)
-            self._rows_per_second = rows / max(seconds, 1e-6)
-            self.on_batch(rows, seconds)
-            for pending, answer in zip(batch, answers, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(answer, BaseException):
-                    pending.future.set_exception(answer)
-                else:
-                    pending.future.set_result(answer)
+            if isinstance(answer, BaseException):
+                pending.future.set_exception(answer)
+            else:
+                pending.future.set_result(answer)
 
     async def _gather(self, deadline: float) -> None:
         """Wait until `deadline` (perf_counter seconds) or until a batch's rows are queued."""

@@ -85,6 +85,7 @@ class ServedRun:
             "status": self.status,
             "loaded_at": self.loaded_at,
             "router": self.learner.config.router if self.routed else None,
+            "router_layers": self.learner.router.layers if self.routed else None,
             "generative": self.generative,
             "tasks": [
                 {
@@ -114,6 +115,29 @@ class ServedRun:
                 param="task",
             )
 
+    def _check_tokens(self, rows: list[Row]) -> None:
+        """Refuse texts that hold no token of the backbone's own (only invisible or control
+        characters): their answer would be that of an empty input. Called in the worker thread,
+        the one that uses the tokenizer."""
+        tokenizer = self.learner.backbone.tokenizer
+        check_unicode(rows)
+        if tokenizer is None or not rows:
+            return
+        heads = [row.text[:4096] for row in rows]  # a text's start usually settles it
+        ids = tokenizer(heads, add_special_tokens=False)["input_ids"]
+        blank = [
+            i
+            for i, found in enumerate(ids)
+            if not found
+            and not tokenizer(rows[i].text[4096:], add_special_tokens=False)["input_ids"]
+        ]
+        if blank:
+            raise RequestError(
+                f"text(s) {blank[:10]} hold nothing this backbone reads (only invisible or "
+                "control characters); send text",
+                "texts",
+            )
+
     def answer(self, requests: list[list[Row]]) -> list[list[dict] | Exception]:
         """Each request's rows answered as `predict` answers them, all valid requests' rows in
         one routed pass; a request this run cannot answer gets its `RequestError` instead.
@@ -128,6 +152,7 @@ class ServedRun:
         for i, rows in enumerate(requests):
             try:
                 self.check(rows)
+                self._check_tokens(rows)
                 valid.append(i)
                 results.append([])
             except RequestError as err:
@@ -181,6 +206,22 @@ class ServedRun:
             "completion_tokens": keep,
             "finish_reason": "length" if cut else "stop",
         }
+
+
+def check_unicode(rows: list[Row]) -> None:
+    """Refuse texts that cannot be encoded (a JSON body may carry lone surrogates)."""
+    broken = []
+    for i, row in enumerate(rows):
+        try:
+            row.text.encode("utf-8")
+        except UnicodeEncodeError:
+            broken.append(i)
+    if broken:
+        raise RequestError(
+            f"text(s) {broken[:10]} are not valid Unicode (a lone surrogate such as \\udc00); "
+            "fix or drop them",
+            "texts",
+        )
 
 
 def checkpoint_version(folder: Path) -> str | None:

@@ -91,6 +91,7 @@ def serve(
         ContinualPeftError: a port in use, a run with no finished task, a damaged run (naming
             the file and the repair), an image backbone.
     """
+    log_level = log_level.lower()
     if log_level not in uvicorn.config.LOG_LEVELS:
         raise ContinualPeftError(
             f"--log-level {log_level!r}: choose one of {', '.join(uvicorn.config.LOG_LEVELS)}"
