@@ -134,6 +134,7 @@ def main() -> None:
         if checkpoint["status"] != "finished":
             raise SystemExit(f"{run} is not finished ({checkpoint['status']}); resume it first")
         tasks = len(checkpoint["tasks"])
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
         print(
             f"machine: {device_name(torch.device('cpu'))}, {os.cpu_count()} CPU(s); server "
             f"torch threads {args.server_threads}; run: {tasks} tasks, MiniLM, one text per "
