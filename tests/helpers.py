@@ -194,6 +194,18 @@ def tiny_lm(
     )
 
 
+def lm_word_tasks() -> list[Task]:
+    """Two tasks over LM_WORDS for the tiny language models: "colors", a label-scored yes/no
+    task, and "fruit", a generation task, both in the template "Input: {text} Output:"."""
+    pairs = [("red", "yes"), ("blue", "no"), ("green", "no")]
+    colors = Task.from_examples("colors", train=pairs * 4, test=pairs)
+    colors.template = "Input: {text} Output:"
+    pairs = [("fruit of red", "apple"), ("fruit of blue", "plum"), ("fruit of green", "fox")]
+    fruit = Task.from_examples("fruit", train=pairs * 4, test=pairs)
+    fruit.kind, fruit.template = "generation", "Input: {text} Output:"
+    return [colors, fruit]
+
+
 # ---------------------------------------------------------------- quantized backbones
 
 

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-from helpers import DEVICE, LM_WORDS
+from helpers import DEVICE, LM_WORDS, lm_word_tasks
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from continual_peft import Backbone, CausalBackbone, ContinualLearner, ContinualPeftError, Task
+from continual_peft import Backbone, CausalBackbone, ContinualLearner, ContinualPeftError
 from continual_peft.backbones.tiny import save_tiny, tiny_model, word_tokenizer
 from continual_peft.cli import app
 from continual_peft.config import LearnerConfig
@@ -49,20 +49,10 @@ def config(targets: list[str], module: str = "lora") -> LearnerConfig:
     )
 
 
-def tasks() -> list[Task]:
-    pairs = [("red", "yes"), ("blue", "no"), ("green", "no")]
-    colors = Task.from_examples("colors", train=pairs * 4, test=pairs)
-    colors.template = "Input: {text} Output:"
-    pairs = [("fruit of red", "apple"), ("fruit of blue", "plum"), ("fruit of green", "fox")]
-    fruit = Task.from_examples(TASK, train=pairs * 4, test=pairs)
-    fruit.kind, fruit.template = "generation", "Input: {text} Output:"
-    return [colors, fruit]
-
-
 def learn(base, run_dir, targets: list[str], module: str = "lora") -> ContinualLearner:
     backbone = Backbone.from_pretrained(str(base), max_length=32, device=DEVICE, dtype="float32")
     learner = ContinualLearner(backbone, config=config(targets, module), run_dir=run_dir)
-    for task in tasks():
+    for task in lm_word_tasks():
         learner.learn(task)
     learner.finish()
     return learner
@@ -218,7 +208,7 @@ def test_a_run_on_an_in_memory_language_model_is_refused_by_name(tmp_path):
     model = tiny_model("gpt2", len(tokenizer))
     backbone = CausalBackbone(model, tokenizer, max_length=32, device=DEVICE, dtype="float32")
     learner = ContinualLearner(backbone, config=config(["all-linear"]), run_dir=tmp_path / "run")
-    learner.learn(tasks()[1])
+    learner.learn(lm_word_tasks()[1])
     learner.finish()
     with pytest.raises(ContinualPeftError, match="cannot read the config.*GPT2LMHeadModel"):
         export_task(tmp_path / "run", TASK, "peft", tmp_path / "out")

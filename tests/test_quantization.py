@@ -33,6 +33,7 @@ from helpers import (
     LM_WORDS,
     assert_close,
     generated_together_and_alone,
+    lm_word_tasks,
     load_tokenizer,
     quantized_backbone,
     require_bitsandbytes,
@@ -44,7 +45,7 @@ from torch.nn import functional as F
 from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig
 from typer.testing import CliRunner
 
-from continual_peft import BackboneConfig, ContinualLearner, LearnerConfig, ModuleBank, Task
+from continual_peft import BackboneConfig, ContinualLearner, LearnerConfig, ModuleBank
 from continual_peft.backbones.quantization import Quantization, quantized_layers
 from continual_peft.backbones.tiny import save_tiny
 from continual_peft.cli import app
@@ -372,16 +373,6 @@ def test_a_quantized_run_loads_back_quantized_and_predicts_the_same(encoder_run)
 # ---------------------------------------------------------------- export
 
 
-def lm_tasks() -> list[Task]:
-    pairs = [("red", "yes"), ("blue", "no"), ("green", "no")]
-    colors = Task.from_examples("colors", train=pairs * 4, test=pairs)
-    colors.template = "Input: {text} Output:"
-    pairs = [("fruit of red", "apple"), ("fruit of blue", "plum"), ("fruit of green", "fox")]
-    fruit = Task.from_examples("fruit", train=pairs * 4, test=pairs)
-    fruit.kind, fruit.template = "generation", "Input: {text} Output:"
-    return [colors, fruit]
-
-
 @pytest.fixture(scope="module")
 def generative_run(folders, tmp_path_factory) -> QuantizedRun:
     """A label-scored and a generation task learned on the tiny Llama quantized to 4 bits."""
@@ -403,7 +394,7 @@ def generative_run(folders, tmp_path_factory) -> QuantizedRun:
     )
     run = tmp_path_factory.mktemp("generative-run") / "run"
     learner = ContinualLearner(config=config, run_dir=run)
-    for task in lm_tasks():
+    for task in lm_word_tasks():
         learner.learn(task)
     learner.finish()
     return QuantizedRun(learner, run, folders["llama"], "fruit")  # slot 1

@@ -5,13 +5,13 @@ do is refused by name."""
 from __future__ import annotations
 
 import pytest
-from helpers import DEVICE, LM_WORDS, require_serve
+from helpers import DEVICE, LM_WORDS, lm_word_tasks, require_serve
 
 require_serve()
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from continual_peft import Backbone, ContinualLearner, Task  # noqa: E402
+from continual_peft import Backbone, ContinualLearner  # noqa: E402
 from continual_peft.backbones.tiny import save_tiny  # noqa: E402
 from continual_peft.config import LearnerConfig  # noqa: E402
 from continual_peft.engine.evaluation import predict_records  # noqa: E402
@@ -36,13 +36,7 @@ def served(tmp_path_factory):
     )
     backbone = Backbone.from_pretrained(str(base), max_length=32, device=DEVICE, dtype="float32")
     learner = ContinualLearner(backbone, config=config, run_dir=root / "run")
-    pairs = [("red", "yes"), ("blue", "no"), ("green", "no")]
-    colors = Task.from_examples("colors", train=pairs * 4, test=pairs)
-    colors.template = "Input: {text} Output:"
-    pairs = [("fruit of red", "apple"), ("fruit of blue", "plum"), ("fruit of green", "fox")]
-    fruit = Task.from_examples("fruit", train=pairs * 4, test=pairs)
-    fruit.kind, fruit.template = "generation", "Input: {text} Output:"
-    for task in (colors, fruit):
+    for task in lm_word_tasks():
         learner.learn(task)
     learner.finish()
     return load_served(root / "run")
