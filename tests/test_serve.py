@@ -360,6 +360,11 @@ def test_the_watcher_picks_up_only_the_same_run(run_copy):
     checkpoint.write_text(json.dumps(data), encoding="utf-8")
     assert watcher.poll() is True
 
+    watcher.refuse("OSError: a file was being replaced", retry_seconds=0.2)  # a failed load
+    assert watcher.poll() is False and watcher.failed.startswith("OSError")
+    time.sleep(0.3)
+    assert watcher.poll() is True  # tried again once the wait is over
+
     data["run_config_sha256"] = "0" * 64  # another run's checkpoint in the folder
     checkpoint.write_text(json.dumps(data), encoding="utf-8")
     assert watcher.poll() is False and "now holds another run" in watcher.failed

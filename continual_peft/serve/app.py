@@ -218,7 +218,6 @@ class Server:
         )
         self.watcher = RunWatcher(served)
         self.switches = 0
-        self._retry_at, self._failed_version = 0.0, None
         self.metrics.tasks.set(len(served.tasks))
 
     @property
@@ -235,8 +234,6 @@ class Server:
             await asyncio.sleep(self.settings.poll_seconds)
             if not self.watcher.poll():
                 continue
-            if self.watcher.latest == self._failed_version and time.monotonic() < self._retry_at:
-                continue  # the checkpoint that failed, not yet tried again
             s = self.settings
             load = functools.partial(
                 load_served,
@@ -247,10 +244,8 @@ class Server:
             )
             try:
                 served = await loop.run_in_executor(None, load)
-            except Exception as err:  # keep serving what is loaded; say why on /health
-                self.watcher.failed = f"{type(err).__name__}: {err}"
-                self._failed_version = self.watcher.latest
-                self._retry_at = time.monotonic() + s.retry_failed_seconds
+            except Exception as err:  # keep serving what is loaded; say why on /tasks
+                self.watcher.refuse(f"{type(err).__name__}: {err}", s.retry_failed_seconds)
                 continue
             tasks = list(zip(served.tasks, served.data_sha256, strict=True))
             problem = self.watcher.mismatch(served.run_config_sha256, tasks)

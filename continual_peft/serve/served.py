@@ -13,6 +13,7 @@ A run that another process is still learning is served as its last checkpoint ha
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,7 @@ class RunWatcher:
         self.folder = served.folder
         self.failed: str | None = None  # why the newest checkpoint is not served (/tasks)
         self._refused: str | None = None  # the version `failed` is about
+        self._retry_at = math.inf  # when `poll` offers the refused version again (monotonic)
         self.latest: str | None = None  # the version `poll` found
         self.served(served)
 
@@ -316,16 +318,18 @@ class RunWatcher:
         if found == self.version:
             self.failed = None
             return False
-        if found == self._refused:
+        if found == self._refused and time.monotonic() < self._retry_at:
             return False
         problem = self._other_run()
         if problem:
             self.refuse(problem)
         return problem is None
 
-    def refuse(self, problem: str) -> None:
-        """Serve on, and keep `poll` from offering the checkpoint found last again."""
+    def refuse(self, problem: str, retry_seconds: float = math.inf) -> None:
+        """Serve on, saying why (`failed`), and keep `poll` from offering the checkpoint found
+        last again for `retry_seconds` (a failed load), or at all (another run's)."""
         self.failed, self._refused = problem, self.latest
+        self._retry_at = time.monotonic() + retry_seconds
 
     def _other_run(self) -> str | None:
         """Why the checkpoint now in the folder is not of the served run, or None."""
