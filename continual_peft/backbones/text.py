@@ -65,6 +65,22 @@ class Encoded:
     truncated: int  # how many inputs were longer than max_length
 
 
+def check_unicode(texts: list[str], where: str = "input") -> None:
+    """Refuse a text that cannot be encoded (a lone surrogate, which JSON can carry).
+
+    Raises:
+        ContinualPeftError: naming the first such text (`where` and its index) and where in it.
+    """
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ContinualPeftError(
+                f"{where} {i} is not valid Unicode text ({err.reason} at character "
+                f"{err.start}, e.g. a lone surrogate); fix or drop it"
+            ) from None
+
+
 class Backbone(nn.Module):
     """A frozen Hugging Face encoder with its tokenizer.
 
@@ -223,14 +239,7 @@ class Backbone(nn.Module):
             )
         if not texts:
             return Encoded(items=[], truncated=0)
-        for i, text in enumerate(texts):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise ContinualPeftError(
-                    f"{where} {i} is not valid Unicode text ({err.reason} at character "
-                    f"{err.start}, e.g. a lone surrogate); fix or drop it"
-                ) from None
+        check_unicode(texts, where)
         # A very long text is read through a prefix that holds far more than max_length tokens
         # (a 10 MB line is never tokenized whole); a prefix that does not is read whole.
         heads = [self._within(t) for t in texts]

@@ -21,6 +21,7 @@ from typing import Any
 
 from continual_peft.backbones.image import ImageBackbone
 from continual_peft.backbones.lm import LanguageModelBackbone
+from continual_peft.backbones.text import check_unicode as check_texts
 from continual_peft.engine.evaluation import predict_records
 from continual_peft.engine.learner import ContinualLearner
 from continual_peft.engine.loading import load_learner
@@ -210,19 +211,12 @@ class ServedRun:
 
 
 def check_unicode(rows: list[Row]) -> None:
-    """Refuse texts that cannot be encoded (a JSON body may carry lone surrogates)."""
-    broken = []
-    for i, row in enumerate(rows):
-        try:
-            row.text.encode("utf-8")
-        except UnicodeEncodeError:
-            broken.append(i)
-    if broken:
-        raise RequestError(
-            f"text(s) {broken[:10]} are not valid Unicode (a lone surrogate such as \\udc00); "
-            "fix or drop them",
-            "texts",
-        )
+    """Refuse texts that cannot be encoded (a JSON body may carry lone surrogates), as the
+    backbone would (`backbones.text.check_unicode`), as this request's error."""
+    try:
+        check_texts([row.text for row in rows], "text")
+    except ContinualPeftError as err:
+        raise RequestError(str(err), "texts") from None
 
 
 def checkpoint_version(folder: Path) -> str | None:
