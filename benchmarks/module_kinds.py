@@ -1,15 +1,20 @@
 """Module kinds side by side on MiniLM: size, training and inference cost, and accuracy.
 
-For every registered module kind, in one run on the same machine:
+The seed survey's first experiment (arXiv 2501.13787: every family of PEFT against a linear
+probe). For every registered module kind, a hybrid slot (`prefix+adapter`, the MAM adapter's
+recipe) and the `linear_probe` strategy (the head alone, no module), in one run on the same
+machine:
 - trainable parameters per task (the slot plus a 4-way head);
 - training step time / the frozen backbone's forward+backward (gradients taken w.r.t. the input
-  embeddings, the least any method that backpropagates through the backbone must pay);
+  embeddings, the least any method that backpropagates through the backbone must pay; the
+  linear probe needs no backward through the backbone at all);
 - inference time / the frozen backbone's forward;
 - oracle ACC after learning the four shared CL benchmark tasks with a small budget (per_task),
-  each kind with the settings of its `strategies/per_task_<kind>.toml` (learning rate included).
+  each with the settings of its spec (`strategies/per_task_<kind>.toml`, `per_task_hybrid.toml`,
+  `linear_probe.toml`: learning rates included), and the seconds that training took.
 
 Run: python benchmarks/module_kinds.py --data-root ../shared/data/cl_benchmark
-     [--kinds lora,adapter,prompt,prefix] [--max-train 200] [--max-test 200] [--epochs 2]
+     [--kinds lora,adapter,...,linear_probe] [--max-train 200] [--max-test 200] [--epochs 2]
 """
 
 from __future__ import annotations
@@ -21,8 +26,13 @@ import torch
 from _timing import paired_ratio
 
 from continual_peft import Backbone, ContinualLearner, LearnerConfig, ModuleBank, load_strategy_spec
-from continual_peft.modules import MODULE_KINDS
+from continual_peft.modules import MODULE_KINDS, WHOLE_METHOD_KINDS
 from continual_peft.tasks.streams import load_stream
+
+PROBE = "linear_probe"  # a strategy, not a kind: the head alone on the frozen backbone
+HYBRID = "prefix+adapter"
+SPECS = {HYBRID: "per_task_hybrid", PROBE: "linear_probe"}  # else per_task_<kind>
+ENTRIES = [k for k in MODULE_KINDS.names() if k not in WHOLE_METHOD_KINDS] + [HYBRID, PROBE]
 
 
 def kind_costs(kind: str, batch: dict) -> tuple[int, float, float]:
@@ -33,17 +43,22 @@ def kind_costs(kind: str, batch: dict) -> tuple[int, float, float]:
     any method that backpropagates through the backbone must pay.
     """
     backbone = Backbone.from_pretrained(max_length=batch["input_ids"].shape[1])
-    bank = ModuleBank(backbone, kind)
-    slot = bank.add_slot(seed=0)
+    probe = kind == PROBE
+    bank = ModuleBank(backbone, "lora" if probe else kind)  # the probe: no slot ever opens
+    slot = None if probe else bank.add_slot(seed=0)
     head = torch.nn.Linear(backbone.hidden_size, 4)
     params = bank.trainable_parameters() + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     labels = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
     ids, mask = batch["input_ids"], batch["attention_mask"]
 
+    def using():  # the kind's slot, or (the probe) no module
+        return bank.base_only() if probe else bank.use_slot(slot)
+
     def step():
-        with bank.use_slot(slot):
-            loss = torch.nn.functional.cross_entropy(head(backbone.embed(batch)), labels)
+        with using(), torch.set_grad_enabled(not probe):
+            pooled = backbone.embed(batch)
+        loss = torch.nn.functional.cross_entropy(head(pooled), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -56,7 +71,7 @@ def kind_costs(kind: str, batch: dict) -> tuple[int, float, float]:
             ).last_hidden_state.sum().backward()
 
     def infer():
-        with torch.no_grad(), bank.use_slot(slot):
+        with torch.no_grad(), using():
             backbone(ids, mask)
 
     def frozen_infer():
@@ -67,22 +82,24 @@ def kind_costs(kind: str, batch: dict) -> tuple[int, float, float]:
     return sum(p.numel() for p in params), train, paired_ratio(infer, frozen_infer)
 
 
-def accuracy(kind: str, args: argparse.Namespace) -> float:
+def accuracy(kind: str, args: argparse.Namespace) -> tuple[float, float]:
+    """(oracle ACC, seconds of training over the stream)."""
     stream = load_stream("streams/cl_benchmark.toml", args.data_root, args.max_train, args.max_test)
     # each kind with its own spec file's settings (prompts and prefixes need larger learning rates)
-    spec = Path(f"strategies/per_task_{kind}.toml")
+    spec = Path(f"strategies/{SPECS.get(kind, f'per_task_{kind}')}.toml")
     config = load_strategy_spec(spec) if spec.exists() else LearnerConfig(module=kind)
     config.train.epochs = args.epochs
     config.backbone.max_length = args.max_length
     learner = ContinualLearner(config=config, stream=stream.name)
     for task in stream.tasks:
         learner.learn(task)
-    return learner.report["metrics"]["oracle"]["acc"]
+    seconds = sum(record["train_seconds"] for record in learner.records)
+    return learner.report["metrics"]["oracle"]["acc"], seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kinds", default=",".join(MODULE_KINDS.names()))
+    parser.add_argument("--kinds", default=",".join(ENTRIES))
     parser.add_argument("--data-root", default="../shared/data/cl_benchmark")
     parser.add_argument("--max-train", type=int, default=200)
     parser.add_argument("--max-test", type=int, default=200)
@@ -100,13 +117,14 @@ def main() -> None:
     budget = f"{args.max_train} train / {args.max_test} test per task, {args.epochs} epochs"
     print(f"accuracy: per_task, oracle routing, 4 CL benchmark tasks, {budget}\n")
     print("| kind | trainable params / task | train step / frozen fwd+bwd | ", end="")
-    print("inference / frozen fwd | ACC |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("inference / frozen fwd | ACC | train s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for kind in args.kinds.split(","):
         params, train, infer = kind_costs(kind, batch)
-        acc = "skipped" if args.skip_accuracy else f"{100 * accuracy(kind, args):.1f}"
+        acc, seconds = ("skipped", "") if args.skip_accuracy else accuracy(kind, args)
+        shown = acc if args.skip_accuracy else f"{100 * acc:.1f} | {seconds:.0f}"
         ratios = f"{train:.2f} | {infer:.2f}"
-        print(f"| {kind} | {params:,} | {ratios} | {acc} |", flush=True)
+        print(f"| {kind} | {params:,} | {ratios} | {shown} |", flush=True)
 
 
 if __name__ == "__main__":

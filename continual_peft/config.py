@@ -35,7 +35,7 @@ from typing import Any
 from continual_peft.backbones.placement import DTYPES
 from continual_peft.backbones.quantization import QUANT_TYPES, QUANTIZE
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules import MODULE_KINDS
+from continual_peft.modules import MODULE_KINDS, kind_parts
 from continual_peft.registry import validate_task_name
 from continual_peft.routers import ROUTERS
 from continual_peft.spec import Section
@@ -141,6 +141,12 @@ class LearnerConfig:
         if kind in self.modules:
             return self.modules[kind]
         return MODULE_KINDS.options_type(kind)()
+
+    def part_kinds(self) -> list[str]:
+        """The plain kinds the run's slots use, each once: the parts of `module` and of every
+        per-task override (`"lora+prompt"` uses lora and prompt)."""
+        kinds = [self.module, *self.task_modules.values()]
+        return list(dict.fromkeys(part for kind in kinds for part in kind_parts(kind)))
 
     def module_for(self, task: str) -> str:
         """The module kind of `task`: its override, else the run's `module`."""
@@ -254,11 +260,7 @@ class LearnerConfig:
         kinds = [("module", self.module)]
         kinds += [(f"tasks.{task}.module", kind) for task, kind in self.task_modules.items()]
         for key, kind in kinds:
-            if kind not in MODULE_KINDS:
-                raise ContinualPeftError(
-                    f"{where}: {key}: unknown module kind {kind!r}; "
-                    f"valid names: {', '.join(MODULE_KINDS.names())}"
-                )
+            kind_parts(kind, f"{where}: {key}")
         _check_ranges(
             where,
             [

@@ -120,8 +120,11 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(str(default_model_path()))
 
 
-def tiny_bert(tokenizer, seed: int = 0) -> BertModel:
+def tiny_bert(tokenizer, seed: int = 0, still: bool = False) -> BertModel:
+    """A 2-layer BERT of width 32; `still`: every dropout off (the same features in training
+    and in evaluation)."""
     torch.manual_seed(seed)
+    dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if still else {}
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
@@ -129,6 +132,7 @@ def tiny_bert(tokenizer, seed: int = 0) -> BertModel:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
+        **dropout,
     )
     return BertModel(config, add_pooling_layer=False).eval()
 

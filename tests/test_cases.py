@@ -15,7 +15,8 @@ gives it and matrices of the stream's shape; nothing off the backbone's device; 
 rolled back completely (`retried` equals `run`); a loaded learner that keeps learning equals one
 that learned straight (`resumed` equals `run`); a reloaded run predicts what the run predicted; a
 mixed batch equals each row alone, and the oracle (and routed) matrix's last row recomputes from
-`predict`; a LoRA task exports as peft adapter giving the hidden states the run evaluated with.
+`predict`; a LoRA or (IA)^3 task exports as peft adapter giving the hidden states the run
+evaluated with.
 Behaviour particular to one strategy, kind or router stays in its own file.
 """
 
@@ -53,13 +54,14 @@ from continual_peft.backbones.image import ImageBackbone
 from continual_peft.backbones.tiny import save_tiny
 from continual_peft.engine.loading import load_learner
 from continual_peft.integrations.peft_export import export_task
-from continual_peft.modules import MODULE_KINDS
+from continual_peft.modules import MODULE_KINDS, kind_parts
 from continual_peft.routers import ROUTERS
-from continual_peft.strategies import load_strategy_spec
+from continual_peft.strategies import NO_SLOT, load_strategy_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "strategies"
 SHARED_SLOT = {"seq", "replay", "ewc", "joint", "l2p"}  # one slot serves every task
 MERGED_SLOT = {"merge", "route_or_merge"}  # a slot per task, plus one merged from them
+HEADS_ONLY = {"linear_probe"}  # no task opens a slot: each trains its head on the bare backbone
 GENERATIVE = {"llama", "gpt2", "t5"}
 
 
@@ -96,15 +98,25 @@ CASES = [
     Case("route_or_merge", router="mahalanobis", spec="route_or_merge_lora"),
     Case("sdlora", spec="sdlora_lora"),
     Case("l2p", module="prompt_pool", spec="l2p"),
+    Case("linear_probe", spec="linear_probe"),
+    Case("linear_probe", router="mahalanobis"),
     # every module kind, alone and mixed in one run
     Case("per_task", module="adapter", spec="per_task_adapter"),
     Case("per_task", module="prefix", spec="per_task_prefix"),
     Case("per_task", module="prompt", spec="per_task_prompt"),
+    Case("per_task", module="ia3", spec="per_task_ia3"),
+    Case("per_task", module="bitfit", spec="per_task_bitfit"),
     Case(
         "per_task",
         spec="per_task_mixed",
         task_modules=(("animals", "adapter"), ("moods", "prompt")),
     ),
+    # hybrid slots: several kinds in one task's slot, mixed per row with plain slots
+    Case("per_task", module="prefix+adapter", spec="per_task_hybrid"),
+    Case(
+        "per_task", module="lora+prompt", router="mahalanobis", task_modules=(("animals", "lora"),)
+    ),
+    Case("per_task", module="lora+prompt", router="mahalanobis", family="llama"),
     # every router
     Case("per_task", router="mahalanobis", spec="per_task_routed"),
     Case("per_task", router="prototype"),
@@ -122,8 +134,10 @@ CASES = [
     Case("joint", family="llama"),
     Case("per_task", module="prompt", router="mahalanobis", family="llama"),
     Case("replay", module="prefix", router="mahalanobis", family="gpt2"),
+    Case("per_task", module="bitfit", router="mahalanobis", family="gpt2"),
     Case("replay", router="mahalanobis", family="t5"),
     Case("per_task", module="adapter", router="prototype", family="t5"),
+    Case("per_task", module="ia3", router="mahalanobis", family="llama"),
 ]
 
 
@@ -317,7 +331,8 @@ def test_every_spec_and_registered_name_has_a_case():
     assert {f"{case.spec}.toml" for case in CASES} >= {p.name for p in SPECS.glob("*.toml")}
     assert {case.strategy for case in CASES} == set(STRATEGIES.names())
     kinds = {case.module for case in CASES} | {k for case in CASES for _, k in case.task_modules}
-    assert kinds == set(MODULE_KINDS.names())
+    assert {part for kind in kinds for part in kind_parts(kind)} == set(MODULE_KINDS.names())
+    assert any(len(kind_parts(kind)) > 1 for kind in kinds)  # a hybrid slot
     assert {case.router for case in CASES} == set(ROUTERS.names())
 
 
@@ -333,13 +348,20 @@ def test_every_task_is_learned_into_its_slots(runs: Runs):
         assert all(0 <= matrix[i][j] <= 1 for i in range(size) for j in range(i + 1))
     slots = [record["slot"] for record in runs.run.records]
     shared, merged = runs.case.strategy in SHARED_SLOT, runs.case.strategy in MERGED_SLOT
+    heads_only = runs.case.strategy in HEADS_ONLY
     if merged:  # the merged slot opens after the first task's
         assert slots == [0, *range(2, size + 1)] and runs.run.strategy.merged == [1]
+    elif heads_only:
+        assert slots == [NO_SLOT] * size
     else:
         assert slots == ([0] * size if shared else list(range(size)))
-    assert runs.run.bank.num_slots == (1 if shared else size + merged)
+    assert runs.run.bank.num_slots == (0 if heads_only else 1 if shared else size + merged)
     kinds = dict(runs.case.task_modules)
-    assert [t["module"] for t in report["tasks"]] == [kinds.get(n, runs.case.module) for n in names]
+    modules = [
+        None if slot == NO_SLOT else kinds.get(name, runs.case.module)
+        for slot, name in zip(slots, names, strict=True)
+    ]
+    assert [t["module"] for t in report["tasks"]] == modules
     for folder, done in ((runs.run_dir, size), (runs.saved, size - 1)):
         saved = json.loads((folder / "checkpoint.json").read_text(encoding="utf-8"))
         assert saved["tasks_done"] == done and saved["last_task"] == names[done - 1]
@@ -450,15 +472,20 @@ def test_a_mixed_batch_equals_each_row_alone_and_predict_recomputes_the_matrix(r
             assert _accuracy(learner.predict(task.test_inputs), task) == value
 
 
-def test_a_lora_task_exports_what_the_run_evaluated(runs: Runs, tmp_path):
+def test_a_task_exports_as_peft_what_the_run_evaluated(runs: Runs, tmp_path):
     """The exported adapter gives each task the hidden states the run evaluated it with: its
     own slot (per_task), the shared slot as it is now (seq, replay, ewc, joint), every slot
-    summed into one LoRA of rank Σr (olora); a prompt pool (l2p) is refused with the reason."""
+    summed into one LoRA of rank Σr (olora); a prompt pool (l2p), and a task with no module
+    (linear_probe), are refused with the reason."""
     case, tasks = runs.case, runs.family.tasks
-    if case.module not in ("lora", "prompt_pool") or case.task_modules:
-        pytest.skip("peft export holds LoRA tasks")
+    if case.module not in ("lora", "ia3", "prompt_pool") or case.task_modules:
+        pytest.skip("peft export holds LoRA and (IA)^3 tasks")
     for task in (tasks[0].name, tasks[-1].name):
         out = tmp_path / f"{task}-peft"
+        if not runs.run.strategy.routing(runs.run, task)[0]:  # its head alone trained
+            with pytest.raises(ContinualPeftError, match="no module to export.*head.safetensors"):
+                export_task(runs.run_dir, task, "peft", out)
+            continue
         if case.strategy == "l2p":
             with pytest.raises(ContinualPeftError, match="prompt_pool.*can express only"):
                 export_task(runs.run_dir, task, "peft", out)
@@ -467,7 +494,7 @@ def test_a_lora_task_exports_what_the_run_evaluated(runs: Runs, tmp_path):
             export_task(runs.run_dir, task, "peft", out)
         provenance = json.loads((out / "continual_peft.json").read_text(encoding="utf-8"))
         assert provenance["slots"] == runs.run.strategy.routing(runs.run, task)[0]
-        if case.family == "bert":  # the other families' exports: test_export_generative.py
+        if case.family == "bert":  # the other families': test_export_generative.py, test_ia3.py
             _peft_gives_what_was_evaluated(runs.run, task, out)
 
 
@@ -485,4 +512,4 @@ def _peft_gives_what_was_evaluated(learner: ContinualLearner, task: str, out: Pa
         assert_close(model(**batch.copy()).last_hidden_state, evaluated)
         with learner.bank.base_only():
             bare = backbone(**batch)
-    assert not torch.allclose(evaluated, bare, atol=1e-4)  # the task's LoRA is not a no-op
+    assert not torch.allclose(evaluated, bare, atol=1e-4)  # the task's module is no no-op

@@ -69,6 +69,7 @@ def test_list_shows_every_registered_name(what: str, expected: list[str]):
 
 def test_list_names_the_built_ins():
     assert "lora" in invoke("list", "modules").stdout
+    assert "a hybrid slot: kinds joined by '+'" in invoke("list", "modules").stdout
     strategies = invoke("list", "strategies").stdout
     assert "per_task" in strategies and "seq" in strategies
     assert "oracle" in invoke("list", "routers").stdout

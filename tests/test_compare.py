@@ -18,6 +18,7 @@ from continual_peft.experiments import launch
 from continual_peft.experiments.compare import compare, load_leaderboard, total_trainable_parameters
 from continual_peft.experiments.entries import entry_from, resolve_entries
 from continual_peft.reports.run import load_report
+from continual_peft.strategies import NO_SLOT
 
 runner = CliRunner()
 NAMES = ("colors", "animals")
@@ -92,15 +93,17 @@ def test_compare_writes_a_consistent_leaderboard(spec: Path, tmp_path: Path, tin
             {k: v for k, v in report["config"].items() if k != "backbone_fingerprint"}
         )
         slot, head = _plain_count(make_backbone, config, labels=3)
-        slots = len({task["slot"] for task in report["tasks"]})
+        # each distinct slot; a task with none (linear_probe) trained its head alone
+        slots = len({task["slot"] for task in report["tasks"]} - {NO_SLOT})
         if label == "inflora":  # its down-projections are designed, not trained: B alone
             slot //= 2
         # SD-LoRA trains a magnitude per task so far with each slot: 1, then 2, ...
         magnitudes = slots * (slots + 1) // 2 if label == "sdlora" else 0
         expected = slots * slot + magnitudes + len(NAMES) * head
         assert entry["trainable_parameters"]["mean"] == expected, label
-        if label in ("per_task", "seq"):
-            assert slots == {"per_task": len(NAMES), "seq": 1}[label]
+        if label in ("per_task", "seq", "linear_probe"):
+            assert slots == {"per_task": len(NAMES), "seq": 1, "linear_probe": 0}[label]
+        assert entry["module"] == ("none" if slots == 0 else config.module), label
         assert entry["train_seconds"]["mean"] == pytest.approx(
             sum(t["train_seconds"] for t in report["tasks"])
         )
@@ -208,8 +211,20 @@ def test_entries_must_share_the_budget(tmp_path: Path):
         (["--sweep", "lora.r"], "--sweep 'lora.r': write KEY=V1,V2,..."),
         (["--sweep", "train.epochs=1,2"], "--sweep train.epochs and a command-line option"),
         (["--sweep", "prompt.num_virtual_tokens=2,4"], "so prompt.num_virtual_tokens would"),
+        (["--sweep", "lora.targets=query,query+"], "'query+' has an empty name"),
+        (["--sweep", "module=lora,lora+bogus"], "unknown module kind 'bogus' in 'lora+bogus'"),
     ],
-    ids=["strategy", "key", "value", "range", "syntax", "conflict", "kind"],
+    ids=[
+        "strategy",
+        "key",
+        "value",
+        "range",
+        "syntax",
+        "conflict",
+        "kind",
+        "list",
+        "hybrid",
+    ],
 )
 def test_bad_input_exits_2(spec: Path, tmp_path: Path, no_model, options, expected):
     out = tmp_path / "out"
@@ -218,6 +233,18 @@ def test_bad_input_exits_2(spec: Path, tmp_path: Path, no_model, options, expect
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_a_sweep_over_lists_of_targets_sets_each_list():
+    entries = resolve_entries(["per_task"], sweep="lora.targets=query,value,query+value,all-linear")
+    assert [e.config.kind_config("lora").targets for e in entries] == [
+        ["query"],
+        ["value"],
+        ["query", "value"],
+        ["all-linear"],
+    ]
+    assert [e.sweep["value"] for e in entries] == ["query", "value", "query+value", "all-linear"]
+    assert entries[2].label == "per_task-lora.targets-query_value"
 
 
 def test_every_registered_strategy_is_a_valid_entry():

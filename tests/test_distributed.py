@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_tokenizer, require_bitsandbytes, word_task, write_stream
+from helpers import load_tokenizer, require_bitsandbytes, tiny_bert, word_task, write_stream
 from safetensors.torch import load_file
-from transformers import BertConfig, BertModel
 from typer.testing import CliRunner
 
 from continual_peft.cli import app
@@ -97,18 +96,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     """A tiny BERT without dropout (so 1 and N processes can agree), two tasks, a spec."""
     root = tmp_path_factory.mktemp("dp")
     tokenizer = load_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertModel(config, add_pooling_layer=False).save_pretrained(root / "model")
+    tiny_bert(tokenizer, still=True).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     stream = write_stream(root / "data", [word_task("colors"), word_task("animals")])
     spec = root / "spec.toml"
@@ -172,11 +160,14 @@ def test_two_processes_learn_what_one_process_learns(one, two):
 
 # The field's methods, each with the state torchrun must keep the same on every rank: InfLoRA's
 # input covariances (summed over the ranks' shards), SD-LoRA's magnitudes (trained), the merged
-# slot and the router's fallback.
+# slot and the router's fallback; and the floor, linear_probe: heads alone, no slot.
 METHODS = {
     "inflora": ('strategy = "inflora"', 'router = "oracle"', "samples = 16"),
     "sdlora": ('strategy = "sdlora"', 'router = "oracle"', ""),
     "route_or_merge": ('strategy = "route_or_merge"', 'router = "mahalanobis"', "margin = 1.0"),
+    "linear_probe": ('strategy = "linear_probe"', 'router = "mahalanobis"', ""),
+    # the survey's kinds in hybrid slots: LoRA with a prompt, then BitFit with (IA)^3
+    "hybrid_kinds": ('strategy = "per_task"', 'router = "mahalanobis"', ""),
     # the spec's own replay on a frozen backbone quantized to 4 bits (QUANTIZED): every rank
     # quantizes the same folder alike, so the ranks agree as in full precision
     "replay_4bit": (
@@ -187,6 +178,10 @@ METHODS = {
 }
 # methods whose [backbone] table gets a line more
 QUANTIZED = {"replay_4bit": 'quantize = "4bit"  # NF4 with double quantization (bitsandbytes)'}
+# methods whose spec loses its [lora] table: linear_probe refuses module settings it would ignore
+NO_MODULE = {"linear_probe"}
+# methods with other module kinds: the run's module, and tables appended to the spec
+MODULES = {"hybrid_kinds": ('module = "lora+prompt"', '[tasks.animals]\nmodule = "bitfit+ia3"\n')}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -195,6 +190,11 @@ def test_the_fields_methods_learn_under_two_processes_what_one_learns(setup, met
     text = setup["spec"].read_text(encoding="utf-8")
     text = text.replace('strategy = "replay"', strategy).replace('router = "mahalanobis"', router)
     text = text.replace("buffer_size = 20\nreplay_batch_size = 5", option)
+    if method in NO_MODULE:
+        text = text.replace("[lora]\nr = 4\ndropout = 0.0\n", "")
+    if method in MODULES:
+        module, tables = MODULES[method]
+        text = text.replace('module = "lora"', module) + tables
     if method in QUANTIZED:
         require_bitsandbytes()
         text = text.replace("max_length = 32\n", f"max_length = 32\n{QUANTIZED[method]}\n")
@@ -209,6 +209,9 @@ def test_the_fields_methods_learn_under_two_processes_what_one_learns(setup, met
     assert_same_state(one_dir, two_dir)
     ran = json.loads((two_dir / "config.json").read_text(encoding="utf-8"))["config"]["backbone"]
     assert ran.get("quantize", "none") == ("4bit" if method in QUANTIZED else "none")
+    if method in MODULES:
+        report = json.loads((two_dir / "report.json").read_text(encoding="utf-8"))
+        assert [task["module"] for task in report["tasks"]] == ["lora+prompt", "bitfit+ia3"]
 
 
 FLAKY = """

@@ -13,7 +13,7 @@ from continual_peft.config import LearnerConfig
 from continual_peft.errors import ContinualPeftError
 from continual_peft.experiments.compare import load_leaderboard
 from continual_peft.experiments.grid import console_aggregate, load_aggregate
-from continual_peft.modules import MODULE_KINDS
+from continual_peft.modules import HYBRID, MODULE_KINDS, WHOLE_METHOD_KINDS
 from continual_peft.reports.leaderboard import console_leaderboard
 from continual_peft.reports.run import console_report, load_report
 from continual_peft.routers import ROUTERS
@@ -60,9 +60,14 @@ def _streams() -> list[str]:
     return [_stream_line(p) for p in specs]
 
 
+HYBRID_LINE = (
+    f"a hybrid slot: kinds joined by '{HYBRID}' (module = \"lora{HYBRID}prompt\"), every part "
+    f"trained, routed and saved together; any kind but {', '.join(WHOLE_METHOD_KINDS)}"
+)
+
 # what `list` can list, in the order its help names them
 LISTS = {
-    "modules": lambda: _registered(MODULE_KINDS),
+    "modules": lambda: [*_registered(MODULE_KINDS), HYBRID_LINE],
     "strategies": _strategies,
     "streams": _streams,
     "routers": lambda: _registered(ROUTERS),

@@ -56,9 +56,9 @@ def export(
     format_: str = typer.Option(
         "peft",
         "--format",
-        help="peft (a task's LoRA adapter for peft.PeftModel), merged (a task's standalone HF "
-        "model folder) or vllm (every task's LoRA adapter, named by its task, and the router: "
-        "for multi-LoRA servers such as vLLM and LoRAX).",
+        help="peft (a task's LoRA or (IA)^3 adapter for peft.PeftModel), merged (a task's "
+        "standalone HF model folder) or vllm (every task's LoRA adapter, named by its task, and "
+        "the router: for multi-LoRA servers such as vLLM and LoRAX).",
         metavar="TEXT",
     ),
     out: Path = typer.Option(

@@ -15,8 +15,13 @@ appending one. Which slot each row uses is set with a context manager:
     with bank.base_only():               # the bare backbone (frozen features)
         ...
 
+A hybrid slot holds several kinds at once (`"lora+prompt"`: `modules.kind_parts`); each part is
+one row of its kind's stacks, so a hybrid slot and plain slots of its kinds share those stacks, and
+each part keeps its own scale. A hybrid slot's state names every tensor `<kind>/<site>.<tensor>`
+(two kinds may wrap the same layer); a plain slot's, `<site>.<tensor>`.
+
 Each kind keeps its own stacks and its own `Routing`; the bank translates global slot ids into
-each kind's local ids, giving -1 (no module) to rows whose slot is of another kind. It does so
+each kind's local ids, giving -1 (no module) to rows whose slot has no part of that kind. It does so
 once per forward, on the CPU, and sends the result to the device in one copy per kind: the
 sites inside the forward never synchronise with the host. A kind's local ids are a permutation of
 0..n-1 whose trainable slot, if any, is always the newest row of the kind's stacks (the sites
@@ -34,7 +39,7 @@ from torch import nn
 
 from continual_peft.backbones.text import Backbone
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules import MODULE_KINDS, Routing
+from continual_peft.modules import HYBRID, MODULE_KINDS, Routing, kind_parts
 
 
 class ModuleBank:
@@ -42,9 +47,11 @@ class ModuleBank:
 
     Args:
         backbone: The frozen backbone; target layers get wrapped.
-        kind: The default module kind for new slots (see `MODULE_KINDS.names()`).
-        config: That kind's config dataclass; its defaults when None.
-        configs: Configs of other kinds that slots may use (defaults for any not given).
+        kind: The default module kind for new slots (see `MODULE_KINDS.names()`), or a hybrid
+            of several (`"lora+prompt"`).
+        config: That kind's config dataclass; its defaults when None (a plain kind only).
+        configs: Configs of the kinds that slots may use, by plain kind (defaults for any not
+            given).
     """
 
     def __init__(
@@ -59,24 +66,37 @@ class ModuleBank:
         self.configs = dict(configs or {})
         if config is not None:
             self.configs[kind] = config
-        self.kind_sites: dict[str, dict[str, nn.Module]] = {}
-        self.routings: dict[str, Routing] = {}
-        self.slot_kinds: list[str] = []  # kind of each global slot
-        self.slot_local: list[int] = []  # index of each global slot within its kind's stacks
-        self.slot_scale: list[float] = []  # each slot's fixed scale (1 for kinds without one)
+        self.kind_sites: dict[str, dict[str, nn.Module]] = {}  # plain kind -> its sites
+        self.routings: dict[str, Routing] = {}  # plain kind -> its routing
+        self.slot_kinds: list[str] = []  # kind of each global slot, as declared ("lora+prompt")
+        # each slot's part kinds -> its index within that kind's stacks, in the declared order
+        self.slot_parts: list[dict[str, int]] = []
+        # each slot's part kinds -> the part's fixed scale (1 for kinds without one)
+        self.slot_scale: list[dict[str, float]] = []
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # `_kind_tables`
         self.training_slot: int | None = None  # the trainable slot's index, if one is open
         self.released: list[int] = []  # slots `add_slot` reopens before appending (a budget)
         self._inject(kind)
 
     @property
     def config(self) -> object:
-        """The default kind's config."""
+        """The default kind's config (a hybrid kind has one per part: `configs[part]`)."""
+        parts = kind_parts(self.kind)
+        if len(parts) > 1:
+            raise ContinualPeftError(
+                f"hybrid kind {self.kind!r} has one config per part: bank.configs[part] for "
+                f"part in {list(parts)}"
+            )
         return self.configs[self.kind]
 
     @property
     def sites(self) -> dict[str, nn.Module]:
-        """The default kind's injected sites, by wrapped layer name."""
-        return self.kind_sites[self.kind]
+        """The default kind's injected sites, by wrapped layer name (a hybrid kind's by
+        `<part>/<layer>`, as its slot state names them)."""
+        parts = kind_parts(self.kind)
+        if len(parts) == 1:
+            return self.kind_sites[self.kind]
+        return {f"{part}/{name}": s for part in parts for name, s in self.kind_sites[part].items()}
 
     @property
     def num_slots(self) -> int:
@@ -86,16 +106,25 @@ class ModuleBank:
     def has_trainable(self) -> bool:
         return self.training_slot is not None
 
-    def _inject(self, kind: str) -> dict[str, nn.Module]:
-        if kind not in self.kind_sites:
-            config = self.configs.setdefault(kind, MODULE_KINDS.options_type(kind)())
-            self.routings[kind] = Routing()
-            built = MODULE_KINDS.build(kind, dataclasses.asdict(config), "module kind")
-            sites = built.inject(self.backbone, self.routings[kind])
-            for site in sites.values():
-                site.train(self.backbone.training)  # a new module starts in train mode
-            self.kind_sites[kind] = sites
-        return self.kind_sites[kind]
+    def local_slot(self, slot: int, kind: str) -> int:
+        """`slot`'s row in the stacks of plain kind `kind` (one of its parts)."""
+        self._check_slot(slot)
+        return self.slot_parts[slot][kind]
+
+    def _inject(self, kind: str) -> dict[str, dict[str, nn.Module]]:
+        """The sites of each part of `kind`, by part, each part injected when first used."""
+        parts = {}
+        for part in kind_parts(kind, "module kind"):
+            if part not in self.kind_sites:
+                config = self.configs.setdefault(part, MODULE_KINDS.options_type(part)())
+                self.routings[part] = Routing()
+                built = MODULE_KINDS.build(part, dataclasses.asdict(config), "module kind")
+                sites = built.inject(self.backbone, self.routings[part])
+                for site in sites.values():
+                    site.train(self.backbone.training)  # a new module starts in train mode
+                self.kind_sites[part] = sites
+            parts[part] = self.kind_sites[part]
+        return parts
 
     def add_slot(self, seed: int, kind: str | None = None) -> int:
         """Open a trainable slot of `kind` (default kind if None), initialised from `seed`:
@@ -103,14 +132,15 @@ class ModuleBank:
         if self.has_trainable:
             raise RuntimeError("freeze the trainable slot before opening another")
         kind = kind or self.kind
-        sites = self._inject(kind)
+        parts = self._inject(kind)
         slot = min(self.released) if self.released else None
         if slot is not None:
             self._remove_row(slot)
             self.released.remove(slot)
         generator = self.backbone.placement.generator(seed)  # drawn on the CPU, then moved
-        for site in sites.values():
-            site.add_slot(generator)
+        for sites in parts.values():  # a hybrid's parts in their declared order
+            for site in sites.values():
+                site.add_slot(generator)
         slot = self._append(kind) if slot is None else self._place(slot, kind)
         self.training_slot = slot
         return slot
@@ -137,16 +167,16 @@ class ModuleBank:
             raise RuntimeError("cannot replace a slot while another one is being trained")
         self._remove_row(slot)  # a trainable slot's row is its kind's newest
         self.training_slot = None
-        for name, site in self._inject(kind).items():
-            prefix = name + "."
-            site.load_slot({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        for part, sites in self._inject(kind).items():
+            for name, site in sites.items():
+                site.load_slot(_site_state(state, kind, part, name))
         self._place(slot, kind)
         if slot in self.released:
             self.released.remove(slot)
 
     def freeze_slot(self) -> None:
         """Freeze the trainable slot; its tensors never change after this."""
-        for site in self.kind_sites[self.slot_kinds[self.training_slot]].values():
+        for site in self._slot_sites(self.training_slot):
             site.freeze_slot()
         self.training_slot = None
 
@@ -156,7 +186,7 @@ class ModuleBank:
             slot = self.num_slots - 1
             self._remove_row(slot)
             self.slot_kinds.pop()
-            self.slot_local.pop()
+            self.slot_parts.pop()
             self.slot_scale.pop()
             if self.training_slot == slot:
                 self.training_slot = None
@@ -166,16 +196,22 @@ class ModuleBank:
     def trainable_parameters(self) -> list[nn.Parameter]:
         if not self.has_trainable:
             return []
-        sites = self.kind_sites[self.slot_kinds[self.training_slot]].values()
+        sites = self._slot_sites(self.training_slot)
         return [p for site in sites for p in site.trainable_parameters()]
 
+    def _slot_sites(self, slot: int) -> list[nn.Module]:
+        """Every site that holds a part of `slot`."""
+        return [site for part in self.slot_parts[slot] for site in self.kind_sites[part].values()]
+
     def slot_state(self, slot: int) -> dict[str, torch.Tensor]:
-        """One slot's tensors, keyed `<site>.<tensor>`, for safetensors."""
+        """One slot's tensors, keyed `<site>.<tensor>` (a hybrid slot's `<kind>/<site>.<tensor>`),
+        for safetensors."""
         self._check_slot(slot)
-        sites, local = self.kind_sites[self.slot_kinds[slot]], self.slot_local[slot]
+        parts = self.slot_parts[slot]
         return {
-            f"{name}.{key}": tensor
-            for name, site in sites.items()
+            f"{_part_prefix(self.slot_kinds[slot], part)}{name}.{key}": tensor
+            for part, local in parts.items()
+            for name, site in self.kind_sites[part].items()
             for key, tensor in site.slot_tensors(local).items()
         }
 
@@ -187,10 +223,9 @@ class ModuleBank:
         if self.has_trainable:
             raise RuntimeError("cannot load a slot while one is being trained")
         kind = kind or self.kind
-        for name, site in self._inject(kind).items():
-            prefix = name + "."
-            tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            site.load_slot(tensors, trainable=trainable)
+        for part, sites in self._inject(kind).items():
+            for name, site in sites.items():
+                site.load_slot(_site_state(state, kind, part, name), trainable=trainable)
         slot = self._append(kind)
         self.training_slot = slot if trainable else None
         return slot
@@ -205,59 +240,62 @@ class ModuleBank:
         self._check_slot(slot)
         if slot == self.training_slot:
             raise ContinualPeftError(f"slot {slot} is training: only a frozen slot is replaced")
-        kind, local = self.slot_kinds[slot], self.slot_local[slot]
-        for name, site in self.kind_sites[kind].items():
-            prefix = name + "."
-            site.overwrite_slot(
-                local, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            )
-        scale = state.get(next(iter(self.kind_sites[kind])) + ".scale")
-        self.slot_scale[slot] = 1.0 if scale is None else float(scale)
+        kind = self.slot_kinds[slot]
+        for part, local in self.slot_parts[slot].items():
+            for name, site in self.kind_sites[part].items():
+                site.overwrite_slot(local, _site_state(state, kind, part, name))
+            self.slot_scale[slot][part] = self._scale(part, local)
+        self._tables = None
 
     def _append(self, kind: str) -> int:
-        """Register the slot just opened or loaded in `kind`'s stacks; returns its index."""
+        """Register the slot just opened or loaded in its parts' stacks; returns its index."""
         self.slot_kinds.append(kind)
-        self.slot_local.append(-1)
-        self.slot_scale.append(1.0)
+        self.slot_parts.append({})
+        self.slot_scale.append({})
         return self._place(self.num_slots - 1, kind)
 
     def _place(self, slot: int, kind: str) -> int:
-        """Make `slot` the row just opened or loaded at the end of `kind`'s stacks (its local
-        id, the kind's count of other slots); returns `slot`."""
-        local = sum(1 for s, k in enumerate(self.slot_kinds) if k == kind and s != slot)
-        first = next(iter(self.kind_sites[kind].values()))
-        scale = first.slot_tensors(local).get("scale")  # LoRA: alpha / r; adapters: 1
-        self.slot_kinds[slot], self.slot_local[slot] = kind, local
-        self.slot_scale[slot] = 1.0 if scale is None else float(scale)
+        """Make `slot` the row just opened or loaded at the end of each of its parts' stacks
+        (its local id there, the part's count of other slots); returns `slot`."""
+        parts, scales = {}, {}
+        for part in kind_parts(kind):
+            local = sum(1 for s, p in enumerate(self.slot_parts) if part in p and s != slot)
+            parts[part], scales[part] = local, self._scale(part, local)
+        self.slot_kinds[slot], self.slot_parts[slot], self.slot_scale[slot] = kind, parts, scales
+        self._tables = None
         return slot
 
+    def _scale(self, part: str, local: int) -> float:
+        """The fixed scale of row `local` of kind `part` (LoRA: alpha / r; 1 for kinds without
+        one)."""
+        scale = next(iter(self.kind_sites[part].values())).slot_tensors(local).get("scale")
+        return 1.0 if scale is None else float(scale)
+
     def _remove_row(self, slot: int) -> None:
-        """Take `slot`'s row out of its kind's stacks, keeping the other slots' values: the
-        kind's newest row moves into its place (its slot's local id follows), then the newest
-        row is dropped. `slot` keeps its index and must be placed again (`_place`)."""
-        kind, local = self.slot_kinds[slot], self.slot_local[slot]
-        sites = self.kind_sites[kind]
-        newest = self.slot_kinds.count(kind) - 1
-        if local != newest:
-            training = self.training_slot
-            # the sites train only their newest row: a trainable one cannot move
-            assert training is None or self.slot_kinds[training] != kind, "moving a training row"
-            moved = next(
-                s
-                for s, k in enumerate(self.slot_kinds)
-                if k == kind and self.slot_local[s] == newest
-            )
+        """Take each part of `slot` out of its kind's stacks, keeping the other slots' values:
+        the kind's newest row moves into its place (its slot's local id follows), then the
+        newest row is dropped. `slot` keeps its index and must be placed again (`_place`)."""
+        for part, local in self.slot_parts[slot].items():
+            sites = self.kind_sites[part]
+            newest = sum(1 for p in self.slot_parts if part in p) - 1
+            if local != newest:
+                training = self.training_slot
+                # the sites train only their newest row: a trainable one cannot move
+                assert training is None or part not in self.slot_parts[training], "moving a row"
+                moved = next(s for s, p in enumerate(self.slot_parts) if p.get(part) == newest)
+                for site in sites.values():
+                    site.overwrite_slot(local, site.slot_tensors(newest))
+                self.slot_parts[moved][part] = local
             for site in sites.values():
-                site.overwrite_slot(local, site.slot_tensors(newest))
-            self.slot_local[moved] = local
-        for site in sites.values():
-            site.drop_newest_slot()
-        self.slot_local[slot] = -1
+                site.drop_newest_slot()
+        self.slot_parts[slot], self.slot_scale[slot] = {}, {}
         self.slot_kinds[slot] = ""  # counted in no kind until placed again
+        self._tables = None
 
     @contextlib.contextmanager
     def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> Iterator[None]:
-        """Rows use per-row slots: `indices` (B,) or (B, k), -1 for none; `weights` like it."""
+        """Rows use per-row slots: `indices` (B,) or (B, k), -1 for none (a batch of only -1
+        runs the bare backbone); `weights` like it."""
         # resolved on the CPU (free when the caller's tensors are there already), then sent
         indices = indices.to("cpu", torch.long)
         if indices.dim() == 1:
@@ -281,23 +319,24 @@ class ModuleBank:
     def use_slot(self, slot: int) -> Iterator[None]:
         """Every row on `slot` with weight 1."""
         self._check_slot(slot)
-        kind = self.slot_kinds[slot]
-        with self._set({kind: Routing(single=self.slot_local[slot])}):
+        with self._set(
+            {part: Routing(single=local) for part, local in self.slot_parts[slot].items()}
+        ):
             yield
 
     @contextlib.contextmanager
     def use_slots(self, slots: list[int], weights: list[float] | None = None) -> Iterator[None]:
         """Every row on the same mix of `slots` with `weights` (1 each when None).
 
-        One slot at weight 1 is exactly `use_slot`; otherwise the (1, k) routing is shared by
-        every row of whatever batch runs inside, so the batch size need not be known.
+        One slot at weight 1 is exactly `use_slot`; no slot at all is `base_only` (a task with
+        no slot of its own: `strategies.base.NO_SLOT`); otherwise the (1, k) routing is shared
+        by every row of whatever batch runs inside, so the batch size need not be known.
         """
         if weights is None:
             weights = [1.0] * len(slots)
-        if not slots or len(weights) != len(slots):
+        if len(weights) != len(slots):
             raise ContinualPeftError(
-                f"use_slots needs one weight per slot and at least one slot; got slots {slots} "
-                f"and weights {weights}"
+                f"use_slots needs one weight per slot; got slots {slots} and weights {weights}"
             )
         for slot in slots:
             self._check_slot(slot)
@@ -305,8 +344,8 @@ class ModuleBank:
             with self.use_slot(slots[0]):
                 yield
             return
-        indices = torch.tensor([slots], dtype=torch.long, device="cpu")  # (1, k)
-        mix = torch.tensor([weights], dtype=torch.float32, device="cpu")  # (1, k)
+        indices = torch.tensor([slots], dtype=torch.long, device="cpu").reshape(1, -1)  # (1, k)
+        mix = torch.tensor([weights], dtype=torch.float32, device="cpu").reshape(1, -1)  # (1, k)
         with self._set(self._per_kind(indices, mix)):
             yield
 
@@ -318,24 +357,42 @@ class ModuleBank:
 
     def _per_kind(self, indices: torch.Tensor, weights: torch.Tensor) -> dict[str, Routing]:
         """Each kind's resolved `Routing` of CPU `indices`/`weights` (B, k): global slot ids
-        become the kind's local ids (-1 where another kind's), scales are folded into the
-        weights, and the result goes to the backbone's device in one copy per tensor."""
-        safe = indices.clamp(min=0)
-        kinds = list(self.kind_sites)
-        kind_of = torch.tensor([kinds.index(k) for k in self.slot_kinds], device="cpu")
-        local_of = torch.tensor(self.slot_local, dtype=torch.long, device="cpu")
-        scale_of = torch.tensor(self.slot_scale, dtype=torch.float32, device="cpu")
+        become the kind's local ids (-1 where the slot has no part of that kind), each part's
+        scale is folded into the weights, and the result goes to the backbone's device in one
+        copy per tensor."""
+        if not self.num_slots:
+            return {}
+        safe, valid = indices.clamp(min=0), indices >= 0
         put = self.backbone.placement.put
         routings = {}
-        for number, kind in enumerate(kinds):
-            mine = (indices >= 0) & (kind_of[safe] == number)
+        for kind, (local_of, scale_of) in self._kind_tables().items():
+            local = torch.where(valid, local_of[safe], -1)
+            mine = local >= 0
             if bool(mine.any()):  # a kind no row uses costs nothing
-                local = torch.where(mine, local_of[safe], torch.full_like(indices, -1))
                 resolved = Routing.rows(local, torch.where(mine, weights, 0.0), scale_of[safe])
                 routings[kind] = Routing(
                     indices=put(resolved.indices), weights=put(resolved.weights)
                 )
         return routings
+
+    def _kind_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per plain kind, (S,) CPU tensors over global slots: the local id (-1: no part of the
+        kind) and the part's scale; made again only after the slots change."""
+        if self._tables is None:
+            self._tables = {
+                kind: (
+                    torch.tensor(
+                        [p.get(kind, -1) for p in self.slot_parts], dtype=torch.long, device="cpu"
+                    ),
+                    torch.tensor(
+                        [s.get(kind, 1.0) for s in self.slot_scale],
+                        dtype=torch.float32,
+                        device="cpu",
+                    ),
+                )
+                for kind in self.kind_sites
+            }
+        return self._tables
 
     @contextlib.contextmanager
     def _set(self, routings: dict[str, Routing]) -> Iterator[None]:
@@ -365,3 +422,16 @@ def _one_slot(indices: torch.Tensor, weights: torch.Tensor) -> bool:
         and bool((indices == indices[0, 0]).all())
         and bool((weights == 1).all())
     )
+
+
+def _part_prefix(kind: str, part: str) -> str:
+    """How a slot's state names `part`'s tensors: `<part>/` in a hybrid slot, nothing else."""
+    return f"{part}/" if HYBRID in kind else ""
+
+
+def _site_state(
+    state: dict[str, torch.Tensor], kind: str, part: str, site: str
+) -> dict[str, torch.Tensor]:
+    """The tensors of one site of one part in a slot state of `kind` (`slot_state`'s keys)."""
+    prefix = f"{_part_prefix(kind, part)}{site}."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -58,7 +58,7 @@ from continual_peft.store.digests import config_sha256, run_config_sha256, task_
 from continual_peft.store.io import load_json, load_safetensors
 from continual_peft.store.migration import CURRENT
 from continual_peft.store.rundir import RunDir
-from continual_peft.strategies.base import Strategy, build_strategy, check_config
+from continual_peft.strategies.base import NO_SLOT, Strategy, build_strategy, check_config
 from continual_peft.tasks.task import Task
 
 
@@ -104,9 +104,8 @@ class ContinualLearner:
         backbone, config = resolve_backbone(backbone, config)
         self.config = config
         self.backbone = backbone
-        kinds = {config.module, *config.task_modules.values()}
         self.bank = ModuleBank(
-            backbone, config.module, configs={k: config.kind_config(k) for k in kinds}
+            backbone, config.module, configs={k: config.kind_config(k) for k in config.part_kinds()}
         )
         self.heads = make_heads(backbone, config)
         self.router = make_router(config, self.backbone)
@@ -372,7 +371,7 @@ class ContinualLearner:
         record = {
             "name": task.name,
             "slot": slot,
-            "module": self.bank.slot_kinds[slot],
+            "module": None if slot == NO_SLOT else self.bank.slot_kinds[slot],
             "labels": task.labels,
             "metric": self.heads.metric(task.name),
             "train_examples": len(task.train_inputs),
@@ -456,7 +455,8 @@ class ContinualLearner:
             written: Files already on disk (path -> sha256); None: those of the last
                 checkpoint.
         """
-        owner = {state.slot: name for name, state in self.learned.items()}  # last per slot
+        # each slot's last task (tasks with no slot of their own have no module file)
+        owner = {s.slot: name for name, s in self.learned.items() if s.slot != NO_SLOT}
         files = {slot: f"tasks/{name}/module.safetensors" for slot, name in owner.items()}
         # a slot a budget's consolidation rewrote: into the folder of the task it made room for
         merged = {slot: f"merged-slot{slot}" for slot in self.merged_slots}
@@ -475,7 +475,7 @@ class ContinualLearner:
                 head=dict(self.heads.heads[name].state_dict()),
                 record=self.records[self.learned[name].index],
                 module=self.bank.slot_state(slot)
-                if owner[slot] == name and slot not in merged
+                if owner.get(slot) == name and slot not in merged
                 else None,
                 derived={
                     **{s: self.bank.slot_state(k) for k, s in derived.items() if name == names[-1]},

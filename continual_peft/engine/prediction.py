@@ -67,8 +67,8 @@ def routing_table(
     routes: list[tuple[list[int], list[float]]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(slots, weights) lists, one per task, as (T, m) tensors padded with slot -1 at weight 0
-    (m: the most slots any of them uses)."""
-    width = max((len(slots) for slots, _ in routes), default=1)
+    (m: the most slots any of them uses, at least 1; a task with no slot is all -1)."""
+    width = max([1, *(len(slots) for slots, _ in routes)])
     # on the CPU by design: the bank reads routing there (see `ModuleBank.route`)
     slots = torch.full((len(routes), width), -1, dtype=torch.long, device="cpu")
     weights = torch.zeros(len(routes), width, device="cpu")

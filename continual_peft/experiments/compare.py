@@ -46,7 +46,7 @@ from continual_peft.reports.run import load_report
 from continual_peft.store.checkpoint import CHECKPOINT_FILE
 from continual_peft.store.io import load_safetensors, load_versioned_json, nan_to_none, timestamp
 from continual_peft.store.rundir import check_free
-from continual_peft.strategies import check_config
+from continual_peft.strategies import NO_SLOT, check_config
 from continual_peft.tasks.streams import Stream
 
 LEADERBOARD_SCHEMA_VERSION = 1
@@ -69,7 +69,7 @@ PARAMETER_RULE = (
     "per-task records: each slot counted once, at the largest count of any task trained on it "
     "(record's trainable_parameters minus that task's head), plus every task's head (its "
     "head.safetensors). per_task: T x (slot + head); a shared-slot strategy (seq): one slot + "
-    "T heads."
+    "T heads; linear_probe (no slot): T heads."
 )
 STORED_RULE = (
     "stored parameters = every number the run's final checkpoint holds in its safetensors "
@@ -291,11 +291,13 @@ def _run_entry(entry: Entry, plan: _Plan, console, make_backbone) -> list[dict]:
 
 def _result(entry: Entry, runs: list[dict], status: str, error: str | None = None) -> dict:
     config = entry.config
+    # runs in which no task opened a slot (linear_probe) trained no module, whatever the config
+    no_module = bool(runs) and not any(run["parameters"]["slots"] for run in runs)
     return {
         "label": entry.label,
         "strategy": config.strategy,
         "spec": entry.spec,
-        "module": config.module,
+        "module": "none" if no_module else config.module,
         "router": config.router,
         "lr": config.train.lr,
         "sweep": entry.sweep,
@@ -328,9 +330,11 @@ def parameter_counts(report: dict[str, Any], head_parameters: dict[str, int]) ->
         if record["name"] not in head_parameters:
             raise ContinualPeftError(f"no head size for task {record['name']!r}")
         head = head_parameters[record["name"]]
+        heads += head
+        if record["slot"] == NO_SLOT:  # its head alone trained (linear_probe)
+            continue
         slot = str(record["slot"])
         slots[slot] = max(slots.get(slot, 0), record["trainable_parameters"] - head)
-        heads += head
     return {"slots": slots, "heads": heads, "total": sum(slots.values()) + heads}
 
 

@@ -44,6 +44,7 @@ BUDGET_KEYS: dict[str, str] = {
     "backbone.quantize": "--quantize",
 }
 SWEEP_EXAMPLE = "e.g. --sweep lora.r=1,2,4,8,16"
+LIST_JOIN = "+"  # joins the names of one list value: --sweep lora.targets=query,query+value
 
 
 @dataclass(kw_only=True)
@@ -147,14 +148,28 @@ def unique_labels(entries: list[Entry]) -> list[Entry]:
 
 
 def _sweepable(data: dict[str, Any]) -> list[str]:
+    """Every key a sweep may set: a scalar setting, or a list of names (`lora.targets`), whose
+    values are written with `+` between the names."""
     sections = ["backbone", "train", *MODULE_KINDS.names()]
     keys = ["module", "router"]
-    keys += [f"{s}.{f}" for s in sections for f, v in data[s].items() if not isinstance(v, list)]
+    keys += [f"{s}.{f}" for s in sections for f, v in data[s].items() if _sweepable_value(v)]
     return keys
+
+
+def _sweepable_value(value: Any) -> bool:
+    return not isinstance(value, list) or all(isinstance(item, str) for item in value)
 
 
 def _convert(key: str, item: str, current: Any) -> Any:
     kinds = {bool: "true or false", int: "an integer", float: "a number"}
+    if isinstance(current, list):  # a list of names: "query+value" (one value of the sweep)
+        names = item.split(LIST_JOIN)
+        if not all(names):
+            raise ContinualPeftError(
+                f"--sweep {key}: {item!r} has an empty name; a value of {key} is one name or "
+                f"several joined by '{LIST_JOIN}', e.g. --sweep {key}=query,value,query+value"
+            )
+        return names
     try:
         if isinstance(current, bool):
             if item.lower() not in ("true", "false"):
@@ -197,21 +212,23 @@ def expand_sweep(entries: list[Entry], sweep: str, fixed: set[str] | None = None
     section = key.rpartition(".")[0]
     expanded = []
     for entry in entries:
-        kinds = {entry.config.module, *entry.config.task_modules.values()}
+        kinds = entry.config.part_kinds()
         if section in MODULE_KINDS.names() and section not in kinds:
             raise ContinualPeftError(
                 f"--sweep {key}: entry {entry.label!r} uses module kind(s) {sorted(kinds)}, "
                 f"not {section}, so {key} would change nothing."
             )
         for value in values:
-            config = override(entry.config, {key: value}, f"--sweep {key}={value}")
-            label = re.sub(r"[^A-Za-z0-9._-]", "_", f"{entry.label}-{key}-{value}")
+            # a list of names is shown as written: "query+value"
+            shown = LIST_JOIN.join(value) if isinstance(value, list) else value
+            config = override(entry.config, {key: value}, f"--sweep {key}={shown}")
+            label = re.sub(r"[^A-Za-z0-9._-]", "_", f"{entry.label}-{key}-{shown}")
             expanded.append(
                 Entry(
                     label=label,
                     config=config,
                     spec=entry.spec,
-                    sweep={"key": key, "value": value},
+                    sweep={"key": key, "value": shown},
                     base=entry.label,
                 )
             )

@@ -157,7 +157,7 @@ def _baseline(request: RunRequest, started: dict[str, Any]) -> str | None:
 
 
 def _check_rank(config: LearnerConfig, rank: int | None) -> None:
-    if rank is not None and "lora" not in {config.module, *config.task_modules.values()}:
+    if rank is not None and "lora" not in config.part_kinds():
         raise ContinualPeftError(
             f"--rank {rank} sets the LoRA rank, but this run trains {config.module} slots "
             "(no LoRA): leave --rank out, or choose --module lora."

@@ -1,10 +1,11 @@
-"""The layers an exported LoRA sits on, as peft and transformers see them.
+"""The layers an exported LoRA or (IA)^3 sits on, as peft and transformers see them.
 
 `read_layout` builds the run's model from its config on the meta device (no weights read) to
 learn its family (peft's task type: `CAUSAL_LM`, `SEQ_2_SEQ_LM`, none for an encoder) and the kind
 of each wrapped layer: an `nn.Linear` (weight (d_out, d_in): `x W^T`) or transformers' `Conv1D`
 (GPT-2; weight (d_in, d_out): `x W`, which peft marks with `fan_in_fan_out`). `merge_lora` adds a
-LoRA's delta `scale · B A` (d_out, d_in) into each layer's weight in the layer's own layout.
+LoRA's delta `scale · B A` (d_out, d_in) into each layer's weight in the layer's own layout;
+`merge_ia3` scales each layer's weight (and bias) by an (IA)^3 vector, likewise.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from continual_peft.backbones.load import AUTO_CLASSES, family
 from continual_peft.errors import ContinualPeftError
+from continual_peft.modules.ia3 import OUT
 
 TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}  # peft's; other families: none
 LINEAR, CONV1D = "nn.Linear", "Conv1D"
@@ -53,14 +55,14 @@ class Layout:
         return self.family in TASK_TYPES
 
     def check(self, layers: list[str], task: str) -> None:
-        """Refuse a LoRA on a layer the model lacks or that is no Linear or Conv1D layer."""
+        """Refuse a module on a layer the model lacks or that is no Linear or Conv1D layer."""
         if self.kinds is None:
             return
         bad = [name for name in layers if self.kinds.get(name) not in (LINEAR, CONV1D)]
         if bad:
             found = ", ".join(f"{n!r} ({self.kinds.get(n, 'no such layer')})" for n in bad[:3])
             raise ContinualPeftError(
-                f"task {task!r}: its LoRA wraps layer(s) that backbone {self.path} has no "
+                f"task {task!r}: its module wraps layer(s) that backbone {self.path} has no "
                 f"nn.Linear or Conv1D layer of: {found}; is this the run's backbone?"
             )
 
@@ -131,22 +133,61 @@ def merge_lora(model: nn.Module, sites: dict[str, dict[str, torch.Tensor]]) -> N
     """
     with torch.no_grad():
         for layer, parts in sites.items():
-            try:
-                module = model.get_submodule(layer)
-            except AttributeError:
-                module = None
-            kind = "no such layer" if module is None else _kind(module)
-            if kind not in (LINEAR, CONV1D):
-                raise ContinualPeftError(
-                    f"the backbone has no nn.Linear or Conv1D layer {layer!r} to merge a LoRA "
-                    f"into ({kind})"
-                )
+            module, kind = _merge_target(model, layer, "a LoRA")
             delta = parts["scale"] * (parts["lora_B"] @ parts["lora_A"])  # (d_out, d_in)
             if kind == CONV1D:
                 delta = delta.T  # (d_in, d_out), as Conv1D computes x W + b
             if delta.shape != module.weight.shape:
                 raise ContinualPeftError(_shape_message(layer, kind, parts, module.weight))
             module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
+
+
+def merge_ia3(model: nn.Module, sites: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Scale each layer by its (IA)^3 vector l = 1 + δ, in place, exactly as the vector acts:
+    on the output (`ia3_out`, (d_out,)): the weight's output rows and the bias; on the input
+    (`ia3_in`, (d_in,)): the weight's input columns (`(x * l) W^T + b` leaves the bias). An
+    `nn.Linear`'s weight is (d_out, d_in), a `Conv1D`'s (d_in, d_out).
+
+    Args:
+        model: The Hugging Face model, its layers unwrapped.
+        sites: Layer name -> `ia3_in` or `ia3_out`: δ (a vector).
+
+    Raises:
+        ContinualPeftError: A layer the model lacks or of another kind, or a vector whose size
+            is not the layer's.
+    """
+    with torch.no_grad():
+        for layer, parts in sites.items():
+            module, kind = _merge_target(model, layer, "an (IA)^3 vector")
+            ((side, delta),) = parts.items()
+            on_output = side == OUT
+            out_dim = 0 if kind == LINEAR else 1  # where the weight keeps the layer's outputs
+            dim = out_dim if on_output else 1 - out_dim
+            weight = module.weight
+            if weight.shape[dim] != delta.numel():
+                raise ContinualPeftError(
+                    f"the (IA)^3 vector of {layer!r} scales {delta.numel()} "
+                    f"{'outputs' if on_output else 'inputs'}, but the {kind} layer's weight is "
+                    f"{tuple(weight.shape)}; it cannot be merged"
+                )
+            scale = (1 + delta.float()).reshape([-1 if d == dim else 1 for d in range(2)])
+            weight.copy_((weight.float() * scale).to(weight.dtype))
+            if on_output and module.bias is not None:
+                module.bias.copy_((module.bias.float() * scale.flatten()).to(module.bias.dtype))
+
+
+def _merge_target(model: nn.Module, layer: str, what: str) -> tuple[nn.Module, str]:
+    """The layer named `layer` and its kind (LINEAR or CONV1D), refused if it is neither."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        module = None
+    kind = "no such layer" if module is None else _kind(module)
+    if kind not in (LINEAR, CONV1D):
+        raise ContinualPeftError(
+            f"the backbone has no nn.Linear or Conv1D layer {layer!r} to merge {what} into ({kind})"
+        )
+    return module, kind
 
 
 def _shape_message(layer: str, kind: str, parts: dict, weight: torch.Tensor) -> str:

@@ -1,9 +1,9 @@
-"""Export one task of a run: as a peft LoRA adapter, or merged into a standalone model.
+"""Export one task of a run: as a peft adapter (LoRA or IA3), or merged into a standalone model.
 
     export_task("runs/my-run", "agnews", "peft", "export/agnews-peft")
     export_task("runs/my-run", "agnews", "merged", "export/agnews-merged")
 
-`peft` writes what `peft.PeftModel.save_pretrained` writes for the task's LoRA, so
+`peft` writes what `peft.PeftModel.save_pretrained` writes for the task's LoRA or (IA)^3, so
 `PeftModel.from_pretrained(AutoModel.from_pretrained(base), out)` reproduces our hidden states
 (`AutoModelForCausalLM` / `AutoModelForSeq2SeqLM` and our logits for a generative backbone, whose
 adapter has peft's task type `CAUSAL_LM` / `SEQ_2_SEQ_LM`; the two files are laid out as
@@ -15,10 +15,20 @@ every task's adapter, named by its task, with the run's router):
     adapter_model.safetensors   base_model.model.<layer>.lora_A.weight (r, d_in)
                                 base_model.model.<layer>.lora_B.weight (d_out, r)
 
+and for an (IA)^3 task (`modules.ia3`):
+
+    adapter_config.json         peft's IA3Config (peft_type "IA3", task_type, target_modules,
+                                feedforward_modules, fan_in_fan_out true on Conv1D layers)
+    adapter_model.safetensors   base_model.model.<layer>.ia3_l: l = 1 + δ, (1, d_in) on a
+                                feed-forward layer (its input scaled), else (d_out, 1)
+
+Each kind's form is a row of `ADAPTERS` (peft's tensors and config fields) and `MERGES`.
+
 `merged` writes a plain Hugging Face model folder (config, model.safetensors, tokenizer) whose
 wrapped layers' weights already hold the LoRA's delta (`W + scale · B @ A` for nn.Linear, its
-transpose for Conv1D's (d_in, d_out) weight); `AutoModel.from_pretrained(out)` (or the LM Auto
-class) needs neither peft nor this package.
+transpose for Conv1D's (d_in, d_out) weight), or the (IA)^3 vectors (each output row and its bias
+entry scaled, or each input column); `AutoModel.from_pretrained(out)` (or the LM Auto class)
+needs neither peft nor this package.
 
 Both formats add what neither peft nor transformers reads:
 
@@ -46,6 +56,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from continual_peft.backbones.causal import CausalBackbone
 from continual_peft.backbones.fingerprint import check_fingerprint
 from continual_peft.backbones.load import AUTO_CLASSES
@@ -61,7 +73,8 @@ from continual_peft.integrations.export_source import (
     ExportSource,
     read_task,
 )
-from continual_peft.integrations.lora_layers import Layout, merge_lora, read_layout
+from continual_peft.integrations.lora_layers import Layout, merge_ia3, merge_lora, read_layout
+from continual_peft.modules import ia3
 from continual_peft.store.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 GENERATION = "generation"  # a task kind whose labels are no label set (lm_heads.GENERATION)
@@ -183,12 +196,10 @@ def write_task(source: ExportSource, folder: Path, format: str) -> None:
 
 def _write_peft(source: ExportSource, out: Path) -> None:
     """adapter_model.safetensors and adapter_config.json, keyed and spelled as peft saves them."""
-    state = {}
-    for layer, parts in sorted(source.sites.items()):
-        state[f"{PEFT_PREFIX}{layer}.lora_A.weight"] = parts["lora_A"]
-        state[f"{PEFT_PREFIX}{layer}.lora_B.weight"] = parts["lora_B"]
+    state, fields = ADAPTERS[source.kind](source)
     atomic_save_safetensors(state, out / "adapter_model.safetensors", {"format": "pt"})
-    atomic_write_json(out / "adapter_config.json", _peft_config(source))
+    config = {**_peft_common(source), **fields}
+    atomic_write_json(out / "adapter_config.json", dict(sorted(config.items())))  # as peft
 
 
 def on_cpu(settings: BackboneConfig) -> BackboneConfig:
@@ -196,36 +207,83 @@ def on_cpu(settings: BackboneConfig) -> BackboneConfig:
     return dataclasses.replace(settings, device="cpu", dtype="float32")
 
 
-def _peft_config(source: ExportSource) -> dict:
-    """peft's LoraConfig for this LoRA; fields left out read as peft's defaults."""
-    r, alpha = _rank_and_alpha(source)
-    lora, layout, layers = source.config.kind_config("lora"), source.layout, list(source.sites)
-    model_class = source.fingerprint.get("model_class", "")
-    config = {
-        "peft_type": "LORA",
+def _peft_common(source: ExportSource) -> dict:
+    """The fields of peft's adapter config that every kind writes alike."""
+    layout, model_class = source.layout, source.fingerprint.get("model_class", "")
+    return {
         "task_type": layout.task_type,  # None: a bare encoder, no peft task head
         "auto_mapping": None if layout.task_type else _auto_mapping(model_class),  # as peft
         "base_model_name_or_path": source.backbone_path,
         "revision": None,
         "inference_mode": True,  # peft sets this when saving
+        # the vectors or A and B act alike on both layer kinds; the flag tells peft how to merge
+        # into a Conv1D's (d_in, d_out) weight, and peft sets it itself on meeting one
+        "fan_in_fan_out": layout.fan_in_fan_out(list(source.sites)),
+        "modules_to_save": None,  # an encoder's head is no peft module: see head.safetensors
+    }
+
+
+def _lora_adapter(source: ExportSource) -> tuple[dict[str, torch.Tensor], dict]:
+    """peft's LoRA tensors and LoraConfig fields; fields left out read as peft's defaults."""
+    state = {}
+    for layer, parts in sorted(source.sites.items()):
+        state[f"{PEFT_PREFIX}{layer}.lora_A.weight"] = parts["lora_A"]
+        state[f"{PEFT_PREFIX}{layer}.lora_B.weight"] = parts["lora_B"]
+    r, alpha = _rank_and_alpha(source)
+    lora, layers = source.config.kind_config("lora"), list(source.sites)
+    return state, {
+        "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": float(lora.dropout),
-        "target_modules": _target_modules(layers, layout, list(lora.targets)),
-        # A and B act alike on both layer kinds; the flag tells peft how to merge into a
-        # Conv1D's (d_in, d_out) weight, and peft sets it itself on meeting one
-        "fan_in_fan_out": layout.fan_in_fan_out(layers),
+        "target_modules": _target_modules(layers, source.layout, list(lora.targets)),
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,  # ours: A Kaiming-uniform, B zero, as peft's default
-        "modules_to_save": None,  # an encoder's head is no peft module: see head.safetensors
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    return dict(sorted(config.items()))  # peft writes sorted keys
+
+
+def _ia3_adapter(source: ExportSource) -> tuple[dict[str, torch.Tensor], dict]:
+    """peft's IA3 tensors (`ia3_l` = 1 + δ, in peft's shapes) and IA3Config fields."""
+    state = {}
+    for layer, parts in sorted(source.sites.items()):
+        ((side, delta),) = parts.items()
+        shape = (1, -1) if side == ia3.IN else (-1, 1)  # peft's: (1, d_in) or (d_out, 1)
+        state[f"{PEFT_PREFIX}{layer}.ia3_l"] = (1 + delta).reshape(shape).contiguous()
+    targets, feedforward = _ia3_modules(source)
+    return state, {
+        "peft_type": "IA3",
+        "target_modules": targets,
+        "feedforward_modules": feedforward,
+        "exclude_modules": None,
+        "init_ia3_weights": True,  # ours: l = 1 (δ = 0), as peft's default
+    }
+
+
+def _ia3_modules(source: ExportSource) -> tuple[list[str], list[str]]:
+    """peft's target_modules and feedforward_modules for the task's layers: the name endings of
+    the fewest dot-separated parts with which peft, matching as it does, picks exactly these
+    layers as targets and exactly the input-scaled ones among them as feed-forward (a target's
+    name ends with an entry, dot or no dot). Full names (which peft matches exactly) when the
+    model's layers are not at hand to check endings against."""
+    layers, layout = sorted(source.sites), source.layout
+    inputs = {layer for layer, parts in source.sites.items() if ia3.IN in parts}
+    longest = max(len(layer.split(".")) for layer in layers)
+    for depth in range(1 if layout.kinds is not None else longest, longest + 1):
+        ends = {layer: ".".join(layer.split(".")[-depth:]) for layer in layers}
+        targets, feedforward = set(ends.values()), {ends[layer] for layer in inputs}
+        picked = {layer for layer in layers if any(layer.endswith(f) for f in feedforward)}
+        if picked == inputs and (layout.kinds is None or layout.suffixes_select(layers, targets)):
+            return sorted(targets), sorted(feedforward)
+    raise ContinualPeftError(
+        f"task {source.task!r}: peft cannot name the layers {layers} apart from the backbone's "
+        "others (one layer's full name ends another's)"
+    )
 
 
 def _rank_and_alpha(source: ExportSource) -> tuple[int, int | float]:
@@ -268,12 +326,12 @@ def _auto_mapping(model_class: str) -> dict | None:
 
 
 def _write_merged(source: ExportSource, out: Path) -> None:
-    """The run's backbone with each LoRA delta added to its layer's weight (nn.Linear or Conv1D),
-    plus its tokenizer; a language model keeps its LM head (and Auto class)."""
+    """The run's backbone with the task's module merged into its layers' weights (nn.Linear or
+    Conv1D), plus its tokenizer; a language model keeps its LM head (and Auto class)."""
     # merged on the CPU in float32, with the run's own max_length (only checked, never used)
     backbone = build_backbone(on_cpu(source.config.backbone), name=source.backbone_path)
     check_fingerprint(source.fingerprint, backbone, f"run {source.run_dir}")
-    merge_lora(backbone.model, source.sites)
+    MERGES[source.kind](backbone.model, source.sites)
     backbone.model.save_pretrained(out)  # safetensors by default
     backbone.tokenizer.save_pretrained(out)
 
@@ -403,3 +461,9 @@ def _lm_words(answers: dict) -> str:
         f"Prompt: {prompt}. Answer: {answer}. `continual_peft.json` records this, the task, "
         "source run and backbone fingerprint.\n"
     )
+
+
+# each exportable kind (export_source.EXPORTABLE_KINDS): its peft tensors and config fields, and
+# how it merges into the layers' weights
+ADAPTERS = {"lora": _lora_adapter, "ia3": _ia3_adapter}
+MERGES = {"lora": merge_lora, "ia3": merge_ia3}

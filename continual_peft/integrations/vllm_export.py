@@ -41,8 +41,8 @@ from continual_peft.engine.prediction import in_chunks
 from continual_peft.engine.saved_run import SavedRun, read_run
 from continual_peft.errors import ContinualPeftError
 from continual_peft.integrations.export_source import (
-    EXPORTABLE_KINDS,
     SERVER_FORMAT,
+    SERVER_KINDS,
     ExportSource,
     module_kinds,
     read_task,
@@ -136,7 +136,7 @@ def _check_servable(saved: SavedRun, names: list[str]) -> None:
             "each task with --format peft instead"
         )
     others = {name: sorted(module_kinds(saved, name)) for name in names}
-    others = {name: kinds for name, kinds in others.items() if set(kinds) - set(EXPORTABLE_KINDS)}
+    others = {name: kinds for name, kinds in others.items() if set(kinds) - set(SERVER_KINDS)}
     if others:
         listed = ", ".join(f"{name!r} ({', '.join(kinds)})" for name, kinds in others.items())
         raise ContinualPeftError(

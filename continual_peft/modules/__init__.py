@@ -8,11 +8,25 @@ Every kind implements one interface, so the bank, router and engine never branch
   `slot_tensors(slot)` and `trainable_parameters()`, and reads the shared `Routing` in forward.
 """
 
-from continual_peft.modules import adapter, lora, prefix, prompt, prompt_pool
-from continual_peft.modules.base import MODULE_KINDS, wrap_linear_layers
+from continual_peft.modules import adapter, bitfit, ia3, lora, prefix, prompt, prompt_pool
+from continual_peft.modules.base import (
+    HYBRID,
+    MODULE_KINDS,
+    WHOLE_METHOD_KINDS,
+    kind_parts,
+    wrap_linear_layers,
+)
 from continual_peft.modules.routing import Routing
 
 # each kind registers itself in MODULE_KINDS when its module is imported (above, one by one)
-KINDS = (adapter, lora, prefix, prompt, prompt_pool)
+KINDS = (adapter, bitfit, ia3, lora, prefix, prompt, prompt_pool)
 
-__all__ = ["KINDS", "MODULE_KINDS", "Routing", "wrap_linear_layers"]
+__all__ = [
+    "HYBRID",
+    "KINDS",
+    "MODULE_KINDS",
+    "WHOLE_METHOD_KINDS",
+    "Routing",
+    "kind_parts",
+    "wrap_linear_layers",
+]

@@ -1,8 +1,9 @@
-"""The module-kind registry and the layer wrapping every low-rank kind shares.
+"""The module-kind registry and the layer wrapping every layer-wrapping kind shares.
 
 The low-rank kinds (LoRA, adapters) wrap `nn.Linear` layers and transformers' `Conv1D` layers
 (GPT-2's projections), chosen by name: a name suffix, an alias of one (`ALIASES`), a full regular
-expression, or `"all-linear"` (every such layer but the model's head).
+expression, or `"all-linear"` (every such layer but the model's head). BitFit picks its layers
+itself (those with a bias) and wraps them with the same `wrap_layers`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,54 @@ from collections.abc import Callable
 from torch import nn
 
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules.lowrank import LowRankSite, conv1d_type
+from continual_peft.modules.lowrank import conv1d_type
+from continual_peft.modules.stack import wrapped_layer
 from continual_peft.registry import Registry
 
 MODULE_KINDS: Registry = Registry("module kind")
 
 ALL_LINEAR = "all-linear"
+HYBRID = "+"  # joins the kinds of a hybrid slot: "lora+prompt"
+# kinds that are a strategy's whole method, never one part of a hybrid slot (L2P's pool picks
+# its prompts per input by its own keys)
+WHOLE_METHOD_KINDS = ("prompt_pool",)
+
+
+def kind_parts(kind: str, where: str = "module") -> tuple[str, ...]:
+    """The registered kinds a slot of `kind` holds: `("lora",)` for `"lora"`, and for a hybrid
+    slot, `"lora+prompt"` (UniPELT, He et al. 2022's MAM adapter: several kinds trained, routed
+    and saved together as one task's slot), each part in the order written.
+
+    Raises:
+        ContinualPeftError: naming `where`, an unknown part, a part written twice, an empty part,
+            or a kind that cannot be one part of several (`WHOLE_METHOD_KINDS`).
+    """
+    parts = tuple(kind.split(HYBRID))
+    valid = ", ".join(MODULE_KINDS.names())
+    for part in parts:
+        if part not in MODULE_KINDS:
+            what = "an empty part" if not part else f"unknown module kind {part!r}"
+            hybrid = f" in {kind!r}" if len(parts) > 1 else ""
+            raise ContinualPeftError(
+                f"{where}: {what}{hybrid}; valid names: {valid}, or several joined by "
+                f"'{HYBRID}' for a hybrid slot (e.g. 'lora{HYBRID}prompt')"
+            )
+    if len(parts) > 1:
+        twice = sorted({part for part in parts if parts.count(part) > 1})
+        if twice:
+            raise ContinualPeftError(
+                f"{where}: hybrid slot {kind!r} names {twice} twice; each kind is one part of "
+                "a slot once (its size is set in its own section, e.g. [lora] r)"
+            )
+        whole = [part for part in parts if part in WHOLE_METHOD_KINDS]
+        if whole:
+            parts_ok = [k for k in MODULE_KINDS.names() if k not in WHOLE_METHOD_KINDS]
+            raise ContinualPeftError(
+                f"{where}: {whole[0]!r} cannot be one part of hybrid slot {kind!r}: its prompts "
+                "are chosen per input by its own keys (the l2p strategy's whole method); "
+                f"combine any of {', '.join(parts_ok)}"
+            )
+    return parts
 
 
 # One attention projection, several spellings; a plain target name matches all of them, so the
@@ -56,14 +99,32 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every layer a site can wrap, by name: `nn.Linear`, `Conv1D`, and sites (two kinds on one
-    layer: the new site wraps the old one, never the layer inside it)."""
-    kinds = (nn.Linear, conv1d_type(), LowRankSite)
+    """Every layer a low-rank site can wrap, by name: `nn.Linear`, `Conv1D`, and other kinds'
+    sites on them."""
+    kinds = (nn.Linear, conv1d_type())
+    return layers_where(model, lambda layer: isinstance(layer, kinds))
+
+
+def layers_where(
+    model: nn.Module, accept: Callable[[nn.Module], bool]
+) -> list[tuple[str, nn.Module]]:
+    """The layers of `model` that `accept` (given the original layer under any sites), by
+    name, each once: another kind's site on a layer stands for it (two kinds on one layer: the
+    new site wraps the old one, never the layer inside it)."""
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, kinds) and not name.endswith(".base_layer")
+        if accept(wrapped_layer(module)) and not name.endswith(".base_layer")
     ]
+
+
+def without_heads(
+    model: nn.Module, layers: list[tuple[str, nn.Module]]
+) -> list[tuple[str, nn.Module]]:
+    """`layers` (name, module) but the LM head (`lm_head`, or whatever
+    `model.get_output_embeddings()` is) and any pooler: what `all-linear` wraps."""
+    head = _output_embeddings(model)
+    return [(n, m) for n, m in layers if not _is_head(original_name(n), wrapped_layer(m), head)]
 
 
 def layer_endings(model: nn.Module) -> str:
@@ -71,9 +132,7 @@ def layer_endings(model: nn.Module) -> str:
     `"lm_head (nn.Linear); c_attn, c_fc, c_proj (Conv1D)"`."""
     endings: dict[str, set[str]] = {"nn.Linear": set(), "Conv1D": set()}
     for name, module in _candidates(model):
-        while isinstance(module, LowRankSite):
-            module = module.base_layer
-        kind = "Conv1D" if isinstance(module, conv1d_type()) else "nn.Linear"
+        kind = "Conv1D" if isinstance(wrapped_layer(module), conv1d_type()) else "nn.Linear"
         endings[kind].add(original_name(name).rsplit(".", 1)[-1])
     listed = "; ".join(f"{', '.join(sorted(e))} ({kind})" for kind, e in endings.items() if e)
     return listed or "nothing (it has no nn.Linear or Conv1D layer)"
@@ -100,8 +159,7 @@ def wrap_linear_layers(
     """
     candidates = _candidates(model)
     if targets == [ALL_LINEAR]:
-        head = _output_embeddings(model)
-        found = [(n, m) for n, m in candidates if not _is_head(original_name(n), m, head)]
+        found = without_heads(model, candidates)
     else:
         found = [(n, m) for n, m in candidates if _matches(original_name(n), targets)]
     if not found:
@@ -110,8 +168,21 @@ def wrap_linear_layers(
             f"no nn.Linear layer matches targets {targets} (nor any Conv1D layer) in "
             f"{type(model).__name__}; its layers' names end in: {layer_endings(model)}{hint}"
         )
+    return wrap_layers(model, found, make_site)
+
+
+def wrap_layers(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    make_site: Callable[[nn.Module], nn.Module],
+) -> dict[str, nn.Module]:
+    """Replace each (name, layer) of `layers`, named as in `model` now, by `make_site(layer)`.
+
+    Returns:
+        The new sites by the wrapped layer's name in the unwrapped model (`original_name`).
+    """
     sites = {}
-    for name, layer in found:
+    for name, layer in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         site = make_site(layer)

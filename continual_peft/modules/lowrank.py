@@ -27,7 +27,7 @@ from torch import nn
 
 from continual_peft.backbones.quantization import compute_dtype
 from continual_peft.modules.routing import Routing
-from continual_peft.modules.stack import SlotStack, StackedSite
+from continual_peft.modules.stack import SlotStack, StackedSite, wrapped_layer
 
 
 def conv1d_type() -> type[nn.Module]:
@@ -39,11 +39,10 @@ def conv1d_type() -> type[nn.Module]:
 
 
 def layer_sizes(layer: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a layer a site can wrap: `nn.Linear`, `Conv1D` or another site."""
+    """(d_out, d_in) of a layer a site can wrap: `nn.Linear`, `Conv1D` or another site on one."""
+    layer = wrapped_layer(layer)  # another kind's site keeps the layer's sizes
     if isinstance(layer, nn.Linear):
         return layer.out_features, layer.in_features
-    if isinstance(layer, LowRankSite):
-        return layer.d_out, layer.d_in
     if isinstance(layer, conv1d_type()):
         return layer.nf, layer.nx  # its weight is (nx, nf): (d_in, d_out)
     raise TypeError(f"a low-rank site wraps nn.Linear, Conv1D or a site, not {type(layer)}")

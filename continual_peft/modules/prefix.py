@@ -33,9 +33,9 @@ from continual_peft.backbones.quantization import compute_dtype
 from continual_peft.errors import ContinualPeftError
 from continual_peft.modules.base import MODULE_KINDS
 from continual_peft.modules.cache_prefix import inject_cache_prefix
-from continual_peft.modules.lowrank import LowRankSite, layer_sizes
+from continual_peft.modules.lowrank import layer_sizes
 from continual_peft.modules.routing import Routing
-from continual_peft.modules.stack import SlotStack, StackedSite
+from continual_peft.modules.stack import SlotStack, StackedSite, wrapped_layer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,11 +233,11 @@ def extend_mask(
 
 def _layout(name: str, module: nn.Module) -> Layout | None:
     """The layout of a self-attention module, None if `module` is none."""
-    linear = nn.Linear | LowRankSite  # the projections may already carry LoRA or adapters
     for layout in LAYOUTS:
         parts = [layout.query, layout.key, layout.value] + [layout.output] * bool(layout.output)
+        # the projections may already carry other kinds' sites (LoRA, adapters, BitFit)
         if layout.where.fullmatch(name) and all(
-            isinstance(getattr(module, part, None), linear) for part in parts
+            isinstance(wrapped_layer(getattr(module, part, None)), nn.Linear) for part in parts
         ):
             return layout
     return None

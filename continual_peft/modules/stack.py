@@ -103,6 +103,14 @@ class SlotStack(nn.Module):
             setattr(self, name, getattr(self, name)[:-1].clone())
 
 
+def wrapped_layer(module: nn.Module) -> nn.Module:
+    """The original layer under any sites wrapping it (each site keeps what it wraps as
+    `base_layer`; two kinds on one layer nest)."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
+
+
 class StackedSite(nn.Module):
     """The site interface every module kind implements, for sites whose slots live in `self.stack`.
 

@@ -339,7 +339,8 @@ def _inconsistency(checkpoint: dict) -> str | None:
     for task in tasks:
         if not isinstance(task, dict) or set(task) != set(TaskEntry._fields):
             return f"task entry {task!r} is not {list(TaskEntry._fields)}"
-        if not _is_number(task["slot"], int) or not 0 <= task["slot"] < len(slots):
+        # -1: a task with no slot of its own (its head alone trained: `linear_probe`)
+        if not _is_number(task["slot"], int) or not -1 <= task["slot"] < len(slots):
             return f"task {task['name']!r} uses slot {task['slot']!r} of {len(slots)}"
         needed += [f"tasks/{task['name']}/{f}" for f in own]
         problem = _routing_problem(task, len(slots))
@@ -395,12 +396,13 @@ def _differs_from_copy(folder: Path, path: Path, data: dict) -> str | None:
 
 
 def _routing_problem(task: dict, num_slots: int) -> str | None:
-    """A task's recorded routing must name distinct slots that exist, each with a finite weight."""
+    """A task's recorded routing must name distinct slots that exist, each with a finite weight;
+    only a task with no slot of its own (slot -1) may name none (the bare backbone)."""
     routing = task["routing"] if isinstance(task["routing"], dict) else {}
     slots, weights, name = routing.get("slots"), routing.get("weights"), task["name"]
     if not isinstance(slots, list) or not isinstance(weights, list) or len(slots) != len(weights):
         return f"task {name!r}: its routing needs as many slots as weights"
-    if not slots or len(set(map(str, slots))) != len(slots):
+    if (not slots and task["slot"] != -1) or len(set(map(str, slots))) != len(slots):
         return f"task {name!r}: its routing names no slot, or a slot twice ({slots})"
     if not all(_is_number(s, int) and 0 <= s < num_slots for s in slots):
         return f"task {name!r}: its routing names slots {slots} of {num_slots}"

@@ -5,6 +5,7 @@ Every strategy is one module here, imported below one by one: importing it regis
 """
 
 from continual_peft.strategies.base import (
+    NO_SLOT,
     STRATEGIES,
     CheckedConfig,
     Learner,
@@ -20,6 +21,7 @@ from continual_peft.strategies.ewc import EWC
 from continual_peft.strategies.inflora import InfLoRA
 from continual_peft.strategies.joint import Joint
 from continual_peft.strategies.l2p import L2P
+from continual_peft.strategies.linear_probe import LinearProbe
 from continual_peft.strategies.merge import Merge, RouteOrMerge
 from continual_peft.strategies.olora import OLoRA
 from continual_peft.strategies.per_task import PerTask
@@ -31,10 +33,12 @@ __all__ = [
     "EWC",
     "InfLoRA",
     "L2P",
+    "LinearProbe",
     "Merge",
     "STRATEGIES",
     "Joint",
     "Learner",
+    "NO_SLOT",
     "OLoRA",
     "PerTask",
     "Replay",

@@ -6,8 +6,10 @@ for the task's record). None of them forks the engine's loop. Each task always g
 frozen after its task.
 
 `routing` says which slots a task's rows go through, with which weights, in training and at
-inference alike: by default its own slot at weight 1; O-LoRA sums every slot. `check` refuses a
-configuration the strategy cannot work with, when the config is validated.
+inference alike: by default its own slot at weight 1; O-LoRA sums every slot. A task may have no
+slot at all (`allocate` returns `NO_SLOT`, as `linear_probe` does): its routing is then empty and
+its rows go through the bare backbone, only its head learning. `check` refuses a configuration
+the strategy cannot work with, when the config is validated.
 
 A strategy's options (`[strategy_options]` in a strategy spec, e.g. a replay buffer's size) are
 its constructor's keyword arguments; `build_strategy` refuses unknown ones by name. State that
@@ -38,18 +40,20 @@ if TYPE_CHECKING:
     from continual_peft.tasks.task import Task
 
 STRATEGIES: Registry = Registry("strategy", "[strategy_options] in a strategy spec")
+NO_SLOT = -1  # a task without a slot of its own: no module (the bank's -1 in a routing)
 
 
 class SlotBank(Protocol):
     """What strategies use of the module bank (`engine.bank.ModuleBank` is one)."""
 
     kind_sites: dict[str, dict[str, nn.Module]]  # module kind -> its injected sites
-    slot_local: list[int]  # each slot's index within its kind's stacks
 
     @property
     def num_slots(self) -> int: ...
 
     def add_slot(self, seed: int, kind: str | None = None) -> int: ...
+
+    def local_slot(self, slot: int, kind: str) -> int: ...
 
     def freeze_slot(self) -> None: ...
 
@@ -100,13 +104,16 @@ class Strategy:
     no_budget = "does not give every task a slot of its own that its rows use alone"
 
     def allocate(self, learner: Learner, task: Task) -> int:
-        """The slot that `task` trains and is routed to."""
+        """The slot that `task` trains and is routed to; `NO_SLOT` for none (only the task's
+        head trains, on the bare backbone)."""
         raise NotImplementedError
 
     def routing(self, learner: Learner, task: str) -> tuple[list[int], list[float]]:
         """The slots every row of `task` goes through and their weights, for training and
-        inference alike (the bank sums the slots' deltas); the task's own slot by default."""
-        return [learner.learned[task].slot], [1.0]
+        inference alike (the bank sums the slots' deltas); the task's own slot by default, and
+        none (the bare backbone) for a task allocated `NO_SLOT`."""
+        slot = learner.learned[task].slot
+        return ([], []) if slot == NO_SLOT else ([slot], [1.0])
 
     def parameters(self, learner: Learner) -> list[nn.Parameter]:
         """Trainable tensors of the strategy's own that train with the task's slot and head

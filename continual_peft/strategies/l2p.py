@@ -89,7 +89,7 @@ class L2P(Strategy):
         """The task's prompt-selection histogram on its test set, for its record."""
         site = _site(learner)
         query = learner.features(task.test_inputs)  # (n, d) frozen features
-        picked = site.choose(query, learner.bank.slot_local[0])  # (n, N)
+        picked = site.choose(query, learner.bank.local_slot(0, KIND))  # (n, N)
         counts = torch.bincount(picked.flatten().cpu(), minlength=site.config.pool_size)
         return {"prompt_counts": counts.tolist()}
 
