@@ -113,8 +113,11 @@ CASES = [
     ),
     # hybrid slots: several kinds in one task's slot, mixed per row with plain slots
     Case("per_task", module="prefix+adapter", spec="per_task_hybrid"),
-    Case(
-        "per_task", module="lora+prompt", router="mahalanobis", task_modules=(("animals", "lora"),)
+    Case(  # the survey's kinds and a hybrid, one per task, mixed per row in one forward
+        "per_task",
+        module="ia3",
+        router="mahalanobis",
+        task_modules=(("animals", "bitfit"), ("moods", "lora+prompt")),
     ),
     Case("per_task", module="lora+prompt", router="mahalanobis", family="llama"),
     # every router

@@ -50,6 +50,7 @@ from continual_peft.backbones.quantization import Quantization, quantized_layers
 from continual_peft.backbones.tiny import save_tiny
 from continual_peft.cli import app
 from continual_peft.modules.adapter import AdapterConfig
+from continual_peft.modules.bitfit import BitFitConfig
 from continual_peft.modules.lora import LoRAConfig
 from continual_peft.modules.prefix import PrefixConfig
 from continual_peft.modules.prompt import PromptConfig
@@ -60,15 +61,35 @@ FAMILIES = ("llama", "bert")
 AUTO = {"llama": AutoModelForCausalLM, "bert": AutoModel}
 R, ALPHA = 4, 12.0  # scale 3: not a power of two, so scaling before or after a matmul rounds apart
 TEXTS = {
-    "llama": ["Input: fruit of red Output:", "blue of crow", "plum", "green apple fox", "of"],
-    "bert": ["red apple car", "a dog sleeps at home today", "sad", "blue fish jumps", "happy"],
+    "llama": [
+        "Input: fruit of red Output:",
+        "blue of crow",
+        "plum",
+        "green apple fox",
+        "of",
+        "red red plum",
+        "crow of apple fruit",
+        "fox",
+    ],
+    "bert": [
+        "red apple car",
+        "a dog sleeps at home today",
+        "sad",
+        "blue fish jumps",
+        "happy",
+        "a red car",
+        "dogs sleep",
+        "fish",
+    ],
 }
-KINDS = ["lora", "adapter", "prompt", "prefix"]  # every kind each family takes, one slot each
+# every kind each family takes, one slot each, and a hybrid slot of two
+KINDS = ["lora", "adapter", "prompt", "prefix", "bitfit", "ia3", "ia3+lora"]
 KIND_CONFIGS = {
     "lora": LoRAConfig(r=R, alpha=ALPHA, dropout=0.0, targets=["all-linear"]),
     "adapter": AdapterConfig(placement="houlsby", activation="gelu"),
     "prompt": PromptConfig(num_virtual_tokens=3),
     "prefix": PrefixConfig(num_virtual_tokens=3),
+    "bitfit": BitFitConfig(bias_free="add"),  # Llama has no bias: a learnt one on each layer
 }
 # LLM.int8 sends every input column holding a value above this threshold to a float16 matmul,
 # choosing the columns over the whole batch (padding included): with outliers, a row's int8
@@ -210,7 +231,9 @@ def _per_row(backbone, bank: ModuleBank, family: str, rows: list[int], slots: li
     with torch.no_grad(), bank.route(*routed):
         if family == "bert":
             return backbone.embed(backbone.collate(backbone.encode(texts).items))
-        targets = backbone.encode_targets(["apple", "fox crow", "yes", "no of", "plum"])
+        targets = backbone.encode_targets(
+            ["apple", "fox crow", "yes", "no of", "plum", "red", "crow", "of of"]
+        )
         prompts = backbone.encode(texts).items
         return backbone.target_logprobs(prompts, [targets[i] for i in rows])[0]
 
