@@ -13,7 +13,7 @@ set -euo pipefail
 out=${1:-runs/survey}
 cl=${2:-../shared/data/cl_benchmark}
 mkdir -p "$out"
-python benchmarks/module_kinds.py --data-root "$cl" | tee "$out/module_kinds.md"
+python benchmarks/module_kinds.py --data-root "$cl" --max-length 64 | tee "$out/module_kinds.md"
 python benchmarks/inference_latency.py | tee "$out/inference_latency.md"
 continual-peft compare --stream streams/cl_benchmark.toml --data-root "$cl" \
     --strategies strategies/per_task_lora.toml \

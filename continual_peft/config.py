@@ -431,4 +431,7 @@ def _fill(kind: type, data: dict[str, Any], where: str) -> Any:
         expected = type(getattr(default, f.name))
         accepted = (int, float) if expected is float else expected
         values[f.name] = section.get(f.name, accepted, getattr(default, f.name))
-    return kind(**values)
+    try:
+        return kind(**values)
+    except ContinualPeftError as err:  # the dataclass's own check: say where the value came from
+        raise ContinualPeftError(f"{where}: {err}") from None

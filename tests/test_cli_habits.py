@@ -413,3 +413,30 @@ def test_a_closed_stdout_is_said_once_and_the_work_goes_on(monkeypatch, capsys):
     assert out.write("table\n") == 6 and out.broken
     assert out.write("more\n") == 5  # nothing raised
     assert capsys.readouterr().err.count("standard output was closed") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["compare", "--sweep", "module=lora,ia3", "--sweep", "lora.r=4,8"], "--sweep"),
+        (["run", "--max-train", "3", "--max-train=4"], "--max-train"),
+        (["run", "--seed", "1", "--seed", "1"], "--seed"),
+        (["predict", "--run", "a", "--run", "b"], "--run"),
+    ],
+)
+def test_an_option_of_one_value_given_twice_is_refused(tmp_path, args, named):
+    result = invoke(*args, "--out" if args[0] in ("run", "compare") else "--task", tmp_path / "x")
+    assert result.exit_code == 2, result.output
+    assert f"error: {named} is given 2 times" in result.stderr
+    assert "give it once" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_options_of_several_values_and_values_after_a_double_dash_may_repeat():
+    import typer
+
+    from continual_peft.cli.base import given_once
+
+    command = typer.main.get_command(app).commands["run"]
+    given_once(command, ["--exclude", "a", "--exclude", "b"])  # a list option: no refusal
+    given_once(command, ["--seed", "1", "--", "--seed", "2"])  # after --: an argument

@@ -212,6 +212,10 @@ def test_entries_must_share_the_budget(tmp_path: Path):
         (["--sweep", "train.epochs=1,2"], "--sweep train.epochs and a command-line option"),
         (["--sweep", "prompt.num_virtual_tokens=2,4"], "so prompt.num_virtual_tokens would"),
         (["--sweep", "lora.targets=query,query+"], "'query+' has an empty name"),
+        (["--sweep", "lora.targets=query+query"], "'query+query' has a name twice"),
+        (["--sweep", "lora.targets=query+value,value+query"], "a value is listed twice"),
+        (["--sweep", "module=lora,,ia3"], "a value is empty"),
+        (["--sweep", "lora.r=4,"], "a value is empty"),
         (["--sweep", "module=lora,lora+bogus"], "unknown module kind 'bogus' in 'lora+bogus'"),
     ],
     ids=[
@@ -223,6 +227,10 @@ def test_entries_must_share_the_budget(tmp_path: Path):
         "conflict",
         "kind",
         "list",
+        "list-twice",
+        "list-order",
+        "empty",
+        "empty-end",
         "hybrid",
     ],
 )
@@ -350,7 +358,7 @@ def test_a_sweep_chooses_on_a_dev_split_carved_from_train_and_reports_test(
 
 def test_a_sweep_takes_a_default_dev_share_when_none_is_set(spec: Path, tmp_path: Path, tiny):
     out = tmp_path / "sweep"
-    sweep = ["--strategies", "per_task", "--sweep", "lora.r=1,2", *BUDGET, "--epochs", "1"]
+    sweep = ["--strategies", "per_task", "--sweep", "lora.r=1,2", *BUDGET]
     result = invoke("compare", "--stream", spec, *sweep, "--out", out)
     assert result.exit_code == 0, result.output
     report = load_report(out / "per_task-lora.r-1")
@@ -391,3 +399,10 @@ def test_selection_follows_dev_even_where_test_disagrees():
     test_only["runs"][0]["dev_acc"] = None  # no dev split: ranked by ACC, nothing chosen
     plain = leaderboard({}, [test_only])
     assert plain["ranked_by"] == "acc" and plain["chosen"] == []
+
+
+def test_a_sweep_of_module_shows_the_kind_once():
+    from continual_peft.reports.leaderboard import _header
+
+    assert _header({"sweep": {"key": "module"}, "entries": []}).count("module") == 1
+    assert "lora.r" in _header({"sweep": {"key": "lora.r"}, "entries": []})

@@ -60,3 +60,21 @@ def test_numbers_that_cannot_train_or_be_recorded_are_refused(key, value):
 
     with pytest.raises(ContinualPeftError, match=f"{key} = .* is invalid"):
         override(LearnerConfig(), {key: value}, "command line")
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            {"lora": {"targets": ["(a"]}},
+            r"spec.toml: \[lora\]: lora targets = \['\(a'\] is invalid",
+        ),
+        ({"lora": {"targets": []}}, r"spec.toml: \[lora\]: lora targets = \[\] is invalid"),
+        ({"ia3": {"targets": ["[x"]}}, r"spec.toml: \[ia3\]: ia3 targets = \['\[x'\] is invalid"),
+        ({"ia3": {"feedforward": ["*"]}}, r"\[ia3\]: ia3 feedforward = \['\*'\] is invalid"),
+    ],
+)
+def test_a_target_that_is_no_regular_expression_is_refused_naming_file_and_key(table, expected):
+    with pytest.raises(ContinualPeftError, match=expected) as err:
+        LearnerConfig.from_dict(table, "spec.toml")
+    assert "not a valid regular expression" in str(err.value) or "[]" in str(err.value)

@@ -26,10 +26,52 @@ from continual_peft.tasks.streams import Stream, load_stream
 # raw type tag ("<path>") that options do not show once they have a metavar.
 typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
 
+
+class OnceGroup(typer.core.TyperGroup):
+    """The command group: refuses an option of one value given more than once (`--sweep a
+    --sweep b`), which click would settle silently by keeping the last."""
+
+    def resolve_command(self, ctx, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            given_once(command, rest)
+        return name, command, rest
+
+
+def given_once(command, args: list[str]) -> None:
+    """Refuse (exit 2) an option of `command` that takes one value and appears twice in `args`
+    (up to a `--`); options that take several (`--exclude a --exclude b`) may repeat."""
+    single = {
+        name: option
+        for option in command.params
+        if option.param_type_name == "option" and not option.multiple and not option.count
+        for name in option.opts + option.secondary_opts
+    }
+    seen: dict[str, list[str]] = {}
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--":
+            break
+        name, has_value, value = token.partition("=")
+        option = single.get(name)
+        if option is None:
+            continue
+        if not option.is_flag and not has_value:
+            value = next(tokens, "")
+        seen.setdefault(option.opts[0], []).append(value if not option.is_flag else name)
+    for name, values in seen.items():
+        if len(values) > 1:
+            fail(
+                f"{name} is given {len(values)} times ({', '.join(map(repr, values))}); it takes "
+                "one value, and the command would silently keep the last: give it once"
+            )
+
+
 app = typer.Typer(
     help="Continual learning with per-task PEFT modules on a frozen backbone.",
     add_completion=False,
     rich_markup_mode=None,
+    cls=OnceGroup,
 )
 errors = Console(stderr=True)
 

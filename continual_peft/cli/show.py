@@ -129,6 +129,8 @@ def _strategy_line(path: Path) -> str:
     except (OSError, tomllib.TOMLDecodeError) as err:
         return f"{path}: unreadable ({err})"
     keys = ("strategy", "module", "router")
-    return f"{_shown_path(path)}: " + ", ".join(
-        f"{k} {data.get(k, LearnerConfig.__dataclass_fields__[k].default)}" for k in keys
-    )
+    values = {k: data.get(k, LearnerConfig.__dataclass_fields__[k].default) for k in keys}
+    strategy = values["strategy"]
+    if strategy in STRATEGIES and not STRATEGIES.get(strategy).trains_modules:
+        values["module"] = "none"  # its tasks open no slot (linear_probe)
+    return f"{_shown_path(path)}: " + ", ".join(f"{k} {v}" for k, v in values.items())

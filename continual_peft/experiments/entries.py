@@ -164,9 +164,10 @@ def _convert(key: str, item: str, current: Any) -> Any:
     kinds = {bool: "true or false", int: "an integer", float: "a number"}
     if isinstance(current, list):  # a list of names: "query+value" (one value of the sweep)
         names = item.split(LIST_JOIN)
-        if not all(names):
+        if not all(names) or len(set(names)) != len(names):
+            problem = "an empty name" if not all(names) else "a name twice"
             raise ContinualPeftError(
-                f"--sweep {key}: {item!r} has an empty name; a value of {key} is one name or "
+                f"--sweep {key}: {item!r} has {problem}; a value of {key} is one name or "
                 f"several joined by '{LIST_JOIN}', e.g. --sweep {key}=query,value,query+value"
             )
         return names
@@ -185,9 +186,14 @@ def _convert(key: str, item: str, current: Any) -> Any:
 def parse_sweep(text: str, config: LearnerConfig) -> tuple[str, list[Any]]:
     """The key and typed values of "KEY=V1,V2,...", checked against `config`'s settings."""
     key, sep, values = (part.strip() for part in text.partition("="))
-    items = [item.strip() for item in values.split(",") if item.strip()]
-    if not sep or not key or not items:
+    items = [item.strip() for item in values.split(",")]
+    if not sep or not key or not values:
         raise ContinualPeftError(f"--sweep {text!r}: write KEY=V1,V2,...; {SWEEP_EXAMPLE}")
+    if not all(items):
+        raise ContinualPeftError(
+            f"--sweep {text!r}: a value is empty (two commas in a row, or one at an end); "
+            f"write KEY=V1,V2,...; {SWEEP_EXAMPLE}"
+        )
     data = config.to_dict()
     valid = _sweepable(data)
     if key not in valid:
@@ -197,7 +203,9 @@ def parse_sweep(text: str, config: LearnerConfig) -> tuple[str, list[Any]]:
             f"train.lr) or module / router; valid keys: {', '.join(valid)}"
         )
     typed = [_convert(key, item, get(data, key)) for item in items]
-    if len(set(map(str, typed))) != len(typed):
+    # a list's order does not matter to a setting: query+value is value+query
+    seen = [str(sorted(v)) if isinstance(v, list) else str(v) for v in typed]
+    if len(set(seen)) != len(seen):
         raise ContinualPeftError(f"--sweep {text!r}: a value is listed twice")
     return key, typed
 

@@ -85,7 +85,8 @@ def read_task(run_dir: Path, task: str, saved: SavedRun | None = None) -> Export
     if not kinds <= set(EXPORTABLE_KINDS) or len(kinds) > 1:
         raise ContinualPeftError(
             f"task {task!r} goes through {sorted(kinds)} module(s); formats {FORMATS} can "
-            f"express only module kinds {EXPORTABLE_KINDS}, one per task"
+            f"express only module kinds {EXPORTABLE_KINDS}, one per task; answer with it "
+            "through continual-peft predict or serve"
         )
     kind = kinds.pop()
     parts = []

@@ -41,6 +41,7 @@ from continual_peft.engine.prediction import in_chunks
 from continual_peft.engine.saved_run import SavedRun, read_run
 from continual_peft.errors import ContinualPeftError
 from continual_peft.integrations.export_source import (
+    EXPORTABLE_KINDS,
     SERVER_FORMAT,
     SERVER_KINDS,
     ExportSource,
@@ -142,7 +143,8 @@ def _check_servable(saved: SavedRun, names: list[str]) -> None:
         raise ContinualPeftError(
             f"run {run}: task(s) {listed} go through modules that are not LoRA; multi-LoRA "
             f"servers load only LoRA adapters, so format {SERVER_FORMAT!r} exports runs whose "
-            "every task is a LoRA (export the LoRA tasks one by one with --format peft)"
+            f"every task is a LoRA. Export a task of one kind of {EXPORTABLE_KINDS} with "
+            "--format peft --task NAME; a hybrid slot is served by continual-peft serve"
         )
     bad = [name for name in names if not SERVER_NAME.fullmatch(name)]
     if bad:

@@ -79,6 +79,33 @@ ALIASES: dict[str, list[str]] = {
 HEAD_NAMES = ("lm_head",)  # all-linear skips these, any pooler and get_output_embeddings()
 
 
+def check_targets(targets: object, what: str) -> None:
+    """Refuse `targets` that are not a list of names, or hold a name that is no valid regular
+    expression (a target may be one: it is matched as a suffix and as a full expression).
+
+    Raises:
+        ContinualPeftError: `<what> = <targets> is invalid; ...`, naming the bad entry.
+    """
+    if (
+        not isinstance(targets, list)
+        or not targets
+        or not all(isinstance(t, str) and t for t in targets)
+    ):
+        raise ContinualPeftError(
+            f"{what} = {targets!r} is invalid; it must be a non-empty list of layer name endings "
+            f'or regular expressions, e.g. ["query", "value"] or ["{ALL_LINEAR}"]'
+        )
+    for target in targets:
+        try:
+            re.compile(target)
+        except re.error as err:
+            raise ContinualPeftError(
+                f"{what} = {targets!r} is invalid: {target!r} is not a valid regular expression "
+                f"({err}); a target is a layer name's ending ('query') or a full regular "
+                "expression ('.*attention.*')"
+            ) from None
+
+
 def _matches(name: str, targets: list[str]) -> bool:
     suffixes = [*targets, *(alias for t in targets for alias in ALIASES.get(t, ()))]
     return any(name == t or name.endswith("." + t) for t in suffixes) or any(

@@ -35,7 +35,12 @@ from torch import nn
 from continual_peft.backbones.placement import CPU
 from continual_peft.backbones.quantization import compute_dtype
 from continual_peft.errors import ContinualPeftError
-from continual_peft.modules.base import MODULE_KINDS, layer_endings, wrap_linear_layers
+from continual_peft.modules.base import (
+    MODULE_KINDS,
+    check_targets,
+    layer_endings,
+    wrap_linear_layers,
+)
 from continual_peft.modules.lowrank import layer_sizes
 from continual_peft.modules.routing import Routing
 from continual_peft.modules.stack import SlotStack, StackedSite
@@ -88,6 +93,9 @@ class IA3Config:
             raise ContinualPeftError(
                 f'ia3 targets = [] selects no layer; give layer names or ["{AUTO}"]'
             )
+        check_targets(self.targets, "ia3 targets")
+        if self.feedforward:  # [] is valid here: no layer has its input scaled
+            check_targets(self.feedforward, "ia3 feedforward")
 
 
 def resolve(config: IA3Config, model: nn.Module) -> tuple[list[str], list[str]]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from continual_peft.backbones.placement import CPU
-from continual_peft.modules.base import MODULE_KINDS, wrap_linear_layers
+from continual_peft.modules.base import MODULE_KINDS, check_targets, wrap_linear_layers
 from continual_peft.modules.lowrank import LowRankSite, StackNames
 from continual_peft.modules.routing import Routing
 
@@ -35,6 +35,9 @@ class LoRAConfig:
     alpha: float = 16.0  # scale = alpha / r
     dropout: float = 0.1  # on the LoRA input only, while training
     targets: list[str] = field(default_factory=lambda: ["query", "value"])  # or ["all-linear"]
+
+    def __post_init__(self) -> None:
+        check_targets(self.targets, "lora targets")
 
 
 def _init(config: LoRAConfig) -> callable:

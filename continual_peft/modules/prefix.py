@@ -259,8 +259,8 @@ class Prefix:
         if backbone.kind == "seq2seq":
             raise ContinualPeftError(
                 f"prefix tuning is not supported on the seq2seq family ({type(model).__name__}: "
-                "separate self- and cross-attention caches); use lora, adapter or prompt there, "
-                "or a decoder-only model"
+                "separate self- and cross-attention caches); use lora, adapter, prompt, ia3 or "
+                "bitfit there, or a decoder-only model"
             )
         found = [(n, m, _layout(n, m)) for n, m in model.named_modules()]
         found = [(n, m, layout) for n, m, layout in found if layout is not None]

@@ -81,8 +81,14 @@ def _percent(board: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return [column for column in PERCENT_COLUMNS if column[0] not in unmeasured]
 
 
+def _swept_column(board: dict[str, Any]) -> bool:
+    """Whether the table shows the swept value in a column of its own (a sweep of `module`
+    shows it in the module column already)."""
+    return bool(board.get("sweep")) and board["sweep"]["key"] != "module"
+
+
 def _header(board: dict[str, Any]) -> list[str]:
-    sweep = [board["sweep"]["key"]] if board.get("sweep") else []
+    sweep = [board["sweep"]["key"]] if _swept_column(board) else []
     shown = [title for _, title, _ in _percent(board)]
     return ["#", "entry", "strategy", "module", *sweep, *shown, *(t for _, t, _ in _COUNTS)]
 
@@ -104,7 +110,7 @@ def _rows(board: dict[str, Any]) -> list[list[str]]:
     """One row per entry, in rank order; a failed entry shows its status instead of numbers."""
     rows = []
     for entry in board.get("entries") or []:
-        sweep = [_sweep_value(entry)] if board.get("sweep") else []
+        sweep = [_sweep_value(entry)] if _swept_column(board) else []
         cells = [mean_std(entry.get(key), signed) for key, _, signed in _percent(board)]
         cells += [_count(entry.get(key), pattern) for key, _, pattern in _COUNTS]
         if entry["status"] != "finished":

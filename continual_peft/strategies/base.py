@@ -99,6 +99,7 @@ class Strategy:
 
     description = ""
     falls_back = False  # whether `fallback` may send routed rows elsewhere (route-or-merge)
+    trains_modules = True  # False: no task ever opens a slot (linear_probe: heads alone)
     # why a slot budget (`max_slots`) cannot apply, completing "strategy X ..."; "" = it can:
     # every task opens its own slot and is routed to it alone (`engine.budget`)
     no_budget = "does not give every task a slot of its own that its rows use alone"

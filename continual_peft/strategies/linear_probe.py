@@ -36,6 +36,7 @@ class LinearProbe(Strategy):
 
     description = "the floor: each task trains only its linear head on the frozen backbone"
     no_budget = "opens no slot at all: there is nothing to budget"
+    trains_modules = False
 
     def check(self, config: LearnerConfig, where: str = "config") -> None:
         unused = []
@@ -55,8 +56,8 @@ class LinearProbe(Strategy):
         if unused:
             raise ContinualPeftError(
                 f"{where}: strategy 'linear_probe' trains each task's head alone on the frozen "
-                f"backbone, with no module, so {'; '.join(unused)} would change nothing: remove "
-                "them (leave the module settings at their defaults), or use strategy per_task "
+                f"backbone, with no module, so {'; '.join(unused)} would change nothing: leave "
+                "the module settings at their defaults, or use strategy per_task "
                 "to train a module"
             )
 
