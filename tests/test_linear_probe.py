@@ -157,13 +157,11 @@ def test_export_is_refused_naming_the_head(tmp_path, tokenizer, word_tasks):
         export_task(tmp_path / "run", "colors", "peft", tmp_path / "out")
 
 
-def test_a_generative_backbone_is_refused_naming_the_fixes():
-    task = Task.from_examples("colors", [("red", "yes"), ("blue", "no")] * 2, [("red", "yes")])
+def test_a_generative_backbone_is_refused_naming_the_fixes_before_any_folder(tmp_path):
     config = LearnerConfig(strategy="linear_probe", train=FAST_TRAIN)
-    learner = ContinualLearner(tiny_lm("llama"), config=config)
     with pytest.raises(ContinualPeftError, match="nothing to train.*zero-shot.*per_task"):
-        learner.learn(task)
-    assert not learner.learned and not learner.heads.heads
+        ContinualLearner(tiny_lm("llama"), config=config, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

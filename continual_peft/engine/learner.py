@@ -104,6 +104,7 @@ class ContinualLearner:
         backbone, config = resolve_backbone(backbone, config)
         self.config = config
         self.backbone = backbone
+        self.strategy.check_backbone(backbone)  # before any run folder is made
         self.bank = ModuleBank(
             backbone, config.module, configs={k: config.kind_config(k) for k in config.part_kinds()}
         )

@@ -135,6 +135,10 @@ class Strategy:
     def check(self, config: LearnerConfig, where: str = "config") -> None:
         """Refuse a configuration this strategy cannot work with; anything goes by default."""
 
+    def check_backbone(self, backbone: Backbone) -> None:
+        """Refuse a backbone this strategy cannot work with, once it is loaded and before any
+        run folder is made; any by default."""
+
     def before_task(self, learner: Learner, task: Task) -> None:
         """Called before the task's slot is chosen."""
 

@@ -9,10 +9,10 @@ forgetting by construction; with a router, the router picks a task and that task
 
 It needs a backbone with a head to train: an encoder or an image encoder. A generative backbone
 answers every task with its frozen LM head, so a linear probe has nothing to train there and is
-refused at the first task (its zero-shot floor is every report's initial accuracy, the bare
-backbone's b[j]). Module settings would change nothing, so any that differ from the defaults (a
-module kind, per-task modules, a kind's options) are refused rather than silently ignored; a
-slot budget (`max_slots`) is refused too.
+refused once the backbone is loaded, before any run folder is made (its zero-shot floor is every
+report's initial accuracy, the bare backbone's b[j]). Module settings would change nothing, so any
+that differ from the defaults (a module kind, per-task modules, a kind's options) are refused
+rather than silently ignored; a slot budget (`max_slots`) is refused too.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from continual_peft.modules import MODULE_KINDS
 from continual_peft.strategies.base import NO_SLOT, STRATEGIES, Strategy
 
 if TYPE_CHECKING:
+    from continual_peft.backbones.text import Backbone
     from continual_peft.strategies.base import Learner
     from continual_peft.tasks.task import Task
 
@@ -61,12 +62,12 @@ class LinearProbe(Strategy):
                 "to train a module"
             )
 
-    def before_task(self, learner: Learner, task: Task) -> None:
-        if isinstance(learner.backbone, LanguageModelBackbone):
+    def check_backbone(self, backbone: Backbone) -> None:
+        if isinstance(backbone, LanguageModelBackbone):
             raise ContinualPeftError(
                 f"strategy 'linear_probe' trains each task's linear head alone, but backbone "
-                f"{learner.backbone.name!r} is a generative language model (family "
-                f"{learner.backbone.kind!r}): its frozen LM head scores every task's labels, so "
+                f"{backbone.name!r} is a generative language model (family "
+                f"{backbone.kind!r}): its frozen LM head scores every task's labels, so "
                 "there is nothing to train. For the floor on this backbone, read the bare "
                 "backbone's zero-shot accuracy (initial_accuracy, b[j], in any run's report), "
                 "or train a module per task with strategy per_task"
