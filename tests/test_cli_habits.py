@@ -419,24 +419,24 @@ def test_a_closed_stdout_is_said_once_and_the_work_goes_on(monkeypatch, capsys):
     ("args", "named"),
     [
         (["compare", "--sweep", "module=lora,ia3", "--sweep", "lora.r=4,8"], "--sweep"),
-        (["run", "--max-train", "3", "--max-train=4"], "--max-train"),
-        (["run", "--seed", "1", "--seed", "1"], "--seed"),
-        (["predict", "--run", "a", "--run", "b"], "--run"),
+        (["compare", "--strategies", "seq", "--strategies=replay"], "--strategies"),
+        (["run", "--seeds", "0,1", "--seeds", "2"], "--seeds"),
     ],
 )
-def test_an_option_of_one_value_given_twice_is_refused(tmp_path, args, named):
-    result = invoke(*args, "--out" if args[0] in ("run", "compare") else "--task", tmp_path / "x")
+def test_a_list_option_given_twice_is_refused(tmp_path, args, named):
+    result = invoke(*args, "--out", tmp_path / "x")
     assert result.exit_code == 2, result.output
     assert f"error: {named} is given 2 times" in result.stderr
-    assert "give it once" in result.stderr
+    assert "silently keep the last" in result.stderr
     assert not (tmp_path / "x").exists()
 
 
-def test_options_of_several_values_and_values_after_a_double_dash_may_repeat():
+def test_other_options_keep_the_last_given_and_a_double_dash_ends_the_options():
     import typer
 
     from continual_peft.cli.base import given_once
 
     command = typer.main.get_command(app).commands["run"]
-    given_once(command, ["--exclude", "a", "--exclude", "b"])  # a list option: no refusal
-    given_once(command, ["--seed", "1", "--", "--seed", "2"])  # after --: an argument
+    given_once(command, ["--epochs", "2", "--epochs", "3"])  # the last wins, as in argparse
+    given_once(command, ["--exclude", "a", "--exclude", "b"])  # a list option of its own
+    given_once(command, ["--seeds", "1", "--", "--seeds", "2"])  # after --: an argument

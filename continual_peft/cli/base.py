@@ -27,9 +27,14 @@ from continual_peft.tasks.streams import Stream, load_stream
 typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
 
 
+# options whose one value is a list (written with commas): given twice, the user means both
+# lists, which click would settle silently by keeping the last; other options keep click's (and
+# argparse's) convention that the last one given wins, so scripts can append an override
+LIST_OPTIONS = ("--sweep", "--strategies", "--seeds", "--order")
+
+
 class OnceGroup(typer.core.TyperGroup):
-    """The command group: refuses an option of one value given more than once (`--sweep a
-    --sweep b`), which click would settle silently by keeping the last."""
+    """The command group: refuses a list option given more than once (`--sweep a --sweep b`)."""
 
     def resolve_command(self, ctx, args: list[str]):
         name, command, rest = super().resolve_command(ctx, args)
@@ -39,13 +44,13 @@ class OnceGroup(typer.core.TyperGroup):
 
 
 def given_once(command, args: list[str]) -> None:
-    """Refuse (exit 2) an option of `command` that takes one value and appears twice in `args`
-    (up to a `--`); options that take several (`--exclude a --exclude b`) may repeat."""
-    single = {
+    """Refuse (exit 2) a `LIST_OPTIONS` option of `command` that appears twice in `args` (up
+    to a `--`), naming both values and how to give several."""
+    options = {
         name: option
         for option in command.params
-        if option.param_type_name == "option" and not option.multiple and not option.count
-        for name in option.opts + option.secondary_opts
+        if option.param_type_name == "option" and option.opts[0] in LIST_OPTIONS
+        for name in option.opts
     }
     seen: dict[str, list[str]] = {}
     tokens = iter(args)
@@ -53,17 +58,19 @@ def given_once(command, args: list[str]) -> None:
         if token == "--":
             break
         name, has_value, value = token.partition("=")
-        option = single.get(name)
-        if option is None:
-            continue
-        if not option.is_flag and not has_value:
-            value = next(tokens, "")
-        seen.setdefault(option.opts[0], []).append(value if not option.is_flag else name)
+        if name in options:
+            seen.setdefault(name, []).append(value if has_value else next(tokens, ""))
     for name, values in seen.items():
         if len(values) > 1:
+            how = (
+                "one sweep runs per command: sweep one key, or list the other setting's "
+                "values as --strategies entries (spec files)"
+                if name == "--sweep"
+                else f"join the values with commas in one {name}"
+            )
             fail(
-                f"{name} is given {len(values)} times ({', '.join(map(repr, values))}); it takes "
-                "one value, and the command would silently keep the last: give it once"
+                f"{name} is given {len(values)} times ({', '.join(map(repr, values))}); the "
+                f"command would silently keep the last: {how}"
             )
 
 
