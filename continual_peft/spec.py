@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -51,5 +52,10 @@ class Section:
             names = (
                 kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             )
-            raise ContinualPeftError(f"{self.where}: key '{key}' must be {names}, got {value!r}")
+            hint = ""
+            if kind is list and isinstance(value, str):  # one value where a list is wanted
+                hint = f" (a list of one: {key} = [{json.dumps(value)}])"
+            raise ContinualPeftError(
+                f"{self.where}: key '{key}' must be {names}, got {value!r}{hint}"
+            )
         return value

@@ -438,5 +438,6 @@ def test_other_options_keep_the_last_given_and_a_double_dash_ends_the_options():
 
     command = typer.main.get_command(app).commands["run"]
     given_once(command, ["--epochs", "2", "--epochs", "3"])  # the last wins, as in argparse
-    given_once(command, ["--exclude", "a", "--exclude", "b"])  # a list option of its own
+    given_once(command, ["--exclude", "a", "--exclude", "b"])  # options of several values:
+    given_once(command, ["--order", "a,b", "--order", "b,a"])  # repeating adds to them
     given_once(command, ["--seeds", "1", "--", "--seeds", "2"])  # after --: an argument

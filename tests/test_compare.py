@@ -253,6 +253,8 @@ def test_a_sweep_over_lists_of_targets_sets_each_list():
     ]
     assert [e.sweep["value"] for e in entries] == ["query", "value", "query+value", "all-linear"]
     assert entries[2].label == "per_task-lora.targets-query_value"
+    spaced = resolve_entries(["per_task"], sweep="lora.targets=query + value")
+    assert spaced[0].config.kind_config("lora").targets == ["query", "value"]
 
 
 def test_every_registered_strategy_is_a_valid_entry():

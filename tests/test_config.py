@@ -78,3 +78,8 @@ def test_a_target_that_is_no_regular_expression_is_refused_naming_file_and_key(t
     with pytest.raises(ContinualPeftError, match=expected) as err:
         LearnerConfig.from_dict(table, "spec.toml")
     assert "not a valid regular expression" in str(err.value) or "[]" in str(err.value)
+
+
+def test_one_name_where_a_list_is_wanted_shows_the_list_of_one():
+    with pytest.raises(ContinualPeftError, match=r'a list of one: targets = \["query"\]'):
+        LearnerConfig.from_dict({"lora": {"targets": "query"}}, "spec.toml")

@@ -30,7 +30,8 @@ typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
 # options whose one value is a list (written with commas): given twice, the user means both
 # lists, which click would settle silently by keeping the last; other options keep click's (and
 # argparse's) convention that the last one given wins, so scripts can append an override
-LIST_OPTIONS = ("--sweep", "--strategies", "--seeds", "--order")
+# (`--order` and `--exclude` are options of several values: repeating them adds to them)
+LIST_OPTIONS = ("--sweep", "--strategies", "--seeds")
 
 
 class OnceGroup(typer.core.TyperGroup):

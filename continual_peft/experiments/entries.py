@@ -163,7 +163,7 @@ def _sweepable_value(value: Any) -> bool:
 def _convert(key: str, item: str, current: Any) -> Any:
     kinds = {bool: "true or false", int: "an integer", float: "a number"}
     if isinstance(current, list):  # a list of names: "query+value" (one value of the sweep)
-        names = item.split(LIST_JOIN)
+        names = [name.strip() for name in item.split(LIST_JOIN)]
         if not all(names) or len(set(names)) != len(names):
             problem = "an empty name" if not all(names) else "a name twice"
             raise ContinualPeftError(
