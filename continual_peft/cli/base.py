@@ -55,12 +55,12 @@ def given_once(command, args: list[str]) -> None:
     }
     seen: dict[str, list[str]] = {}
     tokens = iter(args)
-    for token in tokens:
+    for token in map(str, tokens):  # (a caller in Python may pass paths)
         if token == "--":
             break
         name, has_value, value = token.partition("=")
         if name in options:
-            seen.setdefault(name, []).append(value if has_value else next(tokens, ""))
+            seen.setdefault(name, []).append(value if has_value else str(next(tokens, "")))
     for name, values in seen.items():
         if len(values) > 1:
             how = (
