@@ -21,6 +21,7 @@ from continual_peft import (
     MODULE_KINDS,
     STRATEGIES,
     Backbone,
+    ContinualLearner,
     ContinualPeftError,
     LearnerConfig,
     Stream,
@@ -637,3 +638,28 @@ def test_more_places_that_cannot_be_written_or_read(
         learner.predict(["fine", "bad \ud800"], task=NAMES[0])
     with pytest.raises(ContinualPeftError, match="ONE shared slot for every task"):
         check_config(LearnerConfig(strategy="seq", task_modules={NAMES[0]: "adapter"}))
+
+
+@pytest.mark.parametrize("given", ["colors", None, 3, ["colors"]])
+def test_a_learner_given_no_task_names_what_it_got_and_how_to_make_one(make_backbone, given):
+    learner = ContinualLearner(make_backbone())
+    with pytest.raises(
+        ContinualPeftError, match=r"learn\(\) takes a Task, not .*Task.from_examples"
+    ):
+        learner.learn(given)
+    assert not learner.learned and not learner.records
+
+
+def test_loading_with_tasks_that_are_no_tasks_is_refused(run: Path):
+    with pytest.raises(ContinualPeftError, match=r"load\(tasks=...\) takes a Task, not str"):
+        ContinualLearner.load(run, tasks=["colors"])
+
+
+@pytest.mark.parametrize("build", ["from_examples", "from_lists"])
+def test_a_task_without_training_rows_says_its_train_split_is_empty(build):
+    test = [("red", "yes"), ("blue", "no")]
+    with pytest.raises(ContinualPeftError, match=r"'colors': the train split .* is empty"):
+        if build == "from_examples":
+            Task.from_examples("colors", [], test)
+        else:
+            Task.from_lists("colors", [], [], ["red"], ["yes"])

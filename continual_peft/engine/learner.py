@@ -59,7 +59,7 @@ from continual_peft.store.io import load_json, load_safetensors
 from continual_peft.store.migration import CURRENT
 from continual_peft.store.rundir import RunDir
 from continual_peft.strategies.base import NO_SLOT, Strategy, build_strategy, check_config
-from continual_peft.tasks.task import Task
+from continual_peft.tasks.task import Task, check_task
 
 
 class ContinualLearner:
@@ -212,6 +212,7 @@ class ContinualLearner:
             batch_size: Rows per forward pass while predicting; None: the run's
                 eval_batch_size.
         """
+        tasks = [check_task(task, "load(tasks=...)") for task in tasks or []]
         saved = read_run(path)
         ran = saved.config.backbone
         # where it predicts, not where it ran: the device and threads of this machine
@@ -233,7 +234,12 @@ class ContinualLearner:
 
         Returns:
             The task's record (slot, sizes, times, loss, accuracy row).
+
+        Raises:
+            ContinualPeftError: `task` is no Task (a task's name, None), or the task cannot be
+                learned (named with the reason); the learner is then as it was.
         """
+        task = check_task(task, "learn()")
         undo = Undo.take(
             bank=self.bank,
             learned=self.learned,

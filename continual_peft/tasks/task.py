@@ -336,6 +336,10 @@ def build_task(
     else:
         splits = _keep_classes(splits, classes) if classes is not None else splits
         declared = labels is not None or classes is not None
+        if not declared:  # the labels come from the training rows: there must be some
+            _check_rows(
+                name, "train", splits["train"], where=where["train"], classes=None, skipped={}
+            )
         labels = _label_list(labels, classes, splits["train"])
         _check_labels(name, labels)
         if not declared and NO_GOLD in labels:
@@ -655,6 +659,18 @@ def _check_limits(name: str, limits: dict[str, int | None]) -> None:
                 f"task {name!r}: {key} = {limit} is invalid; it must be >= 1 (or left out to "
                 "keep every example)."
             )
+
+
+def check_task(value: object, where: str) -> Task:
+    """`value` if it is a `Task`; else a ContinualPeftError naming what was given and how a
+    task is made (a task name where a Task is wanted is the usual slip)."""
+    if isinstance(value, Task):
+        return value
+    raise ContinualPeftError(
+        f"{where} takes a Task, not {type(value).__name__} {value!r}: make one with "
+        "Task.from_examples(name, train, test) or Task.from_lists(...), or take a stream's "
+        "(load_stream(spec).tasks)"
+    )
 
 
 def _check_rows(
