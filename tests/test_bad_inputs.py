@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -663,3 +664,40 @@ def test_a_task_without_training_rows_says_its_train_split_is_empty(build):
             Task.from_examples("colors", [], test)
         else:
             Task.from_lists("colors", [], [], ["red"], ["yes"])
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"text": "a"}\n\n{"text": "b"}\n', "line(s) 2 are blank"),
+        ('\n{"text": "a"}\n', "line(s) 1 are blank"),
+        ('{"text": "a"}\r\n \r\n{"text": "b"}\r\n', "line(s) 2 are blank"),
+    ],
+)
+def test_a_blank_line_between_records_is_refused_naming_it(tmp_path, text, problem):
+    from continual_peft.tasks.records import read_records
+
+    path = tmp_path / "inputs.jsonl"
+    path.write_bytes(text.encode("utf-8"))
+    with pytest.raises(ContinualPeftError, match=rf"{re.escape(problem)}.*shift every later"):
+        read_records(path)
+
+
+def test_blank_lines_at_the_end_are_ignored_and_lines_stay_aligned(tmp_path):
+    from continual_peft.tasks.records import read_records
+
+    path = tmp_path / "inputs.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n\n  \n', encoding="utf-8")
+    assert [r["text"] for r in read_records(path)] == ["a", "b"]
+
+
+def test_predict_refuses_a_blank_line_and_writes_nothing(run: Path, tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["predict", "--run", str(run), "--input", "-", "--output", str(out)],
+        input='{"text": "red"}\n\n{"text": "blue"}\n',
+    )
+    assert result.exit_code == 2, result.output
+    assert "line(s) 2 are blank" in result.stderr
+    assert not out.exists()

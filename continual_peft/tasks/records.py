@@ -18,19 +18,27 @@ def read_texts(source: str | Path) -> list[str]:
 def read_records(source: str | Path) -> list[dict[str, str]]:
     """Records to predict or evaluate: a JSONL file (or "-" for standard input), one JSON object
     per line with a "text" string and optionally a "task" and a "label" (strings; an integer
-    label is read as its digits). Other fields are ignored; blank lines are skipped.
+    label is read as its digits). Other fields are ignored. Blank lines at the end are ignored;
+    a blank line before a record is refused, since `predict` answers input line k with output
+    line k and a skipped line would shift every later answer.
 
     Raises:
         ContinualPeftError: A missing file, a line that is not such an object (naming the line
-            and what a line must look like), or no record at all.
+            and what a line must look like), a blank line between records, or no record at all.
     """
     name = "<stdin>" if str(source) == "-" else str(source)
-    raw = _read_bytes(source, name)
-    records = [
-        _record(line, f"{name}:{number}")
-        for number, line in enumerate(raw.split(b"\n"), start=1)
-        if line.strip()
-    ]
+    lines = _read_bytes(source, name).split(b"\n")
+    while lines and not lines[-1].strip():  # the file's last newline, and blank lines after
+        lines.pop()
+    blank = [number for number, line in enumerate(lines, start=1) if not line.strip()]
+    if blank:
+        shown = ", ".join(map(str, blank[:5])) + (" ..." if len(blank) > 5 else "")
+        raise ContinualPeftError(
+            f"{name}: line(s) {shown} are blank: each line is one record, and the output's line "
+            "k answers input line k, so a skipped line would shift every later answer; remove "
+            "the blank lines"
+        )
+    records = [_record(line, f"{name}:{number}") for number, line in enumerate(lines, start=1)]
     if not records:
         raise ContinualPeftError(f"{name}: no texts to predict.")
     return records
