@@ -278,8 +278,11 @@ class LearnerConfig:
             ROUTERS.check_options(self.router, self.router_options, where)
             try:  # values too, before any backbone loads (a router is cheap until fitted)
                 ROUTERS.build(self.router, self.router_options)
-            except ContinualPeftError as err:
-                raise ContinualPeftError(f"{where}: router {self.router!r}: {err}") from None
+            except ContinualPeftError as err:  # named as the spec's table names the key
+                text = str(err).removeprefix(f"{self.router}: ")
+                raise ContinualPeftError(
+                    f"{where}: [router_options] of router {self.router!r}: {text}"
+                ) from None
         elif self.router_options.get("reject_rate"):  # it would be ignored: refuse it
             raise ContinualPeftError(
                 f"{where}: reject_rate {self.router_options['reject_rate']!r} needs a router "

@@ -83,3 +83,20 @@ def test_a_target_that_is_no_regular_expression_is_refused_naming_file_and_key(t
 def test_one_name_where_a_list_is_wanted_shows_the_list_of_one():
     with pytest.raises(ContinualPeftError, match=r'a list of one: targets = \["query"\]'):
         LearnerConfig.from_dict({"lora": {"targets": "query"}}, "spec.toml")
+
+
+@pytest.mark.parametrize(
+    ("router", "options", "key"),
+    [
+        ("mahalanobis", {"reject_rate": 1}, "reject_rate must be in"),
+        ("topk", {"k": 0}, "k must be a positive integer"),
+        ("gate", {"steps": "x"}, "steps must be an integer"),
+    ],
+)
+def test_a_bad_router_option_names_the_spec_file_the_table_and_the_key(router, options, key):
+    data = {"router": router, "router_options": options}
+    with pytest.raises(ContinualPeftError) as err:
+        LearnerConfig.from_dict(data, "spec.toml")
+    message = str(err.value)
+    assert message.startswith(f"spec.toml: [router_options] of router '{router}': {key}"), message
+    assert f"{router}: {router}:" not in message  # the router is named once
