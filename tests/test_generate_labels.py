@@ -12,7 +12,14 @@ import warnings
 import pytest
 from helpers import DEVICE
 
-from continual_peft import CausalBackbone, ContinualLearner, LearnerConfig, Seq2SeqBackbone, Task
+from continual_peft import (
+    CausalBackbone,
+    ContinualLearner,
+    ContinualPeftError,
+    LearnerConfig,
+    Seq2SeqBackbone,
+    Task,
+)
 from continual_peft.backbones.tiny import tiny_model, word_tokenizer
 from continual_peft.config import GenerationConfig
 from continual_peft.engine.heads import LanguageModelHeads
@@ -135,3 +142,26 @@ def test_the_warning_names_labels_that_do_not_decode_back_and_no_plain_ones(arch
     # scored labels are compared as tokens anyway: nothing to warn of
     scored = opened_warnings(architecture, ["bad .", "very good !"], decode="score")
     assert not [m for m in scored if ROUND_TRIP in m]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "t5"])
+def test_a_label_longer_than_max_new_tokens_is_refused_naming_it(architecture: str):
+    config = generate_config(epochs=1)
+    config.generation.max_new_tokens = 1
+    learner = ContinualLearner(lm_backbone(architecture), config=config)
+    expected = r"label\(s\) 'bad .' \(2 tokens\), 'very good !' \(3 tokens\) need more tokens"
+    expected += r".*max_new_tokens to at least 3.*score"
+    with pytest.raises(ContinualPeftError, match=expected):
+        learner.learn(rating_task())
+    assert not learner.learned
+
+
+def test_scoring_labels_takes_any_length_and_generation_targets_warn():
+    config = generate_config(epochs=1)
+    config.generation.max_new_tokens = 1
+    config.generation.decode = "score"  # every label scored whole: nothing to write
+    ContinualLearner(lm_backbone("llama"), config=config).learn(rating_task())
+    pairs = [("red", "green plum"), ("blue", "fox")]
+    task = Task.from_examples("say", pairs * 4, pairs, kind="generation")
+    with pytest.warns(UserWarning, match=r"'say': 1 of its 2 targets need more tokens.*to 2"):
+        ContinualLearner(lm_backbone("llama"), config=config).learn(task)

@@ -98,9 +98,44 @@ class LanguageModelHeads(nn.Module):
         that a generated answer can only match by their tokens (`_warn_round_trip`)."""
         kind = getattr(task, "kind", "classification")
         self._register(task.name, task.labels, kind, getattr(task, "template", None))
+        if kind == GENERATION or self.config.decode == "generate":
+            self._check_writable(task.name)
         if kind != GENERATION and self.config.decode == "generate":
             _warn_round_trip(self.backbone, task.name, self.tasks[task.name])
         return self.heads[task.name]
+
+    def _check_writable(self, name: str) -> None:
+        """Labels (targets) longer than `max_new_tokens` tokens can never be written by a
+        greedy answer, so their rows can only be wrong: refused for a classification task
+        (`decode = "generate"`), warned about for a generation task (its answers are cut).
+
+        Raises:
+            ContinualPeftError: naming the labels, their token counts and the fix.
+        """
+        targets, most = self.tasks[name], self.config.max_new_tokens
+        pairs = zip(targets.labels, targets.targets, strict=True)
+        lengths = {label: len(ids) - 1 for label, ids in pairs}
+        too_long = {label: n for label, n in lengths.items() if n > most}  # EOS not counted
+        if not too_long:
+            return
+        longest = max(too_long.values())
+        shown = ", ".join(f"{label!r} ({n} tokens)" for label, n in list(too_long.items())[:5])
+        more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+        if targets.kind != GENERATION:
+            raise ContinualPeftError(
+                f"task {name!r}: label(s) {shown}{more} need more tokens than "
+                f"generation.max_new_tokens = {most}: a greedy answer can never write them, so "
+                f"every row of theirs would count as wrong; raise max_new_tokens to at least "
+                f'{longest}, or score the labels instead (decode = "score")'
+            )
+        warnings.warn(
+            f"task {name!r}: {len(too_long)} of its {len(lengths)} targets need more tokens "
+            f"than generation.max_new_tokens = {most} ({shown}{more}): answers are cut there, "
+            f"so those rows can never match exactly; raise max_new_tokens to {longest} to give "
+            "them room",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def restore(self, name: str, record: dict, tensors: dict[str, torch.Tensor]) -> None:
         """A learned task from its record (labels, kind, template)."""
