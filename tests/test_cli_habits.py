@@ -199,6 +199,10 @@ def test_eval_on_a_labelled_file_and_its_refusals(finished_run, tmp_path):
     assert scores["by_task"]["colors"]["rows"] == 1 and "animals" not in scores["by_task"]
     oracle = learner.predict(["red car"], task="colors")[0] == "red"
     assert scores["oracle_acc"] == pytest.approx(float(oracle))
+    # each figure says the rows it counts: oracle and routing only the line naming a task
+    assert (scores["oracle_rows"], scores["routing_rows"], scores["routed_rows"]) == (1, 1, 2)
+    line = next(x for x in result.stdout.splitlines() if "all rows" in x)
+    assert line.count("(1 of 2)") == 2, line
     neither = invoke("eval", "--run", finished_run.run)
     assert neither.exit_code == 2 and "a stream spec" in neither.stderr
     unlabelled = tmp_path / "u.jsonl"

@@ -248,7 +248,20 @@ def _scores(
         "routed_acc": mean(routed),  # a rejected row counts wrong
         "routing_acc": mean(routing),
         "rejected": mean(rejected),  # share of routed rows the router turned away
+        # the rows each figure counts: oracle and routing only rows that name a task
+        "oracle_rows": len(oracle),
+        "routed_rows": len(routed),
+        "routing_rows": len(routing),
     }
+
+
+# which count of rows each figure of `_scores` is taken over
+COUNTED = {
+    "oracle_acc": "oracle_rows",
+    "routed_acc": "routed_rows",
+    "routing_acc": "routing_rows",
+    "rejected": "routed_rows",
+}
 
 
 def console_scores(scores: dict[str, Any]) -> Table:
@@ -266,7 +279,17 @@ def console_scores(scores: dict[str, Any]) -> Table:
         rows.append(("mean of tasks", {**scores["task_mean"], "rows": len(scores["by_task"])}))
     rows.append(("all rows", scores))
     for name, entry in rows:
-        cells = ["" if entry[k] is None else f"{100 * entry[k]:.1f}" for k in keys]
+        cells = [_cell(entry, k) for k in keys]
         count = f"{entry['rows']} tasks" if name == "mean of tasks" else str(entry["rows"])
         table.add_row(name, count, *cells)
     return table
+
+
+def _cell(entry: dict[str, Any], key: str) -> str:
+    """A figure in percent, with the rows it counts when they are not all the line's rows
+    (oracle and routing accuracy count only rows that name a task): `100.0 (1 of 4)`."""
+    if entry[key] is None:
+        return ""
+    counted = entry.get(COUNTED[key])
+    part = f" ({counted} of {entry['rows']})" if counted not in (None, entry["rows"]) else ""
+    return f"{100 * entry[key]:.1f}{part}"
