@@ -46,7 +46,7 @@ from continual_peft.reports.run import load_report
 from continual_peft.store.checkpoint import CHECKPOINT_FILE
 from continual_peft.store.io import load_safetensors, load_versioned_json, nan_to_none, timestamp
 from continual_peft.store.rundir import check_free
-from continual_peft.strategies import NO_SLOT, check_config
+from continual_peft.strategies import NO_SLOT, STRATEGIES, check_config
 from continual_peft.tasks.streams import Stream
 
 LEADERBOARD_SCHEMA_VERSION = 1
@@ -291,8 +291,8 @@ def _run_entry(entry: Entry, plan: _Plan, console, make_backbone) -> list[dict]:
 
 def _result(entry: Entry, runs: list[dict], status: str, error: str | None = None) -> dict:
     config = entry.config
-    # runs in which no task opened a slot (linear_probe) trained no module, whatever the config
-    no_module = bool(runs) and not any(run["parameters"]["slots"] for run in runs)
+    # a strategy whose tasks open no slot (linear_probe) trains no module, whatever the config
+    no_module = not STRATEGIES.get(config.strategy).trains_modules
     return {
         "label": entry.label,
         "strategy": config.strategy,

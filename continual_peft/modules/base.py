@@ -172,17 +172,31 @@ def wrap_linear_layers(
 
     Args:
         model: The backbone's Hugging Face model, changed in place.
-        targets: Name suffixes (`"query"` matches `encoder.layer.0.attention.self.query`, and
-            through `ALIASES` Llama's `layers.0.self_attn.q_proj`, GPT-2's `h.0.attn.c_attn`
-            and T5's `block.0.layer.0.SelfAttention.q`), full regular expressions, or
-            `["all-linear"]`: every such layer but the LM head (`lm_head`, or whatever
-            `model.get_output_embeddings()` is) and any pooler.
+        targets: As `target_layers` takes them.
         make_site: Builds the wrapper around one original layer (or around another kind's site).
 
     Returns:
         The new sites by the wrapped layer's name, as in the unwrapped model (without the
         `.base_layer` hops that other kinds' wrappers add), so names do not depend on the order
         in which kinds were injected.
+    """
+    return wrap_layers(model, target_layers(model, targets), make_site)
+
+
+def target_layers(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    """The `nn.Linear` and `Conv1D` layers (or other kinds' sites on them) whose names match
+    `targets`, as (name in `model` now, module), without changing anything.
+
+    Args:
+        model: The backbone's Hugging Face model.
+        targets: Name suffixes (`"query"` matches `encoder.layer.0.attention.self.query`, and
+            through `ALIASES` Llama's `layers.0.self_attn.q_proj`, GPT-2's `h.0.attn.c_attn`
+            and T5's `block.0.layer.0.SelfAttention.q`), full regular expressions, or
+            `["all-linear"]`: every such layer but the LM head (`lm_head`, or whatever
+            `model.get_output_embeddings()` is) and any pooler.
+
+    Raises:
+        ContinualPeftError: no layer matches, naming the model's layer name endings.
     """
     candidates = _candidates(model)
     if targets == [ALL_LINEAR]:
@@ -195,7 +209,7 @@ def wrap_linear_layers(
             f"no nn.Linear layer matches targets {targets} (nor any Conv1D layer) in "
             f"{type(model).__name__}; its layers' names end in: {layer_endings(model)}{hint}"
         )
-    return wrap_layers(model, found, make_site)
+    return found
 
 
 def wrap_layers(

@@ -39,7 +39,9 @@ from continual_peft.modules.base import (
     MODULE_KINDS,
     check_targets,
     layer_endings,
-    wrap_linear_layers,
+    original_name,
+    target_layers,
+    wrap_layers,
 )
 from continual_peft.modules.lowrank import layer_sizes
 from continual_peft.modules.routing import Routing
@@ -218,14 +220,17 @@ class IA3:
         """
         model = backbone.model
         targets, feedforward = resolve(self.config, model)
-        # which layers the targets select, each left in place (put back as itself)
-        chosen = wrap_linear_layers(model, targets, lambda layer: layer)
+        chosen = target_layers(model, targets)  # (name, layer), nothing changed yet
+        names = [original_name(name) for name, _ in chosen]
         if self.config.feedforward != [AUTO]:
-            _check_feedforward(feedforward, list(chosen), targets)
-        on_input = {id(layer): is_feedforward(name, feedforward) for name, layer in chosen.items()}
-        return wrap_linear_layers(
+            _check_feedforward(feedforward, names, targets)
+        on_input = {
+            id(layer): is_feedforward(name, feedforward)
+            for name, (_, layer) in zip(names, chosen, strict=True)
+        }
+        return wrap_layers(
             model,
-            targets,
+            chosen,
             lambda layer: IA3Site(
                 base_layer=layer,
                 routing=routing,
